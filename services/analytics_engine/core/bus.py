@@ -1,0 +1,482 @@
+"""The event bus: every event is PUBLISHed on its channel (what external subscribers see, as the
+spec documents) and, on durable channels, also appended to a Redis Stream that each subscribing
+service reads through its own consumer group (at-least-once, survives consumer downtime).
+
+Publisher and consumer are separate classes; all Redis I/O of events lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from analytics_engine.core.channels import channel_spec, dead_letter_key, stream_key
+from analytics_engine.core.envelopes import Event, new_id, utcnow, validation_summary
+from analytics_engine.core.errors import TransientError
+from analytics_engine.core.logs import correlation_id_var
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from analytics_engine.core.metrics import CoreMetrics
+
+log = logging.getLogger(__name__)
+
+FIELD = b"m"  # the one stream field: the event's JSON, byte-identical to what was PUBLISHed
+DEAD_LETTER_MAXLEN = 100_000
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def encode_event(event: Event) -> bytes:
+    return orjson.dumps(event.model_dump(mode="json", exclude_none=True))
+
+
+class EventPublisher:
+    """Publishes events: PUBLISH for live subscribers plus XADD for durable consumers, in one
+    MULTI/EXEC so a durable consumer never misses what a live subscriber saw."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        source: str,
+        stream_maxlen: int,
+        metrics: CoreMetrics | None = None,
+    ) -> None:
+        self._redis = redis
+        self._source = source
+        self._maxlen = stream_maxlen
+        self._metrics = metrics
+
+    def make_event(
+        self, channel: str, payload: Mapping[str, Any], *, event_id: str | None = None
+    ) -> Event:
+        return Event(
+            event_id=event_id or new_id(),
+            event_type=channel,
+            source=self._source,
+            timestamp=utcnow(),
+            payload=dict(payload),
+        )
+
+    async def publish(
+        self, channel: str, payload: Mapping[str, Any], *, event_id: str | None = None
+    ) -> Event:
+        event = self.make_event(channel, payload, event_id=event_id)
+        await self.publish_events([event])
+        return event
+
+    async def publish_many(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[Event]:
+        events = [self.make_event(channel, payload) for channel, payload in items]
+        await self.publish_events(events)
+        return events
+
+    async def publish_events(self, events: Sequence[Event]) -> None:
+        """Publish prepared events in one round trip (retried events keep their `event_id`, so
+        consumers can drop the duplicates a retry may cause)."""
+        if not events:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        self.add_to_pipeline(pipe, events)
+        await pipe.execute()
+        if self._metrics is not None:
+            for event in events:
+                self._metrics.published.labels(event.event_type).inc()
+
+    def add_to_pipeline(self, pipe: Pipeline, events: Sequence[Event]) -> None:
+        """Queue the commands publishing `events` on a caller's pipeline (used to publish and
+        acknowledge atomically)."""
+        for event in events:
+            data = encode_event(event)
+            if channel_spec(event.event_type).durable:
+                pipe.xadd(
+                    stream_key(event.event_type),
+                    {FIELD: data},
+                    maxlen=self._maxlen,
+                    approximate=True,
+                )
+            pipe.publish(event.event_type, data)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event as delivered from a stream: `id` is the stream entry id, `attempt` starts at 1."""
+
+    id: bytes
+    channel: str
+    event: Event
+    attempt: int = 1
+
+
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _entries(reply: Any) -> list[tuple[bytes, Entry]]:
+    """Flatten an XREADGROUP reply into (stream key, (entry id, fields)) pairs."""
+    return [(key, entry) for key, items in (reply or []) for entry in items]
+
+
+class DeadLetters:
+    """Writes messages that cannot be handled to `ae:dlq:{channel}` with the reason."""
+
+    def __init__(self, redis: Redis, *, service: str, metrics: CoreMetrics | None = None) -> None:
+        self._redis = redis
+        self._service = service
+        self._metrics = metrics
+
+    def add_to_pipeline(
+        self,
+        pipe: Pipeline,
+        *,
+        channel: str,
+        reason: str,
+        original: bytes,
+        kind: str,
+        stream_id: bytes | None = None,
+    ) -> None:
+        fields: dict[Any, Any] = {
+            "channel": channel,
+            "reason": reason[:2000],
+            "kind": kind,
+            "service": self._service,
+            "failed_at": utcnow().isoformat(),
+            "original": original[:1_000_000],
+        }
+        if stream_id is not None:
+            fields["stream_id"] = stream_id
+        pipe.xadd(dead_letter_key(channel), fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+        if self._metrics is not None:
+            self._metrics.dead_letters.labels(channel, kind).inc()
+
+    async def add(self, *, channel: str, reason: str, original: bytes, kind: str) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        self.add_to_pipeline(pipe, channel=channel, reason=reason, original=original, kind=kind)
+        await pipe.execute()
+        log.warning("dead-lettered a message", extra={"channel": channel, "reason": reason[:200]})
+
+
+class DurableConsumer:
+    """Reads durable channels through a consumer group; replicas of one service share the work.
+
+    - A batch is handed to `handler`; when it returns, the batch is acknowledged
+      (`auto_ack=True`), or the handler acknowledges itself through `ack()` (to tie the ack to a
+      checkpoint in the same transaction).
+    - `TransientError` from the handler: back off and retry the same batch, never dead-letter.
+    - Any other exception: retry event by event to isolate the bad one; an event failing
+      `max_deliveries` times, or one that does not parse, goes to the dead-letter stream.
+    - Pending entries of a dead consumer are claimed after `claim_idle_ms`; on start the consumer
+      first re-reads its own pending entries (crash recovery).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        channels: Sequence[str],
+        group: str,
+        consumer: str,
+        handler: BatchHandler,
+        dead_letters: DeadLetters,
+        batch_size: int = 500,
+        max_deliveries: int = 5,
+        claim_idle_ms: int = 30_000,
+        block_ms: int = 1000,
+        auto_ack: bool = True,
+        start_id: str = "0",
+        metrics: CoreMetrics | None = None,
+    ) -> None:
+        for channel in channels:
+            if not channel_spec(channel).durable:
+                raise ValueError(f"{channel} is not a durable channel")
+        self._redis = redis
+        self.channels = tuple(channels)
+        self.group = group
+        self.consumer = consumer
+        self._handler = handler
+        self._dead = dead_letters
+        self._batch = batch_size
+        self._max_deliveries = max_deliveries
+        self._claim_idle_ms = claim_idle_ms
+        self._block_ms = block_ms
+        self._auto_ack = auto_ack
+        self._start_id = start_id
+        self._metrics = metrics
+        self._keys = {stream_key(c).encode(): c for c in self.channels}
+        self._stopping = asyncio.Event()
+        self._last_claim = 0.0
+        self.ready = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish the batch in hand, acknowledge it, then return from `run()`."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        recovering = True
+        while not self._stopping.is_set():
+            try:
+                if recovering:
+                    await self._ensure_groups()
+                    await self._drain_own_pending()
+                    recovering = False
+                    self.ready.set()
+                    backoff = 0.1
+                await self._poll_once()
+            except REDIS_ERRORS as exc:
+                log.warning("redis unavailable, retrying", extra={"error": str(exc)[:200]})
+                recovering = True
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                recovering = True  # Redis lost its data (restarted without persistence)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _ensure_groups(self) -> None:
+        for key in self._keys:
+            try:
+                await self._redis.xgroup_create(key, self.group, id=self._start_id, mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # -- reading ---------------------------------------------------------------------------
+    async def _drain_own_pending(self) -> None:
+        """Re-deliver what this consumer read but never acknowledged before it stopped."""
+        cursor = dict.fromkeys(self._keys, b"0")
+        while not self._stopping.is_set():
+            reply = await self._redis.xreadgroup(
+                self.group, self.consumer, cursor, count=self._batch  # type: ignore[arg-type]
+            )
+            entries = [(key, e) for key, e in _entries(reply) if e[1]]
+            if not entries:
+                return
+            for key, (entry_id, _) in entries:
+                cursor[key] = entry_id
+            await self._dispatch(entries, redelivered=True)
+
+    async def _poll_once(self) -> None:
+        now = time.monotonic()
+        if now - self._last_claim >= self._claim_idle_ms / 1000 / 2:
+            self._last_claim = now
+            await self._claim_abandoned()
+            await self._update_lag()
+        reply = await self._redis.xreadgroup(
+            self.group,
+            self.consumer,
+            dict.fromkeys(self._keys, b">"),
+            count=self._batch,
+            block=self._block_ms,
+        )
+        entries = _entries(reply)
+        if entries:
+            await self._dispatch(entries, redelivered=False)
+
+    async def _claim_abandoned(self) -> None:
+        for key in self._keys:
+            result = await self._redis.xautoclaim(
+                key, self.group, self.consumer, self._claim_idle_ms, b"0-0", count=self._batch
+            )
+            claimed: list[Entry] = [e for e in result[1] if e[1]]
+            if claimed:
+                log.info("claimed abandoned events", extra={"count": len(claimed)})
+                await self._dispatch([(key, e) for e in claimed], redelivered=True)
+
+    async def _update_lag(self) -> None:
+        if self._metrics is None:
+            return
+        for key, channel in self._keys.items():
+            for info in await self._redis.xinfo_groups(key):
+                if info.get("name") in (self.group, self.group.encode()):
+                    lag = info.get("lag")
+                    if lag is not None:
+                        self._metrics.consumer_lag.labels(channel, self.group).set(lag)
+
+    async def lag(self) -> dict[str, int]:
+        """Entries of each channel not yet delivered to this group (for heartbeats)."""
+        out: dict[str, int] = {}
+        for key, channel in self._keys.items():
+            try:
+                groups = await self._redis.xinfo_groups(key)
+            except ResponseError:
+                continue
+            for info in groups:
+                if info.get("name") in (self.group, self.group.encode()):
+                    out[channel] = int(info.get("lag") or 0)
+        return out
+
+    # -- handling --------------------------------------------------------------------------
+    async def _attempts(self, key: bytes, ids: list[bytes]) -> dict[bytes, int]:
+        if not ids:
+            return {}
+        pending = await self._redis.xpending_range(
+            key, self.group, min=min(ids), max=max(ids), count=len(ids) * 2
+        )
+        return {cast(bytes, p["message_id"]): int(p["times_delivered"]) for p in pending}
+
+    async def _dispatch(self, entries: list[tuple[bytes, Entry]], *, redelivered: bool) -> None:
+        deliveries: list[Delivery] = []
+        malformed: list[tuple[bytes, bytes, bytes, str]] = []
+        attempts: dict[bytes, int] = {}
+        if redelivered:
+            by_key: dict[bytes, list[bytes]] = {}
+            for key, (entry_id, _) in entries:
+                by_key.setdefault(key, []).append(entry_id)
+            for key, ids in by_key.items():
+                attempts.update(await self._attempts(key, ids))
+        for key, (entry_id, fields) in entries:
+            channel = self._keys[key]
+            raw = fields.get(FIELD, b"")
+            try:
+                event = Event.model_validate_json(raw)
+            except ValidationError as exc:
+                reason = f"malformed event: {validation_summary(exc)}"
+                malformed.append((key, entry_id, raw, reason))
+                continue
+            attempt = attempts.get(entry_id, 1)
+            if attempt > self._max_deliveries:
+                malformed.append((key, entry_id, raw, f"gave up after {attempt - 1} deliveries"))
+                continue
+            deliveries.append(Delivery(entry_id, channel, event, attempt))
+        if malformed:
+            pipe = self._redis.pipeline(transaction=True)
+            for key, entry_id, raw, reason in malformed:
+                self._dead.add_to_pipeline(
+                    pipe,
+                    channel=self._keys[key],
+                    reason=reason,
+                    original=raw,
+                    kind="event",
+                    stream_id=entry_id,
+                )
+                pipe.xack(key, self.group, entry_id)
+            await pipe.execute()
+            log.warning("dead-lettered events", extra={"count": len(malformed)})
+        if deliveries:
+            await self._handle(deliveries)
+
+    async def _handle(self, deliveries: Sequence[Delivery]) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._call(deliveries)
+                return
+            except TransientError as exc:
+                log.warning("dependency unavailable, will retry batch", extra={"error": str(exc)})
+                if self._stopping.is_set():
+                    return  # stays pending; redelivered after restart
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 1.0)  # resume soon after the dependency is back
+            except Exception as exc:
+                if len(deliveries) == 1:
+                    await self._retry_single(deliveries[0], exc)
+                    return
+                log.warning("batch failed, isolating events", exc_info=True)
+                for delivery in deliveries:
+                    await self._handle([delivery])
+                return
+
+    async def _retry_single(self, delivery: Delivery, first_error: Exception) -> None:
+        """Retry one failing event with backoff; dead-letter it after `max_deliveries`."""
+        reason = _describe(first_error)
+        attempt = delivery.attempt
+        while attempt < self._max_deliveries:
+            if self._stopping.is_set():
+                return  # stays pending; retried after restart
+            attempt += 1
+            await self._sleep(min(0.05 * 2**attempt, 2.0))
+            try:
+                await self._call([delivery])
+                return
+            except TransientError:
+                attempt -= 1  # an outage is not the event's fault
+            except Exception as exc:
+                reason = _describe(exc)
+        await self._dead_letter(delivery, f"handler failed {attempt} times: {reason}")
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        self._dead.add_to_pipeline(
+            pipe,
+            channel=delivery.channel,
+            reason=reason,
+            original=encode_event(delivery.event),
+            kind="event",
+            stream_id=delivery.id,
+        )
+        pipe.xack(stream_key(delivery.channel), self.group, delivery.id)
+        await pipe.execute()
+        log.error(
+            "event dead-lettered",
+            extra={"channel": delivery.channel, "event_id": delivery.event.event_id},
+        )
+
+    async def _call(self, deliveries: Sequence[Delivery]) -> None:
+        started = time.perf_counter()
+        token = correlation_id_var.set(deliveries[0].event.event_id)
+        try:
+            await self._handler(deliveries)
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.handler_errors.labels(deliveries[0].channel).inc()
+            raise
+        finally:
+            correlation_id_var.reset(token)
+        if self._metrics is not None:
+            self._metrics.handler_seconds.labels(deliveries[0].channel).observe(
+                time.perf_counter() - started
+            )
+        if self._auto_ack:
+            await self.ack(deliveries)
+
+    async def ack(
+        self,
+        deliveries: Sequence[Delivery],
+        *,
+        also: Callable[[Pipeline], None] | None = None,
+    ) -> None:
+        """Acknowledge deliveries; `also` adds commands (a checkpoint, follow-up events) to the
+        same MULTI/EXEC so they happen together or not at all."""
+        pipe = self._redis.pipeline(transaction=True)
+        if also is not None:
+            also(pipe)
+        by_channel: dict[str, list[bytes]] = {}
+        for d in deliveries:
+            by_channel.setdefault(d.channel, []).append(d.id)
+        for channel, ids in by_channel.items():
+            pipe.xack(stream_key(channel), self.group, *ids)
+        await pipe.execute()
+        if self._metrics is not None:
+            for channel, ids in by_channel.items():
+                self._metrics.consumed.labels(channel, self.group).inc(len(ids))
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
+
+
+def parse_json_object(raw: bytes) -> Mapping[str, Any] | None:
+    """Best-effort parse for error paths (finding a `reply_to` in a malformed request)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,87 @@
+"""Channel names from the architecture document, and every Redis key prefix the bus uses.
+
+The names here are the product's public interface: external tools SUBSCRIBE to them by name.
+Keep every Redis key the platform writes derivable from this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# Fire-and-forget event channels (spec: "Fire-and-Forget Events").
+ENTITY_CREATED: Final = "simulation.entity.created"
+ENTITY_UPDATED: Final = "simulation.entity.updated"
+ENTITY_DEACTIVATED: Final = "simulation.entity.deactivated"
+SIMULATION_TICK: Final = "simulation.tick"
+KPI_CALCULATED: Final = "kpi.calculated"
+KPI_CALCULATED_PREFIX: Final = "kpi.calculated."
+ARCHIVE_KPI_RESULTS: Final = "archive.kpi_results"
+ARCHIVAL_EVENTS: Final = "archival.events"
+ARCHIVAL_CONFIRMED: Final = "archival.confirmed"
+STREAM_SUBSCRIBE: Final = "stream.subscribe"
+STREAM_UNSUBSCRIBE: Final = "stream.unsubscribe"
+STREAM_HEARTBEAT: Final = "stream.heartbeat"
+METADATA_CHANGED: Final = "metadata.changed"
+SERVICE_HEARTBEAT: Final = "observability.heartbeat"
+
+ENTITY_CHANNELS: Final = (ENTITY_CREATED, ENTITY_UPDATED, ENTITY_DEACTIVATED)
+
+# Request/reply channels (spec: "Request/Reply Pattern").
+DATABASE_QUERY: Final = "database.query"
+DATABASE_COMMAND: Final = "database.command"
+METADATA_LOOKUP: Final = "metadata.lookup"
+
+REQUEST_CHANNELS: Final = (DATABASE_QUERY, DATABASE_COMMAND, METADATA_LOOKUP)
+
+# Redis key layout. Streams carry the durable copy of each event channel.
+KEY_PREFIX: Final = "ae:"
+
+
+def kpi_channel(kpi_code: str) -> str:
+    """The per-KPI results channel `kpi.calculated.{kpi_code}`."""
+    return f"{KPI_CALCULATED_PREFIX}{kpi_code}"
+
+
+def reply_channel(service: str, instance: str) -> str:
+    """The reply channel `reply.{service}.{instance}` a requester listens on."""
+    return f"reply.{service}.{instance}"
+
+
+def stream_key(channel: str) -> str:
+    """The Redis Stream holding the durable copy of an event channel."""
+    return f"{KEY_PREFIX}stream:{channel}"
+
+
+def dead_letter_key(channel: str) -> str:
+    """The dead-letter stream for a channel (events and requests that could not be handled)."""
+    return f"{KEY_PREFIX}dlq:{channel}"
+
+
+def request_claim_key(correlation_id: str) -> str:
+    """Claim marker making one responder replica (or the cancelling caller) own a request."""
+    return f"{KEY_PREFIX}rr:claim:{correlation_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """How an event channel is delivered.
+
+    Every event is PUBLISHed on the pub/sub channel of its name. A *durable* channel is also
+    appended to a Redis Stream, read by one consumer group per subscribing service.
+    """
+
+    name: str
+    durable: bool = True
+
+
+# Live-only channels: a late reader has no use for old values, so no stream backs them.
+_PUBSUB_ONLY: Final = frozenset({SERVICE_HEARTBEAT})
+
+
+def channel_spec(channel: str) -> ChannelSpec:
+    """Per-KPI result channels and heartbeats are pub/sub only; every other event channel is
+    durable."""
+    if channel.startswith(KPI_CALCULATED_PREFIX) or channel in _PUBSUB_ONLY:
+        return ChannelSpec(channel, durable=False)
+    return ChannelSpec(channel, durable=True)

@@ -1,0 +1,385 @@
+"""Request/reply over Redis pub/sub, as the spec's "Request/Reply Pattern" describes.
+
+The requester PUBLISHes a `Request` on the request channel and waits on its own reply channel
+`reply.{service}.{instance}`; the responder PUBLISHes a `Response` to `reply_to`.
+
+Two guarantees on top of plain pub/sub:
+- *exactly one execution with replicas*: every replica of a responder receives the request, and
+  the first to `SET NX` the request's claim key executes it;
+- *no work for a caller that left*: a caller that times out or is cancelled takes the claim key
+  itself, and responders skip requests whose `deadline` has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import ValidationError
+
+from analytics_engine.core.bus import REDIS_ERRORS, DeadLetters, parse_json_object
+from analytics_engine.core.channels import request_claim_key
+from analytics_engine.core.envelopes import (
+    Request,
+    Response,
+    new_id,
+    utcnow,
+    validation_summary,
+)
+from analytics_engine.core.errors import (
+    HandlerError,
+    NoResponder,
+    RemoteError,
+    RequestTimeout,
+    TransientError,
+)
+from analytics_engine.core.logs import correlation_id_var
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
+    from analytics_engine.core.metrics import CoreMetrics
+
+log = logging.getLogger(__name__)
+
+RequestHandler = Callable[[Request], Awaitable[Mapping[str, Any]]]
+
+REPLY_PREFIX = "reply."
+CLAIM_TTL_MS = 120_000
+
+
+def _dump(model: Request | Response) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
+
+
+class _Subscription:
+    """A pub/sub subscription that survives Redis restarts: it re-subscribes with backoff."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        channel: str,
+        on_message: Callable[[bytes], None],
+    ) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._on_message = on_message
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"sub:{self._channel}")
+        await self.subscribed.wait()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self.subscribed.set()
+                backoff = 0.05
+                while True:
+                    message = await pubsub.get_message(timeout=5.0)
+                    if message is not None and message["type"] == "message":
+                        self._on_message(message["data"])
+            except REDIS_ERRORS as exc:
+                self.subscribed.clear()
+                log.warning(
+                    "subscription lost, reconnecting",
+                    extra={"channel": self._channel, "error": str(exc)[:200]},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class RequestReplyClient:
+    """Sends requests and matches replies to callers by `correlation_id`."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        service: str,
+        instance: str,
+        default_timeout: float = 10.0,
+        metrics: CoreMetrics | None = None,
+    ) -> None:
+        self._redis = redis
+        self._service = service
+        self.reply_to = f"{REPLY_PREFIX}{service}.{instance}"
+        self._default_timeout = default_timeout
+        self._metrics = metrics
+        self._pending: dict[str, asyncio.Future[Response]] = {}
+        self._subscription = _Subscription(redis, self.reply_to, self._on_reply)
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self._subscription.start()
+            self._started = True
+
+    async def close(self) -> None:
+        await self._subscription.stop()
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._started = False
+
+    def _on_reply(self, raw: bytes) -> None:
+        try:
+            response = Response.model_validate_json(raw)
+        except ValidationError:
+            log.warning("ignored a malformed reply", extra={"reply_to": self.reply_to})
+            return
+        future = self._pending.get(response.correlation_id)
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    async def request(
+        self,
+        channel: str,
+        request_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        correlation_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Send a request and return the reply's payload.
+
+        Raises `NoResponder` (nobody subscribed to `channel`), `RequestTimeout`, or
+        `RemoteError` (error reply, with its `code`).
+        """
+        await self.start()
+        timeout = self._default_timeout if timeout is None else timeout
+        cid = correlation_id or correlation_id_var.get() or new_id()
+        if cid in self._pending:
+            cid = new_id()
+        request = Request(
+            correlation_id=cid,
+            reply_to=self.reply_to,
+            request_type=request_type,
+            source=self._service,
+            timestamp=utcnow(),
+            payload=dict(payload or {}),
+            deadline=utcnow() + timedelta(seconds=timeout),
+        )
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = future
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            receivers = await self._redis.publish(channel, _dump(request))
+            if receivers == 0:
+                outcome = "no_responder"
+                raise NoResponder(f"no service is listening on {channel}")
+            try:
+                response = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                outcome = "timeout"
+                await self._abandon(cid)
+                raise RequestTimeout(
+                    f"{request_type} on {channel} got no reply within {timeout:g}s"
+                ) from None
+            if response.error is not None:
+                outcome = "error_reply"
+                raise RemoteError(response.error, code=response.error_code)
+            outcome = "ok"
+            return response.payload or {}
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            with contextlib.suppress(*REDIS_ERRORS):
+                await asyncio.shield(self._abandon(cid))
+            raise
+        finally:
+            self._pending.pop(cid, None)
+            if self._metrics is not None:
+                self._metrics.request_seconds.labels(channel, request_type, outcome).observe(
+                    time.perf_counter() - started
+                )
+
+    async def _abandon(self, cid: str) -> None:
+        """Take the claim so no responder starts a request nobody waits for any more."""
+        await self._redis.set(request_claim_key(cid), b"abandoned", nx=True, px=CLAIM_TTL_MS)
+
+
+class RequestReplyServer:
+    """Answers requests on one channel with the handler registered for each `request_type`."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        channel: str,
+        source: str,
+        instance: str,
+        handlers: Mapping[str, RequestHandler],
+        dead_letters: DeadLetters,
+        concurrency: int = 64,
+        metrics: CoreMetrics | None = None,
+    ) -> None:
+        self._redis = redis
+        self.channel = channel
+        self._source = source
+        self._instance = instance.encode()
+        self._handlers = dict(handlers)
+        self._dead = dead_letters
+        self._limit = asyncio.Semaphore(concurrency)
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscription = _Subscription(redis, channel, self._on_message)
+
+    @property
+    def subscribed(self) -> asyncio.Event:
+        return self._subscription.subscribed
+
+    async def start(self) -> None:
+        await self._subscription.start()
+
+    async def stop(self, *, grace: float = 10.0) -> None:
+        """Stop receiving, then let in-flight requests finish (up to `grace` seconds)."""
+        await self._subscription.stop()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+
+    def _on_message(self, raw: bytes) -> None:
+        task = asyncio.create_task(self._serve(raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, raw: bytes) -> None:
+        try:
+            request = Request.model_validate_json(raw)
+        except ValidationError as exc:
+            await self._reject_malformed(raw, f"invalid request: {validation_summary(exc)}")
+            return
+        if not request.reply_to.startswith(REPLY_PREFIX):
+            await self._reject_malformed(raw, f"reply_to must start with {REPLY_PREFIX!r}")
+            return
+        token = correlation_id_var.set(request.correlation_id)
+        try:
+            # Claim only once a slot is free: a busy replica leaves the request to an idle one,
+            # and a request whose caller gave up while we waited is never started.
+            async with self._limit:
+                if request.deadline is not None and request.deadline <= utcnow():
+                    self._count(request, "expired")
+                    return
+                if not await self._claim(request.correlation_id):
+                    return  # another replica has it, or its caller already gave up
+                response = await self._execute(request)
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._redis.publish(request.reply_to, _dump(response))
+        finally:
+            correlation_id_var.reset(token)
+
+    async def _claim(self, correlation_id: str) -> bool:
+        try:
+            claimed = await self._redis.set(
+                request_claim_key(correlation_id), self._instance, nx=True, px=CLAIM_TTL_MS
+            )
+        except REDIS_ERRORS:
+            log.warning("cannot claim request, redis unavailable")
+            return False
+        return bool(claimed)
+
+    async def _execute(self, request: Request) -> Response:
+        handler = self._handlers.get(request.request_type)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers))
+            self._count(request, "unknown_type")
+            return self._error(
+                request,
+                f"unknown request_type {request.request_type!r} on {self.channel}; "
+                f"expected one of: {known}",
+                "unknown_request_type",
+            )
+        started = time.perf_counter()
+        try:
+            payload = await handler(request)
+        except HandlerError as exc:
+            self._count(request, "rejected")
+            return self._error(request, exc.message, exc.code)
+        except TransientError as exc:
+            self._count(request, "unavailable")
+            return self._error(request, f"temporarily unavailable: {exc}", "unavailable")
+        except Exception:
+            log.exception("request handler failed", extra={"request_type": request.request_type})
+            self._count(request, "failed")
+            return self._error(request, "internal error while handling the request", "internal")
+        finally:
+            if self._metrics is not None:
+                self._metrics.handle_seconds.labels(self.channel, request.request_type).observe(
+                    time.perf_counter() - started
+                )
+        self._count(request, "ok")
+        return Response(
+            correlation_id=request.correlation_id,
+            source=self._source,
+            timestamp=utcnow(),
+            payload=dict(payload),
+        )
+
+    def _error(self, request: Request, message: str, code: str) -> Response:
+        return Response(
+            correlation_id=request.correlation_id,
+            source=self._source,
+            timestamp=utcnow(),
+            error=message,
+            error_code=code,
+        )
+
+    def _count(self, request: Request, outcome: str) -> None:
+        if self._metrics is not None:
+            label = request.request_type if request.request_type in self._handlers else "unknown"
+            self._metrics.requests_handled.labels(self.channel, label, outcome).inc()
+
+    async def _reject_malformed(self, raw: bytes, reason: str) -> None:
+        """Answer a malformed request when it names a usable reply channel; record it always.
+
+        Malformed requests reach every replica; the dead-letter entry is written once, by the
+        replica that wins the claim on a digest of the message.
+        """
+        data = parse_json_object(raw) or {}
+        reply_to = data.get("reply_to")
+        cid = data.get("correlation_id")
+        claim = request_claim_key(f"malformed:{hash_bytes(raw)}")
+        try:
+            if not await self._redis.set(claim, self._instance, nx=True, px=CLAIM_TTL_MS):
+                return
+            await self._dead.add(
+                channel=self.channel, reason=reason, original=raw, kind="request"
+            )
+            if isinstance(reply_to, str) and reply_to.startswith(REPLY_PREFIX):
+                response = Response(
+                    correlation_id=str(cid) if isinstance(cid, str | int) and cid != "" else "",
+                    source=self._source,
+                    timestamp=utcnow(),
+                    error=reason,
+                    error_code="invalid_request",
+                )
+                await self._redis.publish(reply_to, _dump(response))
+        except REDIS_ERRORS:
+            log.warning("could not record a malformed request, redis unavailable")
+        if self._metrics is not None:
+            self._metrics.requests_handled.labels(self.channel, "unknown", "malformed").inc()
+
+
+def hash_bytes(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()

@@ -1,0 +1,256 @@
+"""The event bus against a real Redis: seed-literal pub/sub, durable delivery, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
+from analytics_engine.core.errors import TransientError
+
+pytestmark = pytest.mark.asyncio
+
+
+def consumer(
+    redis: Redis,
+    group: str,
+    handler: Callable[[Sequence[Delivery]], Awaitable[None]],
+    *,
+    name: str = "c1",
+    chans: Sequence[str] = (channels.ENTITY_CREATED,),
+    **kw: object,
+) -> DurableConsumer:
+    return DurableConsumer(
+        redis,
+        channels=chans,
+        group=group,
+        consumer=name,
+        handler=handler,
+        dead_letters=DeadLetters(redis, service=group),
+        block_ms=100,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_every_event_is_published_on_its_pubsub_channel_exactly_as_documented(
+    redis: Redis,
+) -> None:
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe("kpi.calculated.*")
+    await pubsub.subscribe(channels.ENTITY_CREATED)
+    publisher = EventPublisher(redis, source="data_simulator", stream_maxlen=10_000)
+    event = await publisher.publish(channels.ENTITY_CREATED, {"entity_id": "o-1"})
+    await publisher.publish(channels.kpi_channel("revenue"), {"value": 1.5})
+    seen = []
+    for _ in range(50):
+        message = await pubsub.get_message(timeout=0.2)
+        if message:
+            seen.append(message)
+        if len(seen) == 2:
+            break
+    await pubsub.aclose()
+    by_channel = {m["channel"]: orjson.loads(m["data"]) for m in seen}
+    created = by_channel[channels.ENTITY_CREATED.encode()]
+    assert set(created) == {"event_id", "event_type", "source", "timestamp", "payload"}
+    assert created["event_id"] == event.event_id
+    assert created["event_type"] == channels.ENTITY_CREATED
+    assert created["source"] == "data_simulator"
+    assert created["payload"] == {"entity_id": "o-1"}
+    assert by_channel[b"kpi.calculated.revenue"]["payload"] == {"value": 1.5}
+    # per-KPI channels are live-only: no stream is written for them
+    assert not await redis.exists(channels.stream_key("kpi.calculated.revenue"))
+
+
+async def test_each_subscribing_service_gets_every_event_and_replicas_share_them(
+    redis: Redis,
+) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    got: dict[str, list[str]] = {"db-a": [], "db-b": [], "calc": []}
+
+    def collect(name: str) -> Callable[[Sequence[Delivery]], Awaitable[None]]:
+        async def handle(batch: Sequence[Delivery]) -> None:
+            got[name].extend(d.event.event_id for d in batch)
+
+        return handle
+
+    consumers = [
+        consumer(redis, "database_service", collect("db-a"), name="a", batch_size=7),
+        consumer(redis, "database_service", collect("db-b"), name="b", batch_size=7),
+        consumer(redis, "calculation_engine", collect("calc")),
+    ]
+    tasks = [asyncio.create_task(c.run()) for c in consumers]
+    sent = [
+        e.event_id
+        for e in await publisher.publish_many(
+            (channels.ENTITY_CREATED, {"i": i}) for i in range(300)
+        )
+    ]
+    await wait_for(lambda: len(got["db-a"]) + len(got["db-b"]) == 300 and len(got["calc"]) == 300)
+    for c in consumers:
+        c.stop()
+    await asyncio.gather(*tasks)
+    assert sorted(got["db-a"] + got["db-b"]) == sorted(sent)
+    assert not set(got["db-a"]) & set(got["db-b"])
+    assert got["db-a"] and got["db-b"], "both replicas should have taken part"
+    assert got["calc"] == sent  # one consumer sees the stream in publish order
+    pending = await redis.xpending(channels.stream_key(channels.ENTITY_CREATED), "database_service")
+    assert pending["pending"] == 0
+
+
+async def test_events_published_while_a_consumer_is_down_arrive_after_it_restarts(
+    redis: Redis,
+) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    got: list[int] = []
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        got.extend(d.event.payload["i"] for d in batch)
+
+    first = consumer(redis, "database_service", handle)
+    task = asyncio.create_task(first.run())
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(10))
+    await wait_for(lambda: len(got) == 10)
+    first.stop()
+    await task
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(10, 50))
+    again = consumer(redis, "database_service", handle)
+    task = asyncio.create_task(again.run())
+    await wait_for(lambda: len(got) == 50)
+    again.stop()
+    await task
+    assert got == list(range(50))
+
+
+async def test_unacknowledged_events_of_a_crashed_consumer_are_redelivered(redis: Redis) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    crash_once = asyncio.Event()
+    got: list[int] = []
+
+    async def crashing(batch: Sequence[Delivery]) -> None:
+        crash_once.set()
+        await asyncio.sleep(3600)  # "crash": the task is cancelled while holding the batch
+
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(20))
+    doomed = consumer(redis, "database_service", crashing, name="worker-1")
+    task = asyncio.create_task(doomed.run())
+    await crash_once.wait()
+    task.cancel()
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        got.extend(d.event.payload["i"] for d in batch)
+
+    # the same consumer name after a restart re-reads its own pending entries first
+    restarted = consumer(redis, "database_service", handle, name="worker-1")
+    task = asyncio.create_task(restarted.run())
+    await wait_for(lambda: len(got) == 20)
+    restarted.stop()
+    await task
+    assert sorted(got) == list(range(20))
+
+
+async def test_a_peer_claims_events_abandoned_by_a_dead_replica(redis: Redis) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    held = asyncio.Event()
+
+    async def hang(batch: Sequence[Delivery]) -> None:
+        held.set()
+        await asyncio.sleep(3600)
+
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(5))
+    dead = consumer(redis, "database_service", hang, name="dead", claim_idle_ms=300)
+    dead_task = asyncio.create_task(dead.run())
+    await held.wait()
+    dead_task.cancel()
+    got: list[int] = []
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        got.extend(d.event.payload["i"] for d in batch)
+
+    peer = consumer(redis, "database_service", handle, name="peer", claim_idle_ms=300)
+    peer_task = asyncio.create_task(peer.run())
+    await wait_for(lambda: len(got) == 5)
+    peer.stop()
+    await peer_task
+    assert sorted(got) == list(range(5))
+
+
+async def test_malformed_and_poison_events_go_to_dead_letters_and_good_ones_keep_flowing(
+    redis: Redis,
+) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    key = channels.stream_key(channels.ENTITY_CREATED)
+    await redis.xadd(key, {b"m": b"{not json"})
+    await redis.xadd(key, {b"m": orjson.dumps({"event_type": "x"})})  # missing fields
+    await publisher.publish(channels.ENTITY_CREATED, {"i": -1})  # poison: handler always fails
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(10))
+    got: list[int] = []
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        for d in batch:
+            if d.event.payload["i"] < 0:
+                raise ValueError("cannot store a negative i")
+        got.extend(d.event.payload["i"] for d in batch)
+
+    c = consumer(redis, "database_service", handle, max_deliveries=3)
+    task = asyncio.create_task(c.run())
+    await wait_for(lambda: len(got) == 10)
+    dlq = channels.dead_letter_key(channels.ENTITY_CREATED)
+    await wait_for(lambda: True)
+    for _ in range(200):
+        if await redis.xlen(dlq) == 3:
+            break
+        await asyncio.sleep(0.05)
+    c.stop()
+    await task
+    entries = await redis.xrange(dlq)
+    reasons = [fields[b"reason"].decode() for _, fields in entries]
+    assert len(entries) == 3
+    assert any("malformed event" in r for r in reasons)
+    assert any("cannot store a negative i" in r and "3 times" in r for r in reasons)
+    assert entries[0][1][b"original"] == b"{not json"
+    assert sorted(got) == list(range(10))
+    pending = await redis.xpending(key, "database_service")
+    assert pending["pending"] == 0
+
+
+async def test_transient_errors_are_retried_without_dead_lettering(redis: Redis) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(5))
+    failures = 0
+    got: list[int] = []
+
+    async def flaky(batch: Sequence[Delivery]) -> None:
+        nonlocal failures
+        if failures < 8:  # more failures than max_deliveries: an outage, not a bad event
+            failures += 1
+            raise TransientError("database unavailable")
+        got.extend(d.event.payload["i"] for d in batch)
+
+    c = consumer(redis, "database_service", flaky, max_deliveries=2)
+    task = asyncio.create_task(c.run())
+    await wait_for(lambda: len(got) == 5)
+    c.stop()
+    await task
+    assert got == list(range(5))
+    assert await redis.xlen(channels.dead_letter_key(channels.ENTITY_CREATED)) == 0
+
+
+async def test_retention_is_bounded(redis: Redis) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=1000)
+    for _ in range(5):
+        await publisher.publish_many((channels.SIMULATION_TICK, {"i": i}) for i in range(1000))
+    length = await redis.xlen(channels.stream_key(channels.SIMULATION_TICK))
+    assert 1000 <= length < 2500
