@@ -1,3 +1,8 @@
+"""Fixtures shared by integration tests: a Redis client, and in-process service runtimes.
+
+Servers (`redis_url`, `database_url`, `s3_server`, ...) come from the top-level conftest.
+"""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +14,6 @@ from redis.asyncio import Redis
 
 from analytics_engine.core.redis import connect
 from analytics_engine.core.runtime import ServiceRuntime
-from analytics_engine.core.settings import BaseServiceSettings
 
 
 @pytest.fixture
@@ -17,15 +21,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = connect(redis_url)
     yield client
     await client.aclose()
-
-
-def make_settings(redis_url: str, instance: str, **overrides: object) -> BaseServiceSettings:
-    return BaseServiceSettings.model_validate(
-        {"REDIS_URL": redis_url, "SERVICE_INSTANCE_ID": instance, **overrides}
-    )
-
-
-RuntimeFactory = Callable[..., Awaitable[ServiceRuntime]]
 
 
 @pytest.fixture
