@@ -40,7 +40,17 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSErro
 
 
 def encode_event(event: Event) -> bytes:
-    return orjson.dumps(event.model_dump(mode="json", exclude_none=True))
+    """The event's JSON. Hand-built rather than `model_dump`: this is the publish hot path."""
+    body: dict[str, Any] = {
+        "event_id": event.event_id,
+        "event_type": event.event_type,
+        "source": event.source,
+        "timestamp": event.timestamp,
+        "payload": event.payload,
+    }
+    if event.model_extra:
+        body.update((k, v) for k, v in event.model_extra.items() if v is not None)
+    return orjson.dumps(body, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS)
 
 
 class EventPublisher:
@@ -63,7 +73,8 @@ class EventPublisher:
     def make_event(
         self, channel: str, payload: Mapping[str, Any], *, event_id: str | None = None
     ) -> Event:
-        return Event(
+        # model_construct: every field is ours and well-typed, validation would only cost time
+        return Event.model_construct(
             event_id=event_id or new_id(),
             event_type=channel,
             source=self._source,
@@ -92,8 +103,11 @@ class EventPublisher:
         self.add_to_pipeline(pipe, events)
         await pipe.execute()
         if self._metrics is not None:
+            per_channel: dict[str, int] = {}
             for event in events:
-                self._metrics.published.labels(event.event_type).inc()
+                per_channel[event.event_type] = per_channel.get(event.event_type, 0) + 1
+            for channel, count in per_channel.items():
+                self._metrics.published.labels(channel).inc(count)
 
     def add_to_pipeline(self, pipe: Pipeline, events: Sequence[Event]) -> None:
         """Queue the commands publishing `events` on a caller's pipeline (used to publish and

@@ -191,8 +191,8 @@ class ServiceRuntime:
                 asyncio.create_task(self._supervise(name, fn), name=name)
                 for name, fn in self._tasks
             ]
-            tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeat"))
             await _until_ready(self._consumers, consumer_tasks)
+            tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeat"))
             self._status = "running"
             self.ready.set()
             log.info(
