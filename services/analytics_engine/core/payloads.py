@@ -110,7 +110,9 @@ class StreamSubscribe(_OpenPayload):
     entity_type: str
     since: datetime
     until: datetime | None = None
-    channel: str = Field(min_length=1, max_length=200, pattern=r"^stream\.replay\.[A-Za-z0-9_.\-]+$")
+    channel: str = Field(
+        min_length=1, max_length=200, pattern=r"^stream\.replay\.[A-Za-z0-9_.\-]+$"
+    )
 
 
 class StreamHeartbeat(_OpenPayload):

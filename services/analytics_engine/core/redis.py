@@ -12,8 +12,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 def connect(url: str, *, max_connections: int = 64) -> Redis:
     """A client for `url`; no I/O happens until the first command.
 
-    The pool blocks when all connections are busy. Commands retry briefly on connection errors so a Redis restart costs a pause, not a crash;
-    longer outages surface as exceptions the callers back off from.
+    The pool blocks when all connections are busy. Commands retry briefly on connection errors,
+    so a Redis restart costs a pause, not a crash; longer outages surface as exceptions the
+    callers back off from.
     """
     pool = BlockingConnectionPool.from_url(
         url,

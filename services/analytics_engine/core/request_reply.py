@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import ValidationError
 
-from analytics_engine.core.bus import REDIS_ERRORS, DeadLetters, parse_json_object
+from analytics_engine.core.bus import (
+    REDIS_ERRORS,
+    DeadLetters,
+    LiveSubscription,
+    parse_json_object,
+)
 from analytics_engine.core.channels import request_claim_key
 from analytics_engine.core.envelopes import (
     Request,
@@ -44,7 +49,6 @@ from analytics_engine.core.logs import correlation_id_var
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.client import PubSub
 
     from analytics_engine.core.metrics import CoreMetrics
 
@@ -58,56 +62,6 @@ CLAIM_TTL_MS = 120_000
 
 def _dump(model: Request | Response) -> bytes:
     return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
-
-
-class _Subscription:
-    """A pub/sub subscription that survives Redis restarts: it re-subscribes with backoff."""
-
-    def __init__(
-        self,
-        redis: Redis,
-        channel: str,
-        on_message: Callable[[bytes], None],
-    ) -> None:
-        self._redis = redis
-        self._channel = channel
-        self._on_message = on_message
-        self._task: asyncio.Task[None] | None = None
-        self.subscribed = asyncio.Event()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"sub:{self._channel}")
-        await self.subscribed.wait()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        backoff = 0.05
-        while True:
-            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                self.subscribed.set()
-                backoff = 0.05
-                while True:
-                    message = await pubsub.get_message(timeout=5.0)
-                    if message is not None and message["type"] == "message":
-                        self._on_message(message["data"])
-            except REDIS_ERRORS as exc:
-                self.subscribed.clear()
-                log.warning(
-                    "subscription lost, reconnecting",
-                    extra={"channel": self._channel, "error": str(exc)[:200]},
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 class RequestReplyClient:
@@ -128,7 +82,7 @@ class RequestReplyClient:
         self._default_timeout = default_timeout
         self._metrics = metrics
         self._pending: dict[str, asyncio.Future[Response]] = {}
-        self._subscription = _Subscription(redis, self.reply_to, self._on_reply)
+        self._subscription = LiveSubscription(redis, self._on_reply, channels=[self.reply_to])
         self._started = False
 
     async def start(self) -> None:
@@ -244,7 +198,7 @@ class RequestReplyServer:
         self._limit = asyncio.Semaphore(concurrency)
         self._metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
-        self._subscription = _Subscription(redis, channel, self._on_message)
+        self._subscription = LiveSubscription(redis, self._on_message, channels=[channel])
 
     @property
     def subscribed(self) -> asyncio.Event:

@@ -24,6 +24,7 @@ from analytics_engine.core.bus import (
     DeadLetters,
     DurableConsumer,
     EventPublisher,
+    LiveSubscription,
 )
 from analytics_engine.core.channels import SERVICE_HEARTBEAT
 from analytics_engine.core.envelopes import utcnow
@@ -78,6 +79,7 @@ class ServiceRuntime:
         self._started_at = time.monotonic()
         self._consumers: list[DurableConsumer] = []
         self._servers: list[RequestReplyServer] = []
+        self._subscriptions: list[LiveSubscription] = []
         self._tasks: list[tuple[str, Hook]] = []
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
@@ -147,6 +149,20 @@ class ServiceRuntime:
             )
         return self._client
 
+    def listen(
+        self,
+        on_message: Callable[[bytes, bytes], None],
+        *,
+        channels: Sequence[str] = (),
+        patterns: Sequence[str] = (),
+    ) -> LiveSubscription:
+        """Subscribe to live pub/sub channels or patterns; `on_message(channel, data)`."""
+        subscription = LiveSubscription(
+            self.redis, on_message, channels=channels, patterns=patterns, with_channel=True
+        )
+        self._subscriptions.append(subscription)
+        return subscription
+
     def add_task(self, name: str, task: Hook) -> None:
         """A background loop; restarted with backoff if it crashes."""
         self._tasks.append((name, task))
@@ -181,6 +197,8 @@ class ServiceRuntime:
                 await hook()
             for server in self._servers:
                 await server.start()
+            for subscription in self._subscriptions:
+                await subscription.start()
             if self._client is not None:
                 await self._client.start()
             consumer_tasks = [
@@ -212,6 +230,8 @@ class ServiceRuntime:
             log.info("service stopping")
             for server in self._servers:
                 await server.stop()
+            for subscription in self._subscriptions:
+                await subscription.stop()
             for consumer in self._consumers:
                 consumer.stop()
             if consumer_tasks:

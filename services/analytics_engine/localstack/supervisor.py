@@ -1,0 +1,141 @@
+"""Runs each service as a child process and restarts it when it dies (the local stack's
+stand-in for a Kubernetes Deployment)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    log_path: Path
+
+
+@dataclass
+class _Supervised:
+    spec: ProcessSpec
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    """Starts processes, restarts them with backoff when they exit, stops them gracefully.
+
+    A process that ran for more than `stable_after` seconds gets its backoff reset, so a service
+    killed once restarts at once while a crash loop slows down.
+    """
+
+    def __init__(
+        self,
+        *,
+        pid_dir: Path,
+        stop_timeout: float = 20.0,
+        stable_after: float = 10.0,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self._pid_dir = pid_dir
+        self._stop_timeout = stop_timeout
+        self._stable_after = stable_after
+        self._max_backoff = max_backoff
+        self._children: dict[str, _Supervised] = {}
+        self._stopping = False
+
+    def start(self, spec: ProcessSpec) -> None:
+        child = _Supervised(spec)
+        self._children[spec.name] = child
+        child.task = asyncio.create_task(self._keep_running(child), name=f"supervise:{spec.name}")
+
+    def pid(self, name: str) -> int | None:
+        child = self._children.get(name)
+        if child is None or child.process is None or child.process.returncode is not None:
+            return None
+        return child.process.pid
+
+    def restarts(self, name: str) -> int:
+        return self._children[name].restarts
+
+    async def _spawn(self, child: _Supervised) -> asyncio.subprocess.Process:
+        spec = child.spec
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with spec.log_path.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                env={**os.environ, **spec.env},
+                stdout=log_file,
+                stderr=log_file,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop children in order
+            )
+        self._pid_dir.mkdir(parents=True, exist_ok=True)
+        (self._pid_dir / f"{spec.name}.pid").write_text(str(process.pid))
+        return process
+
+    async def _keep_running(self, child: _Supervised) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            child.process = await self._spawn(child)
+            child.started_at = time.monotonic()
+            code = await child.process.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - child.started_at > self._stable_after:
+                backoff = 0.5
+            child.restarts += 1
+            log.warning(
+                "%s exited with code %s; restarting in %.1fs (restart #%d)",
+                child.spec.name,
+                code,
+                backoff,
+                child.restarts,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def stop_all(self, order: Sequence[str] | None = None) -> None:
+        """SIGTERM each process (in `order`, default reverse start order) and wait for it."""
+        self._stopping = True
+        names = list(order) if order is not None else list(reversed(self._children))
+        for name in names:
+            child = self._children.get(name)
+            if child is None:
+                continue
+            await self._terminate(child)
+            if child.task is not None:
+                child.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.task
+
+    async def _terminate(self, child: _Supervised) -> None:
+        process = child.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self._stop_timeout)
+        except TimeoutError:
+            log.warning("%s did not stop in time, killing it", child.spec.name)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def service_argv(service: str) -> list[str]:
+    """The command line running one service with this interpreter."""
+    return [sys.executable, "-m", "analytics_engine.cli", "run", service]

@@ -1,0 +1,221 @@
+"""`analytics-engine up`: the whole platform on one machine.
+
+Starts Redis, PostgreSQL and an S3 store (SeaweedFS) on free loopback ports with data under one
+directory (default `.run/`), then every service as a supervised child process, prints the URLs
+and runs until Ctrl-C or SIGTERM, then stops everything in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from analytics_engine.localstack.ports import free_ports
+from analytics_engine.localstack.servers import LocalInfra
+from analytics_engine.localstack.supervisor import ProcessSpec, Supervisor, service_argv
+
+log = logging.getLogger("analytics_engine.up")
+
+# Start order: consumers before producers, the gateway last. The operator needs a Kubernetes
+# API server, so it is not part of the local stack.
+LOCAL_SERVICES = (
+    "database",
+    "metadata",
+    "archival",
+    "calculation",
+    "observability",
+    "simulator",
+    "gateway",
+)
+PORT_VARIABLES = {
+    "gateway": "GATEWAY_PORT",
+    "simulator": "SIMULATOR_PORT",
+    "calculation": "CALCULATION_PORT",
+    "metadata": "METADATA_PORT",
+    "database": "DATABASE_SERVICE_PORT",
+    "archival": "ARCHIVAL_PORT",
+    "observability": "OBSERVABILITY_PORT",
+}
+URL_VARIABLES = {
+    "simulator": "SIMULATOR_URL",
+    "calculation": "CALCULATION_URL",
+    "metadata": "METADATA_URL",
+    "observability": "OBSERVABILITY_URL",
+}
+CONNECTION_VARIABLES = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "DATABASE_READONLY_URL",
+    "S3_ENDPOINT_URL",
+    "S3_BUCKET",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[3]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def service_ports(services: tuple[str, ...], gateway_port: int) -> dict[str, int]:
+    ports = dict(zip(services, free_ports(len(services)), strict=True))
+    if "gateway" in ports:
+        if _port_is_free(gateway_port):
+            ports["gateway"] = gateway_port
+        else:
+            log.warning("port %d is taken; the gateway uses %d", gateway_port, ports["gateway"])
+    return ports
+
+
+def service_env(
+    connections: dict[str, str],
+    ports: dict[str, int],
+    *,
+    kpi_dir: Path,
+    rate: float | None,
+) -> dict[str, dict[str, str]]:
+    """Environment of each service: connections, its port, peers' URLs, a stable instance id
+    (a restarted process re-reads its own pending stream entries at once)."""
+    common = dict(connections)
+    common["KPI_DEFINITIONS_DIR"] = str(kpi_dir)
+    common.setdefault("LOG_LEVEL", os.environ.get("LOG_LEVEL", "INFO"))
+    for name, variable in URL_VARIABLES.items():
+        if name in ports:
+            common[variable] = f"http://127.0.0.1:{ports[name]}"
+    if rate is not None:
+        common["SIMULATOR_RATE"] = str(rate)
+    return {
+        name: {
+            **common,
+            PORT_VARIABLES[name]: str(port),
+            "SERVICE_INSTANCE_ID": f"{name}-local",
+        }
+        for name, port in ports.items()
+    }
+
+
+def write_env_file(path: Path, connections: dict[str, str]) -> None:
+    """`.run/stack.env` for `analytics-engine verify` and other tools (owner-only: secrets)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        for key, value in connections.items():
+            out.write(f"{key}={value}\n")
+
+
+async def wait_ready(ports: dict[str, int], timeout: float = 90.0) -> dict[str, bool]:
+    deadline = time.monotonic() + timeout
+    ready = dict.fromkeys(ports, False)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while not all(ready.values()) and time.monotonic() < deadline:
+            for name, port in ports.items():
+                if ready[name]:
+                    continue
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        ready[name] = resp.status == 200
+            await asyncio.sleep(0.25)
+    return ready
+
+
+async def serve(args: argparse.Namespace, connections: dict[str, str], data_dir: Path) -> None:
+    only = tuple(s for s in (args.only.split(",") if args.only else LOCAL_SERVICES) if s)
+    unknown = set(only) - set(LOCAL_SERVICES)
+    if unknown:
+        raise SystemExit(f"unknown service(s) in --only: {', '.join(sorted(unknown))}")
+    services = tuple(s for s in LOCAL_SERVICES if s in only)
+    kpi_dir = Path(args.kpi_dir) if args.kpi_dir else repo_root() / "k8s" / "samples"
+    ports = service_ports(services, args.gateway_port)
+    envs = service_env(connections, ports, kpi_dir=kpi_dir, rate=args.rate)
+    supervisor = Supervisor(pid_dir=data_dir / "pids")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+    for name in services:
+        supervisor.start(
+            ProcessSpec(name, service_argv(name), envs[name], data_dir / "logs" / f"{name}.log")
+        )
+    ready = await wait_ready(ports)
+    print(f"\nAnalyticsEngine is up ({time.monotonic() - started:.1f}s):")
+    for name in services:
+        state = "ready" if ready[name] else "NOT READY (see log)"
+        print(f"  {name:14} http://127.0.0.1:{ports[name]}  {state}")
+    if "gateway" in ports:
+        print(f"\n  Dashboard:  http://127.0.0.1:{ports['gateway']}/")
+        print(f"  API docs:   http://127.0.0.1:{ports['gateway']}/api/v1/docs")
+    print(f"  Logs:       {data_dir / 'logs'}/<service>.log")
+    print(f"  Settings:   {data_dir / 'stack.env'} (for analytics-engine verify)")
+    print("Press Ctrl-C to stop.", flush=True)
+    await stop.wait()
+    print("stopping services...", flush=True)
+    await supervisor.stop_all()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    data_dir = Path(args.data_dir).absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if args.external:
+        connections = {k: os.environ[k] for k in CONNECTION_VARIABLES if k in os.environ}
+        missing = {"REDIS_URL", "DATABASE_URL", "S3_ENDPOINT_URL"} - set(connections)
+        if missing:
+            print(f"--external needs {', '.join(sorted(missing))} in the environment")
+            return 2
+        write_env_file(data_dir / "stack.env", connections)
+        asyncio.run(serve(args, connections, data_dir))
+        return 0
+    infra = LocalInfra(data_dir)
+    print(f"starting Redis, PostgreSQL and S3 under {data_dir} ...", flush=True)
+    infra.start()
+    try:
+        connections = infra.env()
+        connections.update(prepare_database(infra))
+        write_env_file(data_dir / "stack.env", connections)
+        print(f"  redis     127.0.0.1:{infra.redis.port}")
+        print(f"  postgres  127.0.0.1:{infra.postgres.port}")
+        print(f"  s3        {infra.s3.endpoint_url} (bucket {infra.bucket})", flush=True)
+        asyncio.run(serve(args, connections, data_dir))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping servers...", flush=True)
+        infra.stop()
+    return 0
+
+
+def prepare_database(infra: LocalInfra) -> dict[str, str]:
+    """Roles for least privilege: the read-only role `execute_query` runs as."""
+    try:
+        from analytics_engine.database.roles import ensure_readonly_role
+    except ImportError:
+        return {}
+    return {"DATABASE_READONLY_URL": ensure_readonly_role(infra.postgres)}
+
+
+if __name__ == "__main__":
+    from analytics_engine.cli import main
+
+    sys.exit(main(["up", *sys.argv[1:]]))
