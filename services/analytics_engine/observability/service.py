@@ -1,0 +1,157 @@
+"""Observability Service: composes the runtime with the registry, a status API and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import web
+from prometheus_client import Gauge
+from pydantic import Field, ValidationError
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import Delivery
+from analytics_engine.core.payloads import KPIResult, ServiceHeartbeat, SimulationTick
+from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.core.settings import BaseServiceSettings
+from analytics_engine.observability.registry import Registry
+
+SERVICE = "observability_service"
+
+
+class Settings(BaseServiceSettings):
+    port: int = Field(default=8086, validation_alias="OBSERVABILITY_PORT", ge=0, le=65535)
+    missing_after_s: float = Field(
+        default=15.0,
+        gt=0,
+        validation_alias="OBSERVABILITY_MISSING_AFTER",
+        description="Seconds without a heartbeat before an instance is reported missing "
+        "(three missed heartbeats at the default interval of 5 s).",
+    )
+
+
+class Observability:
+    """Feeds the registry from the bus and renders the status API and gauges."""
+
+    def __init__(self, runtime: ServiceRuntime, settings: Settings) -> None:
+        self.runtime = runtime
+        self.registry = Registry(missing_after_s=settings.missing_after_s)
+        r = runtime.metrics.registry
+        self.services_up = Gauge(
+            "analytics_service_up",
+            "1 when the service has a live instance",
+            ["service"],
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "analytics_dead_letters",
+            "Entries in each dead-letter stream",
+            ["channel"],
+            registry=r,
+        )
+        self.freshness = Gauge(
+            "analytics_kpi_freshness_seconds",
+            "Window end to result received, for the last result of each KPI",
+            ["kpi_code"],
+            registry=r,
+        )
+
+    def on_live(self, channel: bytes, data: bytes) -> None:
+        now = time.monotonic()
+        name = channel.decode()
+        self.registry.count(name, now=now)
+        try:
+            envelope = orjson.loads(data)
+            payload = envelope["payload"]
+            if name == channels.SERVICE_HEARTBEAT:
+                beat = ServiceHeartbeat.model_validate(payload)
+                self.registry.heartbeat(beat.model_dump(), now=now)
+            elif name.startswith(channels.KPI_CALCULATED_PREFIX):
+                result = KPIResult.model_validate(payload)
+                self.registry.kpi_result(
+                    result.kpi_code,
+                    value=result.value,
+                    window_end=result.window_end,
+                    received=datetime.now(UTC),
+                    now=now,
+                )
+                self.freshness.labels(result.kpi_code).set(
+                    self.registry.kpis[result.kpi_code].freshness_s
+                )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValidationError):
+            self.registry.count("invalid", now=now)
+
+    async def on_ticks(self, batch: Sequence[Delivery]) -> None:
+        now = time.monotonic()
+        for delivery in batch:
+            try:
+                tick = SimulationTick.model_validate(delivery.event.payload)
+            except ValidationError:
+                continue  # a tick is informational; a bad one is counted, not retried
+            self.registry.tick(tick.model_dump(mode="json"), now=now)
+        self.registry.count(channels.SIMULATION_TICK, now=now, n=len(batch))
+
+    async def sample_streams(self) -> None:
+        """Every few seconds, turn each durable stream's `entries-added` into a rate."""
+        previous: dict[str, int] = {}
+        prefix = channels.stream_key("")
+        while True:
+            now = time.monotonic()
+            async for key in self.runtime.redis.scan_iter(match=f"{prefix}*", count=500):
+                name = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix) :]
+                info = await self.runtime.redis.xinfo_stream(key)
+                added = int(info.get("entries-added", info.get("length", 0)))
+                if name in previous and added >= previous[name]:
+                    self.registry.count(name, now=now, n=added - previous[name])
+                previous[name] = added
+            await asyncio.sleep(2.0)
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        prefix = channels.dead_letter_key("")
+        counts: dict[str, int] = {}
+        async for key in self.runtime.redis.scan_iter(match=f"{prefix}*", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            counts[name[len(prefix) :]] = int(await self.runtime.redis.xlen(key))
+        return counts
+
+    async def status(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        services = self.registry.services(now=now)
+        dead = await self.dead_letter_counts()
+        for entry in services:
+            self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
+        for channel, count in dead.items():
+            self.dead_letters.labels(channel).set(count)
+        tick_age = (
+            None
+            if self.registry.last_tick_seen is None
+            else round(now - self.registry.last_tick_seen, 3)
+        )
+        return web.json_response(
+            {
+                "status": "ok" if all(s["status"] == "up" for s in services) else "degraded",
+                "services": services,
+                "dead_letters": dead,
+                "message_rates": self.registry.message_rates(now=now),
+                "kpi_freshness": self.registry.kpi_freshness(now=now),
+                "simulation": {"last_tick": self.registry.last_tick, "seconds_ago": tick_age},
+                "generated_at": datetime.now(UTC).isoformat(),
+            }
+        )
+
+
+def create(settings: Settings) -> ServiceRuntime:
+    runtime = ServiceRuntime(service=SERVICE, settings=settings, port=settings.port)
+    observability = Observability(runtime, settings)
+    runtime.listen(
+        observability.on_live,
+        channels=[channels.SERVICE_HEARTBEAT],
+        patterns=[f"{channels.KPI_CALCULATED_PREFIX}*"],
+    )
+    runtime.consume([channels.SIMULATION_TICK], observability.on_ticks)
+    runtime.add_task("sample-streams", observability.sample_streams)
+    runtime.http.router.add_get("/api/v1/status", observability.status)
+    return runtime

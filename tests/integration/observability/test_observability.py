@@ -1,0 +1,116 @@
+"""The observability service against real Redis: heartbeats, missing services, dead letters,
+KPI freshness, simulation ticks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+
+from analytics_engine.core import channels
+from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.core.settings import BaseServiceSettings
+from analytics_engine.observability.service import Settings, create
+
+pytestmark = pytest.mark.asyncio
+Start = Callable[[ServiceRuntime], Awaitable[ServiceRuntime]]
+
+
+async def status(rt: ServiceRuntime) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{rt.bound_port}/api/v1/status") as resp:
+            assert resp.status == 200
+            body: dict[str, Any] = await resp.json()
+            return body
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def test_marks_a_killed_service_missing_and_back_when_restarted(
+    redis_url: str, running: Start
+) -> None:
+    obs = create(
+        Settings.model_validate(
+            {"REDIS_URL": redis_url, "OBSERVABILITY_PORT": 0, "OBSERVABILITY_MISSING_AFTER": 0.6}
+        )
+    )
+    await running(obs)
+
+    def worker() -> ServiceRuntime:
+        settings = BaseServiceSettings.model_validate(
+            {"REDIS_URL": redis_url, "SERVICE_INSTANCE_ID": "w1", "HEARTBEAT_INTERVAL": 0.1}
+        )
+        return ServiceRuntime(service="database_service", settings=settings, port=0)
+
+    async def state() -> str | None:
+        for entry in (await status(obs))["services"]:
+            if entry["service"] == "database_service":
+                return str(entry["status"])
+        return None
+
+    first = worker()
+    task = asyncio.create_task(first.run())
+    await eventually(lambda: _eq(state(), "up"))
+    task.cancel()  # killed: no goodbye
+    await asyncio.gather(task, return_exceptions=True)
+    await eventually(lambda: _eq(state(), "missing"))
+    second = worker()
+    await running(second)
+    await eventually(lambda: _eq(state(), "up"))
+
+
+async def _eq(value: Awaitable[str | None], expected: str) -> bool:
+    return (await value) == expected
+
+
+async def test_reports_dead_letters_kpi_freshness_and_ticks(redis_url: str, running: Start) -> None:
+    obs = create(Settings.model_validate({"REDIS_URL": redis_url, "OBSERVABILITY_PORT": 0}))
+    await running(obs)
+    publisher = obs.publisher
+    await obs.dead_letters.add(
+        channel=channels.KPI_CALCULATED, reason="test", original=b"{}", kind="event"
+    )
+    end = datetime.now(UTC) - timedelta(milliseconds=50)
+    await publisher.publish(
+        channels.kpi_channel("orders_count"),
+        {
+            "kpi_code": "orders_count",
+            "value": 12.0,
+            "window_start": (end - timedelta(minutes=1)).isoformat(),
+            "window_end": end.isoformat(),
+            "dimensions": {},
+            "sample_count": 12,
+            "definition_version": 1,
+            "computed_at": end.isoformat(),
+        },
+    )
+    await publisher.publish(
+        channels.SIMULATION_TICK,
+        {"tick": 7, "simulated_time": end.isoformat(), "events_emitted": 700, "rate_per_s": 100},
+    )
+
+    async def complete() -> bool:
+        body = await status(obs)
+        return bool(body["kpi_freshness"]) and body["simulation"]["last_tick"] is not None
+
+    await eventually(complete)
+    body = await status(obs)
+    assert body["dead_letters"] == {channels.KPI_CALCULATED: 1}
+    [kpi] = body["kpi_freshness"]
+    assert kpi["kpi_code"] == "orders_count"
+    assert 0.0 < kpi["freshness_s"] < 5.0
+    assert body["simulation"]["last_tick"]["tick"] == 7
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{obs.bound_port}/metrics") as resp:
+            text = await resp.text()
+    assert 'analytics_dead_letters{channel="kpi.calculated"} 1.0' in text
+    assert 'analytics_kpi_freshness_seconds{kpi_code="orders_count"}' in text

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from analytics_engine.observability.registry import RateMeter, Registry
+
+
+def beat(service: str, instance: str, **extra: object) -> dict[str, object]:
+    return {
+        "service": service,
+        "instance": instance,
+        "version": "1",
+        "status": "running",
+        "uptime_s": 1.0,
+        "consumer_lag": {"simulation.entity.created": 3},
+        **extra,
+    }
+
+
+def test_instances_go_missing_after_silence_and_come_back() -> None:
+    registry = Registry(missing_after_s=5)
+    registry.heartbeat(beat("database_service", "a"), now=100.0)
+    assert registry.services(now=104.0)[0]["status"] == "up"
+    assert registry.services(now=106.0)[0]["status"] == "missing"
+    registry.heartbeat(beat("database_service", "a"), now=107.0)
+    [entry] = registry.services(now=107.5)
+    assert entry["status"] == "up"
+    assert entry["consumer_lag"] == {"simulation.entity.created": 3}
+
+
+def test_a_service_is_up_while_any_replica_is_up() -> None:
+    registry = Registry(missing_after_s=5)
+    registry.heartbeat(beat("database_service", "a"), now=100.0)
+    registry.heartbeat(beat("database_service", "b"), now=104.0)
+    [entry] = registry.services(now=106.0)
+    assert entry["status"] == "up"
+    assert [i["status"] for i in entry["instances"]] == ["missing", "up"]
+
+
+def test_kpi_freshness_tracks_the_newest_window() -> None:
+    registry = Registry(missing_after_s=5)
+    end = datetime(2024, 1, 1, tzinfo=UTC)
+    registry.kpi_result(
+        "revenue", value=1.0, window_end=end, received=end + timedelta(milliseconds=40), now=1.0
+    )
+    registry.kpi_result(
+        "revenue",
+        value=0.5,
+        window_end=end - timedelta(minutes=1),
+        received=end + timedelta(seconds=1),
+        now=2.0,
+    )
+    [state] = registry.kpi_freshness(now=3.0)
+    assert state["last_value"] == 1.0
+    assert state["freshness_s"] == 0.04
+    assert state["results"] == 2
+
+
+def test_rate_meter_counts_the_last_interval_only() -> None:
+    meter = RateMeter(interval_s=10)
+    meter.add(100.2, 50)
+    meter.add(105.0, 50)
+    assert meter.rate(105.5) == 10.0
+    assert meter.rate(110.5) == 5.0
+    assert meter.rate(200.0) == 0.0
