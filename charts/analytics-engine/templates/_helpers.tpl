@@ -1,0 +1,723 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* The chart name, overridable with nameOverride. */}}
+{{- define "analytics-engine.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The resource name prefix: fullnameOverride, or <release>-<chart> unless the release name already contains the chart name. */}}
+{{- define "analytics-engine.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name of one component's resources: <fullname>-<component>. Call with (dict "component" "gateway" "context" $). */}}
+{{- define "analytics-engine.componentName" -}}
+{{- printf "%s-%s" (include "analytics-engine.fullname" .context) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Chart name and version, for the helm.sh/chart label. */}}
+{{- define "analytics-engine.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Standard labels of a component's resources. Call with (dict "component" "gateway" "context" $). */}}
+{{- define "analytics-engine.labels" -}}
+{{ include "analytics-engine.selectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .context.Release.Service }}
+app.kubernetes.io/version: {{ .context.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: analytics-engine
+helm.sh/chart: {{ include "analytics-engine.chart" .context }}
+{{- with .context.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels (immutable): name, instance and component only. */}}
+{{- define "analytics-engine.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "analytics-engine.name" .context }}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{/* Annotations common to every resource (commonAnnotations), as a metadata block or nothing. */}}
+{{- define "analytics-engine.annotations" -}}
+{{- with .Values.commonAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* An image reference from an image block; global.imageRegistry overrides the registry. Call with (dict "image" .Values.redis.image "default" "" "context" $). */}}
+{{- define "analytics-engine.imageRef" -}}
+{{- $registry := .image.registry -}}
+{{- with .context.Values.global.imageRegistry }}{{ $registry = . }}{{ end -}}
+{{- $tag := .image.tag | default .default | toString -}}
+{{- $repo := ternary (printf "%s/%s" $registry .image.repository) .image.repository (ne $registry "") -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $repo .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The application image (tag defaults to the chart appVersion). */}}
+{{- define "analytics-engine.image" -}}
+{{- include "analytics-engine.imageRef" (dict "image" .Values.image "default" .Chart.AppVersion "context" .) -}}
+{{- end -}}
+
+{{/* imagePullSecrets of every pod, from global.imagePullSecrets. */}}
+{{- define "analytics-engine.imagePullSecrets" -}}
+{{- with .Values.global.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The restricted container security context used by the infrastructure containers, with their own UID/GID. Call with (dict "uid" 999 "gid" 1000). */}}
+{{- define "analytics-engine.restrictedContainerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .gid }}
+privileged: false
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The restricted pod security context of the infrastructure pods. Call with (dict "uid" 999 "gid" 1000). */}}
+{{- define "analytics-engine.restrictedPodSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .gid }}
+fsGroup: {{ .gid }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/*
+A Secret value that survives upgrades: the given value, else the value already stored in the
+live Secret (lookup; empty under `helm template`), else .generated, else a random
+alphanumeric string (URL-safe, so it can be embedded in REDIS_URL / DATABASE_URL). Call with (dict "value" .Values.redis.auth.password "secret" "name" "key" "redis-password" "context" $).
+*/}}
+{{- define "analytics-engine.secretValue" -}}
+{{- if .value -}}
+{{- .value -}}
+{{- else -}}
+{{- $live := lookup "v1" "Secret" .context.Release.Namespace .secret -}}
+{{- if and $live $live.data (hasKey $live.data .key) -}}
+{{- index $live.data .key | b64dec -}}
+{{- else -}}
+{{- .generated | default (randAlphaNum 32) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- Redis */}}
+
+{{/* Host of Redis (in-chart Service or externalRedis.host). */}}
+{{- define "analytics-engine.redis.host" -}}
+{{- if .Values.redis.enabled -}}
+{{- include "analytics-engine.componentName" (dict "component" "redis" "context" .) -}}
+{{- else -}}
+{{- .Values.externalRedis.host -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Port of Redis. */}}
+{{- define "analytics-engine.redis.port" -}}
+{{- ternary 6379 .Values.externalRedis.port .Values.redis.enabled -}}
+{{- end -}}
+
+{{/* Secret holding the Redis password; empty when Redis has no authentication. */}}
+{{- define "analytics-engine.redis.secretName" -}}
+{{- if .Values.redis.enabled -}}
+{{- .Values.redis.auth.existingSecret | default (include "analytics-engine.componentName" (dict "component" "redis" "context" .)) -}}
+{{- else if .Values.externalRedis.existingSecret -}}
+{{- .Values.externalRedis.existingSecret -}}
+{{- else if .Values.externalRedis.password -}}
+{{- include "analytics-engine.componentName" (dict "component" "external-redis" "context" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Key of the Redis password in its Secret. */}}
+{{- define "analytics-engine.redis.secretKey" -}}
+{{- if .Values.redis.enabled -}}
+{{- .Values.redis.auth.existingSecretPasswordKey -}}
+{{- else -}}
+{{- .Values.externalRedis.existingSecretPasswordKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/* env entries REDIS_PASSWORD and REDIS_URL (the password is expanded in the pod, never rendered). */}}
+{{- define "analytics-engine.redis.env" -}}
+{{- $scheme := ternary "rediss" "redis" (and (not .Values.redis.enabled) .Values.externalRedis.tls) -}}
+{{- $db := ternary 0 .Values.externalRedis.db .Values.redis.enabled -}}
+{{- $secret := include "analytics-engine.redis.secretName" . -}}
+{{- if $secret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ include "analytics-engine.redis.secretKey" . }}
+- name: REDIS_URL
+  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s:%v/%v" $scheme (include "analytics-engine.redis.host" .) (include "analytics-engine.redis.port" .) $db | quote }}
+{{- else }}
+- name: REDIS_URL
+  value: {{ printf "%s://%s:%v/%v" $scheme (include "analytics-engine.redis.host" .) (include "analytics-engine.redis.port" .) $db | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- Database */}}
+
+{{/* Host of the database (in-chart TimescaleDB Service or externalDatabase.host). */}}
+{{- define "analytics-engine.database.host" -}}
+{{- if .Values.timescaledb.enabled -}}
+{{- include "analytics-engine.componentName" (dict "component" "timescaledb" "context" .) -}}
+{{- else -}}
+{{- .Values.externalDatabase.host -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Port of the database. */}}
+{{- define "analytics-engine.database.port" -}}
+{{- ternary 5432 .Values.externalDatabase.port .Values.timescaledb.enabled -}}
+{{- end -}}
+
+{{/* Secret holding the database passwords. */}}
+{{- define "analytics-engine.database.secretName" -}}
+{{- if .Values.timescaledb.enabled -}}
+{{- .Values.timescaledb.auth.existingSecret | default (include "analytics-engine.componentName" (dict "component" "timescaledb" "context" .)) -}}
+{{- else -}}
+{{- .Values.externalDatabase.existingSecret | default (include "analytics-engine.componentName" (dict "component" "external-database" "context" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* env entries DATABASE_PASSWORD and DATABASE_URL; with (dict "readonly" true ...) also DATABASE_READONLY_PASSWORD and DATABASE_READONLY_URL. Call with (dict "readonly" bool "context" $). */}}
+{{- define "analytics-engine.database.env" -}}
+{{- $v := .context.Values -}}
+{{- $host := include "analytics-engine.database.host" .context -}}
+{{- $port := include "analytics-engine.database.port" .context -}}
+{{- $secret := include "analytics-engine.database.secretName" .context -}}
+{{- $db := ternary $v.timescaledb.auth.database $v.externalDatabase.database $v.timescaledb.enabled -}}
+{{- $user := ternary $v.timescaledb.auth.username $v.externalDatabase.username $v.timescaledb.enabled -}}
+{{- $roUser := ternary $v.timescaledb.auth.readonlyUsername $v.externalDatabase.readonlyUsername $v.timescaledb.enabled -}}
+{{- $pwKey := ternary $v.timescaledb.auth.secretKeys.passwordKey $v.externalDatabase.existingSecretPasswordKey $v.timescaledb.enabled -}}
+{{- $roKey := ternary $v.timescaledb.auth.secretKeys.readonlyPasswordKey $v.externalDatabase.existingSecretReadonlyPasswordKey $v.timescaledb.enabled -}}
+{{- $query := "" -}}
+{{- if and (not $v.timescaledb.enabled) $v.externalDatabase.sslmode -}}
+{{- $query = printf "?sslmode=%s" $v.externalDatabase.sslmode -}}
+{{- end }}
+- name: DATABASE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $pwKey }}
+- name: DATABASE_URL
+  value: {{ printf "postgresql://%s:$(DATABASE_PASSWORD)@%s:%v/%s%s" $user $host $port $db $query | quote }}
+{{- if and .readonly $roUser }}
+- name: DATABASE_READONLY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $roKey }}
+- name: DATABASE_READONLY_URL
+  value: {{ printf "postgresql://%s:$(DATABASE_READONLY_PASSWORD)@%s:%v/%s%s" $roUser $host $port $db $query | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- S3 */}}
+
+{{/* S3_ENDPOINT_URL: the in-chart MinIO Service or externalS3.endpoint. */}}
+{{- define "analytics-engine.s3.endpoint" -}}
+{{- if .Values.minio.enabled -}}
+{{- printf "http://%s:9000" (include "analytics-engine.componentName" (dict "component" "minio" "context" .)) -}}
+{{- else -}}
+{{- .Values.externalS3.endpoint -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret holding the S3 credentials of the application. */}}
+{{- define "analytics-engine.s3.secretName" -}}
+{{- if .Values.minio.enabled -}}
+{{- .Values.minio.auth.existingSecret | default (include "analytics-engine.componentName" (dict "component" "minio" "context" .)) -}}
+{{- else -}}
+{{- .Values.externalS3.existingSecret | default (include "analytics-engine.componentName" (dict "component" "external-s3" "context" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* env entries AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (boto3's names). */}}
+{{- define "analytics-engine.s3.env" -}}
+{{- $secret := include "analytics-engine.s3.secretName" . -}}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ ternary "access-key-id" .Values.externalS3.existingSecretAccessKeyIdKey .Values.minio.enabled }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ ternary "secret-access-key" .Values.externalS3.existingSecretSecretAccessKeyKey .Values.minio.enabled }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- Services */}}
+
+{{/* Port environment variable of each component (docs/architecture.md). */}}
+{{- define "analytics-engine.portEnvName" -}}
+{{- $names := dict "gateway" "GATEWAY_PORT" "simulator" "SIMULATOR_PORT" "calculation" "CALCULATION_PORT" "metadata" "METADATA_PORT" "database" "DATABASE_SERVICE_PORT" "archival" "ARCHIVAL_PORT" "observability" "OBSERVABILITY_PORT" "operator" "OPERATOR_PORT" -}}
+{{- index $names . -}}
+{{- end -}}
+
+{{/* Base URL of a business service, e.g. http://<fullname>-metadata:8083. Call with (dict "component" "metadata" "context" $). */}}
+{{- define "analytics-engine.serviceURL" -}}
+{{- $values := index .context.Values .component -}}
+{{- printf "http://%s:%v" (include "analytics-engine.componentName" .) $values.port -}}
+{{- end -}}
+
+{{/* Secret holding GATEWAY_API_KEYS. */}}
+{{- define "analytics-engine.gateway.secretName" -}}
+{{- .Values.gateway.auth.existingSecret | default (include "analytics-engine.componentName" (dict "component" "gateway" "context" .)) -}}
+{{- end -}}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "analytics-engine.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- .Values.operator.serviceAccount.name | default (include "analytics-engine.componentName" (dict "component" "operator" "context" .)) -}}
+{{- else -}}
+{{- .Values.operator.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespaces the operator watches when not clusterwide. */}}
+{{- define "analytics-engine.operator.namespaces" -}}
+{{- if .Values.operator.watchNamespaces -}}
+{{- join "," .Values.operator.watchNamespaces -}}
+{{- else -}}
+{{- .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Volumes and the checksum annotation every application pod shares. */}}
+{{- define "analytics-engine.configChecksum" -}}
+{{- include (print .Template.BasePath "/configmap.yaml") . | sha256sum -}}
+{{- end -}}
+
+{{/*
+The Deployment of one application component. Call with
+(dict "component" "gateway" "env" (include "analytics-engine.gateway.env" $) "volumes" "" "volumeMounts" "" "context" $).
+*/}}
+{{- define "analytics-engine.deployment" -}}
+{{- $ctx := .context -}}
+{{- $values := index $ctx.Values .component -}}
+{{- $hpa := and (hasKey $values "autoscaling") $values.autoscaling.enabled -}}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "analytics-engine.componentName" . }}
+  namespace: {{ $ctx.Release.Namespace | quote }}
+  labels:
+    {{- include "analytics-engine.labels" . | nindent 4 }}
+  {{- include "analytics-engine.annotations" $ctx | nindent 2 }}
+spec:
+  {{- if not $hpa }}
+  replicas: {{ $values.replicaCount | default 1 }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  {{- if eq .component "operator" }}
+  # Two kopf instances at once freeze each other: stop the old pod before starting the new one.
+  strategy:
+    type: Recreate
+  {{- else }}
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      maxSurge: 1
+      maxUnavailable: 0
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "analytics-engine.selectorLabels" . | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "analytics-engine.labels" . | nindent 8 }}
+      annotations:
+        checksum/config: {{ include "analytics-engine.configChecksum" $ctx }}
+        {{- with $values.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      {{- include "analytics-engine.imagePullSecrets" $ctx | nindent 6 }}
+      {{- if eq .component "operator" }}
+      serviceAccountName: {{ include "analytics-engine.operator.serviceAccountName" $ctx }}
+      automountServiceAccountToken: true
+      {{- else }}
+      automountServiceAccountToken: false
+      {{- end }}
+      enableServiceLinks: false
+      securityContext:
+        {{- toYaml $ctx.Values.podSecurityContext | nindent 8 }}
+      terminationGracePeriodSeconds: 30
+      {{- with $values.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $values.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $values.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: {{ .component }}
+          image: {{ include "analytics-engine.image" $ctx }}
+          imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+          args: ["run", {{ .component | quote }}]
+          securityContext:
+            {{- toYaml $ctx.Values.containerSecurityContext | nindent 12 }}
+          ports:
+            - name: http
+              containerPort: {{ $values.port }}
+              protocol: TCP
+          envFrom:
+            - configMapRef:
+                name: {{ include "analytics-engine.componentName" (dict "component" "config" "context" $ctx) }}
+          env:
+            - name: SERVICE_INSTANCE_ID
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.name
+            - name: {{ include "analytics-engine.portEnvName" .component }}
+              value: {{ $values.port | quote }}
+            {{- if ne .component "operator" }}
+            {{- include "analytics-engine.redis.env" $ctx | nindent 12 }}
+            {{- end }}
+            {{- with .env }}
+            {{- . | nindent 12 }}
+            {{- end }}
+            {{- range $name, $value := $values.extraEnv }}
+            - name: {{ $name }}
+              value: {{ $value | toString | quote }}
+            {{- end }}
+          startupProbe:
+            httpGet:
+              path: /healthz
+              port: http
+            {{- toYaml $ctx.Values.probes.startup | nindent 12 }}
+          livenessProbe:
+            httpGet:
+              path: /healthz
+              port: http
+            {{- toYaml $ctx.Values.probes.liveness | nindent 12 }}
+          readinessProbe:
+            httpGet:
+              # kopf's liveness endpoint (the operator's only HTTP server) serves one path.
+              path: {{ ternary "/healthz" "/readyz" (eq .component "operator") }}
+              port: http
+            {{- toYaml $ctx.Values.probes.readiness | nindent 12 }}
+          resources:
+            {{- toYaml $values.resources | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+            {{- with .volumeMounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
+      volumes:
+        # The root filesystem is read-only; /tmp is the only writable path (boto3, pyarrow, kopf).
+        - name: tmp
+          emptyDir:
+            sizeLimit: 256Mi
+        {{- with .volumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
+{{- end -}}
+
+{{/* The ClusterIP Service of one application component. Call with (dict "component" "gateway" "context" $). */}}
+{{- define "analytics-engine.service" -}}
+{{- $ctx := .context -}}
+{{- $values := index $ctx.Values .component -}}
+{{- $svc := $values.service | default dict -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "analytics-engine.componentName" . }}
+  namespace: {{ $ctx.Release.Namespace | quote }}
+  labels:
+    {{- include "analytics-engine.labels" . | nindent 4 }}
+  {{- include "analytics-engine.annotations" $ctx | nindent 2 }}
+spec:
+  type: {{ $svc.type | default "ClusterIP" }}
+  selector:
+    {{- include "analytics-engine.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: http
+      port: {{ $values.port }}
+      targetPort: http
+      protocol: TCP
+      {{- if and (has ($svc.type | default "ClusterIP") (list "NodePort" "LoadBalancer")) $svc.nodePort }}
+      nodePort: {{ $svc.nodePort }}
+      {{- end }}
+{{- end -}}
+
+{{/* The PodDisruptionBudget of one application component. */}}
+{{- define "analytics-engine.pdb" -}}
+{{- $ctx := .context -}}
+{{- $values := index $ctx.Values .component -}}
+{{- if $values.pdb.create -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "analytics-engine.componentName" . }}
+  namespace: {{ $ctx.Release.Namespace | quote }}
+  labels:
+    {{- include "analytics-engine.labels" . | nindent 4 }}
+  {{- include "analytics-engine.annotations" $ctx | nindent 2 }}
+spec:
+  maxUnavailable: {{ $values.pdb.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "analytics-engine.selectorLabels" . | nindent 6 }}
+{{- end -}}
+{{- end -}}
+
+{{/* The HorizontalPodAutoscaler of one application component. */}}
+{{- define "analytics-engine.hpa" -}}
+{{- $ctx := .context -}}
+{{- $values := index $ctx.Values .component -}}
+{{- if $values.autoscaling.enabled -}}
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "analytics-engine.componentName" . }}
+  namespace: {{ $ctx.Release.Namespace | quote }}
+  labels:
+    {{- include "analytics-engine.labels" . | nindent 4 }}
+  {{- include "analytics-engine.annotations" $ctx | nindent 2 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "analytics-engine.componentName" . }}
+  minReplicas: {{ $values.autoscaling.minReplicas }}
+  maxReplicas: {{ $values.autoscaling.maxReplicas }}
+  metrics:
+    {{- with $values.autoscaling.targetCPUUtilizationPercentage }}
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ . }}
+    {{- end }}
+    {{- with $values.autoscaling.targetMemoryUtilizationPercentage }}
+    - type: Resource
+      resource:
+        name: memory
+        target:
+          type: Utilization
+          averageUtilization: {{ . }}
+    {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* The ServiceMonitor of one application component (monitoring.enabled). */}}
+{{- define "analytics-engine.serviceMonitor" -}}
+{{- $ctx := .context -}}
+{{- if $ctx.Values.monitoring.enabled -}}
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata:
+  name: {{ include "analytics-engine.componentName" . }}
+  namespace: {{ $ctx.Values.monitoring.serviceMonitor.namespace | default $ctx.Release.Namespace | quote }}
+  labels:
+    {{- include "analytics-engine.labels" . | nindent 4 }}
+    {{- with $ctx.Values.monitoring.serviceMonitor.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- include "analytics-engine.annotations" $ctx | nindent 2 }}
+spec:
+  namespaceSelector:
+    matchNames:
+      - {{ $ctx.Release.Namespace }}
+  selector:
+    matchLabels:
+      {{- include "analytics-engine.selectorLabels" . | nindent 6 }}
+  endpoints:
+    - port: http
+      path: /metrics
+      interval: {{ $ctx.Values.monitoring.serviceMonitor.interval }}
+      scrapeTimeout: {{ $ctx.Values.monitoring.serviceMonitor.scrapeTimeout }}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- NetworkPolicy rules */}}
+
+{{/* Egress to the cluster DNS (every pod). */}}
+{{- define "analytics-engine.networkPolicy.dnsEgress" -}}
+- to:
+    - namespaceSelector:
+        {{- toYaml .Values.networkPolicy.dns.namespaceSelector | nindent 8 }}
+      podSelector:
+        {{- toYaml .Values.networkPolicy.dns.podSelector | nindent 8 }}
+  ports:
+    - {protocol: UDP, port: 53}
+    - {protocol: TCP, port: 53}
+{{- end -}}
+
+{{/* Egress to an in-chart component's port, or to networkPolicy.externalCIDRs when it is external. Call with (dict "component" "redis" "inChart" bool "port" 6379 "context" $). */}}
+{{- define "analytics-engine.networkPolicy.egressTo" -}}
+- to:
+    {{- if .inChart }}
+    - podSelector:
+        matchLabels:
+          {{- include "analytics-engine.selectorLabels" . | nindent 10 }}
+    {{- else }}
+    {{- range .context.Values.networkPolicy.externalCIDRs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+    {{- end }}
+  ports:
+    - {protocol: TCP, port: {{ .port }}}
+{{- end -}}
+
+{{/* Egress to Redis (every application pod). */}}
+{{- define "analytics-engine.networkPolicy.redisEgress" -}}
+{{- include "analytics-engine.networkPolicy.egressTo" (dict "component" "redis" "inChart" .Values.redis.enabled "port" (include "analytics-engine.redis.port" . | int) "context" .) -}}
+{{- end -}}
+
+{{/* Egress to the database (database and metadata services). */}}
+{{- define "analytics-engine.networkPolicy.databaseEgress" -}}
+{{- include "analytics-engine.networkPolicy.egressTo" (dict "component" "timescaledb" "inChart" .Values.timescaledb.enabled "port" (include "analytics-engine.database.port" . | int) "context" .) -}}
+{{- end -}}
+
+{{/* Egress to S3 (archival service). */}}
+{{- define "analytics-engine.networkPolicy.s3Egress" -}}
+{{- include "analytics-engine.networkPolicy.egressTo" (dict "component" "minio" "inChart" .Values.minio.enabled "port" (ternary 9000 (.Values.externalS3.port | int) .Values.minio.enabled) "context" .) -}}
+{{- end -}}
+
+{{/* Ingress from Prometheus to the http port, when monitoring is enabled. */}}
+{{- define "analytics-engine.networkPolicy.metricsIngress" -}}
+{{- if .Values.monitoring.enabled }}
+- from:
+    - namespaceSelector:
+        {{- toYaml .Values.monitoring.prometheusSelector.namespaceSelector | nindent 8 }}
+      podSelector:
+        {{- toYaml .Values.monitoring.prometheusSelector.podSelector | nindent 8 }}
+  ports:
+    - {protocol: TCP, port: http}
+{{- end }}
+{{- end -}}
+
+{{/* Ingress to a pod from the given application components. Call with (dict "from" (list "gateway") "port" "http" "context" $). */}}
+{{- define "analytics-engine.networkPolicy.ingressFrom" -}}
+- from:
+    - podSelector:
+        matchExpressions:
+          - {key: app.kubernetes.io/name, operator: In, values: [{{ include "analytics-engine.name" .context }}]}
+          - {key: app.kubernetes.io/instance, operator: In, values: [{{ .context.Release.Name | quote }}]}
+          - {key: app.kubernetes.io/component, operator: In, values: [{{ join ", " .from }}]}
+  ports:
+    - {protocol: TCP, port: {{ .port }}}
+{{- end -}}
+
+{{/*
+A component's NetworkPolicy: ingress and egress rules are given as YAML lists (strings); an
+empty string means "deny all" in that direction. Call with
+(dict "component" "gateway" "ingress" "..." "egress" "..." "context" $).
+*/}}
+{{- define "analytics-engine.networkPolicy" -}}
+{{- $ctx := .context -}}
+{{- if $ctx.Values.networkPolicy.enabled -}}
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ include "analytics-engine.componentName" . }}
+  namespace: {{ $ctx.Release.Namespace | quote }}
+  labels:
+    {{- include "analytics-engine.labels" . | nindent 4 }}
+  {{- include "analytics-engine.annotations" $ctx | nindent 2 }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "analytics-engine.selectorLabels" . | nindent 6 }}
+  policyTypes: [Ingress, Egress]
+  {{- if trim .ingress }}
+  ingress:
+    {{- .ingress | nindent 4 }}
+  {{- else }}
+  ingress: []
+  {{- end }}
+  egress:
+    {{- include "analytics-engine.networkPolicy.dnsEgress" $ctx | nindent 4 }}
+    {{- with trim .egress }}
+    {{- . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- Validation */}}
+
+{{/* Gather every configuration problem and fail once, listing them all. */}}
+{{- define "analytics-engine.validateValues" -}}
+{{- $errors := list -}}
+{{- $v := .Values -}}
+{{- if and (not $v.redis.enabled) (not $v.externalRedis.host) -}}
+{{- $errors = append $errors "redis.enabled=false needs externalRedis.host" -}}
+{{- end -}}
+{{- if and (not $v.timescaledb.enabled) (not $v.externalDatabase.host) -}}
+{{- $errors = append $errors "timescaledb.enabled=false needs externalDatabase.host" -}}
+{{- end -}}
+{{- if and (not $v.timescaledb.enabled) (not $v.externalDatabase.existingSecret) (not $v.externalDatabase.password) -}}
+{{- $errors = append $errors "timescaledb.enabled=false needs externalDatabase.existingSecret or externalDatabase.password" -}}
+{{- end -}}
+{{- if and (not $v.minio.enabled) (not $v.externalS3.endpoint) -}}
+{{- $errors = append $errors "minio.enabled=false needs externalS3.endpoint" -}}
+{{- end -}}
+{{- if and (not $v.minio.enabled) (not $v.externalS3.existingSecret) (not (and $v.externalS3.accessKeyId $v.externalS3.secretAccessKey)) -}}
+{{- $errors = append $errors "minio.enabled=false needs externalS3.existingSecret or externalS3.accessKeyId and externalS3.secretAccessKey" -}}
+{{- end -}}
+{{- if eq (toString $v.image.tag) "latest" -}}
+{{- $errors = append $errors "image.tag must not be 'latest': pin a version (or leave it empty for the chart appVersion)" -}}
+{{- end -}}
+{{- range $name := list "redis" "timescaledb" "minio" -}}
+{{- if eq (toString (index $v $name).image.tag) "latest" -}}
+{{- $errors = append $errors (printf "%s.image.tag must not be 'latest'" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.operator.clusterwide $v.operator.watchNamespaces -}}
+{{- $errors = append $errors "operator.clusterwide and operator.watchNamespaces are exclusive" -}}
+{{- end -}}
+{{- if and $v.gateway.ingress.enabled (not $v.gateway.ingress.hostname) -}}
+{{- $errors = append $errors "gateway.ingress.enabled needs gateway.ingress.hostname" -}}
+{{- end -}}
+{{- range $name := list "calculation" "database" -}}
+{{- $c := index $v $name -}}
+{{- if and $c.autoscaling.enabled (not (or $c.autoscaling.targetCPUUtilizationPercentage $c.autoscaling.targetMemoryUtilizationPercentage)) -}}
+{{- $errors = append $errors (printf "%s.autoscaling.enabled needs a CPU or memory target" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\nVALUES VALIDATION:\n  - %s" (join "\n  - " $errors)) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,659 @@
+"""Policy tests over the Helm chart's rendered manifests (`helm template`, several value sets).
+
+Each value set is rendered once per session (`rendered` fixture). Needs the `helm` binary:
+`python scripts/install_k8s_tools.py` puts it in the virtualenv; without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "charts" / "analytics-engine"
+CRD = ROOT / "k8s" / "crds" / "kpidefinitions.analyticsengine.io.yaml"
+NAMESPACE = "analytics"
+RELEASE = "ae"
+# The oldest version the chart supports (Chart.yaml kubeVersion), the kubectl we ship, the newest.
+KUBERNETES_VERSIONS = ("1.28.0", "1.33.0", "1.37.0")
+APP_COMPONENTS = (
+    "gateway",
+    "simulator",
+    "calculation",
+    "metadata",
+    "database",
+    "archival",
+    "observability",
+)
+# Custom resources the Kubernetes schemas do not know (validated otherwise, below).
+CUSTOM_KINDS = {"ServiceMonitor", "KPIDefinition"}
+
+EXTERNAL = {
+    "redis": {"enabled": False},
+    "externalRedis": {"host": "redis.example.com", "tls": True, "password": "s3cret"},
+    "timescaledb": {"enabled": False},
+    "externalDatabase": {
+        "host": "pg.example.com",
+        "password": "pw",
+        "readonlyUsername": "ro",
+        "readonlyPassword": "ropw",
+        "sslmode": "require",
+    },
+    "minio": {"enabled": False},
+    "externalS3": {
+        "endpoint": "https://s3.eu-west-1.amazonaws.com",
+        "accessKeyId": "AKIA",
+        "secretAccessKey": "x",
+    },
+}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "external": EXTERNAL,
+    "external-secrets": {
+        "redis": {"enabled": False},
+        "externalRedis": {"host": "redis.example.com", "existingSecret": "redis-creds"},
+        "timescaledb": {"enabled": False},
+        "externalDatabase": {"host": "pg.example.com", "existingSecret": "pg-creds"},
+        "minio": {"enabled": False},
+        "externalS3": {"endpoint": "https://s3.example.com", "existingSecret": "s3-creds"},
+        "gateway": {"auth": {"existingSecret": "gw-keys"}},
+    },
+    "ingress": {
+        "gateway": {"ingress": {"enabled": True, "ingressClassName": "nginx", "tls": True}},
+        "networkPolicy": {"allowExternal": False},
+    },
+    "monitoring": {"monitoring": {"enabled": True}},
+    "hpa": {
+        "calculation": {"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}},
+        "database": {"autoscaling": {"enabled": True}},
+    },
+    "operator-clusterwide": {
+        "operator": {"clusterwide": True, "peering": {"enabled": True}},
+        "samples": {"enabled": True},
+        "metadata": {"kpiDefinitions": {"count.yaml": {"code": "orders_count"}}},
+    },
+    "operator-namespaces": {"operator": {"watchNamespaces": ["team-a", "team-b"]}},
+    "minimal": {
+        "simulator": {"enabled": False},
+        "operator": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+        "redis": {"persistence": {"enabled": False}},
+    },
+}
+
+# What the operator may do (operator/RBAC.md): (apiGroup, resource) -> allowed verbs.
+RBAC_ALLOWED: dict[tuple[str, str], set[str]] = {
+    ("analyticsengine.io", "kpidefinitions"): {"get", "list", "watch", "patch"},
+    ("analyticsengine.io", "kpidefinitions/status"): {"get", "patch"},
+    ("", "events"): {"create"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
+}
+
+# Every flow between the release's pods that the architecture has, and no other:
+# (source component, destination component, destination port).
+EXPECTED_FLOWS = {
+    *(
+        ("gateway", c, p)
+        for c, p in (
+            ("simulator", 8081),
+            ("calculation", 8082),
+            ("metadata", 8083),
+            ("observability", 8086),
+        )
+    ),
+    *((c, "redis", 6379) for c in APP_COMPONENTS),
+    ("database", "timescaledb", 5432),
+    ("metadata", "timescaledb", 5432),
+    ("archival", "minio", 9000),
+    ("minio-setup", "minio", 9000),
+    ("operator", "metadata", 8083),
+}
+
+
+def helm() -> str:
+    for candidate in (Path(sys.executable).parent / "helm", shutil.which("helm")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.skip("helm is not installed: run `python scripts/install_k8s_tools.py`")
+
+
+@functools.cache
+def _render(name: str) -> list[dict[str, Any]]:
+    values = json.dumps(VALUE_SETS[name])
+    out = subprocess.run(
+        [
+            helm(),
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--include-crds",
+            "--values",
+            "/dev/stdin",
+        ],
+        input=values,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="session", params=sorted(VALUE_SETS))
+def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return _render(request.param)
+
+
+@pytest.fixture(scope="session")
+def default_objects() -> list[dict[str, Any]]:
+    return _render("default")
+
+
+# --------------------------------------------------------------------------- helpers
+
+WORKLOADS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for obj in objects:
+        if obj["kind"] in WORKLOADS:
+            spec = obj["spec"]
+            if obj["kind"] == "CronJob":
+                spec = spec["jobTemplate"]["spec"]
+            yield obj, spec["template"]
+
+
+def containers(template: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = template["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        present, value = expr["key"] in labels, labels.get(expr["key"])
+        op = expr["operator"]
+        if (op == "In" and value not in expr["values"]) or (
+            op == "NotIn" and value in expr["values"]
+        ):
+            return False
+        if (op == "Exists" and not present) or (op == "DoesNotExist" and present):
+            return False
+    return True
+
+
+def component(template: dict[str, Any]) -> str:
+    return template["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def name_of(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+# --------------------------------------------------------------------------- lint and schemas
+
+
+def test_helm_lint_strict() -> None:
+    result = subprocess.run(
+        [helm(), "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_objects_validate_against_kubernetes_schemas(version: str) -> None:
+    """Every distinct object of every value set, in strict mode (unknown fields fail)."""
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="pip install kubernetes-validate"
+    )
+    distinct = {
+        json.dumps(obj, sort_keys=True): (value_set, obj)
+        for value_set in VALUE_SETS
+        for obj in _render(value_set)
+        if obj["kind"] not in CUSTOM_KINDS
+    }
+    problems = []
+    for value_set, obj in distinct.values():
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except Exception as exc:  # ValidationError / SchemaNotFoundError: report them all
+            problems.append(f"[{value_set}] {name_of(obj)}: {exc}")
+    assert not problems, "\n".join(problems)
+
+
+def test_sample_kpidefinitions_match_the_crd_schema(rendered: list[dict[str, Any]]) -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["storage"])
+    schema = version["schema"]["openAPIV3Schema"]
+    for obj in by_kind(rendered, "KPIDefinition"):
+        assert obj["apiVersion"] == f"{crd['spec']['group']}/{version['name']}"
+        jsonschema.validate({"spec": obj["spec"]}, {**schema, "required": ["spec"]})
+
+
+def test_service_monitors_scrape_metrics() -> None:
+    monitors = by_kind(_render("monitoring"), "ServiceMonitor")
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == set(
+        APP_COMPONENTS
+    )
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["spec"]["endpoints"] == [
+            {"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}
+        ]
+
+
+# --------------------------------------------------------------------------- pod policies
+
+
+def test_every_container_has_requests_and_limits(rendered: list[dict[str, Any]]) -> None:
+    for obj, template in pod_templates(rendered):
+        for c in containers(template):
+            res = c.get("resources") or {}
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind) or {}), (
+                    f"{name_of(obj)} container {c['name']} lacks {kind}"
+                )
+
+
+def test_every_long_running_container_has_probes(rendered: list[dict[str, Any]]) -> None:
+    for obj, template in pod_templates(rendered):
+        if obj["kind"] in {"Job", "CronJob"}:
+            continue
+        for c in template["spec"]["containers"]:
+            assert c.get("livenessProbe") and c.get("readinessProbe"), f"{name_of(obj)}/{c['name']}"
+
+
+def test_application_probes_use_healthz_and_readyz(default_objects: list[dict[str, Any]]) -> None:
+    seen = set()
+    for _obj, template in pod_templates(default_objects):
+        name = component(template)
+        if name not in APP_COMPONENTS:
+            continue
+        (c,) = template["spec"]["containers"]
+        assert c["args"] == ["run", name]
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        seen.add(name)
+    assert seen == set(APP_COMPONENTS)
+
+
+def test_restricted_pod_security_profile(rendered: list[dict[str, Any]]) -> None:
+    for obj, template in pod_templates(rendered):
+        spec = template["spec"]
+        pod_sc = spec.get("securityContext") or {}
+        where = name_of(obj)
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
+        assert not any("hostPath" in v for v in spec.get("volumes", [])), where
+        for c in containers(template):
+            sc = c.get("securityContext") or {}
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("privileged", False) is False, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("capabilities", {}).get("add"), where
+            seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
+            assert seccomp.get("type") == "RuntimeDefault", where
+
+
+def test_only_the_operator_mounts_a_service_account_token(rendered: list[dict[str, Any]]) -> None:
+    for obj, template in pod_templates(rendered):
+        expected = component(template) == "operator"
+        assert template["spec"].get("automountServiceAccountToken") is expected, name_of(obj)
+    for sa in by_kind(rendered, "ServiceAccount"):
+        assert sa.get("automountServiceAccountToken") is False
+
+
+def test_operator_runs_one_replica_with_recreate(rendered: list[dict[str, Any]]) -> None:
+    for obj in by_kind(rendered, "Deployment"):
+        if component(obj["spec"]["template"]) == "operator":
+            assert obj["spec"]["strategy"] == {"type": "Recreate"}
+            assert obj["spec"]["replicas"] == 1
+
+
+def test_no_latest_or_untagged_images(rendered: list[dict[str, Any]]) -> None:
+    for _obj, template in pod_templates(rendered):
+        for c in containers(template):
+            image = c["image"]
+            assert "@sha256:" in image or re.search(r":[\w][\w.\-]*$", image.split("/")[-1]), image
+            assert not image.endswith(":latest"), image
+
+
+def test_app_image_tag_defaults_to_app_version(default_objects: list[dict[str, Any]]) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    for _obj, template in pod_templates(default_objects):
+        if component(template) in APP_COMPONENTS:
+            assert template["spec"]["containers"][0]["image"].endswith(f":{chart['appVersion']}")
+
+
+def test_no_secret_value_is_rendered_into_env_or_configmaps(rendered: list[dict[str, Any]]) -> None:
+    for _obj, template in pod_templates(rendered):
+        for c in containers(template):
+            for env in c.get("env", []):
+                value = env.get("value", "")
+                assert "PASSWORD" not in env["name"] or "value" not in env, env
+                if "://" in value and "@" in value:
+                    assert re.search(r":\$\([A-Z_]+\)@", value), f"credential literal in {env}"
+    for cm in by_kind(rendered, "ConfigMap"):
+        for key, value in (cm.get("data") or {}).items():
+            assert not re.search(r"(?i)(password|secret)\s*[:=]\s*\w", value) or key.endswith(
+                ".sh"
+            ), key
+
+
+def test_service_settings_env(default_objects: list[dict[str, Any]]) -> None:
+    env: dict[str, set[str]] = {}
+    for _obj, template in pod_templates(default_objects):
+        (c, *_) = template["spec"]["containers"]
+        env[component(template)] = {e["name"] for e in c.get("env", [])}
+    for name in APP_COMPONENTS:
+        assert {"REDIS_URL", "SERVICE_INSTANCE_ID"} <= env[name], name
+    assert {"DATABASE_URL", "DATABASE_READONLY_URL"} <= env["database"]
+    assert "DATABASE_URL" in env["metadata"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env["archival"]
+    assert "GATEWAY_API_KEYS" in env["gateway"]
+    (config,) = [
+        c
+        for c in by_kind(default_objects, "ConfigMap")
+        if c["metadata"]["name"].endswith("-config")
+    ]
+    assert {
+        "METADATA_URL",
+        "SIMULATOR_URL",
+        "CALCULATION_URL",
+        "OBSERVABILITY_URL",
+        "S3_ENDPOINT_URL",
+        "S3_BUCKET",
+    } <= set(config["data"])
+
+
+def test_external_endpoints_replace_in_chart_infrastructure() -> None:
+    objects = _render("external")
+    components = {component(t) for _o, t in pod_templates(objects)}
+    assert not components & {"redis", "timescaledb", "minio", "minio-setup"}
+    env = {
+        component(t): {e["name"]: e.get("value") for e in t["spec"]["containers"][0].get("env", [])}
+        for _o, t in pod_templates(objects)
+    }
+    assert env["gateway"]["REDIS_URL"] == "rediss://:$(REDIS_PASSWORD)@redis.example.com:6379/0"
+    assert env["database"]["DATABASE_URL"] == (
+        "postgresql://analytics:$(DATABASE_PASSWORD)@pg.example.com:5432/analytics?sslmode=require"
+    )
+    assert env["database"]["DATABASE_READONLY_URL"].startswith(
+        "postgresql://ro:$(DATABASE_READONLY_PASSWORD)@"
+    )
+
+
+# --------------------------------------------------------------------------- selectors
+
+
+def test_selectors_match_pod_labels(rendered: list[dict[str, Any]]) -> None:
+    templates = [t["metadata"]["labels"] for _o, t in pod_templates(rendered)]
+    for obj, template in pod_templates(rendered):
+        if obj["kind"] in {"Deployment", "StatefulSet"}:
+            assert selector_matches(obj["spec"]["selector"], template["metadata"]["labels"]), (
+                name_of(obj)
+            )
+            assert set(obj["spec"]["selector"]["matchLabels"]) == {
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/component",
+            }
+    for svc in by_kind(rendered, "Service"):
+        assert any(
+            selector_matches({"matchLabels": svc["spec"]["selector"]}, t) for t in templates
+        ), name_of(svc)
+    for pdb in by_kind(rendered, "PodDisruptionBudget"):
+        assert any(selector_matches(pdb["spec"]["selector"], t) for t in templates), name_of(pdb)
+    workloads = {o["metadata"]["name"] for o in by_kind(rendered, "Deployment")}
+    for hpa in by_kind(rendered, "HorizontalPodAutoscaler"):
+        assert hpa["spec"]["scaleTargetRef"]["name"] in workloads
+    for np in by_kind(rendered, "NetworkPolicy"):
+        assert any(selector_matches(np["spec"]["podSelector"], t) for t in templates), name_of(np)
+
+
+def test_hpa_replaces_replicas() -> None:
+    objects = _render("hpa")
+    scaled = {
+        h["spec"]["scaleTargetRef"]["name"] for h in by_kind(objects, "HorizontalPodAutoscaler")
+    }
+    assert scaled == {
+        f"{RELEASE}-analytics-engine-calculation",
+        f"{RELEASE}-analytics-engine-database",
+    }
+    for dep in by_kind(objects, "Deployment"):
+        assert ("replicas" in dep["spec"]) is (dep["metadata"]["name"] not in scaled)
+
+
+# --------------------------------------------------------------------------- network policies
+
+
+def _policies_for(
+    labels: dict[str, str], policies: list[dict[str, Any]], kind: str
+) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in policies
+        if kind in p["spec"].get("policyTypes", [])
+        and selector_matches(p["spec"]["podSelector"], labels)
+    ]
+
+
+def _port_allowed(rule: dict[str, Any], port: int, port_name: str) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") in (port, port_name) for p in ports)
+
+
+def _peer_allowed(rule: dict[str, Any], key: str, labels: dict[str, str]) -> bool:
+    peers = rule.get(key)
+    if peers is None:
+        return True  # no `to`/`from`: everything
+    return any(
+        "podSelector" in peer
+        and "namespaceSelector" not in peer
+        and selector_matches(peer["podSelector"], labels)
+        for peer in peers
+    )
+
+
+def allowed_flows(objects: list[dict[str, Any]]) -> set[tuple[str, str, int]]:
+    policies = by_kind(objects, "NetworkPolicy")
+    pods = [t for _o, t in pod_templates(objects)]
+    flows = set()
+    for src in pods:
+        src_labels = src["metadata"]["labels"]
+        for dst in pods:
+            dst_labels = dst["metadata"]["labels"]
+            for c in dst["spec"]["containers"]:
+                for port in c.get("ports", []):
+                    number, pname = port["containerPort"], port.get("name", "")
+                    egress = any(
+                        _port_allowed(r, number, pname) and _peer_allowed(r, "to", dst_labels)
+                        for p in _policies_for(src_labels, policies, "Egress")
+                        for r in p["spec"].get("egress", [])
+                    )
+                    ingress = any(
+                        _port_allowed(r, number, pname) and _peer_allowed(r, "from", src_labels)
+                        for p in _policies_for(dst_labels, policies, "Ingress")
+                        for r in p["spec"].get("ingress", [])
+                    )
+                    if egress and ingress:
+                        flows.add((component(src), component(dst), number))
+    return flows
+
+
+def test_network_policies_allow_exactly_the_architecture_flows(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    assert allowed_flows(default_objects) == EXPECTED_FLOWS
+
+
+def test_every_pod_is_covered_by_network_policies(rendered: list[dict[str, Any]]) -> None:
+    policies = by_kind(rendered, "NetworkPolicy")
+    if not policies:
+        assert (
+            not any(o["kind"] == "NetworkPolicy" for o in rendered)
+            and _render("minimal") is rendered
+        )  # only the set that disables them
+        return
+    deny = [p for p in policies if p["metadata"]["name"].endswith("-default-deny")]
+    assert len(deny) == 1 and "ingress" not in deny[0]["spec"] and "egress" not in deny[0]["spec"]
+    for obj, template in pod_templates(rendered):
+        labels = template["metadata"]["labels"]
+        assert selector_matches(deny[0]["spec"]["podSelector"], labels), name_of(obj)
+        own = [
+            p
+            for p in policies
+            if p is not deny[0] and selector_matches(p["spec"]["podSelector"], labels)
+        ]
+        assert own, f"{name_of(obj)} has no NetworkPolicy of its own"
+        for p in own:
+            assert set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+            # DNS is the only egress every pod gets beyond its flows.
+            assert p["spec"]["egress"][0]["ports"] == [
+                {"protocol": "UDP", "port": 53},
+                {"protocol": "TCP", "port": 53},
+            ]
+
+
+def test_gateway_ingress_restricted_to_ingress_controller() -> None:
+    (policy,) = [
+        p
+        for p in by_kind(_render("ingress"), "NetworkPolicy")
+        if p["metadata"]["name"].endswith("-gateway")
+    ]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+            "podSelector": {},
+        }
+    ]
+
+
+def test_prometheus_may_scrape_every_service_when_monitoring() -> None:
+    objects = _render("monitoring")
+    for p in by_kind(objects, "NetworkPolicy"):
+        name = p["metadata"]["labels"]["app.kubernetes.io/component"]
+        if name in APP_COMPONENTS:
+            assert any(
+                r["from"][0].get("namespaceSelector", {}).get("matchLabels")
+                == {"kubernetes.io/metadata.name": "monitoring"}
+                for r in p["spec"]["ingress"]
+            ), name
+
+
+# --------------------------------------------------------------------------- RBAC
+
+
+def test_rbac_grants_nothing_beyond_the_operator_list(rendered: list[dict[str, Any]]) -> None:
+    for role in [*by_kind(rendered, "Role"), *by_kind(rendered, "ClusterRole")]:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], name_of(role)
+            assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    allowed = RBAC_ALLOWED.get((group, resource))
+                    assert allowed is not None, f"{name_of(role)}: {group}/{resource}"
+                    assert set(rule["verbs"]) <= allowed, f"{name_of(role)}: {group}/{resource}"
+    bindings = [*by_kind(rendered, "RoleBinding"), *by_kind(rendered, "ClusterRoleBinding")]
+    for binding in bindings:
+        assert [s["kind"] for s in binding["subjects"]] == ["ServiceAccount"]
+        assert binding["subjects"][0]["name"] == f"{RELEASE}-analytics-engine-operator"
+
+
+def test_rbac_scopes() -> None:
+    default = _render("default")
+    (cluster_role,) = by_kind(default, "ClusterRole")
+    assert [r["resources"] for r in cluster_role["rules"]] == [["customresourcedefinitions"]]
+    assert [r["metadata"]["namespace"] for r in by_kind(default, "Role")] == [NAMESPACE]
+    namespaces = _render("operator-namespaces")
+    assert sorted(r["metadata"]["namespace"] for r in by_kind(namespaces, "RoleBinding")) == [
+        "team-a",
+        "team-b",
+    ]
+    clusterwide = _render("operator-clusterwide")
+    assert not by_kind(clusterwide, "Role")
+    (cluster_role,) = by_kind(clusterwide, "ClusterRole")
+    resources = {res for r in cluster_role["rules"] for res in r["resources"]}
+    assert {"namespaces", "kpidefinitions", "clusterkopfpeerings"} <= resources
+    (operator,) = [
+        d for d in by_kind(clusterwide, "Deployment") if d["metadata"]["name"].endswith("-operator")
+    ]
+    env = {
+        e["name"]: e.get("value")
+        for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert "OPERATOR_NAMESPACES" not in env and env["OPERATOR_PEERING_NAME"] == "analytics-engine"
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_validate_values_reports_every_problem_at_once() -> None:
+    values = {"redis": {"enabled": False}, "minio": {"enabled": False}, "image": {"tag": "latest"}}
+    result = subprocess.run(
+        [helm(), "template", RELEASE, str(CHART), "--values", "/dev/stdin"],
+        input=json.dumps(values),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    for needle in ("externalRedis.host", "externalS3.endpoint", "image.tag must not be 'latest'"):
+        assert needle in result.stderr
+
+
+def test_schema_rejects_unknown_values() -> None:
+    result = subprocess.run(
+        [helm(), "template", RELEASE, str(CHART), "--set", "gateway.replicas=2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0 and "replicas" in result.stderr
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def _run_script(name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_chart_crds_and_samples_match_k8s() -> None:
+    result = _run_script("sync_crds.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_k8s_base_schema_and_readme_match_the_chart() -> None:
+    helm()
+    result = _run_script("render_k8s.py")
+    assert result.returncode == 0, result.stdout + result.stderr
