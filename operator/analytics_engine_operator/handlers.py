@@ -1,0 +1,303 @@
+"""kopf handlers that keep the metadata service in line with the KPIDefinition CRs.
+
+`build_registry(settings)` registers everything on an explicit `kopf.OperatorRegistry`; the
+handlers are closures over one `_Runtime` (settings + the metadata client), so there is no
+module-level state and several operators (e.g. tests) can coexist in one process.
+
+* create/update/resume -> PUT the spec (idempotent, so a resume is free when nothing changed).
+* delete               -> DELETE the code; 404 means "already gone" and releases the finalizer.
+* timer (resync)       -> PUT again every OPERATOR_RESYNC_INTERVAL, healing drift such as a
+                          restored metadata database; the status is only patched on change.
+
+Errors: a rejected spec is a `kopf.PermanentError` (no retry until the spec changes) with
+`Synced=False/Invalid`; an unreachable service is a `kopf.TemporaryError` with exponential
+backoff and `Synced=False/Unavailable`. Status is written through kopf's patch, which kopf
+applies even when the handler raises, so the status is truthful in both cases.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from analytics_engine_operator import status as status_mod
+from analytics_engine_operator.kpidefinition import (
+    ANNOTATIONS_PREFIX,
+    FINALIZER,
+    GROUP,
+    PLURAL,
+    VERSION,
+    SpecError,
+    code_of,
+    definition_from_spec,
+)
+from analytics_engine_operator.metadata_client import (
+    MetadataClient,
+    MetadataInvalid,
+    MetadataUnavailable,
+)
+from analytics_engine_operator.settings import KpiOperatorSettings
+
+SYNC_HANDLER_ID = "sync"
+DELETE_HANDLER_ID = "remove"
+RESYNC_HANDLER_ID = "resync"
+
+
+def _now() -> datetime:
+    return datetime.now(tz=UTC)
+
+
+@dataclass
+class _Runtime:
+    """What the handlers share: settings and the metadata client (opened at startup)."""
+
+    settings: KpiOperatorSettings
+    client: MetadataClient | None = field(default=None)
+
+    def metadata(self) -> MetadataClient:
+        if self.client is None:
+            raise kopf.TemporaryError("metadata client not started yet", delay=1)
+        return self.client
+
+    async def start(self) -> None:
+        if self.client is None:
+            client = MetadataClient(self.settings.metadata_url, self.settings.request_timeout_s)
+            self.client = await client.__aenter__()
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    """Result of pushing one spec: the status to write and the error to raise, if any."""
+
+    status_patch: dict[str, Any]
+    error: MetadataInvalid | MetadataUnavailable | None = None
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: KpiOperatorSettings) -> None:
+    """Apply our settings to kopf's (idempotent; used at startup in every way of running)."""
+    kopf_settings.persistence.finalizer = FINALIZER
+    # Handler progress goes to `status.kopf` (the CRD preserves unknown fields there) and the
+    # last-handled spec to one annotation under our own prefix, not kopf.zalando.org.
+    kopf_settings.persistence.progress_storage = kopf.StatusProgressStorage(name="kopf")
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATIONS_PREFIX, key="last-handled-configuration"
+    )
+    kopf_settings.watching.server_timeout = settings.watch_server_timeout_s
+    kopf_settings.watching.client_timeout = settings.watch_server_timeout_s + 30
+    kopf_settings.posting.level = logging.INFO
+    if settings.peering_name:
+        kopf_settings.peering.name = settings.peering_name
+        kopf_settings.peering.standalone = False
+    else:
+        kopf_settings.peering.standalone = True
+
+
+async def push_spec(
+    client: MetadataClient,
+    spec: Mapping[str, Any],
+    *,
+    generation: int | None,
+    current_status: Mapping[str, Any] | None,
+    now: datetime,
+) -> SyncOutcome:
+    """PUT the spec into the metadata service and describe the outcome as a status patch."""
+    try:
+        code = code_of(spec)
+    except SpecError as exc:
+        error = MetadataInvalid(str(exc))
+        return SyncOutcome(_failed(current_status, error, generation, now), error)
+    try:
+        stored = await client.put_definition(code, definition_from_spec(spec))
+    except (MetadataInvalid, MetadataUnavailable) as exc:
+        return SyncOutcome(_failed(current_status, exc, generation, now), exc)
+    patch = status_mod.synced_status(
+        current_status, version=stored.version, generation=generation, now=now, code=code
+    )
+    return SyncOutcome(patch)
+
+
+def _failed(
+    current_status: Mapping[str, Any] | None,
+    error: MetadataInvalid | MetadataUnavailable,
+    generation: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    if isinstance(error, MetadataInvalid):
+        reason, message = status_mod.Reason.INVALID, error.describe()
+    else:
+        reason, message = status_mod.Reason.UNAVAILABLE, str(error)
+    return status_mod.failed_status(
+        current_status, reason=reason, message=message, generation=generation, now=now
+    )
+
+
+def _raise_for(outcome: SyncOutcome, settings: KpiOperatorSettings, retry: int) -> None:
+    if isinstance(outcome.error, MetadataInvalid):
+        raise kopf.PermanentError(outcome.error.describe())
+    if isinstance(outcome.error, MetadataUnavailable):
+        raise kopf.TemporaryError(str(outcome.error), delay=settings.backoff_for(retry))
+
+
+def _announce(body: kopf.Body, previous: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+    """Post a Kubernetes Event (`kubectl describe kpi ...`) when the sync state changes."""
+    event = status_mod.event_for(previous, patch)
+    if event is not None:
+        kind, reason, message = event
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+
+def _generation(meta: Mapping[str, Any]) -> int | None:
+    generation = meta.get("generation")
+    return generation if isinstance(generation, int) else None
+
+
+def build_registry(
+    settings: KpiOperatorSettings, registry: kopf.OperatorRegistry | None = None
+) -> kopf.OperatorRegistry:
+    """Register the operator's handlers on `registry` (a new one by default) and return it."""
+    registry = registry if registry is not None else kopf.OperatorRegistry()
+    runtime = _Runtime(settings)
+    resource = (GROUP, VERSION, PLURAL)
+    backoff = settings.retry_backoff_s
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """In-cluster service account first, then KUBECONFIG / ~/.kube/config."""
+        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+        return info if info is not None else kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry, id="startup")
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, runtime.settings)
+        await runtime.start()
+
+    @kopf.on.cleanup(registry=registry, id="cleanup")
+    async def cleanup(**_: Any) -> None:
+        await runtime.stop()
+
+    @kopf.on.resume(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff)
+    @kopf.on.create(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff)
+    @kopf.on.update(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff, field="spec")
+    async def sync(
+        *,
+        body: kopf.Body,
+        spec: kopf.Spec,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        retry: int,
+        old: Any,
+        logger: kopf.Logger,
+        **_: Any,
+    ) -> None:
+        outcome = await push_spec(
+            runtime.metadata(),
+            spec,
+            generation=_generation(meta),
+            current_status=status,
+            now=_now(),
+        )
+        patch.status.update(outcome.status_patch)
+        _announce(body, status, outcome.status_patch)
+        _raise_for(outcome, runtime.settings, retry)
+        await _forget_renamed_code(runtime.metadata(), spec, old, logger)
+        logger.info("KPI %s synced: %s", spec.get("code"), outcome.status_patch.get("phase"))
+
+    @kopf.on.delete(*resource, registry=registry, id=DELETE_HANDLER_ID, backoff=backoff)
+    async def remove(
+        *,
+        spec: kopf.Spec,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        retry: int,
+        logger: kopf.Logger,
+        **_: Any,
+    ) -> None:
+        try:
+            code = code_of(spec)
+        except SpecError:
+            logger.info("No valid spec.code: nothing can be stored, releasing the finalizer")
+            return
+        try:
+            existed = await runtime.metadata().delete_definition(code)
+        except MetadataUnavailable as exc:
+            patch.status.update(
+                status_mod.failed_status(
+                    status,
+                    reason=status_mod.Reason.UNAVAILABLE,
+                    message=f"cannot delete KPI {code}: {exc}",
+                    generation=_generation(meta),
+                    now=_now(),
+                )
+            )
+            raise kopf.TemporaryError(str(exc), delay=runtime.settings.backoff_for(retry)) from exc
+        if existed:
+            logger.info("KPI %s deleted from the metadata service", code)
+        else:
+            logger.info("KPI %s was already absent from the metadata service", code)
+
+    @kopf.timer(
+        *resource,
+        registry=registry,
+        id=RESYNC_HANDLER_ID,
+        interval=settings.resync_interval_s,
+        initial_delay=settings.resync_interval_s,
+    )
+    async def resync(
+        *,
+        body: kopf.Body,
+        spec: kopf.Spec,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        logger: kopf.Logger,
+        **_: Any,
+    ) -> None:
+        """Re-assert the spec; errors are only reported (the next tick retries)."""
+        outcome = await push_spec(
+            runtime.metadata(),
+            spec,
+            generation=_generation(meta),
+            current_status=status,
+            now=_now(),
+        )
+        changes = status_mod.status_changes(status, outcome.status_patch)
+        if changes:
+            patch.status.update(changes)
+            _announce(body, status, changes)
+        if outcome.error is not None:
+            logger.warning("Resync of KPI %s failed: %s", spec.get("code"), outcome.error)
+
+    return registry
+
+
+async def _forget_renamed_code(
+    client: MetadataClient, spec: Mapping[str, Any], old: Any, logger: kopf.Logger
+) -> None:
+    """Delete the previous code if `spec.code` changed (the CRD forbids it; be safe anyway)."""
+    old_spec = old.get("spec") if isinstance(old, Mapping) else None
+    if not isinstance(old_spec, Mapping):
+        old_spec = old if isinstance(old, Mapping) else None
+    if old_spec is None:
+        return
+    try:
+        old_code, new_code = code_of(old_spec), code_of(spec)
+    except SpecError:
+        return
+    if old_code != new_code:
+        try:
+            await client.delete_definition(old_code)
+        except MetadataUnavailable as exc:
+            raise kopf.TemporaryError(f"cannot delete renamed KPI {old_code}: {exc}") from exc
+        logger.info("KPI code changed %s -> %s: deleted %s", old_code, new_code, old_code)

@@ -1,0 +1,103 @@
+"""Operator settings from environment variables (pydantic-settings).
+
+`METADATA_URL` and `OPERATOR_PORT` are part of the product interface (docs/architecture.md);
+the other `OPERATOR_*` variables tune the operator. Everything the operator does is driven by
+one frozen instance of `KpiOperatorSettings`, so tests build it explicitly instead of patching
+the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class KpiOperatorSettings(BaseSettings):
+    """Settings of the KPIDefinition operator (`analytics-engine run operator`)."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", validation_alias="LOG_LEVEL"
+    )
+    metadata_url: str = Field(
+        default="http://localhost:8083",
+        validation_alias="METADATA_URL",
+        pattern=r"^https?://",
+        description="Base URL of the metadata service's HTTP API.",
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias="OPERATOR_REQUEST_TIMEOUT",
+        description="Total timeout of one metadata-service request; a timeout counts as "
+        "'metadata unavailable' (retried), never as 'invalid'.",
+    )
+    resync_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias="OPERATOR_RESYNC_INTERVAL",
+        description="How often every KPIDefinition is re-asserted into the metadata service, so "
+        "drift (e.g. metadata's database restored from a backup) heals without a CR change.",
+    )
+    retry_backoff_s: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias="OPERATOR_RETRY_BACKOFF",
+        description="First retry delay while the metadata service is unavailable; doubles per "
+        "attempt up to OPERATOR_RETRY_BACKOFF_MAX.",
+    )
+    retry_backoff_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias="OPERATOR_RETRY_BACKOFF_MAX",
+    )
+    port: int = Field(
+        default=8087,
+        ge=1,
+        le=65535,
+        validation_alias="OPERATOR_PORT",
+        description="Port of the liveness endpoint `GET /healthz`.",
+    )
+    liveness_host: str = Field(
+        default="0.0.0.0",
+        validation_alias="OPERATOR_LIVENESS_HOST",
+        description="Interface the liveness endpoint binds to.",
+    )
+    namespaces: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        validation_alias="OPERATOR_NAMESPACES",
+        description="Comma-separated namespaces (kopf patterns allowed) to serve; empty means "
+        "all namespaces (cluster-wide).",
+    )
+    peering_name: str | None = Field(
+        default=None,
+        validation_alias="OPERATOR_PEERING_NAME",
+        description="kopf peering object for running several replicas (needs kopf's peering "
+        "CRDs and RBAC); unset means standalone, which is correct for the single replica the "
+        "chart deploys.",
+    )
+    watch_server_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias="OPERATOR_WATCH_TIMEOUT",
+        description="Server-side timeout of each Kubernetes watch request; the watch is then "
+        "re-established. Bounded so a silently dead connection cannot stall the operator.",
+    )
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split_namespaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    def backoff_for(self, retry: int) -> float:
+        """Delay before retry number `retry` (0-based): exponential, capped."""
+        return float(min(self.retry_backoff_s * (2 ** min(retry, 30)), self.retry_backoff_max_s))

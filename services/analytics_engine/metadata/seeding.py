@@ -1,0 +1,120 @@
+"""What the service puts in an empty store: the built-in entity types, and the KPI definitions
+of `KPI_DEFINITIONS_DIR` (plain YAML or Kubernetes `KPIDefinition` resources).
+
+Both are idempotent: an entity type is only created when no live one has that name (an edited
+built-in is left alone), and a KPI whose stored spec is identical keeps its version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from analytics_engine.kpi.definitions import EntityTypeDefinition, KPIDefinition
+from analytics_engine.kpi.loader import DefinitionLoadError, load_definitions_file
+from analytics_engine.metadata.errors import Conflict, Invalid
+
+if TYPE_CHECKING:
+    from analytics_engine.metadata.store import MetadataStore
+
+log = logging.getLogger(__name__)
+
+BUILTIN_ENTITY_TYPES: Final = (
+    EntityTypeDefinition(
+        entity_type="order",
+        description="A customer order",
+        attributes={
+            "amount": "number",
+            "currency": "string",
+            "region": "string",
+            "status": "string",
+            "customer_id": "string",
+            "items": "integer",
+        },
+    ),
+    EntityTypeDefinition(
+        entity_type="sensor",
+        description="An IoT sensor reading",
+        attributes={
+            "sensor_id": "string",
+            "site": "string",
+            "temperature": "number",
+            "humidity": "number",
+            "battery": "number",
+            "status": "string",
+        },
+    ),
+)
+
+
+@dataclass
+class SeedReport:
+    entity_types_created: list[str] = field(default_factory=list)
+    kpis_created: list[str] = field(default_factory=list)
+    kpis_updated: list[str] = field(default_factory=list)
+    kpis_unchanged: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def definition_files(directory: Path) -> list[Path]:
+    """The `*.yaml` / `*.yml` files directly in `directory`, by name."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def load_directory(directory: Path, report: SeedReport) -> list[KPIDefinition]:
+    """Definitions of every valid file; invalid files and duplicate codes are reported and
+    skipped, so one bad file does not keep the good ones out."""
+    if not directory.is_dir():
+        report.errors.append(f"{directory}: not a directory")
+        return []
+    found: dict[str, tuple[Path, KPIDefinition]] = {}
+    for path in definition_files(directory):
+        try:
+            definitions = load_definitions_file(path)
+        except DefinitionLoadError as exc:
+            report.errors.append(str(exc))
+            continue
+        for definition in definitions:
+            if definition.code in found:
+                report.errors.append(
+                    f"{path}: KPI {definition.code!r} is already defined in "
+                    f"{found[definition.code][0]}; ignored"
+                )
+                continue
+            found[definition.code] = (path, definition)
+    return [definition for _, definition in found.values()]
+
+
+async def seed(store: MetadataStore, kpi_dir: Path | None) -> SeedReport:
+    """Create missing built-in entity types, then upsert the directory's KPI definitions."""
+    report = SeedReport()
+    for entity in BUILTIN_ENTITY_TYPES:
+        if await store.ensure_entity_type(entity):
+            report.entity_types_created.append(entity.entity_type)
+    if kpi_dir is not None:
+        for kpi in load_directory(kpi_dir, report):
+            try:
+                result = await store.put_kpi(kpi)
+            except (Invalid, Conflict) as exc:
+                report.errors.append(f"{kpi_dir}: KPI {kpi.code!r}: {exc}")
+                continue
+            if result.created:
+                report.kpis_created.append(kpi.code)
+            elif result.changed:
+                report.kpis_updated.append(kpi.code)
+            else:
+                report.kpis_unchanged.append(kpi.code)
+    for error in report.errors:
+        log.error("KPI definition not loaded", extra={"error": error[:2000]})
+    log.info(
+        "metadata seeded",
+        extra={
+            "entity_types_created": report.entity_types_created,
+            "kpis_created": report.kpis_created,
+            "kpis_updated": report.kpis_updated,
+            "kpis_unchanged": len(report.kpis_unchanged),
+        },
+    )
+    return report
