@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import aiohttp
 
+from analytics_engine.cli import SERVICES
+from analytics_engine.core.acl import SERVICE_ACCESS, acl_file
 from analytics_engine.localstack.ports import free_ports
 from analytics_engine.localstack.servers import LocalInfra
 from analytics_engine.localstack.supervisor import ProcessSpec, Supervisor, service_argv
@@ -115,13 +118,20 @@ def service_env(
     }
 
 
-def write_env_file(path: Path, connections: dict[str, str]) -> None:
-    """`.run/stack.env` for `analytics-engine verify` and other tools (owner-only: secrets)."""
+def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
-        for key, value in connections.items():
-            out.write(f"{key}={value}\n")
+        out.write(text)
+
+
+def write_env_file(path: Path, connections: dict[str, str]) -> None:
+    """`.run/stack.env` for `analytics-engine verify` and other tools (owner-only: secrets)."""
+    _write_private(path, "".join(f"{key}={value}\n" for key, value in connections.items()))
+
+
+def redis_url_for(port: int, user: str, passwords: dict[str, str]) -> str:
+    return f"redis://{user}:{passwords[user]}@127.0.0.1:{port}/0"
 
 
 async def wait_ready(ports: dict[str, int], timeout: float = 90.0) -> dict[str, bool]:
@@ -139,7 +149,13 @@ async def wait_ready(ports: dict[str, int], timeout: float = 90.0) -> dict[str, 
     return ready
 
 
-async def serve(args: argparse.Namespace, connections: dict[str, str], data_dir: Path) -> None:
+async def serve(
+    args: argparse.Namespace,
+    connections: dict[str, str],
+    data_dir: Path,
+    *,
+    redis_urls: dict[str, str] | None = None,
+) -> None:
     only = tuple(s for s in (args.only.split(",") if args.only else LOCAL_SERVICES) if s)
     unknown = set(only) - set(LOCAL_SERVICES)
     if unknown:
@@ -148,6 +164,9 @@ async def serve(args: argparse.Namespace, connections: dict[str, str], data_dir:
     kpi_dir = Path(args.kpi_dir) if args.kpi_dir else repo_root() / "k8s" / "samples"
     ports = service_ports(services, args.gateway_port)
     envs = service_env(connections, ports, kpi_dir=kpi_dir, rate=args.rate)
+    for name, url in (redis_urls or {}).items():
+        if name in envs:
+            envs[name]["REDIS_URL"] = url  # each service its own ACL user
     supervisor = Supervisor(pid_dir=data_dir / "pids")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -187,17 +206,27 @@ def run_up(args: argparse.Namespace) -> int:
         write_env_file(data_dir / "stack.env", connections)
         asyncio.run(serve(args, connections, data_dir))
         return 0
-    infra = LocalInfra(data_dir)
+    passwords = {user: secrets.token_urlsafe(24) for user in SERVICE_ACCESS}
+    admin_password = secrets.token_urlsafe(24)
+    acl_path = data_dir / "redis-users.acl"
+    _write_private(acl_path, acl_file(passwords, admin_password=admin_password))
+    infra = LocalInfra(data_dir, redis_acl_file=acl_path)
     print(f"starting Redis, PostgreSQL and S3 under {data_dir} ...", flush=True)
     infra.start()
     try:
         connections = infra.env()
         connections.update(prepare_database(infra))
+        redis_urls = {
+            name: redis_url_for(infra.redis.port, SERVICES[name].source, passwords)
+            for name in LOCAL_SERVICES
+        }
+        # Tools such as `analytics-engine verify` get the least-privileged `cli` user.
+        connections["REDIS_URL"] = redis_url_for(infra.redis.port, "cli", passwords)
         write_env_file(data_dir / "stack.env", connections)
         print(f"  redis     127.0.0.1:{infra.redis.port}")
         print(f"  postgres  127.0.0.1:{infra.postgres.port}")
         print(f"  s3        {infra.s3.endpoint_url} (bucket {infra.bucket})", flush=True)
-        asyncio.run(serve(args, connections, data_dir))
+        asyncio.run(serve(args, connections, data_dir, redis_urls=redis_urls))
     except KeyboardInterrupt:
         pass
     finally:
@@ -208,11 +237,9 @@ def run_up(args: argparse.Namespace) -> int:
 
 def prepare_database(infra: LocalInfra) -> dict[str, str]:
     """Roles for least privilege: the read-only role `execute_query` runs as."""
-    try:
-        from analytics_engine.database.roles import ensure_readonly_role
-    except ImportError:
-        return {}
-    return {"DATABASE_READONLY_URL": ensure_readonly_role(infra.postgres)}
+    from analytics_engine.database.roles import ensure_reader_role
+
+    return {"DATABASE_READONLY_URL": asyncio.run(ensure_reader_role(infra.postgres.dsn))}
 
 
 if __name__ == "__main__":

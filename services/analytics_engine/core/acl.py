@@ -1,0 +1,165 @@
+"""Least-privilege Redis ACL users, one per service, derived from the channel table.
+
+Redis 7 ACLs restrict commands, keys and pub/sub channels. Pub/sub permissions cannot tell
+PUBLISH from SUBSCRIBE, so a service is granted exactly the channels it publishes or reads.
+Streams are finer: a selector grants XADD only on the streams a service produces (and its
+dead-letter streams), while the stream-reading commands apply only to the streams it consumes.
+So the simulator's credentials can append to `simulation.*` but cannot publish a KPI result, and
+the calculation engine can read entity events but cannot forge them.
+
+Pure: this module builds ACL lines; the local stack writes them to an ACL file and the Helm
+chart renders the same file from values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from analytics_engine.core import channels as ch
+
+REPLY_PATTERN = "reply.*"
+
+
+@dataclass(frozen=True)
+class ServiceAccess:
+    """What one service does on the bus."""
+
+    publishes: tuple[str, ...] = ()  # event channels (patterns allowed)
+    consumes: tuple[str, ...] = ()  # durable channels read through a consumer group
+    listens: tuple[str, ...] = ()  # live pub/sub channels or patterns
+    serves: tuple[str, ...] = ()  # request channels it answers
+    requests: tuple[str, ...] = ()  # request channels it calls
+    state_keys: tuple[str, ...] = ()  # private key patterns, e.g. its checkpoint
+    reads_all_streams: bool = False  # observability: lengths of every stream and dead-letter stream
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+ENTITY = (ch.ENTITY_CREATED, ch.ENTITY_UPDATED, ch.ENTITY_DEACTIVATED)
+STREAM_CONTROL = (ch.STREAM_SUBSCRIBE, ch.STREAM_UNSUBSCRIBE, ch.STREAM_HEARTBEAT)
+REPLAY = "stream.replay.*"
+
+SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
+    "data_simulator": ServiceAccess(
+        publishes=(*ENTITY, ch.SIMULATION_TICK),
+        requests=(ch.METADATA_LOOKUP,),
+    ),
+    "database_service": ServiceAccess(
+        consumes=(*ENTITY, ch.KPI_CALCULATED, ch.ARCHIVAL_CONFIRMED, *STREAM_CONTROL),
+        publishes=(ch.ARCHIVE_KPI_RESULTS, ch.ARCHIVAL_EVENTS, REPLAY),
+        serves=(ch.DATABASE_QUERY, ch.DATABASE_COMMAND),
+        state_keys=(f"{ch.KEY_PREFIX}database:*",),
+    ),
+    "calculation_engine": ServiceAccess(
+        consumes=(ch.ENTITY_CREATED, ch.ENTITY_UPDATED, ch.METADATA_CHANGED, REPLAY),
+        publishes=(ch.KPI_CALCULATED, f"{ch.KPI_CALCULATED_PREFIX}*", *STREAM_CONTROL),
+        requests=(ch.DATABASE_QUERY, ch.DATABASE_COMMAND, ch.METADATA_LOOKUP),
+        state_keys=(f"{ch.KEY_PREFIX}calc:*",),
+    ),
+    "archival_service": ServiceAccess(
+        consumes=(ch.ARCHIVE_KPI_RESULTS, ch.ARCHIVAL_EVENTS),
+        publishes=(ch.ARCHIVAL_CONFIRMED,),
+        state_keys=(f"{ch.KEY_PREFIX}archival:*",),
+    ),
+    "metadata_service": ServiceAccess(
+        publishes=(ch.METADATA_CHANGED,),
+        serves=(ch.METADATA_LOOKUP,),
+        requests=(ch.METADATA_LOOKUP,),
+    ),
+    "observability_service": ServiceAccess(
+        consumes=(ch.SIMULATION_TICK,),
+        listens=(ch.SERVICE_HEARTBEAT, f"{ch.KPI_CALCULATED_PREFIX}*"),
+        reads_all_streams=True,
+    ),
+    "api_gateway": ServiceAccess(
+        listens=(f"{ch.KPI_CALCULATED_PREFIX}*",),
+        requests=(ch.DATABASE_QUERY, ch.METADATA_LOOKUP),
+    ),
+    # `analytics-engine verify` and other operator tooling: definitions and read queries only.
+    "cli": ServiceAccess(requests=(ch.DATABASE_QUERY, ch.METADATA_LOOKUP)),
+}
+
+# Commands every service needs: connection upkeep, transactions, pub/sub.
+BASE_COMMANDS = (
+    "+ping",
+    "+echo",
+    "+select",
+    "+client|setname",
+    "+client|id",
+    "+multi",
+    "+exec",
+    "+discard",
+    "+publish",
+    "+subscribe",
+    "+psubscribe",
+    "+unsubscribe",
+    "+punsubscribe",
+)
+# Reading a stream through a consumer group (all of these write the group's state).
+CONSUMER_COMMANDS = (
+    "+xreadgroup",
+    "+xack",
+    "+xautoclaim",
+    "+xclaim",
+    "+xgroup|create",
+    "+xpending",
+    "+xinfo|groups",
+    "+xinfo|stream",
+    "+xlen",
+    "+xrange",
+)
+# Request claims and private state.
+STATE_COMMANDS = ("+set", "+get", "+del", "+exists", "+pexpire", "+expire", "+@hash")
+
+
+def _stream_keys(patterns: Iterable[str]) -> list[str]:
+    return [ch.stream_key(p) for p in patterns]
+
+
+def acl_rules(service: str, access: ServiceAccess) -> list[str]:
+    """ACL rules (after `user NAME on >password`) for one service."""
+    durable_published = [p for p in access.publishes if ch.channel_spec(p.rstrip("*")).durable]
+    channels = sorted(
+        {
+            *access.publishes,
+            *access.consumes,
+            *access.listens,
+            *access.serves,
+            *access.requests,
+            ch.SERVICE_HEARTBEAT,
+            f"reply.{service}.*",
+            *((REPLY_PATTERN,) if access.serves else ()),
+        }
+    )
+    rules = ["resetkeys", "resetchannels", "-@all", *BASE_COMMANDS, *STATE_COMMANDS]
+    rules += [f"&{c}" for c in channels]
+    # Claims of request/reply: callers abandon, responders claim.
+    if access.serves or access.requests:
+        rules.append(f"~{ch.request_claim_key('*')}")
+    rules += [f"~{k}" for k in access.state_keys]
+    if access.consumes:
+        rules += CONSUMER_COMMANDS
+        rules += [f"~{k}" for k in _stream_keys(access.consumes)]
+    if access.reads_all_streams:
+        rules += ["+scan", "+xlen", "+xinfo|stream", "+xinfo|groups"]
+        rules += [f"%R~{ch.stream_key('*')}", f"%R~{ch.dead_letter_key('*')}"]
+    dead_letters = [ch.dead_letter_key(c) for c in (*access.consumes, *access.serves)]
+    appendable = _stream_keys(durable_published) + dead_letters
+    if appendable:
+        selector = " ".join(["+xadd", *(f"%W~{k}" for k in appendable)])
+        rules.append(f"({selector})")
+    return rules
+
+
+def acl_file(passwords: Mapping[str, str], *, admin_password: str) -> str:
+    """An ACL file: the default user off, an `admin` user for operators and tests, one user per
+    service with the password given for it."""
+    lines = [
+        "user default off",
+        f"user admin on >{admin_password} ~* &* +@all",
+    ]
+    for service, access in SERVICE_ACCESS.items():
+        if service in passwords:
+            rules = " ".join(acl_rules(service, access))
+            lines.append(f"user {service} on >{passwords[service]} {rules}")
+    return "\n".join(lines) + "\n"

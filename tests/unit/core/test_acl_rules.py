@@ -1,0 +1,41 @@
+"""The ACL table covers every service and every documented channel."""
+
+from __future__ import annotations
+
+from analytics_engine.core import channels
+from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
+from analytics_engine.core.payloads import EVENT_PAYLOADS
+
+
+def test_every_event_channel_has_a_publisher_and_durable_ones_a_consumer() -> None:
+    published = {c for a in SERVICE_ACCESS.values() for c in a.publishes}
+    consumed = {c for a in SERVICE_ACCESS.values() for c in (*a.consumes, *a.listens)}
+    for channel in EVENT_PAYLOADS:
+        name = channel.replace("{kpi_code}", "*")
+        if channel == channels.SERVICE_HEARTBEAT:
+            continue  # every service publishes heartbeats
+        assert name in published, f"nobody may publish {channel}"
+        assert name in consumed, f"nobody may read {channel}"
+
+
+def test_request_channels_have_a_responder_and_a_caller() -> None:
+    for channel in channels.REQUEST_CHANNELS:
+        assert any(channel in a.serves for a in SERVICE_ACCESS.values())
+        assert any(channel in a.requests for a in SERVICE_ACCESS.values())
+
+
+def test_xadd_is_confined_to_produced_streams_and_dead_letters() -> None:
+    rules = acl_rules("data_simulator", SERVICE_ACCESS["data_simulator"])
+    [selector] = [r for r in rules if r.startswith("(")]
+    assert "+xadd" in selector
+    assert f"%W~{channels.stream_key(channels.ENTITY_CREATED)}" in selector
+    assert channels.stream_key(channels.KPI_CALCULATED) not in " ".join(rules)
+    assert "+xadd" not in [r for r in rules if not r.startswith("(")]
+
+
+def test_acl_file_disables_the_default_user_and_never_grants_all_to_services() -> None:
+    text = acl_file({s: "pw" for s in SERVICE_ACCESS}, admin_password="admin")
+    lines = text.splitlines()
+    assert lines[0] == "user default off"
+    for line in lines[2:]:
+        assert "+@all" not in line and " ~* " not in line and "&*" not in line
