@@ -1,0 +1,1 @@
+"""Archival Service: the Parquet lakehouse on S3 (KPI results and expired entity events)."""

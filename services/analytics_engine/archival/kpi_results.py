@@ -1,0 +1,373 @@
+"""Archive `archive.kpi_results` to `kpi_results/kpi_code=<c>/date=<d>/<batch>.parquet`,
+each result at most once, although the bus delivers at least once.
+
+Why a protocol is needed: results arrive one per event and are written in batches, so a file
+cannot have a name derived from its content, and a result can be delivered twice (a crash
+between the PUT and the XACK re-delivers the whole batch; the database may forward a rare
+duplicate). Redis keeps two records next to the stream:
+
+* the *ledger*: per partition `(kpi_code, date)`, a hash of the fingerprints of the results
+  already in the lake (`ae:archival:seen:{code}:{date}`, expiring `ARCHIVAL_DEDUP_TTL` after its
+  last write). A fingerprint is the result key `(kpi_code, window_start, window_end,
+  dimensions)` plus its value, sample count and definition version (`layout.result_fingerprint`).
+* *intents*: `ae:archival:intents`, batch name -> the object keys a flush is about to write.
+
+A flush (batch full: `ARCHIVAL_BATCH_ROWS`; or its oldest result waited
+`ARCHIVAL_FLUSH_INTERVAL`) then does:
+
+1. if the batch holds re-delivered entries (or an earlier flush of ours failed half-way),
+   *resolve* intents first (see below), so whatever an interrupted flush wrote is in the ledger;
+2. drop results whose fingerprint is in the ledger, or repeated within the batch;
+3. write the intent (batch name, object keys), then PUT one Parquet file per partition;
+4. in ONE MULTI/EXEC: add the fingerprints to the ledger, XACK every entry of the batch
+   (dropped duplicates included) and delete the intent (`DurableConsumer.ack(..., also=...)`).
+
+Resolving an intent: for each object it names, if the object exists, read it back and add its
+fingerprints to the ledger; then delete the intent. Either the PUT landed (its rows are now known,
+re-delivered copies are dropped at step 2) or it did not (the re-delivered entries are written
+again). Because step 4 is atomic, a crash anywhere leaves one of: nothing written (entries
+pending, intent maybe present: resolved to nothing), objects written but unacknowledged (intent
+present: resolved into the ledger), or everything committed. On start the service resolves its
+own intents and those older than `BUS_CLAIM_IDLE_MS` (their owner is gone), before consuming.
+
+While results wait in the buffer (and while S3 is down), their stream entries are kept "fresh"
+with `XCLAIM ... JUSTID` (which does not count a delivery), so the bus neither re-delivers them
+nor dead-letters them after `BUS_MAX_DELIVERIES`, nor hands them to a peer replica. When the
+buffer is full and S3 is down the handler raises `TransientError`: consumption pauses (bounded
+memory) and resumes when S3 is back. Nothing is ever dead-lettered because of an outage; only
+payloads that can never be archived (no kpi_code, bad times) are.
+
+Residual race (documented, not handled): two replicas could both write a result if one claims
+entries another still holds, which the keep-alive above prevents unless a replica stalls for
+longer than `BUS_CLAIM_IDLE_MS` in the middle of a flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from analytics_engine.archival.layout import kpi_object_key, new_batch_name
+from analytics_engine.archival.ledger import Intent, Ledger, PlannedObject, now
+from analytics_engine.archival.tables import (
+    KpiRow,
+    PayloadError,
+    fingerprints_of,
+    from_parquet,
+    kpi_table,
+    parse_kpi_result,
+    to_parquet,
+)
+from analytics_engine.core.bus import REDIS_ERRORS, encode_event
+from analytics_engine.core.channels import stream_key
+from analytics_engine.core.errors import TransientError
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from analytics_engine.archival.s3 import ObjectStore
+    from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, str]
+Hook = Callable[[Sequence[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivalHooks:
+    """Test seams: called with the object keys of a flush right before / after the PUTs."""
+
+    before_put: Hook | None = None
+    after_put: Hook | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPlan:
+    """What one flush writes (pure result of dedup)."""
+
+    partitions: dict[Partition, list[KpiRow]]
+    dropped: int
+
+
+def plan_flush(rows: Sequence[KpiRow], archived: set[bytes]) -> FlushPlan:
+    """Group new results by partition; drop those archived already or repeated in the batch."""
+    seen = set(archived)
+    partitions: dict[Partition, list[KpiRow]] = {}
+    dropped = 0
+    for row in rows:
+        if row.fingerprint in seen:
+            dropped += 1
+            continue
+        seen.add(row.fingerprint)
+        partitions.setdefault((row.kpi_code, row.day), []).append(row)
+    return FlushPlan(partitions, dropped)
+
+
+class KpiResultArchiver:
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        ledger: Ledger,
+        dead_letters: DeadLetters,
+        channel: str,
+        group: str,
+        owner: str,
+        batch_rows: int,
+        flush_interval_s: float,
+        claim_idle_s: float,
+        compression_level: int | None = None,
+        hooks: ArchivalHooks | None = None,
+    ) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._dead = dead_letters
+        self._channel = channel
+        self._group = group
+        self._owner = owner
+        self._batch_rows = batch_rows
+        self._interval = flush_interval_s
+        self._claim_idle = claim_idle_s
+        self._level = compression_level
+        self._hooks = hooks or ArchivalHooks()
+        self._buffer: dict[bytes, tuple[Delivery, KpiRow]] = {}
+        self._oldest: float | None = None
+        self._last_touch = 0.0
+        self._lock = asyncio.Lock()
+        self._needs_resolution = True
+        self._consumer: DurableConsumer | None = None
+        self.rows_written = 0
+        self.files_written = 0
+        self.duplicates_dropped = 0
+
+    def attach(self, consumer: DurableConsumer) -> None:
+        self._consumer = consumer
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    # -- consumer side -----------------------------------------------------------------------
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        """Buffer the batch; flush when the buffer is full or old. Never acknowledges here:
+        entries are acknowledged by the flush that made them durable."""
+        bad: list[tuple[Delivery, str]] = []
+        for delivery in deliveries:
+            if delivery.attempt > 1:
+                self._needs_resolution = True
+            if delivery.id in self._buffer:
+                continue
+            try:
+                row = parse_kpi_result(delivery.event.payload)
+            except PayloadError as exc:
+                bad.append((delivery, str(exc)))
+                continue
+            self._buffer[delivery.id] = (delivery, row)
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+        if bad:
+            await self._dead_letter(bad)
+        if self._due():
+            await self.flush()
+
+    def _due(self) -> bool:
+        if not self._buffer:
+            return False
+        if len(self._buffer) >= self._batch_rows:
+            return True
+        return self._oldest is not None and time.monotonic() - self._oldest >= self._interval
+
+    async def _dead_letter(self, bad: Sequence[tuple[Delivery, str]]) -> None:
+        def add(pipe: Pipeline) -> None:
+            for delivery, reason in bad:
+                self._dead.add_to_pipeline(
+                    pipe,
+                    channel=delivery.channel,
+                    reason=f"unarchivable kpi result: {reason}",
+                    original=encode_event(delivery.event),
+                    kind="event",
+                    stream_id=delivery.id,
+                )
+
+        await self._ack([d for d, _ in bad], add)
+        log.warning("dead-lettered unarchivable kpi results", extra={"count": len(bad)})
+
+    async def _ack(
+        self, deliveries: Sequence[Delivery], also: Callable[[Pipeline], None] | None
+    ) -> None:
+        if self._consumer is None:
+            raise RuntimeError("KpiResultArchiver.attach(consumer) was not called")
+        try:
+            await self._consumer.ack(deliveries, also=also)
+        except REDIS_ERRORS as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+
+    # -- flushing ----------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Write the buffer to the lake (steps 1-4 of the module docstring)."""
+        async with self._lock:
+            try:
+                await self._flush_locked()
+            except TransientError:
+                self._needs_resolution = True  # our intent may name objects that did land
+                raise
+            except asyncio.CancelledError:
+                # Torn down mid-flush (shutdown): the next flush, or the next start, settles
+                # the intent this one may have left.
+                self._needs_resolution = True
+                raise
+            except Exception:
+                # A bug or a payload the writer chokes on: do not wedge the buffer. The entries
+                # stay pending; the bus re-delivers them one by one and dead-letters the culprit.
+                self._buffer.clear()
+                self._oldest = None
+                self._needs_resolution = True
+                raise
+
+    async def _flush_locked(self) -> None:
+        if not self._buffer:
+            return
+        if self._needs_resolution:
+            await self.resolve(everything=True)
+            self._needs_resolution = False
+        snapshot = list(self._buffer.values())
+        deliveries = [d for d, _ in snapshot]
+        rows = [r for _, r in snapshot]
+        candidates: dict[Partition, list[bytes]] = {}
+        for row in rows:
+            candidates.setdefault((row.kpi_code, row.day), []).append(row.fingerprint)
+        plan = plan_flush(rows, await self._ledger.archived(candidates))
+        if not plan.partitions:
+            await self._ack(deliveries, None)
+            self._forget(deliveries, plan, 0)
+            return
+        batch = new_batch_name()
+        objects = {
+            part: PlannedObject(kpi_object_key(part[0], part[1], batch), part[0], part[1])
+            for part in plan.partitions
+        }
+        bodies = {
+            part: to_parquet(kpi_table(part_rows), compression_level=self._level)
+            for part, part_rows in plan.partitions.items()
+        }
+        keys = [o.object_key for o in objects.values()]
+        await self._ledger.write_intent(
+            Intent(batch, self._owner, now(), tuple(objects.values()))
+        )
+        if self._hooks.before_put is not None:
+            await self._hooks.before_put(keys)
+        results = await asyncio.gather(
+            *(self._store.put(objects[part].object_key, body) for part, body in bodies.items()),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for failure in failures:
+                if not isinstance(failure, Exception):
+                    raise failure
+            first = failures[0]
+            if isinstance(first, TransientError):
+                raise first
+            raise TransientError(f"S3 write failed: {first}") from first
+        if self._hooks.after_put is not None:
+            await self._hooks.after_put(keys)
+
+        def commit(pipe: Pipeline) -> None:
+            for part, part_rows in plan.partitions.items():
+                self._ledger.record(pipe, part, (r.fingerprint for r in part_rows))
+            self._ledger.drop_intent(pipe, batch)
+
+        await self._ack(deliveries, commit)
+        written = sum(len(r) for r in plan.partitions.values())
+        self.files_written += len(objects)
+        self._forget(deliveries, plan, written)
+        log.debug("archived kpi results", extra={"rows": written, "files": len(objects)})
+
+    def _forget(self, deliveries: Sequence[Delivery], plan: FlushPlan, written: int) -> None:
+        for delivery in deliveries:
+            self._buffer.pop(delivery.id, None)
+        self._oldest = time.monotonic() if self._buffer else None
+        self.rows_written += written
+        self.duplicates_dropped += plan.dropped
+
+    async def resolve(self, *, everything: bool) -> int:
+        """Settle write-ahead intents (own or stale ones unless `everything`); returns how many."""
+        settled = 0
+        cutoff = now() - self._claim_idle
+        for intent in await self._ledger.intents():
+            if not (everything or intent.owner == self._owner or intent.created_at < cutoff):
+                continue
+            found: dict[Partition, list[bytes]] = {}
+            for obj in intent.objects:
+                data = await self._store.get(obj.object_key)
+                if data is not None:
+                    found.setdefault((obj.kpi_code, obj.day), []).extend(
+                        fingerprints_of(from_parquet(data))
+                    )
+            await self._ledger.settle(intent, found)
+            settled += 1
+            log.info(
+                "resolved an archival intent",
+                extra={"batch": intent.batch, "objects_found": sum(map(len, found.values()))},
+            )
+        return settled
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """On start: settle intents left by an earlier life of this instance or a dead peer.
+
+        S3 or Redis being down must not stop the service from starting: the first flush
+        resolves instead (`_needs_resolution` stays set)."""
+        try:
+            await self.resolve(everything=False)
+        except TransientError as exc:
+            log.warning("could not resolve intents at start", extra={"error": str(exc)[:200]})
+
+    async def run_timer(self) -> None:
+        """Background loop: flush quiet buffers, keep held entries fresh while S3 is down."""
+        backoff = 0.1
+        tick = min(self._interval / 2, 1.0)
+        while True:
+            await asyncio.sleep(tick)
+            if not self._due():
+                continue
+            try:
+                await self.flush()
+                backoff = 0.1
+            except TransientError as exc:
+                log.warning("archive flush failed, will retry", extra={"error": str(exc)[:200]})
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._keep_alive()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _keep_alive(self) -> None:
+        if self._consumer is None or not self._buffer:
+            return
+        if time.monotonic() - self._last_touch < self._claim_idle / 3:
+            return
+        self._last_touch = time.monotonic()
+        await self._ledger.touch(
+            stream=stream_key(self._channel),
+            group=self._group,
+            consumer=self._consumer.consumer,
+            ids=list(self._buffer),
+        )
+
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Final flush on graceful shutdown; what it cannot write stays pending in the stream."""
+        if not self._buffer:
+            return
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except (TransientError, TimeoutError) as exc:
+            log.warning(
+                "final archive flush failed; entries stay pending",
+                extra={"error": str(exc)[:200], "buffered": len(self._buffer)},
+            )

@@ -1,0 +1,146 @@
+"""Redis state of the KPI-results archiver: write-ahead intents and the archived fingerprints.
+
+All Redis I/O of the archival protocol lives here; `kpi_results.py` describes the protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+
+from analytics_engine.archival.layout import intents_key, seen_key
+from analytics_engine.core.bus import REDIS_ERRORS
+from analytics_engine.core.errors import TransientError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedObject:
+    """One file of a flush: where it goes and which partition's ledger it updates."""
+
+    object_key: str
+    kpi_code: str
+    day: str
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    batch: str
+    owner: str
+    created_at: float
+    objects: tuple[PlannedObject, ...]
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "owner": self.owner,
+                "created_at": self.created_at,
+                "objects": [[o.object_key, o.kpi_code, o.day] for o in self.objects],
+            }
+        )
+
+    @classmethod
+    def decode(cls, batch: str, raw: bytes) -> Intent:
+        data = orjson.loads(raw)
+        return cls(
+            batch=batch,
+            owner=str(data["owner"]),
+            created_at=float(data["created_at"]),
+            objects=tuple(PlannedObject(k, c, d) for k, c, d in data["objects"]),
+        )
+
+
+class Ledger:
+    """Intents (`ae:archival:intents`) and per-partition fingerprint hashes
+    (`ae:archival:seen:{kpi_code}:{date}`, expiring `ttl_s` after their last write)."""
+
+    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+        self._redis = redis
+        self._ttl = ttl_s
+
+    async def archived(
+        self, candidates: Mapping[tuple[str, str], Sequence[bytes]]
+    ) -> set[bytes]:
+        """Which of the fingerprints (grouped by partition) are already in the lake."""
+        groups = [(part, list(fps)) for part, fps in candidates.items() if fps]
+        if not groups:
+            return set()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for (code, day), fps in groups:
+                pipe.hmget(seen_key(code, day), fps)
+            replies = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        found: set[bytes] = set()
+        for (_, fps), values in zip(groups, replies, strict=True):
+            found.update(fp for fp, value in zip(fps, values, strict=True) if value is not None)
+        return found
+
+    def record(self, pipe: Pipeline, partition: tuple[str, str], fingerprints: Iterable[bytes]
+               ) -> None:
+        """Queue: these fingerprints are now in the lake."""
+        mapping = dict.fromkeys(fingerprints, b"1")
+        if not mapping:
+            return
+        key = seen_key(*partition)
+        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        pipe.expire(key, self._ttl)
+
+    async def write_intent(self, intent: Intent) -> None:
+        try:
+            await self._redis.hset(intents_key(), intent.batch, intent.encode())
+        except REDIS_ERRORS as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+
+    def drop_intent(self, pipe: Pipeline, batch: str) -> None:
+        pipe.hdel(intents_key(), batch)
+
+    async def intents(self) -> list[Intent]:
+        try:
+            raw = await self._redis.hgetall(intents_key())
+        except REDIS_ERRORS as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        return [
+            Intent.decode(k.decode() if isinstance(k, bytes) else k, _bytes(v))
+            for k, v in raw.items()
+        ]
+
+    async def settle(
+        self,
+        intent: Intent,
+        found: Mapping[tuple[str, str], Sequence[bytes]],
+    ) -> None:
+        """Resolve an intent: record the fingerprints of the objects that exist, drop it."""
+        pipe = self._redis.pipeline(transaction=True)
+        for partition, fps in found.items():
+            self.record(pipe, partition, fps)
+        self.drop_intent(pipe, intent.batch)
+        try:
+            await pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+
+    async def touch(
+        self, *, stream: str, group: str, consumer: str, ids: Sequence[bytes]
+    ) -> None:
+        """Reset the idle time of entries held in the buffer (XCLAIM JUSTID does not count a
+        delivery), so the bus neither re-delivers them to us nor hands them to a peer while we
+        still hold them."""
+        if ids:
+            await self._redis.xclaim(stream, group, consumer, 0, list(ids), justid=True)
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def now() -> float:
+    return time.time()

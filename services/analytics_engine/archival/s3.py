@@ -1,0 +1,145 @@
+"""The lake's object store: boto3 (blocking) run on a small dedicated thread pool.
+
+Every failure of S3 surfaces as `TransientError`: the data is never at fault when S3 cannot
+take it (outage, 5xx, throttling, even a misconfigured credential), so the bus retries with
+backoff and never dead-letters a good event because of the lake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from analytics_engine.core.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+class ObjectStore:
+    """Puts, gets and checks objects in one bucket, creating the bucket when it is missing."""
+
+    def __init__(
+        self,
+        *,
+        endpoint_url: str,
+        bucket: str,
+        access_key: str | None,
+        secret_key: str | None,
+        region: str,
+        concurrency: int = 8,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 30.0,
+    ) -> None:
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self._client: Any = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name=region,
+            config=Config(
+                s3={"addressing_style": "path"},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                # Our callers retry with backoff; a short botocore retry only smooths blips.
+                retries={"max_attempts": 2, "mode": "standard"},
+                max_pool_connections=concurrency,
+            ),
+        )
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3")
+        self._bucket_ready = False
+
+    async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                raise
+            if _status(exc) < 500 and _code(exc) not in ("SlowDown", "RequestTimeout"):
+                log.error("S3 rejected a request", extra={"code": _code(exc)})
+            raise TransientError(f"S3 error {_code(exc) or _status(exc)}: {exc}") from exc
+        except BotoCoreError as exc:  # EndpointConnectionError, ConnectTimeout, ReadTimeout...
+            raise TransientError(f"S3 unreachable: {exc}") from exc
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist (idempotent, cached once it exists)."""
+        if self._bucket_ready:
+            return
+        try:
+            await self._run(self._client.head_bucket, Bucket=self.bucket)
+        except ClientError:
+            try:
+                await self._run(self._client.create_bucket, Bucket=self.bucket)
+            except TransientError as exc:
+                code = _code(exc.__cause__) if isinstance(exc.__cause__, ClientError) else ""
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+            log.info("created bucket", extra={"bucket": self.bucket})
+        self._bucket_ready = True
+
+    async def put(self, key: str, body: bytes) -> None:
+        """Write one object; returns once S3 acknowledged it (durably stored)."""
+        await self.ensure_bucket()
+        try:
+            await self._run(
+                self._client.put_object,
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentType="application/vnd.apache.parquet",
+            )
+        except ClientError as exc:  # NoSuchBucket: deleted under us; recreate next time
+            self._bucket_ready = False
+            raise TransientError(f"S3 bucket missing: {exc}") from exc
+
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        await self.ensure_bucket()
+        try:
+            response = await self._run(self._client.get_object, Bucket=self.bucket, Key=key)
+        except ClientError:
+            return None
+        body = response["Body"]
+        return bytes(await self._run(body.read))
+
+    async def exists(self, key: str) -> bool:
+        await self.ensure_bucket()
+        try:
+            await self._run(self._client.head_object, Bucket=self.bucket, Key=key)
+        except ClientError:
+            return False
+        return True
+
+    async def reachable(self) -> bool:
+        """For /readyz: the bucket answers."""
+        try:
+            await self._run(self._client.head_bucket, Bucket=self.bucket)
+        except (TransientError, ClientError):
+            return False
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()

@@ -1,0 +1,124 @@
+"""Archival Service: KPI results and expired entity events to Parquet on S3.
+
+`analytics-engine run archival`. Reads `archive.kpi_results` (batched, exactly once in the lake,
+see `kpi_results.py`) and `archival.events` (one object per batch, confirmed on
+`archival.confirmed`, see `entity_events.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from analytics_engine.archival.entity_events import EntityEventArchiver
+from analytics_engine.archival.kpi_results import ArchivalHooks, KpiResultArchiver
+from analytics_engine.archival.ledger import Ledger
+from analytics_engine.archival.s3 import ObjectStore
+from analytics_engine.core.channels import ARCHIVAL_EVENTS, ARCHIVE_KPI_RESULTS
+from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.core.settings import BaseServiceSettings, S3Settings
+from analytics_engine.kpi.durations import parse_duration
+
+SERVICE = "archival_service"
+
+
+class Settings(BaseServiceSettings, S3Settings):
+    port: int = Field(default=8085, ge=0, le=65535, validation_alias="ARCHIVAL_PORT")
+    batch_rows: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        validation_alias="ARCHIVAL_BATCH_ROWS",
+        description="KPI results per flush (at most; a flush writes one file per partition).",
+    )
+    flush_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias="ARCHIVAL_FLUSH_INTERVAL",
+        description="Longest a KPI result waits in the buffer (seconds, or '5s', '500ms').",
+    )
+    dedup_ttl_s: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        validation_alias="ARCHIVAL_DEDUP_TTL",
+        description="How long (seconds) the fingerprints of a partition are kept in Redis after "
+        "its last write: duplicates arriving later than that are not detected.",
+    )
+    s3_concurrency: int = Field(default=8, ge=1, le=64, validation_alias="ARCHIVAL_S3_CONCURRENCY")
+    read_batch: int = Field(
+        default=2000,
+        ge=1,
+        le=10_000,
+        validation_alias="ARCHIVAL_READ_BATCH",
+        description="KPI results read from the stream per handler call.",
+    )
+    events_read_batch: int = Field(
+        default=8, ge=1, le=1000, validation_alias="ARCHIVAL_EVENTS_READ_BATCH",
+        description="archival.events messages (each a batch of rows) per handler call.",
+    )
+    zstd_level: int | None = Field(
+        default=None, ge=1, le=22, validation_alias="ARCHIVAL_ZSTD_LEVEL"
+    )
+
+    @field_validator("flush_interval_s", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() and not value.strip()[-1].isdigit():
+            return parse_duration(value).total_seconds()
+        return value
+
+
+def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> ServiceRuntime:
+    """Compose the service. `hooks` are test seams into the KPI-results flush."""
+    runtime = ServiceRuntime(service=SERVICE, settings=settings, port=settings.port)
+    store = ObjectStore(
+        endpoint_url=settings.s3_endpoint_url,
+        bucket=settings.s3_bucket,
+        access_key=settings.aws_access_key_id,
+        secret_key=settings.aws_secret_access_key,
+        region=settings.aws_region,
+        concurrency=settings.s3_concurrency,
+    )
+    kpis = KpiResultArchiver(
+        store=store,
+        ledger=Ledger(runtime.redis, ttl_s=settings.dedup_ttl_s),
+        dead_letters=runtime.dead_letters,
+        channel=ARCHIVE_KPI_RESULTS,
+        group=SERVICE,
+        owner=settings.instance_id,
+        batch_rows=settings.batch_rows,
+        flush_interval_s=settings.flush_interval_s,
+        claim_idle_s=settings.claim_idle_ms / 1000,
+        compression_level=settings.zstd_level,
+        hooks=hooks,
+    )
+    events = EntityEventArchiver(
+        store=store,
+        publisher=runtime.publisher,
+        dead_letters=runtime.dead_letters,
+        compression_level=settings.zstd_level,
+    )
+    kpis.attach(
+        runtime.consume(
+            [ARCHIVE_KPI_RESULTS], kpis.handle, auto_ack=False, batch_size=settings.read_batch
+        )
+    )
+    events.attach(
+        runtime.consume(
+            [ARCHIVAL_EVENTS], events.handle, auto_ack=False, batch_size=settings.events_read_batch
+        )
+    )
+    runtime.add_task("archive-flush", kpis.run_timer)
+
+    async def startup() -> None:
+        await kpis.recover()
+
+    async def shutdown() -> None:
+        await kpis.close()
+        store.close()
+
+    runtime.on_startup(startup)
+    runtime.on_shutdown(shutdown)
+    runtime.add_readiness_check("s3", store.reachable)
+    return runtime

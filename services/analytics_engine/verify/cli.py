@@ -1,0 +1,229 @@
+"""`analytics-engine verify`: wire settings, definitions, PostgreSQL and the lake to the pure
+comparison, print the result. Exit codes: 0 clean, 1 any mismatch, 2 configuration or
+connection error (one clear line on stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from analytics_engine.core.settings import ConfigurationError, load_settings
+from analytics_engine.kpi.definitions import KPIDefinition
+from analytics_engine.kpi.filters import FilterError
+from analytics_engine.kpi.loader import DefinitionLoadError
+from analytics_engine.verify import db
+from analytics_engine.verify.compare import (
+    Mismatch,
+    ResultRow,
+    compare_kpi,
+    compare_lake,
+    duplicate_events,
+)
+from analytics_engine.verify.definitions import Catalog, DefinitionsUnavailable, load_catalog
+from analytics_engine.verify.lake import Lake
+from analytics_engine.verify.report import Report, render_json, render_text
+from analytics_engine.verify.sql import lateness_of
+
+ARCHIVE_GRACE = timedelta(seconds=60)
+"""Stored results younger than this may still sit in the archival buffer: not checked."""
+
+
+class VerifySettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    database_url: str = Field(validation_alias="DATABASE_URL", pattern=r"^postgres(ql)?://")
+    redis_url: str | None = Field(default="redis://localhost:6379", validation_alias="REDIS_URL")
+    kpi_definitions_dir: str | None = Field(default=None, validation_alias="KPI_DEFINITIONS_DIR")
+    s3_endpoint_url: str | None = Field(default=None, validation_alias="S3_ENDPOINT_URL")
+    s3_bucket: str = Field(default="analytics-lakehouse", validation_alias="S3_BUCKET")
+    aws_access_key_id: str | None = Field(default=None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: str | None = Field(
+        default=None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False
+    )
+    aws_region: str = Field(default="us-east-1", validation_alias="AWS_REGION")
+
+
+class VerifyError(Exception):
+    """Configuration or connection problem: exit code 2 with this message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    start: datetime | None
+    end: datetime | None
+    kpis: list[str] | None
+    skip_lake: bool
+    json: bool
+
+
+def parse_time(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise VerifyError(f"--{name}: not an ISO 8601 time: {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    start = parse_time(getattr(args, "start", None), "start")
+    end = parse_time(getattr(args, "end", None), "end")
+    if start is not None and end is not None and end <= start:
+        raise VerifyError("--end must be after --start")
+    return Options(
+        start=start,
+        end=end,
+        kpis=list(args.kpi) if getattr(args, "kpi", None) else None,
+        skip_lake=bool(getattr(args, "skip_lake", False)),
+        json=bool(getattr(args, "json", False)),
+    )
+
+
+def select(catalog: Catalog, codes: list[str] | None) -> list[KPIDefinition]:
+    streaming = {d.code: d for d in catalog.definitions if d.is_streaming and d.enabled}
+    if codes is None:
+        return [streaming[c] for c in sorted(streaming)]
+    known = {d.code for d in catalog.definitions}
+    unknown = [c for c in codes if c not in known]
+    if unknown:
+        raise VerifyError(f"unknown KPI code(s): {', '.join(unknown)}")
+    not_streaming = [c for c in codes if c not in streaming]
+    if not_streaming:
+        raise VerifyError(f"not enabled streaming KPIs (cannot be recomputed): "
+                          f"{', '.join(not_streaming)}")
+    return [streaming[c] for c in codes]
+
+
+async def verify(settings: VerifySettings, options: Options) -> Report:
+    try:
+        catalog = await load_catalog(settings.redis_url, settings.kpi_definitions_dir)
+    except (DefinitionsUnavailable, DefinitionLoadError) as exc:
+        raise VerifyError(str(exc).replace("\n", "; ")) from None
+    definitions = select(catalog, options.kpis)
+    report = Report(start=options.start, end=options.end, definitions_source=catalog.source)
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise VerifyError(f"cannot connect to PostgreSQL: {exc}") from None
+    try:
+        stored_in_range: dict[str, tuple[datetime, datetime]] = {}
+        data = await db.bounds(conn)
+        for definition in definitions:
+            span = _range(definition, data, options)
+            if span is None:
+                report.notes.append(f"{definition.code}: no events and no results")
+                continue
+            start, end = span
+            stored_in_range[definition.code] = span
+            report.start = start if report.start is None else min(report.start, start)
+            report.end = end if report.end is None else max(report.end, end)
+            types = catalog.attribute_types.get(definition.entity_type)
+            try:
+                expected = await db.recompute(conn, definition, start=start, end=end,
+                                              types=types)
+            except FilterError as exc:
+                report.mismatches.append(Mismatch(
+                    "unverifiable", definition.code, detail=f"filter has no SQL form: {exc}"))
+                continue
+            stored = await db.stored_results(conn, [definition.code], start=start, end=end)
+            result = compare_kpi(
+                definition.code,
+                expected,
+                stored,
+                lateness=lateness_of(definition),
+                watermark=data.newest_published,
+                definition_version=catalog.versions.get(definition.code),
+            )
+            report.mismatches.extend(result.mismatches)
+            if result.summary is not None:
+                report.kpis.append(result.summary)
+        if options.skip_lake:
+            report.notes.append("lake not checked (--skip-lake)")
+        elif settings.s3_endpoint_url is None:
+            report.notes.append("lake not checked (S3_ENDPOINT_URL is not set)")
+        elif stored_in_range:
+            await _check_lake(conn, settings, stored_in_range, report)
+    except (OSError, asyncpg.InterfaceError) as exc:
+        raise VerifyError(f"lost the PostgreSQL connection: {exc}") from None
+    finally:
+        await conn.close()
+    return report
+
+
+def _range(
+    definition: KPIDefinition, data: db.Bounds, options: Options
+) -> tuple[datetime, datetime] | None:
+    default = db.default_range(definition, data)
+    if options.start is not None and options.end is not None:
+        return options.start, options.end
+    if default is None:
+        return None
+    return options.start or default[0], options.end or default[1]
+
+
+async def _check_lake(
+    conn: Any,
+    settings: VerifySettings,
+    spans: dict[str, tuple[datetime, datetime]],
+    report: Report,
+) -> None:
+    assert settings.s3_endpoint_url is not None
+    lake = Lake(
+        endpoint_url=settings.s3_endpoint_url,
+        bucket=settings.s3_bucket,
+        access_key=settings.aws_access_key_id,
+        secret_key=settings.aws_secret_access_key,
+        region=settings.aws_region,
+    )
+    try:
+        await asyncio.to_thread(lake.check)
+    except (BotoCoreError, ClientError) as exc:
+        raise VerifyError(f"cannot reach the lake bucket {settings.s3_bucket}: {exc}") from None
+    cutoff = datetime.now(UTC) - ARCHIVE_GRACE
+    stored: list[ResultRow] = []
+    archived: list[ResultRow] = []
+    try:
+        for code, (start, end) in spans.items():
+            stored += await db.stored_results(conn, [code], start=start, end=end,
+                                              archived_before=cutoff)
+            archived += await asyncio.to_thread(lake.kpi_results, [code], start=start, end=end)
+        first = min(s for s, _ in spans.values()).date()
+        last = max(e for _, e in spans.values()).date()
+        event_ids = await asyncio.to_thread(lambda: list(lake.event_ids(start=first, end=last)))
+    except (BotoCoreError, ClientError) as exc:
+        raise VerifyError(f"cannot read the lake: {exc}") from None
+    report.mismatches.extend(compare_lake(stored, archived))
+    report.mismatches.extend(duplicate_events(event_ids))
+    report.lake = {
+        "results_checked": len(stored),
+        "results_archived": len(archived),
+        "events_archived": len(event_ids),
+    }
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Entry point of `analytics-engine verify`; returns the exit code."""
+    # The report is the output; library chatter (reconnect warnings) would only blur it.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(VerifySettings)
+        options = options_from(args)
+        report = asyncio.run(verify(settings, options))
+    except ConfigurationError:
+        return 2  # load_settings printed the one line
+    except VerifyError as exc:
+        print(f"verify: {exc}", file=sys.stderr)
+        return 2
+    print(render_json(report) if options.json else render_text(report))
+    return 0 if report.ok else 1

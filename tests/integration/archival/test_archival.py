@@ -1,0 +1,349 @@
+"""Archival Service against real Redis and S3 (SeaweedFS): layout, read-back with pyarrow and
+DuckDB, redelivery, a crash between PUT and XACK, and an S3 outage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pytest
+from redis.asyncio import Redis
+
+from analytics_engine.archival.lake_sql import connect_duckdb
+from analytics_engine.archival.layout import intents_key
+from analytics_engine.archival.service import SERVICE, Settings, create
+from analytics_engine.archival.tables import from_parquet
+from analytics_engine.core.bus import EventPublisher
+from analytics_engine.core.channels import (
+    ARCHIVAL_CONFIRMED,
+    ARCHIVAL_EVENTS,
+    ARCHIVE_KPI_RESULTS,
+    dead_letter_key,
+    stream_key,
+)
+from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.localstack import S3Server
+
+Start = Callable[[ServiceRuntime], Awaitable[ServiceRuntime]]
+BASE = datetime(2024, 3, 1, 23, 50, tzinfo=UTC)
+
+
+def env_of(redis_url: str, s3: Any, bucket: str) -> dict[str, Any]:
+    return {
+        "REDIS_URL": redis_url,
+        "S3_ENDPOINT_URL": s3.endpoint_url,
+        "S3_BUCKET": bucket,
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AWS_REGION": s3.region,
+        "ARCHIVAL_PORT": 0,
+        "ARCHIVAL_FLUSH_INTERVAL": "200ms",
+        "SERVICE_INSTANCE_ID": "archival-test-1",
+        "BUS_CLAIM_IDLE_MS": 5000,
+    }
+
+
+def make_settings(redis_url: str, s3: Any, bucket: str, **extra: Any) -> Settings:
+    values = {**env_of(redis_url, s3, bucket), **extra}
+    return Settings(**values)
+
+
+def result(i: int, *, code: str = "orders_count", value: float | None = None) -> dict[str, Any]:
+    """A KPI result; windows of one minute crossing midnight, so two date partitions."""
+    start = BASE + timedelta(minutes=i % 20)
+    return {
+        "kpi_code": code,
+        "value": float(i) if value is None else value,
+        "window_start": start.isoformat(),
+        "window_end": (start + timedelta(minutes=1)).isoformat(),
+        "dimensions": {"region": ["eu", "us", None][i % 3], "shard": i // 20},
+        "sample_count": i + 1,
+        "definition_version": 2,
+        "computed_at": (start + timedelta(minutes=1, seconds=5)).isoformat(),
+    }
+
+
+@pytest.fixture
+async def publisher(redis: Redis) -> EventPublisher:
+    return EventPublisher(redis, source="database_service", stream_maxlen=100_000)
+
+
+async def publish(publisher: EventPublisher, channel: str, payloads: Sequence[dict[str, Any]]
+                  ) -> None:
+    for offset in range(0, len(payloads), 500):
+        await publisher.publish_many((channel, p) for p in payloads[offset : offset + 500])
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def lake_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    client = s3.client()
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return sorted(keys)
+
+
+def lake_table(s3: Any, bucket: str, prefix: str) -> pa.Table:
+    client = s3.client()
+    tables = [
+        from_parquet(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        for key in lake_keys(s3, bucket, prefix)
+    ]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def lake_rows(s3: Any, bucket: str) -> int:
+    return lake_table(s3, bucket, "kpi_results/").num_rows
+
+
+async def pending(redis: Redis, channel: str) -> int:
+    info = await redis.xpending(stream_key(channel), SERVICE)
+    return int(info["pending"])
+
+
+async def settled(redis: Redis, channel: str) -> bool:
+    """Every published entry was delivered to the group and acknowledged."""
+    groups = await redis.xinfo_groups(stream_key(channel))
+    group = next((g for g in groups if g["name"] in (SERVICE, SERVICE.encode())), None)
+    return group is not None and group["lag"] == 0 and group["pending"] == 0
+
+
+@dataclass
+class Harness:
+    redis_url: str
+    redis: Redis
+    publisher: EventPublisher
+    s3: Any
+    bucket: str
+
+    def settings(self, **extra: Any) -> Settings:
+        return make_settings(self.redis_url, self.s3, self.bucket, **extra)
+
+    def rows(self) -> int:
+        return lake_rows(self.s3, self.bucket)
+
+    def table(self, prefix: str) -> pa.Table:
+        return lake_table(self.s3, self.bucket, prefix)
+
+    def keys(self, prefix: str) -> list[str]:
+        return lake_keys(self.s3, self.bucket, prefix)
+
+    def duckdb(self) -> Any:
+        return connect_duckdb(
+            endpoint_url=self.s3.endpoint_url,
+            access_key=self.s3.access_key,
+            secret_key=self.s3.secret_key,
+            region=self.s3.region,
+        )
+
+
+@pytest.fixture
+def h(
+    redis_url: str, redis: Redis, publisher: EventPublisher, s3_server: Any, s3_bucket: str
+) -> Harness:
+    return Harness(redis_url, redis, publisher, s3_server, s3_bucket)
+
+
+async def test_kpi_results_land_partitioned_and_read_back(running: Start, h: Harness) -> None:
+    await running(create(h.settings()))
+    payloads = [result(i) for i in range(120)] + [result(i, code="revenue") for i in range(30)]
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, payloads)
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+
+    keys = h.keys("kpi_results/")
+    partitions = {k.rsplit("/", 1)[0] for k in keys}
+    assert partitions == {
+        "kpi_results/kpi_code=orders_count/date=2024-03-01",
+        "kpi_results/kpi_code=orders_count/date=2024-03-02",
+        "kpi_results/kpi_code=revenue/date=2024-03-01",
+        "kpi_results/kpi_code=revenue/date=2024-03-02",
+    }
+    assert all(k.endswith(".parquet") for k in keys)
+
+    table = h.table("kpi_results/")
+    assert table.num_rows == 150
+    assert table.schema.field("window_start").type == pa.timestamp("us", tz="UTC")
+    assert table.schema.field("value").type == pa.float64()
+    assert table.schema.field("sample_count").type == pa.int64()
+    assert table.schema.field("definition_version").type == pa.int32()
+    row = next(r for r in table.to_pylist() if r["kpi_code"] == "orders_count" and r["value"] == 4)
+    assert row["dims_key"] == '{"region":"us","shard":0}'
+    assert dict(row["dimensions"]) == {"region": "us", "shard": "0"}
+    assert row["window_start"] == BASE + timedelta(minutes=4)
+    assert row["sample_count"] == 5
+
+    con = h.duckdb()
+    rows = con.execute(
+        f"SELECT kpi_code, CAST(date AS VARCHAR), count(*), count(DISTINCT value) "
+        f"FROM read_parquet('s3://{h.bucket}/kpi_results/**/*.parquet', hive_partitioning=true)"
+        f" GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    # minutes 0..9 of each 20 fall on 03-01 (23:50..23:59), 10..19 on 03-02
+    assert rows == [
+        ("orders_count", "2024-03-01", 60, 60),
+        ("orders_count", "2024-03-02", 60, 60),
+        ("revenue", "2024-03-01", 20, 20),
+        ("revenue", "2024-03-02", 10, 10),
+    ]
+    assert await h.redis.hlen(intents_key()) == 0
+
+
+async def test_redelivered_results_are_archived_once(running: Start, h: Harness) -> None:
+    await running(create(h.settings()))
+    payloads = [result(i) for i in range(200)]
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, payloads)
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    assert h.rows() == 200
+
+    # The database forwards the same results again (new envelopes, same payloads), plus one
+    # duplicate inside a single batch and one result whose value changed (a new fact).
+    again = [*payloads, payloads[0], result(7, value=99.5)]
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, again)
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    await asyncio.sleep(0.5)
+    table = h.table("kpi_results/")
+    assert table.num_rows == 201
+    keyed = {(r["window_start"], r["dims_key"], r["value"]) for r in table.to_pylist()}
+    assert len(keyed) == 201
+
+
+async def test_event_batches_are_written_once_and_confirmed(running: Start, h: Harness) -> None:
+    await running(create(h.settings()))
+    rows = [
+        {
+            "event_id": f"e-{i}",
+            "event_kind": "created" if i % 2 else "updated",
+            "entity_type": "order",
+            "entity_id": f"o-{i % 7}",
+            "version": i,
+            "occurred_at": (BASE + timedelta(seconds=i)).isoformat(),
+            "published_at": (BASE + timedelta(seconds=i, milliseconds=5)).isoformat(),
+            "attributes": {"amount": i * 1.5, "region": "eu"},
+            "reason": None,
+            "source": "data_simulator",
+        }
+        for i in range(500)
+    ]
+    batch = {"batch_id": "b-17", "entity_type": "order", "date": "2024-03-01", "rows": rows}
+    await publish(h.publisher, ARCHIVAL_EVENTS, [batch])
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS))
+
+    key = "entity_events/entity_type=order/date=2024-03-01/batch-b-17.parquet"
+    assert h.keys("entity_events/") == [key]
+    confirmations = await h.redis.xrange(stream_key(ARCHIVAL_CONFIRMED))
+    assert len(confirmations) == 1
+    confirmed = orjson.loads(confirmations[0][1][b"m"])
+    assert confirmed["payload"] == {"batch_id": "b-17", "object_key": key, "row_count": 500}
+    assert confirmed["source"] == SERVICE
+
+    table = h.table("entity_events/")
+    assert table.num_rows == 500
+    first = table.to_pylist()[3]
+    assert first["event_id"] == "e-3"
+    assert orjson.loads(first["attributes"]) == {"amount": 4.5, "region": "eu"}
+    assert first["occurred_at"] == BASE + timedelta(seconds=3)
+
+    # The database re-sends the batch (it missed the confirmation): same object, no duplicates.
+    await publish(h.publisher, ARCHIVAL_EVENTS, [batch])
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS))
+    assert h.keys("entity_events/") == [key]
+    assert h.table("entity_events/").num_rows == 500
+    assert len(await h.redis.xrange(stream_key(ARCHIVAL_CONFIRMED))) == 2
+
+    con = h.duckdb()
+    counted = con.execute(
+        f"SELECT entity_type, count(*), count(DISTINCT event_id), "
+        f"sum(CAST(json_extract(attributes, '$.amount') AS DOUBLE)) "
+        f"FROM read_parquet('s3://{h.bucket}/entity_events/**/*.parquet', "
+        f"hive_partitioning=true) GROUP BY ALL"
+    ).fetchall()
+    assert counted == [("order", 500, 500, sum(i * 1.5 for i in range(500)))]
+
+
+async def test_unarchivable_payloads_are_dead_lettered(running: Start, h: Harness) -> None:
+    await running(create(h.settings()))
+    bad = {**result(1), "window_start": "yesterday"}
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(0), bad, result(2)])
+    await publish(h.publisher, ARCHIVAL_EVENTS, [{"batch_id": "x", "rows": []}])
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS))
+    assert h.rows() == 2
+    assert await h.redis.xlen(dead_letter_key(ARCHIVE_KPI_RESULTS)) == 1
+    assert await h.redis.xlen(dead_letter_key(ARCHIVAL_EVENTS)) == 1
+
+
+CHILD = Path(__file__).with_name("crash_child.py")
+
+
+@pytest.mark.parametrize("moment", ["after_put", "before_put"])
+async def test_crash_mid_flush_then_restart_archives_exactly_once(
+    moment: str, running: Start, h: Harness
+) -> None:
+    """The process is SIGKILLed after writing the intent (before_put) or the object (after_put)
+    but before acknowledging; a restarted instance settles the intent and archives every
+    result exactly once."""
+    payloads = [result(i) for i in range(300)]
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, payloads)
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in env_of(h.redis_url, h.s3, h.bucket).items()},
+        "ARCHIVAL_BATCH_ROWS": "300",
+    }
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(CHILD), moment, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await asyncio.wait_for(child.wait(), 60) == -signal.SIGKILL
+    assert await pending(h.redis, ARCHIVE_KPI_RESULTS) == 300
+    assert await h.redis.hlen(intents_key()) == 1
+    assert h.rows() == (300 if moment == "after_put" else 0)
+
+    await running(create(h.settings(ARCHIVAL_BATCH_ROWS=300)))
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    table = h.table("kpi_results/")
+    assert table.num_rows == 300
+    assert len({(r["window_start"], r["dims_key"]) for r in table.to_pylist()}) == 300
+    assert await h.redis.hlen(intents_key()) == 0
+    assert await h.redis.exists(dead_letter_key(ARCHIVE_KPI_RESULTS)) == 0
+
+
+async def test_s3_outage_loses_nothing_and_dead_letters_nothing(running: Start, h: Harness) -> None:
+    if not isinstance(h.s3, S3Server):
+        pytest.skip("needs the private S3 server to stop and start it")
+    await running(create(h.settings(ARCHIVAL_BATCH_ROWS=100)))
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(50)])
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    h.s3.stop()
+    try:
+        await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(50, 400)])
+        batch = {"batch_id": "b-1", "entity_type": "order", "date": "2024-03-01", "rows": []}
+        await publish(h.publisher, ARCHIVAL_EVENTS, [batch])
+        await asyncio.sleep(4)
+        assert await pending(h.redis, ARCHIVE_KPI_RESULTS) > 0
+    finally:
+        h.s3.start()
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS), timeout=30)
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS), timeout=30)
+    table = h.table("kpi_results/")
+    assert table.num_rows == 400
+    assert len({(r["window_start"], r["dims_key"]) for r in table.to_pylist()}) == 400
+    assert await h.redis.exists(dead_letter_key(ARCHIVE_KPI_RESULTS)) == 0
+    assert await h.redis.exists(dead_letter_key(ARCHIVAL_EVENTS)) == 0
+    assert len(await h.redis.xrange(stream_key(ARCHIVAL_CONFIRMED))) == 1

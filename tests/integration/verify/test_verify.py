@@ -1,0 +1,254 @@
+"""`analytics-engine verify` against real PostgreSQL and S3: events and results are built
+directly in a fresh database (schema from the database service's migrations), expected results
+come from the pure streaming engine, the lake is written with the archival service's writer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import orjson
+import pytest
+import yaml
+
+from analytics_engine.archival.layout import kpi_object_key
+from analytics_engine.archival.tables import kpi_table, parse_kpi_result, to_parquet
+from analytics_engine.database.migrate import migrate
+from analytics_engine.kpi.definitions import VersionedKPIDefinition
+from analytics_engine.kpi.engine import EntityEventView, KPIEngine, KPIResult
+from analytics_engine.verify.cli import Options, VerifySettings, verify
+
+BASE = datetime(2024, 5, 1, 23, 40, tzinfo=UTC)
+
+DEFINITIONS: list[dict[str, Any]] = [
+    {"code": "orders_completed", "display_name": "Completed orders", "entity_type": "order",
+     "aggregation": "count", "filter": "status == 'completed'", "group_by": ["region"],
+     "window": {"type": "tumbling", "size": "60s", "allowed_lateness": "10s"}},
+    {"code": "revenue", "display_name": "Revenue", "entity_type": "order",
+     "aggregation": "sum", "field": "amount", "filter": "amount > 0 && event == 'created'",
+     "window": {"type": "sliding", "size": "120s", "slide": "60s", "allowed_lateness": "5s"}},
+    {"code": "avg_amount", "display_name": "Average", "entity_type": "order",
+     "aggregation": "avg", "field": "amount", "group_by": ["region", "channel"],
+     "window": {"type": "tumbling", "size": "300s", "allowed_lateness": "30s"}},
+    {"code": "max_amount", "display_name": "Max", "entity_type": "order",
+     "aggregation": "max", "field": "amount",
+     "window": {"type": "tumbling", "size": "60s"}},
+    {"code": "customers", "display_name": "Customers", "entity_type": "order",
+     "aggregation": "count_distinct", "field": "customer", "group_by": ["region"],
+     "window": {"type": "tumbling", "size": "120s", "allowed_lateness": "20s"}},
+]
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    event_kind: str
+    entity_type: str
+    entity_id: str
+    version: int
+    occurred_at: datetime
+    published_at: datetime
+    attributes: dict[str, Any]
+
+
+def make_events(n: int = 900) -> list[Event]:
+    rnd = random.Random(7)
+    events: list[Event] = []
+    for i in range(n):
+        occurred = BASE + timedelta(seconds=i * 1.5 + rnd.random())
+        delay = rnd.choice([0.05, 0.2, 1.0, 2.5]) if rnd.random() > 0.08 else rnd.uniform(8, 60)
+        attrs: dict[str, Any] = {
+            "status": rnd.choice(["completed", "completed", "pending"]),
+            "customer": f"c{rnd.randint(1, 40)}",
+        }
+        if rnd.random() > 0.1:
+            attrs["region"] = rnd.choice(["eu", "us", "apac"])
+        if rnd.random() > 0.3:
+            attrs["channel"] = rnd.choice(["web", "app"])
+        roll = rnd.random()
+        if roll > 0.05:
+            attrs["amount"] = round(rnd.uniform(-5, 200), 2) if roll > 0.2 else rnd.randint(1, 9)
+        kind = rnd.choice(["created", "created", "updated", "deactivated"])
+        entity_type = "order" if rnd.random() > 0.1 else "customer"
+        events.append(Event(
+            str(uuid.UUID(int=rnd.getrandbits(128))), kind, entity_type, f"o{i % 97}",
+            i, occurred, occurred + timedelta(seconds=delay), attrs,
+        ))
+    return events
+
+
+def engine_results(events: list[Event]) -> list[KPIResult]:
+    engine = KPIEngine(clock=lambda: BASE + timedelta(hours=2))
+    engine.set_definitions(
+        VersionedKPIDefinition.model_validate({**d, "version": 3}) for d in DEFINITIONS
+    )
+    for e in sorted(events, key=lambda e: e.published_at):
+        engine.process(EntityEventView(
+            e.event_id, e.event_kind, e.entity_type, e.entity_id, e.version, e.occurred_at,
+            e.published_at, e.attributes,
+        ))
+    return engine.drain_results()
+
+
+@dataclass
+class World:
+    database_url: str
+    definitions_dir: Path
+    results: list[KPIResult]
+    s3: Any
+    bucket: str
+    redis_url: str
+
+    def settings(self, **extra: Any) -> VerifySettings:
+        values: dict[str, Any] = {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "KPI_DEFINITIONS_DIR": str(self.definitions_dir),
+            "S3_ENDPOINT_URL": self.s3.endpoint_url,
+            "S3_BUCKET": self.bucket,
+            "AWS_ACCESS_KEY_ID": self.s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
+            "AWS_REGION": self.s3.region,
+        }
+        values.update(extra)
+        return VerifySettings(**values)
+
+    def env(self) -> dict[str, str]:
+        return {k: str(v) for k, v in {
+            "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
+            "KPI_DEFINITIONS_DIR": self.definitions_dir, "S3_ENDPOINT_URL": self.s3.endpoint_url,
+            "S3_BUCKET": self.bucket, "AWS_ACCESS_KEY_ID": self.s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3.secret_key, "AWS_REGION": self.s3.region,
+        }.items()}
+
+    def put_lake(self, results: list[KPIResult], *, batch: str) -> None:
+        rows = [parse_kpi_result(r.to_dict()) for r in results]
+        parts: dict[tuple[str, str], list[Any]] = {}
+        for row in rows:
+            parts.setdefault((row.kpi_code, row.day), []).append(row)
+        client = self.s3.client()
+        for (code, day), part in parts.items():
+            client.put_object(Bucket=self.bucket, Key=kpi_object_key(code, day, batch),
+                              Body=to_parquet(kpi_table(part)))
+
+
+@pytest.fixture
+async def world(
+    database_url: str, tmp_path: Path, s3_server: Any, s3_bucket: str, redis_url: str
+) -> AsyncIterator[World]:
+    definitions_dir = tmp_path / "kpis"
+    definitions_dir.mkdir()
+    (definitions_dir / "kpis.yaml").write_text(yaml.safe_dump(DEFINITIONS))
+    events = make_events()
+    results = engine_results(events)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, timescale="off")
+        await conn.copy_records_to_table(
+            "entity_events",
+            records=[(uuid.UUID(e.event_id), e.event_kind, e.entity_type, e.entity_id, e.version,
+                      e.occurred_at, e.published_at, orjson.dumps(e.attributes).decode(), None,
+                      "data_simulator") for e in events],
+            columns=["event_id", "event_kind", "entity_type", "entity_id", "version",
+                     "occurred_at", "published_at", "attributes", "reason", "source"],
+        )
+        await conn.executemany(
+            "INSERT INTO kpi_results (kpi_code, window_start, window_end, dimensions, dims_key,"
+            " value, sample_count, definition_version, computed_at, stored_at, forwarded)"
+            " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, now() - interval '1 hour',"
+            " true)",
+            [(r.kpi_code, r.window_start, r.window_end, orjson.dumps(r.dimensions).decode(),
+              orjson.dumps(r.dimensions, option=orjson.OPT_SORT_KEYS).decode(), r.value,
+              r.sample_count, r.definition_version, r.computed_at) for r in results],
+        )
+    finally:
+        await conn.close()
+    w = World(database_url, definitions_dir, results, s3_server, s3_bucket, redis_url)
+    w.put_lake(results, batch="b1")
+    yield w
+
+
+OPTIONS = Options(start=None, end=None, kpis=None, skip_lake=False, json=False)
+
+
+async def test_clean_data_verifies(world: World) -> None:
+    assert len(world.results) > 150
+    assert {r.kpi_code for r in world.results} == {d["code"] for d in DEFINITIONS}
+    report = await verify(world.settings(), OPTIONS)
+    assert report.mismatches == []
+    assert report.ok
+    compared = sum(k.compared for k in report.kpis)
+    assert compared == len(world.results)
+    assert sum(k.matched for k in report.kpis) == compared
+    assert sum(k.open_windows_skipped for k in report.kpis) == 0
+    assert report.lake["results_checked"] == len(world.results)
+
+
+async def test_wrong_value_and_missing_window_are_reported(world: World) -> None:
+    wrong = next(r for r in world.results if r.kpi_code == "revenue" and r.value > 100)
+    gone = next(r for r in world.results if r.kpi_code == "orders_completed")
+    conn = await asyncpg.connect(world.database_url)
+    try:
+        await conn.execute(
+            "UPDATE kpi_results SET value = value * (1 + 1e-6) WHERE kpi_code = $1 AND "
+            "window_start = $2", wrong.kpi_code, wrong.window_start)
+        await conn.execute(
+            "DELETE FROM kpi_results WHERE kpi_code = $1 AND window_start = $2 AND "
+            "dimensions = $3::jsonb", gone.kpi_code, gone.window_start,
+            orjson.dumps(gone.dimensions).decode())
+    finally:
+        await conn.close()
+    report = await verify(world.settings(), OPTIONS)
+    problems = {(m.problem, m.kpi_code, m.window_start) for m in report.mismatches}
+    assert ("wrong_value", "revenue", wrong.window_start) in problems
+    assert ("missing_window", "orders_completed", gone.window_start) in problems
+    # the lake still holds the original value of the changed result
+    assert ("lake_value_mismatch", "revenue", wrong.window_start) in problems
+    assert len(report.mismatches) == 3
+
+
+async def test_cli_exit_codes_table_and_json(world: World) -> None:
+    async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "analytics_engine.cli", "verify", *args,
+            env={**os.environ, **(env or world.env())},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, _ = await cli()
+    assert code == 0, out
+    assert out.rstrip().endswith("OK")
+
+    # a duplicate in the lake: the same results archived a second time
+    world.put_lake([r for r in world.results if r.kpi_code == "max_amount"][:2], batch="b2")
+    code, out, _ = await cli()
+    assert code == 1
+    assert "duplicate_in_lake" in out and "max_amount" in out
+    code, out, _ = await cli("--json", "--kpi", "max_amount")
+    assert code == 1
+    data = orjson.loads(out)
+    assert data["ok"] is False
+    assert [m["problem"] for m in data["mismatches"]] == ["duplicate_in_lake"] * 2
+    assert data["summary"]["kpis"][0]["kpi_code"] == "max_amount"
+    code, out, _ = await cli("--skip-lake")
+    assert code == 0
+
+    code, out, err = await cli(
+        env={**world.env(), "DATABASE_URL": "postgresql://x:y@127.0.0.1:9/nothing"}
+    )
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "cannot connect to PostgreSQL" in err
+    code, _, err = await cli("--kpi", "nope")
+    assert code == 2 and "unknown KPI code" in err

@@ -1,0 +1,104 @@
+"""Pure comparison logic of `analytics-engine verify`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from analytics_engine.kpi.definitions import KPIDefinition
+from analytics_engine.verify.compare import (
+    ResultRow,
+    canonical_dims,
+    compare_kpi,
+    compare_lake,
+    duplicate_events,
+    is_open,
+    same_value,
+)
+from analytics_engine.verify.report import Report, render_json, render_text
+from analytics_engine.verify.sql import recompute_query
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+MIN = timedelta(minutes=1)
+
+
+def row(i: int, value: float = 1.0, *, n: int = 1, dims: str = "{}",
+        version: int | None = None) -> ResultRow:
+    return ResultRow("k", T0 + i * MIN, T0 + (i + 1) * MIN, dims, value, n, version)
+
+
+def test_canonical_dims_merges_json_number_spellings() -> None:
+    assert canonical_dims({"b": 1.0, "a": "x"}) == canonical_dims({"a": "x", "b": 1})
+    assert canonical_dims({"b": True}) != canonical_dims({"b": 1})
+    assert canonical_dims(None) == "{}"
+
+
+def test_same_value_tolerance() -> None:
+    assert same_value(1e6, 1e6 * (1 + 5e-10))
+    assert not same_value(1e6, 1e6 * (1 + 2e-9))
+    assert same_value(0.0, 5e-17)
+
+
+def test_compare_kpi_reports_each_kind_of_problem() -> None:
+    expected = [row(0, 5.0, n=2), row(1, 3.0), row(2, 7.0, n=3), row(3, 1.0)]
+    stored = [row(0, 5.0, n=2), row(1, 3.5), row(2, 7.0, n=4), row(4, 9.0), row(4, 9.0)]
+    result = compare_kpi("k", expected, stored, lateness=timedelta(0),
+                         watermark=T0 + 10 * MIN, definition_version=None)
+    problems = sorted((m.problem, m.window_start) for m in result.mismatches)
+    assert problems == sorted([
+        ("wrong_value", T0 + MIN),
+        ("wrong_sample_count", T0 + 2 * MIN),
+        ("extra_window", T0 + 4 * MIN),
+        ("duplicate_result", T0 + 4 * MIN),
+        ("missing_window", T0 + 3 * MIN),
+    ])
+    assert result.summary is not None and result.summary.matched == 1
+
+
+def test_open_windows_and_other_versions_are_skipped() -> None:
+    expected = [row(0), row(1), row(5, 2.0)]
+    stored = [row(0), row(1, 4.0, version=1), row(5, 9.0, version=2)]
+    result = compare_kpi("k", expected, stored, lateness=timedelta(seconds=30),
+                         watermark=T0 + 5 * MIN, definition_version=2)
+    assert result.mismatches == []
+    assert result.summary is not None
+    assert result.summary.open_windows_skipped == 1
+    assert result.summary.other_version_skipped == 1
+    assert is_open(T0 + MIN, timedelta(seconds=1), T0 + MIN)
+    assert not is_open(T0 + MIN, timedelta(0), T0 + MIN)
+    assert is_open(T0, timedelta(0), None)
+
+
+def test_compare_lake() -> None:
+    stored = [row(0, 1.0), row(1, 2.0), row(2, 3.0), row(3, 4.0)]
+    lake = [row(0, 1.0), row(1, 2.0), row(1, 2.0), row(2, 3.5), row(9, 1.0), row(9, 1.0)]
+    problems = sorted((m.problem, m.window_start) for m in compare_lake(stored, lake))
+    assert problems == [
+        ("duplicate_in_lake", T0 + MIN),
+        ("duplicate_in_lake", T0 + 9 * MIN),
+        ("lake_value_mismatch", T0 + 2 * MIN),
+        ("missing_in_lake", T0 + 3 * MIN),
+    ]
+    assert [m.stored for m in duplicate_events(["a", "b", "a", "c", "a"])] == [3]
+
+
+def test_report_rendering() -> None:
+    result = compare_kpi("k", [row(0)], [], lateness=timedelta(0), watermark=T0 + MIN,
+                         definition_version=None)
+    report = Report(start=T0, end=T0 + MIN, definitions_source="test",
+                    mismatches=result.mismatches, kpis=[result.summary] if result.summary else [])
+    text = render_text(report)
+    assert "missing_window" in text and text.endswith("FAILED: 1 mismatch(es)")
+    assert '"ok": false' in render_json(report)
+
+
+def test_recompute_query_shape() -> None:
+    definition = KPIDefinition.model_validate({
+        "code": "rev", "display_name": "R", "entity_type": "order", "aggregation": "sum",
+        "field": "amount", "filter": "status == 'done'", "group_by": ["region"],
+        "window": {"type": "sliding", "size": "2m", "slide": "1m", "allowed_lateness": "5s"},
+    })
+    query = recompute_query(definition, start=T0, end=T0 + 10 * MIN)
+    assert query.params[:1] == ["order"] and query.params[-1] == "done"
+    assert "$5::text" in query.sql
+    assert f"p_us < ws_us + {125_000_000}" in query.sql
+    assert query.group_by == ("region",) and query.size_us == 120_000_000
