@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_engine.core.channels import channel_spec, dead_letter_key, stream_key
-from analytics_engine.core.envelopes import Event, new_id, utcnow, validation_summary
+from analytics_engine.core.envelopes import Event, MalformedMessage, new_id, parse_event, utcnow
 from analytics_engine.core.errors import TransientError
 from analytics_engine.core.logs import correlation_id_var
 
@@ -102,12 +101,6 @@ class EventPublisher:
         pipe = self._redis.pipeline(transaction=True)
         self.add_to_pipeline(pipe, events)
         await pipe.execute()
-        if self._metrics is not None:
-            per_channel: dict[str, int] = {}
-            for event in events:
-                per_channel[event.event_type] = per_channel.get(event.event_type, 0) + 1
-            for channel, count in per_channel.items():
-                self._metrics.published.labels(channel).inc(count)
 
     def add_to_pipeline(self, pipe: Pipeline, events: Sequence[Event]) -> None:
         """Queue the commands publishing `events` on a caller's pipeline (used to publish and
@@ -122,6 +115,12 @@ class EventPublisher:
                     approximate=True,
                 )
             pipe.publish(event.event_type, data)
+        if self._metrics is not None:
+            per_channel: dict[str, int] = {}
+            for event in events:
+                per_channel[event.event_type] = per_channel.get(event.event_type, 0) + 1
+            for channel, count in per_channel.items():
+                self._metrics.published.labels(channel).inc(count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +215,9 @@ class DurableConsumer:
             if not channel_spec(channel).durable:
                 raise ValueError(f"{channel} is not a durable channel")
         self._redis = redis
+        # redis-py's stream signatures are stricter than the values it returns; stream calls
+        # go through this untyped alias rather than a cast at every call site.
+        self._streams: Any = redis
         self.channels = tuple(channels)
         self.group = group
         self.consumer = consumer
@@ -277,8 +279,8 @@ class DurableConsumer:
         """Re-deliver what this consumer read but never acknowledged before it stopped."""
         cursor = dict.fromkeys(self._keys, b"0")
         while not self._stopping.is_set():
-            reply = await self._redis.xreadgroup(
-                self.group, self.consumer, cursor, count=self._batch  # type: ignore[arg-type]
+            reply = await self._streams.xreadgroup(
+                self.group, self.consumer, cursor, count=self._batch
             )
             entries = [(key, e) for key, e in _entries(reply) if e[1]]
             if not entries:
@@ -305,14 +307,33 @@ class DurableConsumer:
             await self._dispatch(entries, redelivered=False)
 
     async def _claim_abandoned(self) -> None:
+        """Take over entries a dead peer left pending. Our own pending entries are not taken
+        (a consumer that acknowledges late, at a checkpoint, still holds them on purpose)."""
         for key in self._keys:
-            result = await self._redis.xautoclaim(
-                key, self.group, self.consumer, self._claim_idle_ms, b"0-0", count=self._batch
+            pending = await self._streams.xpending_range(
+                key, self.group, min="-", max="+", count=self._batch, idle=self._claim_idle_ms
             )
-            claimed: list[Entry] = [e for e in result[1] if e[1]]
-            if claimed:
-                log.info("claimed abandoned events", extra={"count": len(claimed)})
-                await self._dispatch([(key, e) for e in claimed], redelivered=True)
+            ids = [p["message_id"] for p in pending if _text(p["consumer"]) != self.consumer]
+            if not ids:
+                continue
+            claimed = await self._streams.xclaim(
+                key, self.group, self.consumer, self._claim_idle_ms, ids
+            )
+            entries: list[Entry] = [e for e in claimed if e[1]]
+            if entries:
+                log.info("claimed abandoned events", extra={"count": len(entries)})
+                await self._dispatch([(key, e) for e in entries], redelivered=True)
+
+    async def keep_alive(self, deliveries: Sequence[Delivery]) -> None:
+        """Reset the idle time of deliveries this consumer still holds (buffered for a later
+        acknowledgement), so peers do not claim them and their delivery count stays put."""
+        by_channel: dict[str, list[bytes]] = {}
+        for d in deliveries:
+            by_channel.setdefault(d.channel, []).append(d.id)
+        for channel, ids in by_channel.items():
+            await self._streams.xclaim(
+                stream_key(channel), self.group, self.consumer, 0, ids, justid=True
+            )
 
     async def _update_lag(self) -> None:
         if self._metrics is None:
@@ -360,10 +381,9 @@ class DurableConsumer:
             channel = self._keys[key]
             raw = fields.get(FIELD, b"")
             try:
-                event = Event.model_validate_json(raw)
-            except ValidationError as exc:
-                reason = f"malformed event: {validation_summary(exc)}"
-                malformed.append((key, entry_id, raw, reason))
+                event = parse_event(raw)
+            except MalformedMessage as exc:
+                malformed.append((key, entry_id, raw, f"malformed event: {exc}"))
                 continue
             attempt = attempts.get(entry_id, 1)
             if attempt > self._max_deliveries:
@@ -399,6 +419,8 @@ class DurableConsumer:
                     return  # stays pending; redelivered after restart
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 1.0)  # resume soon after the dependency is back
+            except REDIS_ERRORS:
+                raise  # the bus itself is down: `run` reconnects and re-reads what is pending
             except Exception as exc:
                 if len(deliveries) == 1:
                     await self._retry_single(deliveries[0], exc)
@@ -422,6 +444,8 @@ class DurableConsumer:
                 return
             except TransientError:
                 attempt -= 1  # an outage is not the event's fault
+            except REDIS_ERRORS:
+                raise
             except Exception as exc:
                 reason = _describe(exc)
         await self._dead_letter(delivery, f"handler failed {attempt} times: {reason}")
@@ -483,6 +507,10 @@ class DurableConsumer:
                 self._metrics.consumed.labels(channel, self.group).inc(len(ids))
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc)[:500]}"
 
@@ -522,8 +550,9 @@ class LiveSubscription:
         self.subscribed = asyncio.Event()
 
     async def start(self) -> None:
-        name = ",".join(self._channels + self._patterns)
-        self._task = asyncio.create_task(self._run(), name=f"sub:{name}")
+        if self._task is None:
+            name = ",".join(self._channels + self._patterns)
+            self._task = asyncio.create_task(self._run(), name=f"sub:{name}")
         await self.subscribed.wait()
 
     async def stop(self) -> None:
@@ -531,6 +560,8 @@ class LiveSubscription:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+            self.subscribed.clear()
 
     def _deliver(self, message: dict[str, Any]) -> None:
         if self._with_channel:

@@ -87,8 +87,9 @@ class RequestReplyClient:
 
     async def start(self) -> None:
         if not self._started:
-            await self._subscription.start()
             self._started = True
+            await self._subscription.start()
+        await self._subscription.subscribed.wait()
 
     async def close(self) -> None:
         await self._subscription.stop()
@@ -121,8 +122,13 @@ class RequestReplyClient:
         Raises `NoResponder` (nobody subscribed to `channel`), `RequestTimeout`, or
         `RemoteError` (error reply, with its `code`).
         """
-        await self.start()
         timeout = self._default_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self.start(), timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the bus is unreachable: cannot listen on {self.reply_to}"
+            ) from None
         cid = correlation_id or correlation_id_var.get() or new_id()
         if cid in self._pending:
             cid = new_id()
@@ -317,9 +323,7 @@ class RequestReplyServer:
         try:
             if not await self._redis.set(claim, self._instance, nx=True, px=CLAIM_TTL_MS):
                 return
-            await self._dead.add(
-                channel=self.channel, reason=reason, original=raw, kind="request"
-            )
+            await self._dead.add(channel=self.channel, reason=reason, original=raw, kind="request")
             if isinstance(reply_to, str) and reply_to.startswith(REPLY_PREFIX):
                 response = Response(
                     correlation_id=str(cid) if isinstance(cid, str | int) and cid != "" else "",
