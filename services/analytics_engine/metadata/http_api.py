@@ -92,6 +92,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             code = "not_found" if exc.status == 404 else exc.reason.lower().replace(" ", "_")
             return error_response(exc.status, code, exc.reason, headers=None)
         raise
+    except Exception:
+        log.exception("unexpected error while serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the service log")
 
 
 async def read_json(request: web.Request) -> Any:

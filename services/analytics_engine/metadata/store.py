@@ -385,7 +385,12 @@ class MetadataStore:
             raise PreconditionFailed(f"{kind.label} {key!r} {failure}", current)
         if exists and row["spec"] == spec:
             return PutResult(Stored(key, row["version"], spec, row["updated_at"]), False, False)
-        version = int(row["version"]) + 1
+        # Versions never go backwards while history survives, even if the current row was lost
+        # (a partial restore): continue after the highest recorded version.
+        recorded = await conn.fetchval(
+            f"SELECT coalesce(max(version), 0) FROM {kind.history} WHERE {kind.key} = $1", key
+        )
+        version = max(int(row["version"]), int(recorded)) + 1
         updated_at = await conn.fetchval(
             f"UPDATE {kind.table} SET version = $2, spec = $3, updated_at = now(), "
             f"created_at = CASE WHEN deleted_at IS NULL THEN created_at ELSE now() END, "
