@@ -21,9 +21,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from pydantic import ValidationError
-
 from analytics_engine.core.bus import (
     REDIS_ERRORS,
     DeadLetters,
@@ -32,11 +29,15 @@ from analytics_engine.core.bus import (
 )
 from analytics_engine.core.channels import request_claim_key
 from analytics_engine.core.envelopes import (
+    MalformedMessage,
     Request,
     Response,
+    assemble,
+    dumps,
     new_id,
+    parse_request,
+    parse_response,
     utcnow,
-    validation_summary,
 )
 from analytics_engine.core.errors import (
     HandlerError,
@@ -58,10 +59,6 @@ RequestHandler = Callable[[Request], Awaitable[Mapping[str, Any]]]
 
 REPLY_PREFIX = "reply."
 CLAIM_TTL_MS = 120_000
-
-
-def _dump(model: Request | Response) -> bytes:
-    return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
 
 
 class RequestReplyClient:
@@ -100,8 +97,8 @@ class RequestReplyClient:
 
     def _on_reply(self, raw: bytes) -> None:
         try:
-            response = Response.model_validate_json(raw)
-        except ValidationError:
+            response = parse_response(raw)
+        except MalformedMessage:
             log.warning("ignored a malformed reply", extra={"reply_to": self.reply_to})
             return
         future = self._pending.get(response.correlation_id)
@@ -132,21 +129,25 @@ class RequestReplyClient:
         cid = correlation_id or correlation_id_var.get() or new_id()
         if cid in self._pending:
             cid = new_id()
-        request = Request(
-            correlation_id=cid,
-            reply_to=self.reply_to,
-            request_type=request_type,
-            source=self._service,
-            timestamp=utcnow(),
-            payload=dict(payload or {}),
-            deadline=utcnow() + timedelta(seconds=timeout),
+        now = utcnow()
+        request = assemble(
+            Request,
+            {
+                "correlation_id": cid,
+                "reply_to": self.reply_to,
+                "request_type": request_type,
+                "source": self._service,
+                "timestamp": now,
+                "payload": dict(payload or {}),
+                "deadline": now + timedelta(seconds=timeout),
+            },
         )
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._pending[cid] = future
         started = time.perf_counter()
         outcome = "error"
         try:
-            receivers = await self._redis.publish(channel, _dump(request))
+            receivers = await self._redis.publish(channel, dumps(request))
             if receivers == 0:
                 outcome = "no_responder"
                 raise NoResponder(f"no service is listening on {channel}")
@@ -226,9 +227,9 @@ class RequestReplyServer:
 
     async def _serve(self, raw: bytes) -> None:
         try:
-            request = Request.model_validate_json(raw)
-        except ValidationError as exc:
-            await self._reject_malformed(raw, f"invalid request: {validation_summary(exc)}")
+            request = parse_request(raw)
+        except MalformedMessage as exc:
+            await self._reject_malformed(raw, f"invalid request: {exc}")
             return
         if not request.reply_to.startswith(REPLY_PREFIX):
             await self._reject_malformed(raw, f"reply_to must start with {REPLY_PREFIX!r}")
@@ -245,7 +246,7 @@ class RequestReplyServer:
                     return  # another replica has it, or its caller already gave up
                 response = await self._execute(request)
             with contextlib.suppress(*REDIS_ERRORS):
-                await self._redis.publish(request.reply_to, _dump(response))
+                await self._redis.publish(request.reply_to, dumps(response))
         finally:
             correlation_id_var.reset(token)
 
@@ -289,21 +290,28 @@ class RequestReplyServer:
                     time.perf_counter() - started
                 )
         self._count(request, "ok")
-        return Response(
-            correlation_id=request.correlation_id,
-            source=self._source,
-            timestamp=utcnow(),
-            payload=dict(payload),
-        )
+        return self._response(request.correlation_id, payload=dict(payload))
 
     def _error(self, request: Request, message: str, code: str) -> Response:
-        return Response(
-            correlation_id=request.correlation_id,
-            source=self._source,
-            timestamp=utcnow(),
-            error=message,
-            error_code=code,
-        )
+        return self._response(request.correlation_id, error=message, error_code=code)
+
+    def _response(
+        self,
+        correlation_id: str,
+        *,
+        payload: dict[str, Any] | None = None,
+        error: str | None = None,
+        error_code: str | None = None,
+    ) -> Response:
+        fields = {
+            "correlation_id": correlation_id,
+            "source": self._source,
+            "timestamp": utcnow(),
+            "payload": payload,
+            "error": error,
+            "error_code": error_code,
+        }
+        return assemble(Response, fields)
 
     def _count(self, request: Request, outcome: str) -> None:
         if self._metrics is not None:
@@ -325,14 +333,12 @@ class RequestReplyServer:
                 return
             await self._dead.add(channel=self.channel, reason=reason, original=raw, kind="request")
             if isinstance(reply_to, str) and reply_to.startswith(REPLY_PREFIX):
-                response = Response(
-                    correlation_id=str(cid) if isinstance(cid, str | int) and cid != "" else "",
-                    source=self._source,
-                    timestamp=utcnow(),
+                response = self._response(
+                    str(cid) if isinstance(cid, str | int) and cid != "" else "",
                     error=reason,
                     error_code="invalid_request",
                 )
-                await self._redis.publish(reply_to, _dump(response))
+                await self._redis.publish(reply_to, dumps(response))
         except REDIS_ERRORS:
             log.warning("could not record a malformed request, redis unavailable")
         if self._metrics is not None:

@@ -7,7 +7,16 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from analytics_engine.core.envelopes import Event, MalformedMessage, parse_event
+from analytics_engine.core.envelopes import (
+    Event,
+    MalformedMessage,
+    Request,
+    Response,
+    dumps,
+    parse_event,
+    parse_request,
+    parse_response,
+)
 
 GOOD = {
     "event_id": "e-1",
@@ -48,3 +57,63 @@ def test_malformed_events_are_rejected_with_the_field_named(raw: bytes, message:
 def test_naive_timestamps_are_taken_as_utc() -> None:
     event = parse_event(orjson.dumps({**GOOD, "timestamp": "2024-01-01T00:00:00"}))
     assert event.timestamp.tzinfo is not None
+
+
+def test_trusted_construction_equals_pydantic_construction() -> None:
+    fields = {**GOOD, "timestamp": datetime(2024, 1, 1, tzinfo=UTC)}
+    fast = Event.trusted(**fields, extra={"trace": "t-1"})  # type: ignore[arg-type]
+    slow = Event.model_construct(**fields, trace="t-1")
+    assert fast == slow
+    assert fast.model_dump() == slow.model_dump()
+    assert fast.model_extra == {"trace": "t-1"}
+    assert fast.model_fields_set == {"event_id", "event_type", "source", "timestamp", "payload"}
+
+
+REQUEST = {
+    "correlation_id": "c-1",
+    "reply_to": "reply.calculation_engine.i1",
+    "request_type": "execute_query",
+    "source": "calculation_engine",
+    "timestamp": "2024-01-01T00:00:00Z",
+    "payload": {"sql": "SELECT 1"},
+}
+
+
+def test_requests_and_responses_parse_like_the_models_and_round_trip() -> None:
+    raw = orjson.dumps(REQUEST)
+    fast = parse_request(raw)
+    assert fast.model_dump() == Request.model_validate_json(raw).model_dump()
+    assert orjson.loads(dumps(fast)) == REQUEST  # no deadline: left out, spec-shaped
+    reply = {
+        "correlation_id": "c-1",
+        "source": "database_service",
+        "timestamp": "2024-01-01T00:00:00Z",
+        "error": "nope",
+        "error_code": "bad",
+    }
+    parsed = parse_response(orjson.dumps(reply))
+    assert parsed.model_dump() == Response.model_validate(reply).model_dump()
+    assert orjson.loads(dumps(parsed)) == reply
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {k: v for k, v in REQUEST.items() if k != "reply_to"},
+        {**REQUEST, "payload": "x"},
+        {**REQUEST, "deadline": "soon"},
+        {**REQUEST, "request_type": ""},
+    ],
+)
+def test_broken_requests_are_rejected_like_pydantic_does(broken: dict[str, object]) -> None:
+    raw = orjson.dumps(broken)
+    with pytest.raises(MalformedMessage):
+        parse_request(raw)
+    with pytest.raises(ValueError):
+        Request.model_validate_json(raw)
+
+
+def test_a_response_needs_exactly_one_of_payload_or_error() -> None:
+    for body in ({"correlation_id": "c"}, {"correlation_id": "c", "payload": {}, "error": "e"}):
+        with pytest.raises(MalformedMessage):
+            parse_response(orjson.dumps(body))
