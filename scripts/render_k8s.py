@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Regenerate everything derived from the Helm chart; `--check` fails on drift (CI).
 
-1. `charts/analytics-engine/crds/` and `files/samples/` from `k8s/` (scripts/sync_crds.py).
+1. `charts/analytics-engine/crds/` and `files/samples/` from `k8s/` (scripts/sync_crds.py), and
+   `files/redis-acl-rules.txt` from `analytics_engine.core.acl` (scripts/render_redis_acl.py).
 2. `values.schema.json` and the README's values table from the `## @param` comments of
    `values.yaml` (every value must be documented; the schema rejects unknown keys).
 3. `k8s/base/`: the chart rendered with `helm template` for users without Helm - a kustomize
@@ -31,6 +32,7 @@ CHART = ROOT / "charts" / "analytics-engine"
 BASE = ROOT / "k8s" / "base"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import render_redis_acl  # noqa: E402
 import sync_crds  # noqa: E402
 
 # --------------------------------------------------------------------------- values docs
@@ -203,6 +205,16 @@ BASE_VALUES = {
     "minio": {"auth": {"existingSecret": CREDENTIALS}},
     "gateway": {"auth": {"existingSecret": CREDENTIALS}},
 }
+
+
+def _redis_password_lines() -> str:
+    """`--from-literal` lines of the Redis users' passwords (healthcheck and each service)."""
+    users = ["healthcheck", *render_redis_acl.parse_rules(render_redis_acl.rules_text())]
+    return "".join(
+        f'  --from-literal=redis-password-{user}="$(openssl rand -hex 24)" \\\n' for user in users
+    )
+
+
 BASE_README = f"""\
 # Plain manifests (kustomize base)
 
@@ -217,7 +229,7 @@ The manifests read every credential from the Secret `{CREDENTIALS}`, which you c
 kubectl create namespace {NAMESPACE}
 kubectl -n {NAMESPACE} create secret generic {CREDENTIALS} \\
   --from-literal=redis-password="$(openssl rand -hex 24)" \\
-  --from-literal=postgres-password="$(openssl rand -hex 24)" \\
+{_redis_password_lines()}  --from-literal=postgres-password="$(openssl rand -hex 24)" \\
   --from-literal=password="$(openssl rand -hex 24)" \\
   --from-literal=readonly-password="$(openssl rand -hex 24)" \\
   --from-literal=root-user="admin$(openssl rand -hex 4)" \\
@@ -227,6 +239,11 @@ kubectl -n {NAMESPACE} create secret generic {CREDENTIALS} \\
   --from-literal=gateway-api-keys="$(openssl rand -hex 20):admin"
 kubectl apply -k k8s/        # the CRD (k8s/crds) and this base
 ```
+
+Redis runs with one ACL user per service (`analytics_engine.core.acl`); `redis-password` is
+the `admin` user's, `redis-password-<user>` each service's own (the pod of a service gets only
+its key) and `redis-password-healthcheck` the probes'. The Redis pod's init container joins
+them with the rules of the ConfigMap `{RELEASE}-redis-acl-rules` into its ACL file.
 
 The Job `{RELEASE}-minio-setup` (a Helm hook in the chart) creates the bucket and the
 application's MinIO user; it is idempotent and removes itself an hour after it finished.
@@ -296,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     drift = sync_crds.main(["--check"] if args.check else [])
+    # The ACL rules before `helm template`, which reads them.
+    drift |= render_redis_acl.main(["--check"] if args.check else [])
     # The docs first: values.schema.json takes part in `helm template`.
     for renderer in (render_docs, render_base):
         wanted = renderer()

@@ -145,7 +145,80 @@ alphanumeric string (URL-safe, so it can be embedded in REDIS_URL / DATABASE_URL
 {{- ternary 6379 .Values.externalRedis.port .Values.redis.enabled -}}
 {{- end -}}
 
-{{/* Secret holding the Redis password; empty when Redis has no authentication. */}}
+{{/*
+The Redis ACL user of an application component: the service's bus `source` name
+(analytics_engine.cli.SERVICES), which is also its user in analytics_engine.core.acl.
+*/}}
+{{- define "analytics-engine.redis.user" -}}
+{{- $users := dict "gateway" "api_gateway" "simulator" "data_simulator" "calculation" "calculation_engine" "metadata" "metadata_service" "database" "database_service" "archival" "archival_service" "observability" "observability_service" -}}
+{{- required (printf "component %s has no Redis ACL user" .) (get $users .) -}}
+{{- end -}}
+
+{{/*
+The service users' ACL rules from files/redis-acl-rules.txt (generated from
+analytics_engine.core.acl by scripts/render_redis_acl.py), as YAML: a list of {user, rules}.
+*/}}
+{{- define "analytics-engine.redis.aclRules" -}}
+{{- $entries := list -}}
+{{- range $line := splitList "\n" (.Files.Get "files/redis-acl-rules.txt") -}}
+{{- $line = trim $line -}}
+{{- if and $line (not (hasPrefix "#" $line)) -}}
+{{- $parts := splitn " " 2 $line -}}
+{{- $entries = append $entries (dict "user" $parts._0 "rules" $parts._1) -}}
+{{- end -}}
+{{- end -}}
+{{- if not $entries -}}
+{{- fail "files/redis-acl-rules.txt is empty: run scripts/render_redis_acl.py" -}}
+{{- end -}}
+{{- toYaml $entries -}}
+{{- end -}}
+
+{{/* Every user of the in-chart Redis that has a password: admin, healthcheck, then the services. */}}
+{{- define "analytics-engine.redis.passwordUsers" -}}
+{{- $users := list "admin" "healthcheck" -}}
+{{- range (include "analytics-engine.redis.aclRules" . | fromYamlArray) -}}
+{{- $users = append $users .user -}}
+{{- end -}}
+{{- toYaml $users -}}
+{{- end -}}
+
+{{/*
+The Secret key of one Redis user's password. Call with (dict "user" "api_gateway" "context" $):
+the admin password lives under existingSecretPasswordKey (`redis-password`, the chart's key
+from before the ACL users), every other user under <userPasswordKeyPrefix><user>.
+*/}}
+{{- define "analytics-engine.redis.passwordKey" -}}
+{{- $auth := ternary .context.Values.redis.auth .context.Values.externalRedis .context.Values.redis.enabled -}}
+{{- if eq .user "admin" -}}
+{{- $auth.existingSecretPasswordKey -}}
+{{- else -}}
+{{- printf "%s%s" $auth.userPasswordKeyPrefix .user -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The ACL file of the in-chart Redis, from a dict user -> password. Call with
+(dict "passwords" $passwords "context" $). The same lines as analytics_engine.core.acl.acl_file
+plus `healthcheck`, which may only PING (the probes' user).
+*/}}
+{{- define "analytics-engine.redis.aclFile" -}}
+user default off
+user admin on >{{ get .passwords "admin" }} ~* &* +@all
+user healthcheck on >{{ get .passwords "healthcheck" }} {{ include "analytics-engine.redis.healthcheckRules" . }}
+{{- range (include "analytics-engine.redis.aclRules" .context | fromYamlArray) }}
+user {{ .user }} on >{{ get $.passwords .user }} {{ .rules }}
+{{- end }}
+{{ end -}}
+
+{{/* The ACL rules of the probes' user. */}}
+{{- define "analytics-engine.redis.healthcheckRules" -}}
+resetkeys resetchannels -@all +ping
+{{- end -}}
+
+{{/*
+Secret holding the Redis passwords; empty when Redis has no authentication (external Redis
+without ACL users and without a password).
+*/}}
 {{- define "analytics-engine.redis.secretName" -}}
 {{- if .Values.redis.enabled -}}
 {{- .Values.redis.auth.existingSecret | default (include "analytics-engine.componentName" (dict "component" "redis" "context" .)) -}}
@@ -156,31 +229,42 @@ alphanumeric string (URL-safe, so it can be embedded in REDIS_URL / DATABASE_URL
 {{- end -}}
 {{- end -}}
 
-{{/* Key of the Redis password in its Secret. */}}
-{{- define "analytics-engine.redis.secretKey" -}}
-{{- if .Values.redis.enabled -}}
-{{- .Values.redis.auth.existingSecretPasswordKey -}}
-{{- else -}}
-{{- .Values.externalRedis.existingSecretPasswordKey -}}
-{{- end -}}
+{{/* Whether each service connects as its own ACL user (always with the in-chart Redis). */}}
+{{- define "analytics-engine.redis.aclUsers" -}}
+{{- if or .Values.redis.enabled .Values.externalRedis.aclUsers -}}true{{- end -}}
 {{- end -}}
 
-{{/* env entries REDIS_PASSWORD and REDIS_URL (the password is expanded in the pod, never rendered). */}}
+{{/*
+env entries REDIS_PASSWORD and REDIS_URL of one application component. With ACL users the
+component connects as its own user with its own password (the one Secret key it is given);
+the password is expanded in the pod, never rendered. Call with (dict "component" "gateway" "context" $).
+*/}}
 {{- define "analytics-engine.redis.env" -}}
-{{- $scheme := ternary "rediss" "redis" (and (not .Values.redis.enabled) .Values.externalRedis.tls) -}}
-{{- $db := ternary 0 .Values.externalRedis.db .Values.redis.enabled -}}
-{{- $secret := include "analytics-engine.redis.secretName" . -}}
-{{- if $secret }}
+{{- $ctx := .context -}}
+{{- $scheme := ternary "rediss" "redis" (and (not $ctx.Values.redis.enabled) $ctx.Values.externalRedis.tls) -}}
+{{- $db := ternary 0 $ctx.Values.externalRedis.db $ctx.Values.redis.enabled -}}
+{{- $endpoint := printf "%s:%v/%v" (include "analytics-engine.redis.host" $ctx) (include "analytics-engine.redis.port" $ctx) $db -}}
+{{- $secret := include "analytics-engine.redis.secretName" $ctx -}}
+{{- if include "analytics-engine.redis.aclUsers" $ctx }}
+{{- $user := include "analytics-engine.redis.user" .component }}
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ $secret }}
-      key: {{ include "analytics-engine.redis.secretKey" . }}
+      key: {{ include "analytics-engine.redis.passwordKey" (dict "user" $user "context" $ctx) }}
 - name: REDIS_URL
-  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s:%v/%v" $scheme (include "analytics-engine.redis.host" .) (include "analytics-engine.redis.port" .) $db | quote }}
+  value: {{ printf "%s://%s:$(REDIS_PASSWORD)@%s" $scheme $user $endpoint | quote }}
+{{- else if $secret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $ctx.Values.externalRedis.existingSecretPasswordKey }}
+- name: REDIS_URL
+  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s" $scheme $endpoint | quote }}
 {{- else }}
 - name: REDIS_URL
-  value: {{ printf "%s://%s:%v/%v" $scheme (include "analytics-engine.redis.host" .) (include "analytics-engine.redis.port" .) $db | quote }}
+  value: {{ printf "%s://%s" $scheme $endpoint | quote }}
 {{- end }}
 {{- end -}}
 
@@ -409,7 +493,7 @@ spec:
             - name: {{ include "analytics-engine.portEnvName" .component }}
               value: {{ $values.port | quote }}
             {{- if ne .component "operator" }}
-            {{- include "analytics-engine.redis.env" $ctx | nindent 12 }}
+            {{- include "analytics-engine.redis.env" (dict "component" .component "context" $ctx) | nindent 12 }}
             {{- end }}
             {{- with .env }}
             {{- . | nindent 12 }}
@@ -684,6 +768,12 @@ spec:
 {{- $v := .Values -}}
 {{- if and (not $v.redis.enabled) (not $v.externalRedis.host) -}}
 {{- $errors = append $errors "redis.enabled=false needs externalRedis.host" -}}
+{{- end -}}
+{{- if and (not $v.redis.enabled) $v.externalRedis.aclUsers (not $v.externalRedis.existingSecret) -}}
+{{- $errors = append $errors (printf "externalRedis.aclUsers needs externalRedis.existingSecret with one password per service user (keys %s<user>, see the chart README), or externalRedis.aclUsers=false for one shared password" $v.externalRedis.userPasswordKeyPrefix) -}}
+{{- end -}}
+{{- if and (not $v.redis.enabled) $v.externalRedis.aclUsers $v.externalRedis.password -}}
+{{- $errors = append $errors "externalRedis.password is the shared password of externalRedis.aclUsers=false; with ACL users put the services' passwords in externalRedis.existingSecret" -}}
 {{- end -}}
 {{- if and (not $v.timescaledb.enabled) (not $v.externalDatabase.host) -}}
 {{- $errors = append $errors "timescaledb.enabled=false needs externalDatabase.host" -}}

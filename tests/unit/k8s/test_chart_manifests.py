@@ -6,6 +6,7 @@ Each value set is rendered once per session (`rendered` fixture). Needs the `hel
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
@@ -19,6 +20,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from analytics_engine.cli import SERVICES
+from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "analytics-engine"
@@ -41,7 +45,13 @@ CUSTOM_KINDS = {"ServiceMonitor", "KPIDefinition"}
 
 EXTERNAL = {
     "redis": {"enabled": False},
-    "externalRedis": {"host": "redis.example.com", "tls": True, "password": "s3cret"},
+    # One password shared by every service: the fallback for a Redis without ACL users.
+    "externalRedis": {
+        "host": "redis.example.com",
+        "tls": True,
+        "aclUsers": False,
+        "password": "s3cret",
+    },
     "timescaledb": {"enabled": False},
     "externalDatabase": {
         "host": "pg.example.com",
@@ -69,6 +79,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "externalS3": {"endpoint": "https://s3.example.com", "existingSecret": "s3-creds"},
         "gateway": {"auth": {"existingSecret": "gw-keys"}},
     },
+    "redis-existing-secret": {"redis": {"auth": {"existingSecret": "redis-users"}}},
     "ingress": {
         "gateway": {"ingress": {"enabled": True, "ingressClassName": "nginx", "tls": True}},
         "networkPolicy": {"allowExternal": False},
@@ -406,6 +417,178 @@ def test_external_endpoints_replace_in_chart_infrastructure() -> None:
     )
 
 
+# --------------------------------------------------------------------------- Redis ACL users
+
+# Value sets whose services connect as their own ACL user (all but the shared-password fallback).
+ACL_VALUE_SETS = sorted(set(VALUE_SETS) - {"external"})
+REDIS_KEY_PREFIX = "redis-password-"
+
+
+def _decode(secret: dict[str, Any]) -> dict[str, str]:
+    data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    return {**data, **(secret.get("stringData") or {})}
+
+
+def _redis_statefulset(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (sts,) = [
+        o for o in by_kind(objects, "StatefulSet") if o["metadata"]["name"].endswith("-redis")
+    ]
+    return sts
+
+
+def _core_acl_lines(passwords: dict[str, str], admin_password: str) -> list[str]:
+    """The core's ACL file plus the chart's probe user (after `admin`)."""
+    lines = acl_file(passwords, admin_password=admin_password).splitlines()
+    healthcheck = (
+        f"user healthcheck on >{passwords['healthcheck']} resetkeys resetchannels -@all +ping"
+    )
+    return [*lines[:2], healthcheck, *lines[2:]]
+
+
+@pytest.mark.parametrize("value_set", ACL_VALUE_SETS)
+def test_each_service_gets_only_its_own_redis_user(value_set: str) -> None:
+    seen = set()
+    for _obj, template in pod_templates(_render(value_set)):
+        name = component(template)
+        refs = [
+            e["valueFrom"]["secretKeyRef"]
+            for c in containers(template)
+            for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        ]
+        redis_keys = {r["key"] for r in refs if r["key"].startswith("redis-password")}
+        if name == "operator" or name not in APP_COMPONENTS:
+            if name != "redis":  # Redis's own probe user, tested below
+                assert not redis_keys, f"{name} has Redis credentials {redis_keys}"
+            continue
+        user = SERVICES[name].source
+        (c,) = template["spec"]["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        assert redis_keys == {f"{REDIS_KEY_PREFIX}{user}"}, name
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == REDIS_KEY_PREFIX + user
+        assert re.fullmatch(
+            rf"rediss?://{user}:\$\(REDIS_PASSWORD\)@[\w.\-]+:\d+/\d+", env["REDIS_URL"]["value"]
+        ), env["REDIS_URL"]
+        assert not template["spec"].get("volumes", []) or not any(
+            "secret" in v and "redis" in v["secret"]["secretName"]
+            for v in template["spec"]["volumes"]
+        ), name
+        seen.add(name)
+    expected = set(APP_COMPONENTS) - ({"simulator"} if value_set == "minimal" else set())
+    assert seen == expected
+
+
+def test_external_redis_with_acl_users_reads_the_existing_secret() -> None:
+    objects = _render("external-secrets")
+    assert not [s for s in by_kind(objects, "Secret") if "redis" in s["metadata"]["name"]]
+    for _obj, template in pod_templates(objects):
+        if component(template) == "gateway":
+            env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+            assert (
+                env["REDIS_URL"]["value"]
+                == "redis://api_gateway:$(REDIS_PASSWORD)@redis.example.com:6379/0"
+            )
+            assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+                "name": "redis-creds",
+                "key": "redis-password-api_gateway",
+            }
+
+
+def test_chart_redis_acl_rules_match_the_core() -> None:
+    """Drift: files/redis-acl-rules.txt is what analytics_engine.core.acl defines today
+    (fix with `python scripts/render_redis_acl.py`)."""
+    lines = [
+        line
+        for line in (CHART / "files" / "redis-acl-rules.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    expected = [f"{u} {' '.join(acl_rules(u, a))}" for u, a in SERVICE_ACCESS.items()]
+    assert lines == expected, "run: python scripts/render_redis_acl.py"
+
+
+def test_redis_loads_the_rendered_acl_file_from_its_secret(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    sts = _redis_statefulset(default_objects)
+    spec = sts["spec"]["template"]["spec"]
+    (redis,) = spec["containers"]
+    assert "--aclfile /etc/redis/acl/users.acl" in redis["args"][0]
+    assert "requirepass" not in redis["args"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["acl"]["secret"]["secretName"] == f"{RELEASE}-analytics-engine-redis"
+    assert volumes["acl"]["secret"]["items"] == [{"key": "users.acl", "path": "users.acl"}]
+    assert {"name": "acl", "mountPath": "/etc/redis/acl", "readOnly": True} in redis["volumeMounts"]
+    assert "checksum/acl-rules" in sts["spec"]["template"]["metadata"]["annotations"]
+    # The probes authenticate as `healthcheck`, which may only PING.
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert "redis-cli --user healthcheck " in redis[probe]["exec"]["command"][-1]
+    (auth,) = [e for e in redis["env"] if e["name"] == "REDISCLI_AUTH"]
+    assert auth["valueFrom"]["secretKeyRef"]["key"] == f"{REDIS_KEY_PREFIX}healthcheck"
+    assert not [e for e in redis["env"] if "PASSWORD" in e["name"]]
+
+
+def test_rendered_acl_file_is_the_cores_with_one_password_per_user(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    (secret,) = [
+        s
+        for s in by_kind(default_objects, "Secret")
+        if s["metadata"]["name"] == f"{RELEASE}-analytics-engine-redis"
+    ]
+    data = _decode(secret)
+    acl = data.pop("users.acl")
+    assert acl.splitlines()[0] == "user default off"
+    admin = data.pop("redis-password")
+    passwords = {k.removeprefix(REDIS_KEY_PREFIX): v for k, v in data.items()}
+    assert set(passwords) == {"healthcheck", *SERVICE_ACCESS}
+    assert len({admin, *passwords.values()}) == len(passwords) + 1, "passwords must differ"
+    assert acl.splitlines() == _core_acl_lines(passwords, admin)
+
+
+def test_existing_secret_acl_file_is_assembled_in_the_pod(tmp_path: Path) -> None:
+    """With redis.auth.existingSecret the init container writes the ACL file; run its script
+    against the rendered rules and compare with the core's file."""
+    objects = _render("redis-existing-secret")
+    assert not [s for s in by_kind(objects, "Secret") if "redis" in s["metadata"]["name"]]
+    spec = _redis_statefulset(objects)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes["acl"] and volumes["acl"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["acl-passwords"]["secret"]["secretName"] == "redis-users"
+    items = {i["path"]: i["key"] for i in volumes["acl-passwords"]["secret"]["items"]}
+    assert items == {
+        "admin": "redis-password",
+        **{u: REDIS_KEY_PREFIX + u for u in ("healthcheck", *SERVICE_ACCESS)},
+    }
+    (cm,) = [
+        c
+        for c in by_kind(objects, "ConfigMap")
+        if c["metadata"]["name"] == volumes["acl-rules"]["configMap"]["name"]
+    ]
+    (init,) = spec["initContainers"]
+    sh = shutil.which("sh")
+    if not sh:
+        pytest.skip("no sh to run the init container's script")
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "rules.txt").write_text(cm["data"]["rules.txt"])
+    (tmp_path / "pw").mkdir()
+    passwords = {u: f"pw-{u}" for u in items}
+    for user, password in passwords.items():
+        (tmp_path / "pw" / user).write_text(password + "\n")  # as `--from-file` leaves it
+    (tmp_path / "acl").mkdir()
+    script = init["args"][0]
+    for mount in init["volumeMounts"]:
+        local = {"acl": "acl", "acl-rules": "rules", "acl-passwords": "pw"}[mount["name"]]
+        script = script.replace(mount["mountPath"], str(tmp_path / local))
+    subprocess.run([sh, "-c", script], check=True)
+    written = (tmp_path / "acl" / "users.acl").read_text().splitlines()
+    admin = passwords.pop("admin")
+    assert written == _core_acl_lines(passwords, admin)
+    assert written[0] == "user default off"
+    # A missing password fails the pod instead of writing a user without one.
+    (tmp_path / "pw" / "cli").write_text("")
+    assert subprocess.run([sh, "-c", script], capture_output=True, check=False).returncode != 0
+
+
 # --------------------------------------------------------------------------- selectors
 
 
@@ -622,7 +805,12 @@ def test_validate_values_reports_every_problem_at_once() -> None:
         check=False,
     )
     assert result.returncode != 0
-    for needle in ("externalRedis.host", "externalS3.endpoint", "image.tag must not be 'latest'"):
+    for needle in (
+        "externalRedis.host",
+        "externalRedis.aclUsers needs externalRedis.existingSecret",
+        "externalS3.endpoint",
+        "image.tag must not be 'latest'",
+    ):
         assert needle in result.stderr
 
 
