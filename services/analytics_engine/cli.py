@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--kpi", action="append", default=None, help="KPI code (repeatable)")
     verify.add_argument("--skip-lake", action="store_true", help="do not read the Parquet archive")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument(
+        "--archive-grace",
+        type=float,
+        default=60.0,
+        help="seconds a stored result may take to reach the lake (default 60)",
+    )
     return parser
 
 

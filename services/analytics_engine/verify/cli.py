@@ -64,6 +64,9 @@ class Options:
     kpis: list[str] | None
     skip_lake: bool
     json: bool
+    # Results forwarded to the archive less than this long ago may still sit in the archival
+    # service's batch; they are not expected in the lake yet.
+    archive_grace: timedelta = ARCHIVE_GRACE
 
 
 def parse_time(text: str | None, name: str) -> datetime | None:
@@ -87,6 +90,7 @@ def options_from(args: argparse.Namespace) -> Options:
         kpis=list(args.kpi) if getattr(args, "kpi", None) else None,
         skip_lake=bool(getattr(args, "skip_lake", False)),
         json=bool(getattr(args, "json", False)),
+        archive_grace=timedelta(seconds=float(getattr(args, "archive_grace", 60.0))),
     )
 
 
@@ -153,7 +157,7 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
         elif settings.s3_endpoint_url is None:
             report.notes.append("lake not checked (S3_ENDPOINT_URL is not set)")
         elif stored_in_range:
-            await _check_lake(conn, settings, stored_in_range, report)
+            await _check_lake(conn, settings, stored_in_range, report, options.archive_grace)
     except (OSError, asyncpg.InterfaceError) as exc:
         raise VerifyError(f"lost the PostgreSQL connection: {exc}") from None
     finally:
@@ -177,6 +181,7 @@ async def _check_lake(
     settings: VerifySettings,
     spans: dict[str, tuple[datetime, datetime]],
     report: Report,
+    grace: timedelta,
 ) -> None:
     assert settings.s3_endpoint_url is not None
     lake = Lake(
@@ -190,7 +195,7 @@ async def _check_lake(
         await asyncio.to_thread(lake.check)
     except (BotoCoreError, ClientError) as exc:
         raise VerifyError(f"cannot reach the lake bucket {settings.s3_bucket}: {exc}") from None
-    cutoff = datetime.now(UTC) - ARCHIVE_GRACE
+    cutoff = datetime.now(UTC) - grace
     stored: list[ResultRow] = []
     archived: list[ResultRow] = []
     try:
