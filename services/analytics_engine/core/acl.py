@@ -48,7 +48,7 @@ SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
         consumes=(*ENTITY, ch.KPI_CALCULATED, ch.ARCHIVAL_CONFIRMED, *STREAM_CONTROL),
         publishes=(ch.ARCHIVE_KPI_RESULTS, ch.ARCHIVAL_EVENTS, REPLAY),
         serves=(ch.DATABASE_QUERY, ch.DATABASE_COMMAND),
-        state_keys=(f"{ch.KEY_PREFIX}database:*",),
+        state_keys=(f"{ch.KEY_PREFIX}db:*",),
     ),
     "calculation_engine": ServiceAccess(
         consumes=(ch.ENTITY_CREATED, ch.ENTITY_UPDATED, ch.METADATA_CHANGED, REPLAY),
@@ -108,8 +108,17 @@ CONSUMER_COMMANDS = (
     "+xlen",
     "+xrange",
 )
-# Request claims and private state.
-STATE_COMMANDS = ("+set", "+get", "+del", "+exists", "+pexpire", "+expire", "+@hash")
+# Request claims and private state (keys restricted below, so data-type categories are safe;
+# the dangerous ones, such as KEYS and FLUSHALL, stay off).
+STATE_COMMANDS = (
+    "+@string",
+    "+@hash",
+    "+@set",
+    "+@keyspace",
+    "+watch",
+    "+unwatch",
+    "-@dangerous",
+)
 
 
 def _stream_keys(patterns: Iterable[str]) -> list[str]:

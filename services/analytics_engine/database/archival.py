@@ -1,0 +1,310 @@
+"""Retention: old entity events go to the archival service, and are deleted once it confirms.
+
+A batch is one entity type and one UTC day, at most `batch_rows` rows, recorded in
+`archival_batches` with the keys `(occurred_at, event_id)` of its rows before it is sent on
+`archival.events`. Re-sends (after `confirm_timeout` without `archival.confirmed`) carry the
+same batch id and the same rows; the archival service writes a batch to a deterministic object
+key, so re-sending never duplicates. Rows are deleted in the transaction that records the
+confirmation. Crashes on either side at any point leave a batch pending or sent: it is re-sent,
+never lost. One replica at a time runs a pass (advisory lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Final
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
+from analytics_engine.core.errors import TransientError
+from analytics_engine.database.db import transient_errors
+from analytics_engine.database.metrics import DatabaseMetrics
+from analytics_engine.database.model import CHANNEL_BY_KIND, InvalidPayload
+from analytics_engine.database.partitions import PartitionManager
+from analytics_engine.database.simulation_data_consumer import dead_letter_invalid
+
+log = logging.getLogger(__name__)
+
+ARCHIVAL_LOCK: Final = 0x4145_4152  # "AEAR"
+
+EVENT_COLUMNS: Final = (
+    "event_id, event_kind, entity_type, entity_id, version, occurred_at, published_at,"
+    " attributes, reason, source"
+)
+
+_OPEN_KEYS: Final = """
+open_keys AS (
+    SELECT unnest(occurred_ats) AS occurred_at, unnest(event_ids) AS event_id
+    FROM archival_batches WHERE status IN ('pending', 'sent')
+)"""
+
+OLDEST_CANDIDATE: Final = f"""
+WITH {_OPEN_KEYS}
+SELECT e.entity_type, e.occurred_at FROM entity_events e
+WHERE e.occurred_at < $1
+  AND NOT EXISTS (SELECT 1 FROM open_keys o
+                  WHERE o.occurred_at = e.occurred_at AND o.event_id = e.event_id)
+ORDER BY e.occurred_at, e.event_id
+LIMIT 1
+"""
+
+CREATE_BATCH: Final = f"""
+WITH {_OPEN_KEYS},
+picked AS (
+    SELECT e.occurred_at, e.event_id FROM entity_events e
+    WHERE e.entity_type = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4
+      AND NOT EXISTS (SELECT 1 FROM open_keys o
+                      WHERE o.occurred_at = e.occurred_at AND o.event_id = e.event_id)
+    ORDER BY e.occurred_at, e.event_id
+    LIMIT $5
+)
+INSERT INTO archival_batches (batch_id, entity_type, day, status, row_count, occurred_ats,
+                              event_ids)
+SELECT $1, $2, $6, 'pending', count(*),
+       array_agg(occurred_at ORDER BY occurred_at, event_id),
+       array_agg(event_id ORDER BY occurred_at, event_id)
+FROM picked
+HAVING count(*) > 0
+RETURNING row_count
+"""
+
+DUE_BATCHES: Final = """
+SELECT batch_id, entity_type, day, occurred_ats, event_ids, status FROM archival_batches
+WHERE status IN ('pending', 'sent') AND (sent_at IS NULL OR sent_at < now() - $1::interval)
+ORDER BY created_at
+LIMIT $2
+"""
+
+BATCH_ROWS: Final = f"""
+SELECT {", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))}
+FROM entity_events e
+JOIN unnest($1::timestamptz[], $2::uuid[]) AS k(occurred_at, event_id)
+  ON e.occurred_at = k.occurred_at AND e.event_id = k.event_id
+ORDER BY e.occurred_at, e.event_id
+"""
+
+MARK_SENT: Final = """
+UPDATE archival_batches SET status = 'sent', sent_at = now(), send_count = send_count + 1
+WHERE batch_id = $1 AND status IN ('pending', 'sent')
+"""
+
+
+def day_bounds(day: date) -> tuple[datetime, datetime]:
+    start = datetime.combine(day, time(0), tzinfo=UTC)
+    return start, start + timedelta(days=1)
+
+
+def archived_row(record: Any) -> dict[str, Any]:
+    """One row of an `archival.events` batch, JSON-ready (pure)."""
+    return {
+        "event_id": str(record["event_id"]),
+        "event_kind": record["event_kind"],
+        "entity_type": record["entity_type"],
+        "entity_id": record["entity_id"],
+        "version": record["version"],
+        "occurred_at": record["occurred_at"].isoformat(),
+        "published_at": record["published_at"].isoformat(),
+        "attributes": record["attributes"],
+        "reason": record["reason"],
+        "source": record["source"],
+    }
+
+
+def parse_confirmation(payload: dict[str, Any]) -> tuple[uuid.UUID, str, int]:
+    try:
+        batch_id = uuid.UUID(str(payload.get("batch_id")))
+    except ValueError:
+        raise InvalidPayload("batch_id: must be a UUID") from None
+    key = payload.get("object_key")
+    count = payload.get("row_count")
+    if not isinstance(key, str) or not key:
+        raise InvalidPayload("object_key: a non-empty string is required")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise InvalidPayload("row_count: a non-negative integer is required")
+    return batch_id, key, count
+
+
+class Archiver:
+    def __init__(
+        self,
+        *,
+        pool: Any,
+        publisher: EventPublisher,
+        dead_letters: DeadLetters,
+        metrics: DatabaseMetrics,
+        partitions: PartitionManager,
+        retention: timedelta,
+        interval: timedelta,
+        batch_rows: int,
+        confirm_timeout: timedelta,
+        max_inflight: int,
+    ) -> None:
+        self._pool = pool
+        self._publisher = publisher
+        self._dead = dead_letters
+        self._metrics = metrics
+        self._partitions = partitions
+        self.retention = retention
+        self.interval = interval
+        self.batch_rows = batch_rows
+        self.confirm_timeout = confirm_timeout
+        self.max_inflight = max_inflight
+        self._wake = asyncio.Event()
+        self._requested_cutoff: datetime | None = None
+        self._consumer: DurableConsumer | None = None
+        assert CHANNEL_BY_KIND  # rows carry event_kind; the archive maps it back to channels
+
+    def bind(self, consumer: DurableConsumer) -> None:
+        self._consumer = consumer
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Background task: a pass every `interval`, or sooner when a confirmation frees room."""
+        while True:
+            try:
+                await self.run_pass()
+            except TransientError as exc:
+                log.warning("archival pass postponed", extra={"error": str(exc)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval.total_seconds())
+            self._wake.clear()
+
+    async def request(self, older_than: timedelta | None) -> dict[str, int]:
+        """`request_archival`: a pass now; with `older_than`, that cutoff holds until caught up."""
+        if older_than is not None:
+            cutoff = datetime.now(UTC) - older_than
+            if self._requested_cutoff is None or cutoff > self._requested_cutoff:
+                self._requested_cutoff = cutoff
+        result = await self.run_pass()
+        self._wake.set()
+        return result
+
+    def _cutoff(self) -> datetime:
+        cutoff = datetime.now(UTC) - self.retention
+        if self._requested_cutoff is not None and self._requested_cutoff > cutoff:
+            return self._requested_cutoff
+        return cutoff
+
+    async def run_pass(self) -> dict[str, int]:
+        """Re-send overdue batches, then create and send new ones up to `max_inflight`."""
+        sent = resent = rows = 0
+        cutoff = self._cutoff()
+        with transient_errors("archival pass"):
+            async with self._pool.acquire() as conn:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ARCHIVAL_LOCK):
+                    return {"batches": 0, "rows": 0, "resent": 0}
+                try:
+                    for batch in await conn.fetch(DUE_BATCHES, self.confirm_timeout, 1000):
+                        n = await self._send(conn, batch)
+                        if batch["status"] == "sent":
+                            resent += 1
+                            self._metrics.archival_batches.labels("resent").inc()
+                        else:
+                            sent += 1
+                            rows += n
+                    while await self._open_batches(conn) < self.max_inflight:
+                        created = await self._create(conn, cutoff)
+                        if created is None:
+                            self._requested_cutoff = None  # caught up
+                            break
+                        rows += await self._send(conn, created)
+                        sent += 1
+                    await self._partitions.drop_empty_before(conn, cutoff)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", ARCHIVAL_LOCK)
+        if sent or resent:
+            log.info("archival batches sent", extra={"batches": sent, "resent": resent})
+        return {"batches": sent, "rows": rows, "resent": resent}
+
+    async def _open_batches(self, conn: Any) -> int:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM archival_batches WHERE status IN ('pending', 'sent')"
+            )
+        )
+
+    async def _create(self, conn: Any, cutoff: datetime) -> Any | None:
+        oldest = await conn.fetchrow(OLDEST_CANDIDATE, cutoff)
+        if oldest is None:
+            return None
+        day = oldest["occurred_at"].astimezone(UTC).date()
+        start, end = day_bounds(day)
+        batch_id = uuid.uuid4()
+        await conn.fetchval(
+            CREATE_BATCH,
+            batch_id,
+            oldest["entity_type"],
+            start,
+            min(end, cutoff),
+            self.batch_rows,
+            day,
+        )
+        return await conn.fetchrow(
+            "SELECT batch_id, entity_type, day, occurred_ats, event_ids, status"
+            " FROM archival_batches WHERE batch_id = $1",
+            batch_id,
+        )
+
+    async def _send(self, conn: Any, batch: Any) -> int:
+        records = await conn.fetch(BATCH_ROWS, batch["occurred_ats"], batch["event_ids"])
+        payload = {
+            "batch_id": str(batch["batch_id"]),
+            "entity_type": batch["entity_type"],
+            "date": batch["day"].isoformat(),
+            "rows": [archived_row(r) for r in records],
+        }
+        await self._publisher.publish(channels.ARCHIVAL_EVENTS, payload)
+        await conn.execute(MARK_SENT, batch["batch_id"])
+        self._metrics.archival_batches.labels("sent").inc()
+        return len(records)
+
+    # -- confirmations -----------------------------------------------------------------------
+    async def on_confirmed(self, deliveries: Sequence[Delivery]) -> None:
+        """Handler of `archival.confirmed`: delete the batch's rows, mark it deleted."""
+        assert self._consumer is not None, "bind() the consumer first"
+        invalid: list[tuple[Delivery, str]] = []
+        for delivery in deliveries:
+            try:
+                batch_id, key, count = parse_confirmation(delivery.event.payload)
+                await self._confirm(batch_id, key, count)
+            except InvalidPayload as exc:
+                invalid.append((delivery, str(exc)))
+        await self._consumer.ack(deliveries, also=dead_letter_invalid(self._dead, invalid))
+        self._wake.set()
+
+    async def _confirm(self, batch_id: uuid.UUID, object_key: str, row_count: int) -> None:
+        with transient_errors("confirming an archival batch"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                batch = await conn.fetchrow(
+                    "SELECT status, row_count, occurred_ats, event_ids FROM archival_batches"
+                    " WHERE batch_id = $1 FOR UPDATE",
+                    batch_id,
+                )
+                if batch is None or batch["status"] == "deleted":
+                    return  # unknown (not ours) or a repeated confirmation
+                if batch["row_count"] != row_count:
+                    raise InvalidPayload(
+                        f"row_count {row_count} does not match the batch's {batch['row_count']}"
+                    )
+                status = await conn.execute(
+                    "DELETE FROM entity_events e USING unnest($1::timestamptz[], $2::uuid[])"
+                    " AS k(occurred_at, event_id)"
+                    " WHERE e.occurred_at = k.occurred_at AND e.event_id = k.event_id",
+                    batch["occurred_ats"],
+                    batch["event_ids"],
+                )
+                await conn.execute(
+                    "UPDATE archival_batches SET status = 'deleted', confirmed_at = now(),"
+                    " object_key = $2, occurred_ats = NULL, event_ids = NULL"
+                    " WHERE batch_id = $1",
+                    batch_id,
+                    object_key,
+                )
+        deleted = int(status.rsplit(" ", 1)[-1])
+        self._metrics.archival_batches.labels("deleted").inc()
+        self._metrics.archived_rows.inc(deleted)

@@ -1,0 +1,286 @@
+"""Validation of the payloads the database service stores (pure: no I/O).
+
+Each parser turns an `Event` into a typed row or raises `InvalidPayload` with a reason fit for
+the dead-letter stream. Checks cover everything PostgreSQL would reject for one row (NUL
+characters, non-UUID ids, out-of-range integers), so a bad event is caught here and never makes
+a whole batch's INSERT fail.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import orjson
+
+from analytics_engine.core import channels
+from analytics_engine.core.envelopes import Event
+
+EventKind = Literal["created", "updated", "deactivated"]
+
+KIND_BY_CHANNEL: Final[dict[str, EventKind]] = {
+    channels.ENTITY_CREATED: "created",
+    channels.ENTITY_UPDATED: "updated",
+    channels.ENTITY_DEACTIVATED: "deactivated",
+}
+CHANNEL_BY_KIND: Final[dict[str, str]] = {kind: ch for ch, kind in KIND_BY_CHANNEL.items()}
+
+KPI_CODE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+INT64_MAX: Final = 2**63 - 1
+INT32_MAX: Final = 2**31 - 1
+MAX_NAME: Final = 200
+
+
+class InvalidPayload(ValueError):
+    """The event cannot be stored as it is; the message says why (goes to the dead letter)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EntityEventRow:
+    """One row of `entity_events`, in column order."""
+
+    event_id: str  # a UUID, as text
+    event_kind: EventKind
+    entity_type: str
+    entity_id: str
+    version: int
+    occurred_at: datetime
+    published_at: datetime
+    attributes: str | None  # JSON text; None for deactivations
+    reason: str | None
+    source: str
+
+    def as_record(self) -> tuple[Any, ...]:
+        return (
+            self.event_id,
+            self.event_kind,
+            self.entity_type,
+            self.entity_id,
+            self.version,
+            self.occurred_at,
+            self.published_at,
+            self.attributes,
+            self.reason,
+            self.source,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KpiResultRow:
+    kpi_code: str
+    window_start: datetime
+    window_end: datetime
+    dimensions: dict[str, Any]
+    dims_key: str
+    value: float
+    sample_count: int
+    definition_version: int
+    computed_at: datetime
+
+    @property
+    def key(self) -> tuple[str, datetime, datetime, str]:
+        return (self.kpi_code, self.window_start, self.window_end, self.dims_key)
+
+
+# -- field checks ---------------------------------------------------------------------------
+def _text(payload: dict[str, Any], name: str, *, max_len: int = MAX_NAME) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidPayload(f"{name}: a non-empty string is required")
+    if len(value) > max_len:
+        raise InvalidPayload(f"{name}: longer than {max_len} characters")
+    if "\x00" in value:
+        raise InvalidPayload(f"{name}: contains a NUL character")
+    return value
+
+
+def _int(payload: dict[str, Any], name: str, *, maximum: int = INT64_MAX) -> int:
+    value = payload.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"{name}: an integer is required")
+    if not 0 <= value <= maximum:
+        raise InvalidPayload(f"{name}: must be between 0 and {maximum}")
+    return value
+
+
+def parse_timestamp(value: Any, name: str) -> datetime:
+    """An ISO-8601 timestamp, normalised to UTC; one without an offset is taken as UTC."""
+    if not isinstance(value, str):
+        raise InvalidPayload(f"{name}: an ISO-8601 timestamp string is required")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidPayload(f"{name}: not an ISO-8601 timestamp: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _json_object(payload: dict[str, Any], name: str) -> tuple[dict[str, Any], str]:
+    value = payload.get(name)
+    if not isinstance(value, dict):
+        raise InvalidPayload(f"{name}: an object is required")
+    text = orjson.dumps(value).decode()
+    # jsonb rejects \u0000 escapes; text columns reject NUL bytes.
+    if "\\u0000" in text:
+        raise InvalidPayload(f"{name}: contains a NUL character")
+    return value, text
+
+
+_UUID: Final = re.compile(
+    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+)
+
+
+def _event_uuid(event: Event) -> str:
+    """The event id, checked to be a UUID but kept as text (asyncpg encodes it in C, much
+    faster than building `uuid.UUID` objects on the hot path)."""
+    if not _UUID.match(event.event_id):
+        raise InvalidPayload("event_id: must be a UUID")
+    return event.event_id
+
+
+# -- parsers --------------------------------------------------------------------------------
+def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
+    """Validate a `simulation.entity.*` event into an `entity_events` row."""
+    kind = KIND_BY_CHANNEL.get(channel)
+    if kind is None:
+        raise InvalidPayload(f"not an entity channel: {channel}")
+    payload = event.payload
+    attributes: str | None = None
+    reason: str | None = None
+    if kind == "deactivated":
+        raw_reason = payload.get("reason")
+        if raw_reason is not None:
+            if not isinstance(raw_reason, str) or "\x00" in raw_reason:
+                raise InvalidPayload("reason: must be a string without NUL characters")
+            reason = raw_reason[:2000]
+    else:
+        _, attributes = _json_object(payload, "attributes")
+    if "\x00" in event.source:
+        raise InvalidPayload("source: contains a NUL character")
+    return EntityEventRow(
+        event_id=_event_uuid(event),
+        event_kind=kind,
+        entity_type=_text(payload, "entity_type"),
+        entity_id=_text(payload, "entity_id"),
+        version=_int(payload, "version"),
+        occurred_at=parse_timestamp(payload.get("occurred_at"), "occurred_at"),
+        published_at=event.timestamp
+        if event.timestamp.tzinfo
+        else event.timestamp.replace(tzinfo=UTC),
+        attributes=attributes,
+        reason=reason,
+        source=event.source,
+    )
+
+
+def canonical_dimensions(dimensions: dict[str, Any]) -> str:
+    """`dims_key`: the dimensions as compact JSON with sorted keys (one text per group)."""
+    return orjson.dumps(dimensions, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def parse_kpi_result(event: Event) -> KpiResultRow:
+    """Validate a `kpi.calculated` payload into a `kpi_results` row."""
+    payload = event.payload
+    code = payload.get("kpi_code")
+    if not isinstance(code, str) or not KPI_CODE.match(code):
+        raise InvalidPayload("kpi_code: must match ^[a-z][a-z0-9_]{0,62}$")
+    value = payload.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidPayload("value: a finite number is required")
+    start = parse_timestamp(payload.get("window_start"), "window_start")
+    end = parse_timestamp(payload.get("window_end"), "window_end")
+    if end <= start:
+        raise InvalidPayload("window_end: must be after window_start")
+    dimensions_raw = payload.get("dimensions", {})
+    if dimensions_raw is None:
+        dimensions_raw = {}
+    dimensions, text = _json_object({"dimensions": dimensions_raw}, "dimensions")
+    del text
+    return KpiResultRow(
+        kpi_code=code,
+        window_start=start,
+        window_end=end,
+        dimensions=dimensions,
+        dims_key=canonical_dimensions(dimensions),
+        value=float(value),
+        sample_count=_int(payload, "sample_count"),
+        definition_version=_int(payload, "definition_version", maximum=INT32_MAX),
+        computed_at=parse_timestamp(payload.get("computed_at"), "computed_at"),
+    )
+
+
+# -- entity state folding -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class EntityUpsert:
+    """The state one event gives its entity, applied only if newer than what is stored."""
+
+    entity_type: str
+    entity_id: str
+    version: int
+    attributes: str | None
+    active: bool
+    first_seen_at: datetime
+    updated_at: datetime
+    deactivated_at: datetime | None
+    deactivation_reason: str | None
+    last_event_id: str
+
+
+def _upsert_of(row: EntityEventRow, first_seen_at: datetime) -> EntityUpsert:
+    deactivated = row.event_kind == "deactivated"
+    return EntityUpsert(
+        entity_type=row.entity_type,
+        entity_id=row.entity_id,
+        version=row.version,
+        attributes=row.attributes,
+        active=not deactivated,
+        first_seen_at=first_seen_at,
+        updated_at=row.occurred_at,
+        deactivated_at=row.occurred_at if deactivated else None,
+        deactivation_reason=row.reason if deactivated else None,
+        last_event_id=row.event_id,
+    )
+
+
+def plan_entity_upserts(
+    rows: list[EntityEventRow],
+) -> tuple[list[EntityUpsert], list[EntityUpsert]]:
+    """Fold a batch into at most two version-guarded upserts per entity, applied in order.
+
+    Entity state is "the newest event wins": created/updated events carry the full attribute
+    snapshot, a deactivation keeps the attributes it finds. Applying (1) the newest
+    attribute-carrying event, then (2) the newest deactivation if it is at least as new, gives
+    the same state as applying every event one by one in version order, whatever is already
+    stored. Sorted by key so concurrent writers lock rows in the same order (no deadlocks).
+    """
+    # per entity: [newest with attributes, newest deactivation, earliest occurred_at]
+    state: dict[tuple[str, str], list[Any]] = {}
+    for row in rows:
+        key = (row.entity_type, row.entity_id)
+        slot = state.get(key)
+        if slot is None:
+            slot = state[key] = [None, None, row.occurred_at]
+        elif row.occurred_at < slot[2]:
+            slot[2] = row.occurred_at
+        i = 1 if row.event_kind == "deactivated" else 0
+        held = slot[i]
+        if held is None or row.version > held.version:
+            slot[i] = row
+    first: list[EntityUpsert] = []
+    second: list[EntityUpsert] = []
+    for key in sorted(state):
+        newest_attrs, newest_deact, first_seen = state[key]
+        if newest_attrs is not None:
+            first.append(_upsert_of(newest_attrs, first_seen))
+        if newest_deact is not None and (
+            newest_attrs is None or newest_deact.version >= newest_attrs.version
+        ):
+            (second if newest_attrs is not None else first).append(
+                _upsert_of(newest_deact, first_seen)
+            )
+    return first, second

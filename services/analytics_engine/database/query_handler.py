@@ -1,0 +1,248 @@
+"""QueryRequestHandler: the `database.query` and `database.command` request types.
+
+`database.query` (read-only role, `DATABASE_READONLY_URL`):
+- `execute_query {sql, params?, max_rows?}` -> `{columns, rows, row_count, truncated}`
+- `kpi_history {kpi_code, start, end, dimensions?, limit?}` -> `{rows: [result...]}`: results
+  with `start <= window_start < end`, oldest first; `dimensions` filters by containment
+  (`{"region": "eu"}` matches every group whose region is eu).
+- `latest_kpi_values {kpi_code?}` -> `{rows: [result...]}`: the latest window per KPI and group.
+- `get_entity {entity_type, entity_id}` -> `{entity: {...} | null}`.
+
+`database.command` (writer role):
+- `purge_kpi_results {kpi_code}` -> `{deleted}`: when a KPI is deleted or redefined.
+- `request_archival {older_than?}` -> `{batches, rows}`: run retention now for events older
+  than `older_than` (a duration, default `DATABASE_RETENTION`).
+
+Errors are `HandlerError` codes: `invalid_query`, `read_only_violation`, `query_timeout`,
+`invalid_request`; an outage is `TransientError` (reply code `unavailable`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any, Final
+
+import asyncpg  # type: ignore[import-untyped]
+import orjson
+
+from analytics_engine.core.envelopes import Request
+from analytics_engine.core.errors import HandlerError
+from analytics_engine.database.db import transient_errors
+from analytics_engine.database.durations import parse_duration
+from analytics_engine.database.jsonsafe import coerce_param, row_to_json, to_json_value
+from analytics_engine.database.metrics import DatabaseMetrics
+from analytics_engine.database.model import (
+    KPI_CODE,
+    InvalidPayload,
+    parse_timestamp,
+)
+from analytics_engine.database.sqlguard import RejectedStatement, check_read_statement
+
+MAX_SQL_LENGTH: Final = 100_000
+MAX_PARAMS: Final = 1000
+HISTORY_LIMIT: Final = 10_000
+
+_RESULT_COLUMNS: Final = (
+    "kpi_code, window_start, window_end, dimensions, value, sample_count, definition_version,"
+    " computed_at, stored_at"
+)
+
+# SQLSTATEs that mean "you tried to write" (read-only transaction, missing privilege).
+_WRITE_DENIED: Final = {"25006", "42501"}
+
+
+def _payload_str(payload: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise HandlerError(f"{name}: a non-empty string is required", code="invalid_request")
+    return value
+
+
+def _payload_int(payload: Mapping[str, Any], name: str, default: int, maximum: int) -> int:
+    value = payload.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HandlerError(f"{name}: a positive integer is required", code="invalid_request")
+    return min(value, maximum)
+
+
+def _result_json(record: Any) -> dict[str, Any]:
+    return {key: to_json_value(record[key]) for key in record.keys()}  # noqa: SIM118
+
+
+class QueryRequestHandler:
+    def __init__(
+        self,
+        *,
+        reader_pool: Callable[[], Any],
+        writer_pool: Callable[[], Any],
+        query_timeout: timedelta,
+        max_rows: int,
+        metrics: DatabaseMetrics,
+        request_archival: Callable[[timedelta | None], Awaitable[dict[str, int]]],
+    ) -> None:
+        self._reader = reader_pool
+        self._writer = writer_pool
+        self._timeout = query_timeout.total_seconds()
+        self._max_rows = max_rows
+        self._metrics = metrics
+        self._request_archival = request_archival
+
+    def query_handlers(self) -> dict[str, Callable[[Request], Awaitable[Mapping[str, Any]]]]:
+        return {
+            "execute_query": self.execute_query,
+            "kpi_history": self.kpi_history,
+            "latest_kpi_values": self.latest_kpi_values,
+            "get_entity": self.get_entity,
+        }
+
+    def command_handlers(self) -> dict[str, Callable[[Request], Awaitable[Mapping[str, Any]]]]:
+        return {
+            "purge_kpi_results": self.purge_kpi_results,
+            "request_archival": self.request_archival,
+        }
+
+    # -- execute_query -----------------------------------------------------------------------
+    async def execute_query(self, request: Request) -> dict[str, Any]:
+        payload = request.payload
+        sql = payload.get("sql")
+        if not isinstance(sql, str) or not sql.strip():
+            raise HandlerError("sql: a non-empty string is required", code="invalid_query")
+        if len(sql) > MAX_SQL_LENGTH:
+            raise HandlerError(
+                f"sql: longer than {MAX_SQL_LENGTH} characters", code="invalid_query"
+            )
+        params = payload.get("params") or []
+        if not isinstance(params, list) or len(params) > MAX_PARAMS:
+            raise HandlerError(
+                f"params: a list of at most {MAX_PARAMS} values is required", code="invalid_query"
+            )
+        max_rows = _payload_int(payload, "max_rows", self._max_rows, self._max_rows)
+        try:
+            check_read_statement(sql)
+        except RejectedStatement as exc:
+            raise HandlerError(str(exc), code=exc.code) from None
+        started = time.perf_counter()
+        try:
+            return await self._run_read(sql, params, max_rows)
+        finally:
+            self._metrics.queries.labels("execute_query").observe(time.perf_counter() - started)
+
+    async def _run_read(self, sql: str, params: list[Any], max_rows: int) -> dict[str, Any]:
+        timeout_ms = max(1, int(self._timeout * 1000))
+        try:
+            with transient_errors("execute_query"):
+                async with self._reader().acquire(timeout=self._timeout) as conn:
+                    async with conn.transaction(readonly=True):
+                        await conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+                        stmt = await conn.prepare(sql)
+                        types = stmt.get_parameters()
+                        if len(types) != len(params):
+                            raise HandlerError(
+                                f"the query has {len(types)} parameter(s), {len(params)} given",
+                                code="invalid_query",
+                            )
+                        args = [
+                            coerce_param(value, t.name, i + 1)
+                            for i, (value, t) in enumerate(zip(params, types, strict=True))
+                        ]
+                        columns = [a.name for a in stmt.get_attributes()]
+                        cursor = await stmt.cursor(*args)
+                        records = await cursor.fetch(max_rows + 1)
+        except InvalidPayload as exc:
+            raise HandlerError(str(exc), code="invalid_query") from None
+        except asyncpg.exceptions.QueryCanceledError:
+            raise HandlerError(
+                f"the query ran longer than {self._timeout:g}s and was cancelled",
+                code="query_timeout",
+            ) from None
+        except asyncpg.exceptions.PostgresError as exc:
+            code = "read_only_violation" if exc.sqlstate in _WRITE_DENIED else "invalid_query"
+            raise HandlerError(f"{exc.sqlstate}: {exc}", code=code) from None
+        except asyncpg.exceptions.DataError as exc:
+            raise HandlerError(f"invalid parameter: {exc}", code="invalid_query") from None
+        truncated = len(records) > max_rows
+        rows = [row_to_json(r) for r in records[:max_rows]]
+        return {"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated}
+
+    # -- small read request types ------------------------------------------------------------
+    async def _fetch(self, request_type: str, sql: str, *args: Any) -> list[Any]:
+        started = time.perf_counter()
+        try:
+            with transient_errors(request_type):
+                async with self._reader().acquire(timeout=self._timeout) as conn:
+                    return list(await conn.fetch(sql, *args, timeout=self._timeout))
+        finally:
+            self._metrics.queries.labels(request_type).observe(time.perf_counter() - started)
+
+    def _timestamp(self, payload: Mapping[str, Any], name: str) -> Any:
+        try:
+            return parse_timestamp(payload.get(name), name)
+        except InvalidPayload as exc:
+            raise HandlerError(str(exc), code="invalid_request") from None
+
+    def _kpi_code(self, payload: Mapping[str, Any], *, required: bool) -> str | None:
+        code = _payload_str(payload, "kpi_code", required=required)
+        if code is not None and not KPI_CODE.match(code):
+            raise HandlerError("kpi_code: not a valid KPI code", code="invalid_request")
+        return code
+
+    async def kpi_history(self, request: Request) -> dict[str, Any]:
+        p = request.payload
+        code = self._kpi_code(p, required=True)
+        start, end = self._timestamp(p, "start"), self._timestamp(p, "end")
+        limit = _payload_int(p, "limit", 1000, HISTORY_LIMIT)
+        dims = p.get("dimensions")
+        if dims is not None and not isinstance(dims, dict):
+            raise HandlerError("dimensions: an object is required", code="invalid_request")
+        sql = (
+            f"SELECT {_RESULT_COLUMNS} FROM kpi_results WHERE kpi_code = $1"
+            " AND window_start >= $2 AND window_start < $3"
+            " AND ($4::jsonb IS NULL OR dimensions @> $4::jsonb)"
+            " ORDER BY window_start, window_end, dims_key LIMIT $5"
+        )
+        dims_json = None if dims is None else orjson.dumps(dims).decode()
+        records = await self._fetch("kpi_history", sql, code, start, end, dims_json, limit)
+        return {"rows": [_result_json(r) for r in records]}
+
+    async def latest_kpi_values(self, request: Request) -> dict[str, Any]:
+        code = self._kpi_code(request.payload, required=False)
+        sql = (
+            f"SELECT DISTINCT ON (kpi_code, dims_key) {_RESULT_COLUMNS} FROM kpi_results"
+            " WHERE ($1::text IS NULL OR kpi_code = $1)"
+            " ORDER BY kpi_code, dims_key, window_end DESC, window_start DESC"
+        )
+        records = await self._fetch("latest_kpi_values", sql, code)
+        return {"rows": [_result_json(r) for r in records]}
+
+    async def get_entity(self, request: Request) -> dict[str, Any]:
+        entity_type = _payload_str(request.payload, "entity_type")
+        entity_id = _payload_str(request.payload, "entity_id")
+        sql = (
+            "SELECT entity_type, entity_id, version, attributes, active, created_at, updated_at,"
+            " deactivated_at, deactivation_reason, last_event_id FROM entities"
+            " WHERE entity_type = $1 AND entity_id = $2"
+        )
+        records = await self._fetch("get_entity", sql, entity_type, entity_id)
+        return {"entity": _result_json(records[0]) if records else None}
+
+    # -- commands ----------------------------------------------------------------------------
+    async def purge_kpi_results(self, request: Request) -> dict[str, Any]:
+        code = self._kpi_code(request.payload, required=True)
+        with transient_errors("purge_kpi_results"):
+            async with self._writer().acquire(timeout=self._timeout) as conn:
+                status = await conn.execute("DELETE FROM kpi_results WHERE kpi_code = $1", code)
+        return {"kpi_code": code, "deleted": int(status.rsplit(" ", 1)[-1])}
+
+    async def request_archival(self, request: Request) -> dict[str, Any]:
+        raw = request.payload.get("older_than")
+        try:
+            older_than = None if raw is None else parse_duration(raw)
+        except ValueError as exc:
+            raise HandlerError(f"older_than: {exc}", code="invalid_request") from None
+        return dict(await self._request_archival(older_than))

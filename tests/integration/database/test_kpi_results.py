@@ -1,0 +1,119 @@
+"""KPIResultConsumer: results upserted by key and forwarded once to archive.kpi_results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import EventPublisher
+
+from .conftest import Start, count, wait_for
+
+
+def result(
+    value: float,
+    *,
+    region: str = "eu",
+    start: str = "2024-01-01T00:00:00Z",
+    computed_at: str = "2024-01-01T00:01:10Z",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "kpi_code": "orders_revenue",
+        "value": value,
+        "window_start": start,
+        "window_end": start.replace("00:00:00", "00:01:00"),
+        "dimensions": {"region": region, "channel": "web"},
+        "sample_count": 3,
+        "definition_version": 1,
+        "computed_at": computed_at,
+        **extra,
+    }
+
+
+async def forwarded(redis: Redis) -> list[dict[str, Any]]:
+    entries = await redis.xrange(channels.stream_key(channels.ARCHIVE_KPI_RESULTS))
+    return [orjson.loads(fields[b"m"]) for _, fields in entries]
+
+
+async def test_results_are_upserted_by_key_and_forwarded_once_per_change(
+    start_service: Start, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    await start_service()
+    first = await publisher.publish(channels.KPI_CALCULATED, result(10.0))
+    await publisher.publish(channels.KPI_CALCULATED, result(5.0, region="us"))
+    await wait_for(lambda: _n_forwarded(redis, 2))
+    # redelivery of the same event, and a recomputation with the same value: no new forward
+    await publisher.publish_events([first])
+    await publisher.publish(
+        channels.KPI_CALCULATED, result(10.0, computed_at="2024-01-01T00:02:00Z")
+    )
+    # a changed value: stored and forwarded again
+    await publisher.publish(
+        channels.KPI_CALCULATED, result(12.5, computed_at="2024-01-01T00:03:00Z")
+    )
+    await wait_for(lambda: _n_forwarded(redis, 3))
+    await wait_for(lambda: _all_forwarded(pg))
+    assert await count(pg, "SELECT count(*) FROM kpi_results") == 2
+    row = await pg.fetchrow("SELECT * FROM kpi_results WHERE dimensions->>'region' = 'eu'")
+    assert row["value"] == 12.5
+    assert row["dims_key"] == '{"channel":"web","region":"eu"}'
+    assert orjson.loads(row["dimensions"]) == {"region": "eu", "channel": "web"}
+    assert row["forwarded"] is True
+    out = await forwarded(redis)
+    assert len(out) == 3
+    assert [e["payload"]["value"] for e in out] == [10.0, 5.0, 12.5]
+    assert out[0]["source"] == "database_service"
+    assert out[0]["payload"]["dimensions"] == {"region": "eu", "channel": "web"}
+    assert out[0]["payload"]["window_start"] == "2024-01-01T00:00:00+00:00"
+
+
+async def test_an_older_computation_does_not_replace_a_newer_one(
+    start_service: Start, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    await start_service()
+    await publisher.publish(
+        channels.KPI_CALCULATED, result(7.0, computed_at="2024-01-01T01:00:00Z")
+    )
+    await wait_for(lambda: _n_forwarded(redis, 1))
+    await publisher.publish(
+        channels.KPI_CALCULATED, result(1.0, computed_at="2024-01-01T00:30:00Z")
+    )
+    await publisher.publish(channels.KPI_CALCULATED, result(8.0, region="x"))
+    await wait_for(lambda: _n_forwarded(redis, 2))
+    assert await pg.fetchval("SELECT value FROM kpi_results WHERE dims_key LIKE '%eu%'") == 7.0
+
+
+async def test_invalid_results_are_dead_lettered_and_valid_ones_in_the_batch_stored(
+    start_service: Start, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    await publisher.publish_many(
+        [
+            (channels.KPI_CALCULATED, result(1.0)),
+            (channels.KPI_CALCULATED, result(1.0, kpi_code="Bad Code")),
+            (channels.KPI_CALCULATED, result(1.0, window_end="2023-01-01T00:00:00Z")),
+            (channels.KPI_CALCULATED, result(2.0, region="us")),
+        ]
+    )
+    await start_service()
+    await wait_for(lambda: _n_forwarded(redis, 2))
+    dlq = await redis.xrange(channels.dead_letter_key(channels.KPI_CALCULATED))
+    assert len(dlq) == 2
+    reasons = " ".join(f[b"reason"].decode() for _, f in dlq)
+    assert "kpi_code" in reasons and "window_end" in reasons
+    assert await count(pg, "SELECT count(*) FROM kpi_results") == 2
+
+
+async def _n_forwarded(redis: Redis, n: int) -> bool:
+    return len(await forwarded(redis)) >= n
+
+
+async def _all_forwarded(pg: asyncpg.Connection) -> bool:
+    return await count(pg, "SELECT count(*) FROM kpi_results WHERE NOT forwarded") == 0

@@ -1,0 +1,202 @@
+"""QueryRequestHandler: read-only execute_query and the small request types, over real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from analytics_engine.core import channels
+from analytics_engine.core.errors import RemoteError
+from analytics_engine.core.request_reply import RequestReplyClient
+from analytics_engine.database.roles import ensure_reader_role
+
+from .conftest import Start, count
+
+
+@pytest.fixture
+async def reader_url(database_url: str) -> str:
+    return await ensure_reader_role(database_url, password="reader-test-pw")
+
+
+@pytest.fixture
+async def client(redis: Redis) -> AsyncIterator[RequestReplyClient]:
+    c = RequestReplyClient(redis, service="tester", instance="t1", default_timeout=15)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def service(start_service: Start, reader_url: str, pg: asyncpg.Connection) -> None:
+    await start_service(
+        database_readonly_url=reader_url, query_timeout=timedelta(seconds=1), query_max_rows=1000
+    )
+    await pg.execute(
+        "INSERT INTO kpi_results (kpi_code, window_start, window_end, dimensions, dims_key, value,"
+        " sample_count, definition_version, computed_at) VALUES"
+        " ('rev', '2024-01-01T00:00Z', '2024-01-01T00:01Z', '{\"r\": \"eu\"}', '{\"r\":\"eu\"}',"
+        "  1.5, 2, 1, '2024-01-01T00:01:10Z'),"
+        " ('rev', '2024-01-01T00:01Z', '2024-01-01T00:02Z', '{\"r\": \"eu\"}', '{\"r\":\"eu\"}',"
+        "  2.5, 3, 1, '2024-01-01T00:02:10Z'),"
+        " ('rev', '2024-01-01T00:00Z', '2024-01-01T00:01Z', '{\"r\": \"us\"}', '{\"r\":\"us\"}',"
+        "  7, 1, 1, '2024-01-01T00:01:10Z')"
+    )
+
+
+async def query(
+    client: RequestReplyClient, sql: str, params: list[Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    return await client.request(
+        channels.DATABASE_QUERY, "execute_query", {"sql": sql, "params": params or [], **extra}
+    )
+
+
+async def rejected(client: RequestReplyClient, sql: str, params: list[Any] | None = None) -> str:
+    with pytest.raises(RemoteError) as info:
+        await query(client, sql, params)
+    return str(info.value.code)
+
+
+@pytest.mark.usefixtures("service")
+async def test_execute_query_returns_json_safe_rows(client: RequestReplyClient) -> None:
+    out = await query(
+        client,
+        "SELECT kpi_code, window_start, value, dimensions, 1.25::numeric AS n,"
+        " gen_random_uuid() IS NOT NULL AS ok FROM kpi_results WHERE kpi_code = $1"
+        " AND window_start >= $2 ORDER BY window_start, dims_key",
+        ["rev", "2024-01-01T00:00:00Z"],
+    )
+    assert out["columns"] == ["kpi_code", "window_start", "value", "dimensions", "n", "ok"]
+    assert out["row_count"] == 3 and out["truncated"] is False
+    assert out["rows"][0] == ["rev", "2024-01-01T00:00:00+00:00", 1.5, {"r": "eu"}, 1.25, True]
+
+
+@pytest.mark.usefixtures("service")
+async def test_writes_are_rejected(client: RequestReplyClient, pg: asyncpg.Connection) -> None:
+    for sql in (
+        "INSERT INTO kpi_results (kpi_code) VALUES ('x')",
+        "UPDATE kpi_results SET value = 0",
+        "DELETE FROM kpi_results",
+        "  /* sneaky */ -- comment\n DROP TABLE kpi_results",
+        "TRUNCATE kpi_results",
+        "COPY kpi_results TO STDOUT",
+    ):
+        assert await rejected(client, sql) == "read_only_violation", sql
+    # data-modifying CTE: passes the keyword check, refused by the READ ONLY transaction
+    assert (
+        await rejected(client, "WITH x AS (DELETE FROM kpi_results RETURNING 1) SELECT * FROM x")
+        == "read_only_violation"
+    )
+    assert await rejected(client, "SELECT * INTO copy_of FROM kpi_results") == "read_only_violation"
+    # a volatile function that writes
+    await pg.execute("CREATE SEQUENCE s")
+    assert await rejected(client, "SELECT nextval('s')") == "read_only_violation"
+    await pg.execute(
+        "CREATE FUNCTION wipe() RETURNS int LANGUAGE sql AS 'DELETE FROM kpi_results RETURNING 1'"
+    )
+    assert await rejected(client, "SELECT wipe()") == "read_only_violation"
+    # session settings cannot outlive the query (the pool resets connections)
+    await query(client, "SELECT set_config('statement_timeout', '0', false)")
+    assert await rejected(client, "SELECT pg_sleep(3)") == "query_timeout"
+    assert await count(pg, "SELECT count(*) FROM kpi_results") == 3
+
+
+@pytest.mark.usefixtures("service")
+async def test_multiple_statements_and_bad_sql_are_invalid(client: RequestReplyClient) -> None:
+    assert await rejected(client, "SELECT 1; SELECT 2") == "invalid_query"
+    assert await rejected(client, "SELECT 1; DELETE FROM kpi_results") == "invalid_query"
+    assert await rejected(client, "SELECT * FROM no_such_table") == "invalid_query"
+    assert await rejected(client, "SELECT $1::int", []) == "invalid_query"
+    assert await rejected(client, "SELECT $1::int", ["abc"]) == "invalid_query"
+    assert await rejected(client, "") == "invalid_query"
+
+
+@pytest.mark.usefixtures("service")
+async def test_timeout_and_row_cap(client: RequestReplyClient) -> None:
+    assert await rejected(client, "SELECT pg_sleep(10)") == "query_timeout"
+    out = await query(client, "SELECT g FROM generate_series(1, 1000000) g")
+    assert out["row_count"] == 1000 and out["truncated"] is True
+    assert out["rows"][-1] == [1000]
+    out = await query(client, "SELECT g FROM generate_series(1, 50) g", max_rows=10)
+    assert (out["row_count"], out["truncated"]) == (10, True)
+    out = await query(client, "SELECT g FROM generate_series(1, 5) g")
+    assert (out["row_count"], out["truncated"]) == (5, False)
+
+
+@pytest.mark.usefixtures("service")
+async def test_parameters_stay_literals(client: RequestReplyClient, pg: asyncpg.Connection) -> None:
+    evil = "rev'; DELETE FROM kpi_results; --"
+    out = await query(client, "SELECT count(*) FROM kpi_results WHERE kpi_code = $1", [evil])
+    assert out["rows"] == [[0]]
+    out = await query(client, "SELECT $1::text AS t", [evil])
+    assert out["rows"] == [[evil]]
+    assert await count(pg, "SELECT count(*) FROM kpi_results") == 3
+
+
+async def test_the_reader_role_cannot_write_even_outside_the_service(
+    reader_url: str, start_service: Start
+) -> None:
+    await start_service()  # migrations
+    conn = await asyncpg.connect(reader_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM kpi_results") == 0
+        with pytest.raises(asyncpg.exceptions.PostgresError) as info:
+            await conn.execute("BEGIN READ WRITE; DELETE FROM kpi_results; COMMIT")
+        assert info.value.sqlstate == "42501"  # insufficient privilege
+    finally:
+        await conn.close()
+
+
+@pytest.mark.usefixtures("service")
+async def test_kpi_history_latest_values_and_get_entity(
+    client: RequestReplyClient, pg: asyncpg.Connection
+) -> None:
+    hist = await client.request(
+        channels.DATABASE_QUERY,
+        "kpi_history",
+        {
+            "kpi_code": "rev",
+            "start": "2024-01-01T00:00:00Z",
+            "end": "2024-01-01T01:00:00Z",
+            "dimensions": {"r": "eu"},
+        },
+    )
+    assert [r["value"] for r in hist["rows"]] == [1.5, 2.5]
+    assert hist["rows"][0]["dimensions"] == {"r": "eu"}
+    assert hist["rows"][0]["window_end"] == "2024-01-01T00:01:00+00:00"
+    latest = await client.request(channels.DATABASE_QUERY, "latest_kpi_values", {"kpi_code": "rev"})
+    assert sorted((r["dimensions"]["r"], r["value"]) for r in latest["rows"]) == [
+        ("eu", 2.5),
+        ("us", 7.0),
+    ]
+    await pg.execute(
+        "INSERT INTO entities VALUES ('order', 'o-1', 3, '{\"a\": 1}', true, now(), now(),"
+        " NULL, NULL, gen_random_uuid())"
+    )
+    found = await client.request(
+        channels.DATABASE_QUERY, "get_entity", {"entity_type": "order", "entity_id": "o-1"}
+    )
+    assert found["entity"]["version"] == 3 and found["entity"]["attributes"] == {"a": 1}
+    missing = await client.request(
+        channels.DATABASE_QUERY, "get_entity", {"entity_type": "order", "entity_id": "nope"}
+    )
+    assert missing == {"entity": None}
+    with pytest.raises(RemoteError) as info:
+        await client.request(channels.DATABASE_QUERY, "kpi_history", {"kpi_code": "rev"})
+    assert info.value.code == "invalid_request"
+
+
+@pytest.mark.usefixtures("service")
+async def test_purge_kpi_results_command(
+    client: RequestReplyClient, pg: asyncpg.Connection
+) -> None:
+    out = await client.request(channels.DATABASE_COMMAND, "purge_kpi_results", {"kpi_code": "rev"})
+    assert out == {"kpi_code": "rev", "deleted": 3}
+    assert await count(pg, "SELECT count(*) FROM kpi_results") == 0
+    with pytest.raises(RemoteError) as info:
+        await client.request(channels.DATABASE_COMMAND, "drop_everything", {})
+    assert info.value.code == "unknown_request_type"

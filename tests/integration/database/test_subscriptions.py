@@ -1,0 +1,202 @@
+"""Stream subscriptions: stored events replayed in order into the subscriber's channel."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import EventPublisher
+from analytics_engine.core.envelopes import Event
+
+from .conftest import Start, count, entity_event, wait_for
+
+T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+
+
+async def replayed(redis: Redis, channel: str) -> list[dict[str, Any]]:
+    entries = await redis.xrange(channels.stream_key(channel))
+    return [orjson.loads(f[b"m"]) for _, f in entries]
+
+
+def envelope(event: Event) -> dict[str, Any]:
+    """The envelope as published, with `occurred_at` normalised like the stored copy."""
+    data: dict[str, Any] = orjson.loads(
+        orjson.dumps(event.model_dump(mode="json", exclude_none=True))
+    )
+    occurred = datetime.fromisoformat(data["payload"]["occurred_at"]).astimezone(UTC)
+    data["payload"]["occurred_at"] = occurred.isoformat()
+    return data
+
+
+async def subscribe(publisher: EventPublisher, sid: str, **extra: Any) -> str:
+    channel = f"stream.replay.{sid}"
+    await publisher.publish(
+        channels.STREAM_SUBSCRIBE,
+        {
+            "subscription_id": sid,
+            "entity_type": "order",
+            "since": T0.isoformat(),
+            "until": (T0 + timedelta(hours=1)).isoformat(),
+            "channel": channel,
+            **extra,
+        },
+    )
+    return channel
+
+
+async def test_replays_the_matching_events_in_time_order_then_ends(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    await start_service(replay_page_rows=3)
+    inside = [
+        entity_event(
+            publisher,
+            "created",
+            f"o-{i}",
+            1,
+            occurred_at=T0 + timedelta(minutes=i),
+            attributes={"amount": i},
+        )
+        for i in range(7)
+    ]
+    late = entity_event(
+        publisher,
+        "updated",
+        "o-0",
+        2,
+        occurred_at=T0 + timedelta(seconds=30),
+        attributes={"amount": 100},
+    )
+    deact = entity_event(
+        publisher,
+        "deactivated",
+        "o-1",
+        3,
+        occurred_at=T0 + timedelta(minutes=1, seconds=1),
+        reason="gone",
+    )
+    outside = [
+        entity_event(publisher, "created", "o-early", 1, occurred_at=T0 - timedelta(seconds=1)),
+        entity_event(publisher, "created", "o-late", 1, occurred_at=T0 + timedelta(hours=1)),
+        entity_event(
+            publisher,
+            "created",
+            "c-1",
+            1,
+            entity_type="customer",
+            occurred_at=T0 + timedelta(minutes=2),
+        ),
+    ]
+    await publisher.publish_events([*inside, *outside])
+    await publisher.publish_events([late, deact])
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 12
+
+    await wait_for(stored)
+    channel = await subscribe(publisher, "s1")
+
+    async def ended() -> bool:
+        events = await replayed(redis, channel)
+        return bool(events) and events[-1]["payload"].get("done") is True
+
+    await wait_for(ended)
+    events = await replayed(redis, channel)
+    expected = [inside[0], late, inside[1], deact, *inside[2:]]
+    assert [e["payload"]["event"] for e in events[:-1]] == [envelope(x) for x in expected]
+    assert events[-1]["payload"] == {"subscription_id": "s1", "done": True, "count": 9}
+    assert all(e["event_type"] == channel for e in events)
+    assert all(e["source"] == "database_service" for e in events)
+
+
+async def test_backpressure_then_heartbeat_timeout_ends_the_subscription(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    await start_service(
+        replay_page_rows=2, replay_max_lag=4, subscription_timeout=timedelta(seconds=1.5)
+    )
+    await publisher.publish_events(
+        [
+            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
+            for i in range(20)
+        ]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 20
+
+    await wait_for(stored)
+    channel = "stream.replay.s2"
+    await redis.xgroup_create(channels.stream_key(channel), "slow", id="0", mkstream=True)
+    await subscribe(publisher, "s2")
+    # heartbeats keep it alive while the subscriber does not read: the replay waits
+    for _ in range(6):
+        await publisher.publish(channels.STREAM_HEARTBEAT, {"subscription_id": "s2"})
+        await asyncio.sleep(0.4)
+    held = await replayed(redis, channel)
+    assert 4 <= len(held) <= 6  # paused at max_lag (plus at most one page)
+    assert not any(e["payload"].get("done") for e in held)
+
+    async def timed_out() -> bool:
+        events = await replayed(redis, channel)
+        return bool(events) and events[-1]["payload"].get("done") is True
+
+    await wait_for(timed_out, timeout=10)
+    last = (await replayed(redis, channel))[-1]["payload"]
+    assert last == {"subscription_id": "s2", "done": True, "count": len(held), "reason": "timeout"}
+
+
+async def test_unsubscribe_stops_the_replay(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    await start_service(replay_page_rows=1, replay_max_lag=2)
+    await publisher.publish_events(
+        [
+            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
+            for i in range(10)
+        ]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 10
+
+    await wait_for(stored)
+    channel = "stream.replay.s3"
+    await redis.xgroup_create(channels.stream_key(channel), "slow", id="0", mkstream=True)
+    await subscribe(publisher, "s3")
+
+    async def paused() -> bool:
+        return len(await replayed(redis, channel)) >= 2
+
+    await wait_for(paused)
+    await publisher.publish(channels.STREAM_UNSUBSCRIBE, {"subscription_id": "s3"})
+
+    async def cancelled() -> bool:
+        state = await redis.hget("ae:db:sub:s3", "status")
+        return state == b"cancelled" and not await redis.sismember("ae:db:subs", "s3")
+
+    await wait_for(cancelled)
+    await redis.xgroup_destroy(channels.stream_key(channel), "slow")  # no more backpressure
+    await asyncio.sleep(1.0)
+    events = await replayed(redis, channel)
+    assert len(events) <= 3 and not any(e["payload"].get("done") for e in events)
+
+
+async def test_invalid_subscriptions_are_dead_lettered(
+    start_service: Start, publisher: EventPublisher, redis: Redis
+) -> None:
+    await start_service()
+    await subscribe(publisher, "bad1", channel=channels.ENTITY_CREATED)  # reserved channel
+    await subscribe(publisher, "bad2", since="last tuesday")
+
+    async def dead() -> bool:
+        return await redis.xlen(channels.dead_letter_key(channels.STREAM_SUBSCRIBE)) == 2
+
+    await wait_for(dead)
+    assert await redis.xlen(channels.stream_key(channels.ENTITY_CREATED)) == 0

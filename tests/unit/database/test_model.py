@@ -1,0 +1,156 @@
+"""Payload validation and entity-state folding (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from analytics_engine.core import channels
+from analytics_engine.core.envelopes import Event
+from analytics_engine.database.model import (
+    EntityEventRow,
+    InvalidPayload,
+    canonical_dimensions,
+    parse_entity_event,
+    parse_kpi_result,
+    plan_entity_upserts,
+)
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def event(channel: str = channels.ENTITY_CREATED, **payload: Any) -> Event:
+    base: dict[str, Any] = {
+        "entity_type": "order",
+        "entity_id": "o-1",
+        "version": 1,
+        "occurred_at": "2024-01-01T01:00:00+01:00",
+        "attributes": {"amount": 5},
+    }
+    base.update(payload)
+    return Event(
+        event_type=channel, source="sim", payload={k: v for k, v in base.items() if v is not ...}
+    )
+
+
+def test_a_valid_event_becomes_a_row_with_utc_time_and_json_attributes() -> None:
+    row = parse_entity_event(channels.ENTITY_CREATED, event())
+    assert row.event_kind == "created"
+    assert row.occurred_at == T0 and row.occurred_at.tzinfo == UTC
+    assert row.attributes == '{"amount":5}'
+    assert row.reason is None and row.source == "sim"
+
+
+def test_a_deactivation_needs_no_attributes_and_keeps_its_reason() -> None:
+    row = parse_entity_event(
+        channels.ENTITY_DEACTIVATED, event(channels.ENTITY_DEACTIVATED, attributes=..., reason="x")
+    )
+    assert (row.event_kind, row.attributes, row.reason) == ("deactivated", None, "x")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"entity_id": ""}, "entity_id"),
+        ({"entity_type": 5}, "entity_type"),
+        ({"version": "1"}, "version"),
+        ({"version": True}, "version"),
+        ({"version": -1}, "version"),
+        ({"version": 2**63}, "version"),
+        ({"occurred_at": "soon"}, "occurred_at"),
+        ({"occurred_at": 1700000000}, "occurred_at"),
+        ({"attributes": [1]}, "attributes"),
+        ({"attributes": ...}, "attributes"),
+        ({"attributes": {"a": "\x00"}}, "attributes"),
+        ({"entity_id": "a\x00b"}, "entity_id"),
+    ],
+)
+def test_invalid_payloads_name_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidPayload, match=field):
+        parse_entity_event(channels.ENTITY_CREATED, event(**change))
+
+
+def test_a_non_uuid_event_id_is_invalid() -> None:
+    e = Event(
+        event_id="abc", event_type=channels.ENTITY_CREATED, source="s", payload=event().payload
+    )
+    with pytest.raises(InvalidPayload, match="event_id"):
+        parse_entity_event(channels.ENTITY_CREATED, e)
+
+
+def kpi(**change: Any) -> Event:
+    payload: dict[str, Any] = {
+        "kpi_code": "rev",
+        "value": 1,
+        "window_start": "2024-01-01T00:00:00Z",
+        "window_end": "2024-01-01T00:01:00Z",
+        "dimensions": {"b": 1, "a": None},
+        "sample_count": 2,
+        "definition_version": 3,
+        "computed_at": "2024-01-01T00:01:05Z",
+    }
+    payload.update(change)
+    return Event(event_type=channels.KPI_CALCULATED, source="calc", payload=payload)
+
+
+def test_kpi_results_get_a_canonical_dims_key() -> None:
+    row = parse_kpi_result(kpi())
+    assert row.dims_key == '{"a":null,"b":1}' == canonical_dimensions({"b": 1, "a": None})
+    assert row.value == 1.0 and isinstance(row.value, float)
+    assert parse_kpi_result(kpi(dimensions=None)).dims_key == "{}"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"kpi_code": "Rev"}, "kpi_code"),
+        ({"value": "1"}, "value"),
+        ({"value": True}, "value"),
+        ({"window_end": "2024-01-01T00:00:00Z"}, "window_end"),
+        ({"dimensions": [1]}, "dimensions"),
+        ({"sample_count": -1}, "sample_count"),
+        ({"definition_version": 2**31}, "definition_version"),
+    ],
+)
+def test_invalid_kpi_results(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidPayload, match=field):
+        parse_kpi_result(kpi(**change))
+
+
+def row(kind: str, version: int, entity_id: str = "e", offset: int = 0) -> EntityEventRow:
+    return EntityEventRow(
+        event_id=f"00000000-0000-0000-0000-{version:012d}",
+        event_kind=kind,  # type: ignore[arg-type]
+        entity_type="t",
+        entity_id=entity_id,
+        version=version,
+        occurred_at=T0 + timedelta(seconds=offset),
+        published_at=T0,
+        attributes=None if kind == "deactivated" else f'{{"v":{version}}}',
+        reason="r" if kind == "deactivated" else None,
+        source="s",
+    )
+
+
+def test_folding_keeps_the_newest_attributes_then_a_newer_deactivation() -> None:
+    first, second = plan_entity_upserts(
+        [
+            row("updated", 3, offset=3),
+            row("created", 1, offset=1),
+            row("deactivated", 4),
+            row("updated", 2),
+        ]
+    )
+    assert [(u.version, u.attributes, u.active) for u in first] == [(3, '{"v":3}', True)]
+    assert [(u.version, u.active, u.deactivation_reason) for u in second] == [(4, False, "r")]
+    assert first[0].first_seen_at == T0
+
+
+def test_an_older_deactivation_in_the_batch_is_dropped_and_keys_are_sorted() -> None:
+    first, second = plan_entity_upserts(
+        [row("deactivated", 1, "b"), row("updated", 2, "b"), row("deactivated", 1, "a")]
+    )
+    assert [(u.entity_id, u.version, u.active) for u in first] == [("a", 1, False), ("b", 2, True)]
+    assert second == []
