@@ -1,0 +1,474 @@
+"""The REST and SSE handlers of the gateway and their route declarations.
+
+Business data comes from the business services' HTTP APIs (metadata, calculation, simulator,
+observability); entity state has no business service, so it is the one read made directly on
+the bus (`database.query` / `get_entity`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from analytics_engine.core import channels
+from analytics_engine.core.envelopes import new_id
+from analytics_engine.core.errors import NoResponder, RemoteError, RequestError, RequestTimeout
+from analytics_engine.core.request_reply import RequestReplyClient
+from analytics_engine.gateway.auth import Principal, StreamTokens
+from analytics_engine.gateway.errors import ApiError, json_response
+from analytics_engine.gateway.live import (
+    LiveHub,
+    LiveResult,
+    parse_last_event_id,
+    sse_comment,
+    sse_retry,
+)
+from analytics_engine.gateway.metrics import GatewayMetrics
+from analytics_engine.gateway.routes import (
+    KPI_CODE_REGEX,
+    NAME_REGEX,
+    RouteSpec,
+    errors,
+    ref,
+)
+from analytics_engine.gateway.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+PRINCIPAL_KEY: Final = web.RequestKey("gateway.principal", Principal)
+REQUEST_ID_KEY: Final = web.RequestKey("gateway.request_id", str)
+STREAM_BATCH: Final = 256
+"""Most SSE frames written in one `write()` when results arrive in a burst."""
+
+_IF_MATCH: Final = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": "Entity tag from a previous GET (`\"<version>\"`); 412 when it is stale.",
+    "schema": {"type": "string"},
+}
+
+
+def request_id(request: web.Request) -> str:
+    value = request.get(REQUEST_ID_KEY)
+    return value if isinstance(value, str) else new_id()
+
+
+def principal(request: web.Request) -> Principal | None:
+    value = request.get(PRINCIPAL_KEY)
+    return value if isinstance(value, Principal) else None
+
+
+async def read_json_body(request: web.Request) -> bytes:
+    """The raw body after checking that it is JSON (400 otherwise; 413 past the size limit)."""
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "a JSON body is required", code="bad_request")
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}", code="bad_request") from None
+    if b"\\u0000" in raw:
+        # PostgreSQL text and jsonb cannot hold NUL: refuse it here rather than fail later.
+        raise ApiError(400, "NUL characters (\\u0000) are not accepted", code="bad_request")
+    return raw
+
+
+def _passthrough_headers(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
+    return {name: request.headers[name] for name in names if name in request.headers}
+
+
+class GatewayApi:
+    def __init__(
+        self,
+        *,
+        metadata: Upstream,
+        calculation: Upstream,
+        simulator: Upstream,
+        observability: Upstream,
+        requests: RequestReplyClient,
+        hub: LiveHub,
+        tokens: StreamTokens,
+        metrics: GatewayMetrics,
+        bus_timeout_s: float,
+        sse_heartbeat_s: float,
+        sse_retry_ms: int,
+    ) -> None:
+        self._metadata = metadata
+        self._calculation = calculation
+        self._simulator = simulator
+        self._observability = observability
+        self._requests = requests
+        self._hub = hub
+        self._tokens = tokens
+        self._metrics = metrics
+        self._bus_timeout = bus_timeout_s
+        self._heartbeat = sse_heartbeat_s
+        self._retry_ms = sse_retry_ms
+
+    # -- KPI definitions (metadata service) -------------------------------------------------
+    async def list_definitions(self, request: web.Request) -> web.Response:
+        query = {k: v for k, v in request.query.items() if k == "entity_type"}
+        return await self._metadata.call(
+            "GET", "/api/v1/kpi-definitions", query=query, request_id=request_id(request)
+        )
+
+    async def get_definition(self, request: web.Request) -> web.Response:
+        code = request.match_info["code"]
+        return await self._metadata.call(
+            "GET",
+            f"/api/v1/kpi-definitions/{code}",
+            request_id=request_id(request),
+            headers=_passthrough_headers(request, ("If-None-Match",)),
+        )
+
+    async def put_definition(self, request: web.Request) -> web.Response:
+        code = request.match_info["code"]
+        body = await read_json_body(request)
+        return await self._metadata.call(
+            "PUT",
+            f"/api/v1/kpi-definitions/{code}",
+            body=body,
+            request_id=request_id(request),
+            headers=_passthrough_headers(request, ("If-Match", "If-None-Match")),
+        )
+
+    async def delete_definition(self, request: web.Request) -> web.Response:
+        code = request.match_info["code"]
+        return await self._metadata.call(
+            "DELETE",
+            f"/api/v1/kpi-definitions/{code}",
+            request_id=request_id(request),
+            headers=_passthrough_headers(request, ("If-Match",)),
+        )
+
+    async def list_entity_types(self, request: web.Request) -> web.Response:
+        return await self._metadata.call(
+            "GET", "/api/v1/entity-types", request_id=request_id(request)
+        )
+
+    # -- KPI values (calculation engine) ----------------------------------------------------
+    async def list_kpis(self, request: web.Request) -> web.Response:
+        return await self._calculation.call(
+            "GET", "/api/v1/kpis", request_id=request_id(request)
+        )
+
+    async def latest(self, request: web.Request) -> web.Response:
+        code = request.match_info["code"]
+        return await self._calculation.call(
+            "GET", f"/api/v1/kpis/{code}/latest", request_id=request_id(request)
+        )
+
+    async def history(self, request: web.Request) -> web.Response:
+        code = request.match_info["code"]
+        query = {
+            k: v
+            for k, v in request.query.items()
+            if k in ("start", "end", "limit") or k.startswith("dimension.")
+        }
+        return await self._calculation.call(
+            "GET", f"/api/v1/kpis/{code}/history", query=query, request_id=request_id(request)
+        )
+
+    # -- simulator --------------------------------------------------------------------------
+    async def simulator_status(self, request: web.Request) -> web.Response:
+        return await self._simulator.call(
+            "GET", "/api/v1/simulator", request_id=request_id(request)
+        )
+
+    async def simulator_start(self, request: web.Request) -> web.Response:
+        return await self._simulator.call(
+            "POST", "/api/v1/simulator/start", request_id=request_id(request)
+        )
+
+    async def simulator_stop(self, request: web.Request) -> web.Response:
+        return await self._simulator.call(
+            "POST", "/api/v1/simulator/stop", request_id=request_id(request)
+        )
+
+    async def simulator_rate(self, request: web.Request) -> web.Response:
+        body = await read_json_body(request)
+        return await self._simulator.call(
+            "PUT", "/api/v1/simulator/rate", body=body, request_id=request_id(request)
+        )
+
+    # -- platform status (observability) ----------------------------------------------------
+    async def platform_status(self, request: web.Request) -> web.Response:
+        return await self._observability.call(
+            "GET", "/api/v1/status", request_id=request_id(request)
+        )
+
+    # -- entities (bus: database.query / get_entity) ----------------------------------------
+    async def entity(self, request: web.Request) -> web.Response:
+        entity_type = request.match_info["entity_type"]
+        entity_id = request.match_info["entity_id"]
+        # The request id prefixes the bus correlation id (logs join up), made unique per call:
+        # responders claim requests by correlation id, so a client reusing an X-Request-ID must
+        # not collide with its own earlier request.
+        correlation_id = f"{request_id(request)}.{new_id()[:8]}"
+        try:
+            reply = await self._requests.request(
+                channels.DATABASE_QUERY,
+                "get_entity",
+                {"entity_type": entity_type, "entity_id": entity_id},
+                timeout=self._bus_timeout,
+                correlation_id=correlation_id,
+            )
+        except RequestError as exc:
+            raise _bus_error(exc, "database") from None
+        entity = reply.get("entity")
+        if not isinstance(entity, dict):
+            raise ApiError(404, f"entity {entity_type}/{entity_id} not found", code="not_found")
+        return json_response(entity)
+
+    # -- live values (SSE) ------------------------------------------------------------------
+    async def stream_all(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, None)
+
+    async def stream_kpi(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, request.match_info["code"])
+
+    async def _stream(self, request: web.Request, kpi_code: str | None) -> web.StreamResponse:
+        last_id = parse_last_event_id(
+            request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        )
+        client = self._hub.connect(kpi_code)  # before replaying: nothing falls in between
+        self._metrics.sse_clients.inc()
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache, no-transform",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        sent = self._hub.ring.last_id if last_id is None else last_id
+        try:
+            await response.prepare(request)
+            head = [sse_retry(self._retry_ms)]
+            if last_id is None:
+                head.append(sse_comment("connected"))
+            else:
+                if self._hub.ring.missed(last_id):
+                    oldest = self._hub.ring.oldest_id
+                    head.append(b"event: gap\ndata: %s\n\n" % orjson.dumps({"oldest_id": oldest}))
+                for item in self._hub.ring.after(last_id, kpi_code):
+                    head.append(item.frame)
+                    sent = item.id
+            await response.write(b"".join(head))
+            await self._pump(response, client.queue, sent)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the client went away (or we are shutting down)
+        finally:
+            self._hub.disconnect(client)
+            self._metrics.sse_clients.dec()
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            await response.write_eof()
+        return response
+
+    async def _pump(
+        self, response: web.StreamResponse, queue: asyncio.Queue[LiveResult | None], sent: int
+    ) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._heartbeat):
+                    item = await queue.get()
+            except TimeoutError:
+                await response.write(sse_comment("ping"))
+                continue
+            frames: list[bytes] = []
+            while item is not None:
+                if item.id > sent:
+                    frames.append(item.frame)
+                    sent = item.id
+                if len(frames) >= STREAM_BATCH or queue.empty():
+                    break
+                item = queue.get_nowait()
+            if frames:
+                await response.write(b"".join(frames))
+            if item is None:
+                return  # dropped (too slow) or shutting down: the client reconnects
+
+    async def stream_token(self, request: web.Request) -> web.Response:
+        who = principal(request)
+        if who is None:  # pragma: no cover - the auth middleware guarantees one
+            raise ApiError(401, "an API key is required")
+        token, expires = self._tokens.issue(who, now=time.time())
+        return json_response(
+            {"token": token, "expires_in": int(self._tokens.ttl_s), "expires_at": int(expires)},
+            status=201,
+        )
+
+    async def me(self, request: web.Request) -> web.Response:
+        who = principal(request)
+        if who is None:  # pragma: no cover
+            raise ApiError(401, "an API key is required")
+        return json_response({"key_id": who.key_id, "scope": who.scope})
+
+    # -- the route table --------------------------------------------------------------------
+    def routes(self) -> list[RouteSpec]:
+        code = {"code": KPI_CODE_REGEX}
+        history_query = [
+            _query("start", "Window start, inclusive (ISO 8601)", {"type": "string"}, True),
+            _query("end", "Window start, exclusive (ISO 8601)", {"type": "string"}, True),
+            _query("limit", "Most rows", {"type": "integer", "minimum": 1}, False),
+            {
+                "name": "dimension",
+                "in": "query",
+                "required": False,
+                "style": "deepObject",
+                "explode": True,
+                "description": "Filter by dimension: `dimension.<name>=<value>` (repeatable).",
+                "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        ]
+        last_event_id = [
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": "Replay the results after this id (sent by EventSource on "
+                "reconnect).",
+                "schema": {"type": "string"},
+            }
+        ]
+        stream_query = [
+            _query("token", "Stream token from POST /api/v1/sse-token (for EventSource, "
+                   "which cannot send headers)", {"type": "string"}, False),
+            _query("last_event_id", "Same as the Last-Event-ID header", {"type": "string"},
+                   False),
+        ]
+        sse_ok = {200: ("`text/event-stream`: `event: kpi` messages, `id` increasing", None)}
+        return [
+            RouteSpec("GET", "/api/v1/kpi-definitions", "listKpiDefinitions",
+                      "List KPI definitions", "KPI definitions", "read", self.list_definitions,
+                      query=[_query("entity_type", "Only this entity type",
+                                    {"type": "string"}, False)],
+                      responses={200: ("Definitions", ref("KPIDefinitionList")),
+                                 **errors(401, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/kpi-definitions/{code}", "getKpiDefinition",
+                      "Get a KPI definition (ETag: its version)", "KPI definitions", "read",
+                      self.get_definition, path_patterns=code,
+                      responses={200: ("The definition", ref("StoredKPIDefinition")),
+                                 **errors(401, 404, 429, 502, 503, 504)}),
+            RouteSpec("PUT", "/api/v1/kpi-definitions/{code}", "putKpiDefinition",
+                      "Create or replace a KPI definition", "KPI definitions", "admin",
+                      self.put_definition, path_patterns=code, request_headers=[_IF_MATCH],
+                      body=ref("KPIDefinition"),
+                      responses={200: ("Replaced (or unchanged)", ref("StoredKPIDefinition")),
+                                 201: ("Created", ref("StoredKPIDefinition")),
+                                 **errors(400, 401, 403, 412, 413, 422, 429, 502, 503, 504)},
+                      description="Idempotent: an identical definition keeps its version. "
+                      "422 lists field errors in `error.details`."),
+            RouteSpec("DELETE", "/api/v1/kpi-definitions/{code}", "deleteKpiDefinition",
+                      "Delete a KPI definition", "KPI definitions", "admin",
+                      self.delete_definition, path_patterns=code, request_headers=[_IF_MATCH],
+                      responses={204: ("Deleted", None),
+                                 **errors(401, 403, 404, 412, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/entity-types", "listEntityTypes",
+                      "List entity types (what KPIs can aggregate)", "KPI definitions", "read",
+                      self.list_entity_types,
+                      responses={200: ("Entity types", ref("ItemList")),
+                                 **errors(401, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/kpis", "listKpis", "KPIs the engine runs, with status",
+                      "KPI values", "read", self.list_kpis,
+                      responses={200: ("KPIs", ref("ItemList")),
+                                 **errors(401, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/kpis/{code}/latest", "getLatestKpiValues",
+                      "Latest value per group", "KPI values", "read", self.latest,
+                      path_patterns=code,
+                      responses={200: ("Latest results", ref("LatestValues")),
+                                 **errors(401, 404, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/kpis/{code}/history", "getKpiHistory",
+                      "Results in a time range, optionally filtered by dimensions",
+                      "KPI values", "read", self.history, path_patterns=code,
+                      query=history_query,
+                      responses={200: ("Results, oldest first", ref("History")),
+                                 **errors(401, 404, 422, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/kpis/{code}/stream", "streamKpi",
+                      "Live results of one KPI (Server-Sent Events)", "Live", "read",
+                      self.stream_kpi, path_patterns=code, query=stream_query,
+                      request_headers=last_event_id, responses={**sse_ok, **errors(401, 429)},
+                      content_type="text/event-stream", stream=True),
+            RouteSpec("GET", "/api/v1/stream", "streamAll",
+                      "Live results of every KPI (Server-Sent Events)", "Live", "read",
+                      self.stream_all, query=stream_query, request_headers=last_event_id,
+                      responses={**sse_ok, **errors(401, 429)},
+                      content_type="text/event-stream", stream=True,
+                      description="Each message: `id` (increasing), `event: kpi`, `data` = the "
+                      "KPI result JSON. Reconnect with `Last-Event-ID` to replay what was "
+                      "missed from a bounded buffer; `event: gap` says some were lost. Comments "
+                      "(`: ping`) keep the connection alive."),
+            RouteSpec("POST", "/api/v1/sse-token", "createStreamToken",
+                      "A short-lived, read-only token for the stream routes", "Live", "read",
+                      self.stream_token,
+                      responses={201: ("Token", ref("StreamToken")), **errors(401, 429)}),
+            RouteSpec("GET", "/api/v1/simulator", "getSimulator", "Simulator status",
+                      "Simulator", "read", self.simulator_status,
+                      responses={200: ("Status", ref("SimulatorStatus")),
+                                 **errors(401, 429, 502, 503, 504)}),
+            RouteSpec("POST", "/api/v1/simulator/start", "startSimulator", "Start the simulator",
+                      "Simulator", "admin", self.simulator_start,
+                      responses={200: ("Status", ref("SimulatorStatus")),
+                                 **errors(401, 403, 409, 429, 502, 503, 504)}),
+            RouteSpec("POST", "/api/v1/simulator/stop", "stopSimulator", "Stop the simulator",
+                      "Simulator", "admin", self.simulator_stop,
+                      responses={200: ("Status", ref("SimulatorStatus")),
+                                 **errors(401, 403, 429, 502, 503, 504)}),
+            RouteSpec("PUT", "/api/v1/simulator/rate", "setSimulatorRate",
+                      "Set the event rate (events/s)", "Simulator", "admin",
+                      self.simulator_rate, body=ref("SimulatorRate"),
+                      responses={200: ("Status", ref("SimulatorStatus")),
+                                 **errors(400, 401, 403, 413, 422, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/entities/{entity_type}/{entity_id}", "getEntity",
+                      "Current state of an entity", "Entities", "read", self.entity,
+                      path_patterns={"entity_type": KPI_CODE_REGEX, "entity_id": NAME_REGEX},
+                      responses={200: ("The entity", ref("Entity")),
+                                 **errors(400, 401, 404, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/status", "getPlatformStatus",
+                      "Platform health: services, consumer lag, dead letters, rates",
+                      "Platform", "read", self.platform_status,
+                      responses={200: ("Status", ref("PlatformStatus")),
+                                 **errors(401, 429, 502, 503, 504)}),
+            RouteSpec("GET", "/api/v1/me", "whoAmI", "The calling key's id and scope",
+                      "Platform", "read", self.me,
+                      responses={200: ("Key", ref("Principal")), **errors(401, 429)}),
+        ]
+
+
+def _query(
+    name: str, description: str, schema: Mapping[str, Any], required: bool
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": description,
+        "schema": dict(schema),
+    }
+
+
+def _bus_error(exc: RequestError, service: str) -> ApiError:
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, f"the {service} service did not answer in time",
+                        code="upstream_timeout")
+    if isinstance(exc, NoResponder):
+        return ApiError(503, f"the {service} service is not running",
+                        code="upstream_unavailable", headers={"Retry-After": "2"})
+    if isinstance(exc, RemoteError):
+        if exc.code in ("invalid_request", "bad_request"):
+            return ApiError(400, exc.message, code="bad_request")
+        if exc.code == "unavailable":
+            return ApiError(503, exc.message, code="upstream_unavailable",
+                            headers={"Retry-After": "2"})
+    log.warning("bus request failed", extra={"service": service, "error": str(exc)[:200]})
+    return ApiError(502, f"the {service} service failed", code="bad_gateway")
+
+
+__all__ = ["PRINCIPAL_KEY", "REQUEST_ID_KEY", "GatewayApi", "principal", "request_id"]

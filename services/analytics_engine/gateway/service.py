@@ -1,0 +1,201 @@
+"""Composition of the API Gateway (`analytics-engine run gateway`).
+
+The platform's only external HTTP interface: REST under `/api/v1` proxied to the business
+services' HTTP APIs (metadata, calculation, simulator, observability) through one shared
+`aiohttp.ClientSession`, live KPI values over Server-Sent Events from `kpi.calculated.*`, the
+OpenAPI document and docs page, and the Demo UI at `/`.
+
+Settings (environment variables):
+  GATEWAY_PORT (8080), GATEWAY_API_KEYS (`key:scope,...`, scope read|admin; required unless
+  GATEWAY_ALLOW_ANONYMOUS=true, a development-only switch that lets keyless requests act as
+  admin), GATEWAY_RATE_LIMIT (requests/s per key) and GATEWAY_RATE_BURST, GATEWAY_CORS_ORIGINS
+  (comma-separated origins or `*`; none by default), GATEWAY_MAX_BODY_BYTES,
+  GATEWAY_UPSTREAM_TIMEOUT / GATEWAY_UPSTREAM_CONNECT_TIMEOUT, GATEWAY_SSE_* (buffer, heartbeat,
+  retry, token TTL, per-client queue), METADATA_URL, CALCULATION_URL, SIMULATOR_URL,
+  OBSERVABILITY_URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import orjson
+from aiohttp import web
+from pydantic import Field, ValidationInfo, field_validator
+
+from analytics_engine.core import channels
+from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.core.settings import BaseServiceSettings
+from analytics_engine.gateway import ui
+from analytics_engine.gateway.api import GatewayApi
+from analytics_engine.gateway.auth import KeyRing, StreamTokens, parse_api_keys
+from analytics_engine.gateway.live import LiveHub
+from analytics_engine.gateway.metrics import GatewayMetrics
+from analytics_engine.gateway.middleware import Middlewares, parse_origins
+from analytics_engine.gateway.openapi import build_document, operational_routes
+from analytics_engine.gateway.ratelimit import RateLimiter
+from analytics_engine.gateway.routes import RouteSpec, spec_index
+from analytics_engine.gateway.upstream import Upstream, Upstreams
+
+SERVICE: Final = "api_gateway"
+
+
+class Settings(BaseServiceSettings):
+    gateway_port: int = Field(default=8080, ge=0, le=65535, validation_alias="GATEWAY_PORT")
+    allow_anonymous: bool = Field(
+        default=False,
+        validation_alias="GATEWAY_ALLOW_ANONYMOUS",
+        description="Development only: requests without a key are served as admin.",
+    )
+    api_keys: str = Field(
+        default="",
+        validation_alias="GATEWAY_API_KEYS",
+        repr=False,
+        validate_default=True,
+        description="Comma-separated `key:scope` pairs; scope `read` or `admin`.",
+    )
+    rate_limit: float = Field(default=50.0, gt=0, validation_alias="GATEWAY_RATE_LIMIT")
+    rate_burst: int = Field(default=100, ge=1, validation_alias="GATEWAY_RATE_BURST")
+    cors_origins: str = Field(default="", validation_alias="GATEWAY_CORS_ORIGINS")
+    max_body_bytes: int = Field(
+        default=256 * 1024, ge=1024, validation_alias="GATEWAY_MAX_BODY_BYTES"
+    )
+    upstream_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, validation_alias="GATEWAY_UPSTREAM_TIMEOUT"
+    )
+    upstream_connect_timeout_s: float = Field(
+        default=2.0, gt=0, le=60, validation_alias="GATEWAY_UPSTREAM_CONNECT_TIMEOUT"
+    )
+    sse_buffer: int = Field(
+        default=2000, ge=10, le=1_000_000, validation_alias="GATEWAY_SSE_BUFFER"
+    )
+    sse_heartbeat_s: float = Field(
+        default=15.0, gt=0, le=300, validation_alias="GATEWAY_SSE_HEARTBEAT"
+    )
+    sse_retry_ms: int = Field(
+        default=3000, ge=100, le=600_000, validation_alias="GATEWAY_SSE_RETRY_MS"
+    )
+    sse_token_ttl_s: float = Field(
+        default=300.0, ge=10, le=86_400, validation_alias="GATEWAY_SSE_TOKEN_TTL"
+    )
+    sse_client_queue: int = Field(
+        default=1000, ge=10, le=100_000, validation_alias="GATEWAY_SSE_CLIENT_QUEUE"
+    )
+    metadata_url: str = Field(
+        default="http://localhost:8083", validation_alias="METADATA_URL", pattern=r"^https?://"
+    )
+    calculation_url: str = Field(
+        default="http://localhost:8082", validation_alias="CALCULATION_URL", pattern=r"^https?://"
+    )
+    simulator_url: str = Field(
+        default="http://localhost:8081", validation_alias="SIMULATOR_URL", pattern=r"^https?://"
+    )
+    observability_url: str = Field(
+        default="http://localhost:8086",
+        validation_alias="OBSERVABILITY_URL",
+        pattern=r"^https?://",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: str, info: ValidationInfo) -> str:
+        keys = parse_api_keys(value)  # ValueError names the pair's position, never the key
+        if not keys and not info.data.get("allow_anonymous", False):
+            raise ValueError(
+                "no API keys configured: set key:scope pairs (scope read or admin), or "
+                "GATEWAY_ALLOW_ANONYMOUS=true for local development only"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The composed gateway, with handles on its parts (tests use them)."""
+
+    runtime: ServiceRuntime
+    hub: LiveHub
+    specs: tuple[RouteSpec, ...]
+    document: dict[str, object]
+    limiter: RateLimiter
+
+
+GATEWAY_KEY: Final = web.AppKey("gateway", Gateway)
+
+
+def create(settings: Settings) -> ServiceRuntime:
+    return build(settings).runtime
+
+
+def build(settings: Settings) -> Gateway:
+    runtime = ServiceRuntime(
+        service=SERVICE,
+        settings=settings,
+        port=settings.gateway_port,
+        client_max_size=settings.max_body_bytes,
+    )
+    metrics = GatewayMetrics(runtime.metrics.registry)
+    keys = KeyRing(parse_api_keys(settings.api_keys))
+    tokens = StreamTokens(keys.token_secret(), ttl_s=settings.sse_token_ttl_s)
+    limiter = RateLimiter(rate=settings.rate_limit, burst=settings.rate_burst)
+    hub = LiveHub(ring_size=settings.sse_buffer, client_queue=settings.sse_client_queue)
+    upstreams = Upstreams(
+        timeout_s=settings.upstream_timeout_s,
+        connect_timeout_s=settings.upstream_connect_timeout_s,
+    )
+
+    def upstream(name: str, url: str) -> Upstream:
+        return Upstream(name, url, upstreams, metrics)
+
+    api = GatewayApi(
+        metadata=upstream("metadata", settings.metadata_url),
+        calculation=upstream("calculation", settings.calculation_url),
+        simulator=upstream("simulator", settings.simulator_url),
+        observability=upstream("observability", settings.observability_url),
+        requests=runtime.requests,
+        hub=hub,
+        tokens=tokens,
+        metrics=metrics,
+        bus_timeout_s=settings.upstream_timeout_s,
+        sse_heartbeat_s=settings.sse_heartbeat_s,
+        sse_retry_ms=settings.sse_retry_ms,
+    )
+    document: dict[str, object] = {}
+    document_bytes: list[bytes] = []
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.Response(body=document_bytes[0], content_type="application/json")
+
+    specs = tuple(api.routes() + operational_routes(openapi, ui.docs))
+    document.update(build_document(specs))
+    document_bytes.append(orjson.dumps(document))
+
+    Middlewares(
+        specs=spec_index(specs),
+        keys=keys,
+        tokens=tokens,
+        limiter=limiter,
+        metrics=metrics,
+        cors=parse_origins(settings.cors_origins),
+        allow_anonymous=settings.allow_anonymous,
+    ).install(runtime.http)
+    runtime.http.on_response_prepare.append(ui.add_asset_headers)
+    for spec in specs:
+        spec.register(runtime.http)
+    ui.add_ui_routes(runtime.http)
+
+    def on_result(channel: bytes, data: bytes) -> None:
+        metrics.sse_results.inc()
+        hub.on_message(channel, data)
+
+    runtime.listen(on_result, patterns=[f"{channels.KPI_CALCULATED_PREFIX}*"])
+
+    async def close_streams() -> None:
+        hub.close()
+
+    runtime.on_startup(upstreams.start)
+    runtime.on_shutdown(upstreams.close)
+    runtime.on_shutdown(close_streams)
+    gateway = Gateway(runtime, hub, specs, document, limiter)
+    runtime.http[GATEWAY_KEY] = gateway
+    return gateway

@@ -1,0 +1,75 @@
+"""The result ring and the fan-out hub (no Redis: the hub's input is bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from analytics_engine.gateway.live import (
+    LiveHub,
+    ResultRing,
+    parse_last_event_id,
+    sse_comment,
+    sse_frame,
+)
+
+
+def envelope(code: str, value: float) -> bytes:
+    return orjson.dumps({"event_id": "e", "event_type": f"kpi.calculated.{code}",
+                         "source": "calculation_engine", "timestamp": "2024-01-01T00:00:00Z",
+                         "payload": {"kpi_code": code, "value": value}})
+
+
+def test_frames() -> None:
+    assert sse_frame(7, "kpi", b'{"a":1}') == b'id: 7\nevent: kpi\ndata: {"a":1}\n\n'
+    assert sse_comment("a\nb") == b": a b\n\n"
+    assert parse_last_event_id(" 12 ") == 12
+    assert parse_last_event_id("abc") is None
+    assert parse_last_event_id(None) is None
+    assert parse_last_event_id("9" * 30) is None
+
+
+def test_ring_ids_increase_and_start_above_a_previous_process() -> None:
+    clock = iter([1000.0, 1000.0, 1000.0, 999.0]).__next__
+    ring = ResultRing(3, clock=clock)
+    ids = [ring.append("a", b"{}").id for _ in range(4)]
+    assert ids[0] == 1_000_000_000 and ids == sorted(set(ids))  # never goes back
+    assert len(ring) == 3
+    assert [r.id for r in ring.after(ids[1])] == ids[2:]
+    assert ring.missed(ids[0] - 5)  # evicted entries after that id
+    assert not ring.missed(ids[0])  # ids[1] is the oldest kept, nothing lost after ids[0]
+
+
+async def test_hub_fans_out_filters_and_drops_slow_clients() -> None:
+    hub = LiveHub(ring_size=100, client_queue=10)
+    everything = hub.connect(None)
+    only_b = hub.connect("b")
+    slow = hub.connect(None)
+    hub.on_message(b"kpi.calculated.a", envelope("a", 1))
+    hub.on_message(b"kpi.calculated.b", envelope("b", 2))
+    hub.on_message(b"kpi.calculated.x", b"not json")
+    assert hub.invalid == 1 and hub.received == 2
+    got = [everything.queue.get_nowait(), everything.queue.get_nowait()]
+    assert [orjson.loads(r.frame.split(b"data: ")[1]) for r in got if r] == [
+        {"kpi_code": "a", "value": 1}, {"kpi_code": "b", "value": 2}]
+    item = only_b.queue.get_nowait()
+    assert item is not None and item.kpi_code == "b"
+    assert only_b.queue.empty()
+    for i in range(20):  # `everything` keeps reading, `slow` never does
+        hub.on_message(b"kpi.calculated.a", envelope("a", i))
+        everything.queue.get_nowait()
+    assert slow.dropped
+    assert slow.queue.get_nowait() is None  # woken with CLOSED
+    assert hub.clients == 2
+    hub.close()
+    assert hub.clients == 0
+    assert await asyncio.wait_for(everything.queue.get(), 1) is None
+
+
+@pytest.mark.parametrize("payload", [b'{"payload": []}', b"[]", b'{"no": "payload"}'])
+def test_hub_ignores_malformed_envelopes(payload: bytes) -> None:
+    hub = LiveHub(ring_size=10)
+    hub.on_message(b"kpi.calculated.a", payload)
+    assert hub.invalid == 1 and len(hub.ring) == 0
