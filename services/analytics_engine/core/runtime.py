@@ -236,9 +236,7 @@ class ServiceRuntime:
                 consumer.stop()
             if consumer_tasks:
                 await asyncio.wait(consumer_tasks, timeout=30)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel_all(tasks)
             for hook in reversed(self._shutdown):
                 try:
                     await hook()
@@ -265,10 +263,16 @@ class ServiceRuntime:
 
     async def _heartbeats(self) -> None:
         interval = self.settings.heartbeat_interval_s
-        while True:
+        while not self._stop.is_set():
             with contextlib.suppress(*REDIS_ERRORS):
                 await self.publisher.publish(SERVICE_HEARTBEAT, await self.heartbeat())
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set when the service begins to stop: background loops may wait on it."""
+        return self._stop
 
     async def heartbeat(self) -> dict[str, object]:
         lag: dict[str, int] = {}
@@ -317,6 +321,26 @@ def _bound_port(runner: web.AppRunner) -> int | None:
         if isinstance(address, tuple) and len(address) >= 2:
             return int(address[1])
     return None
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]], *, attempts: int = 10) -> None:
+    """Cancel tasks and wait for them, cancelling again while any is still running.
+
+    A cancellation that lands inside a redis-py call can be swallowed by the client (seen with
+    redis-py 8.1), so one `cancel()` is not always enough to end a loop.
+    """
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(attempts):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    if pending:
+        log.error("background tasks did not stop", extra={"tasks": [t.get_name() for t in pending]})
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
 
 async def _until_ready(

@@ -164,6 +164,14 @@ async def serve(
     kpi_dir = Path(args.kpi_dir) if args.kpi_dir else repo_root() / "k8s" / "samples"
     ports = service_ports(services, args.gateway_port)
     envs = service_env(connections, ports, kpi_dir=kpi_dir, rate=args.rate)
+    configured_keys = os.environ.get("GATEWAY_API_KEYS")
+    admin_key = None if configured_keys else secrets.token_urlsafe(24)
+    if "gateway" in envs:
+        envs["gateway"]["GATEWAY_API_KEYS"] = configured_keys or f"{admin_key}:admin"
+    if admin_key is not None:
+        # The key goes to the owner-only settings file, never to a log or the terminal.
+        with (data_dir / "stack.env").open("a") as out:
+            out.write(f"GATEWAY_API_KEY={admin_key}\n")
     for name, url in (redis_urls or {}).items():
         if name in envs:
             envs[name]["REDIS_URL"] = url  # each service its own ACL user
@@ -185,6 +193,8 @@ async def serve(
     if "gateway" in ports:
         print(f"\n  Dashboard:  http://127.0.0.1:{ports['gateway']}/")
         print(f"  API docs:   http://127.0.0.1:{ports['gateway']}/api/v1/docs")
+        if admin_key is not None:
+            print(f"  API key:    GATEWAY_API_KEY in {data_dir / 'stack.env'} (admin)")
     print(f"  Logs:       {data_dir / 'logs'}/<service>.log")
     print(f"  Settings:   {data_dir / 'stack.env'} (for analytics-engine verify)")
     print("Press Ctrl-C to stop.", flush=True)

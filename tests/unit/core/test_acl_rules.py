@@ -26,9 +26,10 @@ def test_request_channels_have_a_responder_and_a_caller() -> None:
 
 def test_xadd_is_confined_to_produced_streams_and_dead_letters() -> None:
     rules = acl_rules("data_simulator", SERVICE_ACCESS["data_simulator"])
-    [selector] = [r for r in rules if r.startswith("(")]
-    assert "+xadd" in selector
-    assert f"%W~{channels.stream_key(channels.ENTITY_CREATED)}" in selector
+    publish, dead_letters = [r for r in rules if r.startswith("(")]
+    assert publish.startswith("(+evalsha +eval +xadd ")
+    assert f"~{channels.stream_key(channels.ENTITY_CREATED)}" in publish
+    assert dead_letters.startswith("(+xadd ") and "%W~ae:dlq:" in dead_letters
     assert channels.stream_key(channels.KPI_CALCULATED) not in " ".join(rules)
     assert "+xadd" not in [r for r in rules if not r.startswith("(")]
 
