@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds a stored result may take to reach the lake (default 60)",
     )
+    verify.add_argument(
+        "--idle-close",
+        type=float,
+        default=30.0,
+        help="windows whose close time is this many seconds past count as closed (default 30)",
+    )
     return parser
 
 

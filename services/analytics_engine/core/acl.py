@@ -97,6 +97,8 @@ BASE_COMMANDS = (
     "+punsubscribe",
     "+script|load",
     "+script|exists",
+    "+evalsha",  # publishing is a script; what it may touch is checked call by call inside
+    "+eval",
 )
 # Reading a stream through a consumer group (all of these write the group's state).
 CONSUMER_COMMANDS = (

@@ -264,8 +264,12 @@ class ServiceRuntime:
     async def _heartbeats(self) -> None:
         interval = self.settings.heartbeat_interval_s
         while not self._stop.is_set():
-            with contextlib.suppress(*REDIS_ERRORS):
+            try:
                 await self.publisher.publish(SERVICE_HEARTBEAT, await self.heartbeat())
+            except REDIS_ERRORS:
+                pass  # Redis is down: the observability service will report us missing
+            except Exception:
+                log.exception("cannot publish a heartbeat")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
 

@@ -35,6 +35,7 @@ from analytics_engine.verify.report import Report, render_json, render_text
 from analytics_engine.verify.sql import lateness_of
 
 ARCHIVE_GRACE = timedelta(seconds=60)
+IDLE_CLOSE = timedelta(seconds=30)
 """Stored results younger than this may still sit in the archival buffer: not checked."""
 
 
@@ -67,6 +68,10 @@ class Options:
     # Results forwarded to the archive less than this long ago may still sit in the archival
     # service's batch; they are not expected in the lake yet.
     archive_grace: timedelta = ARCHIVE_GRACE
+    # The engine also closes windows by the clock when no newer event arrives (its idle
+    # close). A window whose close time is this far in the past counts as closed even when
+    # no event published after it exists.
+    idle_close: timedelta = IDLE_CLOSE
 
 
 def parse_time(text: str | None, name: str) -> datetime | None:
@@ -91,6 +96,7 @@ def options_from(args: argparse.Namespace) -> Options:
         skip_lake=bool(getattr(args, "skip_lake", False)),
         json=bool(getattr(args, "json", False)),
         archive_grace=timedelta(seconds=float(getattr(args, "archive_grace", 60.0))),
+        idle_close=timedelta(seconds=float(getattr(args, "idle_close", 30.0))),
     )
 
 
@@ -123,6 +129,11 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
     try:
         stored_in_range: dict[str, tuple[datetime, datetime]] = {}
         data = await db.bounds(conn)
+        now = datetime.now(UTC)
+        watermark = max(
+            (t for t in (data.newest_published, now - options.idle_close) if t is not None),
+            default=None,
+        )
         for definition in definitions:
             span = _range(definition, data, options)
             if span is None:
@@ -146,7 +157,7 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                 expected,
                 stored,
                 lateness=lateness_of(definition),
-                watermark=data.newest_published,
+                watermark=watermark,
                 definition_version=catalog.versions.get(definition.code),
             )
             report.mismatches.extend(result.mismatches)

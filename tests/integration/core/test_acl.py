@@ -124,3 +124,11 @@ async def test_request_reply_works_between_the_right_users_only(acl_redis: Redis
     await server.stop()
     for r in (server_redis, client_redis, sim):
         await r.aclose()
+
+
+async def test_every_service_can_publish_its_heartbeat(acl_redis: RedisServer) -> None:
+    for service in SERVICE_ACCESS:
+        redis = connect(url(acl_redis, service))
+        publisher = EventPublisher(redis, source=service, stream_maxlen=1000)
+        await publisher.publish(channels.SERVICE_HEARTBEAT, {"service": service})
+        await redis.aclose()
