@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Final
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import orjson
 
 from analytics_engine.core.errors import TransientError

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import orjson
 
 from analytics_engine.core.envelopes import Request

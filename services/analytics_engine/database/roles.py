@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Final
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 READER_ROLE: Final = "analytics_reader"
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
 MIGRATIONS_TABLE: Final = "metadata_schema_migrations"
 ADVISORY_LOCK_KEY: Final = 0x6D65_7461_6461_7461  # "metadata" as bytes, fits a signed bigint

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import orjson
 from pydantic import ValidationError
 
