@@ -33,13 +33,15 @@ class BaseServiceSettings(BaseSettings):
     )
     instance_id: str = Field(
         default_factory=default_instance_id,
-        validation_alias=AliasChoices("SERVICE_INSTANCE_ID", "HOSTNAME_INSTANCE_ID"),
+        validation_alias="SERVICE_INSTANCE_ID",
         min_length=1,
         max_length=100,
         pattern=r"^[A-Za-z0-9_.\-]+$",
         description="Instance id in `reply.{service}.{instance}` and stream consumer names.",
     )
-    log_level: LogLevel = Field(default="INFO", validation_alias="LOG_LEVEL")
+    log_level: LogLevel = Field(
+        default="INFO", validation_alias="LOG_LEVEL", description="JSON logs on stderr."
+    )
     stream_maxlen: int = Field(
         default=1_000_000,
         ge=1000,
@@ -49,7 +51,11 @@ class BaseServiceSettings(BaseSettings):
         "channel at the default, raise it for longer outages.",
     )
     consumer_batch_size: int = Field(
-        default=500, ge=1, le=10_000, validation_alias="BUS_BATCH_SIZE"
+        default=500,
+        ge=1,
+        le=10_000,
+        validation_alias="BUS_BATCH_SIZE",
+        description="Events read from a stream per batch.",
     )
     max_deliveries: int = Field(
         default=5,
@@ -63,9 +69,24 @@ class BaseServiceSettings(BaseSettings):
         validation_alias="BUS_CLAIM_IDLE_MS",
         description="Pending events idle this long (their consumer died) are claimed by a peer.",
     )
-    request_concurrency: int = Field(default=64, ge=1, validation_alias="BUS_REQUEST_CONCURRENCY")
-    request_timeout_s: float = Field(default=10.0, gt=0, validation_alias="BUS_REQUEST_TIMEOUT")
-    heartbeat_interval_s: float = Field(default=5.0, gt=0, validation_alias="HEARTBEAT_INTERVAL")
+    request_concurrency: int = Field(
+        default=64,
+        ge=1,
+        validation_alias="BUS_REQUEST_CONCURRENCY",
+        description="Requests a responder executes at once; more wait (or go to a replica).",
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias="BUS_REQUEST_TIMEOUT",
+        description="Default request/reply timeout, seconds.",
+    )
+    heartbeat_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias="HEARTBEAT_INTERVAL",
+        description="Seconds between heartbeats on `observability.heartbeat`.",
+    )
 
 
 class DatabaseSettings(BaseSettings):

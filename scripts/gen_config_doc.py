@@ -1,0 +1,90 @@
+"""Write docs/configuration.md from the services' pydantic Settings (`--check`: fail on drift).
+
+Every environment variable a service reads is a field of its Settings class, so this page is
+generated rather than written: it cannot fall behind the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from datetime import timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from analytics_engine.cli import SERVICES
+
+TARGET = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+SECRET_WORDS = ("password", "secret", "key", "token")
+
+
+def env_name(name: str, info: FieldInfo) -> str:
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        return " / ".join(str(c) for c in alias.choices)
+    return name.upper()
+
+
+def default_text(name: str, info: FieldInfo) -> str:
+    if info.is_required():
+        return "**required**"
+    if info.default_factory is not None:
+        return "(computed)"
+    value: Any = info.default
+    if value is PydanticUndefined or value is None:
+        return ""
+    if any(word in name for word in SECRET_WORDS) and isinstance(value, str) and value:
+        return "(set)"
+    if isinstance(value, timedelta):
+        return f"{value.total_seconds():g}s"
+    if isinstance(value, Enum):
+        value = value.value
+    return f"`{value}`"
+
+
+def render() -> str:
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from each service's `Settings` class by `python scripts/gen_config_doc.py`;",
+        "a test fails when it drifts. Every variable is read by pydantic-settings; a bad or",
+        "missing value stops the service at start with one line naming the variable.",
+        "",
+    ]
+    for name, entry in SERVICES.items():
+        settings = importlib.import_module(entry.module).Settings
+        lines += [f"## `{name}` ({entry.source})", "", "| variable | default | meaning |"]
+        lines.append("|---|---|---|")
+        for field_name, info in settings.model_fields.items():
+            meaning = " ".join((info.description or "").split())
+            row = f"| `{env_name(field_name, info)}` | {default_text(field_name, info)} | "
+            lines.append(row + meaning.replace("|", "\\|") + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not TARGET.exists() or TARGET.read_text() != text:
+            print("docs/configuration.md is out of date: run scripts/gen_config_doc.py")
+            return 1
+        return 0
+    TARGET.write_text(text)
+    print(f"wrote {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
