@@ -1,0 +1,335 @@
+"""Backfill of a new or changed streaming KPI over stored history (database stream replay).
+
+Cut-over rule (one number per job, the *cut* = the live engine's watermark when the definition
+took effect):
+
+* windows starting before the cut come from the backfill (the live engine missed the events
+  it processed before the change); the live engine's results for them are suppressed;
+* windows starting at or after the cut come from the live engine alone: all their events
+  occurred, hence were published, after the cut, so the live engine saw every one of them
+  (this assumes `occurred_at <= published_at`, which the simulator guarantees).
+
+The backfill covers windows starting in `[since, cut)` with `since = cut - horizon` aligned to
+the window grid. It runs once every such window has closed (`until` = the last one's close) and
+the database had `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
+since, until, channel}` makes the database replay stored events into `channel`
+(`{event: envelope}` items, then `{subscription_id, done: true, count}`), kept alive with
+`stream.heartbeat`, ended with `stream.unsubscribe`. Replayed events are sorted by publication
+time (the engine's watermark needs it; the database replays in event-time order) and fed to a
+separate `KPIEngine` holding only this KPI, so the live state is never touched.
+
+Jobs are part of the checkpoint, so a crash re-runs an unfinished backfill (its results are
+re-published with the same event ids: duplicates, never gaps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from pydantic import ValidationError
+
+from analytics_engine.calculation.events import EntityEvent, InvalidEntityEvent, entity_event
+from analytics_engine.core import channels
+from analytics_engine.core.bus import FIELD, REDIS_ERRORS
+from analytics_engine.core.envelopes import Event, utcnow
+from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition, referenced_names
+from analytics_engine.kpi.windows import from_micros, to_micros
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from analytics_engine.core.bus import EventPublisher
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHANNEL_PREFIX: Final = "stream.replay.calculation_engine."
+MAX_ATTEMPTS: Final = 5
+
+
+class BackfillFailed(Exception):
+    pass
+
+
+@dataclass
+class BackfillJob:
+    definition: VersionedKPIDefinition
+    cut: datetime
+    since: datetime
+    until: datetime
+    attempts: int = 0
+    done: bool = False
+    not_before: float = field(default=0.0, compare=False)
+
+    @property
+    def code(self) -> str:
+        return self.definition.code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "definition": self.definition.model_dump(mode="json"),
+            "cut": self.cut.isoformat(),
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "attempts": self.attempts,
+            "done": self.done,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackfillJob:
+        return cls(
+            definition=VersionedKPIDefinition.model_validate(data["definition"]),
+            cut=datetime.fromisoformat(data["cut"]),
+            since=datetime.fromisoformat(data["since"]),
+            until=datetime.fromisoformat(data["until"]),
+            attempts=int(data.get("attempts", 0)),
+            done=bool(data.get("done", False)),
+        )
+
+
+def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) -> BackfillJob:
+    """The job for a definition that took effect at `cut` (pure)."""
+    window = definition.window
+    assert window is not None
+    size = to_micros(window.size)
+    step = to_micros(window.slide) if window.slide is not None else size
+    cut_us = to_micros(cut)
+    since_us = cut_us - to_micros(horizon)
+    since_us -= since_us % step
+    last_start = (cut_us - 1) - (cut_us - 1) % step
+    until_us = last_start + size + to_micros(window.allowed_lateness)
+    return BackfillJob(definition, cut, from_micros(since_us), from_micros(until_us))
+
+
+def needed_attributes(definition: VersionedKPIDefinition) -> frozenset[str]:
+    names = set(definition.group_by)
+    if definition.field is not None:
+        names.add(definition.field)
+    if definition.filter is not None:
+        names |= referenced_names(definition.filter)
+    return frozenset(names)
+
+
+def compute(job: BackfillJob, events: list[EntityEvent]) -> list[KPIResult]:
+    """The job's results from replayed events (pure): windows starting in [since, cut)."""
+    engine = KPIEngine(clock=utcnow, idle_close_grace=timedelta(0), dedupe_capacity=len(events))
+    engine.set_definitions([job.definition])
+    events.sort(key=lambda e: (e.published_at, e.occurred_at, e.event_id))
+    for event in events:
+        engine.process(event)
+    engine.advance(job.until + timedelta(days=3650))
+    return [r for r in engine.drain_results() if job.since <= r.window_start < job.cut]
+
+
+class BackfillManager:
+    """Schedules, runs and persists backfill jobs; tells the processor what to suppress."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        publisher: EventPublisher,
+        *,
+        horizon: timedelta,
+        delay: timedelta,
+        max_events: int,
+        idle_timeout_s: float = 30.0,
+        heartbeat_s: float = 5.0,
+        on_results: Callable[[list[KPIResult]], Awaitable[None]],
+        watermark: Callable[[], datetime | None],
+        on_outcome: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self._redis = redis
+        self._publisher = publisher
+        self.horizon = horizon
+        self.delay = delay
+        self.max_events = max_events
+        self.idle_timeout_s = idle_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self._on_results = on_results
+        self._watermark = watermark
+        self._on_outcome = on_outcome
+        self.jobs: dict[str, BackfillJob] = {}
+        self._wake = asyncio.Event()
+
+    # -- scheduling ------------------------------------------------------------------------
+    def schedule(self, definition: VersionedKPIDefinition, cut: datetime) -> BackfillJob:
+        job = plan(definition, cut, self.horizon)
+        self.jobs[definition.code] = job
+        self._wake.set()
+        log.info(
+            "backfill scheduled",
+            extra={"kpi": job.code, "since": job.since.isoformat(), "cut": cut.isoformat()},
+        )
+        return job
+
+    def cancel(self, code: str) -> None:
+        self.jobs.pop(code, None)
+
+    def suppressed(self, result: KPIResult) -> bool:
+        job = self.jobs.get(result.kpi_code)
+        return (
+            job is not None
+            and job.definition.version == result.definition_version
+            and result.window_start < job.cut
+        )
+
+    def checkpoint_section(self) -> dict[str, Any]:
+        return {"backfills": [job.to_dict() for job in self.jobs.values()]}
+
+    def restore(self, data: Mapping[str, Any] | None) -> None:
+        for item in (data or {}).get("backfills", []):
+            try:
+                job = BackfillJob.from_dict(item)
+            except (KeyError, ValueError, ValidationError):
+                log.warning("dropping an unreadable backfill job from the checkpoint")
+                continue
+            self.jobs[job.code] = job
+
+    def status(self, code: str) -> str | None:
+        job = self.jobs.get(code)
+        if job is None:
+            return None
+        return "backfilled" if job.done else "backfill_pending"
+
+    # -- running ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            await self._run_due()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    async def _run_due(self) -> None:
+        now = utcnow()
+        watermark = self._watermark()
+        for code, job in list(self.jobs.items()):
+            if job.done:
+                # live results for windows before the cut can no longer appear: drop the job
+                if watermark is not None and watermark >= job.until:
+                    self.jobs.pop(code, None)
+                continue
+            if now < job.until + self.delay or time.monotonic() < job.not_before:
+                continue
+            await self._attempt(job)
+
+    async def _attempt(self, job: BackfillJob) -> None:
+        job.attempts += 1
+        try:
+            events = await self.replay(job)
+            results = compute(job, events)
+        except (BackfillFailed, *REDIS_ERRORS) as exc:
+            if job.attempts >= MAX_ATTEMPTS:
+                log.error("backfill abandoned", extra={"kpi": job.code, "error": str(exc)[:300]})
+                self._on_outcome("failed")
+                if self.jobs.get(job.code) is job:
+                    self.jobs.pop(job.code)
+            else:
+                log.warning(
+                    "backfill failed, will retry", extra={"kpi": job.code, "error": str(exc)[:300]}
+                )
+                job.not_before = time.monotonic() + min(60.0, 5.0 * 2**job.attempts)
+            return
+        if self.jobs.get(job.code) is not job:
+            return  # superseded while replaying
+        await self._on_results(results)
+        job.done = True
+        self._on_outcome("completed")
+        log.info(
+            "backfill completed",
+            extra={"kpi": job.code, "events": len(events), "results": len(results)},
+        )
+
+    async def replay(self, job: BackfillJob) -> list[EntityEvent]:
+        """Ask the database to replay the job's history; collect the events it needs."""
+        subscription_id = str(uuid.uuid4())
+        channel = f"{REPLAY_CHANNEL_PREFIX}{subscription_id}"
+        key = channels.stream_key(channel)
+        needed = needed_attributes(job.definition)
+        entity_type = job.definition.entity_type
+        events: list[EntityEvent] = []
+        await self._publisher.publish(
+            channels.STREAM_SUBSCRIBE,
+            {
+                "subscription_id": subscription_id,
+                "entity_type": entity_type,
+                "since": job.since.isoformat(),
+                "until": job.until.isoformat(),
+                "channel": channel,
+            },
+        )
+        cursor = b"0"
+        last_data = last_heartbeat = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if now - last_heartbeat >= self.heartbeat_s:
+                    last_heartbeat = now
+                    await self._publisher.publish(
+                        channels.STREAM_HEARTBEAT, {"subscription_id": subscription_id}
+                    )
+                if now - last_data > self.idle_timeout_s:
+                    raise BackfillFailed("the database did not replay (no data, no end marker)")
+                reply: Any = await self._redis.xread({key: cursor}, count=1000, block=500)
+                if not reply:
+                    continue
+                last_data = time.monotonic()
+                for entry_id, fields in reply[0][1]:
+                    cursor = entry_id
+                    done = self._collect(fields.get(FIELD, b""), entity_type, needed, events)
+                    if done:
+                        return events
+                    if len(events) > self.max_events:
+                        raise BackfillFailed(
+                            f"more than {self.max_events} events to replay "
+                            "(CALCULATION_BACKFILL_MAX_EVENTS)"
+                        )
+        finally:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._publisher.publish(
+                    channels.STREAM_UNSUBSCRIBE, {"subscription_id": subscription_id}
+                )
+                await self._redis.delete(key)
+
+    @staticmethod
+    def _collect(
+        raw: bytes, entity_type: str, needed: frozenset[str], events: list[EntityEvent]
+    ) -> bool:
+        """Add one replayed item to `events`; True at the end marker."""
+        try:
+            envelope = Event.model_validate_json(raw)
+        except ValidationError:
+            return False
+        payload = envelope.payload
+        if payload.get("done") is True:
+            return True
+        inner = payload.get("event")
+        if not isinstance(inner, dict):
+            return False
+        try:
+            original = Event.model_validate(inner)
+            view = entity_event(original)
+        except (ValidationError, InvalidEntityEvent):
+            return False  # deactivations and malformed rows do not aggregate
+        if view.entity_type != entity_type:
+            return False
+        attrs = {k: v for k, v in view.attributes.items() if k in needed}
+        events.append(
+            EntityEvent(
+                view.event_id,
+                view.event_kind,
+                view.entity_type,
+                view.entity_id,
+                view.version,
+                view.occurred_at,
+                view.published_at,
+                attrs,
+            )
+        )
+        return False

@@ -1,0 +1,100 @@
+"""Conversions at the engine's edges (pure): bus envelopes in, result events out."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from analytics_engine.core import channels
+from analytics_engine.core.envelopes import Event
+from analytics_engine.kpi import EntityEventView, KPIResult
+
+EntityEvent = EntityEventView
+"""The engine's view of a `simulation.entity.created|updated` envelope."""
+
+_KINDS: Final = {channels.ENTITY_CREATED: "created", channels.ENTITY_UPDATED: "updated"}
+_RESULT_NAMESPACE: Final = uuid.UUID("0d7f5c8e-2b0f-4f57-9a3c-6c1f0e2d4b11")
+
+
+class InvalidEntityEvent(ValueError):
+    """The payload lacks what the engine needs (entity_type, entity_id, version, occurred_at)."""
+
+
+def parse_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        parsed = datetime.fromisoformat(value)
+    else:
+        raise InvalidEntityEvent(f"occurred_at must be an ISO 8601 string, got {value!r}")
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def entity_event(event: Event, channel: str | None = None) -> EntityEvent:
+    """The engine view of an envelope: `occurred_at` from the payload, `published_at` the
+    envelope timestamp. Raises `InvalidEntityEvent`."""
+    p = event.payload
+    kind = _KINDS.get(channel or event.event_type)
+    if kind is None:
+        raise InvalidEntityEvent(f"not an aggregated channel: {channel or event.event_type}")
+    entity_type = p.get("entity_type")
+    entity_id = p.get("entity_id")
+    version = p.get("version")
+    attributes = p.get("attributes")
+    if not isinstance(entity_type, str) or not isinstance(entity_id, str):
+        raise InvalidEntityEvent("entity_type and entity_id must be strings")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidEntityEvent("version must be an integer")
+    if attributes is None:
+        attributes = {}
+    elif not isinstance(attributes, Mapping):
+        raise InvalidEntityEvent("attributes must be an object")
+    try:
+        occurred = parse_time(p.get("occurred_at"))
+    except ValueError as exc:
+        raise InvalidEntityEvent(str(exc)) from None
+    published = event.timestamp
+    if published.tzinfo is None:
+        published = published.replace(tzinfo=UTC)
+    return EntityEvent(
+        event.event_id, kind, entity_type, entity_id, version, occurred, published, attributes
+    )
+
+
+def result_key(result: KPIResult) -> str:
+    """Identity of a (KPI, version, window, group): re-emissions of the same window share it."""
+    dims = orjson.dumps(result.dimensions, option=orjson.OPT_SORT_KEYS).decode()
+    return (
+        f"{result.kpi_code}|{result.definition_version}|{result.window_start.isoformat()}|"
+        f"{result.window_end.isoformat()}|{dims}"
+    )
+
+
+def result_events(result: KPIResult, *, source: str, now: datetime) -> list[Event]:
+    """The result on `kpi.calculated` and on `kpi.calculated.{kpi_code}`.
+
+    Event ids derive from the window's identity, so a window re-emitted after a crash carries
+    the same ids (and the same value): consumers can drop the repeat.
+    """
+    payload = result.to_dict()
+    key = result_key(result)
+    return [
+        Event.model_construct(
+            event_id=str(uuid.uuid5(_RESULT_NAMESPACE, key)),
+            event_type=channels.KPI_CALCULATED,
+            source=source,
+            timestamp=now,
+            payload=payload,
+        ),
+        Event.model_construct(
+            event_id=str(uuid.uuid5(_RESULT_NAMESPACE, key + "|per-kpi")),
+            event_type=channels.kpi_channel(result.kpi_code),
+            source=source,
+            timestamp=now,
+            payload=payload,
+        ),
+    ]

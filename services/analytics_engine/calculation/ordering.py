@@ -1,0 +1,106 @@
+"""Merging several Redis Streams back into one publication order (pure).
+
+The engine's watermark is the highest `published_at` it has seen, so it must see events in
+publication order: an event fed after a later-published one may find its window already closed.
+The consumer reads `simulation.entity.created` and `.updated` as two streams, up to a batch of
+each per read, so under backlog one stream runs ahead of the other. `StreamMerger` holds events
+back until no other stream can still deliver an earlier one, and releases them in stream-id
+order (ids of all streams come from the one Redis clock, and the publisher stamps `timestamp`
+just before XADD, so id order is publication order for a single publisher).
+
+A stream cannot deliver an earlier entry when we have already received one at or past it
+(`delivered`), or when Redis said it holds nothing we have not received (`mark_caught_up`, with
+the Redis time of that check: later entries get later ids).
+
+Redeliveries (the bus re-reads pending entries after a reconnect, and claims idle ones) are
+recognised by id and dropped: ids of one stream only grow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+StreamId = tuple[int, int]
+T = TypeVar("T")
+
+ZERO: StreamId = (0, 0)
+
+
+def parse_stream_id(raw: bytes | str) -> StreamId:
+    if isinstance(raw, str):
+        raw = raw.encode()
+    ms, _, seq = raw.partition(b"-")
+    return int(ms), int(seq or b"0")
+
+
+def format_stream_id(sid: StreamId) -> str:
+    return f"{sid[0]}-{sid[1]}"
+
+
+class StreamMerger(Generic[T]):
+    """Buffers items per stream; releases those no stream can still precede.
+
+    Ids are compared at millisecond granularity: within one millisecond the sequence numbers of
+    different streams say nothing about their relative order, so an item is released once every
+    stream is known complete *past* its millisecond, and items of one millisecond are ordered
+    by `tiebreak` (the envelope timestamp).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[str],
+        released: Mapping[str, StreamId] | None = None,
+        *,
+        tiebreak: Callable[[T], Any] = lambda _: 0,
+    ) -> None:
+        self.channels = tuple(channels)
+        start = dict(released or {})
+        self._tiebreak = tiebreak
+        self._buffers: dict[str, deque[tuple[StreamId, T]]] = {c: deque() for c in channels}
+        self._delivered: dict[str, StreamId] = {c: start.get(c, ZERO) for c in channels}
+        self._released: dict[str, StreamId] = dict(self._delivered)
+        self._complete_ms: dict[str, int] = dict.fromkeys(channels, 0)
+
+    def offer(self, channel: str, sid: StreamId, item: T) -> bool:
+        """Accept one delivery; False for a redelivery of something already received."""
+        if sid <= self._delivered[channel]:
+            return False
+        self._delivered[channel] = sid
+        self._buffers[channel].append((sid, item))
+        return True
+
+    def delivered(self, channel: str) -> StreamId:
+        return self._delivered[channel]
+
+    def mark_caught_up(self, channel: str, until_ms: int) -> None:
+        """Every entry of `channel` with an id below `until_ms`-0 has been offered."""
+        self._complete_ms[channel] = max(self._complete_ms[channel], until_ms)
+
+    def _safe_ms(self) -> int:
+        """Items with an id millisecond below this cannot be preceded any more."""
+        # a stream that delivered an id in millisecond M is complete below M
+        return min(max(self._complete_ms[c], self._delivered[c][0]) for c in self.channels)
+
+    def release(self) -> list[tuple[str, T]]:
+        """Items no earlier entry can precede any more, in publication order."""
+        safe = self._safe_ms()
+        ready: list[tuple[int, Any, int, StreamId, str, T]] = []
+        for index, channel in enumerate(self.channels):
+            buf = self._buffers[channel]
+            while buf and buf[0][0][0] < safe:
+                sid, item = buf.popleft()
+                self._released[channel] = sid
+                ready.append((sid[0], self._tiebreak(item), index, sid, channel, item))
+        if len(ready) > 1 and len(self.channels) > 1:
+            ready.sort(key=lambda r: r[:4])
+        return [(r[4], r[5]) for r in ready]
+
+    def released(self) -> dict[str, StreamId]:
+        """Per stream, the highest id released (what a checkpoint covers)."""
+        return dict(self._released)
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(b) for b in self._buffers.values())

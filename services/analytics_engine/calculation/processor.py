@@ -1,0 +1,366 @@
+"""`StreamProcessor`: the entity event streams -> the pure `KPIEngine` -> `kpi.calculated`.
+
+Delivery and crash safety
+-------------------------
+* Consumer group `calculation_engine` with a FIXED consumer name: a restarted instance re-reads
+  its own pending entries first. The engine runs as ONE active replica per KPI set (its state is
+  one process's memory); a second replica would split the events between two engines.
+* Events are acknowledged only by a checkpoint: every `checkpoint_interval` (and on shutdown)
+  one MULTI/EXEC writes `engine.snapshot()` (plus definitions, merge position, backfill jobs) to
+  `ae:calc:checkpoint`, XACKs every delivery the snapshot covers, and publishes results not yet
+  published. The snapshot therefore always reflects exactly the acknowledged events; after a
+  crash the restored snapshot plus the re-read pending entries replay exactly what came after
+  it, in the same order, so every window is emitted with the same value (a window emitted
+  between the checkpoint and the crash is emitted again, identical but for `computed_at`, with
+  the same event ids).
+* Results are published as soon as a batch closes windows (freshness), and again inside the
+  checkpoint MULTI if that publish failed: duplicates are harmless downstream (upsert by key),
+  losses are not possible.
+
+Ordering
+--------
+`StreamMerger` re-merges the two streams in publication order (the engine's watermark needs
+it) and drops redeliveries. The idle-close path (`engine.advance(now)`) runs only when every
+stream is caught up as of a Redis `TIME`: while a backlog is being read, windows close on the
+events' own publication times, never on the wall clock, so a restart never turns a backlog into
+late events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from analytics_engine.calculation.cache import LatestResults
+from analytics_engine.calculation.events import (
+    EntityEvent,
+    InvalidEntityEvent,
+    entity_event,
+    result_events,
+)
+from analytics_engine.calculation.metrics import CalculationMetrics
+from analytics_engine.calculation.ordering import (
+    StreamId,
+    StreamMerger,
+    format_stream_id,
+    parse_stream_id,
+)
+from analytics_engine.core import channels
+from analytics_engine.core.bus import REDIS_ERRORS, Delivery, DurableConsumer
+from analytics_engine.core.envelopes import Event, utcnow
+from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from analytics_engine.core.runtime import ServiceRuntime
+
+log = logging.getLogger(__name__)
+
+INPUT_CHANNELS: Final = (channels.ENTITY_CREATED, channels.ENTITY_UPDATED)
+CHECKPOINT_FORMAT: Final = 1
+GROUP: Final = "calculation_engine"
+
+ResultFilter = Callable[[KPIResult], bool]
+
+
+def _published(delivery: Delivery) -> datetime:
+    return delivery.event.timestamp
+
+
+def new_merger(released: Mapping[str, StreamId] | None = None) -> StreamMerger[Delivery]:
+    return StreamMerger(INPUT_CHANNELS, released=released, tiebreak=_published)
+
+
+class StreamProcessor:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        *,
+        consumer_name: str,
+        checkpoint_key: str,
+        checkpoint_interval_s: float = 1.0,
+        advance_interval_s: float = 0.05,
+        idle_close_grace: timedelta = timedelta(seconds=1),
+        dedupe_capacity: int = 50_000,
+        metrics: CalculationMetrics,
+        cache: LatestResults,
+        batch_size: int | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._redis = runtime.redis
+        self._source = runtime.service
+        self.checkpoint_key = checkpoint_key
+        self._checkpoint_interval = checkpoint_interval_s
+        self._advance_interval = advance_interval_s
+        self._metrics = metrics
+        self._cache = cache
+        self.engine = KPIEngine(
+            clock=utcnow, idle_close_grace=idle_close_grace, dedupe_capacity=dedupe_capacity
+        )
+        self.merger: StreamMerger[Delivery] = new_merger()
+        self.consumer: DurableConsumer = runtime.consume(
+            list(INPUT_CHANNELS),
+            self.handle,
+            group=GROUP,
+            consumer=consumer_name,
+            auto_ack=False,
+            batch_size=batch_size,
+        )
+        self._unacked: list[Delivery] = []
+        self._unpublished: list[tuple[KPIResult, list[Event], str]] = []
+        self._dirty = False
+        self._late_seen: dict[str, int] = {}
+        self.suppress: ResultFilter = lambda _: False
+        """Set by the backfill manager: live results it will produce itself."""
+        self.extra_checkpoint: Callable[[], dict[str, Any]] = dict
+        self.events_processed = 0
+        self.invalid_events = 0
+        self.checkpoints = 0
+        self.restored = False
+
+    # -- definitions -----------------------------------------------------------------------
+    def set_definitions(
+        self, definitions: Iterable[VersionedKPIDefinition]
+    ) -> tuple[list[str], list[str]]:
+        """Hot reload: returns (new or changed codes, removed codes) of streaming KPIs."""
+        before = self.engine.definitions
+        self.engine.set_definitions(definitions)
+        after = self.engine.definitions
+        changed = sorted(code for code, d in after.items() if before.get(code) != d)
+        removed = sorted(code for code in before if code not in after)
+        for code in removed:
+            self._cache.forget(code)
+        if changed or removed:
+            self._dirty = True
+            log.info("definitions applied", extra={"changed": changed, "removed": removed})
+        return changed, removed
+
+    # -- events ----------------------------------------------------------------------------
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        merger = self.merger
+        for delivery in deliveries:
+            merger.offer(delivery.channel, parse_stream_id(delivery.id), delivery)
+        self._process(merger.release())
+        self._metrics.buffered.set(merger.buffered)
+        self.collect_results()
+        await self.flush_results()
+
+    def _process(self, released: list[tuple[str, Delivery]]) -> None:
+        if not released:
+            return
+        engine = self.engine
+        invalid = 0
+        for channel, delivery in released:
+            try:
+                view: EntityEvent = entity_event(delivery.event, channel)
+            except InvalidEntityEvent as exc:
+                invalid += 1
+                if invalid == 1:
+                    log.warning(
+                        "skipping an invalid entity event",
+                        extra={"event_id": delivery.event.event_id, "error": str(exc)[:200]},
+                    )
+                continue
+            engine.process(view)
+        self._unacked.extend(d for _, d in released)
+        processed = len(released) - invalid
+        self.events_processed += processed
+        self.invalid_events += invalid
+        self._metrics.events.inc(processed)
+        if invalid:
+            self._metrics.invalid_events.inc(invalid)
+        self._dirty = True
+
+    # -- results ---------------------------------------------------------------------------
+    def collect_results(self) -> None:
+        """Move the engine's closed windows to the publish queue (minus suppressed ones)."""
+        results = self.engine.drain_results()
+        if results:
+            self.queue_results(results, origin="live")
+
+    def queue_results(self, results: Iterable[KPIResult], *, origin: str) -> None:
+        now = utcnow()
+        for result in results:
+            if origin == "live" and self.suppress(result):
+                continue
+            self._cache.add(result)
+            events = result_events(result, source=self._source, now=now)
+            self._unpublished.append((result, events, origin))
+        self._dirty = True
+
+    async def flush_results(self) -> None:
+        """Publish queued results now; on a Redis error they stay queued (the checkpoint
+        publishes them in its MULTI at the latest)."""
+        if not self._unpublished:
+            return
+        batch, self._unpublished = self._unpublished, []
+        try:
+            await self._runtime.publisher.publish_events([e for _, evs, _ in batch for e in evs])
+        except REDIS_ERRORS as exc:
+            log.warning("results not published yet, will retry", extra={"error": str(exc)[:200]})
+            self._unpublished = batch + self._unpublished
+            return
+        self._observe_published(batch)
+
+    def _observe_published(self, batch: list[tuple[KPIResult, list[Event], str]]) -> None:
+        now = datetime.now(UTC)
+        definitions = self.engine.definitions
+        for result, _, origin in batch:
+            self._metrics.results.labels(result.kpi_code, origin).inc()
+            if origin != "live":
+                continue
+            definition = definitions.get(result.kpi_code)
+            if definition is None or definition.window is None:
+                continue
+            close = result.window_end + definition.window.allowed_lateness
+            self._metrics.freshness.labels(result.kpi_code).observe(
+                max(0.0, (now - close).total_seconds())
+            )
+
+    # -- idle close ------------------------------------------------------------------------
+    async def caught_up_time(self) -> datetime | None:
+        """The Redis time as of which every input stream has been fully received, or None.
+
+        Also tells the merger (so a quiet stream does not hold the other one back)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.time()
+        for channel in INPUT_CHANNELS:
+            pipe.xrevrange(channels.stream_key(channel), count=1)
+        reply = await pipe.execute()
+        seconds, micros = reply[0]
+        redis_now = datetime.fromtimestamp(int(seconds) + int(micros) / 1e6, UTC)
+        redis_ms = int(seconds) * 1000 + int(micros) // 1000
+        all_caught_up = True
+        for channel, last in zip(INPUT_CHANNELS, reply[1:], strict=True):
+            if last and parse_stream_id(last[0][0]) > self.merger.delivered(channel):
+                all_caught_up = False
+                continue
+            self.merger.mark_caught_up(channel, redis_ms)
+        return redis_now if all_caught_up else None
+
+    async def advance_once(self) -> None:
+        now = await self.caught_up_time()
+        self._process(self.merger.release())
+        self._metrics.buffered.set(self.merger.buffered)
+        if now is not None:
+            # what is still buffered was stored in the current millisecond: published at
+            # `now` (give or take clock skew, which the idle grace covers)
+            self.engine.advance(now)
+        self.collect_results()
+        await self.flush_results()
+
+    async def advance_loop(self) -> None:
+        """Idle-close path every ~50 ms, checkpoints every ~1 s."""
+        await self.consumer.ready.wait()
+        last_checkpoint = time.monotonic()
+        while True:
+            await asyncio.sleep(self._advance_interval)
+            try:
+                await self.advance_once()
+                if time.monotonic() - last_checkpoint >= self._checkpoint_interval:
+                    last_checkpoint = time.monotonic()
+                    self.update_late_counters()
+                    await self.checkpoint()
+            except REDIS_ERRORS as exc:
+                log.warning("redis unavailable in the advance loop", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+
+    def update_late_counters(self) -> None:
+        for code, counters in self.engine.stats().kpis.items():
+            seen = self._late_seen.get(code, 0)
+            if counters.late_events > seen:
+                self._metrics.late_events.labels(code).inc(counters.late_events - seen)
+                self._late_seen[code] = counters.late_events
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def checkpoint_data(self) -> bytes:
+        data = {
+            "format": CHECKPOINT_FORMAT,
+            "saved_at": utcnow().isoformat(),
+            "definitions": [
+                d.model_dump(mode="json") for _, d in sorted(self.engine.definitions.items())
+            ],
+            "engine": self.engine.snapshot(),
+            "released": {c: format_stream_id(s) for c, s in self.merger.released().items()},
+            **self.extra_checkpoint(),
+        }
+        return orjson.dumps(data)
+
+    async def checkpoint(self) -> None:
+        """Snapshot + XACK + unpublished results in one MULTI (see the module docstring)."""
+        if not self._dirty and not self._unacked and not self._unpublished:
+            return
+        started = time.perf_counter()
+        data = self.checkpoint_data()
+        acks, self._unacked = self._unacked, []
+        pending, self._unpublished = self._unpublished, []
+        self._dirty = False
+        events = [e for _, evs, _ in pending for e in evs]
+
+        def also(pipe: Pipeline) -> None:
+            if events:
+                self._runtime.publisher.add_to_pipeline(pipe, events)
+            pipe.set(self.checkpoint_key, data)
+
+        try:
+            await self.consumer.ack(acks, also=also)
+        except BaseException:
+            self._unacked = acks + self._unacked
+            self._unpublished = pending + self._unpublished
+            self._dirty = True
+            raise
+        self.checkpoints += 1
+        if pending:
+            self._observe_published(pending)
+        self._metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        self._metrics.checkpoint_bytes.set(len(data))
+
+    async def load_checkpoint(self) -> dict[str, Any] | None:
+        """Restore the engine from the last checkpoint (call before consuming starts).
+
+        Returns the checkpoint's extra sections (backfill jobs) or None without a checkpoint.
+        """
+        raw = await self._redis.get(self.checkpoint_key)
+        if raw is None:
+            return None
+        data: dict[str, Any] = orjson.loads(raw)
+        if data.get("format") != CHECKPOINT_FORMAT:
+            raise RuntimeError(f"unsupported checkpoint format {data.get('format')!r}")
+        definitions = [VersionedKPIDefinition.model_validate(d) for d in data["definitions"]]
+        self.engine.set_definitions(definitions)
+        self.engine.restore(data["engine"])
+        released = {c: parse_stream_id(s) for c, s in data.get("released", {}).items()}
+        self.merger = new_merger(released)
+        self.restored = True
+        log.info(
+            "checkpoint restored",
+            extra={"saved_at": data.get("saved_at"), "kpis": len(definitions)},
+        )
+        return data
+
+    async def shutdown(self) -> None:
+        """Final checkpoint (consumers have stopped by now)."""
+        self.collect_results()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.flush_results()
+            await self.checkpoint()
+
+    def status(self) -> Mapping[str, Any]:
+        stats = self.engine.stats()
+        return {
+            "events_processed": self.events_processed,
+            "invalid_events": self.invalid_events,
+            "duplicates": stats.duplicates,
+            "open_windows": stats.open_windows,
+            "watermark": stats.watermark.isoformat() if stats.watermark else None,
+            "buffered": self.merger.buffered,
+            "checkpoints": self.checkpoints,
+        }

@@ -1,0 +1,221 @@
+"""Calculation Engine service: composes the StreamProcessor, definition sync, backfills, query
+KPIs and the HTTP API on a `ServiceRuntime`.
+
+Deployment: ONE active replica per KPI set. The consumer name is fixed
+(`CALCULATION_CONSUMER_NAME`) so a restarted pod re-reads its own pending entries; the state
+lives in that one process and its checkpoint (`ae:calc:checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from analytics_engine.calculation.api import KPIApi
+from analytics_engine.calculation.backfill import BackfillManager
+from analytics_engine.calculation.cache import LatestResults
+from analytics_engine.calculation.metrics import CalculationMetrics
+from analytics_engine.calculation.processor import StreamProcessor
+from analytics_engine.calculation.queries import QueryRunner
+from analytics_engine.calculation.registry import DefinitionRegistry
+from analytics_engine.calculation.sync import DefinitionSync
+from analytics_engine.core import channels
+from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.core.settings import BaseServiceSettings
+from analytics_engine.kpi import KPIResult, load_definitions_dir, parse_duration
+
+log = logging.getLogger(__name__)
+
+SERVICE = "calculation_engine"
+
+
+class Settings(BaseServiceSettings):
+    calculation_port: int = Field(default=8082, ge=0, le=65535, validation_alias="CALCULATION_PORT")
+    kpi_definitions_dir: str | None = Field(default=None, validation_alias="KPI_DEFINITIONS_DIR")
+    consumer_name: str = Field(
+        default="calculation-engine-0",
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        validation_alias="CALCULATION_CONSUMER_NAME",
+        description="Fixed stream consumer name (one active replica per KPI set).",
+    )
+    checkpoint_key: str = Field(
+        default="ae:calc:checkpoint", pattern=r"^ae:", validation_alias="CALCULATION_CHECKPOINT_KEY"
+    )
+    checkpoint_interval_s: float = Field(
+        default=1.0, gt=0, le=60, validation_alias="CALCULATION_CHECKPOINT_INTERVAL"
+    )
+    advance_interval_s: float = Field(
+        default=0.05, gt=0, le=5, validation_alias="CALCULATION_ADVANCE_INTERVAL"
+    )
+    idle_close_grace: timedelta = Field(
+        default=timedelta(seconds=1), validation_alias="CALCULATION_IDLE_CLOSE_GRACE"
+    )
+    dedupe_capacity: int = Field(
+        default=50_000, ge=0, le=10_000_000, validation_alias="CALCULATION_DEDUPE_CAPACITY"
+    )
+    backfill_horizon: timedelta = Field(
+        default=timedelta(hours=1), validation_alias="CALCULATION_BACKFILL_HORIZON"
+    )
+    backfill_delay: timedelta = Field(
+        default=timedelta(seconds=10), validation_alias="CALCULATION_BACKFILL_DELAY"
+    )
+    backfill_max_events: int = Field(
+        default=1_000_000, ge=1, validation_alias="CALCULATION_BACKFILL_MAX_EVENTS"
+    )
+    backfill_enabled: bool = Field(default=True, validation_alias="CALCULATION_BACKFILL")
+    backfill_idle_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias="CALCULATION_BACKFILL_IDLE_TIMEOUT"
+    )
+    metadata_timeout_s: float = Field(
+        default=5.0, gt=0, validation_alias="CALCULATION_METADATA_TIMEOUT"
+    )
+    resync_interval_s: float = Field(
+        default=60.0, gt=0, validation_alias="CALCULATION_RESYNC_INTERVAL"
+    )
+    query_timeout_s: float = Field(default=10.0, gt=0, validation_alias="CALCULATION_QUERY_TIMEOUT")
+
+    @field_validator("idle_close_grace", "backfill_horizon", "backfill_delay", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> timedelta:
+        return parse_duration(value)
+
+
+@dataclass(frozen=True)
+class CalculationService:
+    runtime: ServiceRuntime
+    processor: StreamProcessor
+    registry: DefinitionRegistry
+    sync: DefinitionSync
+    backfills: BackfillManager
+    queries: QueryRunner
+    cache: LatestResults
+
+
+def create(settings: Settings) -> ServiceRuntime:
+    return build(settings).runtime
+
+
+def build(settings: Settings) -> CalculationService:
+    """The composed service, with handles on its parts (tests and benchmarks use them)."""
+    runtime = ServiceRuntime(service=SERVICE, settings=settings, port=settings.calculation_port)
+    metrics = CalculationMetrics(runtime.metrics.registry)
+    cache = LatestResults()
+    seed = (
+        load_definitions_dir(settings.kpi_definitions_dir) if settings.kpi_definitions_dir else []
+    )
+    registry = DefinitionRegistry(seed)
+    processor = StreamProcessor(
+        runtime,
+        consumer_name=settings.consumer_name,
+        checkpoint_key=settings.checkpoint_key,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
+        advance_interval_s=settings.advance_interval_s,
+        idle_close_grace=settings.idle_close_grace,
+        dedupe_capacity=settings.dedupe_capacity,
+        metrics=metrics,
+        cache=cache,
+    )
+
+    async def publish_now(results: list[KPIResult], origin: str) -> None:
+        processor.queue_results(results, origin=origin)
+        await processor.flush_results()
+
+    async def publish_backfill(results: list[KPIResult]) -> None:
+        await publish_now(results, "backfill")
+
+    async def publish_query(results: list[KPIResult]) -> None:
+        await publish_now(results, "query")
+
+    backfills = BackfillManager(
+        runtime.redis,
+        runtime.publisher,
+        horizon=settings.backfill_horizon,
+        delay=settings.backfill_delay,
+        max_events=settings.backfill_max_events,
+        idle_timeout_s=settings.backfill_idle_timeout_s,
+        on_results=publish_backfill,
+        watermark=lambda: processor.engine.watermark,
+        on_outcome=lambda outcome: metrics.backfills.labels(outcome).inc(),
+    )
+    processor.suppress = backfills.suppressed
+    processor.extra_checkpoint = backfills.checkpoint_section
+    queries = QueryRunner(
+        lambda: runtime.requests, on_results=publish_query, timeout_s=settings.query_timeout_s
+    )
+
+    def apply() -> None:
+        definitions = registry.effective()
+        changed, removed = processor.set_definitions(definitions.values())
+        queries.set_definitions(definitions.values())
+        for code in removed:
+            backfills.cancel(code)
+        watermark = processor.engine.watermark
+        active = processor.engine.definitions
+        for code in changed:
+            backfills.cancel(code)
+            if settings.backfill_enabled and watermark is not None:
+                backfills.schedule(active[code], watermark)
+
+    sync = DefinitionSync(
+        registry,
+        lambda: runtime.requests,
+        apply=apply,
+        timeout_s=settings.metadata_timeout_s,
+        resync_interval_s=settings.resync_interval_s,
+    )
+
+    async def startup() -> None:
+        # 1. the checkpointed state, under the definitions it was computed with
+        extra = await processor.load_checkpoint()
+        backfills.restore(extra)
+        # 2. today's definitions (directory, then the metadata service): changes since the
+        #    checkpoint are hot reloads, with backfills
+        apply()
+        await sync.full_sync()
+        processor.collect_results()  # undrained results of the snapshot
+
+    def kpi_list() -> list[dict[str, Any]]:
+        running = processor.engine.definitions
+        query_running = queries.definitions
+        stats = processor.engine.stats().kpis
+        items = []
+        for code, definition in sorted(registry.effective().items()):
+            if not definition.enabled:
+                status = "disabled"
+            elif code in running or code in query_running:
+                status = backfills.status(code) or "running"
+            else:
+                status = "inactive"
+            counters = stats.get(code)
+            items.append(
+                {
+                    **definition.model_dump(mode="json"),
+                    "kind": "query" if definition.query is not None else "streaming",
+                    "status": status,
+                    "source": registry.source_of(code),
+                    "late_events": counters.late_events if counters else 0,
+                    "last_window_end": cache.last_window_end(code),
+                }
+            )
+        return items
+
+    api = KPIApi(
+        kpis=kpi_list,
+        latest=cache.latest,
+        known=lambda code: code in registry.effective(),
+        requests=lambda: runtime.requests,
+        timeout_s=settings.query_timeout_s,
+    )
+    api.add_routes(runtime.http)
+    runtime.on_startup(startup)
+    runtime.on_shutdown(processor.shutdown)
+    runtime.consume([channels.METADATA_CHANGED], sync.on_changed)
+    runtime.add_task("advance", processor.advance_loop)
+    runtime.add_task("definition-sync", sync.run)
+    runtime.add_task("backfills", backfills.run)
+    runtime.add_task("query-kpis", queries.run)
+    return CalculationService(runtime, processor, registry, sync, backfills, queries, cache)

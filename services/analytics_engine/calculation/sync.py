@@ -1,0 +1,92 @@
+"""Keeps the registry in line with the metadata service: a full `list_kpi_definitions` at start
+and every `resync_interval` (heals a missed event), `get_kpi_definition {code}` on each
+`metadata.changed` about a KPI. Without a metadata service (`NoResponder`, timeouts) the
+`KPI_DEFINITIONS_DIR` definitions stay in force."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from analytics_engine.calculation.registry import DefinitionRegistry
+from analytics_engine.core import channels
+from analytics_engine.core.bus import Delivery
+from analytics_engine.core.errors import RemoteError, RequestError
+from analytics_engine.core.request_reply import RequestReplyClient
+
+log = logging.getLogger(__name__)
+
+
+class DefinitionSync:
+    def __init__(
+        self,
+        registry: DefinitionRegistry,
+        requests: Callable[[], RequestReplyClient],
+        *,
+        apply: Callable[[], None],
+        timeout_s: float = 5.0,
+        resync_interval_s: float = 60.0,
+    ) -> None:
+        self._registry = registry
+        self._requests = requests
+        self._apply = apply
+        self._timeout = timeout_s
+        self._resync = resync_interval_s
+        self._wake = asyncio.Event()
+        self.syncs = 0
+
+    async def _lookup(self, request_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self._requests().request(
+            channels.METADATA_LOOKUP, request_type, payload, timeout=self._timeout
+        )
+
+    async def full_sync(self) -> bool:
+        try:
+            reply = await self._lookup("list_kpi_definitions", {})
+        except RequestError as exc:
+            log.info(
+                "metadata service unavailable, keeping current definitions",
+                extra={"reason": type(exc).__name__},
+            )
+            return False
+        items = reply.get("items", [])
+        self._registry.replace_remote(i for i in items if isinstance(i, dict))
+        self.syncs += 1
+        self._apply()
+        return True
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._resync)
+            self._wake.clear()
+            await self.full_sync()
+
+    async def on_changed(self, deliveries: Sequence[Delivery]) -> None:
+        """`metadata.changed` handler: re-fetch each changed KPI definition."""
+        changed = False
+        for delivery in deliveries:
+            p = delivery.event.payload
+            code = p.get("code")
+            if p.get("kind") != "kpi_definition" or not isinstance(code, str):
+                continue
+            if p.get("action") == "deleted":
+                self._registry.delete_remote(code)
+                changed = True
+                continue
+            try:
+                item = await self._lookup("get_kpi_definition", {"code": code})
+            except RemoteError as exc:
+                if exc.code == "not_found":
+                    self._registry.delete_remote(code)
+                    changed = True
+                continue
+            except RequestError:
+                self._wake.set()  # heal with a full sync when the service is back
+                continue
+            changed = self._registry.upsert_remote(item) or changed
+        if changed:
+            self._apply()

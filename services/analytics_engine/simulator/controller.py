@@ -1,0 +1,184 @@
+"""Drives the generator: paces it with the token bucket, publishes batches, emits ticks, and
+holds the state the HTTP control API shows and changes (running, rate, counters)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import REDIS_ERRORS, EventPublisher
+from analytics_engine.core.envelopes import utcnow
+from analytics_engine.simulator.fastpublish import BatchPublisher, encode
+from analytics_engine.simulator.generator import EventGenerator
+from analytics_engine.simulator.rate import TokenBucket
+
+log = logging.getLogger(__name__)
+
+MAX_RATE = 100_000.0
+MAX_BATCH = 1000
+TARGET_PUBLISHES_PER_S = 100  # batch size ~ rate/100: 10 ms pacing granularity
+
+
+class MaxEventsReached(Exception):
+    """`start` after `SIMULATOR_MAX_EVENTS` events were emitted."""
+
+
+class SimulatorController:
+    def __init__(
+        self,
+        generator: EventGenerator,
+        publisher: EventPublisher,
+        batches: BatchPublisher,
+        *,
+        source: str,
+        rate: float,
+        max_events: int | None = None,
+        tick_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < rate <= MAX_RATE:
+            raise ValueError(f"rate must be in (0, {MAX_RATE:g}]")
+        self.generator = generator
+        self._publisher = publisher
+        self._batches = batches
+        self._source = source
+        self._clock = clock
+        self._bucket = TokenBucket(rate, clock())
+        self.max_events = max_events
+        self.tick_interval_s = tick_interval_s
+        self.events_emitted = 0
+        self.started_at: datetime | None = None
+        self._running = asyncio.Event()
+        self._pending: list[tuple[str, bytes]] = []
+        self._tick = 0
+        self._last_tick_count = 0
+        self._last_tick_time = clock()
+        self._measured_rate = 0.0
+
+    # -- control ---------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._running.is_set()
+
+    @property
+    def rate(self) -> float:
+        return self._bucket.rate
+
+    @property
+    def finished(self) -> bool:
+        return self.max_events is not None and self.events_emitted >= self.max_events
+
+    def start(self) -> None:
+        if self.finished:
+            raise MaxEventsReached(f"all {self.max_events} events were emitted")
+        if not self.running:
+            self._bucket.reset(self._clock())
+            self.started_at = utcnow()
+            self._last_tick_time = self._clock()
+            self._last_tick_count = self.events_emitted
+            self._running.set()
+            log.info("simulation started", extra={"rate": self.rate})
+
+    def stop(self) -> None:
+        if self.running:
+            self._running.clear()
+            log.info("simulation stopped", extra={"events_emitted": self.events_emitted})
+
+    def set_rate(self, rate: float) -> None:
+        if not 0 < rate <= MAX_RATE:
+            raise ValueError(f"rate must be in (0, {MAX_RATE:g}]")
+        self._bucket.set_rate(rate, self._clock())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "running": self.running,
+            "rate": self.rate,
+            "measured_rate": round(self._measured_rate, 3),
+            "events_emitted": self.events_emitted,
+            "max_events": self.max_events,
+            "seed": self.generator.config.seed,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "entity_types": list(self.generator.entity_types),
+            "counts": {name: dict(kinds) for name, kinds in self.generator.counts.items()},
+            "tick": self._tick,
+        }
+
+    # -- the loops -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Generate and publish while running; idle (cheaply) while stopped."""
+        backoff = 0.05
+        while True:
+            if not self.running:
+                await self._running.wait()
+                continue
+            if self._pending:
+                try:
+                    await self._publish_pending()
+                    backoff = 0.05
+                except REDIS_ERRORS as exc:
+                    log.warning("publish failed, retrying", extra={"error": str(exc)[:200]})
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                continue
+            if self.finished:
+                self.stop()
+                continue
+            await self._step()
+
+    async def _step(self) -> None:
+        """Generate the next batch the bucket allows into `_pending` (or sleep until one)."""
+        now = self._clock()
+        remaining = (
+            MAX_BATCH
+            if self.max_events is None
+            else min(MAX_BATCH, self.max_events - self.events_emitted)
+        )
+        n = self._bucket.take(remaining, now)
+        if n == 0:
+            min_batch = int(max(1.0, min(float(MAX_BATCH), self.rate / TARGET_PUBLISHES_PER_S)))
+            wait = self._bucket.wait_time(min(min_batch, remaining), now)
+            await asyncio.sleep(min(max(wait, 0.001), 0.1))
+            return
+        first = self.generator.sequence
+        wall = utcnow()
+        batch = self.generator.next_batch(n, wall)
+        event_id = self.generator.event_id
+        source = self._source
+        self._pending = [
+            (channel, encode(event_id(first + i), channel, source, wall, payload))
+            for i, (channel, payload) in enumerate(batch)
+        ]
+        # published by `run` next, retried there until Redis takes it (no gap in the sequence)
+
+    async def _publish_pending(self) -> None:
+        await self._batches.publish(self._pending)
+        self.events_emitted += len(self._pending)
+        self._pending = []
+
+    async def tick_loop(self) -> None:
+        """`simulation.tick` every `tick_interval_s` while running."""
+        while True:
+            await asyncio.sleep(self.tick_interval_s)
+            if not self.running:
+                continue
+            now = self._clock()
+            elapsed = max(now - self._last_tick_time, 1e-9)
+            self._measured_rate = (self.events_emitted - self._last_tick_count) / elapsed
+            self._last_tick_time = now
+            self._last_tick_count = self.events_emitted
+            self._tick += 1
+            payload = {
+                "tick": self._tick,
+                "simulated_time": utcnow().isoformat(),
+                "events_emitted": self.events_emitted,
+                "rate_per_s": round(self._measured_rate, 3),
+            }
+            try:
+                await self._publisher.publish(channels.SIMULATION_TICK, payload)
+            except REDIS_ERRORS as exc:
+                log.warning("tick not published", extra={"error": str(exc)[:200]})

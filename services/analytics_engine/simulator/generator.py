@@ -1,0 +1,256 @@
+"""The event generator: a pure, seeded state machine (no I/O, no clock).
+
+`next_batch(n, now)` returns `n` `(channel, payload)` pairs. Everything is drawn from one
+`random.Random(seed)` in a fixed order, so the same seed, entity definitions and sequence of
+`now` arguments yield the same payloads; only `occurred_at` depends on `now` (it must follow the
+wall clock for event-time windows to close). Event ids are `uuid5(seed, run_id, sequence)`.
+
+Entities live in a fixed ring of `max_live_entities` slots per type: a created entity takes the
+next slot and forgets whatever lived there (bounded memory at any rate). Updates and
+deactivations pick a random live slot; when none qualifies the event becomes a creation, so the
+mix is exact once a population exists.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from analytics_engine.core import channels
+from analytics_engine.simulator.config import EVENT_KINDS, GeneratorConfig
+from analytics_engine.simulator.entities import (
+    Attributes,
+    EntityModel,
+    EntityShape,
+    GenericModel,
+    builtin_models,
+)
+
+KIND_CHANNELS: Final = {
+    "created": channels.ENTITY_CREATED,
+    "updated": channels.ENTITY_UPDATED,
+    "deactivated": channels.ENTITY_DEACTIVATED,
+}
+_PICK_TRIES: Final = 4
+_NAMESPACE: Final = uuid.UUID("6f1c7f3e-5b7a-4d0e-9a53-5e0b7c1d2a90")
+
+
+class _Entity:
+    __slots__ = ("attributes", "entity_id", "version")
+
+    def __init__(self, entity_id: str, version: int, attributes: Attributes) -> None:
+        self.entity_id = entity_id
+        self.version = version
+        self.attributes = attributes
+
+
+class _Population:
+    """The live entities of one type in a ring of slots."""
+
+    __slots__ = ("created", "model", "projection", "slots")
+
+    def __init__(self, model: EntityModel, capacity: int) -> None:
+        self.model = model
+        self.slots: list[_Entity | None] = [None] * capacity
+        self.created = 0
+        self.projection: tuple[str, ...] | None = None
+
+    def pick(self, rng: random.Random, *, for_update: bool) -> int | None:
+        filled = min(self.created, len(self.slots))
+        if filled == 0:
+            return None
+        for _ in range(_PICK_TRIES):
+            i = int(rng.random() * filled)
+            entity = self.slots[i]
+            if entity is not None and (not for_update or self.model.updatable(entity.attributes)):
+                return i
+        return None
+
+    def emitted(self, attributes: Attributes) -> Attributes:
+        if self.projection is None:
+            return attributes
+        return {name: attributes[name] for name in self.projection if name in attributes}
+
+
+class EventGenerator:
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        shapes: Mapping[str, EntityShape] | None = None,
+    ) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._builtins = builtin_models(customer_pool=config.customer_pool)
+        self._populations: dict[str, _Population] = {}
+        self._type_names: tuple[str, ...] = ()
+        self._type_cum: tuple[float, ...] = ()
+        mix = config.resolved_mix()
+        self._kind_cum = tuple(itertools.accumulate(mix[k] for k in EVENT_KINDS))
+        self.sequence = 0
+        self._id_prefix = str(uuid.uuid5(_NAMESPACE, f"{config.seed}:{config.run_id}"))[:24]
+        self.counts: dict[str, dict[str, int]] = {}
+        self.set_entity_definitions(shapes)
+
+    # -- configuration ---------------------------------------------------------------------
+    def set_entity_definitions(self, shapes: Mapping[str, EntityShape] | None) -> None:
+        """Use the metadata service's entity types (`None`: the built-in ones).
+
+        A built-in type keeps its realistic model but emits only the attributes the definition
+        lists (plus values drawn by declared type for attributes it does not model); a type with
+        no built-in model gets `GenericModel`. Live entities of unchanged types are kept.
+        """
+        weights = self.config.resolved_entity_weights()
+        if shapes:
+            names = [n for n in shapes if weights.get(n, 0.0) > 0 or n not in weights]
+            chosen = {n: weights.get(n, 1.0 / max(len(shapes), 1)) for n in names}
+        else:
+            chosen = {n: w for n, w in weights.items() if n in self._builtins and w > 0}
+        if not chosen:
+            chosen = {"order": 0.6, "sensor": 0.4}
+            shapes = None
+        populations: dict[str, _Population] = {}
+        for name in chosen:
+            shape = shapes.get(name) if shapes else None
+            model = self._model_for(name, shape)
+            population = self._populations.get(name)
+            if population is None or type(population.model) is not type(model):
+                population = _Population(model, self.config.max_live_entities)
+            population.model = model
+            population.projection = _projection(model, shape)
+            populations[name] = population
+            self.counts.setdefault(name, dict.fromkeys(EVENT_KINDS, 0))
+        self._populations = populations
+        self._type_names = tuple(chosen)
+        total = sum(chosen.values())
+        self._type_cum = tuple(itertools.accumulate(w / total for w in chosen.values()))
+
+    def _model_for(self, name: str, shape: EntityShape | None) -> EntityModel:
+        builtin = self._builtins.get(name)
+        if builtin is not None:
+            if shape is None:
+                return builtin
+            unknown = [a for a in shape.attributes if a.name not in _BUILTIN_ATTRIBUTES[name]]
+            if not unknown:
+                return builtin
+            return _Extended(builtin, EntityShape(name, tuple(unknown)))
+        return GenericModel(shape or EntityShape(name, ()))
+
+    @property
+    def entity_types(self) -> tuple[str, ...]:
+        return self._type_names
+
+    def event_id(self, sequence: int) -> str:
+        """The id of the event with this sequence number (0-based), stable across runs: the
+        first 20 hex digits are `uuid5(seed, run_id)`, the last 12 the sequence (a UUID in
+        form, 50x cheaper than one uuid5 per event)."""
+        return f"{self._id_prefix}{sequence & 0xFFFFFFFFFFFF:012x}"
+
+    # -- generation ------------------------------------------------------------------------
+    def next_batch(self, n: int, now: datetime) -> list[tuple[str, dict[str, Any]]]:
+        rng = self._rng
+        cfg = self.config
+        now_text = now.isoformat()
+        ooo = cfg.out_of_order_ratio
+        late = cfg.late_ratio
+        ooo_span = cfg.out_of_order_span.total_seconds()
+        max_late = cfg.max_lateness.total_seconds()
+        out: list[tuple[str, dict[str, Any]]] = []
+        for _ in range(n):
+            t = bisect.bisect_right(self._type_cum, rng.random())
+            name = self._type_names[min(t, len(self._type_names) - 1)]
+            population = self._populations[name]
+            k = bisect.bisect_right(self._kind_cum, rng.random())
+            kind = EVENT_KINDS[min(k, 2)]
+            roll = rng.random()
+            if roll < late:
+                occurred = now - timedelta(seconds=max_late * (0.5 + 0.5 * rng.random()))
+                occurred_text = occurred.isoformat()
+            elif roll < late + ooo:
+                occurred = now - timedelta(seconds=ooo_span * rng.random())
+                occurred_text = occurred.isoformat()
+            else:
+                occurred, occurred_text = now, now_text
+            payload, kind = self._event(rng, population, kind, occurred)
+            payload["occurred_at"] = occurred_text
+            self.counts[name][kind] += 1
+            out.append((KIND_CHANNELS[kind], payload))
+        self.sequence += n
+        return out
+
+    def _event(
+        self, rng: random.Random, population: _Population, kind: str, occurred: datetime
+    ) -> tuple[dict[str, Any], str]:
+        model = population.model
+        if kind != "created":
+            i = population.pick(rng, for_update=kind == "updated")
+            if i is not None:
+                entity = population.slots[i]
+                assert entity is not None
+                entity.version += 1
+                if kind == "updated":
+                    entity.attributes = model.update(rng, entity.attributes, occurred)
+                    return self._payload(population, entity, with_attributes=True), kind
+                population.slots[i] = None
+                payload = self._payload(population, entity, with_attributes=False)
+                reason = model.deactivation_reason(rng, entity.attributes)
+                if reason is not None:
+                    payload["reason"] = reason
+                return payload, kind
+        population.created += 1
+        entity = _Entity(model.entity_id(population.created), 1, model.create(rng, occurred))
+        population.slots[(population.created - 1) % len(population.slots)] = entity
+        return self._payload(population, entity, with_attributes=True), "created"
+
+    def _payload(
+        self, population: _Population, entity: _Entity, *, with_attributes: bool
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "entity_type": population.model.entity_type,
+            "entity_id": entity.entity_id,
+            "version": entity.version,
+            "occurred_at": "",
+        }
+        if with_attributes:
+            payload["attributes"] = population.emitted(entity.attributes)
+        return payload
+
+
+_BUILTIN_ATTRIBUTES: Final = {
+    "order": frozenset({"amount", "currency", "region", "status", "customer_id", "items"}),
+    "sensor": frozenset({"site", "temperature", "humidity", "battery", "status"}),
+}
+
+
+def _projection(model: EntityModel, shape: EntityShape | None) -> tuple[str, ...] | None:
+    if shape is None or isinstance(model, GenericModel):
+        return None
+    return tuple(a.name for a in shape.attributes)
+
+
+class _Extended:
+    """A built-in model plus attributes it does not model, drawn by declared type."""
+
+    def __init__(self, base: EntityModel, extra: EntityShape) -> None:
+        self._base = base
+        self._extra = GenericModel(extra)
+        self.entity_type = base.entity_type
+
+    def entity_id(self, n: int) -> str:
+        return self._base.entity_id(n)
+
+    def create(self, rng: random.Random, now: datetime) -> Attributes:
+        return {**self._base.create(rng, now), **self._extra.create(rng, now)}
+
+    def update(self, rng: random.Random, current: Attributes, now: datetime) -> Attributes:
+        return {**self._base.update(rng, current, now), **self._extra.create(rng, now)}
+
+    def updatable(self, current: Attributes) -> bool:
+        return self._base.updatable(current)
+
+    def deactivation_reason(self, rng: random.Random, current: Attributes) -> str | None:
+        return self._base.deactivation_reason(rng, current)

@@ -1,0 +1,211 @@
+"""Data Simulator service: composes the generator, the controller, the metadata sync and the
+HTTP control API on a `ServiceRuntime`.
+
+Entity types come from the metadata service (`metadata.lookup` / `list_entity_definitions`,
+spec Example 3) when it answers, else the built-in `order` and `sensor`; a `metadata.changed`
+event about an entity type triggers a re-fetch. Changing the definitions changes what is
+generated from then on (determinism holds for a given seed *and* sequence of definitions).
+
+Determinism caveat: event ids are a function of `SIMULATOR_SEED`, `SIMULATOR_RUN_ID` and the
+sequence number, so restarting the process with the same seed re-sends the same ids; set
+`SIMULATOR_RUN_ID` (any string) per run when the receiving side deduplicates by event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import Delivery
+from analytics_engine.core.errors import RequestError
+from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.core.settings import BaseServiceSettings
+from analytics_engine.kpi.durations import parse_duration
+from analytics_engine.simulator import api
+from analytics_engine.simulator.config import EVENT_KINDS, GeneratorConfig, parse_weights
+from analytics_engine.simulator.controller import MAX_RATE, SimulatorController
+from analytics_engine.simulator.entities import parse_entity_definitions
+from analytics_engine.simulator.fastpublish import BatchPublisher
+from analytics_engine.simulator.generator import EventGenerator
+
+log = logging.getLogger(__name__)
+
+SERVICE = "data_simulator"
+METADATA_RETRY_S = 30.0
+METADATA_RESYNC_S = 300.0
+
+
+class Settings(BaseServiceSettings):
+    simulator_port: int = Field(default=8081, ge=0, le=65535, validation_alias="SIMULATOR_PORT")
+    seed: int = Field(default=42, validation_alias="SIMULATOR_SEED")
+    rate: float = Field(default=100.0, gt=0, le=MAX_RATE, validation_alias="SIMULATOR_RATE")
+    mix: str = Field(
+        default="created=0.5,updated=0.45,deactivated=0.05", validation_alias="SIMULATOR_MIX"
+    )
+    entity_types: str = Field(
+        default="order=0.6,sensor=0.4",
+        validation_alias="SIMULATOR_ENTITY_TYPES",
+        description="Share of each entity type (types without a metadata definition or "
+        "built-in model are ignored).",
+    )
+    out_of_order_ratio: float = Field(
+        default=0.02, ge=0, le=1, validation_alias="SIMULATOR_OUT_OF_ORDER_RATIO"
+    )
+    late_ratio: float = Field(default=0.005, ge=0, le=1, validation_alias="SIMULATOR_LATE_RATIO")
+    max_lateness: timedelta = Field(
+        default=timedelta(seconds=120), validation_alias="SIMULATOR_MAX_LATENESS"
+    )
+    tick_interval_s: float = Field(
+        default=1.0, gt=0, le=3600, validation_alias="SIMULATOR_TICK_INTERVAL"
+    )
+    max_events: int | None = Field(default=None, ge=1, validation_alias="SIMULATOR_MAX_EVENTS")
+    autostart: bool = Field(default=True, validation_alias="SIMULATOR_AUTOSTART")
+    run_id: str = Field(default="", max_length=100, validation_alias="SIMULATOR_RUN_ID")
+    max_live_entities: int = Field(
+        default=50_000, ge=1, le=10_000_000, validation_alias="SIMULATOR_MAX_LIVE_ENTITIES"
+    )
+    metadata_timeout_s: float = Field(
+        default=2.0, gt=0, validation_alias="SIMULATOR_METADATA_TIMEOUT"
+    )
+
+    @field_validator("max_lateness", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> timedelta:
+        return parse_duration(value)
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, value: str) -> str:
+        parse_weights(value, allowed=EVENT_KINDS)
+        return value
+
+    @field_validator("entity_types")
+    @classmethod
+    def _types(cls, value: str) -> str:
+        parse_weights(value)
+        return value
+
+    @model_validator(mode="after")
+    def _ratios(self) -> Settings:
+        if self.out_of_order_ratio + self.late_ratio > 1:
+            raise ValueError("SIMULATOR_OUT_OF_ORDER_RATIO + SIMULATOR_LATE_RATIO must be <= 1")
+        return self
+
+    def generator_config(self) -> GeneratorConfig:
+        return GeneratorConfig(
+            seed=self.seed,
+            mix=parse_weights(self.mix, allowed=EVENT_KINDS),
+            entity_weights=parse_weights(self.entity_types),
+            out_of_order_ratio=self.out_of_order_ratio,
+            late_ratio=self.late_ratio,
+            max_lateness=self.max_lateness,
+            max_live_entities=self.max_live_entities,
+            run_id=self.run_id,
+        )
+
+
+class EntityDefinitionSync:
+    """Keeps the generator's entity types in line with the metadata service."""
+
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        generator: EventGenerator,
+        *,
+        timeout: float,
+    ) -> None:
+        self._runtime = runtime
+        self._generator = generator
+        self._timeout = timeout
+        self._changed = asyncio.Event()
+        self.first_attempt = asyncio.Event()
+        self.source = "builtin"
+
+    async def fetch(self) -> bool:
+        """One lookup; True when the metadata service answered (its types are now in use)."""
+        try:
+            payload = await self._runtime.requests.request(
+                channels.METADATA_LOOKUP,
+                "list_entity_definitions",
+                {},
+                timeout=self._timeout,
+            )
+        except RequestError as exc:
+            log.info(
+                "metadata service unavailable, using built-in entity types",
+                extra={"reason": type(exc).__name__},
+            )
+            return False
+        shapes = parse_entity_definitions(payload)
+        self._generator.set_entity_definitions(shapes or None)
+        self.source = "metadata" if shapes else "builtin"
+        log.info("entity types loaded", extra={"entity_types": sorted(shapes), "src": self.source})
+        return True
+
+    async def run(self) -> None:
+        while True:
+            ok = await self.fetch()
+            self.first_attempt.set()
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait(), METADATA_RESYNC_S if ok else METADATA_RETRY_S
+                )
+
+    async def on_changed(self, deliveries: Sequence[Delivery]) -> None:
+        if any(d.event.payload.get("kind") == "entity_type" for d in deliveries):
+            self._changed.set()
+
+
+@dataclass(frozen=True)
+class SimulatorService:
+    runtime: ServiceRuntime
+    controller: SimulatorController
+    generator: EventGenerator
+    sync: EntityDefinitionSync
+
+
+def create(settings: Settings) -> ServiceRuntime:
+    return build(settings).runtime
+
+
+def build(settings: Settings) -> SimulatorService:
+    """The composed service, with handles on its parts (tests and benchmarks use them)."""
+    runtime = ServiceRuntime(service=SERVICE, settings=settings, port=settings.simulator_port)
+    generator = EventGenerator(settings.generator_config())
+    controller = SimulatorController(
+        generator,
+        runtime.publisher,
+        BatchPublisher(
+            runtime.redis, stream_maxlen=settings.stream_maxlen, metrics=runtime.metrics
+        ),
+        source=SERVICE,
+        rate=settings.rate,
+        max_events=settings.max_events,
+        tick_interval_s=settings.tick_interval_s,
+    )
+    sync = EntityDefinitionSync(runtime, generator, timeout=settings.metadata_timeout_s)
+
+    async def autostart() -> None:
+        # Start with the metadata service's entity types when it answers (Example 3).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sync.first_attempt.wait(), settings.metadata_timeout_s + 1)
+        if not controller.finished:
+            controller.start()
+
+    runtime.consume([channels.METADATA_CHANGED], sync.on_changed)
+    runtime.add_task("metadata-sync", sync.run)
+    runtime.add_task("generate", controller.run)
+    runtime.add_task("ticks", controller.tick_loop)
+    if settings.autostart:
+        runtime.add_task("autostart", autostart)
+    api.add_routes(runtime.http, controller)
+    return SimulatorService(runtime, controller, generator, sync)

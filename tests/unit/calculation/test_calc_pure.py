@@ -1,0 +1,129 @@
+"""Pure helpers of the calculation engine: backfill planning/computation, query values,
+result events, the definition registry, the latest-result cache."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from analytics_engine.calculation.backfill import compute, needed_attributes, plan
+from analytics_engine.calculation.cache import LatestResults
+from analytics_engine.calculation.events import EntityEvent, result_events
+from analytics_engine.calculation.queries import first_value, slot_of
+from analytics_engine.calculation.registry import DefinitionRegistry
+from analytics_engine.core import channels
+from analytics_engine.kpi import KPIDefinition, KPIResult, VersionedKPIDefinition
+from analytics_engine.kpi.windows import to_micros
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def revenue(version: int = 1, **over: object) -> VersionedKPIDefinition:
+    data = {
+        "code": "revenue",
+        "display_name": "Revenue",
+        "entity_type": "order",
+        "aggregation": "sum",
+        "field": "amount",
+        "filter": "status != 'cancelled'",
+        "group_by": ["region"],
+        "window": {"type": "tumbling", "size": "10s", "allowed_lateness": "2s"},
+        "version": version,
+        **over,
+    }
+    return VersionedKPIDefinition.model_validate(data)
+
+
+def test_plan_covers_whole_windows_before_the_cut() -> None:
+    job = plan(revenue(), T0 + timedelta(seconds=125), timedelta(seconds=60))
+    assert job.since == T0 + timedelta(seconds=60)  # 65 s aligned down to the 10 s grid
+    assert job.until == T0 + timedelta(seconds=132)  # last window [120,130) closes at 132
+    sliding = revenue(window={"type": "sliding", "size": "10s", "slide": "5s"})
+    job = plan(sliding, T0 + timedelta(seconds=125), timedelta(seconds=60))
+    assert job.since == T0 + timedelta(seconds=65)
+    assert job.until == T0 + timedelta(seconds=130)  # window [120,130) closes at 130
+    assert needed_attributes(revenue()) == {"amount", "region", "status"}
+
+
+def ev(i: int, occurred: float, published: float, **attrs: object) -> EntityEvent:
+    return EntityEvent(
+        f"e{i}",
+        "created",
+        "order",
+        f"o{i}",
+        1,
+        T0 + timedelta(seconds=occurred),
+        T0 + timedelta(seconds=published),
+        attrs,
+    )
+
+
+def test_backfill_compute_uses_publication_order_and_keeps_windows_before_the_cut() -> None:
+    job = plan(revenue(), T0 + timedelta(seconds=25), timedelta(seconds=20))
+    events = [
+        ev(1, 1, 1.5, amount=10.0, region="eu", status="new"),
+        ev(2, 9, 9.5, amount=5.0, region="eu", status="new"),
+        ev(3, 5, 13.0, amount=100.0, region="eu", status="new"),  # late: [0,10) closed at 12
+        ev(4, 11, 12.5, amount=7.0, region="us", status="cancelled"),
+        ev(5, 12, 12.6, amount=1.0, region="us", status="new"),
+        ev(6, 25, 26.0, amount=3.0, region="eu", status="new"),  # [20,30) starts before the cut
+        ev(7, 31, 31.5, amount=4.0, region="eu", status="new"),  # [30,40): the live engine's
+    ]
+    results = compute(job, list(reversed(events)))  # replay order is not publication order
+    got = {
+        (r.window_start, tuple(r.dimensions.items())): (r.value, r.sample_count) for r in results
+    }
+    assert got == {
+        (T0, (("region", "eu"),)): (15.0, 2),
+        (T0 + timedelta(seconds=10), (("region", "us"),)): (1.0, 1),
+        (T0 + timedelta(seconds=20), (("region", "eu"),)): (3.0, 1),
+    }
+
+
+def test_first_value_and_slots() -> None:
+    assert first_value({"columns": ["n"], "rows": [[3, 4]]}) == 3.0
+    assert first_value({"columns": [{"name": "x"}], "rows": [{"x": "2.5"}]}) == 2.5
+    assert first_value({"rows": []}) is None
+    assert first_value({"rows": [[None]]}) is None
+    now = T0 + timedelta(seconds=125)
+    start, end = slot_of(now, to_micros(timedelta(seconds=60)))
+    assert (start, end) == (
+        to_micros(T0 + timedelta(seconds=60)),
+        to_micros(T0 + timedelta(seconds=120)),
+    )
+
+
+def test_result_events_go_to_both_channels_with_stable_ids() -> None:
+    r = KPIResult("revenue", 1.5, T0, T0 + timedelta(seconds=10), {"region": "eu"}, 2, 3, T0)
+    a = result_events(r, source="calculation_engine", now=T0)
+    b = result_events(r, source="calculation_engine", now=T0 + timedelta(seconds=5))
+    assert [e.event_type for e in a] == [channels.KPI_CALCULATED, "kpi.calculated.revenue"]
+    assert [e.event_id for e in a] == [e.event_id for e in b]
+    assert a[0].payload == r.to_dict()
+    other = KPIResult("revenue", 1.5, T0, T0 + timedelta(seconds=10), {"region": "us"}, 2, 3, T0)
+    assert result_events(other, source="x", now=T0)[0].event_id != a[0].event_id
+
+
+def test_registry_metadata_wins_and_falls_back_to_the_directory() -> None:
+    seed = KPIDefinition.model_validate(revenue().definition().model_dump())
+    reg = DefinitionRegistry([seed])
+    assert reg.effective()["revenue"].version == 0
+    reg.replace_remote([revenue(4).model_dump(mode="json"), {"code": "bad"}])
+    assert reg.effective()["revenue"].version == 4 and reg.source_of("revenue") == "metadata"
+    assert not reg.upsert_remote(revenue(3).model_dump(mode="json"))
+    assert reg.upsert_remote(revenue(5).model_dump(mode="json"))
+    reg.delete_remote("revenue")
+    assert reg.effective()["revenue"].version == 0
+
+
+def test_latest_cache_keeps_the_latest_window_per_group() -> None:
+    cache = LatestResults()
+    for i, region in [(0, "eu"), (1, "eu"), (0, "us")]:
+        start = T0 + timedelta(seconds=10 * i)
+        cache.add(
+            KPIResult(
+                "k", float(i), start, start + timedelta(seconds=10), {"region": region}, 1, 1, T0
+            )
+        )
+    cache.add(KPIResult("k", 9.0, T0, T0 + timedelta(seconds=10), {"region": "eu"}, 1, 1, T0))
+    latest = {r["dimensions"]["region"]: r["value"] for r in cache.latest("k")}
+    assert latest == {"eu": 1.0, "us": 0.0}
