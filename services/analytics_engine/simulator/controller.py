@@ -12,8 +12,7 @@ from typing import Any
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import REDIS_ERRORS, EventPublisher
-from analytics_engine.core.envelopes import utcnow
-from analytics_engine.simulator.fastpublish import BatchPublisher, encode
+from analytics_engine.core.envelopes import Event, utcnow
 from analytics_engine.simulator.generator import EventGenerator
 from analytics_engine.simulator.rate import TokenBucket
 
@@ -33,9 +32,7 @@ class SimulatorController:
         self,
         generator: EventGenerator,
         publisher: EventPublisher,
-        batches: BatchPublisher,
         *,
-        source: str,
         rate: float,
         max_events: int | None = None,
         tick_interval_s: float = 1.0,
@@ -45,8 +42,6 @@ class SimulatorController:
             raise ValueError(f"rate must be in (0, {MAX_RATE:g}]")
         self.generator = generator
         self._publisher = publisher
-        self._batches = batches
-        self._source = source
         self._clock = clock
         self._bucket = TokenBucket(rate, clock())
         self.max_events = max_events
@@ -54,7 +49,7 @@ class SimulatorController:
         self.events_emitted = 0
         self.started_at: datetime | None = None
         self._running = asyncio.Event()
-        self._pending: list[tuple[str, bytes]] = []
+        self._pending: list[Event] = []
         self._tick = 0
         self._last_tick_count = 0
         self._last_tick_time = clock()
@@ -148,15 +143,15 @@ class SimulatorController:
         wall = utcnow()
         batch = self.generator.next_batch(n, wall)
         event_id = self.generator.event_id
-        source = self._source
+        make = self._publisher.make_event
         self._pending = [
-            (channel, encode(event_id(first + i), channel, source, wall, payload))
+            make(channel, payload, event_id=event_id(first + i), timestamp=wall)
             for i, (channel, payload) in enumerate(batch)
         ]
         # published by `run` next, retried there until Redis takes it (no gap in the sequence)
 
     async def _publish_pending(self) -> None:
-        await self._batches.publish(self._pending)
+        await self._publisher.publish_events(self._pending)
         self.events_emitted += len(self._pending)
         self._pending = []
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,7 +34,6 @@ from analytics_engine.simulator import api
 from analytics_engine.simulator.config import EVENT_KINDS, GeneratorConfig, parse_weights
 from analytics_engine.simulator.controller import MAX_RATE, SimulatorController
 from analytics_engine.simulator.entities import parse_entity_definitions
-from analytics_engine.simulator.fastpublish import BatchPublisher
 from analytics_engine.simulator.generator import EventGenerator
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class Settings(BaseServiceSettings):
             late_ratio=self.late_ratio,
             max_lateness=self.max_lateness,
             max_live_entities=self.max_live_entities,
-            run_id=self.run_id,
+            # A fresh run id per process unless set: a restarted simulator must not re-send the
+            # event ids of its earlier run (consumers would drop them as duplicates).
+            run_id=self.run_id or secrets.token_hex(8),
         )
 
 
@@ -184,10 +186,6 @@ def build(settings: Settings) -> SimulatorService:
     controller = SimulatorController(
         generator,
         runtime.publisher,
-        BatchPublisher(
-            runtime.redis, stream_maxlen=settings.stream_maxlen, metrics=runtime.metrics
-        ),
-        source=SERVICE,
         rate=settings.rate,
         max_events=settings.max_events,
         tick_interval_s=settings.tick_interval_s,

@@ -80,7 +80,10 @@ async def test_same_seed_same_stream_at_the_configured_rate(
     redis: Redis, redis_url: str, running: Start
 ) -> None:
     began = time.monotonic()
-    service = await run_to_end(start=running, s=settings(redis_url, rate=2000, max_events=3000))
+    run = {"run_id": "reproducible"}  # ids repeat only when the run id is pinned
+    service = await run_to_end(
+        start=running, s=settings(redis_url, rate=2000, max_events=3000, **run)
+    )
     elapsed = time.monotonic() - began
     assert 1.2 < elapsed < 3.5, elapsed  # 3000 events at 2000/s
     first = await stored(redis)
@@ -90,9 +93,13 @@ async def test_same_seed_same_stream_at_the_configured_rate(
     assert all(e["source"] == "data_simulator" for e in first)
     service.runtime.stop()
     await redis.flushdb()
-    await run_to_end(start=running, s=settings(redis_url, rate=5000, max_events=3000))
+    await run_to_end(start=running, s=settings(redis_url, rate=5000, max_events=3000, **run))
     second = await stored(redis)
     assert [stable(e) for e in second] == [stable(e) for e in first]
+    await redis.flushdb()
+    await run_to_end(start=running, s=settings(redis_url, rate=5000, max_events=300))
+    unpinned = await stored(redis)
+    assert not {e["event_id"] for e in unpinned} & {e["event_id"] for e in first}
     await redis.flushdb()
     await run_to_end(start=running, s=settings(redis_url, rate=5000, max_events=300, seed=43))
     assert [stable(e) for e in await stored(redis)] != [stable(e) for e in first[:300]]
