@@ -410,7 +410,8 @@ The Deployment of one application component. Call with
 {{- define "analytics-engine.deployment" -}}
 {{- $ctx := .context -}}
 {{- $values := index $ctx.Values .component -}}
-{{- $hpa := and (hasKey $values "autoscaling") $values.autoscaling.enabled -}}
+{{- $hpa := false -}}
+{{- if hasKey $values "autoscaling" -}}{{- $hpa = $values.autoscaling.enabled -}}{{- end -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -424,8 +425,9 @@ spec:
   replicas: {{ $values.replicaCount | default 1 }}
   {{- end }}
   revisionHistoryLimit: 5
-  {{- if eq .component "operator" }}
-  # Two kopf instances at once freeze each other: stop the old pod before starting the new one.
+  {{- if or (eq .component "operator") (eq .component "calculation") }}
+  # One instance at a time: two kopf instances freeze each other, and two calculation engines
+  # would both resume the same checkpoint. Stop the old pod before starting the new one.
   strategy:
     type: Recreate
   {{- else }}
@@ -766,6 +768,9 @@ spec:
 {{- define "analytics-engine.validateValues" -}}
 {{- $errors := list -}}
 {{- $v := .Values -}}
+{{- if ne (int $v.calculation.replicaCount) 1 -}}
+{{- $errors = append $errors "calculation.replicaCount must be 1: the engine runs as one active replica" -}}
+{{- end -}}
 {{- if and (not $v.redis.enabled) (not $v.externalRedis.host) -}}
 {{- $errors = append $errors "redis.enabled=false needs externalRedis.host" -}}
 {{- end -}}
@@ -801,7 +806,7 @@ spec:
 {{- if and $v.gateway.ingress.enabled (not $v.gateway.ingress.hostname) -}}
 {{- $errors = append $errors "gateway.ingress.enabled needs gateway.ingress.hostname" -}}
 {{- end -}}
-{{- range $name := list "calculation" "database" -}}
+{{- range $name := list "database" -}}
 {{- $c := index $v $name -}}
 {{- if and $c.autoscaling.enabled (not (or $c.autoscaling.targetCPUUtilizationPercentage $c.autoscaling.targetMemoryUtilizationPercentage)) -}}
 {{- $errors = append $errors (printf "%s.autoscaling.enabled needs a CPU or memory target" $name) -}}

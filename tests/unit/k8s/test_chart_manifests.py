@@ -86,8 +86,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "monitoring": {"monitoring": {"enabled": True}},
     "hpa": {
-        "calculation": {"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}},
-        "database": {"autoscaling": {"enabled": True}},
+        "database": {"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}},
     },
     "operator-clusterwide": {
         "operator": {"clusterwide": True, "peering": {"enabled": True}},
@@ -622,12 +621,28 @@ def test_hpa_replaces_replicas() -> None:
     scaled = {
         h["spec"]["scaleTargetRef"]["name"] for h in by_kind(objects, "HorizontalPodAutoscaler")
     }
-    assert scaled == {
-        f"{RELEASE}-analytics-engine-calculation",
-        f"{RELEASE}-analytics-engine-database",
-    }
+    assert scaled == {f"{RELEASE}-analytics-engine-database"}
     for dep in by_kind(objects, "Deployment"):
         assert ("replicas" in dep["spec"]) is (dep["metadata"]["name"] not in scaled)
+
+
+def test_the_calculation_engine_runs_as_exactly_one_replica() -> None:
+    """Its window state lives in one process (checkpointed to Redis): never two at once."""
+    [dep] = [
+        d
+        for d in by_kind(_render("default"), "Deployment")
+        if d["metadata"]["name"].endswith("-calculation")
+    ]
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    result = subprocess.run(
+        [helm(), "template", "x", str(CHART), "--set", "calculation.replicaCount=2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "calculation.replicaCount must be 1" in result.stderr
 
 
 # --------------------------------------------------------------------------- network policies
