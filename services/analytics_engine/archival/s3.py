@@ -35,6 +35,34 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
+
+def make_client(
+    *,
+    endpoint_url: str,
+    access_key: str | None,
+    secret_key: str | None,
+    region: str,
+    concurrency: int = 10,
+    connect_timeout: float = 3.0,
+    read_timeout: float = 30.0,
+) -> Any:
+    """A boto3 S3 client for the lake (path-style addressing: MinIO and SeaweedFS)."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=region,
+        config=Config(
+            s3={"addressing_style": "path"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # Our callers retry with backoff; a short botocore retry only smooths blips.
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=concurrency,
+        ),
+    )
+
 class ObjectStore:
     """Puts, gets and checks objects in one bucket, creating the bucket when it is missing."""
 
@@ -52,20 +80,14 @@ class ObjectStore:
     ) -> None:
         self.bucket = bucket
         self.endpoint_url = endpoint_url
-        self._client: Any = boto3.session.Session().client(
-            "s3",
+        self._client: Any = make_client(
             endpoint_url=endpoint_url,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=region,
-            config=Config(
-                s3={"addressing_style": "path"},
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                # Our callers retry with backoff; a short botocore retry only smooths blips.
-                retries={"max_attempts": 2, "mode": "standard"},
-                max_pool_connections=concurrency,
-            ),
+            access_key=access_key,
+            secret_key=secret_key,
+            region=region,
+            concurrency=concurrency,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
         )
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3")
         self._bucket_ready = False

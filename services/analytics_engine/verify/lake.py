@@ -10,12 +10,11 @@ from datetime import date, datetime
 from typing import Any
 from urllib.parse import unquote
 
-import boto3
 import orjson
 import pyarrow.parquet as pq
-from botocore.config import Config
 
 from analytics_engine.archival.layout import ENTITY_EVENTS_PREFIX, KPI_RESULTS_PREFIX
+from analytics_engine.archival.s3 import make_client
 from analytics_engine.verify.compare import ResultRow, canonical_dims
 
 
@@ -30,18 +29,11 @@ class Lake:
         region: str,
     ) -> None:
         self.bucket = bucket
-        self._client: Any = boto3.session.Session().client(
-            "s3",
+        self._client: Any = make_client(
             endpoint_url=endpoint_url,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=region,
-            config=Config(
-                s3={"addressing_style": "path"},
-                connect_timeout=3,
-                read_timeout=30,
-                retries={"max_attempts": 2, "mode": "standard"},
-            ),
+            access_key=access_key,
+            secret_key=secret_key,
+            region=region,
         )
 
     def check(self) -> None:
