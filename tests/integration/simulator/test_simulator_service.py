@@ -211,12 +211,12 @@ async def test_entity_types_from_a_stand_in_metadata_service(
         assert set(p["attributes"]) == expected
 
 
-async def test_throughput(redis: Redis, redis_url: str, running: Start) -> None:
+async def test_a_large_burst_is_published_whole(
+    redis: Redis, redis_url: str, running: Start
+) -> None:
+    """At the highest rate every event still reaches the streams (the rate itself is measured
+    by bench/pipeline_bench.py, not asserted here)."""
     n = 100_000
-    began = time.monotonic()
     service = await run_to_end(running, settings(redis_url, rate=100_000, max_events=n))
-    rate = n / (time.monotonic() - began)
-    print(f"simulator throughput: {rate:,.0f} events/s")
     assert service.controller.events_emitted == n
     assert sum([await redis.xlen(channels.stream_key(c)) for c in channels.ENTITY_CHANNELS]) == n
-    assert rate >= 15_000  # ~40k/s on an idle machine; other test suites share the 2 cores

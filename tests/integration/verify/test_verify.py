@@ -177,7 +177,12 @@ async def world(
     yield w
 
 
-OPTIONS = Options(start=None, end=None, kpis=None, skip_lake=False, json=False)
+# The stored results come from an engine that never closed windows by the clock, so the clock
+# must not close them here either.
+NO_IDLE_CLOSE = timedelta(days=365 * 100)
+OPTIONS = Options(
+    start=None, end=None, kpis=None, skip_lake=False, json=False, idle_close=NO_IDLE_CLOSE
+)
 
 
 async def test_clean_data_verifies(world: World) -> None:
@@ -219,7 +224,8 @@ async def test_wrong_value_and_missing_window_are_reported(world: World) -> None
 async def test_cli_exit_codes_table_and_json(world: World) -> None:
     async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "analytics_engine.cli", "verify", *args,
+            sys.executable, "-m", "analytics_engine.cli", "verify",
+            "--idle-close", str(NO_IDLE_CLOSE.total_seconds()), *args,
             env={**os.environ, **(env or world.env())},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
