@@ -19,11 +19,16 @@ import pyarrow.parquet as pq
 
 from analytics_engine.archival.layout import (
     dims_key,
+    entity_events_object_key,
     epoch_us,
     result_fingerprint,
 )
 
 TS: Final = pa.timestamp("us", tz="UTC")
+MAX_KPI_CODE: Final = 63  # as `KPIResult.kpi_code`
+MAX_BATCH_ID: Final = 100  # as `ArchivalBatch.batch_id` in core/payloads.py
+MAX_ENTITY_TYPE: Final = 100  # as the entity events' `entity_type`
+MAX_S3_KEY_BYTES: Final = 1024
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 
 KPI_RESULTS_SCHEMA: Final = pa.schema(
@@ -148,6 +153,9 @@ def parse_kpi_result(payload: Mapping[str, Any]) -> KpiRow:
     code = payload.get("kpi_code")
     if not isinstance(code, str) or not code:
         raise PayloadError("kpi_code: expected a non-empty string")
+    if len(code) > MAX_KPI_CODE:
+        # it names the lake partition: S3 would refuse the key on every flush (poison message)
+        raise PayloadError(f"kpi_code: at most {MAX_KPI_CODE} characters")
     start_us = time_us(payload.get("window_start"), "window_start")
     end_us = time_us(payload.get("window_end"), "window_end")
     if end_us <= start_us:
@@ -283,6 +291,13 @@ def parse_event_batch(payload: Mapping[str, Any]) -> EventBatch:
         day = date.fromisoformat(str(payload.get("date")))
     except ValueError:
         raise PayloadError("date: expected YYYY-MM-DD") from None
+    if len(batch_id) > MAX_BATCH_ID or len(entity_type) > MAX_ENTITY_TYPE:
+        raise PayloadError(
+            f"batch_id / entity_type: at most {MAX_BATCH_ID} / {MAX_ENTITY_TYPE} characters"
+        )
+    if len(entity_events_object_key(entity_type, day, batch_id).encode()) > MAX_S3_KEY_BYTES:
+        # S3 would refuse the key on every retry: a poison message, not an outage
+        raise PayloadError("batch_id and entity_type make an object key longer than S3 allows")
     rows = payload.get("rows")
     if not isinstance(rows, list):
         raise PayloadError("rows: expected a list")

@@ -27,6 +27,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 
 READER_ROLE: Final = "analytics_reader"
+LARGE_OBJECT_CREATORS: Final = (
+    "pg_catalog.lo_create(oid)",
+    "pg_catalog.lo_creat(integer)",
+    "pg_catalog.lo_from_bytea(oid, bytea)",
+)
 
 
 def _quote_ident(name: str) -> str:
@@ -86,6 +91,11 @@ async def ensure_reader_role(
             f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}",
             f"ALTER DEFAULT PRIVILEGES FOR ROLE {_quote_ident(str(owner))} IN SCHEMA public"
             f" GRANT SELECT ON TABLES TO {r}",
+            # PostgreSQL 15 lets a READ ONLY transaction create large objects (a persistent
+            # write, found by tests/integration/hostile); the platform uses none, so nobody
+            # may create them. Granted to PUBLIC by default, hence revoked from PUBLIC; a
+            # non-owner admin gets a warning here instead of an error.
+            *(f"REVOKE EXECUTE ON FUNCTION {f} FROM PUBLIC" for f in LARGE_OBJECT_CREATORS),
         ):
             await conn.execute(statement)
     finally:

@@ -13,7 +13,8 @@ from prometheus_client import Gauge
 from pydantic import Field, ValidationError
 
 from analytics_engine.core import channels
-from analytics_engine.core.bus import Delivery
+from analytics_engine.core.bus import Delivery, encode_event
+from analytics_engine.core.envelopes import validation_summary
 from analytics_engine.core.payloads import KPIResult, ServiceHeartbeat, SimulationTick
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
@@ -86,13 +87,28 @@ class Observability:
 
     async def on_ticks(self, batch: Sequence[Delivery]) -> None:
         now = time.monotonic()
+        invalid: list[tuple[Delivery, str]] = []
         for delivery in batch:
             try:
                 tick = SimulationTick.model_validate(delivery.event.payload)
-            except ValidationError:
-                continue  # a tick is informational; a bad one is counted, not retried
+            except ValidationError as exc:
+                # informational, so not retried; but never dropped silently (protocol.md)
+                invalid.append((delivery, validation_summary(exc)))
+                continue
             self.registry.tick(tick.model_dump(mode="json"), now=now)
         self.registry.count(channels.SIMULATION_TICK, now=now, n=len(batch))
+        if invalid:
+            pipe = self.runtime.redis.pipeline(transaction=True)
+            for delivery, reason in invalid:
+                self.runtime.dead_letters.add_to_pipeline(
+                    pipe,
+                    channel=delivery.channel,
+                    reason=f"invalid payload: {reason}",
+                    original=encode_event(delivery.event),
+                    kind="event",
+                    stream_id=delivery.id,
+                )
+            await pipe.execute()
 
     async def sample_streams(self) -> None:
         """Every few seconds, turn each durable stream's `entries-added` into a rate."""
