@@ -32,8 +32,14 @@ import boto3
 import pytest
 import redis
 from botocore.config import Config
+from hypothesis import settings as hypothesis_settings
 
 from analytics_engine.localstack import PostgresServer, RedisServer, S3Server
+
+# CI runs the same examples every time: a red build must be reproducible, not a dice roll.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from analytics_engine.archival.layout import (
     dims_key,
@@ -23,6 +24,8 @@ from analytics_engine.archival.layout import (
     epoch_us,
     result_fingerprint,
 )
+from analytics_engine.core.envelopes import validation_summary
+from analytics_engine.core.payloads import KPIResult
 
 TS: Final = pa.timestamp("us", tz="UTC")
 MAX_KPI_CODE: Final = 63  # as `KPIResult.kpi_code`
@@ -160,24 +163,26 @@ def parse_kpi_result(payload: Mapping[str, Any]) -> KpiRow:
     end_us = time_us(payload.get("window_end"), "window_end")
     if end_us <= start_us:
         raise PayloadError("window_end must be after window_start")
-    raw_value = payload.get("value")
-    if raw_value is None:
-        value = math.nan
-    elif isinstance(raw_value, bool) or not isinstance(raw_value, int | float):
+    try:  # the protocol's own rules first (~10 us a row; archival is batch work)
+        KPIResult.model_validate(payload)
+    except ValidationError as exc:
+        raise PayloadError(validation_summary(exc)) from None
+    raw_value = payload["value"]
+    if isinstance(raw_value, bool) or not isinstance(raw_value, int | float):
         raise PayloadError("value: expected a number")
-    else:
-        value = float(raw_value)
+    value = float(raw_value)
     dims = payload.get("dimensions") or {}
     if not isinstance(dims, dict):
         raise PayloadError("dimensions: expected an object")
-    raw_count = payload.get("sample_count", 0)
+    if any(v is not None and not isinstance(v, str | int | float | bool) for v in dims.values()):
+        raise PayloadError("dimensions: values must be strings, numbers, booleans or null")
+    raw_count = payload["sample_count"]
     sample_count = raw_count if type(raw_count) is int else _int(raw_count, "sample_count")
-    raw_version = payload.get("definition_version", 0)
+    raw_version = payload["definition_version"]
     version = raw_version if type(raw_version) is int else _int(raw_version, "definition_version")
     if not -(2**31) <= version < 2**31:
         raise PayloadError("definition_version: out of range")
-    computed = payload.get("computed_at")
-    computed_us = time_us(computed, "computed_at") if computed is not None else None
+    computed_us = time_us(payload["computed_at"], "computed_at")
     key = dims_key(dims)
     return KpiRow(
         kpi_code=code,

@@ -15,6 +15,7 @@ from analytics_engine.calculation.registry import DefinitionRegistry
 from analytics_engine.core import channels
 from analytics_engine.core.bus import Delivery
 from analytics_engine.core.errors import RemoteError, RequestError
+from analytics_engine.core.payloads import parse_change
 from analytics_engine.core.request_reply import RequestReplyClient
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,11 @@ class DefinitionSync:
         """`metadata.changed` handler: re-fetch each changed KPI definition."""
         changed = False
         for delivery in deliveries:
-            p = delivery.event.payload
-            code = p.get("code")
-            if p.get("kind") != "kpi_definition" or not isinstance(code, str):
+            change = parse_change(delivery)
+            if change.kind != "kpi_definition":
                 continue
-            if p.get("action") == "deleted":
+            code = change.code
+            if change.action == "deleted":
                 self._registry.delete_remote(code)
                 changed = True
                 continue
@@ -83,6 +84,8 @@ class DefinitionSync:
                 if exc.code == "not_found":
                     self._registry.delete_remote(code)
                     changed = True
+                else:
+                    self._wake.set()  # heal with a full sync once metadata answers again
                 continue
             except RequestError:
                 self._wake.set()  # heal with a full sync when the service is back

@@ -7,6 +7,7 @@ from analytics_engine.core.envelopes import Event, Request, Response, new_id, ut
 from analytics_engine.core.errors import (
     AnalyticsError,
     HandlerError,
+    InvalidEvent,
     NoResponder,
     RemoteError,
     RequestError,
@@ -33,6 +34,7 @@ __all__ = [
     "Event",
     "EventPublisher",
     "HandlerError",
+    "InvalidEvent",
     "NoResponder",
     "RemoteError",
     "Request",

@@ -30,7 +30,7 @@ from analytics_engine.core.envelopes import (
     parse_event,
     utcnow,
 )
-from analytics_engine.core.errors import TransientError
+from analytics_engine.core.errors import InvalidEvent, TransientError
 from analytics_engine.core.logs import correlation_id_var
 
 if TYPE_CHECKING:
@@ -450,6 +450,13 @@ class DurableConsumer:
                 backoff = min(backoff * 2, 1.0)  # resume soon after the dependency is back
             except REDIS_ERRORS:
                 raise  # the bus itself is down: `run` reconnects and re-reads what is pending
+            except InvalidEvent as exc:
+                if len(deliveries) == 1:
+                    await self._dead_letter(deliveries[0], f"invalid event: {exc}")
+                    return
+                for delivery in deliveries:  # find which one, keep the others
+                    await self._handle([delivery])
+                return
             except Exception as exc:
                 if len(deliveries) == 1:
                     await self._retry_single(deliveries[0], exc)

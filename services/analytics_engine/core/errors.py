@@ -47,3 +47,9 @@ class TransientError(AnalyticsError):
     Raised by event handlers to ask the bus to back off and retry the same batch later, without
     counting the attempt towards dead-lettering: an outage must never dead-letter good events.
     """
+
+
+class InvalidEvent(AnalyticsError):
+    """Raised by an event handler for an event that can never be handled (its payload breaks
+    the protocol): the bus dead-letters it at once, with this message as the reason, and goes
+    on with the rest of the batch."""

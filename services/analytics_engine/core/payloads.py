@@ -10,9 +10,11 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analytics_engine.core import channels
+from analytics_engine.core.envelopes import validation_summary
+from analytics_engine.core.errors import InvalidEvent
 
 Identifier = str
 DimensionValue = str | int | float | bool | None
@@ -226,3 +228,11 @@ REQUEST_PAYLOADS: dict[tuple[str, str], type[BaseModel]] = {
     (channels.METADATA_LOOKUP, "get_entity_definition"): GetEntityDefinition,
     (channels.METADATA_LOOKUP, "list_entity_definitions"): Empty,
 }
+
+
+def parse_change(delivery: Any) -> MetadataChanged:
+    """The `metadata.changed` payload of a delivery; `InvalidEvent` when it breaks the protocol."""
+    try:
+        return MetadataChanged.model_validate(delivery.event.payload)
+    except ValidationError as exc:
+        raise InvalidEvent(validation_summary(exc)) from None

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -149,21 +150,43 @@ async def wait_ready(ports: dict[str, int], timeout: float = 90.0) -> dict[str, 
     return ready
 
 
-async def serve(
-    args: argparse.Namespace,
+def select_services(only: str | None) -> tuple[str, ...]:
+    """The services of `--only` (default all), in start order."""
+    chosen = tuple(s for s in (only.split(",") if only else LOCAL_SERVICES) if s)
+    unknown = set(chosen) - set(LOCAL_SERVICES)
+    if unknown:
+        raise SystemExit(f"unknown service(s) in --only: {', '.join(sorted(unknown))}")
+    return tuple(s for s in LOCAL_SERVICES if s in chosen)
+
+
+@dataclass
+class LocalServices:
+    """The supervised service processes of a local stack (what `serve` runs)."""
+
+    supervisor: Supervisor
+    services: tuple[str, ...]
+    ports: dict[str, int]
+    envs: dict[str, dict[str, str]]
+    admin_key: str | None
+
+
+def start_services(
+    services: tuple[str, ...],
     connections: dict[str, str],
     data_dir: Path,
     *,
+    kpi_dir: Path,
+    rate: float | None,
+    gateway_port: int,
     redis_urls: dict[str, str] | None = None,
-) -> None:
-    only = tuple(s for s in (args.only.split(",") if args.only else LOCAL_SERVICES) if s)
-    unknown = set(only) - set(LOCAL_SERVICES)
-    if unknown:
-        raise SystemExit(f"unknown service(s) in --only: {', '.join(sorted(unknown))}")
-    services = tuple(s for s in LOCAL_SERVICES if s in only)
-    kpi_dir = Path(args.kpi_dir) if args.kpi_dir else repo_root() / "k8s" / "samples"
-    ports = service_ports(services, args.gateway_port)
-    envs = service_env(connections, ports, kpi_dir=kpi_dir, rate=args.rate)
+    extra_env: dict[str, str] | None = None,
+) -> LocalServices:
+    """Start every service as a supervised child process (needs a running event loop).
+
+    `extra_env` is added to every service's environment (benchmarks and tests tune the stack
+    with it; `up` passes none)."""
+    ports = service_ports(services, gateway_port)
+    envs = service_env(connections, ports, kpi_dir=kpi_dir, rate=rate)
     configured_keys = os.environ.get("GATEWAY_API_KEYS")
     admin_key = None if configured_keys else secrets.token_urlsafe(24)
     if "gateway" in envs:
@@ -175,16 +198,40 @@ async def serve(
     for name, url in (redis_urls or {}).items():
         if name in envs:
             envs[name]["REDIS_URL"] = url  # each service its own ACL user
+    for env in envs.values():
+        env.update(extra_env or {})
     supervisor = Supervisor(pid_dir=data_dir / "pids")
+    for name in services:
+        supervisor.start(
+            ProcessSpec(name, service_argv(name), envs[name], data_dir / "logs" / f"{name}.log")
+        )
+    return LocalServices(supervisor, services, ports, envs, admin_key)
+
+
+async def serve(
+    args: argparse.Namespace,
+    connections: dict[str, str],
+    data_dir: Path,
+    *,
+    redis_urls: dict[str, str] | None = None,
+) -> None:
+    services = select_services(args.only)
+    kpi_dir = Path(args.kpi_dir) if args.kpi_dir else repo_root() / "k8s" / "samples"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
-    for name in services:
-        supervisor.start(
-            ProcessSpec(name, service_argv(name), envs[name], data_dir / "logs" / f"{name}.log")
-        )
+    local = start_services(
+        services,
+        connections,
+        data_dir,
+        kpi_dir=kpi_dir,
+        rate=args.rate,
+        gateway_port=args.gateway_port,
+        redis_urls=redis_urls,
+    )
+    ports, admin_key, supervisor = local.ports, local.admin_key, local.supervisor
     ready = await wait_ready(ports)
     print(f"\nAnalyticsEngine is up ({time.monotonic() - started:.1f}s):")
     for name in services:
@@ -216,12 +263,42 @@ def run_up(args: argparse.Namespace) -> int:
         write_env_file(data_dir / "stack.env", connections)
         asyncio.run(serve(args, connections, data_dir))
         return 0
+    print(f"starting Redis, PostgreSQL and S3 under {data_dir} ...", flush=True)
+    stack = start_infra(data_dir)
+    infra, connections, redis_urls = stack.infra, stack.connections, stack.redis_urls
+    try:
+        print(f"  redis     127.0.0.1:{infra.redis.port}")
+        print(f"  postgres  127.0.0.1:{infra.postgres.port}")
+        print(f"  s3        {infra.s3.endpoint_url} (bucket {infra.bucket})", flush=True)
+        asyncio.run(serve(args, connections, data_dir, redis_urls=redis_urls))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping servers...", flush=True)
+        infra.stop()
+    return 0
+
+
+@dataclass
+class InfraStack:
+    """Running servers with the local stack's credentials."""
+
+    infra: LocalInfra
+    connections: dict[str, str]
+    """What tools get (`stack.env`): the `cli` Redis user, the database, S3."""
+    redis_urls: dict[str, str]
+    """Each service's own Redis ACL user."""
+    admin_redis_url: str
+
+
+def start_infra(data_dir: Path) -> InfraStack:
+    """Generate the Redis ACL users, start Redis, PostgreSQL and S3, create the database roles
+    and write `stack.env`. Blocking (call it outside an event loop or in a thread)."""
     passwords = {user: secrets.token_urlsafe(24) for user in SERVICE_ACCESS}
     admin_password = secrets.token_urlsafe(24)
     acl_path = data_dir / "redis-users.acl"
     _write_private(acl_path, acl_file(passwords, admin_password=admin_password))
     infra = LocalInfra(data_dir, redis_acl_file=acl_path)
-    print(f"starting Redis, PostgreSQL and S3 under {data_dir} ...", flush=True)
     infra.start()
     try:
         connections = infra.env()
@@ -233,16 +310,11 @@ def run_up(args: argparse.Namespace) -> int:
         # Tools such as `analytics-engine verify` get the least-privileged `cli` user.
         connections["REDIS_URL"] = redis_url_for(infra.redis.port, "cli", passwords)
         write_env_file(data_dir / "stack.env", connections)
-        print(f"  redis     127.0.0.1:{infra.redis.port}")
-        print(f"  postgres  127.0.0.1:{infra.postgres.port}")
-        print(f"  s3        {infra.s3.endpoint_url} (bucket {infra.bucket})", flush=True)
-        asyncio.run(serve(args, connections, data_dir, redis_urls=redis_urls))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("stopping servers...", flush=True)
+    except BaseException:
         infra.stop()
-    return 0
+        raise
+    admin_url = redis_url_for(infra.redis.port, "admin", {"admin": admin_password})
+    return InfraStack(infra, connections, redis_urls, admin_url)
 
 
 def prepare_database(infra: LocalInfra) -> dict[str, str]:

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from analytics_engine.core import channels
 from analytics_engine.core.bus import Delivery
 from analytics_engine.core.errors import RequestError
+from analytics_engine.core.payloads import parse_change
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.kpi.durations import parse_duration
@@ -163,7 +164,7 @@ class EntityDefinitionSync:
                 )
 
     async def on_changed(self, deliveries: Sequence[Delivery]) -> None:
-        if any(d.event.payload.get("kind") == "entity_type" for d in deliveries):
+        if any(parse_change(d).kind == "entity_type" for d in deliveries):
             self._changed.set()
 
 

@@ -70,11 +70,7 @@ LIVE_CHANNELS = (LIVE_KPI_CHANNEL, channels.SERVICE_HEARTBEAT)
 REQUEST_TYPES = sorted(REQUEST_PAYLOADS)
 # Channels whose consumers skip an event with an invalid payload instead of dead-lettering it
 # (bugs, see the report); `test_invalid_payload_is_dead_lettered` pins them with strict xfails.
-PAYLOAD_DLQ_GAPS = {
-    channels.METADATA_CHANGED: "calculation_engine and data_simulator skip invalid payloads",
-    channels.ARCHIVE_KPI_RESULTS: "archival_service fills in missing fields and stringifies "
-    "non-scalar dimension values instead of rejecting the result",
-}
+PAYLOAD_DLQ_GAPS: dict[str, str] = {}
 GAP_EXAMPLES = {
     channels.METADATA_CHANGED: {"kind": "kpi_definition", "code": "orders_count", "version": 1},
     channels.ARCHIVE_KPI_RESULTS: {
@@ -357,13 +353,13 @@ async def test_hostile_events_on_every_durable_channel(
 @pytest.mark.parametrize(
     "channel",
     [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=PAYLOAD_DLQ_GAPS[c]))
-        for c in sorted(PAYLOAD_DLQ_GAPS)
+        pytest.param(c, id=c)
+        for c in sorted(GAP_EXAMPLES)
     ],
 )
 async def test_invalid_payload_is_dead_lettered(platform: Platform, channel: str) -> None:
-    """Known gaps, pinned: an event whose payload its model rejects is acknowledged without a
-    dead letter. Strict xfail: fixing the consumer makes this pass, then drop the xfail."""
+    """An event whose payload its model rejects is dead-lettered, not acknowledged silently
+    (these consumers once skipped or patched such payloads)."""
     payload = GAP_EXAMPLES[channel]
     assert model_rejects(event_model(channel), payload)
     raw = orjson.dumps(fresh(envelope(channel, payload)))
