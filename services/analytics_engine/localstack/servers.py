@@ -385,6 +385,10 @@ class RedisServer(_ProcessServer):
             "save": '""',
             "appendonly": "yes" if self.appendonly else "no",
             "appendfsync": self.appendfsync,
+            # One message may not exceed 8 MB: a bigger one is refused to its sender, instead of
+            # overflowing subscribers' output buffers (which would drop their subscriptions).
+            "proto-max-bulk-len": "8mb",
+            "client-output-buffer-limit": "pubsub 64mb 16mb 60",
             **self.extra_config,
         }
         if self.password is not None:
