@@ -75,6 +75,9 @@ def _result_json(record: Any) -> dict[str, Any]:
     return {key: to_json_value(record[key]) for key in record.keys()}  # noqa: SIM118
 
 
+FETCH_PAGE = 500
+
+
 class QueryRequestHandler:
     def __init__(
         self,
@@ -83,6 +86,7 @@ class QueryRequestHandler:
         writer_pool: Callable[[], Any],
         query_timeout: timedelta,
         max_rows: int,
+        max_bytes: int = 4 * 1024 * 1024,
         metrics: DatabaseMetrics,
         request_archival: Callable[[timedelta | None], Awaitable[dict[str, int]]],
     ) -> None:
@@ -90,6 +94,7 @@ class QueryRequestHandler:
         self._writer = writer_pool
         self._timeout = query_timeout.total_seconds()
         self._max_rows = max_rows
+        self._max_bytes = max_bytes
         self._metrics = metrics
         self._request_archival = request_archival
 
@@ -153,7 +158,7 @@ class QueryRequestHandler:
                         ]
                         columns = [a.name for a in stmt.get_attributes()]
                         cursor = await stmt.cursor(*args)
-                        records = await cursor.fetch(max_rows + 1)
+                        rows, truncated = await self._fetch_bounded(cursor, max_rows)
         except InvalidPayload as exc:
             raise HandlerError(str(exc), code="invalid_query") from None
         except asyncpg.exceptions.QueryCanceledError:
@@ -166,9 +171,24 @@ class QueryRequestHandler:
             raise HandlerError(f"{exc.sqlstate}: {exc}", code=code) from None
         except asyncpg.exceptions.DataError as exc:
             raise HandlerError(f"invalid parameter: {exc}", code="invalid_query") from None
-        truncated = len(records) > max_rows
-        rows = [row_to_json(r) for r in records[:max_rows]]
         return {"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated}
+
+    async def _fetch_bounded(self, cursor: Any, max_rows: int) -> tuple[list[Any], bool]:
+        """Rows up to `max_rows` and about `max_bytes` of JSON, fetched in pages so a huge
+        result is never held in memory; `truncated` when either cap cut it short. (A reply
+        must stay well under Redis's message limit, or it could not be delivered.)"""
+        rows: list[Any] = []
+        size = 0
+        while True:
+            page = await cursor.fetch(min(FETCH_PAGE, max_rows + 1 - len(rows)))
+            for record in page:
+                row = row_to_json(record)
+                size += len(orjson.dumps(row, default=str))
+                if len(rows) == max_rows or size > self._max_bytes:
+                    return rows, True
+                rows.append(row)
+            if not page or len(rows) > max_rows:
+                return rows, False
 
     # -- small read request types ------------------------------------------------------------
     async def _fetch(self, request_type: str, sql: str, *args: Any) -> list[Any]:

@@ -45,6 +45,14 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         default=timedelta(seconds=5), validation_alias="DATABASE_QUERY_TIMEOUT"
     )
     query_max_rows: int = Field(default=10_000, ge=1, validation_alias="DATABASE_QUERY_MAX_ROWS")
+    query_max_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=6 * 1024 * 1024,
+        validation_alias="DATABASE_QUERY_MAX_BYTES",
+        description="Cap on an `execute_query` reply's JSON size; bigger results are "
+        "truncated. At most 6 MB: a reply must fit Redis's 8 MB message limit.",
+    )
     retention: Duration = Field(default=timedelta(days=7), validation_alias="DATABASE_RETENTION")
     archival_interval: Duration = Field(
         default=timedelta(seconds=60),
@@ -253,6 +261,7 @@ def create(settings: Settings) -> ServiceRuntime:
         writer_pool=pools.get_writer,
         query_timeout=settings.query_timeout,
         max_rows=settings.query_max_rows,
+        max_bytes=settings.query_max_bytes,
         metrics=metrics,
         request_archival=archiver.request,
     )
