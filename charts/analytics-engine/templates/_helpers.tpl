@@ -202,7 +202,7 @@ The ACL file of the in-chart Redis, from a dict user -> password. Call with
 plus `healthcheck`, which may only PING (the probes' user).
 */}}
 {{- define "analytics-engine.redis.aclFile" -}}
-user default off
+user default off ~* &* +@all
 user admin on >{{ get .passwords "admin" }} ~* &* +@all
 user healthcheck on >{{ get .passwords "healthcheck" }} {{ include "analytics-engine.redis.healthcheckRules" . }}
 {{- range (include "analytics-engine.redis.aclRules" .context | fromYamlArray) }}

@@ -53,6 +53,11 @@ class DefinitionRegistry:
         self._remote = remote
         self.remote_synced = True
 
+    def seed_remote(self, definitions: Iterable[VersionedKPIDefinition]) -> None:
+        """What a checkpoint ran with stands in for the metadata service's list until it answers:
+        a restart must not look like a redefinition (that would reset every KPI's windows)."""
+        self._remote = {d.code: d for d in definitions}
+
     def upsert_remote(self, item: Mapping[str, Any]) -> bool:
         """One definition from `get_kpi_definition`; False when an older version is offered."""
         definition = parse_definition(item)

@@ -172,10 +172,11 @@ def build(settings: Settings) -> CalculationService:
         # 1. the checkpointed state, under the definitions it was computed with
         extra = await processor.load_checkpoint()
         backfills.restore(extra)
-        # 2. today's definitions (directory, then the metadata service): changes since the
-        #    checkpoint are hot reloads, with backfills
-        apply()
-        await sync.full_sync()
+        registry.seed_remote(processor.engine.definitions.values())
+        # 2. today's definitions (the metadata service, else the checkpoint's and the
+        #    directory's): changes since the checkpoint are hot reloads, with backfills
+        if not await sync.full_sync():
+            apply()
         processor.collect_results()  # undrained results of the snapshot
 
     def kpi_list() -> list[dict[str, Any]]:

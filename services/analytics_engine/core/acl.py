@@ -31,6 +31,7 @@ class ServiceAccess:
     serves: tuple[str, ...] = ()  # request channels it answers
     requests: tuple[str, ...] = ()  # request channels it calls
     state_keys: tuple[str, ...] = ()  # private key patterns, e.g. its checkpoint
+    watches: tuple[str, ...] = ()  # streams it produces and reads the length of (backpressure)
     reads_all_streams: bool = False  # observability: lengths of every stream and dead-letter stream
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -48,6 +49,7 @@ SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
     "database_service": ServiceAccess(
         consumes=(*ENTITY, ch.KPI_CALCULATED, ch.ARCHIVAL_CONFIRMED, *STREAM_CONTROL),
         publishes=(ch.ARCHIVE_KPI_RESULTS, ch.ARCHIVAL_EVENTS, REPLAY),
+        watches=(REPLAY,),
         serves=(ch.DATABASE_QUERY, ch.DATABASE_COMMAND),
         state_keys=(f"{ch.KEY_PREFIX}db:*",),
     ),
@@ -113,6 +115,7 @@ CONSUMER_COMMANDS = (
     "+xlen",
     "+xrange",
     "+xrevrange",
+    "+xread",
     "+time",
 )
 # Request claims and private state (keys restricted below, so data-type categories are safe;
@@ -156,6 +159,9 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
     if access.consumes:
         rules += CONSUMER_COMMANDS
         rules += [f"~{k}" for k in _stream_keys(access.consumes)]
+    if access.watches:
+        rules += ["+xlen", "+xinfo|groups", "+xinfo|stream"]
+        rules += [f"%R~{k}" for k in _stream_keys(access.watches)]
     if access.reads_all_streams:
         rules += ["+scan", "+xlen", "+xinfo|stream", "+xinfo|groups"]
         rules += [f"%R~{ch.stream_key('*')}", f"%R~{ch.dead_letter_key('*')}"]
@@ -173,7 +179,10 @@ def acl_file(passwords: Mapping[str, str], *, admin_password: str) -> str:
     """An ACL file: the default user off, an `admin` user for operators and tests, one user per
     service with the password given for it."""
     lines = [
-        "user default off",
+        # `default` stays off (no one can log in as it), but keeps its permissions: Redis 7.0
+        # replays the append-only file as `default` and silently drops every MULTI/EXEC it may
+        # not run (redis/redis#14541), which would lose data on every restart.
+        "user default off ~* &* +@all",
         f"user admin on >{admin_password} ~* &* +@all",
     ]
     for service, access in SERVICE_ACCESS.items():

@@ -336,13 +336,14 @@ class DurableConsumer:
             await self._dispatch(entries, redelivered=False)
 
     async def _claim_abandoned(self) -> None:
-        """Take over entries a dead peer left pending. Our own pending entries are not taken
-        (a consumer that acknowledges late, at a checkpoint, still holds them on purpose)."""
+        """Take over entries pending longer than `claim_idle_ms`: a dead peer's, and our own
+        orphans (an XREADGROUP whose reply was lost in a reconnect delivered entries we never
+        saw). Consumers that hold entries on purpose keep them fresh with `keep_alive`."""
         for key in self._keys:
             pending = await self._streams.xpending_range(
                 key, self.group, min="-", max="+", count=self._batch, idle=self._claim_idle_ms
             )
-            ids = [p["message_id"] for p in pending if _text(p["consumer"]) != self.consumer]
+            ids = [p["message_id"] for p in pending]
             if not ids:
                 continue
             claimed = await self._streams.xclaim(
@@ -541,10 +542,6 @@ class DurableConsumer:
         if self._metrics is not None:
             for channel, ids in by_channel.items():
                 self._metrics.consumed.labels(channel, self.group).inc(len(ids))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _describe(exc: Exception) -> str:

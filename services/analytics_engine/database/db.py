@@ -20,6 +20,7 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     asyncpg.exceptions.PostgresConnectionError,  # class 08, incl. CannotConnectNowError
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,  # connection closed / pool closing under us
+    asyncpg.exceptions.InternalClientError,  # a connection broken mid-protocol by an outage
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
     asyncpg.exceptions.OperatorInterventionError,  # class 57: admin shutdown, crash recovery
     asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure

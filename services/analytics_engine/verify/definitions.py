@@ -37,7 +37,7 @@ async def from_metadata(redis_url: str, *, timeout: float = 3.0) -> Catalog | No
     """Definitions from the metadata service; None when nobody answers."""
     redis = connect(redis_url, max_connections=4)
     client = RequestReplyClient(
-        redis, service="verify", instance=default_instance_id(), default_timeout=timeout
+        redis, service="cli", instance=default_instance_id(), default_timeout=timeout
     )
     async def ask() -> tuple[dict[str, Any], dict[str, Any]]:
         reply = await client.request(METADATA_LOOKUP, "list_kpi_definitions", {})

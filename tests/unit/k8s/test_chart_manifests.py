@@ -536,7 +536,7 @@ def test_rendered_acl_file_is_the_cores_with_one_password_per_user(
     ]
     data = _decode(secret)
     acl = data.pop("users.acl")
-    assert acl.splitlines()[0] == "user default off"
+    assert acl.splitlines()[0] == "user default off ~* &* +@all"
     admin = data.pop("redis-password")
     passwords = {k.removeprefix(REDIS_KEY_PREFIX): v for k, v in data.items()}
     assert set(passwords) == {"healthcheck", *SERVICE_ACCESS}
@@ -582,7 +582,7 @@ def test_existing_secret_acl_file_is_assembled_in_the_pod(tmp_path: Path) -> Non
     written = (tmp_path / "acl" / "users.acl").read_text().splitlines()
     admin = passwords.pop("admin")
     assert written == _core_acl_lines(passwords, admin)
-    assert written[0] == "user default off"
+    assert written[0] == "user default off ~* &* +@all"
     # A missing password fails the pod instead of writing a user without one.
     (tmp_path / "pw" / "cli").write_text("")
     assert subprocess.run([sh, "-c", script], capture_output=True, check=False).returncode != 0
