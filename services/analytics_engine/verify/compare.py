@@ -192,6 +192,8 @@ def compare_kpi(
 def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list[Mismatch]:
     """Every stored result archived exactly once with its value; no row archived twice.
 
+    A window recomputed under a new definition version is archived again (the lake keeps the
+    history, the database the latest): rows count as copies only within one version.
     `stored` should hold only results old enough to have been archived already."""
     mismatches: list[Mismatch] = []
     lake_by_key: dict[tuple[str, datetime, datetime, str], list[ResultRow]] = defaultdict(list)
@@ -199,7 +201,12 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
         lake_by_key[row.key].append(row)
     for row in stored:
         archived = lake_by_key.get(row.key, [])
-        same = [r for r in archived if same_value(r.value, row.value)]
+        same = [
+            r
+            for r in archived
+            if same_value(r.value, row.value)
+            and (row.definition_version is None or r.definition_version == row.definition_version)
+        ]
         k = row.key
         if len(same) == 1:
             continue

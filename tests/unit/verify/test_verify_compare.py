@@ -102,3 +102,10 @@ def test_recompute_query_shape() -> None:
     assert "$5::text" in query.sql
     assert f"p_us < ws_us + {125_000_000}" in query.sql
     assert query.group_by == ("region",) and query.size_us == 120_000_000
+
+
+def test_a_window_recomputed_under_a_new_version_is_not_a_lake_duplicate() -> None:
+    old, new = row(0, 5.0, version=1), row(0, 5.0, version=2)
+    assert compare_lake([new], [old, new]) == []
+    problems = {m.problem for m in compare_lake([new], [old, new, new])}
+    assert problems == {"duplicate_in_lake"}
