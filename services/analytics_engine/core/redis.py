@@ -9,12 +9,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
-def connect(url: str, *, max_connections: int = 64) -> Redis:
+def connect(url: str, *, max_connections: int = 64, retries: int = 3) -> Redis:
     """A client for `url`; no I/O happens until the first command.
 
     The pool blocks when all connections are busy. Commands retry briefly on connection errors,
     so a Redis restart costs a pause, not a crash; longer outages surface as exceptions the
     callers back off from.
+
+    `retries=0` for stream consumers: XREADGROUP is not idempotent, and a read re-sent after a
+    lost reply hands entries to the group that the consumer never sees. Without the retry the
+    error reaches the consumer, which re-reads its own pending entries in order.
     """
     pool = BlockingConnectionPool.from_url(
         url,
@@ -23,7 +27,7 @@ def connect(url: str, *, max_connections: int = 64) -> Redis:
         timeout=20,  # a burst waits for a free connection instead of failing
         socket_keepalive=True,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return Redis(connection_pool=pool)

@@ -62,6 +62,7 @@ class ServiceRuntime:
         self.port = port
         self.metrics = CoreMetrics()
         self.redis = connect(str(settings.redis_url))
+        self._stream_redis = connect(str(settings.redis_url), retries=0)
         self.publisher = EventPublisher(
             self.redis,
             source=service,
@@ -101,7 +102,7 @@ class ServiceRuntime:
         """Read durable channels with this service's consumer group (replicas share work)."""
         s = self.settings
         consumer_ = DurableConsumer(
-            self.redis,
+            self._stream_redis,
             channels=channels,
             group=group or self.service,
             consumer=consumer or self.instance,
@@ -246,6 +247,7 @@ class ServiceRuntime:
                 await self._client.close()
             await runner.cleanup()
             await self.redis.aclose()
+            await self._stream_redis.aclose()
             log.info("service stopped")
 
     async def _supervise(self, name: str, fn: Hook) -> None:
