@@ -201,7 +201,11 @@ class PurgeKPIResults(_Payload):
 
 
 class RequestArchival(_Payload):
-    older_than: datetime | None = None
+    older_than: str | None = Field(
+        default=None,
+        max_length=20,
+        description="A duration such as `7d` or `0s` (default: the configured retention).",
+    )
 
 
 class GetKPIDefinition(_Payload):

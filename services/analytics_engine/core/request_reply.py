@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ValidationError
+
 from analytics_engine.core.bus import (
     REDIS_ERRORS,
     DeadLetters,
@@ -38,6 +40,7 @@ from analytics_engine.core.envelopes import (
     parse_request,
     parse_response,
     utcnow,
+    validation_summary,
 )
 from analytics_engine.core.errors import (
     HandlerError,
@@ -195,9 +198,11 @@ class RequestReplyServer:
         dead_letters: DeadLetters,
         concurrency: int = 64,
         metrics: CoreMetrics | None = None,
+        payload_models: Mapping[str, type[BaseModel]] | None = None,
     ) -> None:
         self._redis = redis
         self.channel = channel
+        self._payload_models = dict(payload_models or {})
         self._source = source
         self._instance = instance.encode()
         self._handlers = dict(handlers)
@@ -271,6 +276,15 @@ class RequestReplyServer:
                 f"expected one of: {known}",
                 "unknown_request_type",
             )
+        model = self._payload_models.get(request.request_type)
+        if model is not None:
+            try:  # the protocol's payload rules (core/payloads.py), before any handler runs
+                model.model_validate(request.payload)
+            except ValidationError as exc:
+                self._count(request, "rejected")
+                return self._error(
+                    request, f"invalid payload: {validation_summary(exc)}", "invalid_request"
+                )
         started = time.perf_counter()
         try:
             payload = await handler(request)

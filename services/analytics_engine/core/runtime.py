@@ -29,6 +29,7 @@ from analytics_engine.core.bus import (
 from analytics_engine.core.channels import SERVICE_HEARTBEAT
 from analytics_engine.core.envelopes import utcnow
 from analytics_engine.core.metrics import CoreMetrics
+from analytics_engine.core.payloads import REQUEST_PAYLOADS
 from analytics_engine.core.redis import connect
 from analytics_engine.core.request_reply import (
     RequestHandler,
@@ -133,6 +134,7 @@ class ServiceRuntime:
             dead_letters=self.dead_letters,
             concurrency=concurrency or self.settings.request_concurrency,
             metrics=self.metrics,
+            payload_models={t: m for (c, t), m in REQUEST_PAYLOADS.items() if c == channel},
         )
         self._servers.append(server)
         return server
