@@ -216,6 +216,10 @@ class GetEntityDefinition(_Payload):
     entity_type: str
 
 
+class ListKPIDefinitions(_Payload):
+    entity_type: str | None = Field(default=None, description="Only KPIs over this type.")
+
+
 class Empty(_Payload):
     pass
 
@@ -228,7 +232,7 @@ REQUEST_PAYLOADS: dict[tuple[str, str], type[BaseModel]] = {
     (channels.DATABASE_COMMAND, "purge_kpi_results"): PurgeKPIResults,
     (channels.DATABASE_COMMAND, "request_archival"): RequestArchival,
     (channels.METADATA_LOOKUP, "get_kpi_definition"): GetKPIDefinition,
-    (channels.METADATA_LOOKUP, "list_kpi_definitions"): Empty,
+    (channels.METADATA_LOOKUP, "list_kpi_definitions"): ListKPIDefinitions,
     (channels.METADATA_LOOKUP, "get_entity_definition"): GetEntityDefinition,
     (channels.METADATA_LOOKUP, "list_entity_definitions"): Empty,
 }

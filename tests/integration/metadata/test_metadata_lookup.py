@@ -54,7 +54,7 @@ async def test_kpi_definitions(metadata: MetadataHarness, client: RequestReplyCl
     assert missing.value.code == "not_found"
     with pytest.raises(RemoteError) as bad:
         await client.request(METADATA_LOOKUP, "get_kpi_definition", {"code": 42})
-    assert bad.value.code == "bad_request"
+    assert bad.value.code == "invalid_request"  # checked against the protocol model first
 
 
 async def test_entity_definitions(metadata: MetadataHarness, client: RequestReplyClient) -> None:
@@ -71,4 +71,4 @@ async def test_entity_definitions(metadata: MetadataHarness, client: RequestRepl
     assert missing.value.code == "not_found"
     with pytest.raises(RemoteError) as missing_arg:
         await client.request(METADATA_LOOKUP, "get_entity_definition", {})
-    assert missing_arg.value.code == "bad_request"
+    assert missing_arg.value.code == "invalid_request"
