@@ -1,6 +1,7 @@
 """Benchmark of the core bus against raw Redis baselines measured in the same run.
 
-Run: `.venv/bin/python bench/bus_bench.py` (starts its own Redis on a free port).
+Run: `.venv/bin/python bench/bus_bench.py [--loop service|asyncio]` (starts its own Redis on a
+free port; bus and baselines run on the services' event loop, uvloop, unless `--loop asyncio`).
 Prints, for each measure, the bus figure, the raw baseline and their ratio:
 - durable event throughput (publish -> consume -> ack) vs raw XADD/XREADGROUP/XACK;
 - request/reply latency p50/p99 one at a time vs raw PUBLISH/SUBSCRIBE request/reply;
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from analytics_engine.core import channels
+from analytics_engine.core import channels, eventloop
 from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.redis import connect
@@ -274,14 +275,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--loop",
+        choices=("service", "asyncio"),
+        default="service",
+        help="the services' event loop (uvloop), or asyncio's default loop",
+    )
     args = parser.parse_args()
+    run = eventloop.run if args.loop == "service" else asyncio.run
     if args.redis_url:
-        results = asyncio.run(
+        results = run(
             bench(args.redis_url, events=args.events, requests=args.requests, rounds=args.rounds)
         )
     else:
         with tempfile.TemporaryDirectory() as tmp, RedisServer(tmp, appendonly=False) as server:
-            results = asyncio.run(
+            results = run(
                 bench(server.url, events=args.events, requests=args.requests, rounds=args.rounds)
             )
     report(results)

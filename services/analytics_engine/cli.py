@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ def load_service(name: str) -> tuple[type[BaseSettings], Callable[[Any], Service
 
 
 def run_service(name: str) -> int:
+    from analytics_engine.core import eventloop
     from analytics_engine.core.logs import configure_logging
     from analytics_engine.core.settings import load_settings
 
@@ -56,10 +56,10 @@ def run_service(name: str) -> int:
     )
     if hasattr(module, "main"):
         # Services that are not built on ServiceRuntime (the kopf operator) bring their own main.
-        asyncio.run(module.main(settings))
+        eventloop.run(module.main(settings))
         return 0
     runtime = module.create(settings)
-    asyncio.run(runtime.run(handle_signals=True))
+    eventloop.run(runtime.run(handle_signals=True))
     return 0
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 
 
 def connect(url: str, *, max_connections: int = 64, retries: int = 3) -> Redis:
@@ -31,3 +36,35 @@ def connect(url: str, *, max_connections: int = 64, retries: int = 3) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return Redis(connection_pool=pool)
+
+
+class CommandLine:
+    """A connection of its own for one caller that sends its commands in pipelined batches.
+
+    redis-py's per-command path (pool checkout, locks, and on Python 3.11 a task per write for
+    the socket timeout) costs more than the round trip itself on loopback (measured here: ~105 us
+    vs ~65 us for a SET). Request/reply's requests, claims and replies go through one of these
+    each, fed by a `Coalescer`, which also guarantees one batch at a time on the connection.
+    A whole batch gets one deadline (`timeout`) instead.
+    """
+
+    def __init__(self, redis: Redis, *, timeout: float = 5.0) -> None:
+        self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        self._connection.socket_timeout = None  # the batch deadline below replaces it
+        self._timeout = timeout
+
+    async def execute(self, commands: Sequence[Sequence[EncodableT]]) -> list[Any]:
+        """Send `commands` in one write, return their replies in order; an error reply raises
+        (`ResponseError`) like redis-py does, a batch over its deadline `TimeoutError`."""
+        conn = self._connection
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                return [await conn.read_response() for _ in commands]
+        except BaseException:
+            # replies left unread must not be taken for the next batch's
+            await conn.disconnect(nowait=True)
+            raise
+
+    async def close(self) -> None:
+        await self._connection.disconnect()

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from analytics_engine.core.bus import (
     parse_json_object,
 )
 from analytics_engine.core.channels import request_claim_key
+from analytics_engine.core.coalesce import Coalescer
 from analytics_engine.core.envelopes import (
     MalformedMessage,
     Request,
@@ -50,6 +51,7 @@ from analytics_engine.core.errors import (
     TransientError,
 )
 from analytics_engine.core.logs import correlation_id_var
+from analytics_engine.core.redis import CommandLine
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -62,6 +64,10 @@ RequestHandler = Callable[[Request], Awaitable[Mapping[str, Any]]]
 
 REPLY_PREFIX = "reply."
 CLAIM_TTL_MS = 120_000
+
+# A responder claims and answers in batches (`Coalescer`): every claim made while the previous
+# batch was in flight goes out in the next one, pipelined on a connection of its own
+# (`CommandLine`), and so do the replies. A lone request pays one plain round trip per step.
 
 
 class RequestReplyClient:
@@ -83,6 +89,8 @@ class RequestReplyClient:
         self._metrics = metrics
         self._pending: dict[str, asyncio.Future[Response]] = {}
         self._subscription = LiveSubscription(redis, self._on_reply, channels=[self.reply_to])
+        self._line = CommandLine(redis)
+        self._publishes: Coalescer[tuple[str, bytes], int] = Coalescer(self._publish_many)
         self._started = False
 
     async def start(self) -> None:
@@ -96,7 +104,14 @@ class RequestReplyClient:
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
+        await self._publishes.close()
+        await self._line.close()
         self._started = False
+
+    async def _publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
+        """PUBLISH each (channel, message); the number of subscribers each reached."""
+        replies = await self._line.execute([("PUBLISH", ch, body) for ch, body in messages])
+        return [int(n) for n in replies]
 
     def _on_reply(self, raw: bytes) -> None:
         try:
@@ -123,12 +138,13 @@ class RequestReplyClient:
         `RemoteError` (error reply, with its `code`).
         """
         timeout = self._default_timeout if timeout is None else timeout
-        try:
-            await asyncio.wait_for(self.start(), timeout)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the bus is unreachable: cannot listen on {self.reply_to}"
-            ) from None
+        if not self._subscription.subscribed.is_set():
+            try:
+                await asyncio.wait_for(self.start(), timeout)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the bus is unreachable: cannot listen on {self.reply_to}"
+                ) from None
         cid = correlation_id or correlation_id_var.get() or new_id()
         if cid in self._pending:
             cid = new_id()
@@ -145,17 +161,20 @@ class RequestReplyClient:
                 "deadline": now + timedelta(seconds=timeout),
             },
         )
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Response] = loop.create_future()
+        # a timer on the future itself: cheaper than `wait_for`, which adds a future and a hop
+        timer = loop.call_later(timeout, _expire, future)
         self._pending[cid] = future
         started = time.perf_counter()
         outcome = "error"
         try:
-            receivers = await self._redis.publish(channel, dumps(request))
+            receivers = await self._publishes.submit((channel, dumps(request)))
             if receivers == 0:
                 outcome = "no_responder"
                 raise NoResponder(f"no service is listening on {channel}")
             try:
-                response = await asyncio.wait_for(future, timeout)
+                response = await future
             except TimeoutError:
                 outcome = "timeout"
                 await self._abandon(cid)
@@ -173,6 +192,7 @@ class RequestReplyClient:
                 await asyncio.shield(self._abandon(cid))
             raise
         finally:
+            timer.cancel()
             self._pending.pop(cid, None)
             if self._metrics is not None:
                 self._metrics.request_seconds.labels(channel, request_type, outcome).observe(
@@ -211,6 +231,10 @@ class RequestReplyServer:
         self._metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscription = LiveSubscription(redis, self._on_message, channels=[channel])
+        self._claim_line = CommandLine(redis)
+        self._reply_line = CommandLine(redis)
+        self._claims: Coalescer[str, bool] = Coalescer(self._claim_many)
+        self._replies: Coalescer[tuple[str, bytes], None] = Coalescer(self._reply_many)
 
     @property
     def subscribed(self) -> asyncio.Event:
@@ -224,6 +248,10 @@ class RequestReplyServer:
         await self._subscription.stop()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
+        await self._claims.close()
+        await self._replies.close()
+        await self._claim_line.close()
+        await self._reply_line.close()
 
     def _on_message(self, raw: bytes) -> None:
         task = asyncio.create_task(self._serve(raw))
@@ -251,19 +279,24 @@ class RequestReplyServer:
                     return  # another replica has it, or its caller already gave up
                 response = await self._execute(request)
             with contextlib.suppress(*REDIS_ERRORS):
-                await self._redis.publish(request.reply_to, dumps(response))
+                await self._replies.submit((request.reply_to, dumps(response)))
         finally:
             correlation_id_var.reset(token)
 
     async def _claim(self, correlation_id: str) -> bool:
         try:
-            claimed = await self._redis.set(
-                request_claim_key(correlation_id), self._instance, nx=True, px=CLAIM_TTL_MS
-            )
+            return await self._claims.submit(request_claim_key(correlation_id))
         except REDIS_ERRORS:
             log.warning("cannot claim request, redis unavailable")
             return False
-        return bool(claimed)
+
+    async def _claim_many(self, keys: Sequence[str]) -> list[bool]:
+        claims = [("SET", key, self._instance, "NX", "PX", CLAIM_TTL_MS) for key in keys]
+        return [bool(reply) for reply in await self._claim_line.execute(claims)]
+
+    async def _reply_many(self, replies: Sequence[tuple[str, bytes]]) -> list[None]:
+        await self._reply_line.execute([("PUBLISH", to, body) for to, body in replies])
+        return [None] * len(replies)
 
     async def _execute(self, request: Request) -> Response:
         handler = self._handlers.get(request.request_type)
@@ -357,6 +390,11 @@ class RequestReplyServer:
             log.warning("could not record a malformed request, redis unavailable")
         if self._metrics is not None:
             self._metrics.requests_handled.labels(self.channel, "unknown", "malformed").inc()
+
+
+def _expire(future: asyncio.Future[Response]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def hash_bytes(raw: bytes) -> str:

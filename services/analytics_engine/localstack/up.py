@@ -318,10 +318,21 @@ def start_infra(data_dir: Path) -> InfraStack:
 
 
 def prepare_database(infra: LocalInfra) -> dict[str, str]:
-    """Roles for least privilege: the read-only role `execute_query` runs as."""
-    from analytics_engine.database.roles import ensure_reader_role
+    """Roles for least privilege: services write as the database's owner `analytics_app` (no
+    superuser), `execute_query` runs as the read-only `analytics_reader`."""
+    from analytics_engine.database.roles import (
+        WRITER_ROLE,
+        ensure_reader_role,
+        ensure_writer_role,
+    )
 
-    return {"DATABASE_READONLY_URL": asyncio.run(ensure_reader_role(infra.postgres.dsn))}
+    async def roles() -> dict[str, str]:
+        admin = infra.postgres.dsn
+        writer = await ensure_writer_role(admin)
+        reader = await ensure_reader_role(admin, owner=WRITER_ROLE)
+        return {"DATABASE_URL": writer, "DATABASE_READONLY_URL": reader}
+
+    return asyncio.run(roles())
 
 
 if __name__ == "__main__":

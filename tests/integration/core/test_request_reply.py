@@ -31,7 +31,7 @@ class Responders:
         self.executed: list[tuple[str, str]] = []
         self.servers: list[RequestReplyServer] = []
 
-    async def start(self, replicas: int = 1, *, delay: float = 0.0) -> None:
+    async def start(self, replicas: int = 1, *, delay: float = 0.0, concurrency: int = 64) -> None:
         for n in range(replicas):
             instance = f"replica-{n}"
 
@@ -53,7 +53,7 @@ class Responders:
                 instance=instance,
                 handlers={"echo": echo, "fail": fail, "crash": crash},
                 dead_letters=DeadLetters(self.redis, service="database_service"),
-                concurrency=64,
+                concurrency=concurrency,
             )
             await server.start()
             self.servers.append(server)
@@ -156,7 +156,8 @@ async def test_200_concurrent_requests_reach_the_right_callers(
 async def test_three_replicas_execute_each_request_exactly_once(
     responders: Responders, client: RequestReplyClient
 ) -> None:
-    await responders.start(replicas=3, delay=0.002)
+    # 10 slots each: no replica can take all 150 (a replica claims only with a free slot)
+    await responders.start(replicas=3, delay=0.002, concurrency=10)
     await asyncio.gather(*(client.request(CHANNEL, "echo", {"value": i}) for i in range(150)))
     await asyncio.sleep(0.2)
     per_request = Counter(cid for cid, _ in responders.executed)
