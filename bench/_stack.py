@@ -22,26 +22,13 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio import Redis
 
-from analytics_engine.cli import SERVICES
 from analytics_engine.core import channels
-from analytics_engine.core.acl import SERVICE_ACCESS, acl_file
 from analytics_engine.core.redis import connect
 from analytics_engine.localstack import LocalInfra, free_ports
 from analytics_engine.localstack.supervisor import service_argv
-from analytics_engine.localstack.up import (
-    LOCAL_SERVICES,
-    prepare_database,
-    redis_url_for,
-    service_env,
-)
+from analytics_engine.localstack.up import LOCAL_SERVICES, service_env, start_infra
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
 
 
 @dataclass
@@ -62,23 +49,18 @@ class Stack:
     connections: dict[str, str] = field(default_factory=dict)
 
     def start_infra(self) -> float:
-        """Redis (with the ACL file `up` writes), PostgreSQL (+ reader role), S3; returns s."""
+        """Redis, PostgreSQL (+ writer and reader roles), S3 exactly as `up` starts them
+        (`localstack.up.start_infra`); returns the seconds it took."""
         started = time.monotonic()
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        passwords = {user: secrets.token_urlsafe(24) for user in SERVICE_ACCESS}
-        admin_password = secrets.token_urlsafe(24)
-        acl_path = self.base_dir / "redis-users.acl"
-        write_private(acl_path, acl_file(passwords, admin_password=admin_password))
-        self.infra = LocalInfra(self.base_dir, redis_acl_file=acl_path)
-        self.infra.start()
-        self.connections = self.infra.env()
-        self.connections.update(prepare_database(self.infra))
-        port = self.infra.redis.port
-        self.admin_url = f"redis://admin:{admin_password}@127.0.0.1:{port}/0"
+        stack = start_infra(self.base_dir)
+        self.infra = stack.infra
+        self.connections = stack.connections
+        self.admin_url = stack.admin_redis_url
         self.ports = dict(zip(self.services, free_ports(len(self.services)), strict=True))
         self.envs = service_env(self.connections, self.ports, kpi_dir=self.kpi_dir, rate=self.rate)
         for name, env in self.envs.items():
-            env["REDIS_URL"] = redis_url_for(port, SERVICES[name].source, passwords)
+            env["REDIS_URL"] = stack.redis_urls[name]
             env.update(self.extra_env)
         if "gateway" in self.envs:
             self.envs["gateway"]["GATEWAY_API_KEYS"] = f"{secrets.token_urlsafe(24)}:admin"
