@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from analytics_engine.core.envelopes import (
     Event,
@@ -117,3 +119,30 @@ def test_a_response_needs_exactly_one_of_payload_or_error() -> None:
     for body in ({"correlation_id": "c"}, {"correlation_id": "c", "payload": {}, "error": "e"}):
         with pytest.raises(MalformedMessage):
             parse_response(orjson.dumps(body))
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.text(max_size=5),
+    st.sampled_from(["e-1", "2024-01-01T00:00:00Z", "2024-01-01T00:00:00+02:00", "2024-01-01"]),
+    st.dictionaries(st.text(max_size=3), st.booleans(), max_size=2),
+)
+
+
+@given(
+    st.dictionaries(st.sampled_from([*GOOD, "trace"]), _VALUES, min_size=3, max_size=6).map(
+        lambda d: {**GOOD, **d}
+    )
+)
+def test_whatever_parse_event_accepts_pydantic_accepts_with_the_same_result(
+    data: dict[str, object],
+) -> None:
+    raw = orjson.dumps(data)
+    try:
+        fast = parse_event(raw)
+    except MalformedMessage:
+        return
+    slow = Event.model_validate_json(raw)
+    assert fast.model_dump() == slow.model_dump()
+    assert fast.model_extra == slow.model_extra
