@@ -53,7 +53,7 @@ from analytics_engine.calculation.ordering import (
     parse_stream_id,
 )
 from analytics_engine.core import channels
-from analytics_engine.core.bus import REDIS_ERRORS, Delivery, DurableConsumer, EntryRef
+from analytics_engine.core.bus import REDIS_ERRORS, Delivery, DurableConsumer
 from analytics_engine.core.envelopes import Event, utcnow
 from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition
 
@@ -114,7 +114,7 @@ class StreamProcessor:
             auto_ack=False,
             batch_size=batch_size,
         )
-        self._unacked: list[EntryRef] = []  # processed, acknowledged by the next checkpoint
+        self._unacked: list[Delivery] = []
         self._unpublished: list[tuple[KPIResult, list[Event], str]] = []
         self._dirty = False
         self._late_seen: dict[str, int] = {}
@@ -170,7 +170,7 @@ class StreamProcessor:
                     )
                 continue
             engine.process(view)
-        self._unacked.extend(EntryRef(d.id, d.channel) for _, d in released)
+        self._unacked.extend(d for _, d in released)
         processed = len(released) - invalid
         self.events_processed += processed
         self.invalid_events += invalid
