@@ -65,9 +65,7 @@ class Ledger:
         self._redis = redis
         self._ttl = ttl_s
 
-    async def archived(
-        self, candidates: Mapping[tuple[str, str], Sequence[bytes]]
-    ) -> set[bytes]:
+    async def archived(self, candidates: Mapping[tuple[str, str], Sequence[bytes]]) -> set[bytes]:
         """Which of the fingerprints (grouped by partition) are already in the lake."""
         groups = [(part, list(fps)) for part, fps in candidates.items() if fps]
         if not groups:
@@ -84,8 +82,9 @@ class Ledger:
             found.update(fp for fp, value in zip(fps, values, strict=True) if value is not None)
         return found
 
-    def record(self, pipe: Pipeline, partition: tuple[str, str], fingerprints: Iterable[bytes]
-               ) -> None:
+    def record(
+        self, pipe: Pipeline, partition: tuple[str, str], fingerprints: Iterable[bytes]
+    ) -> None:
         """Queue: these fingerprints are now in the lake."""
         mapping = dict.fromkeys(fingerprints, b"1")
         if not mapping:
@@ -128,9 +127,7 @@ class Ledger:
         except REDIS_ERRORS as exc:
             raise TransientError(f"redis unavailable: {exc}") from exc
 
-    async def touch(
-        self, *, stream: str, group: str, consumer: str, ids: Sequence[bytes]
-    ) -> None:
+    async def touch(self, *, stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> None:
         """Reset the idle time of entries held in the buffer (XCLAIM JUSTID does not count a
         delivery), so the bus neither re-delivers them to us nor hands them to a peer while we
         still hold them."""

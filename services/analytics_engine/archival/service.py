@@ -54,7 +54,10 @@ class Settings(BaseServiceSettings, S3Settings):
         description="KPI results read from the stream per handler call.",
     )
     events_read_batch: int = Field(
-        default=8, ge=1, le=1000, validation_alias="ARCHIVAL_EVENTS_READ_BATCH",
+        default=8,
+        ge=1,
+        le=1000,
+        validation_alias="ARCHIVAL_EVENTS_READ_BATCH",
         description="archival.events messages (each a batch of rows) per handler call.",
     )
     zstd_level: int | None = Field(
