@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import TypeAdapter, ValidationError
 
+from analytics_engine.archival.layout import FINGERPRINT_BYTES
 from analytics_engine.archival.tables import (
     KPI_RESULTS_SCHEMA,
     MAX_KPI_CODE,
@@ -314,7 +315,8 @@ def _fingerprints(
     blake2b = hashlib.blake2b
     return [
         blake2b(
-            f"{c}\x1f{s}\x1f{e}\x1f{d}\x1f{v!r}\x1f{n}\x1f{w}".encode(), digest_size=16
+            f"{c}\x1f{s}\x1f{e}\x1f{d}\x1f{v!r}\x1f{n}\x1f{w}".encode(),
+            digest_size=FINGERPRINT_BYTES,
         ).digest()
         for c, s, e, d, v, n, w in zip(
             codes, starts, ends, dims, values, counts, versions, strict=True
