@@ -186,18 +186,19 @@ def _columnar(payloads: Sequence[Mapping[str, Any]], offset: int) -> KpiChunk:
         partitions.append(partition)
 
     row_keys = dims_keys.take(dims_index.indices)
+    row_codes = code_array.dictionary.take(code_array.indices)
     fingerprints = _fingerprints(
-        codes=codes,
-        starts=start_us.to_pylist(),
-        ends=end_us.to_pylist(),
-        dims=row_keys.to_pylist(),
-        values=values.to_pylist(),
-        counts=counts.to_pylist(),
-        versions=versions.to_pylist(),
+        codes=row_codes,
+        starts=start_us,
+        ends=end_us,
+        dims=row_keys,
+        values=values,
+        counts=counts,
+        versions=versions,
     )
     table = pa.table(
         {
-            "kpi_code": code_array.dictionary.take(code_array.indices),
+            "kpi_code": row_codes,
             "window_start": start_us.cast(TS),
             "window_end": end_us.cast(TS),
             "dims_key": row_keys,
@@ -303,22 +304,28 @@ def _dimensions(texts: list[bytes]) -> tuple[pa.Array, pa.Array]:
 
 def _fingerprints(
     *,
-    codes: list[Any],
-    starts: list[int],
-    ends: list[int],
-    dims: list[str],
-    values: list[float],
-    counts: list[int],
-    versions: list[int],
+    codes: pa.Array,
+    starts: pa.Array,
+    ends: pa.Array,
+    dims: pa.Array,
+    values: pa.Array,
+    counts: pa.Array,
+    versions: pa.Array,
 ) -> list[bytes]:
-    """`layout.result_fingerprint` of every row (the same bytes; inlined: it is per-row work)."""
-    blake2b = hashlib.blake2b
-    return [
-        blake2b(
-            f"{c}\x1f{s}\x1f{e}\x1f{d}\x1f{v!r}\x1f{n}\x1f{w}".encode(),
-            digest_size=FINGERPRINT_BYTES,
-        ).digest()
-        for c, s, e, d, v, n, w in zip(
-            codes, starts, ends, dims, values, counts, versions, strict=True
-        )
-    ]
+    """`layout.result_fingerprint` of every row, the same bytes: Arrow joins the text of the
+    fields (numbers as decimal text, the value spelled by Python's `repr` as there), then one
+    digest per row."""
+    text = pa.string()
+    joined = pc.binary_join_element_wise(
+        codes,
+        starts.cast(text),
+        ends.cast(text),
+        dims,
+        pa.array(list(map(repr, values.to_pylist())), text),
+        counts.cast(text),
+        versions.cast(text),
+        "\x1f",
+    )
+    rows = joined.cast(pa.binary()).to_pylist()
+    blake2b, size = hashlib.blake2b, FINGERPRINT_BYTES
+    return [blake2b(row, digest_size=size).digest() for row in rows]
