@@ -20,7 +20,7 @@ A flush (batch full: `ARCHIVAL_BATCH_ROWS`; or its oldest result waited
 2. drop results whose fingerprint is in the ledger, or repeated within the batch;
 3. write the intent (batch name, object keys), then PUT one Parquet file per partition;
 4. in ONE MULTI/EXEC: add the fingerprints to the ledger, XACK every entry of the batch
-   (dropped duplicates included) and delete the intent (`DurableConsumer.ack(..., also=...)`).
+   (dropped duplicates included) and delete the intent (`DurableConsumer.ack_ids(..., also=...)`).
 
 Resolving an intent: for each object it names, if the object exists, read it back and add its
 fingerprints to the ledger; then delete the intent. Either the PUT landed (its rows are now known,
