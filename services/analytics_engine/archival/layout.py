@@ -26,6 +26,7 @@ from analytics_engine.core.channels import KEY_PREFIX
 
 KPI_RESULTS_PREFIX: Final = "kpi_results"
 ENTITY_EVENTS_PREFIX: Final = "entity_events"
+FINGERPRINT_BYTES: Final = 16
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _SAFE_SEGMENT: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
@@ -104,7 +105,7 @@ def result_fingerprint(
             str(definition_version),
         )
     )
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return hashlib.blake2b(text.encode(), digest_size=FINGERPRINT_BYTES).digest()
 
 
 # -- Redis keys (all under the bus's `ae:` prefix) ---------------------------------------------

@@ -35,7 +35,6 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-
 def make_client(
     *,
     endpoint_url: str,
@@ -62,6 +61,7 @@ def make_client(
             max_pool_connections=concurrency,
         ),
     )
+
 
 class ObjectStore:
     """Puts, gets and checks objects in one bucket, creating the bucket when it is missing."""

@@ -7,8 +7,10 @@ see `kpi_results.py`) and `archival.events` (one object per batch, confirmed on
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
+import pyarrow as pa
 from pydantic import Field, field_validator
 
 from analytics_engine.archival.entity_events import EntityEventArchiver
@@ -18,7 +20,7 @@ from analytics_engine.archival.s3 import ObjectStore
 from analytics_engine.core.channels import ARCHIVAL_EVENTS, ARCHIVE_KPI_RESULTS
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings, S3Settings
-from analytics_engine.kpi.durations import parse_duration
+from analytics_engine.database.durations import parse_duration
 
 SERVICE = "archival_service"
 
@@ -54,8 +56,13 @@ class Settings(BaseServiceSettings, S3Settings):
         description="KPI results read from the stream per handler call.",
     )
     events_read_batch: int = Field(
-        default=8, ge=1, le=1000, validation_alias="ARCHIVAL_EVENTS_READ_BATCH",
-        description="archival.events messages (each a batch of rows) per handler call.",
+        default=2,
+        ge=1,
+        le=1000,
+        validation_alias="ARCHIVAL_EVENTS_READ_BATCH",
+        description="archival.events messages (each a batch of rows) per handler call. Each "
+        "costs ~20 MB of memory while in hand, and more of them in one call did not make "
+        "archiving faster (measured with 5000-row batches).",
     )
     zstd_level: int | None = Field(
         default=None, ge=1, le=22, validation_alias="ARCHIVAL_ZSTD_LEVEL"
@@ -112,7 +119,14 @@ def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> Service
     runtime.add_task("archive-flush", kpis.run_timer)
 
     async def startup() -> None:
+        # Arrow's default allocator (mimalloc) keeps freed pages: ~12 MB more resident memory
+        # under load than the system allocator, for no CPU difference measured here.
+        pa.set_memory_pool(pa.system_memory_pool())
         await kpis.recover()
+        # What exists now (modules, pydantic schemas, boto3's S3 model: ~130k objects) lives as
+        # long as the process: exempt it from the collector's full scans, which archiving's
+        # allocation rate triggers often (measured: ~2 us of CPU per archived result).
+        gc.freeze()
 
     async def shutdown() -> None:
         await kpis.close()

@@ -15,9 +15,11 @@ from typing import Any, Final
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from analytics_engine.archival.event_columns import events_columns
 from analytics_engine.archival.layout import (
     dims_key,
     entity_events_object_key,
@@ -88,7 +90,7 @@ def parse_time(value: Any, field: str) -> datetime:
 
 
 @functools.lru_cache(maxsize=8192)
-def _iso_us(text: str) -> int | None:
+def iso_us(text: str) -> int | None:
     """Epoch microseconds of an ISO 8601 text (None when it does not parse). Cached: within a
     batch most results share their window bounds and emission time."""
     try:
@@ -103,7 +105,7 @@ def _iso_us(text: str) -> int | None:
 def time_us(value: Any, field: str) -> int:
     """Epoch microseconds of an ISO 8601 time (naive means UTC)."""
     if isinstance(value, str):
-        us = _iso_us(value)
+        us = iso_us(value)
         if us is None:
             raise PayloadError(f"{field}: not an ISO 8601 time: {value[:40]!r}")
         return us
@@ -118,7 +120,7 @@ def _int(value: Any, field: str) -> int:
     return int(value)
 
 
-def _dimension_text(value: Any) -> str | None:
+def dimension_text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return orjson.dumps(value).decode()
@@ -129,7 +131,7 @@ def _day_of(day_number: int) -> str:
     return date.fromordinal(_EPOCH_ORDINAL + day_number).isoformat()
 
 
-def _day(us: int) -> str:
+def utc_day(us: int) -> str:
     """UTC date (`YYYY-MM-DD`) of epoch microseconds."""
     return _day_of(us // 86_400_000_000)
 
@@ -178,25 +180,32 @@ def parse_kpi_result(payload: Mapping[str, Any]) -> KpiRow:
         raise PayloadError("dimensions: values must be strings, numbers, booleans or null")
     raw_count = payload["sample_count"]
     sample_count = raw_count if type(raw_count) is int else _int(raw_count, "sample_count")
+    if sample_count >= 2**63:
+        # the column is int64: the writer would fail on every flush (poison message)
+        raise PayloadError("sample_count: out of range")
     raw_version = payload["definition_version"]
     version = raw_version if type(raw_version) is int else _int(raw_version, "definition_version")
     if not -(2**31) <= version < 2**31:
         raise PayloadError("definition_version: out of range")
     computed_us = time_us(payload["computed_at"], "computed_at")
-    key = dims_key(dims)
+    try:
+        key = dims_key(dims)
+        code.encode()
+    except (TypeError, UnicodeError):  # a lone surrogate (only a Python caller can make one)
+        raise PayloadError("kpi_code / dimensions: not valid Unicode text") from None
     return KpiRow(
         kpi_code=code,
         window_start_us=start_us,
         window_end_us=end_us,
         dims_key=key,
-        dimensions=tuple((str(k), _dimension_text(v)) for k, v in sorted(dims.items()))
+        dimensions=tuple((str(k), dimension_text(v)) for k, v in sorted(dims.items()))
         if dims
         else (),
         value=value,
         sample_count=sample_count,
         definition_version=version,
         computed_at_us=computed_us,
-        day=_day(start_us),
+        day=utc_day(start_us),
         fingerprint=result_fingerprint(
             kpi_code=code,
             window_start_us=start_us,
@@ -209,27 +218,45 @@ def parse_kpi_result(payload: Mapping[str, Any]) -> KpiRow:
     )
 
 
-def kpi_table(rows: Sequence[KpiRow]) -> pa.Table:
-    """Rows of one partition as a table, sorted by window then dimensions (compresses well and
-    makes range scans cheap)."""
-    ordered = sorted(rows, key=lambda r: (r.window_start_us, r.dims_key, r.window_end_us))
+def kpi_rows_table(rows: Sequence[KpiRow]) -> pa.Table:
+    """Rows as a table, in their order."""
     return pa.table(
         {
-            "kpi_code": pa.array([r.kpi_code for r in ordered], pa.string()),
-            "window_start": pa.array([r.window_start_us for r in ordered], TS),
-            "window_end": pa.array([r.window_end_us for r in ordered], TS),
-            "dims_key": pa.array([r.dims_key for r in ordered], pa.string()),
+            "kpi_code": pa.array([r.kpi_code for r in rows], pa.string()),
+            "window_start": pa.array([r.window_start_us for r in rows], TS),
+            "window_end": pa.array([r.window_end_us for r in rows], TS),
+            "dims_key": pa.array([r.dims_key for r in rows], pa.string()),
             "dimensions": pa.array(
-                [list(r.dimensions) for r in ordered], pa.map_(pa.string(), pa.string())
+                [list(r.dimensions) for r in rows], pa.map_(pa.string(), pa.string())
             ),
-            "value": pa.array([None if math.isnan(r.value) else r.value for r in ordered],
-                              pa.float64()),
-            "sample_count": pa.array([r.sample_count for r in ordered], pa.int64()),
-            "definition_version": pa.array([r.definition_version for r in ordered], pa.int32()),
-            "computed_at": pa.array([r.computed_at_us for r in ordered], TS),
+            "value": nan_to_null(pa.array([r.value for r in rows], pa.float64())),
+            "sample_count": pa.array([r.sample_count for r in rows], pa.int64()),
+            "definition_version": pa.array([r.definition_version for r in rows], pa.int32()),
+            "computed_at": pa.array([r.computed_at_us for r in rows], TS),
         },
         schema=KPI_RESULTS_SCHEMA,
     )
+
+
+def nan_to_null(values: pa.Array) -> pa.Array:
+    """A NaN value is stored as null."""
+    nan = pc.is_nan(values)
+    if not pc.any(nan).as_py():
+        return values
+    return pc.if_else(nan, pa.scalar(None, pa.float64()), values)
+
+
+def lake_order(table: pa.Table) -> pa.Table:
+    """A partition's rows sorted by window then dimensions (compresses well and makes range
+    scans cheap); stable, so equal keys keep their arrival order."""
+    return table.sort_by(
+        [("window_start", "ascending"), ("dims_key", "ascending"), ("window_end", "ascending")]
+    )
+
+
+def kpi_table(rows: Sequence[KpiRow]) -> pa.Table:
+    """Rows of one partition as a table, in lake order."""
+    return lake_order(kpi_rows_table(rows))
 
 
 def fingerprints_of(table: pa.Table) -> list[bytes]:
@@ -309,7 +336,15 @@ def parse_event_batch(payload: Mapping[str, Any]) -> EventBatch:
     return EventBatch(batch_id, entity_type, day, events_table(rows))
 
 
-def events_table(rows: Iterable[Any]) -> pa.Table:
+def events_table(rows: list[Any]) -> pa.Table:
+    """The rows of an event batch as a table (column by column when they are in the plain
+    shape the database sends, else row by row)."""
+    table = events_columns(rows, ENTITY_EVENTS_SCHEMA)
+    return table if table is not None else events_table_by_row(rows)
+
+
+def events_table_by_row(rows: Iterable[Any]) -> pa.Table:
+    """The reference builder: any accepted shape, and the reason for a row it rejects."""
     cols: dict[str, list[Any]] = {name: [] for name in ENTITY_EVENTS_SCHEMA.names}
     seen: set[str] = set()
     for index, row in enumerate(rows):
@@ -327,7 +362,11 @@ def events_table(rows: Iterable[Any]) -> pa.Table:
         cols["event_kind"].append(_optional_text(row.get("event_kind")))
         cols["entity_type"].append(_optional_text(row.get("entity_type")))
         cols["entity_id"].append(_optional_text(row.get("entity_id")))
-        cols["version"].append(None if version is None else _int(version, "version"))
+        if version is not None:
+            version = _int(version, "version")
+            if not -(2**63) <= version < 2**63:  # int64: the writer would fail on every retry
+                raise PayloadError(f"rows[{index}].version: out of range")
+        cols["version"].append(version)
         for field in ("occurred_at", "published_at"):
             moment = row.get(field)
             cols[field].append(None if moment is None else epoch_us(parse_time(moment, field)))

@@ -530,17 +530,28 @@ class DurableConsumer:
     ) -> None:
         """Acknowledge deliveries; `also` adds commands (a checkpoint, follow-up events) to the
         same MULTI/EXEC so they happen together or not at all."""
-        pipe = self._redis.pipeline(transaction=True)
-        if also is not None:
-            also(pipe)
         by_channel: dict[str, list[bytes]] = {}
         for d in deliveries:
             by_channel.setdefault(d.channel, []).append(d.id)
-        for channel, ids in by_channel.items():
-            pipe.xack(stream_key(channel), self.group, *ids)
+        await self.ack_ids(by_channel, also=also)
+
+    async def ack_ids(
+        self,
+        ids_by_channel: Mapping[str, Sequence[bytes]],
+        *,
+        also: Callable[[Pipeline], None] | None = None,
+    ) -> None:
+        """`ack` by stream entry ids (channel -> ids), for a handler that keeps only the ids of
+        what it holds (not the deliveries, whose events it has consumed already)."""
+        pipe = self._redis.pipeline(transaction=True)
+        if also is not None:
+            also(pipe)
+        for channel, ids in ids_by_channel.items():
+            if ids:
+                pipe.xack(stream_key(channel), self.group, *ids)
         await pipe.execute()
         if self._metrics is not None:
-            for channel, ids in by_channel.items():
+            for channel, ids in ids_by_channel.items():
                 self._metrics.consumed.labels(channel, self.group).inc(len(ids))
 
 

@@ -161,6 +161,31 @@ async def test_unacknowledged_events_of_a_crashed_consumer_are_redelivered(redis
     assert sorted(got) == list(range(20))
 
 
+async def test_held_entries_are_acknowledged_by_id_with_the_handlers_checkpoint(
+    redis: Redis,
+) -> None:
+    """A handler that keeps only entry ids (not deliveries) acknowledges them later, in one
+    transaction with its own commands."""
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    held: dict[str, list[bytes]] = {}
+
+    async def hold(batch: Sequence[Delivery]) -> None:
+        for d in batch:
+            held.setdefault(d.channel, []).append(d.id)
+
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(7))
+    holder = consumer(redis, "archival_service", hold, auto_ack=False)
+    task = asyncio.create_task(holder.run())
+    await wait_for(lambda: sum(map(len, held.values())) == 7)
+    stream = channels.stream_key(channels.ENTITY_CREATED)
+    assert (await redis.xpending(stream, "archival_service"))["pending"] == 7
+    await holder.ack_ids(held, also=lambda pipe: pipe.set("held-checkpoint", "7"))
+    holder.stop()
+    await task
+    assert (await redis.xpending(stream, "archival_service"))["pending"] == 0
+    assert await redis.get("held-checkpoint") == b"7"
+
+
 async def test_a_peer_claims_events_abandoned_by_a_dead_replica(redis: Redis) -> None:
     publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
     held = asyncio.Event()
