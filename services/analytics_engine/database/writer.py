@@ -1,22 +1,31 @@
 """Batched writes of entity events and entity state (one transaction per batch).
 
-Events are COPied (binary) into a per-connection temporary staging table, then moved with
-`INSERT ... SELECT ... ON CONFLICT DO NOTHING`: redelivered events hit the primary key
-`(occurred_at, event_id)` and are skipped. Entity state goes the same way into a version-guarded
-upsert: a row changes only for a newer version, so late events never roll state back.
+Events are COPied (binary) straight into `entity_events`: PostgreSQL's bulk insert path, the
+cheapest way in. A batch holding an event that is already stored (a redelivery, a publisher's
+retry) makes that COPY fail on the primary key `(occurred_at, event_id)`; the batch is then
+written again the deduplicating way: COPY into a per-connection temporary staging table, then
+`INSERT ... SELECT ... ON CONFLICT DO NOTHING`. Batches known to be redeliveries go that way
+directly. Entity state is COPied to a staging table and applied by a version-guarded upsert: a
+row changes only for a newer version, so late events never roll state back.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Final
+
+import asyncpg
 
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.model import EntityEventRow, EntityUpsert, plan_entity_upserts
 from analytics_engine.database.partitions import PartitionManager
 
+log = logging.getLogger(__name__)
+
+EVENTS_TABLE: Final = "entity_events"
 EVENT_STAGE: Final = "ae_stage_events"
 ENTITY_STAGE: Final = "ae_stage_entities"
 
@@ -99,20 +108,8 @@ WHERE {_NEWER} OR EXCLUDED.created_at < cur.created_at
 """
 
 
-def _upsert_record(step: int, u: EntityUpsert) -> tuple[Any, ...]:
-    return (
-        step,
-        u.entity_type,
-        u.entity_id,
-        u.version,
-        u.attributes,
-        u.active,
-        u.first_seen_at,
-        u.updated_at,
-        u.deactivated_at,
-        u.deactivation_reason,
-        u.last_event_id,
-    )
+_STEP_1: Final = (1,)
+_STEP_2: Final = (2,)
 
 
 def _affected(status: str) -> int:
@@ -123,6 +120,19 @@ def _affected(status: str) -> int:
         return 0
 
 
+async def _upsert_entities(conn: Any, first: list[EntityUpsert], second: list[EntityUpsert]) -> int:
+    # both steps staged at once, applied in order: step 1 then step 2
+    await conn.copy_records_to_table(
+        ENTITY_STAGE,
+        records=[*(_STEP_1 + u for u in first), *(_STEP_2 + u for u in second)],
+        columns=_ENTITY_COLUMNS,
+    )
+    changed = _affected(await conn.execute(UPSERT_ENTITIES, 1))
+    if second:
+        changed += _affected(await conn.execute(UPSERT_ENTITIES, 2))
+    return changed
+
+
 class EntityEventWriter:
     """Writes batches through a pool whose connections ran `STAGING_SETUP`."""
 
@@ -131,32 +141,23 @@ class EntityEventWriter:
         self._partitions = partitions
         self._metrics = metrics
 
-    async def write(self, rows: Sequence[EntityEventRow]) -> int:
-        """Store a batch; returns how many events were new (the rest were duplicates)."""
+    async def write(self, rows: Sequence[EntityEventRow], *, redelivered: bool = False) -> int:
+        """Store a batch; returns how many events were new (the rest were duplicates).
+
+        `redelivered`: the batch was delivered before, so some of it may be stored already
+        (skip the bulk attempt that would fail on them).
+        """
         if not rows:
             return 0
         started = time.perf_counter()
-        first, second = plan_entity_upserts(list(rows))
+        first, second = plan_entity_upserts(rows)
         with transient_errors("writing entity events"):
             async with self._pool.acquire() as conn:
                 await self._partitions.ensure(conn, {r.occurred_at.date() for r in rows})
-                async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        EVENT_STAGE, records=[r.as_record() for r in rows], columns=_EVENT_COLUMNS
-                    )
-                    inserted = _affected(await conn.execute(INSERT_EVENTS))
-                    # both steps staged at once, applied in order: step 1 then step 2
-                    await conn.copy_records_to_table(
-                        ENTITY_STAGE,
-                        records=[
-                            *(_upsert_record(1, u) for u in first),
-                            *(_upsert_record(2, u) for u in second),
-                        ],
-                        columns=_ENTITY_COLUMNS,
-                    )
-                    changed = _affected(await conn.execute(UPSERT_ENTITIES, 1))
-                    if second:
-                        changed += _affected(await conn.execute(UPSERT_ENTITIES, 2))
+                written = None if redelivered else await self._write_new(conn, rows, first, second)
+                if written is None:
+                    written = await self._write_deduplicated(conn, rows, first, second)
+        inserted, changed = written
         m = self._metrics
         m.write_seconds.labels("entity_events").observe(time.perf_counter() - started)
         m.batch_size.labels("entity_events").observe(len(rows))
@@ -164,3 +165,33 @@ class EntityEventWriter:
         m.rows_written.labels("entities").inc(changed)
         m.duplicates.labels("entity_events").inc(len(rows) - inserted)
         return inserted
+
+    @staticmethod
+    async def _write_new(
+        conn: Any,
+        rows: Sequence[EntityEventRow],
+        first: list[EntityUpsert],
+        second: list[EntityUpsert],
+    ) -> tuple[int, int] | None:
+        """The bulk path: None (and nothing written) if an event of the batch is stored."""
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(EVENTS_TABLE, records=rows, columns=_EVENT_COLUMNS)
+                changed = await _upsert_entities(conn, first, second)
+        except asyncpg.exceptions.UniqueViolationError:
+            log.info("batch holds stored events, deduplicating", extra={"count": len(rows)})
+            return None
+        return len(rows), changed
+
+    @staticmethod
+    async def _write_deduplicated(
+        conn: Any,
+        rows: Sequence[EntityEventRow],
+        first: list[EntityUpsert],
+        second: list[EntityUpsert],
+    ) -> tuple[int, int]:
+        async with conn.transaction():
+            await conn.copy_records_to_table(EVENT_STAGE, records=rows, columns=_EVENT_COLUMNS)
+            inserted = _affected(await conn.execute(INSERT_EVENTS))
+            changed = await _upsert_entities(conn, first, second)
+        return inserted, changed
