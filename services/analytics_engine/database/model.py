@@ -226,10 +226,7 @@ def parse_kpi_result(event: Event) -> KpiResultRow:
 
 # -- entity state folding -------------------------------------------------------------------
 class EntityUpsert(NamedTuple):
-    """The state one event gives its entity, applied only if newer than what is stored.
-
-    A tuple in the column order of the writer's staging table (its COPY record).
-    """
+    """The state one event gives its entity, applied only if newer than what is stored."""
 
     entity_type: str
     entity_id: str
@@ -280,7 +277,10 @@ def plan_entity_upserts(
     snapshot, a deactivation keeps the attributes it finds. Applying (1) the newest
     attribute-carrying event, then (2) the newest deactivation if it is at least as new, gives
     the same state as applying every event one by one in version order, whatever is already
-    stored. Sorted by key so concurrent writers lock rows in the same order (no deadlocks).
+    stored. Sorted by key.
+
+    The writer runs this rule in SQL (`writer.FOLD_ENTITIES`, so each event crosses to
+    PostgreSQL once); this is its specification, and the integration tests check the two agree.
     """
     # per entity: [newest with attributes, newest deactivation, earliest occurred_at]
     state: dict[tuple[str, str], list[Any]] = {}

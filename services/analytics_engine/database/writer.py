@@ -1,12 +1,19 @@
-"""Batched writes of entity events and entity state (one transaction per batch).
+"""Batched writes of entity events and entity state: one transaction, one COPY per batch.
 
-Events are COPied (binary) straight into `entity_events`: PostgreSQL's bulk insert path, the
-cheapest way in. A batch holding an event that is already stored (a redelivery, a publisher's
-retry) makes that COPY fail on the primary key `(occurred_at, event_id)`; the batch is then
-written again the deduplicating way: COPY into a per-connection temporary staging table, then
-`INSERT ... SELECT ... ON CONFLICT DO NOTHING`. Batches known to be redeliveries go that way
-directly. Entity state is COPied to a staging table and applied by a version-guarded upsert: a
-row changes only for a newer version, so late events never roll state back.
+The batch is COPied (binary) into a per-connection temporary staging table, numbered in
+delivery order. From there, in the same transaction:
+
+- events go into `entity_events` with a plain `INSERT ... SELECT`. A batch holding an event
+  that is already stored (a redelivery, a publisher's retry) fails that statement on the primary
+  key `(occurred_at, event_id)`; it is rolled back to a savepoint and redone with
+  `ON CONFLICT DO NOTHING`, which skips the stored ones. Batches known to be redeliveries take
+  that way at once. (Conflict handling costs on every row, so only batches that need it pay.)
+- entity state is folded per entity in SQL (`FOLD_ENTITIES`, the same rule as the pure
+  `model.plan_entity_upserts`) and applied by a version-guarded upsert: a row changes only for a
+  newer version, so late events never roll state back.
+
+Doing the fold in PostgreSQL rather than in Python sends every event once and keeps the
+service's single Python thread, the drain's bottleneck, free for parsing.
 """
 
 from __future__ import annotations
@@ -20,23 +27,24 @@ import asyncpg
 
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import EntityEventRow, EntityUpsert, plan_entity_upserts
+from analytics_engine.database.model import EntityEventRow
 from analytics_engine.database.partitions import PartitionManager
 
 log = logging.getLogger(__name__)
 
-EVENTS_TABLE: Final = "entity_events"
 EVENT_STAGE: Final = "ae_stage_events"
 ENTITY_STAGE: Final = "ae_stage_entities"
 
-# Run on every writer connection (temporary tables live as long as the connection).
+# Run on every writer connection (temporary tables live as long as the connection). `seq` is
+# the position in the batch: ties between events of one entity go to the earlier one.
 STAGING_SETUP: Final = f"""
 CREATE TEMP TABLE IF NOT EXISTS {EVENT_STAGE} (
     event_id uuid, event_kind text, entity_type text, entity_id text, version bigint,
-    occurred_at timestamptz, published_at timestamptz, attributes text, reason text, source text
+    occurred_at timestamptz, published_at timestamptz, attributes jsonb, reason text, source text,
+    seq integer
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS {ENTITY_STAGE} (
-    step smallint, entity_type text, entity_id text, version bigint, attributes text,
+    step smallint, entity_type text, entity_id text, version bigint, attributes jsonb,
     active boolean, created_at timestamptz, updated_at timestamptz, deactivated_at timestamptz,
     reason text, last_event_id uuid
 ) ON COMMIT DELETE ROWS;
@@ -54,27 +62,39 @@ _EVENT_COLUMNS: Final = (
     "reason",
     "source",
 )
-_ENTITY_COLUMNS: Final = (
-    "step",
-    "entity_type",
-    "entity_id",
-    "version",
-    "attributes",
-    "active",
-    "created_at",
-    "updated_at",
-    "deactivated_at",
-    "reason",
-    "last_event_id",
-)
+_STAGE_COLUMNS: Final = (*_EVENT_COLUMNS, "seq")
+_COLUMN_LIST: Final = ", ".join(_EVENT_COLUMNS)
 
-INSERT_EVENTS: Final = f"""
-INSERT INTO entity_events (event_id, event_kind, entity_type, entity_id, version, occurred_at,
-                           published_at, attributes, reason, source)
-SELECT event_id, event_kind, entity_type, entity_id, version, occurred_at, published_at,
-       attributes::jsonb, reason, source
-FROM {EVENT_STAGE}
-ON CONFLICT DO NOTHING
+INSERT_NEW_EVENTS: Final = f"""
+INSERT INTO entity_events ({_COLUMN_LIST})
+SELECT {_COLUMN_LIST} FROM {EVENT_STAGE}
+"""
+INSERT_EVENTS: Final = f"{INSERT_NEW_EVENTS}ON CONFLICT DO NOTHING\n"
+
+# Per entity: the newest attribute-carrying event (step 1) and the newest deactivation, as a
+# second step when it is at least as new (or as step 1 for an entity with only deactivations);
+# `created_at` is the earliest `occurred_at` of the entity in the batch. One sort serves both
+# windows. `model.plan_entity_upserts` is the same rule in Python; a test checks they agree.
+FOLD_ENTITIES: Final = f"""
+INSERT INTO {ENTITY_STAGE} (step, entity_type, entity_id, version, attributes, active,
+                            created_at, updated_at, deactivated_at, reason, last_event_id)
+SELECT CASE WHEN deactivation AND attributes_version IS NOT NULL THEN 2 ELSE 1 END,
+       entity_type, entity_id, version, attributes, NOT deactivation, first_seen, occurred_at,
+       CASE WHEN deactivation THEN occurred_at END, CASE WHEN deactivation THEN reason END,
+       event_id
+FROM (
+    SELECT s.*, s.event_kind = 'deactivated' AS deactivation,
+           min(s.occurred_at) OVER per_entity AS first_seen,
+           max(s.version) FILTER (WHERE s.event_kind <> 'deactivated') OVER per_entity
+               AS attributes_version,
+           row_number() OVER per_kind AS newest
+    FROM {EVENT_STAGE} s
+    WINDOW per_entity AS (PARTITION BY s.entity_type, s.entity_id),
+           per_kind AS (PARTITION BY s.entity_type, s.entity_id, s.event_kind = 'deactivated'
+                        ORDER BY s.version DESC, s.seq)
+) folded
+WHERE newest = 1
+  AND (NOT deactivation OR attributes_version IS NULL OR version >= attributes_version)
 """
 
 # "newer": a higher version, or the same version turning a live entity into a deactivated one
@@ -88,7 +108,7 @@ _NEWER: Final = (
 UPSERT_ENTITIES: Final = f"""
 INSERT INTO entities AS cur (entity_type, entity_id, version, attributes, active, created_at,
                              updated_at, deactivated_at, deactivation_reason, last_event_id)
-SELECT u.entity_type, u.entity_id, u.version, COALESCE(u.attributes::jsonb, '{{}}'::jsonb),
+SELECT u.entity_type, u.entity_id, u.version, COALESCE(u.attributes, '{{}}'::jsonb),
        u.active, u.created_at, u.updated_at, u.deactivated_at, u.reason, u.last_event_id
 FROM {ENTITY_STAGE} u
 WHERE u.step = $1
@@ -108,10 +128,6 @@ WHERE {_NEWER} OR EXCLUDED.created_at < cur.created_at
 """
 
 
-_STEP_1: Final = (1,)
-_STEP_2: Final = (2,)
-
-
 def _affected(status: str) -> int:
     """Row count from a command tag like `INSERT 0 42`."""
     try:
@@ -120,17 +136,16 @@ def _affected(status: str) -> int:
         return 0
 
 
-async def _upsert_entities(conn: Any, first: list[EntityUpsert], second: list[EntityUpsert]) -> int:
-    # both steps staged at once, applied in order: step 1 then step 2
-    await conn.copy_records_to_table(
-        ENTITY_STAGE,
-        records=[*(_STEP_1 + u for u in first), *(_STEP_2 + u for u in second)],
-        columns=_ENTITY_COLUMNS,
-    )
-    changed = _affected(await conn.execute(UPSERT_ENTITIES, 1))
-    if second:
-        changed += _affected(await conn.execute(UPSERT_ENTITIES, 2))
-    return changed
+async def _insert_events(conn: Any, count: int, *, redelivered: bool) -> int:
+    """Move the staged events into `entity_events`; returns how many were new."""
+    if not redelivered:
+        try:
+            async with conn.transaction():  # a savepoint: a stored event undoes only this
+                await conn.execute(INSERT_NEW_EVENTS)
+            return count
+        except asyncpg.exceptions.UniqueViolationError:
+            log.info("batch holds stored events, deduplicating", extra={"count": count})
+    return _affected(await conn.execute(INSERT_EVENTS))
 
 
 class EntityEventWriter:
@@ -144,20 +159,23 @@ class EntityEventWriter:
     async def write(self, rows: Sequence[EntityEventRow], *, redelivered: bool = False) -> int:
         """Store a batch; returns how many events were new (the rest were duplicates).
 
-        `redelivered`: the batch was delivered before, so some of it may be stored already
-        (skip the bulk attempt that would fail on them).
+        `redelivered`: the batch was delivered before, so some of it may be stored already.
         """
         if not rows:
             return 0
         started = time.perf_counter()
-        first, second = plan_entity_upserts(rows)
+        records = [(*row, seq) for seq, row in enumerate(rows)]
         with transient_errors("writing entity events"):
             async with self._pool.acquire() as conn:
                 await self._partitions.ensure(conn, {r.occurred_at.date() for r in rows})
-                written = None if redelivered else await self._write_new(conn, rows, first, second)
-                if written is None:
-                    written = await self._write_deduplicated(conn, rows, first, second)
-        inserted, changed = written
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        EVENT_STAGE, records=records, columns=_STAGE_COLUMNS
+                    )
+                    inserted = await _insert_events(conn, len(rows), redelivered=redelivered)
+                    await conn.execute(FOLD_ENTITIES)
+                    changed = _affected(await conn.execute(UPSERT_ENTITIES, 1))
+                    changed += _affected(await conn.execute(UPSERT_ENTITIES, 2))
         m = self._metrics
         m.write_seconds.labels("entity_events").observe(time.perf_counter() - started)
         m.batch_size.labels("entity_events").observe(len(rows))
@@ -165,33 +183,3 @@ class EntityEventWriter:
         m.rows_written.labels("entities").inc(changed)
         m.duplicates.labels("entity_events").inc(len(rows) - inserted)
         return inserted
-
-    @staticmethod
-    async def _write_new(
-        conn: Any,
-        rows: Sequence[EntityEventRow],
-        first: list[EntityUpsert],
-        second: list[EntityUpsert],
-    ) -> tuple[int, int] | None:
-        """The bulk path: None (and nothing written) if an event of the batch is stored."""
-        try:
-            async with conn.transaction():
-                await conn.copy_records_to_table(EVENTS_TABLE, records=rows, columns=_EVENT_COLUMNS)
-                changed = await _upsert_entities(conn, first, second)
-        except asyncpg.exceptions.UniqueViolationError:
-            log.info("batch holds stored events, deduplicating", extra={"count": len(rows)})
-            return None
-        return len(rows), changed
-
-    @staticmethod
-    async def _write_deduplicated(
-        conn: Any,
-        rows: Sequence[EntityEventRow],
-        first: list[EntityUpsert],
-        second: list[EntityUpsert],
-    ) -> tuple[int, int]:
-        async with conn.transaction():
-            await conn.copy_records_to_table(EVENT_STAGE, records=rows, columns=_EVENT_COLUMNS)
-            inserted = _affected(await conn.execute(INSERT_EVENTS))
-            changed = await _upsert_entities(conn, first, second)
-        return inserted, changed

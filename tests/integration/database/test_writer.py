@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,9 +16,16 @@ from prometheus_client import CollectorRegistry
 from analytics_engine.database.db import connect, create_pool
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import migrate
-from analytics_engine.database.model import EntityEventRow
+from analytics_engine.database.model import EntityEventRow, plan_entity_upserts
 from analytics_engine.database.partitions import PartitionManager
-from analytics_engine.database.writer import STAGING_SETUP, EntityEventWriter
+from analytics_engine.database.writer import (
+    _STAGE_COLUMNS,
+    ENTITY_STAGE,
+    EVENT_STAGE,
+    FOLD_ENTITIES,
+    STAGING_SETUP,
+    EntityEventWriter,
+)
 
 from .conftest import count
 
@@ -120,3 +128,94 @@ async def test_jsonb_goes_both_ways_through_the_pools_codec(pool: Any) -> None:
         assert await conn.fetchval("SELECT $1::jsonb", '{"x": 1}') == {"x": 1}
         assert await conn.fetchval("SELECT '[1, {\"k\": true}]'::jsonb") == [1, {"k": True}]
         assert await conn.fetchval("SELECT $1::json", value) == value
+
+
+def random_batch(rng: random.Random, prefix: str, size: int) -> list[EntityEventRow]:
+    """Events of a few entities with clashing versions, kinds and times (and repeats)."""
+    rows: list[EntityEventRow] = []
+    for _ in range(size):
+        if rows and rng.random() < 0.1:
+            rows.append(rng.choice(rows))  # the same event twice in the batch
+            continue
+        kind = rng.choice(["created", "updated", "updated", "deactivated"])
+        version = rng.randint(0, 6)
+        r = row(f"{prefix}-{rng.randint(0, 4)}", version, kind, offset=rng.randint(-50, 50))
+        if kind != "deactivated":
+            r = r._replace(attributes=orjson.dumps({"r": rng.randint(0, 99)}).decode())
+        rows.append(r)
+    return rows
+
+
+async def test_the_sql_fold_is_the_pure_fold(pool: Any) -> None:
+    rng = random.Random(7)
+    async with pool.acquire() as conn:
+        for n in range(40):
+            batch = random_batch(rng, f"f{n}", rng.randint(1, 25))
+            first, second = plan_entity_upserts(batch)
+            expected = {(1, *u) for u in first} | {(2, *u) for u in second}
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    EVENT_STAGE,
+                    records=[(*r, i) for i, r in enumerate(batch)],
+                    columns=_STAGE_COLUMNS,
+                )
+                await conn.execute(FOLD_ENTITIES)
+                staged = await conn.fetch(f"SELECT * FROM {ENTITY_STAGE}")
+            got = {
+                (
+                    s["step"],
+                    s["entity_type"],
+                    s["entity_id"],
+                    s["version"],
+                    None if s["attributes"] is None else orjson.dumps(s["attributes"]).decode(),
+                    s["active"],
+                    s["created_at"],
+                    s["updated_at"],
+                    s["deactivated_at"],
+                    s["reason"],
+                    str(s["last_event_id"]),
+                )
+                for s in staged
+            }
+            assert got == expected, batch
+
+
+def _in_version_order(rows: list[EntityEventRow]) -> list[EntityEventRow]:
+    """Version order; at equal versions attribute-carrying events before deactivations, then
+    batch order: the order `plan_entity_upserts` documents its result to be equivalent to."""
+    order = sorted(
+        enumerate(rows), key=lambda p: (p[1].version, p[1].event_kind == "deactivated", p[0])
+    )
+    return [r for _, r in order]
+
+
+def _as(rows: list[EntityEventRow], entity_type: str) -> list[EntityEventRow]:
+    """The same events under another entity type (and event ids: they are stored too)."""
+    ns = uuid.UUID(int=len(entity_type))
+    return [
+        r._replace(entity_type=entity_type, event_id=str(uuid.uuid5(ns, r.event_id))) for r in rows
+    ]
+
+
+async def test_a_batch_leaves_the_state_of_its_events_applied_one_by_one(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    """Whatever is stored already, writing a batch gives the state of writing its events one
+    at a time in version order."""
+    rng = random.Random(11)
+    for n in range(15):
+        stored = random_batch(rng, f"s{n}", rng.randint(0, 8))
+        batch = random_batch(rng, f"s{n}", rng.randint(1, 25))
+        for r in _in_version_order(_as(stored, "batch")) + _in_version_order(_as(stored, "single")):
+            await writer.write([r])
+        await writer.write(_as(batch, "batch"))
+        for r in _in_version_order(_as(batch, "single")):
+            await writer.write([r])
+    query = (
+        "SELECT entity_id, version, attributes, active, created_at, updated_at,"
+        " deactivated_at, deactivation_reason FROM entities WHERE entity_type = $1"
+        " ORDER BY entity_id"
+    )
+    batched = [tuple(r) for r in await pg.fetch(query, "batch")]
+    assert batched == [tuple(r) for r in await pg.fetch(query, "single")]
+    assert len(batched) > 30
