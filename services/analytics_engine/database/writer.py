@@ -74,7 +74,9 @@ INSERT_EVENTS: Final = f"{INSERT_NEW_EVENTS}ON CONFLICT DO NOTHING\n"
 # Per entity: the newest attribute-carrying event (step 1) and the newest deactivation, as a
 # second step when it is at least as new (or as step 1 for an entity with only deactivations);
 # `created_at` is the earliest `occurred_at` of the entity in the batch. One sort serves both
-# windows. `model.plan_entity_upserts` is the same rule in Python; a test checks they agree.
+# windows and leaves the rows in key order, the order the upsert takes them in (so concurrent
+# writers lock entities in the same order). `model.plan_entity_upserts` is the same rule in
+# Python; the integration tests check the two agree.
 FOLD_ENTITIES: Final = f"""
 INSERT INTO {ENTITY_STAGE} (step, entity_type, entity_id, version, attributes, active,
                             created_at, updated_at, deactivated_at, reason, last_event_id)
@@ -83,7 +85,8 @@ SELECT CASE WHEN deactivation AND attributes_version IS NOT NULL THEN 2 ELSE 1 E
        CASE WHEN deactivation THEN occurred_at END, CASE WHEN deactivation THEN reason END,
        event_id
 FROM (
-    SELECT s.*, s.event_kind = 'deactivated' AS deactivation,
+    SELECT s.entity_type, s.entity_id, s.version, s.attributes, s.occurred_at, s.reason,
+           s.event_id, s.event_kind = 'deactivated' AS deactivation,
            min(s.occurred_at) OVER per_entity AS first_seen,
            max(s.version) FILTER (WHERE s.event_kind <> 'deactivated') OVER per_entity
                AS attributes_version,
@@ -95,6 +98,7 @@ FROM (
 ) folded
 WHERE newest = 1
   AND (NOT deactivation OR attributes_version IS NULL OR version >= attributes_version)
+ORDER BY entity_type, entity_id
 """
 
 # "newer": a higher version, or the same version turning a live entity into a deactivated one
@@ -104,7 +108,8 @@ _NEWER: Final = (
     " AND cur.active AND NOT EXCLUDED.active))"
 )
 
-# Rows go in key order so concurrent writers lock them in the same order (no deadlocks).
+# Rows are read in the order `FOLD_ENTITIES` wrote them, key order, so concurrent writers lock
+# them in the same order (a deadlock would still only cost a retry: it is a transient error).
 UPSERT_ENTITIES: Final = f"""
 INSERT INTO entities AS cur (entity_type, entity_id, version, attributes, active, created_at,
                              updated_at, deactivated_at, deactivation_reason, last_event_id)
@@ -112,7 +117,6 @@ SELECT u.entity_type, u.entity_id, u.version, COALESCE(u.attributes, '{{}}'::jso
        u.active, u.created_at, u.updated_at, u.deactivated_at, u.reason, u.last_event_id
 FROM {ENTITY_STAGE} u
 WHERE u.step = $1
-ORDER BY u.entity_type, u.entity_id
 ON CONFLICT (entity_type, entity_id) DO UPDATE SET
     version = CASE WHEN {_NEWER} THEN EXCLUDED.version ELSE cur.version END,
     attributes = CASE WHEN {_NEWER} AND EXCLUDED.active THEN EXCLUDED.attributes
