@@ -39,15 +39,34 @@ def transient_errors(what: str) -> Iterator[None]:
         raise TransientError(f"{what}: database unavailable ({type(exc).__name__}: {exc})") from exc
 
 
+def _encode_json(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    """jsonb's binary format: a version byte (1) then the JSON text."""
+    return b"\x01" + (value.encode() if isinstance(value, str) else orjson.dumps(value))
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    if data[:1] != b"\x01":
+        raise ValueError(f"unknown jsonb binary format version {data[:1]!r}")
+    return orjson.loads(memoryview(data)[1:])
+
+
 async def _init_connection(conn: Any) -> None:
-    """json/jsonb decode to Python objects (and encode from them)."""
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(
-            name,
-            schema="pg_catalog",
-            encoder=lambda value: value if isinstance(value, str) else orjson.dumps(value).decode(),
-            decoder=orjson.loads,
-        )
+    """json/jsonb decode to Python objects (and encode from them; a `str` is taken as JSON
+    text). jsonb goes in binary format so that binary COPY can write jsonb columns."""
+    await conn.set_type_codec(
+        "json", schema="pg_catalog", encoder=_encode_json, decoder=orjson.loads
+    )
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        format="binary",
+    )
 
 
 async def create_pool(

@@ -62,14 +62,18 @@ class SimulationDataConsumer:
         assert self._consumer is not None, "bind() the consumer first"
         rows: list[EntityEventRow] = []
         invalid: list[tuple[Delivery, str]] = []
+        redelivered = False
+        append = rows.append
         for delivery in deliveries:
             try:
-                rows.append(parse_entity_event(delivery.channel, delivery.event))
+                append(parse_entity_event(delivery.channel, delivery.event))
             except InvalidPayload as exc:
                 invalid.append((delivery, str(exc)))
                 self._metrics.invalid.labels(delivery.channel).inc()
+            if delivery.attempt > 1:
+                redelivered = True
         if rows:
-            await self._writer.write(rows)
+            await self._writer.write(rows, redelivered=redelivered)
         if invalid:
             log.warning("dead-lettering invalid entity events", extra={"count": len(invalid)})
         await self._consumer.ack(deliveries, also=dead_letter_invalid(self._dead, invalid))

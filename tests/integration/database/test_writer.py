@@ -1,0 +1,221 @@
+"""EntityEventWriter on a real PostgreSQL: the bulk COPY path and its deduplicating fallback."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from analytics_engine.database.db import connect, create_pool
+from analytics_engine.database.metrics import DatabaseMetrics
+from analytics_engine.database.migrate import migrate
+from analytics_engine.database.model import EntityEventRow, plan_entity_upserts
+from analytics_engine.database.partitions import PartitionManager
+from analytics_engine.database.writer import (
+    _STAGE_COLUMNS,
+    ENTITY_STAGE,
+    EVENT_STAGE,
+    FOLD_ENTITIES,
+    STAGING_SETUP,
+    EntityEventWriter,
+)
+
+from .conftest import count
+
+T0 = datetime(2024, 6, 1, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[Any]:
+    conn = await connect(database_url)
+    try:
+        await migrate(conn, timescale="off")
+    finally:
+        await conn.close()
+    pool = await create_pool(database_url, max_size=2, setup_sql=STAGING_SETUP)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def writer(pool: Any) -> EntityEventWriter:
+    return EntityEventWriter(
+        pool, PartitionManager(enabled=True), DatabaseMetrics(CollectorRegistry())
+    )
+
+
+def row(entity_id: str, version: int, kind: str = "updated", offset: int = 0) -> EntityEventRow:
+    return EntityEventRow(
+        event_id=str(uuid.uuid4()),
+        event_kind=kind,  # type: ignore[arg-type]
+        entity_type="order",
+        entity_id=entity_id,
+        version=version,
+        occurred_at=T0 + timedelta(seconds=offset),
+        published_at=T0 + timedelta(seconds=offset, milliseconds=5),
+        attributes=None if kind == "deactivated" else orjson.dumps({"v": version}).decode(),
+        reason="gone" if kind == "deactivated" else None,
+        source="data_simulator",
+    )
+
+
+async def test_new_events_take_the_bulk_path_and_are_stored_as_given(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    rows = [row(f"o-{i}", 1, "created", offset=i) for i in range(100)]
+    assert await writer.write(rows) == 100
+    stored = await pg.fetchrow(
+        "SELECT * FROM entity_events WHERE event_id = $1", uuid.UUID(rows[7].event_id)
+    )
+    assert stored["entity_id"] == "o-7"
+    assert stored["occurred_at"] == rows[7].occurred_at
+    assert stored["published_at"] == rows[7].published_at
+    assert orjson.loads(stored["attributes"]) == {"v": 1}
+    assert await count(pg, "SELECT count(*) FROM entities") == 100
+
+
+async def test_a_batch_holding_stored_events_is_deduplicated_not_rejected(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    rows = [row(f"o-{i}", 1, "created", offset=i) for i in range(60)]
+    assert await writer.write(rows[:20]) == 20
+    # a fresh delivery (not flagged redelivered) overlapping what is stored: the bulk COPY
+    # fails on the primary key and the batch is written again, deduplicated
+    assert await writer.write(rows[10:40]) == 20
+    assert await writer.write(rows, redelivered=True) == 20
+    assert await writer.write(rows, redelivered=True) == 0
+    assert await count(pg, "SELECT count(*) FROM entity_events") == 60
+    assert await count(pg, "SELECT count(DISTINCT event_id) FROM entity_events") == 60
+    assert await count(pg, "SELECT count(*) FROM entities") == 60
+
+
+async def test_the_same_event_twice_in_one_batch_is_stored_once(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    r = row("dup", 1, "created")
+    assert await writer.write([r, row("other", 1, "created"), r]) == 2
+    assert await count(pg, "SELECT count(*) FROM entity_events") == 2
+
+
+async def test_the_fallback_keeps_entity_state_ordered_by_version(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    v1, v3 = row("e", 1, "created"), row("e", 3, offset=3)
+    await writer.write([v1, v3])
+    deact = row("e", 4, "deactivated", offset=4)
+    late_v2 = row("e", 2, offset=2)
+    assert await writer.write([v3, late_v2, deact]) == 2  # v3 again: the fallback path
+    entity = await pg.fetchrow("SELECT * FROM entities WHERE entity_id = 'e'")
+    assert entity["version"] == 4
+    assert entity["active"] is False
+    assert entity["deactivation_reason"] == "gone"
+    assert orjson.loads(entity["attributes"]) == {"v": 3}
+    assert entity["created_at"] == T0
+    assert entity["last_event_id"] == uuid.UUID(deact.event_id)
+
+
+async def test_jsonb_goes_both_ways_through_the_pools_codec(pool: Any) -> None:
+    async with pool.acquire() as conn:
+        value = {"a": [1, 2.5, None], "b": "é"}
+        assert await conn.fetchval("SELECT $1::jsonb", value) == value
+        assert await conn.fetchval("SELECT $1::jsonb", '{"x": 1}') == {"x": 1}
+        assert await conn.fetchval("SELECT '[1, {\"k\": true}]'::jsonb") == [1, {"k": True}]
+        assert await conn.fetchval("SELECT $1::json", value) == value
+
+
+def random_batch(rng: random.Random, prefix: str, size: int) -> list[EntityEventRow]:
+    """Events of a few entities with clashing versions, kinds and times (and repeats)."""
+    rows: list[EntityEventRow] = []
+    for _ in range(size):
+        if rows and rng.random() < 0.1:
+            rows.append(rng.choice(rows))  # the same event twice in the batch
+            continue
+        kind = rng.choice(["created", "updated", "updated", "deactivated"])
+        version = rng.randint(0, 6)
+        r = row(f"{prefix}-{rng.randint(0, 4)}", version, kind, offset=rng.randint(-50, 50))
+        if kind != "deactivated":
+            r = r._replace(attributes=orjson.dumps({"r": rng.randint(0, 99)}).decode())
+        rows.append(r)
+    return rows
+
+
+async def test_the_sql_fold_is_the_pure_fold(pool: Any) -> None:
+    rng = random.Random(7)
+    async with pool.acquire() as conn:
+        for n in range(40):
+            batch = random_batch(rng, f"f{n}", rng.randint(1, 25))
+            first, second = plan_entity_upserts(batch)
+            expected = {(1, *u) for u in first} | {(2, *u) for u in second}
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    EVENT_STAGE,
+                    records=[(*r, i) for i, r in enumerate(batch)],
+                    columns=_STAGE_COLUMNS,
+                )
+                await conn.execute(FOLD_ENTITIES)
+                staged = await conn.fetch(f"SELECT * FROM {ENTITY_STAGE}")
+            got = {
+                (
+                    s["step"],
+                    s["entity_type"],
+                    s["entity_id"],
+                    s["version"],
+                    None if s["attributes"] is None else orjson.dumps(s["attributes"]).decode(),
+                    s["active"],
+                    s["created_at"],
+                    s["updated_at"],
+                    s["deactivated_at"],
+                    s["reason"],
+                    str(s["last_event_id"]),
+                )
+                for s in staged
+            }
+            assert got == expected, batch
+
+
+def _in_version_order(rows: list[EntityEventRow]) -> list[EntityEventRow]:
+    """Version order; at equal versions attribute-carrying events before deactivations, then
+    batch order: the order `plan_entity_upserts` documents its result to be equivalent to."""
+    order = sorted(
+        enumerate(rows), key=lambda p: (p[1].version, p[1].event_kind == "deactivated", p[0])
+    )
+    return [r for _, r in order]
+
+
+def _as(rows: list[EntityEventRow], entity_type: str) -> list[EntityEventRow]:
+    """The same events under another entity type (and event ids: they are stored too)."""
+    ns = uuid.UUID(int=len(entity_type))
+    return [
+        r._replace(entity_type=entity_type, event_id=str(uuid.uuid5(ns, r.event_id))) for r in rows
+    ]
+
+
+async def test_a_batch_leaves_the_state_of_its_events_applied_one_by_one(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    """Whatever is stored already, writing a batch gives the state of writing its events one
+    at a time in version order."""
+    rng = random.Random(11)
+    for n in range(15):
+        stored = random_batch(rng, f"s{n}", rng.randint(0, 8))
+        batch = random_batch(rng, f"s{n}", rng.randint(1, 25))
+        for r in _in_version_order(_as(stored, "batch")) + _in_version_order(_as(stored, "single")):
+            await writer.write([r])
+        await writer.write(_as(batch, "batch"))
+        for r in _in_version_order(_as(batch, "single")):
+            await writer.write([r])
+    query = (
+        "SELECT entity_id, version, attributes, active, created_at, updated_at,"
+        " deactivated_at, deactivation_reason FROM entities WHERE entity_type = $1"
+        " ORDER BY entity_id"
+    )
+    batched = [tuple(r) for r in await pg.fetch(query, "batch")]
+    assert batched == [tuple(r) for r in await pg.fetch(query, "single")]
+    assert len(batched) > 30
