@@ -38,6 +38,10 @@ from analytics_engine.localstack import PostgresServer, RedisServer, S3Server
 
 # CI runs the same examples every time: a red build must be reproducible, not a dice roll.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+# Services started in-process would tune this process's garbage collector (freeze everything
+# alive, rarer collections): tests keep Python's defaults.
+os.environ.setdefault("SERVICE_GC_THRESHOLD", "0")
+
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 

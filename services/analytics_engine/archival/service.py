@@ -7,7 +7,6 @@ see `kpi_results.py`) and `archival.events` (one object per batch, confirmed on
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import pyarrow as pa
@@ -123,10 +122,6 @@ def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> Service
         # under load than the system allocator, for no CPU difference measured here.
         pa.set_memory_pool(pa.system_memory_pool())
         await kpis.recover()
-        # What exists now (modules, pydantic schemas, boto3's S3 model: ~130k objects) lives as
-        # long as the process: exempt it from the collector's full scans, which archiving's
-        # allocation rate triggers often (measured: ~2 us of CPU per archived result).
-        gc.freeze()
 
     async def shutdown() -> None:
         await kpis.close()

@@ -28,6 +28,7 @@ from analytics_engine.core.bus import (
 )
 from analytics_engine.core.channels import SERVICE_HEARTBEAT
 from analytics_engine.core.envelopes import utcnow
+from analytics_engine.core.heap import tune_gc
 from analytics_engine.core.metrics import CoreMetrics
 from analytics_engine.core.payloads import REQUEST_PAYLOADS
 from analytics_engine.core.redis import connect
@@ -198,6 +199,7 @@ class ServiceRuntime:
         try:
             for hook in self._startup:
                 await hook()
+            tune_gc(self.settings.gc_threshold)  # what startup built lives as long as we do
             for server in self._servers:
                 await server.start()
             for subscription in self._subscriptions:

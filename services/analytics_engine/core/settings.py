@@ -87,6 +87,13 @@ class BaseServiceSettings(BaseSettings):
         validation_alias="HEARTBEAT_INTERVAL",
         description="Seconds between heartbeats on `observability.heartbeat`.",
     )
+    gc_threshold: int = Field(
+        default=10_000,
+        ge=0,
+        validation_alias="SERVICE_GC_THRESHOLD",
+        description="Allocations between collections of Python's cyclic GC (generation 0); "
+        "objects built at startup are frozen out of collections. 0: Python's defaults.",
+    )
 
 
 class DatabaseSettings(BaseSettings):

@@ -20,7 +20,6 @@ from analytics_engine.core.settings import BaseServiceSettings, DatabaseSettings
 from analytics_engine.database.archival import Archiver
 from analytics_engine.database.db import TRANSIENT_ERRORS, connect, create_pool
 from analytics_engine.database.durations import Duration
-from analytics_engine.database.gc_tuning import tune_gc
 from analytics_engine.database.kpi_result_consumer import KPIResultConsumer
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import migrate
@@ -103,13 +102,6 @@ class Settings(BaseServiceSettings, DatabaseSettings):
     )
     partition_days_ahead: int = Field(
         default=3, ge=0, validation_alias="DATABASE_PARTITION_DAYS_AHEAD"
-    )
-    gc_threshold: int = Field(
-        default=10_000,
-        ge=0,
-        validation_alias="DATABASE_GC_THRESHOLD",
-        description="Allocations between collections of Python's cyclic GC (generation 0); "
-        "objects built at startup are frozen out of collections. 0: Python's defaults.",
     )
 
 
@@ -275,9 +267,4 @@ def create(settings: Settings) -> ServiceRuntime:
     )
     runtime.respond(channels.DATABASE_QUERY, queries.query_handlers())
     runtime.respond(channels.DATABASE_COMMAND, queries.command_handlers())
-
-    async def freeze_startup_objects() -> None:
-        tune_gc(settings.gc_threshold)
-
-    runtime.on_startup(freeze_startup_objects)  # last: after everything startup builds
     return runtime

@@ -28,7 +28,6 @@ def make_settings(redis_url: str, database_url: str, **overrides: Any) -> Settin
         "instance_id": "db-test",
         "heartbeat_interval_s": 60.0,
         "archival_interval": timedelta(seconds=0),
-        "gc_threshold": 0,  # leave the test process's collector alone
     }
     values.update(overrides)
     return Settings(**values)

@@ -1,4 +1,4 @@
-"""GC tuning of the database service (process-wide, so every test restores the collector)."""
+"""GC tuning of every service (process-wide, so every test restores the collector)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from analytics_engine.database.gc_tuning import tune_gc
+from analytics_engine.core.heap import tune_gc
 
 
 @pytest.fixture
