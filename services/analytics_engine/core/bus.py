@@ -530,18 +530,31 @@ class DurableConsumer:
     ) -> None:
         """Acknowledge deliveries; `also` adds commands (a checkpoint, follow-up events) to the
         same MULTI/EXEC so they happen together or not at all."""
-        pipe = self._redis.pipeline(transaction=True)
-        if also is not None:
-            also(pipe)
         by_channel: dict[str, list[bytes]] = {}
         for d in deliveries:
             by_channel.setdefault(d.channel, []).append(d.id)
-        for channel, ids in by_channel.items():
-            pipe.xack(stream_key(channel), self.group, *ids)
+        await self.ack_ids(by_channel, also=also)
+
+    async def ack_ids(
+        self,
+        ids: Mapping[str, Sequence[bytes]],
+        *,
+        also: Callable[[Pipeline], None] | None = None,
+    ) -> None:
+        """`ack` by stream entry ids per channel, for a handler that holds on to what it must
+        acknowledge later: keeping the ids rather than the deliveries keeps every event's
+        objects out of the garbage collector's long-lived generation."""
+        pipe = self._redis.pipeline(transaction=True)
+        if also is not None:
+            also(pipe)
+        for channel, entry_ids in ids.items():
+            if entry_ids:
+                pipe.xack(stream_key(channel), self.group, *entry_ids)
         await pipe.execute()
         if self._metrics is not None:
-            for channel, ids in by_channel.items():
-                self._metrics.consumed.labels(channel, self.group).inc(len(ids))
+            for channel, entry_ids in ids.items():
+                if entry_ids:
+                    self._metrics.consumed.labels(channel, self.group).inc(len(entry_ids))
 
 
 def _describe(exc: Exception) -> str:
