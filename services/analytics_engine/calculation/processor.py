@@ -40,9 +40,8 @@ import orjson
 
 from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.events import (
-    EntityEvent,
+    EntityEventDecoder,
     InvalidEntityEvent,
-    entity_event,
     result_events,
 )
 from analytics_engine.calculation.metrics import CalculationMetrics
@@ -73,6 +72,10 @@ ResultFilter = Callable[[KPIResult], bool]
 
 def _published(delivery: Delivery) -> datetime:
     return delivery.event.timestamp
+
+
+def _no_ids() -> dict[str, list[bytes]]:
+    return {channel: [] for channel in INPUT_CHANNELS}
 
 
 def new_merger(released: Mapping[str, StreamId] | None = None) -> StreamMerger[Delivery]:
@@ -114,7 +117,11 @@ class StreamProcessor:
             auto_ack=False,
             batch_size=batch_size,
         )
-        self._unacked: list[Delivery] = []
+        self._decoder = EntityEventDecoder()
+        self._unacked: dict[str, list[bytes]] = _no_ids()
+        """Stream ids of the events processed since the last checkpoint (only the ids: the
+        deliveries themselves would survive into the garbage collector's oldest generation and
+        make its full collections the engine's biggest per-event cost)."""
         self._unpublished: list[tuple[KPIResult, list[Event], str]] = []
         self._dirty = False
         self._late_seen: dict[str, int] = {}
@@ -156,11 +163,14 @@ class StreamProcessor:
     def _process(self, released: list[tuple[str, Delivery]]) -> None:
         if not released:
             return
-        engine = self.engine
+        decode = self._decoder.decode
+        feed = self.engine.feed
+        unacked = self._unacked
         invalid = 0
         for channel, delivery in released:
+            unacked[channel].append(delivery.id)
             try:
-                view: EntityEvent = entity_event(delivery.event, channel)
+                fields = decode(delivery.event, channel)
             except InvalidEntityEvent as exc:
                 invalid += 1
                 if invalid == 1:
@@ -169,8 +179,7 @@ class StreamProcessor:
                         extra={"event_id": delivery.event.event_id, "error": str(exc)[:200]},
                     )
                 continue
-            engine.process(view)
-        self._unacked.extend(d for _, d in released)
+            feed(fields)
         processed = len(released) - invalid
         self.events_processed += processed
         self.invalid_events += invalid
@@ -296,11 +305,11 @@ class StreamProcessor:
 
     async def checkpoint(self) -> None:
         """Snapshot + XACK + unpublished results in one MULTI (see the module docstring)."""
-        if not self._dirty and not self._unacked and not self._unpublished:
+        if not self._dirty and not any(self._unacked.values()) and not self._unpublished:
             return
         started = time.perf_counter()
         data = self.checkpoint_data()
-        acks, self._unacked = self._unacked, []
+        acks, self._unacked = self._unacked, _no_ids()
         pending, self._unpublished = self._unpublished, []
         self._dirty = False
         events = [e for _, evs, _ in pending for e in evs]
@@ -311,9 +320,9 @@ class StreamProcessor:
             pipe.set(self.checkpoint_key, data)
 
         try:
-            await self.consumer.ack(acks, also=also)
+            await self.consumer.ack_ids(acks, also=also)
         except BaseException:
-            self._unacked = acks + self._unacked
+            self._unacked = {c: acks[c] + ids for c, ids in self._unacked.items()}
             self._unpublished = pending + self._unpublished
             self._dirty = True
             raise

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, Final, Self
 
 __all__ = [
+    "ACCUMULATOR_TYPES",
     "Accumulator",
     "AvgAccumulator",
     "CountAccumulator",
@@ -232,11 +234,13 @@ class CountDistinctAccumulator(Accumulator):
         return cls({_decode_key(item) for item in state})
 
 
-_KINDS: Final[dict[str, type[Accumulator]]] = {
+ACCUMULATOR_TYPES: Final[Mapping[str, type[Accumulator]]] = MappingProxyType({
     cls.kind: cls
     for cls in (CountAccumulator, SumAccumulator, AvgAccumulator, MinAccumulator,
                 MaxAccumulator, CountDistinctAccumulator)
-}
+})
+"""The accumulator class of each aggregation (calling one makes an empty accumulator)."""
+_KINDS: Final = ACCUMULATOR_TYPES
 
 
 def new_accumulator(aggregation: str) -> Accumulator:

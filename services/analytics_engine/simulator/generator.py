@@ -13,10 +13,10 @@ mix is exact once a population exists.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import random
 import uuid
+from bisect import bisect_right
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -52,29 +52,28 @@ class _Entity:
 class _Population:
     """The live entities of one type in a ring of slots."""
 
-    __slots__ = ("created", "model", "projection", "slots")
+    __slots__ = ("created", "entity_type", "model", "projection", "slots")
 
     def __init__(self, model: EntityModel, capacity: int) -> None:
         self.model = model
+        self.entity_type = model.entity_type
         self.slots: list[_Entity | None] = [None] * capacity
         self.created = 0
         self.projection: tuple[str, ...] | None = None
 
     def pick(self, rng: random.Random, *, for_update: bool) -> int | None:
-        filled = min(self.created, len(self.slots))
+        slots = self.slots
+        filled = min(self.created, len(slots))
         if filled == 0:
             return None
+        rand = rng.random
+        updatable = self.model.updatable
         for _ in range(_PICK_TRIES):
-            i = int(rng.random() * filled)
-            entity = self.slots[i]
-            if entity is not None and (not for_update or self.model.updatable(entity.attributes)):
+            i = int(rand() * filled)
+            entity = slots[i]
+            if entity is not None and (not for_update or updatable(entity.attributes)):
                 return i
         return None
-
-    def emitted(self, attributes: Attributes) -> Attributes:
-        if self.projection is None:
-            return attributes
-        return {name: attributes[name] for name in self.projection if name in attributes}
 
 
 class EventGenerator:
@@ -121,6 +120,7 @@ class EventGenerator:
             if population is None or type(population.model) is not type(model):
                 population = _Population(model, self.config.max_live_entities)
             population.model = model
+            population.entity_type = model.entity_type
             population.projection = _projection(model, shape)
             populations[name] = population
             self.counts.setdefault(name, dict.fromkeys(EVENT_KINDS, 0))
@@ -152,33 +152,41 @@ class EventGenerator:
 
     # -- generation ------------------------------------------------------------------------
     def next_batch(self, n: int, now: datetime) -> list[tuple[str, dict[str, Any]]]:
+        # The hot path of the simulator: names are bound to locals and the per-event helpers
+        # are inlined, but the draws from `rng` are exactly those of the plain version (same
+        # seed, same stream).
         rng = self._rng
+        rand = rng.random
         cfg = self.config
         now_text = now.isoformat()
         ooo = cfg.out_of_order_ratio
         late = cfg.late_ratio
+        late_or_ooo = late + ooo
         ooo_span = cfg.out_of_order_span.total_seconds()
         max_late = cfg.max_lateness.total_seconds()
+        type_cum, type_names, kind_cum = self._type_cum, self._type_names, self._kind_cum
+        last_type = len(type_names) - 1
+        populations, counts, event = self._populations, self.counts, self._event
         out: list[tuple[str, dict[str, Any]]] = []
+        append = out.append
         for _ in range(n):
-            t = bisect.bisect_right(self._type_cum, rng.random())
-            name = self._type_names[min(t, len(self._type_names) - 1)]
-            population = self._populations[name]
-            k = bisect.bisect_right(self._kind_cum, rng.random())
-            kind = EVENT_KINDS[min(k, 2)]
-            roll = rng.random()
+            t = bisect_right(type_cum, rand())
+            name = type_names[t if t < last_type else last_type]
+            k = bisect_right(kind_cum, rand())
+            kind = EVENT_KINDS[k if k < 2 else 2]
+            roll = rand()
             if roll < late:
-                occurred = now - timedelta(seconds=max_late * (0.5 + 0.5 * rng.random()))
+                occurred = now - timedelta(seconds=max_late * (0.5 + 0.5 * rand()))
                 occurred_text = occurred.isoformat()
-            elif roll < late + ooo:
-                occurred = now - timedelta(seconds=ooo_span * rng.random())
+            elif roll < late_or_ooo:
+                occurred = now - timedelta(seconds=ooo_span * rand())
                 occurred_text = occurred.isoformat()
             else:
                 occurred, occurred_text = now, now_text
-            payload, kind = self._event(rng, population, kind, occurred)
+            payload, kind = event(rng, populations[name], kind, occurred)
             payload["occurred_at"] = occurred_text
-            self.counts[name][kind] += 1
-            out.append((KIND_CHANNELS[kind], payload))
+            counts[name][kind] += 1
+            append((KIND_CHANNELS[kind], payload))
         self.sequence += n
         return out
 
@@ -194,9 +202,9 @@ class EventGenerator:
                 entity.version += 1
                 if kind == "updated":
                     entity.attributes = model.update(rng, entity.attributes, occurred)
-                    return self._payload(population, entity, with_attributes=True), kind
+                    return _payload(population, entity, with_attributes=True), kind
                 population.slots[i] = None
-                payload = self._payload(population, entity, with_attributes=False)
+                payload = _payload(population, entity, with_attributes=False)
                 reason = model.deactivation_reason(rng, entity.attributes)
                 if reason is not None:
                     payload["reason"] = reason
@@ -204,20 +212,25 @@ class EventGenerator:
         population.created += 1
         entity = _Entity(model.entity_id(population.created), 1, model.create(rng, occurred))
         population.slots[(population.created - 1) % len(population.slots)] = entity
-        return self._payload(population, entity, with_attributes=True), "created"
+        return _payload(population, entity, with_attributes=True), "created"
 
-    def _payload(
-        self, population: _Population, entity: _Entity, *, with_attributes: bool
-    ) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "entity_type": population.model.entity_type,
-            "entity_id": entity.entity_id,
-            "version": entity.version,
-            "occurred_at": "",
-        }
-        if with_attributes:
-            payload["attributes"] = population.emitted(entity.attributes)
-        return payload
+
+def _payload(population: _Population, entity: _Entity, *, with_attributes: bool) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "entity_type": population.entity_type,
+        "entity_id": entity.entity_id,
+        "version": entity.version,
+        "occurred_at": "",  # set by the caller; first here for the key order of the JSON
+    }
+    if with_attributes:
+        attributes = entity.attributes
+        projection = population.projection
+        payload["attributes"] = (
+            attributes
+            if projection is None
+            else {name: attributes[name] for name in projection if name in attributes}
+        )
+    return payload
 
 
 _BUILTIN_ATTRIBUTES: Final = {
