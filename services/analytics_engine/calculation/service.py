@@ -24,6 +24,7 @@ from analytics_engine.calculation.queries import QueryRunner
 from analytics_engine.calculation.registry import DefinitionRegistry
 from analytics_engine.calculation.sync import DefinitionSync
 from analytics_engine.core import channels
+from analytics_engine.core.heap import freeze_startup_heap
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.kpi import KPIResult, load_definitions_dir, parse_duration
@@ -178,6 +179,7 @@ def build(settings: Settings) -> CalculationService:
         if not await sync.full_sync():
             apply()
         processor.collect_results()  # undrained results of the snapshot
+        await freeze_startup_heap()  # the definitions and the restored state included
 
     def kpi_list() -> list[dict[str, Any]]:
         running = processor.engine.definitions

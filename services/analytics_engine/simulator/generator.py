@@ -40,39 +40,49 @@ _PICK_TRIES: Final = 4
 _NAMESPACE: Final = uuid.UUID("6f1c7f3e-5b7a-4d0e-9a53-5e0b7c1d2a90")
 
 
-class _Entity:
-    __slots__ = ("attributes", "entity_id", "version")
-
-    def __init__(self, entity_id: str, version: int, attributes: Attributes) -> None:
-        self.entity_id = entity_id
-        self.version = version
-        self.attributes = attributes
-
-
 class _Population:
-    """The live entities of one type in a ring of slots."""
+    """The live entities of one type in a ring of slots.
 
-    __slots__ = ("created", "entity_type", "model", "projection", "slots")
+    Stored column-wise (id, version and attributes per slot) rather than as an object per
+    entity: attribute dicts of plain values are not tracked by the garbage collector, so the
+    ring (up to `max_live_entities`) stays out of its full collections, which would otherwise
+    walk every entity (tens of ms each, every few seconds at high rates).
+    """
+
+    __slots__ = (
+        "attributes",
+        "capacity",
+        "created",
+        "entity_ids",
+        "entity_type",
+        "model",
+        "projection",
+        "versions",
+    )
 
     def __init__(self, model: EntityModel, capacity: int) -> None:
         self.model = model
         self.entity_type = model.entity_type
-        self.slots: list[_Entity | None] = [None] * capacity
+        self.capacity = capacity
+        self.entity_ids: list[str | None] = [None] * capacity
+        self.versions: list[int] = [0] * capacity
+        self.attributes: list[Attributes | None] = [None] * capacity
         self.created = 0
         self.projection: tuple[str, ...] | None = None
 
     def pick(self, rng: random.Random, *, for_update: bool) -> int | None:
-        slots = self.slots
-        filled = min(self.created, len(slots))
+        filled = min(self.created, self.capacity)
         if filled == 0:
             return None
         rand = rng.random
+        entity_ids, attributes = self.entity_ids, self.attributes
         updatable = self.model.updatable
         for _ in range(_PICK_TRIES):
             i = int(rand() * filled)
-            entity = slots[i]
-            if entity is not None and (not for_update or updatable(entity.attributes)):
-                return i
+            if entity_ids[i] is not None:
+                current = attributes[i]
+                if not for_update or (current is not None and updatable(current)):
+                    return i
         return None
 
 
@@ -197,33 +207,42 @@ class EventGenerator:
         if kind != "created":
             i = population.pick(rng, for_update=kind == "updated")
             if i is not None:
-                entity = population.slots[i]
-                assert entity is not None
-                entity.version += 1
+                entity_id = population.entity_ids[i]
+                attributes = population.attributes[i]
+                assert entity_id is not None and attributes is not None
+                version = population.versions[i] + 1
                 if kind == "updated":
-                    entity.attributes = model.update(rng, entity.attributes, occurred)
-                    return _payload(population, entity, with_attributes=True), kind
-                population.slots[i] = None
-                payload = _payload(population, entity, with_attributes=False)
-                reason = model.deactivation_reason(rng, entity.attributes)
+                    attributes = model.update(rng, attributes, occurred)
+                    population.versions[i] = version
+                    population.attributes[i] = attributes
+                    return _payload(population, entity_id, version, attributes), kind
+                population.entity_ids[i] = population.attributes[i] = None
+                payload = _payload(population, entity_id, version, None)
+                reason = model.deactivation_reason(rng, attributes)
                 if reason is not None:
                     payload["reason"] = reason
                 return payload, kind
         population.created += 1
-        entity = _Entity(model.entity_id(population.created), 1, model.create(rng, occurred))
-        population.slots[(population.created - 1) % len(population.slots)] = entity
-        return _payload(population, entity, with_attributes=True), "created"
+        entity_id = model.entity_id(population.created)
+        attributes = model.create(rng, occurred)
+        slot = (population.created - 1) % population.capacity
+        population.entity_ids[slot] = entity_id
+        population.versions[slot] = 1
+        population.attributes[slot] = attributes
+        return _payload(population, entity_id, 1, attributes), "created"
 
 
-def _payload(population: _Population, entity: _Entity, *, with_attributes: bool) -> dict[str, Any]:
+def _payload(
+    population: _Population, entity_id: str, version: int, attributes: Attributes | None
+) -> dict[str, Any]:
+    """An event payload; `attributes` None for a deactivation."""
     payload: dict[str, Any] = {
         "entity_type": population.entity_type,
-        "entity_id": entity.entity_id,
-        "version": entity.version,
+        "entity_id": entity_id,
+        "version": version,
         "occurred_at": "",  # set by the caller; first here for the key order of the JSON
     }
-    if with_attributes:
-        attributes = entity.attributes
+    if attributes is not None:
         projection = population.projection
         payload["attributes"] = (
             attributes

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from analytics_engine.core import channels
 from analytics_engine.core.bus import Delivery
 from analytics_engine.core.errors import RequestError
+from analytics_engine.core.heap import freeze_startup_heap
 from analytics_engine.core.payloads import parse_change
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
@@ -200,6 +201,7 @@ def build(settings: Settings) -> SimulatorService:
         if not controller.finished:
             controller.start()
 
+    runtime.on_startup(freeze_startup_heap)
     runtime.consume([channels.METADATA_CHANGED], sync.on_changed)
     runtime.add_task("metadata-sync", sync.run)
     runtime.add_task("generate", controller.run)
