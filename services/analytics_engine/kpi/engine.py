@@ -476,6 +476,11 @@ class KPIEngine:
 
     # -- introspection -----------------------------------------------------------------------
 
+    def closes_by(self, published: datetime) -> bool:
+        """Whether an event published at ``published`` would close a window (moving the
+        watermark to its close time), so the caller can hurry to feed it."""
+        return _micros(published) >= self._next_close
+
     @property
     def watermark(self) -> datetime | None:
         return None if self._watermark == _NEVER else from_micros(self._watermark)
