@@ -122,6 +122,10 @@ class StreamMerger(Generic[T]):
         self._released[channel] = taken[-1][0]
         return taken
 
+    def newest_buffered(self) -> list[T]:
+        """The last item held back on each stream (the newest, per stream)."""
+        return [buf[-1][1] for buf in self._buffers.values() if buf]
+
     def released(self) -> dict[str, StreamId]:
         """Per stream, the highest id released (what a checkpoint covers)."""
         return dict(self._released)

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 INPUT_CHANNELS: Final = (channels.ENTITY_CREATED, channels.ENTITY_UPDATED)
 CHECKPOINT_FORMAT: Final = 1
+EAGER_RETRIES: Final = 5
+"""Immediate re-checks for events that close a window but are still held back."""
 GROUP: Final = "calculation_engine"
 
 ResultFilter = Callable[[KPIResult], bool]
@@ -160,11 +162,16 @@ class StreamProcessor:
         self._metrics.buffered.set(merger.buffered)
         self.collect_results()
         await self.flush_results()
-        if merger.buffered and self.engine.closes_by(max(d.event.timestamp for d in deliveries)):
+        if merger.buffered and self._closing_held():
             # Held back in the merger (their millisecond may still get entries on the other
             # stream) are events that close a window: check at once instead of at the next
             # tick whether the streams are complete past them, so the result is out sooner.
             self._close_pending.set()
+
+    def _closing_held(self) -> bool:
+        """Whether events held back in the merger would close a window."""
+        closes_by = self.engine.closes_by
+        return any(closes_by(d.event.timestamp) for d in self.merger.newest_buffered())
 
     def _process(self, released: list[tuple[str, Delivery]]) -> None:
         if not released:
@@ -261,7 +268,9 @@ class StreamProcessor:
             self.merger.mark_caught_up(channel, redis_ms)
         return redis_now if all_caught_up else None
 
-    async def advance_once(self) -> None:
+    async def advance_once(self) -> bool:
+        """Release what the streams' completeness allows, close idle windows; True when every
+        stream was caught up."""
         now = await self.caught_up_time()
         self._process(self.merger.release())
         self._metrics.buffered.set(self.merger.buffered)
@@ -271,18 +280,28 @@ class StreamProcessor:
             self.engine.advance(now)
         self.collect_results()
         await self.flush_results()
+        return now is not None
 
     async def advance_loop(self) -> None:
         """Idle-close path every ~50 ms (sooner when a window is ready to close), checkpoints
         every ~1 s."""
         await self.consumer.ready.wait()
         last_checkpoint = time.monotonic()
+        retries = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._close_pending.wait(), self._advance_interval)
             self._close_pending.clear()
             try:
-                await self.advance_once()
+                caught_up = await self.advance_once()
+                if caught_up and self._closing_held() and retries < EAGER_RETRIES:
+                    # still held: they were stored in the millisecond of the check; the next
+                    # one releases them
+                    retries += 1
+                    await asyncio.sleep(0.001)
+                    self._close_pending.set()
+                else:
+                    retries = 0
                 if time.monotonic() - last_checkpoint >= self._checkpoint_interval:
                     last_checkpoint = time.monotonic()
                     self.update_late_counters()
