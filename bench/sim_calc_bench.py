@@ -28,6 +28,22 @@ from pipeline_bench import CALC_CHANNELS, CALC_GROUP, FRESH_KPIS, Freshness, lis
 SERVICES = ("calculation", "simulator")
 
 
+async def checkpoint_stats(http: aiohttp.ClientSession, url: str) -> tuple[float, float, float]:
+    """(seconds, count) of the engine's checkpoints so far, and the last one's bytes."""
+    async with http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("analytics_calc_checkpoint_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return (
+        values.get("analytics_calc_checkpoint_duration_seconds_sum", 0.0),
+        values.get("analytics_calc_checkpoint_duration_seconds_count", 0.0),
+        values.get("analytics_calc_checkpoint_bytes", 0.0),
+    )
+
+
 async def measure(stack: Stack, rates: list[float], hold: float, *, profile: bool) -> None:
     redis, reader = stack.admin(), stack.admin()
     freshness = Freshness()
@@ -55,6 +71,7 @@ async def measure(stack: Stack, rates: list[float], hold: float, *, profile: boo
                     proc = record(stack.pid(name), hold, out)
                     if proc is not None:
                         profiles.append((name, out, proc))
+                ckpt0 = await checkpoint_stats(http, stack.url("calculation"))
                 cpu0 = cpu_seconds(stack.all_pids())
                 emitted0 = (await call("GET", ""))["events_emitted"]
                 wall0, t0 = time.time(), time.monotonic()
@@ -64,10 +81,12 @@ async def measure(stack: Stack, rates: list[float], hold: float, *, profile: boo
                     lags.append((await group_state(redis, CALC_CHANNELS, CALC_GROUP)).lag)
                 elapsed = time.monotonic() - t0
                 cpu1 = cpu_seconds(stack.all_pids())
+                ckpt1 = await checkpoint_stats(http, stack.url("calculation"))
                 emitted = (await call("GET", ""))["events_emitted"] - emitted0
                 wall1 = time.time()
                 await call("POST", "/stop")
                 achieved = emitted / elapsed
+                ckpt_s, ckpt_n = ckpt1[0] - ckpt0[0], ckpt1[1] - ckpt0[1]
                 samples = freshness.between(wall0, wall1)
                 per_event = {
                     name: 1e6 * (cpu1[name] - cpu0.get(name, 0.0)) / max(emitted, 1)
@@ -77,6 +96,8 @@ async def measure(stack: Stack, rates: list[float], hold: float, *, profile: boo
                     f"rate {rate:>6g}/s achieved {achieved:7.0f}/s  CPU us/event: "
                     + "  ".join(f"{k} {v:5.1f}" for k, v in per_event.items())
                     + f"  | calc lag max {max((x or 0) for x in lags)}"
+                    + f"  checkpoint {1000 * ckpt_s / max(ckpt_n, 1):.1f} ms x{ckpt_n:.0f}"
+                    + f", {ckpt1[2] / 1e6:.1f} MB"
                     + f"  fresh p50/p99 {percentile(samples, 0.5) * 1000:.0f}/"
                     + f"{percentile(samples, 0.99) * 1000:.0f} ms (n={len(samples)})"
                 )
