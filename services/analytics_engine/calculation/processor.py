@@ -283,10 +283,8 @@ class StreamProcessor:
         return now is not None
 
     async def advance_loop(self) -> None:
-        """Idle-close path every ~50 ms (sooner when a window is ready to close), checkpoints
-        every ~1 s."""
+        """Idle-close path every ~50 ms, sooner when a window is ready to close."""
         await self.consumer.ready.wait()
-        last_checkpoint = time.monotonic()
         retries = 0
         while True:
             with contextlib.suppress(TimeoutError):
@@ -302,12 +300,21 @@ class StreamProcessor:
                     self._close_pending.set()
                 else:
                     retries = 0
-                if time.monotonic() - last_checkpoint >= self._checkpoint_interval:
-                    last_checkpoint = time.monotonic()
-                    self.update_late_counters()
-                    await self.checkpoint()
             except REDIS_ERRORS as exc:
                 log.warning("redis unavailable in the advance loop", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+
+    async def checkpoint_loop(self) -> None:
+        """A checkpoint every ~1 s. A task of its own: while one is in flight (~0.1 s at 20k
+        events/s: 2 MB and 20k acknowledgements), windows still close on the advance loop."""
+        await self.consumer.ready.wait()
+        while True:
+            await asyncio.sleep(self._checkpoint_interval)
+            try:
+                self.update_late_counters()
+                await self.checkpoint()
+            except REDIS_ERRORS as exc:
+                log.warning("redis unavailable for a checkpoint", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
 
     def update_late_counters(self) -> None:
