@@ -19,7 +19,7 @@ recognised by id and dropped: ids of one stream only grow.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
@@ -72,6 +72,19 @@ class StreamMerger(Generic[T]):
         self._delivered[channel] = sid
         self._buffers[channel].append((sid, item))
         return True
+
+    def offer_many(self, items: Iterable[tuple[str, bytes, T]]) -> int:
+        """`offer` for (channel, raw stream id, item) triples; returns how many were new."""
+        delivered, buffers = self._delivered, self._buffers
+        accepted = 0
+        for channel, raw, item in items:
+            ms, _, seq = raw.partition(b"-")
+            sid = (int(ms), int(seq or b"0"))
+            if sid > delivered[channel]:
+                delivered[channel] = sid
+                buffers[channel].append((sid, item))
+                accepted += 1
+        return accepted
 
     def delivered(self, channel: str) -> StreamId:
         return self._delivered[channel]

@@ -156,8 +156,7 @@ class StreamProcessor:
     # -- events ----------------------------------------------------------------------------
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         merger = self.merger
-        for delivery in deliveries:
-            merger.offer(delivery.channel, parse_stream_id(delivery.id), delivery)
+        merger.offer_many((d.channel, d.id, d) for d in deliveries)
         self._process(merger.release())
         self._metrics.buffered.set(merger.buffered)
         self.collect_results()

@@ -27,6 +27,17 @@ def test_releases_in_global_id_order_only_when_no_stream_can_precede() -> None:
     assert m.newest_buffered() == []
 
 
+def test_offer_many_parses_ids_and_drops_redeliveries_like_offer() -> None:
+    one: StreamMerger[str] = StreamMerger((A, B))
+    many: StreamMerger[str] = StreamMerger((A, B))
+    items = [(A, b"5-0", "a5"), (B, b"3-1", "b3"), (A, b"5-0", "a5 again"), (A, b"4-9", "old")]
+    for channel, raw, item in items:
+        one.offer(channel, parse_stream_id(raw), item)
+    assert many.offer_many(items) == 2
+    assert many.newest_buffered() == one.newest_buffered() == ["a5", "b3"]
+    assert many.delivered(A) == (5, 0) and many.delivered(B) == (3, 1)
+
+
 def test_newest_buffered_is_the_last_held_item_of_each_stream() -> None:
     m: StreamMerger[str] = StreamMerger((A, B))
     m.offer(A, (1, 0), "a1")
