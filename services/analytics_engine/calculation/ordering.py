@@ -19,13 +19,15 @@ recognised by id and dropped: ids of one stream only grow.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 StreamId = tuple[int, int]
 T = TypeVar("T")
 
 ZERO: StreamId = (0, 0)
+_first = itemgetter(0)
 
 
 def parse_stream_id(raw: bytes | str) -> StreamId:
@@ -71,6 +73,19 @@ class StreamMerger(Generic[T]):
         self._buffers[channel].append((sid, item))
         return True
 
+    def offer_many(self, items: Iterable[tuple[str, bytes, T]]) -> int:
+        """`offer` for (channel, raw stream id, item) triples; returns how many were new."""
+        delivered, buffers = self._delivered, self._buffers
+        accepted = 0
+        for channel, raw, item in items:
+            ms, _, seq = raw.partition(b"-")
+            sid = (int(ms), int(seq or b"0"))
+            if sid > delivered[channel]:
+                delivered[channel] = sid
+                buffers[channel].append((sid, item))
+                accepted += 1
+        return accepted
+
     def delivered(self, channel: str) -> StreamId:
         return self._delivered[channel]
 
@@ -86,16 +101,43 @@ class StreamMerger(Generic[T]):
     def release(self) -> list[tuple[str, T]]:
         """Items no earlier entry can precede any more, in publication order."""
         safe = self._safe_ms()
-        ready: list[tuple[int, Any, int, StreamId, str, T]] = []
-        for index, channel in enumerate(self.channels):
-            buf = self._buffers[channel]
-            while buf and buf[0][0][0] < safe:
-                sid, item = buf.popleft()
-                self._released[channel] = sid
-                ready.append((sid[0], self._tiebreak(item), index, sid, channel, item))
-        if len(ready) > 1 and len(self.channels) > 1:
-            ready.sort(key=lambda r: r[:4])
-        return [(r[4], r[5]) for r in ready]
+        sources = [
+            (index, channel, buf)
+            for index, channel in enumerate(self.channels)
+            if (buf := self._buffers[channel]) and buf[0][0][0] < safe
+        ]
+        if not sources:
+            return []
+        if len(sources) == 1:  # one stream's items are in order already
+            _, channel, buf = sources[0]
+            out = [(channel, item) for _, item in self._take(channel, buf, safe)]
+            return out
+        tiebreak = self._tiebreak
+        ready = [
+            ((sid[0], tiebreak(item), index, sid), channel, item)
+            for index, channel, buf in sources
+            for sid, item in self._take(channel, buf, safe)
+        ]
+        ready.sort(key=_first)
+        return [(channel, item) for _, channel, item in ready]
+
+    def _take(
+        self, channel: str, buf: deque[tuple[StreamId, T]], safe: int
+    ) -> list[tuple[StreamId, T]]:
+        """Remove and return the leading items of `buf` with an id millisecond below `safe`."""
+        if buf[-1][0][0] < safe:
+            taken = list(buf)
+            buf.clear()
+        else:
+            taken = []
+            while buf[0][0][0] < safe:
+                taken.append(buf.popleft())
+        self._released[channel] = taken[-1][0]
+        return taken
+
+    def newest_buffered(self) -> list[T]:
+        """The last item held back on each stream (the newest, per stream)."""
+        return [buf[-1][1] for buf in self._buffers.values() if buf]
 
     def released(self) -> dict[str, StreamId]:
         """Per stream, the highest id released (what a checkpoint covers)."""

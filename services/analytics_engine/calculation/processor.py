@@ -40,9 +40,8 @@ import orjson
 
 from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.events import (
-    EntityEvent,
+    EntityEventDecoder,
     InvalidEntityEvent,
-    entity_event,
     result_events,
 )
 from analytics_engine.calculation.metrics import CalculationMetrics
@@ -66,6 +65,8 @@ log = logging.getLogger(__name__)
 
 INPUT_CHANNELS: Final = (channels.ENTITY_CREATED, channels.ENTITY_UPDATED)
 CHECKPOINT_FORMAT: Final = 1
+EAGER_RETRIES: Final = 5
+"""Immediate re-checks for events that close a window but are still held back."""
 GROUP: Final = "calculation_engine"
 
 ResultFilter = Callable[[KPIResult], bool]
@@ -73,6 +74,10 @@ ResultFilter = Callable[[KPIResult], bool]
 
 def _published(delivery: Delivery) -> datetime:
     return delivery.event.timestamp
+
+
+def _no_ids() -> dict[str, list[bytes]]:
+    return {channel: [] for channel in INPUT_CHANNELS}
 
 
 def new_merger(released: Mapping[str, StreamId] | None = None) -> StreamMerger[Delivery]:
@@ -114,9 +119,14 @@ class StreamProcessor:
             auto_ack=False,
             batch_size=batch_size,
         )
-        self._unacked: list[Delivery] = []
+        self._decoder = EntityEventDecoder()
+        self._unacked: dict[str, list[bytes]] = _no_ids()
+        """Stream ids of the events processed since the last checkpoint (only the ids: the
+        deliveries themselves would survive into the garbage collector's oldest generation and
+        make its full collections the engine's biggest per-event cost)."""
         self._unpublished: list[tuple[KPIResult, list[Event], str]] = []
         self._dirty = False
+        self._close_pending = asyncio.Event()
         self._late_seen: dict[str, int] = {}
         self.suppress: ResultFilter = lambda _: False
         """Set by the backfill manager: live results it will produce itself."""
@@ -146,21 +156,33 @@ class StreamProcessor:
     # -- events ----------------------------------------------------------------------------
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         merger = self.merger
-        for delivery in deliveries:
-            merger.offer(delivery.channel, parse_stream_id(delivery.id), delivery)
+        merger.offer_many((d.channel, d.id, d) for d in deliveries)
         self._process(merger.release())
         self._metrics.buffered.set(merger.buffered)
         self.collect_results()
         await self.flush_results()
+        if merger.buffered and self._closing_held():
+            # Held back in the merger (their millisecond may still get entries on the other
+            # stream) are events that close a window: check at once instead of at the next
+            # tick whether the streams are complete past them, so the result is out sooner.
+            self._close_pending.set()
+
+    def _closing_held(self) -> bool:
+        """Whether events held back in the merger would close a window."""
+        closes_by = self.engine.closes_by
+        return any(closes_by(d.event.timestamp) for d in self.merger.newest_buffered())
 
     def _process(self, released: list[tuple[str, Delivery]]) -> None:
         if not released:
             return
-        engine = self.engine
+        decode = self._decoder.decode
+        feed = self.engine.feed
+        unacked = self._unacked
         invalid = 0
         for channel, delivery in released:
+            unacked[channel].append(delivery.id)
             try:
-                view: EntityEvent = entity_event(delivery.event, channel)
+                fields = decode(delivery.event, channel)
             except InvalidEntityEvent as exc:
                 invalid += 1
                 if invalid == 1:
@@ -169,8 +191,7 @@ class StreamProcessor:
                         extra={"event_id": delivery.event.event_id, "error": str(exc)[:200]},
                     )
                 continue
-            engine.process(view)
-        self._unacked.extend(d for _, d in released)
+            feed(fields)
         processed = len(released) - invalid
         self.events_processed += processed
         self.invalid_events += invalid
@@ -246,7 +267,9 @@ class StreamProcessor:
             self.merger.mark_caught_up(channel, redis_ms)
         return redis_now if all_caught_up else None
 
-    async def advance_once(self) -> None:
+    async def advance_once(self) -> bool:
+        """Release what the streams' completeness allows, close idle windows; True when every
+        stream was caught up."""
         now = await self.caught_up_time()
         self._process(self.merger.release())
         self._metrics.buffered.set(self.merger.buffered)
@@ -256,21 +279,41 @@ class StreamProcessor:
             self.engine.advance(now)
         self.collect_results()
         await self.flush_results()
+        return now is not None
 
     async def advance_loop(self) -> None:
-        """Idle-close path every ~50 ms, checkpoints every ~1 s."""
+        """Idle-close path every ~50 ms, sooner when a window is ready to close."""
         await self.consumer.ready.wait()
-        last_checkpoint = time.monotonic()
+        retries = 0
         while True:
-            await asyncio.sleep(self._advance_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._close_pending.wait(), self._advance_interval)
+            self._close_pending.clear()
             try:
-                await self.advance_once()
-                if time.monotonic() - last_checkpoint >= self._checkpoint_interval:
-                    last_checkpoint = time.monotonic()
-                    self.update_late_counters()
-                    await self.checkpoint()
+                caught_up = await self.advance_once()
+                if caught_up and self._closing_held() and retries < EAGER_RETRIES:
+                    # still held: they were stored in the millisecond of the check; the next
+                    # one releases them
+                    retries += 1
+                    await asyncio.sleep(0.001)
+                    self._close_pending.set()
+                else:
+                    retries = 0
             except REDIS_ERRORS as exc:
                 log.warning("redis unavailable in the advance loop", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+
+    async def checkpoint_loop(self) -> None:
+        """A checkpoint every ~1 s. A task of its own: while one is in flight (~0.1 s at 20k
+        events/s: 2 MB and 20k acknowledgements), windows still close on the advance loop."""
+        await self.consumer.ready.wait()
+        while True:
+            await asyncio.sleep(self._checkpoint_interval)
+            try:
+                self.update_late_counters()
+                await self.checkpoint()
+            except REDIS_ERRORS as exc:
+                log.warning("redis unavailable for a checkpoint", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
 
     def update_late_counters(self) -> None:
@@ -296,11 +339,11 @@ class StreamProcessor:
 
     async def checkpoint(self) -> None:
         """Snapshot + XACK + unpublished results in one MULTI (see the module docstring)."""
-        if not self._dirty and not self._unacked and not self._unpublished:
+        if not self._dirty and not any(self._unacked.values()) and not self._unpublished:
             return
         started = time.perf_counter()
         data = self.checkpoint_data()
-        acks, self._unacked = self._unacked, []
+        acks, self._unacked = self._unacked, _no_ids()
         pending, self._unpublished = self._unpublished, []
         self._dirty = False
         events = [e for _, evs, _ in pending for e in evs]
@@ -311,9 +354,9 @@ class StreamProcessor:
             pipe.set(self.checkpoint_key, data)
 
         try:
-            await self.consumer.ack(acks, also=also)
+            await self.consumer.ack_ids(acks, also=also)
         except BaseException:
-            self._unacked = acks + self._unacked
+            self._unacked = {c: acks[c] + ids for c, ids in self._unacked.items()}
             self._unpublished = pending + self._unpublished
             self._dirty = True
             raise

@@ -216,6 +216,7 @@ def build(settings: Settings) -> CalculationService:
     runtime.on_shutdown(processor.shutdown)
     runtime.consume([channels.METADATA_CHANGED], sync.on_changed)
     runtime.add_task("advance", processor.advance_loop)
+    runtime.add_task("checkpoint", processor.checkpoint_loop)
     runtime.add_task("definition-sync", sync.run)
     runtime.add_task("backfills", backfills.run)
     runtime.add_task("query-kpis", queries.run)

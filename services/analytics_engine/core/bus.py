@@ -134,12 +134,17 @@ class EventPublisher:
 
     def _script_arguments(self, events: Sequence[Event]) -> tuple[list[str], list[Any]]:
         keys: dict[str, int] = {}
+        indexes: dict[str, int] = {}  # per channel: its stream's KEYS index, 0 if not durable
         args: list[Any] = [self._maxlen, FIELD]
         for event in events:
-            index = 0
-            if channel_spec(event.event_type).durable:
-                index = keys.setdefault(stream_key(event.event_type), len(keys) + 1)
-            args.extend((index, event.event_type, encode_event(event)))
+            channel = event.event_type
+            index = indexes.get(channel)
+            if index is None:
+                index = 0
+                if channel_spec(channel).durable:
+                    index = keys.setdefault(stream_key(channel), len(keys) + 1)
+                indexes[channel] = index
+            args.extend((index, channel, encode_event(event)))
         return list(keys), args
 
     def _count(self, events: Sequence[Event]) -> None:

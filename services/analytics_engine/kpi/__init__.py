@@ -27,6 +27,7 @@ from analytics_engine.kpi.durations import Duration, format_duration, parse_dura
 from analytics_engine.kpi.engine import (
     EngineStats,
     EntityEventView,
+    EventFields,
     KPICounters,
     KPIEngine,
     KPIResult,
@@ -58,6 +59,7 @@ __all__ = [
     "EngineStats",
     "EntityEventView",
     "EntityTypeDefinition",
+    "EventFields",
     "FieldError",
     "FilterError",
     "KPICounters",

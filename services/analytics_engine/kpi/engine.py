@@ -29,10 +29,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from analytics_engine.kpi.aggregation import (
+    ACCUMULATOR_TYPES,
     Accumulator,
     accumulator_from_state,
     distinct_key,
-    new_accumulator,
 )
 from analytics_engine.kpi.definitions import VersionedKPIDefinition
 from analytics_engine.kpi.filters import CompiledFilter, compile_filter
@@ -42,6 +42,7 @@ __all__ = [
     "SNAPSHOT_FORMAT",
     "EngineStats",
     "EntityEventView",
+    "EventFields",
     "KPICounters",
     "KPIEngine",
     "KPIResult",
@@ -69,6 +70,11 @@ class EntityEventView:
     occurred_at: datetime
     published_at: datetime
     attributes: Mapping[str, Any]
+
+
+EventFields = tuple[str, str, str, str, int, int, int, Mapping[str, Any]]
+"""An event as :meth:`KPIEngine.feed` takes it: the fields of :class:`EntityEventView` in that
+order, ``occurred_at`` and ``published_at`` as epoch microseconds."""
 
 
 def _iso(value: datetime) -> str:
@@ -168,9 +174,9 @@ class _KPIState:
     """A compiled definition plus its open windows."""
 
     __slots__ = (
-        "aggregation", "close_offset", "code", "counters", "definition", "field", "filter",
-        "fingerprint", "group_by", "heap", "mode", "size", "slide", "uses_reserved", "version",
-        "windows",
+        "aggregation", "apply", "close_offset", "code", "counters", "definition", "field",
+        "filter", "fingerprint", "group_by", "heap", "mode", "size", "slide", "uses_reserved",
+        "version", "windows",
     )
 
     def __init__(self, definition: VersionedKPIDefinition, counters: KPICounters) -> None:
@@ -200,6 +206,7 @@ class _KPIState:
         self.close_offset = self.size + to_micros(window.allowed_lateness)
         self.windows: dict[int, dict[Hashable, _Group]] = {}
         self.heap: list[int] = []
+        self.apply: _Apply = _compile_apply(self)
 
     def next_close(self) -> int:
         return self.heap[0] + self.close_offset if self.heap else _INF
@@ -209,6 +216,90 @@ class _KPIState:
         self.windows[start] = groups
         heapq.heappush(self.heap, start)
         return groups
+
+
+_Apply = Callable[[Mapping[str, Any], int, int], int]
+"""``apply(attributes, occurred_us, watermark_us)`` of a compiled KPI: adds one event that
+passed the filter; returns the close time of the earliest window it opened (``_INF`` if none)."""
+
+
+def _compile_apply(k: _KPIState) -> _Apply:
+    """The per-event update of one KPI as a closure specialised on its definition.
+
+    Everything fixed per definition (aggregation mode, field, group-by names, window shape) is
+    bound here once, so the hot path reads no attributes and takes no per-definition decisions:
+    it runs once per KPI of the event's entity type, the engine's main per-event cost.
+    """
+    mode = k.mode
+    field_name = k.field if k.field is not None else ""
+    group_by = k.group_by
+    single = group_by[0] if len(group_by) == 1 else None
+    size, slide, offset = k.size, k.slide, k.close_offset
+    windows, open_window, counters = k.windows, k.open_window, k.counters
+    accumulator = ACCUMULATOR_TYPES[k.aggregation]
+    count_all, numeric = mode == _COUNT_ALL, mode == _NUMERIC
+
+    def apply(attrs: Mapping[str, Any], occurred: int, watermark: int) -> int:
+        value: Any = None
+        usable = True
+        if not count_all:
+            value = attrs.get(field_name)
+            if value is None:
+                usable = False
+            elif numeric:
+                vt = type(value)
+                if vt is int:
+                    value = float(value)
+                elif vt is not float:
+                    usable = False
+                    counters.invalid_values += 1
+        if single is not None:
+            v = attrs.get(single)
+            dims: tuple[Any, ...] = (v,)
+            key: Hashable = dims if type(v) is str else (_dim_key(v),)
+        elif group_by:
+            dims = tuple([attrs.get(name) for name in group_by])
+            key = tuple([v if type(v) is str else _dim_key(v) for v in dims])
+        else:
+            dims = key = ()
+        opened = _INF
+        if slide is None:
+            start = occurred - occurred % size
+            if start + offset <= watermark:
+                counters.late_events += 1
+                return opened
+            groups = windows.get(start)
+            if groups is None:
+                groups = open_window(start)
+                opened = start + offset
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Group(dims, accumulator())
+            group.n += 1
+            if usable:
+                group.acc.add(value)
+            return opened
+        late = False
+        for start in window_starts(occurred, size, slide):
+            if start + offset <= watermark:
+                late = True
+                continue
+            groups = windows.get(start)
+            if groups is None:
+                groups = open_window(start)
+                if start + offset < opened:  # noqa: PLR1730 - hot path
+                    opened = start + offset
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Group(dims, accumulator())
+            group.n += 1
+            if usable:
+                group.acc.add(value)
+        if late:
+            counters.late_events += 1
+        return opened
+
+    return apply
 
 
 class KPIEngine:
@@ -278,41 +369,48 @@ class KPIEngine:
 
     def process(self, event: EntityEventView) -> None:
         """Feed one event (any order; duplicates are dropped)."""
-        event_id = event.event_id
+        self.feed((event.event_id, event.event_kind, event.entity_type, event.entity_id,
+                   event.version, _micros(event.occurred_at), _micros(event.published_at),
+                   event.attributes))
+
+    def feed(self, fields: EventFields) -> None:
+        """:meth:`process` for callers that hold the event's fields already, with its times
+        as epoch microseconds (the stream processor's hot path: no view object per event)."""
+        event_id, kind, entity_type, _, _, _, published, _ = fields
         seen = self._seen
         if event_id in seen:
             self._duplicates += 1
             return
         if self._capacity:
             seen.add(event_id)
-            self._recent.append(event_id)
-            if len(self._recent) > self._capacity:
-                seen.discard(self._recent.popleft())
+            recent = self._recent
+            recent.append(event_id)
+            if len(recent) > self._capacity:
+                seen.discard(recent.popleft())
         self._events += 1
-        published = _micros(event.published_at)
         if published > self._watermark:  # noqa: PLR1730 - hot path: no max() call
             self._watermark = published
-        kpis = self._by_type.get(event.entity_type)
-        kind = event.event_kind
         if kind not in _AGGREGATED_KINDS:
             self._ignored += 1
-        elif kpis:
-            self._aggregate(kpis, event, kind)
+        else:
+            kpis = self._by_type.get(entity_type)
+            if kpis:
+                self._aggregate(kpis, fields)
         if self._watermark >= self._next_close:
             self._close()
 
-    def _aggregate(self, kpis: tuple[_KPIState, ...], event: EntityEventView, kind: str) -> None:
-        attrs = event.attributes
-        occurred = _micros(event.occurred_at)
+    def _aggregate(self, kpis: tuple[_KPIState, ...], fields: EventFields) -> None:
+        _, kind, _, entity_id, version, occurred, _, attrs = fields
         watermark = self._watermark
+        next_close = self._next_close
         activation: Mapping[str, Any] | None = None
         for k in kpis:
             flt = k.filter
             if flt is not None:
                 if k.uses_reserved:
                     if activation is None:
-                        activation = {**attrs, "event": kind, "entity_id": event.entity_id,
-                                      "version": event.version}
+                        activation = {**attrs, "event": kind, "entity_id": entity_id,
+                                      "version": version}
                     verdict = flt.evaluate(activation)
                 else:
                     verdict = flt.evaluate(attrs)
@@ -322,48 +420,10 @@ class KPIEngine:
                     else:
                         k.counters.filtered_out += 1
                     continue
-            mode = k.mode
-            value: Any = None
-            usable = True
-            if mode != _COUNT_ALL:
-                value = attrs.get(k.field)  # type: ignore[arg-type]
-                if value is None:
-                    usable = False
-                elif mode == _NUMERIC:
-                    vt = type(value)
-                    if vt is int:
-                        value = float(value)
-                    elif vt is not float:
-                        usable = False
-                        k.counters.invalid_values += 1
-            if k.group_by:
-                dims = tuple([attrs.get(name) for name in k.group_by])
-                key: Hashable = tuple([v if type(v) is str else _dim_key(v) for v in dims])
-            else:
-                dims = key = ()
-            if k.slide is None:
-                starts: Iterable[int] = (occurred - occurred % k.size,)
-            else:
-                starts = window_starts(occurred, k.size, k.slide)
-            late = False
-            offset = k.close_offset
-            for start in starts:
-                if start + offset <= watermark:
-                    late = True
-                    continue
-                groups = k.windows.get(start)
-                if groups is None:
-                    groups = k.open_window(start)
-                    if start + offset < self._next_close:  # noqa: PLR1730 - hot path
-                        self._next_close = start + offset
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = _Group(dims, new_accumulator(k.aggregation))
-                group.n += 1
-                if usable:
-                    group.acc.add(value)
-            if late:
-                k.counters.late_events += 1
+            opened = k.apply(attrs, occurred, watermark)
+            if opened < next_close:  # noqa: PLR1730 - hot path
+                next_close = opened
+        self._next_close = next_close
 
     def advance(self, now: datetime) -> None:
         """Idle-close path: close windows whose close time is ``idle_close_grace`` before
@@ -415,6 +475,11 @@ class KPIEngine:
         return results
 
     # -- introspection -----------------------------------------------------------------------
+
+    def closes_by(self, published: datetime) -> bool:
+        """Whether an event published at ``published`` would close a window (moving the
+        watermark to its close time), so the caller can hurry to feed it."""
+        return _micros(published) >= self._next_close
 
     @property
     def watermark(self) -> datetime | None:

@@ -47,6 +47,7 @@ class SimulatorController:
         self.max_events = max_events
         self.tick_interval_s = tick_interval_s
         self.events_emitted = 0
+        self.batches_published = 0
         self.started_at: datetime | None = None
         self._running = asyncio.Event()
         self._pending: list[Event] = []
@@ -133,12 +134,15 @@ class SimulatorController:
             if self.max_events is None
             else min(MAX_BATCH, self.max_events - self.events_emitted)
         )
-        n = self._bucket.take(remaining, now)
-        if n == 0:
-            min_batch = int(max(1.0, min(float(MAX_BATCH), self.rate / TARGET_PUBLISHES_PER_S)))
-            wait = self._bucket.wait_time(min(min_batch, remaining), now)
+        # Wait for a whole batch (rate / TARGET_PUBLISHES_PER_S events): taking whatever
+        # accrued while the last batch was being published would shrink batches to a few
+        # events at high rates, one script call and one wake-up each.
+        min_batch = int(max(1.0, min(float(MAX_BATCH), self.rate / TARGET_PUBLISHES_PER_S)))
+        wait = self._bucket.wait_time(min(min_batch, remaining), now)
+        if wait > 0:
             await asyncio.sleep(min(max(wait, 0.001), 0.1))
             return
+        n = self._bucket.take(remaining, now)
         first = self.generator.sequence
         wall = utcnow()
         batch = self.generator.next_batch(n, wall)
@@ -153,6 +157,7 @@ class SimulatorController:
     async def _publish_pending(self) -> None:
         await self._publisher.publish_events(self._pending)
         self.events_emitted += len(self._pending)
+        self.batches_published += 1
         self._pending = []
 
     async def tick_loop(self) -> None:

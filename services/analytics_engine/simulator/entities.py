@@ -151,13 +151,23 @@ class SensorModel:
 
     def __init__(self) -> None:
         self._sites = tuple(_SITES)
+        self._cycle_at: datetime | None = None
+        self._cycle = 0.0
 
     def entity_id(self, n: int) -> str:
         return f"sensor-{n:06d}"
 
+    def _daily_cycle(self, now: datetime) -> float:
+        """The temperature offset of the time of day (remembered: a batch shares its `now`
+        object)."""
+        if now is not self._cycle_at:
+            day_fraction = (now.hour * 3600 + now.minute * 60 + now.second) / 86_400
+            self._cycle = 6.0 * math.sin(2 * math.pi * (day_fraction - 0.375))
+            self._cycle_at = now
+        return self._cycle
+
     def _reading(self, rng: random.Random, site: str, battery: float, now: datetime) -> Attributes:
-        day_fraction = (now.hour * 3600 + now.minute * 60 + now.second) / 86_400
-        cycle = 6.0 * math.sin(2 * math.pi * (day_fraction - 0.375))
+        cycle = self._daily_cycle(now)
         base = _SITES.get(site, 20.0)
         temperature = round(base + cycle + rng.gauss(0.0, 0.8), 2)
         humidity = 55.0 - 1.5 * (temperature - base) + rng.gauss(0, 3)

@@ -13,10 +13,10 @@ mix is exact once a population exists.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import random
 import uuid
+from bisect import bisect_right
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -40,41 +40,50 @@ _PICK_TRIES: Final = 4
 _NAMESPACE: Final = uuid.UUID("6f1c7f3e-5b7a-4d0e-9a53-5e0b7c1d2a90")
 
 
-class _Entity:
-    __slots__ = ("attributes", "entity_id", "version")
-
-    def __init__(self, entity_id: str, version: int, attributes: Attributes) -> None:
-        self.entity_id = entity_id
-        self.version = version
-        self.attributes = attributes
-
-
 class _Population:
-    """The live entities of one type in a ring of slots."""
+    """The live entities of one type in a ring of slots.
 
-    __slots__ = ("created", "model", "projection", "slots")
+    Stored column-wise (id, version and attributes per slot) rather than as an object per
+    entity: attribute dicts of plain values are not tracked by the garbage collector, so the
+    ring (up to `max_live_entities`) stays out of its full collections, which would otherwise
+    walk every entity (tens of ms each, every few seconds at high rates).
+    """
+
+    __slots__ = (
+        "attributes",
+        "capacity",
+        "created",
+        "entity_ids",
+        "entity_type",
+        "model",
+        "projection",
+        "versions",
+    )
 
     def __init__(self, model: EntityModel, capacity: int) -> None:
         self.model = model
-        self.slots: list[_Entity | None] = [None] * capacity
+        self.entity_type = model.entity_type
+        self.capacity = capacity
+        self.entity_ids: list[str | None] = [None] * capacity
+        self.versions: list[int] = [0] * capacity
+        self.attributes: list[Attributes | None] = [None] * capacity
         self.created = 0
         self.projection: tuple[str, ...] | None = None
 
     def pick(self, rng: random.Random, *, for_update: bool) -> int | None:
-        filled = min(self.created, len(self.slots))
+        filled = min(self.created, self.capacity)
         if filled == 0:
             return None
+        rand = rng.random
+        entity_ids, attributes = self.entity_ids, self.attributes
+        updatable = self.model.updatable
         for _ in range(_PICK_TRIES):
-            i = int(rng.random() * filled)
-            entity = self.slots[i]
-            if entity is not None and (not for_update or self.model.updatable(entity.attributes)):
-                return i
+            i = int(rand() * filled)
+            if entity_ids[i] is not None:
+                current = attributes[i]
+                if not for_update or (current is not None and updatable(current)):
+                    return i
         return None
-
-    def emitted(self, attributes: Attributes) -> Attributes:
-        if self.projection is None:
-            return attributes
-        return {name: attributes[name] for name in self.projection if name in attributes}
 
 
 class EventGenerator:
@@ -121,6 +130,7 @@ class EventGenerator:
             if population is None or type(population.model) is not type(model):
                 population = _Population(model, self.config.max_live_entities)
             population.model = model
+            population.entity_type = model.entity_type
             population.projection = _projection(model, shape)
             populations[name] = population
             self.counts.setdefault(name, dict.fromkeys(EVENT_KINDS, 0))
@@ -152,33 +162,41 @@ class EventGenerator:
 
     # -- generation ------------------------------------------------------------------------
     def next_batch(self, n: int, now: datetime) -> list[tuple[str, dict[str, Any]]]:
+        # The hot path of the simulator: names are bound to locals and the per-event helpers
+        # are inlined, but the draws from `rng` are exactly those of the plain version (same
+        # seed, same stream).
         rng = self._rng
+        rand = rng.random
         cfg = self.config
         now_text = now.isoformat()
         ooo = cfg.out_of_order_ratio
         late = cfg.late_ratio
+        late_or_ooo = late + ooo
         ooo_span = cfg.out_of_order_span.total_seconds()
         max_late = cfg.max_lateness.total_seconds()
+        type_cum, type_names, kind_cum = self._type_cum, self._type_names, self._kind_cum
+        last_type = len(type_names) - 1
+        populations, counts, event = self._populations, self.counts, self._event
         out: list[tuple[str, dict[str, Any]]] = []
+        append = out.append
         for _ in range(n):
-            t = bisect.bisect_right(self._type_cum, rng.random())
-            name = self._type_names[min(t, len(self._type_names) - 1)]
-            population = self._populations[name]
-            k = bisect.bisect_right(self._kind_cum, rng.random())
-            kind = EVENT_KINDS[min(k, 2)]
-            roll = rng.random()
+            t = bisect_right(type_cum, rand())
+            name = type_names[t if t < last_type else last_type]
+            k = bisect_right(kind_cum, rand())
+            kind = EVENT_KINDS[k if k < 2 else 2]
+            roll = rand()
             if roll < late:
-                occurred = now - timedelta(seconds=max_late * (0.5 + 0.5 * rng.random()))
+                occurred = now - timedelta(seconds=max_late * (0.5 + 0.5 * rand()))
                 occurred_text = occurred.isoformat()
-            elif roll < late + ooo:
-                occurred = now - timedelta(seconds=ooo_span * rng.random())
+            elif roll < late_or_ooo:
+                occurred = now - timedelta(seconds=ooo_span * rand())
                 occurred_text = occurred.isoformat()
             else:
                 occurred, occurred_text = now, now_text
-            payload, kind = self._event(rng, population, kind, occurred)
+            payload, kind = event(rng, populations[name], kind, occurred)
             payload["occurred_at"] = occurred_text
-            self.counts[name][kind] += 1
-            out.append((KIND_CHANNELS[kind], payload))
+            counts[name][kind] += 1
+            append((KIND_CHANNELS[kind], payload))
         self.sequence += n
         return out
 
@@ -189,35 +207,49 @@ class EventGenerator:
         if kind != "created":
             i = population.pick(rng, for_update=kind == "updated")
             if i is not None:
-                entity = population.slots[i]
-                assert entity is not None
-                entity.version += 1
+                entity_id = population.entity_ids[i]
+                attributes = population.attributes[i]
+                assert entity_id is not None and attributes is not None
+                version = population.versions[i] + 1
                 if kind == "updated":
-                    entity.attributes = model.update(rng, entity.attributes, occurred)
-                    return self._payload(population, entity, with_attributes=True), kind
-                population.slots[i] = None
-                payload = self._payload(population, entity, with_attributes=False)
-                reason = model.deactivation_reason(rng, entity.attributes)
+                    attributes = model.update(rng, attributes, occurred)
+                    population.versions[i] = version
+                    population.attributes[i] = attributes
+                    return _payload(population, entity_id, version, attributes), kind
+                population.entity_ids[i] = population.attributes[i] = None
+                payload = _payload(population, entity_id, version, None)
+                reason = model.deactivation_reason(rng, attributes)
                 if reason is not None:
                     payload["reason"] = reason
                 return payload, kind
         population.created += 1
-        entity = _Entity(model.entity_id(population.created), 1, model.create(rng, occurred))
-        population.slots[(population.created - 1) % len(population.slots)] = entity
-        return self._payload(population, entity, with_attributes=True), "created"
+        entity_id = model.entity_id(population.created)
+        attributes = model.create(rng, occurred)
+        slot = (population.created - 1) % population.capacity
+        population.entity_ids[slot] = entity_id
+        population.versions[slot] = 1
+        population.attributes[slot] = attributes
+        return _payload(population, entity_id, 1, attributes), "created"
 
-    def _payload(
-        self, population: _Population, entity: _Entity, *, with_attributes: bool
-    ) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "entity_type": population.model.entity_type,
-            "entity_id": entity.entity_id,
-            "version": entity.version,
-            "occurred_at": "",
-        }
-        if with_attributes:
-            payload["attributes"] = population.emitted(entity.attributes)
-        return payload
+
+def _payload(
+    population: _Population, entity_id: str, version: int, attributes: Attributes | None
+) -> dict[str, Any]:
+    """An event payload; `attributes` None for a deactivation."""
+    payload: dict[str, Any] = {
+        "entity_type": population.entity_type,
+        "entity_id": entity_id,
+        "version": version,
+        "occurred_at": "",  # set by the caller; first here for the key order of the JSON
+    }
+    if attributes is not None:
+        projection = population.projection
+        payload["attributes"] = (
+            attributes
+            if projection is None
+            else {name: attributes[name] for name in projection if name in attributes}
+        )
+    return payload
 
 
 _BUILTIN_ATTRIBUTES: Final = {

@@ -496,3 +496,44 @@ async def test_http_api_with_a_stand_in_database(
 async def _never(_: Request) -> dict[str, Any]:
     await asyncio.sleep(30)
     return {}
+
+
+async def test_a_window_ready_to_close_does_not_wait_for_the_idle_tick(
+    redis: Redis, redis_url: str, running: Start, tmp_path: Path
+) -> None:
+    """An event that closes a window but is held back by the stream merge (its millisecond
+    may still get entries on the other stream) is released by an immediate completeness
+    check, not at the next idle tick (5 s here): the result is out at once (freshness)."""
+    kpi_dir = write_kpi_dir(tmp_path, [kpi("fast_count", "order", "count", tumbling("1s", "0s"))])
+    s = settings(redis_url, kpi_dir, advance_interval_s=5, idle_close_grace="1h")
+    service = build(s)
+    await running(service.runtime)
+    processor = service.processor
+
+    def order(event_id: str, at: datetime) -> Event:
+        payload = {
+            "entity_type": "order",
+            "entity_id": event_id,
+            "version": 1,
+            "occurred_at": at.isoformat(),
+            "attributes": {"amount": 1.0},
+        }
+        return Event(
+            event_id=event_id,
+            event_type=channels.ENTITY_CREATED,
+            source="data_simulator",
+            timestamp=at,
+            payload=payload,
+        )
+
+    now = utcnow()
+    await publish(redis, [order("e-1", now)])
+    await wait_for(lambda: processor.events_processed == 1, timeout=15)  # at an idle tick
+    window_end = now.replace(microsecond=0) + timedelta(seconds=1)
+    started = time.monotonic()
+    await publish(redis, [order("e-2", window_end + timedelta(milliseconds=1))])
+    await wait_for(lambda: processor.events_processed == 2, timeout=15)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.5, elapsed  # the next idle tick is ~5 s after the first event's
+    results = await published_results(redis)
+    assert [(r["kpi_code"], r["value"]) for r in results] == [("fast_count", 1.0)]

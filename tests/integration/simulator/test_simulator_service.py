@@ -220,3 +220,16 @@ async def test_a_large_burst_is_published_whole(
     service = await run_to_end(running, settings(redis_url, rate=100_000, max_events=n))
     assert service.controller.events_emitted == n
     assert sum([await redis.xlen(channels.stream_key(c)) for c in channels.ENTITY_CHANNELS]) == n
+
+
+async def test_high_rates_publish_in_batches_of_a_hundredth_of_the_rate(
+    redis: Redis, redis_url: str, running: Start
+) -> None:
+    """At 20k/s the simulator publishes ~100 batches of ~200 events per second, not a batch
+    per wake-up of whatever accrued meanwhile (one script call and one wake-up per few events
+    would cost the CPU the pipeline needs)."""
+    n, rate = 20_000, 20_000
+    service = await run_to_end(running, settings(redis_url, rate=rate, max_events=n))
+    assert service.controller.events_emitted == n
+    assert service.controller.batches_published <= 1.5 * n / (rate / 100)
+    assert sum([await redis.xlen(channels.stream_key(c)) for c in channels.ENTITY_CHANNELS]) == n

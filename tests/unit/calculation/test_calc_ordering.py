@@ -24,6 +24,28 @@ def test_releases_in_global_id_order_only_when_no_stream_can_precede() -> None:
     m.mark_caught_up(A, 6)
     assert [x for _, x in m.release()] == ["a5"]
     assert m.released() == {A: (5, 0), B: (4, 0)}
+    assert m.newest_buffered() == []
+
+
+def test_offer_many_parses_ids_and_drops_redeliveries_like_offer() -> None:
+    one: StreamMerger[str] = StreamMerger((A, B))
+    many: StreamMerger[str] = StreamMerger((A, B))
+    items = [(A, b"5-0", "a5"), (B, b"3-1", "b3"), (A, b"5-0", "a5 again"), (A, b"4-9", "old")]
+    for channel, raw, item in items:
+        one.offer(channel, parse_stream_id(raw), item)
+    assert many.offer_many(items) == 2
+    assert many.newest_buffered() == one.newest_buffered() == ["a5", "b3"]
+    assert many.delivered(A) == (5, 0) and many.delivered(B) == (3, 1)
+
+
+def test_newest_buffered_is_the_last_held_item_of_each_stream() -> None:
+    m: StreamMerger[str] = StreamMerger((A, B))
+    m.offer(A, (1, 0), "a1")
+    m.offer(A, (2, 0), "a2")
+    assert m.newest_buffered() == ["a2"]
+    m.offer(B, (2, 0), "b2")
+    assert m.release() == [(A, "a1")]  # millisecond 2 may still get entries
+    assert m.newest_buffered() == ["a2", "b2"]
 
 
 def test_items_of_one_millisecond_are_ordered_by_the_tiebreak() -> None:

@@ -86,8 +86,19 @@ def test_count_distinct_uses_json_identity(values: list[Any], split: int) -> Non
     assert left.result() == acc.result()
     restored = accumulator_from_state(json.loads(json.dumps(acc.to_state())))
     assert restored.result() == acc.result()
+    assert restored.to_state() == acc.to_state()  # the same state in the same order
     restored.add(values[0] if values else "new")
     assert restored.result() == acc.result() + (0 if values else 1)
+
+
+def test_distinct_state_is_sorted_strings_first_then_tagged_values() -> None:
+    acc = new_accumulator("count_distinct")
+    for v in ("b", 2, "a", True, 1.5, [1], "c", False):
+        acc.add(v)
+    assert acc.to_state()["state"] == [
+        ["s", "a"], ["s", "b"], ["s", "c"],
+        ["b", False], ["b", True], ["j", "[1]"], ["n", 1.5], ["n", 2],
+    ]
 
 
 def test_distinct_keeps_true_and_1_apart_but_1_and_1_0_together() -> None:

@@ -351,3 +351,14 @@ def test_snapshot_restore_mid_stream_is_invisible(events: list[EntityEventView],
     second.advance(NOW)
     rest += second.drain_results()
     assert partial + rest == expected
+
+
+def test_closes_by_tells_whether_an_event_would_close_a_window() -> None:
+    e = engine(kpi(window={"type": "tumbling", "size": "10s", "allowed_lateness": "2s"}))
+    assert not e.closes_by(at(1000))  # no open window
+    e.process(ev(1, 3, amount=1))
+    assert not e.closes_by(at(11.999))
+    assert e.closes_by(at(12))  # [0,10) closes at 10 + 2
+    e.process(ev(2, 12.5, amount=1))
+    assert [r.value for r in e.drain_results()] == [1.0]
+    assert not e.closes_by(at(21.9)) and e.closes_by(at(22))
