@@ -138,14 +138,7 @@ def _event_uuid(event: Event) -> str:
 
 def _json_text(payload: dict[str, Any], name: str) -> str:
     """A JSON object field as compact JSON text (what `entity_events.attributes` stores)."""
-    value = payload.get(name)
-    if not isinstance(value, dict):
-        raise InvalidPayload(f"{name}: an object is required")
-    text = orjson.dumps(value).decode()
-    # jsonb rejects \u0000 escapes; text columns reject NUL bytes.
-    if "\\u0000" in text:
-        raise InvalidPayload(f"{name}: contains a NUL character")
-    return text
+    return _json_object(payload, name)[1]
 
 
 # -- parsers --------------------------------------------------------------------------------
