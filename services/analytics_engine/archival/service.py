@@ -17,9 +17,9 @@ from analytics_engine.archival.kpi_results import ArchivalHooks, KpiResultArchiv
 from analytics_engine.archival.ledger import Ledger
 from analytics_engine.archival.s3 import ObjectStore
 from analytics_engine.core.channels import ARCHIVAL_EVENTS, ARCHIVE_KPI_RESULTS
+from analytics_engine.core.durations import parse_duration
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings, S3Settings
-from analytics_engine.database.durations import parse_duration
 
 SERVICE = "archival_service"
 

@@ -27,10 +27,10 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
+from analytics_engine.core.durations import parse_duration
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.errors import HandlerError
 from analytics_engine.database.db import transient_errors
-from analytics_engine.database.durations import parse_duration
 from analytics_engine.database.jsonsafe import coerce_param, row_to_json, to_json_value
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.model import (

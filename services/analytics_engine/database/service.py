@@ -15,11 +15,11 @@ from typing import Any, Literal
 from pydantic import Field, PostgresDsn
 
 from analytics_engine.core import channels
+from analytics_engine.core.durations import Duration
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings, DatabaseSettings
 from analytics_engine.database.archival import Archiver
 from analytics_engine.database.db import TRANSIENT_ERRORS, connect, create_pool
-from analytics_engine.database.durations import Duration
 from analytics_engine.database.kpi_result_consumer import KPIResultConsumer
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import migrate

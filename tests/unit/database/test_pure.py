@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from analytics_engine.database.durations import parse_duration
+from analytics_engine.core.durations import parse_duration
 from analytics_engine.database.jsonsafe import coerce_param, to_json_value
 from analytics_engine.database.migrate import load_migrations, plan
 from analytics_engine.database.model import InvalidPayload

@@ -1,4 +1,5 @@
-"""Duration values as the platform writes them: `<int>(ms|s|m|h|d)` or a number of seconds."""
+"""Durations in service settings: `<number>(ms|s|m|h|d)` or a number of seconds (KPI definitions
+have their own, stricter type: `kpi.durations`)."""
 
 from __future__ import annotations
 
