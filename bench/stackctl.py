@@ -34,6 +34,7 @@ from typing import Any, Self
 import aiohttp
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import REDIS_ERRORS
@@ -362,7 +363,13 @@ class StackController:
         )
         for key in keys:
             stream = key.decode().removeprefix(channels.stream_key(""))
-            for info in await admin.xinfo_groups(key):
+            try:
+                groups = await admin.xinfo_groups(key)
+            except ResponseError as exc:
+                if "no such key" in str(exc):
+                    continue  # deleted since the SCAN (a finished replay stream)
+                raise
+            for info in groups:
                 group = _text(info["name"])
                 lag = int(info.get("lag") or 0)
                 pending = int(info.get("pending") or 0)
