@@ -49,7 +49,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -65,8 +65,7 @@ from analytics_engine.archival.tables import (
     lake_order,
     to_parquet,
 )
-from analytics_engine.core.bus import REDIS_ERRORS, encode_event
-from analytics_engine.core.channels import stream_key
+from analytics_engine.core.bus import REDIS_ERRORS, encode_event, ids_by_channel
 from analytics_engine.core.errors import TransientError
 
 if TYPE_CHECKING:
@@ -407,12 +406,7 @@ class KpiResultArchiver:
         if time.monotonic() - self._last_touch < self._claim_idle / 3:
             return
         self._last_touch = time.monotonic()
-        await self._ledger.touch(
-            stream=stream_key(self._channel),
-            group=self._group,
-            consumer=self._consumer.consumer,
-            ids=list(self._held),
-        )
+        await self._consumer.keep_alive(ids_by_channel(self._held.items()))
 
     async def close(self, *, timeout: float = 10.0) -> None:
         """Final flush on graceful shutdown; what it cannot write stays pending in the stream."""
@@ -425,14 +419,3 @@ class KpiResultArchiver:
                 "final archive flush failed; entries stay pending",
                 extra={"error": str(exc)[:200], "buffered": len(self._held)},
             )
-
-
-def ids_by_channel(entries: Iterable[tuple[bytes, str]]) -> dict[str, list[bytes]]:
-    """(entry id, channel) pairs grouped by channel, for `DurableConsumer.ack_ids`."""
-    grouped: dict[str, list[bytes]] = {}
-    for entry_id, channel in entries:
-        group = grouped.get(channel)
-        if group is None:
-            grouped[channel] = group = []
-        group.append(entry_id)
-    return grouped

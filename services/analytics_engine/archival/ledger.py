@@ -180,14 +180,6 @@ class Ledger:
         except REDIS_ERRORS as exc:
             raise TransientError(f"redis unavailable: {exc}") from exc
 
-    async def touch(self, *, stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> None:
-        """Reset the idle time of entries held in the buffer (XCLAIM JUSTID does not count a
-        delivery), so the bus neither re-delivers them to us nor hands them to a peer while we
-        still hold them."""
-        if ids:
-            await self._redis.xclaim(stream, group, consumer, 0, list(ids), justid=True)
-
-
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 

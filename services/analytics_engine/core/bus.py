@@ -359,16 +359,15 @@ class DurableConsumer:
                 log.info("claimed abandoned events", extra={"count": len(entries)})
                 await self._dispatch([(key, e) for e in entries], redelivered=True)
 
-    async def keep_alive(self, deliveries: Sequence[Delivery]) -> None:
-        """Reset the idle time of deliveries this consumer still holds (buffered for a later
-        acknowledgement), so peers do not claim them and their delivery count stays put."""
-        by_channel: dict[str, list[bytes]] = {}
-        for d in deliveries:
-            by_channel.setdefault(d.channel, []).append(d.id)
-        for channel, ids in by_channel.items():
-            await self._streams.xclaim(
-                stream_key(channel), self.group, self.consumer, 0, ids, justid=True
-            )
+    async def keep_alive(self, ids_by_channel: Mapping[str, Sequence[bytes]]) -> None:
+        """Reset the idle time of entries this consumer still holds (buffered for a later
+        acknowledgement, `ack_ids`), so peers do not claim them and their delivery count stays
+        put (XCLAIM JUSTID does not count a delivery)."""
+        for channel, ids in ids_by_channel.items():
+            if ids:
+                await self._streams.xclaim(
+                    stream_key(channel), self.group, self.consumer, 0, list(ids), justid=True
+                )
 
     async def _update_lag(self) -> None:
         if self._metrics is None:
@@ -535,10 +534,7 @@ class DurableConsumer:
     ) -> None:
         """Acknowledge deliveries; `also` adds commands (a checkpoint, follow-up events) to the
         same MULTI/EXEC so they happen together or not at all."""
-        by_channel: dict[str, list[bytes]] = {}
-        for d in deliveries:
-            by_channel.setdefault(d.channel, []).append(d.id)
-        await self.ack_ids(by_channel, also=also)
+        await self.ack_ids(ids_by_channel((d.id, d.channel) for d in deliveries), also=also)
 
     async def ack_ids(
         self,
@@ -558,6 +554,17 @@ class DurableConsumer:
         if self._metrics is not None:
             for channel, ids in ids_by_channel.items():
                 self._metrics.consumed.labels(channel, self.group).inc(len(ids))
+
+
+def ids_by_channel(entries: Iterable[tuple[bytes, str]]) -> dict[str, list[bytes]]:
+    """(entry id, channel) pairs grouped by channel (for `ack_ids` and `keep_alive`)."""
+    grouped: dict[str, list[bytes]] = {}
+    for entry_id, channel in entries:
+        group = grouped.get(channel)
+        if group is None:
+            grouped[channel] = group = []
+        group.append(entry_id)
+    return grouped
 
 
 def _describe(exc: Exception) -> str:
