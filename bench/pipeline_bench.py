@@ -33,7 +33,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -466,6 +466,18 @@ def finish_profile(profile: tuple[str, Path, Any] | None) -> None:
     print(f"profile of {name} ({out}):\n{summarise(out)}", flush=True)
 
 
+def log_cpu_per_item(
+    label: str, before: Mapping[str, float], after: Mapping[str, float], items: int
+) -> None:
+    """CPU time per item of each process between two `cpu_seconds` readings."""
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    log(
+        f"{label}, by process: "
+        + "  ".join(f"{k} {1e6 * v / items:.1f}" for k, v in sorted(used.items()) if v >= 0.01)
+        + f"  | total {1e6 * sum(used.values()) / items:.1f}"
+    )
+
+
 # -- (c) database drain -----------------------------------------------------------------------
 async def drain_database(p: Pipeline, n: int) -> tuple[float, float, float]:
     """Returns (drain events/s from first read, events/s including startup, COPY rows/s)."""
@@ -484,6 +496,7 @@ async def drain_database(p: Pipeline, n: int) -> tuple[float, float, float]:
     start = await group_state(p.redis, channels.ENTITY_CHANNELS, DB_GROUP)
     spawned = time.monotonic()
     stack.start("database")
+    cpu0: dict[str, float] = {}
     profile = start_profile(p, "database", "drain")
     first: float | None = None
     while True:
@@ -491,14 +504,17 @@ async def drain_database(p: Pipeline, n: int) -> tuple[float, float, float]:
         now = time.monotonic()
         if first is None and (state.entries_read > start.entries_read or state.pending):
             first = now
+            cpu0 = cpu_seconds(stack.all_pids())  # from the first read: startup left out
         if state.drained:
             break
         if now - spawned > 600:
             raise TimeoutError(f"database drain did not finish: {state}")
         await asyncio.sleep(0.05)
     end = time.monotonic()
+    cpu1 = cpu_seconds(stack.all_pids())
     await stack.wait_ready(["database"])
     finish_profile(profile)
+    log_cpu_per_item("(c) CPU us per drained event", cpu0, cpu1, n)
     stored = await p.stored() - before
     log(
         f"(c) drained: stored {stored}/{n}; first read {first - spawned if first else 0:.2f}s "
@@ -582,6 +598,7 @@ async def drain_archival(
     start = await group_state(p.redis, [channel], ARCHIVAL_GROUP)
     spawned = time.monotonic()
     stack.start("archival")
+    cpu0: dict[str, float] = {}
     profile = start_profile(p, "archival", channel)
     first: float | None = None
     while True:
@@ -589,12 +606,16 @@ async def drain_archival(
         now = time.monotonic()
         if first is None and (state.entries_read > start.entries_read or state.pending):
             first = now
+            cpu0 = cpu_seconds(stack.all_pids())  # from the first read: startup left out
         if state.drained:
             break
         if now - spawned > 600:
             raise TimeoutError(f"archival drain did not finish: {state}")
         await asyncio.sleep(0.05)
     end = time.monotonic()
+    log_cpu_per_item(
+        f"(d) CPU us per archived row of {channel}", cpu0, cpu_seconds(stack.all_pids()), rows
+    )
     await stack.wait_ready(["archival"])
     finish_profile(profile)
     return rows / (end - (first or spawned)), rows / (end - spawned)
