@@ -226,6 +226,9 @@ class DurableConsumer:
       `max_deliveries` times, or one that does not parse, goes to the dead-letter stream.
     - Pending entries of a dead consumer are claimed after `claim_idle_ms`; on start the consumer
       first re-reads its own pending entries (crash recovery).
+    - `linger_ms`: a read that finds fewer than `batch_size` entries waits this long once and
+      tops the batch up before handing it over. For handlers whose cost is mostly per batch (a
+      database transaction) and whose latency nobody waits on; 0 (the default) hands over at once.
     """
 
     def __init__(
@@ -243,6 +246,7 @@ class DurableConsumer:
         block_ms: int = 1000,
         auto_ack: bool = True,
         start_id: str = "0",
+        linger_ms: int = 0,
         metrics: CoreMetrics | None = None,
     ) -> None:
         for channel in channels:
@@ -263,6 +267,7 @@ class DurableConsumer:
         self._block_ms = block_ms
         self._auto_ack = auto_ack
         self._start_id = start_id
+        self._linger = linger_ms / 1000
         self._metrics = metrics
         self._keys = {stream_key(c).encode(): c for c in self.channels}
         self._stopping = asyncio.Event()
@@ -329,14 +334,17 @@ class DurableConsumer:
             self._last_claim = now
             await self._claim_abandoned()
             await self._update_lag()
-        reply = await self._redis.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(self._keys, b">"),
-            count=self._batch,
-            block=self._block_ms,
+        new = dict.fromkeys(self._keys, b">")
+        reply = await self._streams.xreadgroup(
+            self.group, self.consumer, new, count=self._batch, block=self._block_ms
         )
         entries = _entries(reply)
+        if entries and self._linger and len(entries) < self._batch:
+            await self._sleep(self._linger)
+            more = await self._streams.xreadgroup(
+                self.group, self.consumer, new, count=self._batch - len(entries)
+            )
+            entries += _entries(more)
         if entries:
             await self._dispatch(entries, redelivered=False)
 

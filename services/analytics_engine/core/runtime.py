@@ -100,8 +100,10 @@ class ServiceRuntime:
         consumer: str | None = None,
         auto_ack: bool = True,
         batch_size: int | None = None,
+        linger_ms: int = 0,
     ) -> DurableConsumer:
-        """Read durable channels with this service's consumer group (replicas share work)."""
+        """Read durable channels with this service's consumer group (replicas share work);
+        `linger_ms` as in `DurableConsumer`."""
         s = self.settings
         consumer_ = DurableConsumer(
             self._stream_redis,
@@ -114,6 +116,7 @@ class ServiceRuntime:
             max_deliveries=s.max_deliveries,
             claim_idle_ms=s.claim_idle_ms,
             auto_ack=auto_ack,
+            linger_ms=linger_ms,
             metrics=self.metrics,
         )
         self._consumers.append(consumer_)

@@ -279,3 +279,25 @@ async def test_retention_is_bounded(redis: Redis) -> None:
         await publisher.publish_many((channels.SIMULATION_TICK, {"i": i}) for i in range(1000))
     length = await redis.xlen(channels.stream_key(channels.SIMULATION_TICK))
     assert 1000 <= length < 2500
+
+
+@pytest.mark.parametrize("linger_ms", [0, 300])
+async def test_linger_tops_up_a_short_batch_once(redis: Redis, linger_ms: int) -> None:
+    """With `linger_ms`, events arriving shortly after a short read join its batch; without it
+    the first read is handed over at once."""
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    batches: list[list[int]] = []
+
+    async def handle(deliveries: Sequence[Delivery]) -> None:
+        batches.append([d.event.payload["n"] for d in deliveries])
+
+    c = consumer(redis, f"linger-{linger_ms}", handle, batch_size=10, linger_ms=linger_ms)
+    task = asyncio.create_task(c.run())
+    await asyncio.wait_for(c.ready.wait(), 5)
+    await publisher.publish(channels.ENTITY_CREATED, {"n": 0})
+    await asyncio.sleep(0.1)  # inside the linger: the consumer has read event 0 and waits
+    await publisher.publish_many((channels.ENTITY_CREATED, {"n": n}) for n in (1, 2))
+    await wait_for(lambda: sum(map(len, batches)) == 3)
+    c.stop()
+    await task
+    assert batches == ([[0, 1, 2]] if linger_ms else [[0], [1, 2]])
