@@ -9,8 +9,8 @@ packing redis-py does) or left out:
 
 simulator
   generate   `EventGenerator.next_batch` in batches of rate/100 (the controller's batch)
-  envelope   `make_event` per event (id, envelope)
-  encode     the publish script's arguments (JSON per event) + redis-py packing the EVALSHA
+  envelope   the batch's wire bytes (ids, `EventPublisher.encode_batch`), as the controller
+  encode     the publish script's arguments + packing the EVALSHA (the services' packer)
   total      the above together
 calculation (the `StreamProcessor` with the sample KPIs plus the two 1 s freshness KPIs of
 `pipeline_bench.py`, fed what the simulator produced, in XREADGROUP-sized batches)
@@ -42,6 +42,7 @@ from analytics_engine.calculation.processor import StreamProcessor
 from analytics_engine.core.bus import FIELD, Delivery, EventPublisher, encode_event
 from analytics_engine.core.channels import stream_key
 from analytics_engine.core.envelopes import Event, parse_event
+from analytics_engine.core.redis import hiredis_packing
 from analytics_engine.kpi import VersionedKPIDefinition, load_definitions_dir
 from analytics_engine.simulator.config import GeneratorConfig
 from analytics_engine.simulator.generator import EventGenerator
@@ -68,11 +69,12 @@ SECOND_KPIS = [
 
 
 class _NoRedisPublisher(EventPublisher):
-    """The core publisher with the script call replaced by redis-py's packing of it."""
+    """The core publisher with the script call replaced by the packing of it (by the services'
+    connection class: `core.redis.connect`'s)."""
 
     def __init__(self, source: str) -> None:
         super().__init__(Redis(), source=source, stream_maxlen=1_000_000)
-        self._conn = Connection()
+        self._conn = hiredis_packing(Connection)()
 
     async def publish_events(self, events: Sequence[Event]) -> None:
         if events:
@@ -95,7 +97,6 @@ def simulator(args: argparse.Namespace) -> dict[str, float]:
     samples: dict[str, list[float]] = {"generate": [], "envelope": [], "encode": []}
     for _ in range(args.runs):
         gen = generator()
-        make = publisher.make_event
         cpu = dict.fromkeys(samples, 0.0)
         for i in range(0, n, batch):
             now = start + timedelta(milliseconds=i)
@@ -103,12 +104,10 @@ def simulator(args: argparse.Namespace) -> dict[str, float]:
             first = gen.sequence
             items = gen.next_batch(batch, now)
             t1 = time.process_time()
-            events = [
-                make(channel, payload, event_id=gen.event_id(first + j), timestamp=now)
-                for j, (channel, payload) in enumerate(items)
-            ]
+            ids = [gen.event_id(first + j) for j in range(len(items))]
+            encoded = publisher.encode_batch(items, ids, now)
             t2 = time.process_time()
-            keys, arguments = publisher._script_arguments(events)
+            keys, arguments = publisher._script_arguments(encoded)
             publisher._conn.pack_command("EVALSHA", "x", len(keys), *keys, *arguments)
             t3 = time.process_time()
             cpu["generate"] += t1 - t0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -110,6 +110,9 @@ def assemble(cls: type[M], fields: dict[str, Any], extra: dict[str, Any] | None 
     return instance
 
 
+ENVELOPE_JSON_OPTIONS: Final = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+
 def dumps(model: BaseModel) -> bytes:
     """An envelope's JSON, `None` fields left out so messages stay spec-shaped.
 
@@ -119,7 +122,7 @@ def dumps(model: BaseModel) -> bytes:
     body = {k: v for k, v in model.__dict__.items() if v is not None}
     if model.model_extra:
         body.update((k, v) for k, v in model.model_extra.items() if v is not None)
-    return orjson.dumps(body, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS)
+    return orjson.dumps(body, option=ENVELOPE_JSON_OPTIONS)
 
 
 def validation_summary(exc: ValidationError, *, limit: int = 5) -> str:

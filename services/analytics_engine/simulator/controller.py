@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from analytics_engine.core import channels
-from analytics_engine.core.bus import REDIS_ERRORS, EventPublisher
-from analytics_engine.core.envelopes import Event, utcnow
+from analytics_engine.core.bus import REDIS_ERRORS, EncodedEvent, EventPublisher
+from analytics_engine.core.envelopes import utcnow
 from analytics_engine.simulator.generator import EventGenerator
 from analytics_engine.simulator.rate import TokenBucket
 
@@ -50,7 +50,7 @@ class SimulatorController:
         self.batches_published = 0
         self.started_at: datetime | None = None
         self._running = asyncio.Event()
-        self._pending: list[Event] = []
+        self._pending: list[EncodedEvent] = []
         self._tick = 0
         self._last_tick_count = 0
         self._last_tick_time = clock()
@@ -147,15 +147,12 @@ class SimulatorController:
         wall = utcnow()
         batch = self.generator.next_batch(n, wall)
         event_id = self.generator.event_id
-        make = self._publisher.make_event
-        self._pending = [
-            make(channel, payload, event_id=event_id(first + i), timestamp=wall)
-            for i, (channel, payload) in enumerate(batch)
-        ]
+        ids = [event_id(first + i) for i in range(len(batch))]
+        self._pending = self._publisher.encode_batch(batch, ids, wall)
         # published by `run` next, retried there until Redis takes it (no gap in the sequence)
 
     async def _publish_pending(self) -> None:
-        await self._publisher.publish_events(self._pending)
+        await self._publisher.publish_encoded(self._pending)
         self.events_emitted += len(self._pending)
         self.batches_published += 1
         self._pending = []
