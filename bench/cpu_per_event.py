@@ -39,9 +39,9 @@ from redis.asyncio.connection import Connection
 from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.metrics import CalculationMetrics
 from analytics_engine.calculation.processor import StreamProcessor
-from analytics_engine.core.bus import FIELD, Delivery, EventPublisher, encode_event
+from analytics_engine.core.bus import FIELD, Delivery, EncodedEvent, EventPublisher, encode_event
 from analytics_engine.core.channels import stream_key
-from analytics_engine.core.envelopes import Event, parse_event
+from analytics_engine.core.envelopes import parse_event
 from analytics_engine.core.redis import hiredis_packing
 from analytics_engine.kpi import VersionedKPIDefinition, load_definitions_dir
 from analytics_engine.simulator.config import GeneratorConfig
@@ -76,7 +76,7 @@ class _NoRedisPublisher(EventPublisher):
         super().__init__(Redis(), source=source, stream_maxlen=1_000_000)
         self._conn = hiredis_packing(Connection)()
 
-    async def publish_events(self, events: Sequence[Event]) -> None:
+    async def publish_encoded(self, events: Sequence[EncodedEvent]) -> None:
         if events:
             keys, args = self._script_arguments(events)
             self._conn.pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
