@@ -338,6 +338,8 @@ class Pipeline:
                 if proc is not None:
                     profiles.append((name, out, proc))
         engine_before = await engine_freshness(self.http, calc_url)
+        if self.args.profile:
+            await self.redis.config_resetstat()
         cpu0 = cpu_seconds(self.stack.all_pids())
         wall0 = time.time()
         t0 = time.monotonic()
@@ -355,6 +357,8 @@ class Pipeline:
         emitted1 = (await self.sim_call("GET", ""))["events_emitted"]
         elapsed = time.monotonic() - t0
         cpu1 = cpu_seconds(self.stack.all_pids())
+        if self.args.profile:
+            await print_redis_commands(self.redis, emitted1 - emitted0, rate)
         step.cpu = {k: 100 * (cpu1[k] - cpu0.get(k, 0.0)) / elapsed for k in cpu1}
         step.achieved = (emitted1 - emitted0) / elapsed
         wall1 = time.time()
@@ -464,6 +468,24 @@ def finish_profile(profile: tuple[str, Path, Any] | None) -> None:
         proc.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
         proc.wait(timeout=30)
     print(f"profile of {name} ({out}):\n{summarise(out)}", flush=True)
+
+
+async def print_redis_commands(redis: Redis, events: int, rate: float) -> None:
+    """Where Redis's time went since the last CONFIG RESETSTAT: µs per event by command."""
+    stats = await redis.info("commandstats")
+    rows = sorted(
+        ((k.removeprefix("cmdstat_"), v) for k, v in stats.items() if isinstance(v, dict)),
+        key=lambda kv: -float(kv[1]["usec"]),
+    )
+    total = sum(float(v["usec"]) for _, v in rows)
+    print(
+        f"redis at {rate:g}/s: {total / max(events, 1):.1f} us per event in commands; "
+        + ", ".join(
+            f"{name} {float(v['usec']) / max(events, 1):.1f} ({int(v['calls'])} calls)"
+            for name, v in rows[:8]
+        ),
+        flush=True,
+    )
 
 
 def log_cpu_per_item(
