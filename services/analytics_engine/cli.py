@@ -82,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gateway-port", type=int, default=8080)
     up.add_argument("--kpi-dir", default=None, help="KPI YAML directory (default k8s/samples)")
     up.add_argument("--rate", type=float, default=None, help="simulator events/s")
-    up.add_argument(
-        "--only", default=None, help="comma-separated services to run (default: all)"
-    )
+    up.add_argument("--only", default=None, help="comma-separated services to run (default: all)")
 
     verify = sub.add_parser("verify", help="prove the stored KPIs right by recomputing them")
     verify.add_argument("--start", default=None, help="ISO time (default: earliest result)")

@@ -51,7 +51,7 @@ _IF_MATCH: Final = {
     "name": "If-Match",
     "in": "header",
     "required": False,
-    "description": "Entity tag from a previous GET (`\"<version>\"`); 412 when it is stale.",
+    "description": 'Entity tag from a previous GET (`"<version>"`); 412 when it is stale.',
     "schema": {"type": "string"},
 }
 
@@ -156,9 +156,7 @@ class GatewayApi:
 
     # -- KPI values (calculation engine) ----------------------------------------------------
     async def list_kpis(self, request: web.Request) -> web.Response:
-        return await self._calculation.call(
-            "GET", "/api/v1/kpis", request_id=request_id(request)
-        )
+        return await self._calculation.call("GET", "/api/v1/kpis", request_id=request_id(request))
 
     async def latest(self, request: web.Request) -> web.Response:
         code = request.match_info["code"]
@@ -339,106 +337,264 @@ class GatewayApi:
             }
         ]
         stream_query = [
-            _query("token", "Stream token from POST /api/v1/sse-token (for EventSource, "
-                   "which cannot send headers)", {"type": "string"}, False),
-            _query("last_event_id", "Same as the Last-Event-ID header", {"type": "string"},
-                   False),
+            _query(
+                "token",
+                "Stream token from POST /api/v1/sse-token (for EventSource, "
+                "which cannot send headers)",
+                {"type": "string"},
+                False,
+            ),
+            _query("last_event_id", "Same as the Last-Event-ID header", {"type": "string"}, False),
         ]
         sse_ok = {200: ("`text/event-stream`: `event: kpi` messages, `id` increasing", None)}
         return [
-            RouteSpec("GET", "/api/v1/kpi-definitions", "listKpiDefinitions",
-                      "List KPI definitions", "KPI definitions", "read", self.list_definitions,
-                      query=[_query("entity_type", "Only this entity type",
-                                    {"type": "string"}, False)],
-                      responses={200: ("Definitions", ref("KPIDefinitionList")),
-                                 **errors(401, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/kpi-definitions/{code}", "getKpiDefinition",
-                      "Get a KPI definition (ETag: its version)", "KPI definitions", "read",
-                      self.get_definition, path_patterns=code,
-                      responses={200: ("The definition", ref("StoredKPIDefinition")),
-                                 **errors(401, 404, 429, 502, 503, 504)}),
-            RouteSpec("PUT", "/api/v1/kpi-definitions/{code}", "putKpiDefinition",
-                      "Create or replace a KPI definition", "KPI definitions", "admin",
-                      self.put_definition, path_patterns=code, request_headers=[_IF_MATCH],
-                      body=ref("KPIDefinition"),
-                      responses={200: ("Replaced (or unchanged)", ref("StoredKPIDefinition")),
-                                 201: ("Created", ref("StoredKPIDefinition")),
-                                 **errors(400, 401, 403, 412, 413, 422, 429, 502, 503, 504)},
-                      description="Idempotent: an identical definition keeps its version. "
-                      "422 lists field errors in `error.details`."),
-            RouteSpec("DELETE", "/api/v1/kpi-definitions/{code}", "deleteKpiDefinition",
-                      "Delete a KPI definition", "KPI definitions", "admin",
-                      self.delete_definition, path_patterns=code, request_headers=[_IF_MATCH],
-                      responses={204: ("Deleted", None),
-                                 **errors(401, 403, 404, 412, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/entity-types", "listEntityTypes",
-                      "List entity types (what KPIs can aggregate)", "KPI definitions", "read",
-                      self.list_entity_types,
-                      responses={200: ("Entity types", ref("ItemList")),
-                                 **errors(401, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/kpis", "listKpis", "KPIs the engine runs, with status",
-                      "KPI values", "read", self.list_kpis,
-                      responses={200: ("KPIs", ref("ItemList")),
-                                 **errors(401, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/kpis/{code}/latest", "getLatestKpiValues",
-                      "Latest value per group", "KPI values", "read", self.latest,
-                      path_patterns=code,
-                      responses={200: ("Latest results", ref("LatestValues")),
-                                 **errors(401, 404, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/kpis/{code}/history", "getKpiHistory",
-                      "Results in a time range, optionally filtered by dimensions",
-                      "KPI values", "read", self.history, path_patterns=code,
-                      query=history_query,
-                      responses={200: ("Results, oldest first", ref("History")),
-                                 **errors(401, 404, 422, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/kpis/{code}/stream", "streamKpi",
-                      "Live results of one KPI (Server-Sent Events)", "Live", "read",
-                      self.stream_kpi, path_patterns=code, query=stream_query,
-                      request_headers=last_event_id, responses={**sse_ok, **errors(401, 429)},
-                      content_type="text/event-stream", stream=True),
-            RouteSpec("GET", "/api/v1/stream", "streamAll",
-                      "Live results of every KPI (Server-Sent Events)", "Live", "read",
-                      self.stream_all, query=stream_query, request_headers=last_event_id,
-                      responses={**sse_ok, **errors(401, 429)},
-                      content_type="text/event-stream", stream=True,
-                      description="Each message: `id` (increasing), `event: kpi`, `data` = the "
-                      "KPI result JSON. Reconnect with `Last-Event-ID` to replay what was "
-                      "missed from a bounded buffer; `event: gap` says some were lost. Comments "
-                      "(`: ping`) keep the connection alive."),
-            RouteSpec("POST", "/api/v1/sse-token", "createStreamToken",
-                      "A short-lived, read-only token for the stream routes", "Live", "read",
-                      self.stream_token,
-                      responses={201: ("Token", ref("StreamToken")), **errors(401, 429)}),
-            RouteSpec("GET", "/api/v1/simulator", "getSimulator", "Simulator status",
-                      "Simulator", "read", self.simulator_status,
-                      responses={200: ("Status", ref("SimulatorStatus")),
-                                 **errors(401, 429, 502, 503, 504)}),
-            RouteSpec("POST", "/api/v1/simulator/start", "startSimulator", "Start the simulator",
-                      "Simulator", "admin", self.simulator_start,
-                      responses={200: ("Status", ref("SimulatorStatus")),
-                                 **errors(401, 403, 409, 429, 502, 503, 504)}),
-            RouteSpec("POST", "/api/v1/simulator/stop", "stopSimulator", "Stop the simulator",
-                      "Simulator", "admin", self.simulator_stop,
-                      responses={200: ("Status", ref("SimulatorStatus")),
-                                 **errors(401, 403, 429, 502, 503, 504)}),
-            RouteSpec("PUT", "/api/v1/simulator/rate", "setSimulatorRate",
-                      "Set the event rate (events/s)", "Simulator", "admin",
-                      self.simulator_rate, body=ref("SimulatorRate"),
-                      responses={200: ("Status", ref("SimulatorStatus")),
-                                 **errors(400, 401, 403, 413, 422, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/entities/{entity_type}/{entity_id}", "getEntity",
-                      "Current state of an entity", "Entities", "read", self.entity,
-                      path_patterns={"entity_type": KPI_CODE_REGEX, "entity_id": NAME_REGEX},
-                      responses={200: ("The entity", ref("Entity")),
-                                 **errors(400, 401, 404, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/status", "getPlatformStatus",
-                      "Platform health: services, consumer lag, dead letters, rates",
-                      "Platform", "read", self.platform_status,
-                      responses={200: ("Status", ref("PlatformStatus")),
-                                 **errors(401, 429, 502, 503, 504)}),
-            RouteSpec("GET", "/api/v1/me", "whoAmI", "The calling key's id and scope",
-                      "Platform", "read", self.me,
-                      responses={200: ("Key", ref("Principal")), **errors(401, 429)}),
+            RouteSpec(
+                "GET",
+                "/api/v1/kpi-definitions",
+                "listKpiDefinitions",
+                "List KPI definitions",
+                "KPI definitions",
+                "read",
+                self.list_definitions,
+                query=[_query("entity_type", "Only this entity type", {"type": "string"}, False)],
+                responses={
+                    200: ("Definitions", ref("KPIDefinitionList")),
+                    **errors(401, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/kpi-definitions/{code}",
+                "getKpiDefinition",
+                "Get a KPI definition (ETag: its version)",
+                "KPI definitions",
+                "read",
+                self.get_definition,
+                path_patterns=code,
+                responses={
+                    200: ("The definition", ref("StoredKPIDefinition")),
+                    **errors(401, 404, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "PUT",
+                "/api/v1/kpi-definitions/{code}",
+                "putKpiDefinition",
+                "Create or replace a KPI definition",
+                "KPI definitions",
+                "admin",
+                self.put_definition,
+                path_patterns=code,
+                request_headers=[_IF_MATCH],
+                body=ref("KPIDefinition"),
+                responses={
+                    200: ("Replaced (or unchanged)", ref("StoredKPIDefinition")),
+                    201: ("Created", ref("StoredKPIDefinition")),
+                    **errors(400, 401, 403, 412, 413, 422, 429, 502, 503, 504),
+                },
+                description="Idempotent: an identical definition keeps its version. "
+                "422 lists field errors in `error.details`.",
+            ),
+            RouteSpec(
+                "DELETE",
+                "/api/v1/kpi-definitions/{code}",
+                "deleteKpiDefinition",
+                "Delete a KPI definition",
+                "KPI definitions",
+                "admin",
+                self.delete_definition,
+                path_patterns=code,
+                request_headers=[_IF_MATCH],
+                responses={
+                    204: ("Deleted", None),
+                    **errors(401, 403, 404, 412, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/entity-types",
+                "listEntityTypes",
+                "List entity types (what KPIs can aggregate)",
+                "KPI definitions",
+                "read",
+                self.list_entity_types,
+                responses={
+                    200: ("Entity types", ref("ItemList")),
+                    **errors(401, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/kpis",
+                "listKpis",
+                "KPIs the engine runs, with status",
+                "KPI values",
+                "read",
+                self.list_kpis,
+                responses={200: ("KPIs", ref("ItemList")), **errors(401, 429, 502, 503, 504)},
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/kpis/{code}/latest",
+                "getLatestKpiValues",
+                "Latest value per group",
+                "KPI values",
+                "read",
+                self.latest,
+                path_patterns=code,
+                responses={
+                    200: ("Latest results", ref("LatestValues")),
+                    **errors(401, 404, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/kpis/{code}/history",
+                "getKpiHistory",
+                "Results in a time range, optionally filtered by dimensions",
+                "KPI values",
+                "read",
+                self.history,
+                path_patterns=code,
+                query=history_query,
+                responses={
+                    200: ("Results, oldest first", ref("History")),
+                    **errors(401, 404, 422, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/kpis/{code}/stream",
+                "streamKpi",
+                "Live results of one KPI (Server-Sent Events)",
+                "Live",
+                "read",
+                self.stream_kpi,
+                path_patterns=code,
+                query=stream_query,
+                request_headers=last_event_id,
+                responses={**sse_ok, **errors(401, 429)},
+                content_type="text/event-stream",
+                stream=True,
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/stream",
+                "streamAll",
+                "Live results of every KPI (Server-Sent Events)",
+                "Live",
+                "read",
+                self.stream_all,
+                query=stream_query,
+                request_headers=last_event_id,
+                responses={**sse_ok, **errors(401, 429)},
+                content_type="text/event-stream",
+                stream=True,
+                description="Each message: `id` (increasing), `event: kpi`, `data` = the "
+                "KPI result JSON. Reconnect with `Last-Event-ID` to replay what was "
+                "missed from a bounded buffer; `event: gap` says some were lost. Comments "
+                "(`: ping`) keep the connection alive.",
+            ),
+            RouteSpec(
+                "POST",
+                "/api/v1/sse-token",
+                "createStreamToken",
+                "A short-lived, read-only token for the stream routes",
+                "Live",
+                "read",
+                self.stream_token,
+                responses={201: ("Token", ref("StreamToken")), **errors(401, 429)},
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/simulator",
+                "getSimulator",
+                "Simulator status",
+                "Simulator",
+                "read",
+                self.simulator_status,
+                responses={
+                    200: ("Status", ref("SimulatorStatus")),
+                    **errors(401, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "POST",
+                "/api/v1/simulator/start",
+                "startSimulator",
+                "Start the simulator",
+                "Simulator",
+                "admin",
+                self.simulator_start,
+                responses={
+                    200: ("Status", ref("SimulatorStatus")),
+                    **errors(401, 403, 409, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "POST",
+                "/api/v1/simulator/stop",
+                "stopSimulator",
+                "Stop the simulator",
+                "Simulator",
+                "admin",
+                self.simulator_stop,
+                responses={
+                    200: ("Status", ref("SimulatorStatus")),
+                    **errors(401, 403, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "PUT",
+                "/api/v1/simulator/rate",
+                "setSimulatorRate",
+                "Set the event rate (events/s)",
+                "Simulator",
+                "admin",
+                self.simulator_rate,
+                body=ref("SimulatorRate"),
+                responses={
+                    200: ("Status", ref("SimulatorStatus")),
+                    **errors(400, 401, 403, 413, 422, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/entities/{entity_type}/{entity_id}",
+                "getEntity",
+                "Current state of an entity",
+                "Entities",
+                "read",
+                self.entity,
+                path_patterns={"entity_type": KPI_CODE_REGEX, "entity_id": NAME_REGEX},
+                responses={
+                    200: ("The entity", ref("Entity")),
+                    **errors(400, 401, 404, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/status",
+                "getPlatformStatus",
+                "Platform health: services, consumer lag, dead letters, rates",
+                "Platform",
+                "read",
+                self.platform_status,
+                responses={
+                    200: ("Status", ref("PlatformStatus")),
+                    **errors(401, 429, 502, 503, 504),
+                },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/me",
+                "whoAmI",
+                "The calling key's id and scope",
+                "Platform",
+                "read",
+                self.me,
+                responses={200: ("Key", ref("Principal")), **errors(401, 429)},
+            ),
         ]
 
 
@@ -456,17 +612,23 @@ def _query(
 
 def _bus_error(exc: RequestError, service: str) -> ApiError:
     if isinstance(exc, RequestTimeout):
-        return ApiError(504, f"the {service} service did not answer in time",
-                        code="upstream_timeout")
+        return ApiError(
+            504, f"the {service} service did not answer in time", code="upstream_timeout"
+        )
     if isinstance(exc, NoResponder):
-        return ApiError(503, f"the {service} service is not running",
-                        code="upstream_unavailable", headers={"Retry-After": "2"})
+        return ApiError(
+            503,
+            f"the {service} service is not running",
+            code="upstream_unavailable",
+            headers={"Retry-After": "2"},
+        )
     if isinstance(exc, RemoteError):
         if exc.code in ("invalid_request", "bad_request"):
             return ApiError(400, exc.message, code="bad_request")
         if exc.code == "unavailable":
-            return ApiError(503, exc.message, code="upstream_unavailable",
-                            headers={"Retry-After": "2"})
+            return ApiError(
+                503, exc.message, code="upstream_unavailable", headers={"Retry-After": "2"}
+            )
     log.warning("bus request failed", extra={"service": service, "error": str(exc)[:200]})
     return ApiError(502, f"the {service} service failed", code="bad_gateway")
 

@@ -126,7 +126,7 @@ class LiveHub:
     def on_message(self, channel: bytes, data: bytes) -> None:
         """Pub/sub callback for `kpi.calculated.*`: keep the result's payload, fan it out."""
         name = channel.decode(errors="replace")
-        code = name[len(KPI_CALCULATED_PREFIX):] if name.startswith(KPI_CALCULATED_PREFIX) else ""
+        code = name[len(KPI_CALCULATED_PREFIX) :] if name.startswith(KPI_CALCULATED_PREFIX) else ""
         try:
             envelope = orjson.loads(data)
             payload = envelope["payload"]

@@ -213,9 +213,7 @@ class Middlewares:
             )
         if not allows(who.scope, spec.scope):
             log.info("forbidden", extra={"key_id": who.key_id, "route": spec.path})
-            raise ApiError(
-                403, f"this needs a key with scope {spec.scope!r}", code="forbidden"
-            )
+            raise ApiError(403, f"this needs a key with scope {spec.scope!r}", code="forbidden")
         request[PRINCIPAL_KEY] = who
         return await handler(request)
 

@@ -32,8 +32,9 @@ passed on to the services as their correlation id.
 """
 
 
-def _object(properties: dict[str, Any], required: Sequence[str] = (),
-            extra: bool = True) -> dict[str, Any]:
+def _object(
+    properties: dict[str, Any], required: Sequence[str] = (), extra: bool = True
+) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "object", "properties": properties}
     if required:
         schema["required"] = list(required)
@@ -168,8 +169,13 @@ def _operation(spec: RouteSpec) -> dict[str, Any]:
             entry["content"] = {spec.content_type: {"schema": {"type": "string"}}}
         responses[str(status)] = entry
     if spec.scope is not None:
-        responses.setdefault("401", {"description": "No or unknown API key",
-                                     "content": {"application/json": {"schema": ERROR}}})
+        responses.setdefault(
+            "401",
+            {
+                "description": "No or unknown API key",
+                "content": {"application/json": {"schema": ERROR}},
+            },
+        )
     operation["responses"] = responses
     if spec.scope is None:
         operation["security"] = []
@@ -204,12 +210,18 @@ def build_document(specs: Sequence[RouteSpec]) -> dict[str, Any]:
         "components": {
             "schemas": component_schemas(),
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer",
-                               "description": "An API key as a bearer token"},
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key as a bearer token",
+                },
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                "streamToken": {"type": "apiKey", "in": "query", "name": "token",
-                                "description": "From POST /api/v1/sse-token; stream routes "
-                                "only"},
+                "streamToken": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "From POST /api/v1/sse-token; stream routes only",
+                },
             },
         },
     }
@@ -223,15 +235,53 @@ def operational_routes(openapi: Any, docs: Any) -> list[RouteSpec]:
         503: ("Not ready", {"type": "object"}),
     }
     return [
-        RouteSpec("GET", "/healthz", "healthz", "Process is alive", "Operations", None,
-                  responses={200: ("Alive", {"type": "object"})}),
-        RouteSpec("GET", "/readyz", "readyz", "Dependencies are reachable", "Operations", None,
-                  responses=health),
-        RouteSpec("GET", "/metrics", "metrics", "Prometheus metrics", "Operations", None,
-                  responses=text, content_type="text/plain"),
-        RouteSpec("GET", "/api/v1/openapi.json", "openapi", "This OpenAPI document",
-                  "Operations", None, openapi,
-                  responses={200: ("OpenAPI 3.1 document", {"type": "object"})}),
-        RouteSpec("GET", "/api/v1/docs", "docs", "Interactive API documentation (HTML)",
-                  "Operations", None, docs, responses=text, content_type="text/html"),
+        RouteSpec(
+            "GET",
+            "/healthz",
+            "healthz",
+            "Process is alive",
+            "Operations",
+            None,
+            responses={200: ("Alive", {"type": "object"})},
+        ),
+        RouteSpec(
+            "GET",
+            "/readyz",
+            "readyz",
+            "Dependencies are reachable",
+            "Operations",
+            None,
+            responses=health,
+        ),
+        RouteSpec(
+            "GET",
+            "/metrics",
+            "metrics",
+            "Prometheus metrics",
+            "Operations",
+            None,
+            responses=text,
+            content_type="text/plain",
+        ),
+        RouteSpec(
+            "GET",
+            "/api/v1/openapi.json",
+            "openapi",
+            "This OpenAPI document",
+            "Operations",
+            None,
+            openapi,
+            responses={200: ("OpenAPI 3.1 document", {"type": "object"})},
+        ),
+        RouteSpec(
+            "GET",
+            "/api/v1/docs",
+            "docs",
+            "Interactive API documentation (HTML)",
+            "Operations",
+            None,
+            docs,
+            responses=text,
+            content_type="text/html",
+        ),
     ]

@@ -28,8 +28,9 @@ SECURITY_HEADERS: Final = {
 
 def _page(name: str) -> web.Response:
     body = (STATIC_DIR / name).read_bytes()
-    return web.Response(body=body, content_type="text/html", charset="utf-8",
-                        headers=SECURITY_HEADERS)
+    return web.Response(
+        body=body, content_type="text/html", charset="utf-8", headers=SECURITY_HEADERS
+    )
 
 
 async def index(_: web.Request) -> web.Response:

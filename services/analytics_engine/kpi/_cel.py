@@ -233,8 +233,9 @@ def _lower(tree: Tree[Token]) -> Node:
         raise FilterError(f"{_UNSUPPORTED_RULES[rule]} is not supported{_column(tree)}")
     if rule == "expr":
         if len(kids) != 1:
-            raise FilterError(f"the conditional operator (a ? b : c) is not supported"
-                              f"{_column(tree)}")
+            raise FilterError(
+                f"the conditional operator (a ? b : c) is not supported{_column(tree)}"
+            )
         return _lower(_subtrees(tree)[0])
     if rule in ("conditionalor", "conditionaland"):
         subs = _subtrees(tree)
@@ -251,8 +252,9 @@ def _lower(tree: Tree[Token]) -> Node:
         op_tree, rhs = subs
         op_rule = str(op_tree.data)
         if op_rule not in _ARITH_RULES:
-            raise FilterError(f"{_UNSUPPORTED_RULES.get(op_rule, op_rule)} is not supported"
-                              f"{_column(tree)}")
+            raise FilterError(
+                f"{_UNSUPPORTED_RULES.get(op_rule, op_rule)} is not supported{_column(tree)}"
+            )
         return Arith(_ARITH_RULES[op_rule], _lower(_subtrees(op_tree)[0]), _lower(rhs))
     if rule == "unary":
         subs = _subtrees(tree)
@@ -296,8 +298,15 @@ def _unwrap(tree: Tree[Token]) -> Tree[Token]:
     """Descend single-child wrapper rules down to the interesting node."""
     node = tree
     while str(node.data) in (
-        "expr", "conditionalor", "conditionaland", "relation", "addition",
-        "multiplication", "unary", "member", "primary",
+        "expr",
+        "conditionalor",
+        "conditionaland",
+        "relation",
+        "addition",
+        "multiplication",
+        "unary",
+        "member",
+        "primary",
     ):
         subs = _subtrees(node)
         if len(subs) != 1:
@@ -309,8 +318,9 @@ def _unwrap(tree: Tree[Token]) -> Tree[Token]:
 def _lower_list(tree: Tree[Token]) -> tuple[Lit, ...]:
     node = _unwrap(tree)
     if str(node.data) != "list_lit":
-        raise FilterError(f"'in' needs a list literal on its right, e.g. x in ['a', 'b']"
-                          f"{_column(tree)}")
+        raise FilterError(
+            f"'in' needs a list literal on its right, e.g. x in ['a', 'b']{_column(tree)}"
+        )
     subs = _subtrees(node)
     items: list[Lit] = []
     for expr in _subtrees(subs[0]) if subs else []:
@@ -347,8 +357,10 @@ def _lower_method(tree: Tree[Token]) -> Node:
     receiver_tree = _subtrees(tree)[0]
     method = next(str(c) for c in tree.children if isinstance(c, Token))
     if method not in _STR_METHODS:
-        raise FilterError(f"method '.{method}()' is not supported (supported: "
-                          f"{', '.join(sorted(_STR_METHODS))}){_column(tree)}")
+        raise FilterError(
+            f"method '.{method}()' is not supported (supported: "
+            f"{', '.join(sorted(_STR_METHODS))}){_column(tree)}"
+        )
     args = _args(tree)
     if len(args) != 1:
         raise FilterError(f".{method}() takes exactly one argument{_column(tree)}")
@@ -379,8 +391,9 @@ def _lower_literal(tree: Tree[Token]) -> Lit:
         return Lit(text == "true")
     if kind == "NULL_LIT":
         return Lit(None)
-    raise FilterError(f"{kind.replace('_LIT', '').lower()} literals are not supported"
-                      f"{_column(tree)}")
+    raise FilterError(
+        f"{kind.replace('_LIT', '').lower()} literals are not supported{_column(tree)}"
+    )
 
 
 def _decode_string(token: Token, tree: Tree[Token]) -> str:
@@ -498,11 +511,13 @@ def infer_type(node: Node, types: Mapping[str, str] | None = None) -> CelType:
     if isinstance(node, In):
         operand = infer_type(node.operand, types)
         if operand not in ("bool", "number", "string", "dyn"):
-            raise FilterError(f"'in' needs a number, string or boolean on its left in "
-                              f"{render(node)}")
+            raise FilterError(
+                f"'in' needs a number, string or boolean on its left in {render(node)}"
+            )
         if node.items and operand != "dyn" and node.items[0].type != operand:
-            raise FilterError(f"cannot look up a {operand} in a list of {node.items[0].type}s "
-                              f"in {render(node)}")
+            raise FilterError(
+                f"cannot look up a {operand} in a list of {node.items[0].type}s in {render(node)}"
+            )
         return "bool"
     if isinstance(node, Arith):
         left, right = infer_type(node.left, types), infer_type(node.right, types)
@@ -522,8 +537,9 @@ def infer_type(node: Node, types: Mapping[str, str] | None = None) -> CelType:
     return "bool"
 
 
-def _expect(node: Node, wanted: tuple[CelType, ...], what: str,
-            types: Mapping[str, str] | None) -> None:
+def _expect(
+    node: Node, wanted: tuple[CelType, ...], what: str, types: Mapping[str, str] | None
+) -> None:
     actual = infer_type(node, types)
     if actual == "dyn" and isinstance(node, Arith) and "bool" in wanted:
         raise FilterError(f"{what} needs a bool, got arithmetic: {render(node)}")

@@ -239,11 +239,19 @@ class CountDistinctAccumulator(Accumulator):
         return cls({_decode_key(item) for item in state})
 
 
-ACCUMULATOR_TYPES: Final[Mapping[str, type[Accumulator]]] = MappingProxyType({
-    cls.kind: cls
-    for cls in (CountAccumulator, SumAccumulator, AvgAccumulator, MinAccumulator,
-                MaxAccumulator, CountDistinctAccumulator)
-})
+ACCUMULATOR_TYPES: Final[Mapping[str, type[Accumulator]]] = MappingProxyType(
+    {
+        cls.kind: cls
+        for cls in (
+            CountAccumulator,
+            SumAccumulator,
+            AvgAccumulator,
+            MinAccumulator,
+            MaxAccumulator,
+            CountDistinctAccumulator,
+        )
+    }
+)
 """The accumulator class of each aggregation (calling one makes an empty accumulator)."""
 _KINDS: Final = ACCUMULATOR_TYPES
 

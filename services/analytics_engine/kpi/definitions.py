@@ -114,8 +114,13 @@ class Window(_Model):
         elif self.size > MAX_WINDOW:
             errors.append((("size",), "must be at most 31d", self.size))
         if self.type == "tumbling" and self.slide is not None:
-            errors.append((("slide",), "only sliding windows have a slide; remove it or use "
-                                       "type: sliding", self.slide))
+            errors.append(
+                (
+                    ("slide",),
+                    "only sliding windows have a slide; remove it or use type: sliding",
+                    self.slide,
+                )
+            )
         if self.type == "sliding":
             if self.slide is None:
                 errors.append((("slide",), "required for sliding windows", None))
@@ -124,16 +129,28 @@ class Window(_Model):
             elif self.slide > self.size:
                 errors.append((("slide",), "must not exceed the window size", self.slide))
             elif self.size % self.slide:
-                errors.append((("slide",), "the window size must be a multiple of the slide",
-                               self.slide))
+                errors.append(
+                    (("slide",), "the window size must be a multiple of the slide", self.slide)
+                )
             elif self.size // self.slide > MAX_WINDOWS_PER_EVENT:
-                errors.append((("slide",), f"size/slide must be at most "
-                                           f"{MAX_WINDOWS_PER_EVENT} (every event lands in "
-                                           f"size/slide windows)", self.slide))
+                errors.append(
+                    (
+                        ("slide",),
+                        f"size/slide must be at most "
+                        f"{MAX_WINDOWS_PER_EVENT} (every event lands in "
+                        f"size/slide windows)",
+                        self.slide,
+                    )
+                )
         limit = min(self.size * MAX_LATENESS_FACTOR, MAX_LATENESS)
         if self.allowed_lateness > limit:
-            errors.append((("allowed_lateness",), "must be at most 10 times the window size "
-                                                  "and at most 1d", self.allowed_lateness))
+            errors.append(
+                (
+                    ("allowed_lateness",),
+                    "must be at most 10 times the window size and at most 1d",
+                    self.allowed_lateness,
+                )
+            )
         _fail("Window", errors)
         return self
 
@@ -148,16 +165,28 @@ class Thresholds(_Model):
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.warning is not None and self.critical is not None:
-            worse = (self.critical >= self.warning if self.direction == "above"
-                     else self.critical <= self.warning)
+            worse = (
+                self.critical >= self.warning
+                if self.direction == "above"
+                else self.critical <= self.warning
+            )
             if not worse:
                 side = "at or above" if self.direction == "above" else "at or below"
-                _fail("Thresholds", [(("critical",), f"must be {side} warning when direction "
-                                                     f"is {self.direction}", self.critical)])
+                _fail(
+                    "Thresholds",
+                    [
+                        (
+                            ("critical",),
+                            f"must be {side} warning when direction is {self.direction}",
+                            self.critical,
+                        )
+                    ],
+                )
         return self
 
     def level(self, value: float) -> Literal["ok", "warning", "critical"]:
         """Classify a KPI value."""
+
         def bad(limit: float | None) -> bool:
             if limit is None:
                 return False
@@ -219,8 +248,7 @@ class QuerySpec(_Model):
 
     sql: str = Field(min_length=1)
     params: list[JsonScalar] = Field(default_factory=list)
-    schedule: Duration = Field(default=timedelta(seconds=60),
-                               json_schema_extra={"default": "60s"})
+    schedule: Duration = Field(default=timedelta(seconds=60), json_schema_extra={"default": "60s"})
 
     @field_validator("sql")
     @classmethod
@@ -233,8 +261,13 @@ class QuerySpec(_Model):
         errors: list[tuple[tuple[str | int, ...], str, Any]] = []
         highest = check_read_only_sql(self.sql)
         if highest > len(self.params):
-            errors.append((("params",), f"the query uses ${highest} but only "
-                                        f"{len(self.params)} params are given", self.params))
+            errors.append(
+                (
+                    ("params",),
+                    f"the query uses ${highest} but only {len(self.params)} params are given",
+                    self.params,
+                )
+            )
         if self.schedule < MIN_WINDOW:
             errors.append((("schedule",), "must be at least 1s", self.schedule))
         _fail("QuerySpec", errors)
@@ -243,8 +276,10 @@ class QuerySpec(_Model):
 
 def _attribute_name(value: str, what: str) -> str:
     if not _ATTRIBUTE_RE.match(value):
-        raise ValueError(f"{what} must be an identifier (letters, digits, '_', not starting "
-                         f"with a digit, at most 63 characters)")
+        raise ValueError(
+            f"{what} must be an identifier (letters, digits, '_', not starting "
+            f"with a digit, at most 63 characters)"
+        )
     if value in RESERVED_NAMES:
         raise ValueError(f"{value!r} is reserved (event metadata, not an attribute)")
     return value
@@ -279,8 +314,10 @@ class KPIDefinition(_Model):
             raise ValueError(f"at most {MAX_GROUP_BY} attributes")
         if len(set(value)) != len(value):
             raise ValueError("attributes must be unique")
-        _fail("group_by", [((i,), str(exc), name) for i, name in enumerate(value)
-                           for exc in _name_errors(name)])
+        _fail(
+            "group_by",
+            [((i,), str(exc), name) for i, name in enumerate(value) for exc in _name_errors(name)],
+        )
         return value
 
     @field_validator("filter")
@@ -299,21 +336,35 @@ class KPIDefinition(_Model):
         if self.query is not None:
             for name in ("aggregation", "field", "window", "filter"):
                 if getattr(self, name) is not None:
-                    errors.append(((name,), "not allowed for query KPIs (query.sql computes "
-                                            "the value); remove it or remove query",
-                                   getattr(self, name)))
+                    errors.append(
+                        (
+                            (name,),
+                            "not allowed for query KPIs (query.sql computes "
+                            "the value); remove it or remove query",
+                            getattr(self, name),
+                        )
+                    )
             if self.group_by:
                 errors.append((("group_by",), "not allowed for query KPIs", self.group_by))
         else:
             if self.aggregation is None:
-                errors.append((("aggregation",), "required for a streaming KPI (or set query "
-                                                 "for a query KPI)", None))
+                errors.append(
+                    (
+                        ("aggregation",),
+                        "required for a streaming KPI (or set query for a query KPI)",
+                        None,
+                    )
+                )
             if self.window is None:
-                errors.append((("window",), "required for a streaming KPI (or set query for a "
-                                            "query KPI)", None))
+                errors.append(
+                    (
+                        ("window",),
+                        "required for a streaming KPI (or set query for a query KPI)",
+                        None,
+                    )
+                )
             if self.aggregation not in (None, "count") and self.field is None:
-                errors.append((("field",), f"required for aggregation {self.aggregation!r}",
-                               None))
+                errors.append((("field",), f"required for aggregation {self.aggregation!r}", None))
         _fail("KPIDefinition", errors)
         return self
 
@@ -377,30 +428,54 @@ def check_against_entity(kpi: KPIDefinition, entity: EntityTypeDefinition) -> li
     attrs: Mapping[str, str] = entity.attributes
     known = ", ".join(sorted(attrs)) or "none"
     if kpi.entity_type != entity.entity_type:
-        errors.append(FieldError("entity_type", f"the KPI is for {kpi.entity_type!r}, not "
-                                                f"{entity.entity_type!r}"))
+        errors.append(
+            FieldError(
+                "entity_type", f"the KPI is for {kpi.entity_type!r}, not {entity.entity_type!r}"
+            )
+        )
     if kpi.query is not None:
         return errors
     if kpi.field is not None:
         if kpi.field not in attrs:
-            errors.append(FieldError("field", f"unknown attribute {kpi.field!r} of entity type "
-                                              f"{entity.entity_type!r} (known: {known})"))
+            errors.append(
+                FieldError(
+                    "field",
+                    f"unknown attribute {kpi.field!r} of entity type "
+                    f"{entity.entity_type!r} (known: {known})",
+                )
+            )
         elif kpi.aggregation in NUMERIC_AGGREGATIONS and attrs[kpi.field] not in (
-            "integer", "number"
+            "integer",
+            "number",
         ):
-            errors.append(FieldError("field", f"{kpi.aggregation} needs a numeric attribute; "
-                                              f"{kpi.field!r} is {attrs[kpi.field]}"))
+            errors.append(
+                FieldError(
+                    "field",
+                    f"{kpi.aggregation} needs a numeric attribute; "
+                    f"{kpi.field!r} is {attrs[kpi.field]}",
+                )
+            )
     for i, name in enumerate(kpi.group_by):
         if name not in attrs:
-            errors.append(FieldError(f"group_by.{i}", f"unknown attribute {name!r} of entity "
-                                                      f"type {entity.entity_type!r} "
-                                                      f"(known: {known})"))
+            errors.append(
+                FieldError(
+                    f"group_by.{i}",
+                    f"unknown attribute {name!r} of entity "
+                    f"type {entity.entity_type!r} "
+                    f"(known: {known})",
+                )
+            )
     if kpi.filter is not None:
         unknown = sorted(referenced_names(kpi.filter) - RESERVED_NAMES - set(attrs))
         if unknown:
-            errors.append(FieldError("filter", f"unknown attribute(s) "
-                                               f"{', '.join(map(repr, unknown))} of entity type "
-                                               f"{entity.entity_type!r} (known: {known})"))
+            errors.append(
+                FieldError(
+                    "filter",
+                    f"unknown attribute(s) "
+                    f"{', '.join(map(repr, unknown))} of entity type "
+                    f"{entity.entity_type!r} (known: {known})",
+                )
+            )
         else:
             try:
                 compile_filter(kpi.filter, types=attrs)

@@ -174,9 +174,23 @@ class _KPIState:
     """A compiled definition plus its open windows."""
 
     __slots__ = (
-        "aggregation", "apply", "close_offset", "code", "counters", "definition", "field",
-        "filter", "fingerprint", "group_by", "heap", "mode", "size", "slide", "uses_reserved",
-        "version", "windows",
+        "aggregation",
+        "apply",
+        "close_offset",
+        "code",
+        "counters",
+        "definition",
+        "field",
+        "filter",
+        "fingerprint",
+        "group_by",
+        "heap",
+        "mode",
+        "size",
+        "slide",
+        "uses_reserved",
+        "version",
+        "windows",
     )
 
     def __init__(self, definition: VersionedKPIDefinition, counters: KPICounters) -> None:
@@ -369,9 +383,18 @@ class KPIEngine:
 
     def process(self, event: EntityEventView) -> None:
         """Feed one event (any order; duplicates are dropped)."""
-        self.feed((event.event_id, event.event_kind, event.entity_type, event.entity_id,
-                   event.version, _micros(event.occurred_at), _micros(event.published_at),
-                   event.attributes))
+        self.feed(
+            (
+                event.event_id,
+                event.event_kind,
+                event.entity_type,
+                event.entity_id,
+                event.version,
+                _micros(event.occurred_at),
+                _micros(event.published_at),
+                event.attributes,
+            )
+        )
 
     def feed(self, fields: EventFields) -> None:
         """:meth:`process` for callers that hold the event's fields already, with its times
@@ -409,8 +432,12 @@ class KPIEngine:
             if flt is not None:
                 if k.uses_reserved:
                     if activation is None:
-                        activation = {**attrs, "event": kind, "entity_id": entity_id,
-                                      "version": version}
+                        activation = {
+                            **attrs,
+                            "event": kind,
+                            "entity_id": entity_id,
+                            "version": version,
+                        }
                     verdict = flt.evaluate(activation)
                 else:
                     verdict = flt.evaluate(attrs)
@@ -453,16 +480,18 @@ class KPIEngine:
                     continue
                 if computed_at is None:
                     computed_at = self._clock()
-                self._results.append(KPIResult(
-                    kpi_code=code,
-                    value=value,
-                    window_start=window_start,
-                    window_end=window_end,
-                    dimensions=dict(zip(k.group_by, group.dims, strict=True)),
-                    sample_count=group.n,
-                    definition_version=k.version,
-                    computed_at=computed_at,
-                ))
+                self._results.append(
+                    KPIResult(
+                        kpi_code=code,
+                        value=value,
+                        window_start=window_start,
+                        window_end=window_end,
+                        dimensions=dict(zip(k.group_by, group.dims, strict=True)),
+                        sample_count=group.n,
+                        definition_version=k.version,
+                        computed_at=computed_at,
+                    )
+                )
                 self._emitted += 1
         self._refresh_next_close()
 
@@ -493,9 +522,12 @@ class KPIEngine:
             results_emitted=self._emitted,
             open_windows=sum(len(k.windows) for k in self._kpis.values()),
             watermark=self.watermark,
-            kpis={code: KPICounters(c.late_events, c.filtered_out, c.evaluation_errors,
-                                    c.invalid_values)
-                  for code, c in self._counters.items()},
+            kpis={
+                code: KPICounters(
+                    c.late_events, c.filtered_out, c.evaluation_errors, c.invalid_values
+                )
+                for code, c in self._counters.items()
+            },
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -511,8 +543,13 @@ class KPIEngine:
                     "version": k.version,
                     "fingerprint": k.fingerprint,
                     "windows": [
-                        [start, [[list(g.dims), g.n, g.acc.to_state()]
-                                 for g in k.windows[start].values()]]
+                        [
+                            start,
+                            [
+                                [list(g.dims), g.n, g.acc.to_state()]
+                                for g in k.windows[start].values()
+                            ],
+                        ]
                         for start in sorted(k.windows)
                     ],
                 }

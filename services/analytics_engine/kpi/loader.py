@@ -93,8 +93,9 @@ def _load_file(path: Path, errors: list[tuple[Path, FieldError]]) -> list[KPIDef
         for where, data in items:
             problems = validation_errors(data)
             if problems:
-                errors.extend((path, FieldError(_join(where, e.field), e.message))
-                              for e in problems)
+                errors.extend(
+                    (path, FieldError(_join(where, e.field), e.message)) for e in problems
+                )
             else:
                 found.append(KPIDefinition.model_validate(data))
     return found
@@ -111,13 +112,20 @@ def load_definitions_dir(path: str | Path) -> list[KPIDefinition]:
     errors: list[tuple[Path, FieldError]] = []
     definitions: list[KPIDefinition] = []
     origin: dict[str, Path] = {}
-    files = sorted(p for p in directory.iterdir()
-                   if p.suffix in (".yaml", ".yml") and p.is_file())
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
     for file in files:
         for definition in _load_file(file, errors):
             if definition.code in origin:
-                errors.append((file, FieldError("code", f"KPI {definition.code!r} is already "
-                                                        f"defined in {origin[definition.code]}")))
+                errors.append(
+                    (
+                        file,
+                        FieldError(
+                            "code",
+                            f"KPI {definition.code!r} is already "
+                            f"defined in {origin[definition.code]}",
+                        ),
+                    )
+                )
                 continue
             origin[definition.code] = file
             definitions.append(definition)

@@ -114,8 +114,10 @@ def number_sql(name: str, *, attributes_column: str = "attributes", exact: bool 
     otherwise ``double precision``."""
     col = _column(attributes_column)
     cast = "numeric" if exact else "double precision"
-    return (f"(CASE WHEN jsonb_typeof({col}->{_key(name)}) = 'number' "
-            f"THEN ({col}->>{_key(name)})::{cast} END)")
+    return (
+        f"(CASE WHEN jsonb_typeof({col}->{_key(name)}) = 'number' "
+        f"THEN ({col}->>{_key(name)})::{cast} END)"
+    )
 
 
 def dimension_sql(name: str, *, attributes_column: str = "attributes") -> str:
@@ -125,8 +127,9 @@ def dimension_sql(name: str, *, attributes_column: str = "attributes") -> str:
     return f"NULLIF({col}->{_key(name)}, 'null'::jsonb)"
 
 
-def aggregate_sql(aggregation: str, field: str | None, *,
-                  attributes_column: str = "attributes") -> str:
+def aggregate_sql(
+    aggregation: str, field: str | None, *, attributes_column: str = "attributes"
+) -> str:
     """The SQL aggregate equal to the engine's value for one (window, group).
 
     Values that are missing or JSON null are ignored; for sum/avg/min/max so are non-numbers.
@@ -155,8 +158,9 @@ def aggregate_sql(aggregation: str, field: str | None, *,
 class _Builder:
     """Emits SQL for IR nodes; ``emit(node, want)`` resolves ``dyn`` attributes to ``want``."""
 
-    def __init__(self, col: str, types: Mapping[str, str] | None, offset: int,
-                 reserved: Mapping[str, str]) -> None:
+    def __init__(
+        self, col: str, types: Mapping[str, str] | None, offset: int, reserved: Mapping[str, str]
+    ) -> None:
         self.col = col
         self.types = types
         self.offset = offset
@@ -308,8 +312,10 @@ class _Builder:
         kind = infer_type(node, self.types)
         if kind == "dyn":
             if want not in ("number", "string"):
-                raise FilterError(f"cannot infer whether {render(node)} adds numbers or "
-                                  f"strings; declare the attribute types (types=...)")
+                raise FilterError(
+                    f"cannot infer whether {render(node)} adds numbers or "
+                    f"strings; declare the attribute types (types=...)"
+                )
             kind = want
         if node.op == "+" and kind == "string":
             return f"({self.emit(node.left, 'string')} || {self.emit(node.right, 'string')})"

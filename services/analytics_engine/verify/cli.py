@@ -110,8 +110,9 @@ def select(catalog: Catalog, codes: list[str] | None) -> list[KPIDefinition]:
         raise VerifyError(f"unknown KPI code(s): {', '.join(unknown)}")
     not_streaming = [c for c in codes if c not in streaming]
     if not_streaming:
-        raise VerifyError(f"not enabled streaming KPIs (cannot be recomputed): "
-                          f"{', '.join(not_streaming)}")
+        raise VerifyError(
+            f"not enabled streaming KPIs (cannot be recomputed): {', '.join(not_streaming)}"
+        )
     return [streaming[c] for c in codes]
 
 
@@ -145,11 +146,13 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
             report.end = end if report.end is None else max(report.end, end)
             types = catalog.attribute_types.get(definition.entity_type)
             try:
-                expected = await db.recompute(conn, definition, start=start, end=end,
-                                              types=types)
+                expected = await db.recompute(conn, definition, start=start, end=end, types=types)
             except FilterError as exc:
-                report.mismatches.append(Mismatch(
-                    "unverifiable", definition.code, detail=f"filter has no SQL form: {exc}"))
+                report.mismatches.append(
+                    Mismatch(
+                        "unverifiable", definition.code, detail=f"filter has no SQL form: {exc}"
+                    )
+                )
                 continue
             stored = await db.stored_results(conn, [definition.code], start=start, end=end)
             result = compare_kpi(
@@ -211,8 +214,9 @@ async def _check_lake(
     archived: list[ResultRow] = []
     try:
         for code, (start, end) in spans.items():
-            stored += await db.stored_results(conn, [code], start=start, end=end,
-                                              archived_before=cutoff)
+            stored += await db.stored_results(
+                conn, [code], start=start, end=end, archived_before=cutoff
+            )
             archived += await asyncio.to_thread(lake.kpi_results, [code], start=start, end=end)
         first = min(s for s, _ in spans.values()).date()
         last = max(e for _, e in spans.values()).date()

@@ -149,42 +149,82 @@ def compare_kpi(
 
     for key, rows in by_key.items():
         if len(rows) > 1:
-            out.mismatches.append(Mismatch(
-                "duplicate_result", kpi_code, key[1], key[2], key[3],
-                expected=1, stored=len(rows), detail=f"{len(rows)} stored rows for one window",
-            ))
+            out.mismatches.append(
+                Mismatch(
+                    "duplicate_result",
+                    kpi_code,
+                    key[1],
+                    key[2],
+                    key[3],
+                    expected=1,
+                    stored=len(rows),
+                    detail=f"{len(rows)} stored rows for one window",
+                )
+            )
     for key, rows in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][3])):
         row = rows[0]
-        if (definition_version is not None and row.definition_version is not None
-                and row.definition_version != definition_version):
+        if (
+            definition_version is not None
+            and row.definition_version is not None
+            and row.definition_version != definition_version
+        ):
             summary.other_version_skipped += 1
             wanted.pop(key, None)
             continue
         want = wanted.pop(key, None)
         summary.compared += 1
         if want is None:
-            out.mismatches.append(Mismatch(
-                "extra_window", kpi_code, key[1], key[2], key[3], stored=row.value,
-                detail="stored, but no event of the window matches the definition",
-            ))
+            out.mismatches.append(
+                Mismatch(
+                    "extra_window",
+                    kpi_code,
+                    key[1],
+                    key[2],
+                    key[3],
+                    stored=row.value,
+                    detail="stored, but no event of the window matches the definition",
+                )
+            )
             continue
         if not same_value(want.value, row.value):
-            out.mismatches.append(Mismatch(
-                "wrong_value", kpi_code, key[1], key[2], key[3], want.value, row.value,
-            ))
+            out.mismatches.append(
+                Mismatch(
+                    "wrong_value",
+                    kpi_code,
+                    key[1],
+                    key[2],
+                    key[3],
+                    want.value,
+                    row.value,
+                )
+            )
         elif want.sample_count != row.sample_count:
-            out.mismatches.append(Mismatch(
-                "wrong_sample_count", kpi_code, key[1], key[2], key[3],
-                want.sample_count, row.sample_count,
-            ))
+            out.mismatches.append(
+                Mismatch(
+                    "wrong_sample_count",
+                    kpi_code,
+                    key[1],
+                    key[2],
+                    key[3],
+                    want.sample_count,
+                    row.sample_count,
+                )
+            )
         else:
             summary.matched += 1
     for key, want in sorted(wanted.items(), key=lambda kv: (kv[0][1], kv[0][3])):
         summary.compared += 1
-        out.mismatches.append(Mismatch(
-            "missing_window", kpi_code, key[1], key[2], key[3], expected=want.value,
-            detail=f"{want.sample_count} events, no stored result",
-        ))
+        out.mismatches.append(
+            Mismatch(
+                "missing_window",
+                kpi_code,
+                key[1],
+                key[2],
+                key[3],
+                expected=want.value,
+                detail=f"{want.sample_count} events, no stored result",
+            )
+        )
     summary.mismatches = len(out.mismatches)
     return out
 
@@ -211,34 +251,64 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
         if len(same) == 1:
             continue
         if len(same) > 1:
-            mismatches.append(Mismatch(
-                "duplicate_in_lake", k[0], k[1], k[2], k[3], expected=1, stored=len(same),
-                detail=f"archived {len(same)} times",
-            ))
+            mismatches.append(
+                Mismatch(
+                    "duplicate_in_lake",
+                    k[0],
+                    k[1],
+                    k[2],
+                    k[3],
+                    expected=1,
+                    stored=len(same),
+                    detail=f"archived {len(same)} times",
+                )
+            )
         elif archived:
-            mismatches.append(Mismatch(
-                "lake_value_mismatch", k[0], k[1], k[2], k[3], row.value, archived[-1].value,
-                detail="archived with another value",
-            ))
+            mismatches.append(
+                Mismatch(
+                    "lake_value_mismatch",
+                    k[0],
+                    k[1],
+                    k[2],
+                    k[3],
+                    row.value,
+                    archived[-1].value,
+                    detail="archived with another value",
+                )
+            )
         else:
-            mismatches.append(Mismatch(
-                "missing_in_lake", k[0], k[1], k[2], k[3], expected=row.value,
-                detail="stored but not archived",
-            ))
+            mismatches.append(
+                Mismatch(
+                    "missing_in_lake",
+                    k[0],
+                    k[1],
+                    k[2],
+                    k[3],
+                    expected=row.value,
+                    detail="stored but not archived",
+                )
+            )
     reported = {(m.kpi_code, m.window_start, m.window_end, m.dims) for m in mismatches}
     identical = Counter(
-        (r.key, r.value if not math.isnan(r.value) else "nan", r.sample_count,
-         r.definition_version)
+        (r.key, r.value if not math.isnan(r.value) else "nan", r.sample_count, r.definition_version)
         for r in lake
     )
     for (key, value, _, _), count in identical.items():
         if count > 1 and key not in reported:
             reported.add(key)
-            mismatches.append(Mismatch(
-                "duplicate_in_lake", key[0], key[1], key[2], key[3], expected=1, stored=count,
-                detail=f"identical row archived {count} times"
-                + ("" if isinstance(value, str) else f" (value {value})"),
-            ))
+            mismatches.append(
+                Mismatch(
+                    "duplicate_in_lake",
+                    key[0],
+                    key[1],
+                    key[2],
+                    key[3],
+                    expected=1,
+                    stored=count,
+                    detail=f"identical row archived {count} times"
+                    + ("" if isinstance(value, str) else f" (value {value})"),
+                )
+            )
     return mismatches
 
 
@@ -247,7 +317,12 @@ def duplicate_events(event_ids: Iterable[str], *, limit: int = 100) -> list[Mism
     counts = Counter(event_ids)
     dups = sorted((eid, n) for eid, n in counts.items() if n > 1)
     return [
-        Mismatch("duplicate_event_in_lake", "-", expected=1, stored=n,
-                 detail=f"event {eid} archived {n} times")
+        Mismatch(
+            "duplicate_event_in_lake",
+            "-",
+            expected=1,
+            stored=n,
+            detail=f"event {eid} archived {n} times",
+        )
         for eid, n in dups[:limit]
     ]

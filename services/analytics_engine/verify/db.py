@@ -69,14 +69,16 @@ async def recompute(
     for r in rows:
         values = orjson.loads(r["dims"])
         ws = int(r["ws_us"])
-        out.append(ResultRow(
-            kpi_code=definition.code,
-            window_start=from_micros(ws),
-            window_end=from_micros(ws + query.size_us),
-            dims=canonical_dims(dict(zip(query.group_by, values, strict=True))),
-            value=float(r["value"]),
-            sample_count=int(r["sample_count"]),
-        ))
+        out.append(
+            ResultRow(
+                kpi_code=definition.code,
+                window_start=from_micros(ws),
+                window_end=from_micros(ws + query.size_us),
+                dims=canonical_dims(dict(zip(query.group_by, values, strict=True))),
+                value=float(r["value"]),
+                sample_count=int(r["sample_count"]),
+            )
+        )
     return out
 
 
@@ -92,8 +94,9 @@ async def stored_results(
     forwarded to the archive before that time (when the schema records it)."""
     where = "kpi_code = ANY($1::text[]) AND window_start >= $2 AND window_end <= $3"
     params: list[Any] = [list(codes), start, end]
-    if archived_before is not None and await _has_columns(conn, "kpi_results",
-                                                          ("forwarded", "stored_at")):
+    if archived_before is not None and await _has_columns(
+        conn, "kpi_results", ("forwarded", "stored_at")
+    ):
         where += " AND forwarded AND stored_at < $4"
         params.append(archived_before)
     rows = await conn.fetch(
@@ -125,9 +128,7 @@ async def _has_columns(conn: asyncpg.Connection, table: str, columns: Sequence[s
     return int(found or 0) == len(columns)
 
 
-def default_range(
-    definition: KPIDefinition, data: Bounds
-) -> tuple[datetime, datetime] | None:
+def default_range(definition: KPIDefinition, data: Bounds) -> tuple[datetime, datetime] | None:
     """Every window holding a stored event of the KPI's entity type (or a stored result), but
     none reaching into a day whose events were archived and deleted from PostgreSQL (those
     windows cannot be recomputed from the database alone)."""

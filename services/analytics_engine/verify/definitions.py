@@ -39,6 +39,7 @@ async def from_metadata(redis_url: str, *, timeout: float = 3.0) -> Catalog | No
     client = RequestReplyClient(
         redis, service="cli", instance=default_instance_id(), default_timeout=timeout
     )
+
     async def ask() -> tuple[dict[str, Any], dict[str, Any]]:
         reply = await client.request(METADATA_LOOKUP, "list_kpi_definitions", {})
         try:

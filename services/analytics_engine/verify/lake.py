@@ -67,15 +67,17 @@ class Lake:
                 for r in table.to_pylist():
                     if r["window_start"] < start or r["window_end"] > end:
                         continue
-                    rows.append(ResultRow(
-                        kpi_code=r["kpi_code"],
-                        window_start=r["window_start"],
-                        window_end=r["window_end"],
-                        dims=canonical_dims(orjson.loads(r["dims_key"])),
-                        value=math.nan if r["value"] is None else float(r["value"]),
-                        sample_count=int(r["sample_count"]),
-                        definition_version=r["definition_version"],
-                    ))
+                    rows.append(
+                        ResultRow(
+                            kpi_code=r["kpi_code"],
+                            window_start=r["window_start"],
+                            window_end=r["window_end"],
+                            dims=canonical_dims(orjson.loads(r["dims_key"])),
+                            value=math.nan if r["value"] is None else float(r["value"]),
+                            sample_count=int(r["sample_count"]),
+                            definition_version=r["definition_version"],
+                        )
+                    )
         return rows
 
     def event_ids(self, *, start: date, end: date) -> Iterator[str]:

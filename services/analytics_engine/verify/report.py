@@ -69,8 +69,9 @@ def _fmt_window(m: Mismatch) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
     out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
@@ -81,25 +82,40 @@ def render_text(report: Report, *, limit: int = 200) -> str:
     lines: list[str] = []
     if report.mismatches:
         rows = [
-            [m.kpi_code, _fmt_window(m), m.dims or "-", _fmt_value(m.expected),
-             _fmt_value(m.stored), m.problem + (f" ({m.detail})" if m.detail else "")]
+            [
+                m.kpi_code,
+                _fmt_window(m),
+                m.dims or "-",
+                _fmt_value(m.expected),
+                _fmt_value(m.stored),
+                m.problem + (f" ({m.detail})" if m.detail else ""),
+            ]
             for m in report.mismatches[:limit]
         ]
-        lines += _table(["kpi_code", "window", "dimensions", "expected", "stored", "problem"],
-                        rows)
+        lines += _table(["kpi_code", "window", "dimensions", "expected", "stored", "problem"], rows)
         if len(report.mismatches) > limit:
             lines.append(f"... and {len(report.mismatches) - limit} more (use --json)")
         lines.append("")
-    span = (f"{report.start.isoformat() if report.start else 'auto'} .. "
-            f"{report.end.isoformat() if report.end else 'auto'}")
+    span = (
+        f"{report.start.isoformat() if report.start else 'auto'} .. "
+        f"{report.end.isoformat() if report.end else 'auto'}"
+    )
     lines.append(f"range: {span}; definitions from {report.definitions_source}")
     summary_rows = [
-        [k.kpi_code, str(k.compared), str(k.matched), str(k.mismatches),
-         str(k.open_windows_skipped), str(k.other_version_skipped)]
+        [
+            k.kpi_code,
+            str(k.compared),
+            str(k.matched),
+            str(k.mismatches),
+            str(k.open_windows_skipped),
+            str(k.other_version_skipped),
+        ]
         for k in report.kpis
     ]
-    lines += _table(["kpi_code", "compared", "matched", "mismatches", "open_skipped",
-                     "other_version"], summary_rows)
+    lines += _table(
+        ["kpi_code", "compared", "matched", "mismatches", "open_skipped", "other_version"],
+        summary_rows,
+    )
     if report.lake:
         lines.append("lake: " + ", ".join(f"{k}={v}" for k, v in report.lake.items()))
     lines.extend(f"note: {n}" for n in report.notes)

@@ -46,8 +46,13 @@ def browser_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
 
 
 def api(base: str, method: str, path: str, body: Any = None) -> requests.Response:
-    return requests.request(method, f"{base}{path}", json=body, timeout=10,
-                            headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    return requests.request(
+        method,
+        f"{base}{path}",
+        json=body,
+        timeout=10,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
 
 
 def test_dashboard_updates_live_and_creates_a_kpi(
@@ -60,8 +65,10 @@ def test_dashboard_updates_live_and_creates_a_kpi(
         database_url=database_url,
         service_overrides={
             "simulator": {"rate": 150.0, "heartbeat_interval_s": 1.0},
-            **{name: {"heartbeat_interval_s": 1.0}
-               for name in ("database", "metadata", "calculation", "observability")},
+            **{
+                name: {"heartbeat_interval_s": 1.0}
+                for name in ("database", "metadata", "calculation", "observability")
+            },
         },
         gateway={"heartbeat_interval_s": 1.0},
     ) as threaded:
@@ -76,8 +83,12 @@ def test_dashboard_updates_live_and_creates_a_kpi(
         defs = "/api/v1/kpi-definitions"
         assert api(base, "PUT", f"{defs}/orders_by_region", seeded).status_code == 201
         revenue = kpi_definition(
-            "orders_revenue", display_name="Revenue", aggregation="sum", field="amount",
-            filter="status != 'cancelled'", unit="EUR",
+            "orders_revenue",
+            display_name="Revenue",
+            aggregation="sum",
+            field="amount",
+            filter="status != 'cancelled'",
+            unit="EUR",
             window={"type": "tumbling", "size": "2s", "allowed_lateness": "0s"},
             thresholds={"warning": 500, "critical": 200, "direction": "below"},
         )

@@ -62,8 +62,9 @@ async def test_auth_no_key_401_read_key_403_on_writes_admin_ok(stack: Stack) -> 
     assert reply.headers["ETag"] == '"1"'
 
     # X-API-Key works as well as Authorization: Bearer
-    reply = await stack.call("GET", f"{DEFS}/orders_count", key=None,
-                             headers={"X-API-Key": READ_KEY})
+    reply = await stack.call(
+        "GET", f"{DEFS}/orders_count", key=None, headers={"X-API-Key": READ_KEY}
+    )
     assert reply.status == 200
     assert reply.body["code"] == "orders_count"
 
@@ -74,8 +75,15 @@ async def test_auth_no_key_401_read_key_403_on_writes_admin_ok(stack: Stack) -> 
 
 
 async def test_open_routes_need_no_key(stack: Stack) -> None:
-    for path in ("/healthz", "/readyz", "/api/v1/openapi.json", "/api/v1/docs", "/",
-                 "/ui/app.js", "/ui/app.css"):
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/api/v1/openapi.json",
+        "/api/v1/docs",
+        "/",
+        "/ui/app.js",
+        "/ui/app.css",
+    ):
         reply = await stack.call("GET", path, key=None)
         assert reply.status == 200, path
     reply = await stack.call("GET", "/", key=None)
@@ -100,22 +108,27 @@ async def test_validation_errors_are_passed_through_with_field_details(stack: St
     assert reply.body["error"]["code"] == "validation_error"
     fields = {d["field"] for d in reply.body["error"]["details"]}
     assert {"window.slide", "thresholds.critical"} <= fields, fields
-    reply = await stack.call("PUT", f"{DEFS}/orders_bad", json=kpi_definition(
-        "orders_bad", aggregation="sum", filter="amount >"))
+    reply = await stack.call(
+        "PUT",
+        f"{DEFS}/orders_bad",
+        json=kpi_definition("orders_bad", aggregation="sum", filter="amount >"),
+    )
     assert reply.status == 422
     fields = {d["field"] for d in reply.body["error"]["details"]}
     assert "filter" in fields, reply.body
 
-    reply = await stack.call("PUT", f"{DEFS}/orders_bad", data=b"{not json",
-                             headers={"Content-Type": "application/json"})
+    reply = await stack.call(
+        "PUT", f"{DEFS}/orders_bad", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert reply.status == 400
     assert_error(reply.body, "bad_request")
 
     reply = await stack.call("PUT", f"{DEFS}/orders_bad", data=b"")
     assert reply.status == 400
 
-    reply = await stack.call("PUT", f"{DEFS}/orders_bad",
-                             json=kpi_definition("orders_bad", display_name="nul\u0000"))
+    reply = await stack.call(
+        "PUT", f"{DEFS}/orders_bad", json=kpi_definition("orders_bad", display_name="nul\u0000")
+    )
     assert reply.status == 400  # PostgreSQL cannot store NUL: refused at the door, not a 5xx
     reply = await stack.call("GET", f"{DEFS}?entity_type=a%00b")
     assert reply.status == 400
@@ -248,13 +261,18 @@ async def test_request_ids_are_echoed_or_generated(stack: Stack) -> None:
 
 
 async def test_cors(make_stack: StackFactory) -> None:
-    stack = await make_stack(services=("metadata",),
-                             gateway={"cors_origins": "https://dash.example.com"})
+    stack = await make_stack(
+        services=("metadata",), gateway={"cors_origins": "https://dash.example.com"}
+    )
     reply = await stack.call(
-        "OPTIONS", DEFS, key=None,
-        headers={"Origin": "https://dash.example.com",
-                 "Access-Control-Request-Method": "PUT",
-                 "Access-Control-Request-Headers": "authorization, content-type"},
+        "OPTIONS",
+        DEFS,
+        key=None,
+        headers={
+            "Origin": "https://dash.example.com",
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
     )
     assert reply.status == 204
     assert reply.headers["Access-Control-Allow-Origin"] == "https://dash.example.com"
@@ -263,7 +281,9 @@ async def test_cors(make_stack: StackFactory) -> None:
     assert reply.headers["Access-Control-Allow-Origin"] == "https://dash.example.com"
     assert "X-Request-ID" in reply.headers["Access-Control-Expose-Headers"]
     reply = await stack.call(
-        "OPTIONS", DEFS, key=None,
+        "OPTIONS",
+        DEFS,
+        key=None,
         headers={"Origin": "https://evil.example.com", "Access-Control-Request-Method": "GET"},
     )
     assert reply.status == 403
@@ -272,8 +292,7 @@ async def test_cors(make_stack: StackFactory) -> None:
 
 
 async def test_rate_limit_429_with_retry_after(make_stack: StackFactory) -> None:
-    stack = await make_stack(services=("metadata",),
-                             gateway={"rate_limit": 0.5, "rate_burst": 3})
+    stack = await make_stack(services=("metadata",), gateway={"rate_limit": 0.5, "rate_burst": 3})
     statuses = [(await stack.call("GET", "/api/v1/me", key=READ_KEY)).status for _ in range(3)]
     assert statuses == [200, 200, 200]
     reply = await stack.call("GET", "/api/v1/me", key=READ_KEY)
@@ -290,8 +309,10 @@ async def test_metrics_count_requests_by_route(stack: Stack) -> None:
     await stack.call("GET", f"{DEFS}/absent_kpi")
     reply = await stack.call("GET", "/metrics", key=None)
     text = reply.body
-    assert ('analytics_gateway_requests_total{method="GET",'
-            'route="/api/v1/kpi-definitions/{code}",status="404"} 1.0') in text
+    assert (
+        'analytics_gateway_requests_total{method="GET",'
+        'route="/api/v1/kpi-definitions/{code}",status="404"} 1.0'
+    ) in text
     assert "analytics_gateway_request_duration_seconds_bucket" in text
     assert "analytics_gateway_sse_clients 0.0" in text
     assert ADMIN_KEY not in text
@@ -362,9 +383,7 @@ async def test_openapi_lists_exactly_the_registered_routes(stack: Stack) -> None
     document = reply.body
     assert document["openapi"].startswith("3.")
     documented = {
-        (method.upper(), path)
-        for path, item in document["paths"].items()
-        for method in item
+        (method.upper(), path) for path, item in document["paths"].items() for method in item
     }
     registered = set()
     for route in stack.gateway.runtime.http.router.routes():

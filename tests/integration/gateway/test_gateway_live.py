@@ -61,8 +61,9 @@ async def sse_messages(resp: aiohttp.ClientResponse) -> AsyncIterator[SseMessage
             current.retry = int(value)
 
 
-async def next_event(stream: AsyncIterator[SseMessage], event: str = "kpi",
-                     timeout: float = 5.0) -> SseMessage:
+async def next_event(
+    stream: AsyncIterator[SseMessage], event: str = "kpi", timeout: float = 5.0
+) -> SseMessage:
     async with asyncio.timeout(timeout):
         async for message in stream:
             if message.event == event and message.data:
@@ -89,13 +90,16 @@ class Results:
 
     def __init__(self, redis_url: str) -> None:
         self.redis = connect(redis_url)
-        self.publisher = EventPublisher(self.redis, source="calculation_engine",
-                                        stream_maxlen=10_000)
+        self.publisher = EventPublisher(
+            self.redis, source="calculation_engine", stream_maxlen=10_000
+        )
 
     async def publish(self, payload: dict[str, Any]) -> None:
         await self.publisher.publish_many(
-            [(channels.KPI_CALCULATED, payload),
-             (channels.kpi_channel(payload["kpi_code"]), payload)]
+            [
+                (channels.KPI_CALCULATED, payload),
+                (channels.kpi_channel(payload["kpi_code"]), payload),
+            ]
         )
 
 
@@ -106,13 +110,15 @@ async def results(redis_url: str) -> AsyncIterator[Results]:
     await r.redis.aclose()
 
 
-async def open_stream(stack: Stack, path: str, *, key: str | None = READ_KEY,
-                      headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+async def open_stream(
+    stack: Stack, path: str, *, key: str | None = READ_KEY, headers: dict[str, str] | None = None
+) -> aiohttp.ClientResponse:
     send = dict(headers or {})
     if key is not None:
         send["Authorization"] = f"Bearer {key}"
-    resp = await stack.http.get(f"{stack.base}{path}", headers=send,
-                                timeout=aiohttp.ClientTimeout(total=None, sock_read=30))
+    resp = await stack.http.get(
+        f"{stack.base}{path}", headers=send, timeout=aiohttp.ClientTimeout(total=None, sock_read=30)
+    )
     return resp
 
 
@@ -233,8 +239,9 @@ async def test_pipeline_simulator_to_dashboard_stream(stack: Stack) -> None:
     """The real path: a KPI created through the gateway, events from the simulator, windows
     closed by the calculation engine, values on the gateway's stream."""
     code = "orders_per_second"
-    definition = kpi_definition(code, window={"type": "tumbling", "size": "1s",
-                                              "allowed_lateness": "0s"})
+    definition = kpi_definition(
+        code, window={"type": "tumbling", "size": "1s", "allowed_lateness": "0s"}
+    )
     reply = await stack.call("PUT", f"/api/v1/kpi-definitions/{code}", json=definition)
     assert reply.status == 201
     resp = await open_stream(stack, f"/api/v1/kpis/{code}/stream")

@@ -350,10 +350,7 @@ async def test_hostile_events_on_every_durable_channel(
 
 @pytest.mark.parametrize(
     "channel",
-    [
-        pytest.param(c, id=c)
-        for c in sorted(GAP_EXAMPLES)
-    ],
+    [pytest.param(c, id=c) for c in sorted(GAP_EXAMPLES)],
 )
 async def test_invalid_payload_is_dead_lettered(platform: Platform, channel: str) -> None:
     """An event whose payload its model rejects is dead-lettered, not acknowledged silently

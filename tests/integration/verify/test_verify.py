@@ -30,21 +30,50 @@ from analytics_engine.verify.cli import Options, VerifySettings, verify
 BASE = datetime(2024, 5, 1, 23, 40, tzinfo=UTC)
 
 DEFINITIONS: list[dict[str, Any]] = [
-    {"code": "orders_completed", "display_name": "Completed orders", "entity_type": "order",
-     "aggregation": "count", "filter": "status == 'completed'", "group_by": ["region"],
-     "window": {"type": "tumbling", "size": "60s", "allowed_lateness": "10s"}},
-    {"code": "revenue", "display_name": "Revenue", "entity_type": "order",
-     "aggregation": "sum", "field": "amount", "filter": "amount > 0 && event == 'created'",
-     "window": {"type": "sliding", "size": "120s", "slide": "60s", "allowed_lateness": "5s"}},
-    {"code": "avg_amount", "display_name": "Average", "entity_type": "order",
-     "aggregation": "avg", "field": "amount", "group_by": ["region", "channel"],
-     "window": {"type": "tumbling", "size": "300s", "allowed_lateness": "30s"}},
-    {"code": "max_amount", "display_name": "Max", "entity_type": "order",
-     "aggregation": "max", "field": "amount",
-     "window": {"type": "tumbling", "size": "60s"}},
-    {"code": "customers", "display_name": "Customers", "entity_type": "order",
-     "aggregation": "count_distinct", "field": "customer", "group_by": ["region"],
-     "window": {"type": "tumbling", "size": "120s", "allowed_lateness": "20s"}},
+    {
+        "code": "orders_completed",
+        "display_name": "Completed orders",
+        "entity_type": "order",
+        "aggregation": "count",
+        "filter": "status == 'completed'",
+        "group_by": ["region"],
+        "window": {"type": "tumbling", "size": "60s", "allowed_lateness": "10s"},
+    },
+    {
+        "code": "revenue",
+        "display_name": "Revenue",
+        "entity_type": "order",
+        "aggregation": "sum",
+        "field": "amount",
+        "filter": "amount > 0 && event == 'created'",
+        "window": {"type": "sliding", "size": "120s", "slide": "60s", "allowed_lateness": "5s"},
+    },
+    {
+        "code": "avg_amount",
+        "display_name": "Average",
+        "entity_type": "order",
+        "aggregation": "avg",
+        "field": "amount",
+        "group_by": ["region", "channel"],
+        "window": {"type": "tumbling", "size": "300s", "allowed_lateness": "30s"},
+    },
+    {
+        "code": "max_amount",
+        "display_name": "Max",
+        "entity_type": "order",
+        "aggregation": "max",
+        "field": "amount",
+        "window": {"type": "tumbling", "size": "60s"},
+    },
+    {
+        "code": "customers",
+        "display_name": "Customers",
+        "entity_type": "order",
+        "aggregation": "count_distinct",
+        "field": "customer",
+        "group_by": ["region"],
+        "window": {"type": "tumbling", "size": "120s", "allowed_lateness": "20s"},
+    },
 ]
 
 
@@ -79,10 +108,18 @@ def make_events(n: int = 900) -> list[Event]:
             attrs["amount"] = round(rnd.uniform(-5, 200), 2) if roll > 0.2 else rnd.randint(1, 9)
         kind = rnd.choice(["created", "created", "updated", "deactivated"])
         entity_type = "order" if rnd.random() > 0.1 else "customer"
-        events.append(Event(
-            str(uuid.UUID(int=rnd.getrandbits(128))), kind, entity_type, f"o{i % 97}",
-            i, occurred, occurred + timedelta(seconds=delay), attrs,
-        ))
+        events.append(
+            Event(
+                str(uuid.UUID(int=rnd.getrandbits(128))),
+                kind,
+                entity_type,
+                f"o{i % 97}",
+                i,
+                occurred,
+                occurred + timedelta(seconds=delay),
+                attrs,
+            )
+        )
     return events
 
 
@@ -92,10 +129,18 @@ def engine_results(events: list[Event]) -> list[KPIResult]:
         VersionedKPIDefinition.model_validate({**d, "version": 3}) for d in DEFINITIONS
     )
     for e in sorted(events, key=lambda e: e.published_at):
-        engine.process(EntityEventView(
-            e.event_id, e.event_kind, e.entity_type, e.entity_id, e.version, e.occurred_at,
-            e.published_at, e.attributes,
-        ))
+        engine.process(
+            EntityEventView(
+                e.event_id,
+                e.event_kind,
+                e.entity_type,
+                e.entity_id,
+                e.version,
+                e.occurred_at,
+                e.published_at,
+                e.attributes,
+            )
+        )
     return engine.drain_results()
 
 
@@ -123,12 +168,19 @@ class World:
         return VerifySettings(**values)
 
     def env(self) -> dict[str, str]:
-        return {k: str(v) for k, v in {
-            "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
-            "KPI_DEFINITIONS_DIR": self.definitions_dir, "S3_ENDPOINT_URL": self.s3.endpoint_url,
-            "S3_BUCKET": self.bucket, "AWS_ACCESS_KEY_ID": self.s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.s3.secret_key, "AWS_REGION": self.s3.region,
-        }.items()}
+        return {
+            k: str(v)
+            for k, v in {
+                "DATABASE_URL": self.database_url,
+                "REDIS_URL": self.redis_url,
+                "KPI_DEFINITIONS_DIR": self.definitions_dir,
+                "S3_ENDPOINT_URL": self.s3.endpoint_url,
+                "S3_BUCKET": self.bucket,
+                "AWS_ACCESS_KEY_ID": self.s3.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
+                "AWS_REGION": self.s3.region,
+            }.items()
+        }
 
     def put_lake(self, results: list[KPIResult], *, batch: str) -> None:
         rows = [parse_kpi_result(r.to_dict()) for r in results]
@@ -137,8 +189,11 @@ class World:
             parts.setdefault((row.kpi_code, row.day), []).append(row)
         client = self.s3.client()
         for (code, day), part in parts.items():
-            client.put_object(Bucket=self.bucket, Key=kpi_object_key(code, day, batch),
-                              Body=to_parquet(kpi_table(part)))
+            client.put_object(
+                Bucket=self.bucket,
+                Key=kpi_object_key(code, day, batch),
+                Body=to_parquet(kpi_table(part)),
+            )
 
 
 @pytest.fixture
@@ -155,20 +210,53 @@ async def world(
         await migrate(conn, timescale="off")
         await conn.copy_records_to_table(
             "entity_events",
-            records=[(uuid.UUID(e.event_id), e.event_kind, e.entity_type, e.entity_id, e.version,
-                      e.occurred_at, e.published_at, orjson.dumps(e.attributes).decode(), None,
-                      "data_simulator") for e in events],
-            columns=["event_id", "event_kind", "entity_type", "entity_id", "version",
-                     "occurred_at", "published_at", "attributes", "reason", "source"],
+            records=[
+                (
+                    uuid.UUID(e.event_id),
+                    e.event_kind,
+                    e.entity_type,
+                    e.entity_id,
+                    e.version,
+                    e.occurred_at,
+                    e.published_at,
+                    orjson.dumps(e.attributes).decode(),
+                    None,
+                    "data_simulator",
+                )
+                for e in events
+            ],
+            columns=[
+                "event_id",
+                "event_kind",
+                "entity_type",
+                "entity_id",
+                "version",
+                "occurred_at",
+                "published_at",
+                "attributes",
+                "reason",
+                "source",
+            ],
         )
         await conn.executemany(
             "INSERT INTO kpi_results (kpi_code, window_start, window_end, dimensions, dims_key,"
             " value, sample_count, definition_version, computed_at, stored_at, forwarded)"
             " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, now() - interval '1 hour',"
             " true)",
-            [(r.kpi_code, r.window_start, r.window_end, orjson.dumps(r.dimensions).decode(),
-              orjson.dumps(r.dimensions, option=orjson.OPT_SORT_KEYS).decode(), r.value,
-              r.sample_count, r.definition_version, r.computed_at) for r in results],
+            [
+                (
+                    r.kpi_code,
+                    r.window_start,
+                    r.window_end,
+                    orjson.dumps(r.dimensions).decode(),
+                    orjson.dumps(r.dimensions, option=orjson.OPT_SORT_KEYS).decode(),
+                    r.value,
+                    r.sample_count,
+                    r.definition_version,
+                    r.computed_at,
+                )
+                for r in results
+            ],
         )
     finally:
         await conn.close()
@@ -205,11 +293,17 @@ async def test_wrong_value_and_missing_window_are_reported(world: World) -> None
     try:
         await conn.execute(
             "UPDATE kpi_results SET value = value * (1 + 1e-6) WHERE kpi_code = $1 AND "
-            "window_start = $2", wrong.kpi_code, wrong.window_start)
+            "window_start = $2",
+            wrong.kpi_code,
+            wrong.window_start,
+        )
         await conn.execute(
             "DELETE FROM kpi_results WHERE kpi_code = $1 AND window_start = $2 AND "
-            "dimensions = $3::jsonb", gone.kpi_code, gone.window_start,
-            orjson.dumps(gone.dimensions).decode())
+            "dimensions = $3::jsonb",
+            gone.kpi_code,
+            gone.window_start,
+            orjson.dumps(gone.dimensions).decode(),
+        )
     finally:
         await conn.close()
     report = await verify(world.settings(), OPTIONS)
@@ -224,10 +318,16 @@ async def test_wrong_value_and_missing_window_are_reported(world: World) -> None
 async def test_cli_exit_codes_table_and_json(world: World) -> None:
     async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "analytics_engine.cli", "verify",
-            "--idle-close", str(NO_IDLE_CLOSE.total_seconds()), *args,
+            sys.executable,
+            "-m",
+            "analytics_engine.cli",
+            "verify",
+            "--idle-close",
+            str(NO_IDLE_CLOSE.total_seconds()),
+            *args,
             env={**os.environ, **(env or world.env())},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode is not None

@@ -17,9 +17,15 @@ from analytics_engine.gateway.live import (
 
 
 def envelope(code: str, value: float) -> bytes:
-    return orjson.dumps({"event_id": "e", "event_type": f"kpi.calculated.{code}",
-                         "source": "calculation_engine", "timestamp": "2024-01-01T00:00:00Z",
-                         "payload": {"kpi_code": code, "value": value}})
+    return orjson.dumps(
+        {
+            "event_id": "e",
+            "event_type": f"kpi.calculated.{code}",
+            "source": "calculation_engine",
+            "timestamp": "2024-01-01T00:00:00Z",
+            "payload": {"kpi_code": code, "value": value},
+        }
+    )
 
 
 def test_frames() -> None:
@@ -53,7 +59,9 @@ async def test_hub_fans_out_filters_and_drops_slow_clients() -> None:
     assert hub.invalid == 1 and hub.received == 2
     got = [everything.queue.get_nowait(), everything.queue.get_nowait()]
     assert [orjson.loads(r.frame.split(b"data: ")[1]) for r in got if r] == [
-        {"kpi_code": "a", "value": 1}, {"kpi_code": "b", "value": 2}]
+        {"kpi_code": "a", "value": 1},
+        {"kpi_code": "b", "value": 2},
+    ]
     item = only_b.queue.get_nowait()
     assert item is not None and item.kpi_code == "b"
     assert only_b.queue.empty()

@@ -14,14 +14,24 @@ from analytics_engine.kpi.aggregation import (
     new_accumulator,
 )
 
-numbers = st.lists(st.one_of(
-    st.floats(min_value=-1e12, max_value=1e12, allow_nan=False),
-    st.integers(-(10**9), 10**9).map(float),
-    st.decimals(min_value=-1000, max_value=1000, places=2).map(float),
-), max_size=200)
-json_values = st.lists(st.one_of(st.integers(-5, 5), st.integers(-5, 5).map(float),
-                                 st.sampled_from(["a", "b", "1", ""]), st.booleans(),
-                                 st.lists(st.integers(0, 2), max_size=2)), max_size=50)
+numbers = st.lists(
+    st.one_of(
+        st.floats(min_value=-1e12, max_value=1e12, allow_nan=False),
+        st.integers(-(10**9), 10**9).map(float),
+        st.decimals(min_value=-1000, max_value=1000, places=2).map(float),
+    ),
+    max_size=200,
+)
+json_values = st.lists(
+    st.one_of(
+        st.integers(-5, 5),
+        st.integers(-5, 5).map(float),
+        st.sampled_from(["a", "b", "1", ""]),
+        st.booleans(),
+        st.lists(st.integers(0, 2), max_size=2),
+    ),
+    max_size=50,
+)
 
 
 def expected(kind: str, values: list[float]) -> float | None:
@@ -96,8 +106,14 @@ def test_distinct_state_is_sorted_strings_first_then_tagged_values() -> None:
     for v in ("b", 2, "a", True, 1.5, [1], "c", False):
         acc.add(v)
     assert acc.to_state()["state"] == [
-        ["s", "a"], ["s", "b"], ["s", "c"],
-        ["b", False], ["b", True], ["j", "[1]"], ["n", 1.5], ["n", 2],
+        ["s", "a"],
+        ["s", "b"],
+        ["s", "c"],
+        ["b", False],
+        ["b", True],
+        ["j", "[1]"],
+        ["n", 1.5],
+        ["n", 2],
     ]
 
 

@@ -33,13 +33,26 @@ GOOD: dict[str, Any] = {
     "enabled": True,
 }
 QUERY: dict[str, Any] = {
-    "code": "open_orders", "display_name": "Open orders", "entity_type": "order",
-    "query": {"sql": "SELECT count(*) FROM entities WHERE status = $1", "params": ["open"],
-              "schedule": "5m"},
+    "code": "open_orders",
+    "display_name": "Open orders",
+    "entity_type": "order",
+    "query": {
+        "sql": "SELECT count(*) FROM entities WHERE status = $1",
+        "params": ["open"],
+        "schedule": "5m",
+    },
 }
-ORDER = EntityTypeDefinition(entity_type="order", attributes={
-    "amount": "number", "status": "string", "region": "string", "qty": "integer",
-    "paid": "boolean", "created": "timestamp"})
+ORDER = EntityTypeDefinition(
+    entity_type="order",
+    attributes={
+        "amount": "number",
+        "status": "string",
+        "region": "string",
+        "qty": "integer",
+        "paid": "boolean",
+        "created": "timestamp",
+    },
+)
 
 
 def errors(data: dict[str, Any]) -> dict[str, str]:
@@ -52,8 +65,12 @@ def test_documented_example_is_valid_and_round_trips() -> None:
     assert kpi.window.size == timedelta(seconds=60)
     assert kpi.window.allowed_lateness == timedelta(seconds=10)
     dumped = kpi.model_dump(mode="json")
-    assert dumped["window"] == {"type": "tumbling", "size": "1m", "slide": None,
-                                "allowed_lateness": "10s"}
+    assert dumped["window"] == {
+        "type": "tumbling",
+        "size": "1m",
+        "slide": None,
+        "allowed_lateness": "10s",
+    }
     assert KPIDefinition.model_validate(dumped) == kpi
     assert validation_errors(GOOD) == []
 
@@ -65,9 +82,15 @@ def test_query_kpi_round_trips() -> None:
 
 
 def test_defaults() -> None:
-    kpi = KPIDefinition.model_validate({
-        "code": "n", "display_name": "N", "entity_type": "order", "aggregation": "count",
-        "window": {"type": "tumbling", "size": 10}})
+    kpi = KPIDefinition.model_validate(
+        {
+            "code": "n",
+            "display_name": "N",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": 10},
+        }
+    )
     assert (kpi.description, kpi.group_by, kpi.enabled, kpi.filter) == ("", [], True, None)
     assert kpi.window is not None and kpi.window.allowed_lateness == timedelta(0)
 
@@ -88,37 +111,62 @@ def test_defaults() -> None:
         ({"group_by": ["ok", "2x"]}, "group_by.1", "must be an identifier"),
         ({"window": None}, "window", "required for a streaming KPI"),
         ({"aggregation": None}, "aggregation", "required for a streaming KPI"),
-        ({"window": {"type": "tumbling", "size": "60s", "slide": "10s"}}, "window.slide",
-         "only sliding windows"),
+        (
+            {"window": {"type": "tumbling", "size": "60s", "slide": "10s"}},
+            "window.slide",
+            "only sliding windows",
+        ),
         ({"window": {"type": "sliding", "size": "60s"}}, "window.slide", "required"),
-        ({"window": {"type": "sliding", "size": "60s", "slide": "90s"}}, "window.slide",
-         "must not exceed"),
-        ({"window": {"type": "sliding", "size": "60s", "slide": "7s"}}, "window.slide",
-         "multiple of the slide"),
-        ({"window": {"type": "sliding", "size": "1h", "slide": "1s"}}, "window.slide",
-         "at most 100"),
-        ({"window": {"type": "sliding", "size": "60s", "slide": "0s"}}, "window.slide",
-         "must be positive"),
+        (
+            {"window": {"type": "sliding", "size": "60s", "slide": "90s"}},
+            "window.slide",
+            "must not exceed",
+        ),
+        (
+            {"window": {"type": "sliding", "size": "60s", "slide": "7s"}},
+            "window.slide",
+            "multiple of the slide",
+        ),
+        (
+            {"window": {"type": "sliding", "size": "1h", "slide": "1s"}},
+            "window.slide",
+            "at most 100",
+        ),
+        (
+            {"window": {"type": "sliding", "size": "60s", "slide": "0s"}},
+            "window.slide",
+            "must be positive",
+        ),
         ({"window": {"type": "tumbling", "size": "500ms"}}, "window.size", "at least 1s"),
         ({"window": {"type": "tumbling", "size": "32d"}}, "window.size", "at most 31d"),
-        ({"window": {"type": "tumbling", "size": "10s", "allowed_lateness": "101s"}},
-         "window.allowed_lateness", "at most 10 times"),
-        ({"window": {"type": "tumbling", "size": "10d", "allowed_lateness": "2d"}},
-         "window.allowed_lateness", "at most 1d"),
-        ({"window": {"type": "tumbling", "size": "1 minute"}}, "window.size",
-         "invalid duration"),
+        (
+            {"window": {"type": "tumbling", "size": "10s", "allowed_lateness": "101s"}},
+            "window.allowed_lateness",
+            "at most 10 times",
+        ),
+        (
+            {"window": {"type": "tumbling", "size": "10d", "allowed_lateness": "2d"}},
+            "window.allowed_lateness",
+            "at most 1d",
+        ),
+        ({"window": {"type": "tumbling", "size": "1 minute"}}, "window.size", "invalid duration"),
         ({"window": {"type": "hopping", "size": "60s"}}, "window.type", "Input should be"),
-        ({"thresholds": {"warning": 500, "critical": 1000, "direction": "below"}},
-         "thresholds.critical", "at or below warning"),
-        ({"thresholds": {"warning": 10, "direction": "sideways"}}, "thresholds.direction",
-         "Input should be"),
+        (
+            {"thresholds": {"warning": 500, "critical": 1000, "direction": "below"}},
+            "thresholds.critical",
+            "at or below warning",
+        ),
+        (
+            {"thresholds": {"warning": 10, "direction": "sideways"}},
+            "thresholds.direction",
+            "Input should be",
+        ),
         ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
         ({"display_name": ""}, "display_name", "at least 1 character"),
         ({"query": QUERY["query"]}, "aggregation", "not allowed for query KPIs"),
     ],
 )
-def test_bad_definitions_report_the_field(change: dict[str, Any], field: str,
-                                          message: str) -> None:
+def test_bad_definitions_report_the_field(change: dict[str, Any], field: str, message: str) -> None:
     found = errors({**GOOD, **change})
     assert field in found, found
     assert message in found[field]
@@ -150,22 +198,30 @@ def test_query_sql_checks(sql: str, message: str) -> None:
     assert any(message in m for m in found.values()), found
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT count(*) FROM entities;",
-    "  (SELECT 1)",
-    "WITH x AS (SELECT 1) SELECT * FROM x",
-    "SELECT 'delete; drop' AS txt, \"update\" FROM t -- insert\n",
-    "SELECT $$ drop ; $$ /* update; */",
-    "select jsonb_set(a, '{x}', '1') from t",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT count(*) FROM entities;",
+        "  (SELECT 1)",
+        "WITH x AS (SELECT 1) SELECT * FROM x",
+        "SELECT 'delete; drop' AS txt, \"update\" FROM t -- insert\n",
+        "SELECT $$ drop ; $$ /* update; */",
+        "select jsonb_set(a, '{x}', '1') from t",
+    ],
+)
 def test_query_sql_accepts_read_only(sql: str) -> None:
     assert check_read_only_sql(sql) == 0
 
 
 def test_thresholds_level() -> None:
     below = Thresholds(warning=1000, critical=500, direction="below")
-    assert [below.level(v) for v in (2000, 1000, 700, 500, 0)] == \
-        ["ok", "warning", "warning", "critical", "critical"]
+    assert [below.level(v) for v in (2000, 1000, 700, 500, 0)] == [
+        "ok",
+        "warning",
+        "warning",
+        "critical",
+        "critical",
+    ]
     above = Thresholds(warning=80, critical=95)
     assert [above.level(v) for v in (10, 80, 99)] == ["ok", "warning", "critical"]
     assert Thresholds().level(1e9) == "ok"
@@ -175,8 +231,7 @@ def test_versioned_definition() -> None:
     stored = VersionedKPIDefinition.model_validate({**GOOD, "version": 3, "updated_at": "x"})
     assert stored.version == 3
     assert stored.definition() == KPIDefinition.model_validate(GOOD)
-    assert validation_errors({**GOOD, "version": -1}, VersionedKPIDefinition)[0].field == \
-        "version"
+    assert validation_errors({**GOOD, "version": -1}, VersionedKPIDefinition)[0].field == "version"
 
 
 def test_field_error_dict() -> None:
@@ -185,17 +240,25 @@ def test_field_error_dict() -> None:
 
 def test_entity_type_model() -> None:
     assert ORDER.attributes["qty"] == "integer"
-    bad = validation_errors({"entity_type": "order", "attributes": {"a": "decimal",
-                                                                    "1b": "string"}},
-                            EntityTypeDefinition)
+    bad = validation_errors(
+        {"entity_type": "order", "attributes": {"a": "decimal", "1b": "string"}},
+        EntityTypeDefinition,
+    )
     assert {e.field for e in bad} >= {"attributes.a", "attributes.1b.[key]"}
 
 
 def test_check_against_entity() -> None:
     assert check_against_entity(KPIDefinition.model_validate(GOOD), ORDER) == []
-    kpi = KPIDefinition.model_validate({
-        **GOOD, "entity_type": "invoice", "aggregation": "avg", "field": "status",
-        "group_by": ["region", "country"], "filter": "paid && amount > 0 && missing == 1"})
+    kpi = KPIDefinition.model_validate(
+        {
+            **GOOD,
+            "entity_type": "invoice",
+            "aggregation": "avg",
+            "field": "status",
+            "group_by": ["region", "country"],
+            "filter": "paid && amount > 0 && missing == 1",
+        }
+    )
     found = {e.field: e.message for e in check_against_entity(kpi, ORDER)}
     assert set(found) == {"entity_type", "field", "group_by.1", "filter"}
     assert "numeric" in found["field"]
@@ -207,16 +270,23 @@ def test_check_against_entity() -> None:
     assert check_against_entity(KPIDefinition.model_validate(QUERY), ORDER) == []
 
 
-@given(st.fixed_dictionaries({
-    "size": st.sampled_from(["1s", "10s", "1m", "1h", "1d"]),
-    "lateness": st.sampled_from(["0s", "500ms", "5s", "1m"]),
-    "group_by": st.lists(st.sampled_from(["a", "b", "c"]), unique=True, max_size=3),
-    "aggregation": st.sampled_from(["count", "sum", "avg", "min", "max", "count_distinct"]),
-}))
+@given(
+    st.fixed_dictionaries(
+        {
+            "size": st.sampled_from(["1s", "10s", "1m", "1h", "1d"]),
+            "lateness": st.sampled_from(["0s", "500ms", "5s", "1m"]),
+            "group_by": st.lists(st.sampled_from(["a", "b", "c"]), unique=True, max_size=3),
+            "aggregation": st.sampled_from(["count", "sum", "avg", "min", "max", "count_distinct"]),
+        }
+    )
+)
 def test_valid_definitions_round_trip(spec: dict[str, Any]) -> None:
-    data = {**GOOD, "aggregation": spec["aggregation"], "group_by": spec["group_by"],
-            "window": {"type": "tumbling", "size": spec["size"],
-                       "allowed_lateness": spec["lateness"]}}
+    data = {
+        **GOOD,
+        "aggregation": spec["aggregation"],
+        "group_by": spec["group_by"],
+        "window": {"type": "tumbling", "size": spec["size"], "allowed_lateness": spec["lateness"]},
+    }
     if validation_errors(data):
         assert "allowed_lateness" in errors(data).popitem()[0]
         return

@@ -29,8 +29,24 @@ def test_parse(text: object, expected: timedelta) -> None:
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "1.5s", "-1s", "10 minutes", "1w", "s", True, None, -5,
-                                 1.5, "99999999999999d", timedelta(microseconds=1), [1]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "1.5s",
+        "-1s",
+        "10 minutes",
+        "1w",
+        "s",
+        True,
+        None,
+        -5,
+        1.5,
+        "99999999999999d",
+        timedelta(microseconds=1),
+        [1],
+    ],
+)
 def test_parse_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)

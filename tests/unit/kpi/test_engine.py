@@ -32,18 +32,35 @@ def at(seconds: float) -> datetime:
 
 def kpi(code: str = "revenue", version: int = 1, **spec: Any) -> VersionedKPIDefinition:
     base: dict[str, Any] = {
-        "code": code, "display_name": code, "entity_type": "order", "aggregation": "sum",
-        "field": "amount", "window": {"type": "tumbling", "size": "10s"}, "version": version,
+        "code": code,
+        "display_name": code,
+        "entity_type": "order",
+        "aggregation": "sum",
+        "field": "amount",
+        "window": {"type": "tumbling", "size": "10s"},
+        "version": version,
     }
     return VersionedKPIDefinition.model_validate({**base, **spec})
 
 
-def ev(i: int | str, occurred: float, published: float | None = None, *, kind: str = "created",
-       entity_type: str = "order", **attrs: Any) -> EntityEventView:
+def ev(
+    i: int | str,
+    occurred: float,
+    published: float | None = None,
+    *,
+    kind: str = "created",
+    entity_type: str = "order",
+    **attrs: Any,
+) -> EntityEventView:
     return EntityEventView(
-        event_id=str(i), event_kind=kind, entity_type=entity_type, entity_id=f"o{i}",
-        version=1, occurred_at=at(occurred),
-        published_at=at(occurred if published is None else published), attributes=attrs,
+        event_id=str(i),
+        event_kind=kind,
+        entity_type=entity_type,
+        entity_id=f"o{i}",
+        version=1,
+        occurred_at=at(occurred),
+        published_at=at(occurred if published is None else published),
+        attributes=attrs,
     )
 
 
@@ -54,8 +71,10 @@ def engine(*defs: VersionedKPIDefinition, **kw: Any) -> KPIEngine:
 
 
 def values(results: list[KPIResult]) -> list[tuple[str, float, float, dict[str, Any], int]]:
-    return [(r.kpi_code, (r.window_start - T0).total_seconds(), r.value, r.dimensions,
-             r.sample_count) for r in results]
+    return [
+        (r.kpi_code, (r.window_start - T0).total_seconds(), r.value, r.dimensions, r.sample_count)
+        for r in results
+    ]
 
 
 def test_tumbling_sum_grouped_emitted_once_on_close() -> None:
@@ -66,11 +85,16 @@ def test_tumbling_sum_grouped_emitted_once_on_close() -> None:
     assert e.drain_results() == []
     e.process(ev(4, 10, amount=100, region="eu"))  # published at 10s: closes [0, 10)
     results = e.drain_results()
-    assert values(results) == [("revenue", 0, 11.0, {"region": "eu"}, 2),
-                               ("revenue", 0, 5.5, {"region": "us"}, 1)]
+    assert values(results) == [
+        ("revenue", 0, 11.0, {"region": "eu"}, 2),
+        ("revenue", 0, 5.5, {"region": "us"}, 1),
+    ]
     r = results[0]
-    assert (r.window_end - r.window_start, r.definition_version, r.computed_at) == \
-        (timedelta(seconds=10), 1, NOW)
+    assert (r.window_end - r.window_start, r.definition_version, r.computed_at) == (
+        timedelta(seconds=10),
+        1,
+        NOW,
+    )
     e.process(ev(5, 15, amount=1, region="eu"))
     assert e.drain_results() == []  # [0, 10) is not emitted again
     e.advance(at(25) + timedelta(seconds=5))
@@ -112,8 +136,13 @@ def test_dedupe_capacity_is_bounded() -> None:
 
 
 def test_sliding_windows() -> None:
-    e = engine(kpi(aggregation="count", field=None,
-                   window={"type": "sliding", "size": "30s", "slide": "10s"}))
+    e = engine(
+        kpi(
+            aggregation="count",
+            field=None,
+            window={"type": "sliding", "size": "30s", "slide": "10s"},
+        )
+    )
     e.process(ev(1, 25))
     e.advance(NOW)
     assert [(v[1], v[2]) for v in values(e.drain_results())] == [(0, 1.0), (10, 1.0), (20, 1.0)]
@@ -152,9 +181,15 @@ def test_filters_values_and_empty_groups() -> None:
 
 def test_dimensions_missing_null_and_typed() -> None:
     e = engine(kpi(aggregation="count", field=None, group_by=["region", "tier"]))
-    for i, attrs in enumerate([{"region": "eu"}, {"region": "eu", "tier": None},
-                               {"region": "eu", "tier": 1}, {"region": "eu", "tier": 1.0},
-                               {"region": "eu", "tier": True}]):
+    for i, attrs in enumerate(
+        [
+            {"region": "eu"},
+            {"region": "eu", "tier": None},
+            {"region": "eu", "tier": 1},
+            {"region": "eu", "tier": 1.0},
+            {"region": "eu", "tier": True},
+        ]
+    ):
         e.process(ev(i, 1, **attrs))
     e.advance(NOW)
     assert [(r.dimensions, r.value) for r in e.drain_results()] == [
@@ -168,15 +203,20 @@ def test_hot_reload() -> None:
     e = engine(kpi("a"), kpi("b"), kpi("c"))
     for i in range(3):
         e.process(ev(i, 1, amount=1))
-    e.set_definitions([
-        kpi("a"),  # unchanged: keeps state
-        kpi("b", version=2),  # new version: reset
-        kpi("d"),  # new
-    ])  # "c" removed: dropped without emitting
+    e.set_definitions(
+        [
+            kpi("a"),  # unchanged: keeps state
+            kpi("b", version=2),  # new version: reset
+            kpi("d"),  # new
+        ]
+    )  # "c" removed: dropped without emitting
     e.process(ev(9, 2, amount=10))
     e.advance(NOW)
     assert [(r.kpi_code, r.value, r.definition_version) for r in e.drain_results()] == [
-        ("a", 13.0, 1), ("b", 10.0, 2), ("d", 10.0, 1)]
+        ("a", 13.0, 1),
+        ("b", 10.0, 2),
+        ("d", 10.0, 1),
+    ]
     e.set_definitions([kpi("a", enabled=False)])
     assert e.definitions == {}
     with pytest.raises(ValueError, match="duplicate"):
@@ -223,15 +263,32 @@ def test_restore_rejects_unknown_format_and_changed_definitions() -> None:
 # properties
 
 DEFS = [
-    kpi("sum_g", group_by=["g"], filter="amount > -50.0",
-        window={"type": "tumbling", "size": "10s", "allowed_lateness": "3s"}),
-    kpi("avg_s", aggregation="avg", window={"type": "sliding", "size": "20s", "slide": "5s",
-                                            "allowed_lateness": "2s"}),
-    kpi("cnt", aggregation="count", field=None, group_by=["g"],
-        window={"type": "tumbling", "size": "5s"}),
+    kpi(
+        "sum_g",
+        group_by=["g"],
+        filter="amount > -50.0",
+        window={"type": "tumbling", "size": "10s", "allowed_lateness": "3s"},
+    ),
+    kpi(
+        "avg_s",
+        aggregation="avg",
+        window={"type": "sliding", "size": "20s", "slide": "5s", "allowed_lateness": "2s"},
+    ),
+    kpi(
+        "cnt",
+        aggregation="count",
+        field=None,
+        group_by=["g"],
+        window={"type": "tumbling", "size": "5s"},
+    ),
     kpi("mx", aggregation="max", window={"type": "tumbling", "size": "10s"}),
-    kpi("dist", aggregation="count_distinct", field="g", filter="event == 'created'",
-        window={"type": "tumbling", "size": "10s", "allowed_lateness": "10s"}),
+    kpi(
+        "dist",
+        aggregation="count_distinct",
+        field="g",
+        filter="event == 'created'",
+        window={"type": "tumbling", "size": "10s", "allowed_lateness": "10s"},
+    ),
 ]
 
 
@@ -246,20 +303,24 @@ def streams(draw: st.DrawFn) -> list[EntityEventView]:
         published += draw(st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]))
         occurred = published - draw(st.sampled_from([0.0, 0.1, 1.0, 4.0, 9.0, 15.0]))
         attrs: dict[str, Any] = {"g": draw(st.sampled_from(["x", "y", None]))}
-        amount = draw(st.one_of(st.none(), st.integers(-100, 100),
-                                st.floats(-100, 100).map(lambda x: round(x, 2))))
+        amount = draw(
+            st.one_of(
+                st.none(), st.integers(-100, 100), st.floats(-100, 100).map(lambda x: round(x, 2))
+            )
+        )
         if amount is not None:
             attrs["amount"] = amount
-        events.append(ev(i, occurred, published, kind=draw(st.sampled_from(["created",
-                                                                           "updated"])),
-                         **attrs))
+        events.append(
+            ev(i, occurred, published, kind=draw(st.sampled_from(["created", "updated"])), **attrs)
+        )
         if events and draw(st.integers(0, 9)) == 0:
             events.append(draw(st.sampled_from(events)))
     return events
 
 
-def reference(defs: list[VersionedKPIDefinition],
-              events: list[EntityEventView]) -> list[tuple[Any, ...]]:
+def reference(
+    defs: list[VersionedKPIDefinition], events: list[EntityEventView]
+) -> list[tuple[Any, ...]]:
     """The documented semantics, computed directly from the (deduplicated) events."""
     seen: set[str] = set()
     unique = [e for e in events if not (e.event_id in seen or seen.add(e.event_id))]  # type: ignore[func-returns-value]
@@ -269,8 +330,12 @@ def reference(defs: list[VersionedKPIDefinition],
         flt = compile_filter(d.filter) if d.filter else None
         groups: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
         for e in unique:
-            act = {**e.attributes, "event": e.event_kind, "entity_id": e.entity_id,
-                   "version": e.version}
+            act = {
+                **e.attributes,
+                "event": e.event_kind,
+                "entity_id": e.entity_id,
+                "version": e.version,
+            }
             if flt is not None and not flt.matches(act):
                 continue
             for start, end in windows_for(e.occurred_at, d.window):
@@ -294,8 +359,9 @@ def reference(defs: list[VersionedKPIDefinition],
             else:
                 value = max(nums)
             if value is not None:
-                out.append((d.code, start, dict(zip(d.group_by, dims, strict=True)), value,
-                            len(vals)))
+                out.append(
+                    (d.code, start, dict(zip(d.group_by, dims, strict=True)), value, len(vals))
+                )
     return sorted(out, key=repr)
 
 
@@ -307,14 +373,17 @@ def run(events: list[EntityEventView], e: KPIEngine | None = None) -> list[KPIRe
 
 
 def as_tuples(results: list[KPIResult]) -> list[tuple[Any, ...]]:
-    return sorted(((r.kpi_code, r.window_start, r.dimensions, r.value, r.sample_count)
-                   for r in results), key=repr)
+    return sorted(
+        ((r.kpi_code, r.window_start, r.dimensions, r.value, r.sample_count) for r in results),
+        key=repr,
+    )
 
 
 def same(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> bool:
     return len(a) == len(b) and all(
         x[:3] == y[:3] and x[4] == y[4] and math.isclose(x[3], y[3], rel_tol=1e-9, abs_tol=1e-9)
-        for x, y in zip(a, b, strict=True))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -331,8 +400,9 @@ def test_engine_equals_reference_semantics(events: list[EntityEventView]) -> Non
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams(), st.floats(0, 1), st.booleans())
-def test_snapshot_restore_mid_stream_is_invisible(events: list[EntityEventView], cut: float,
-                                                  drain_before_snapshot: bool) -> None:
+def test_snapshot_restore_mid_stream_is_invisible(
+    events: list[EntityEventView], cut: float, drain_before_snapshot: bool
+) -> None:
     split = int(len(events) * cut)
     uninterrupted = engine(*DEFS)
     expected = run(events, uninterrupted)

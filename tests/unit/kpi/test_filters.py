@@ -12,8 +12,16 @@ from hypothesis import strategies as st
 
 from analytics_engine.kpi.filters import FilterError, compile_filter, referenced_names
 
-ORDER = {"status": "completed", "amount": 12.5, "region": "eu", "qty": 3, "vip": True,
-         "note": None, "tags": ["a"], "name": "Ünïcode ✓"}
+ORDER = {
+    "status": "completed",
+    "amount": 12.5,
+    "region": "eu",
+    "qty": 3,
+    "vip": True,
+    "note": None,
+    "tags": ["a"],
+    "name": "Ünïcode ✓",
+}
 
 
 @pytest.mark.parametrize(
@@ -78,8 +86,13 @@ def test_null_equality_never_errors_for_present_values() -> None:
 
 def test_matches_never_raises_on_odd_activations() -> None:
     flt = compile_filter("a > 1 && b.startsWith('x')")
-    for activation in ({}, {"a": object()}, {"a": float("nan")}, {"a": 2, "b": b"x"},
-                       {"a": 10**400, "b": "x"}):
+    for activation in (
+        {},
+        {"a": object()},
+        {"a": float("nan")},
+        {"a": 2, "b": b"x"},
+        {"a": 10**400, "b": "x"},
+    ):
         assert flt.matches(activation) is False
 
 
@@ -149,8 +162,14 @@ def test_moderately_nested_and_unicode_input_compiles() -> None:
 
 
 def test_referenced_names() -> None:
-    assert referenced_names("has(a) && b > 1 || c.startsWith(d) && event == 'x' && e in [1]") \
-        == {"a", "b", "c", "d", "event", "e"}
+    assert referenced_names("has(a) && b > 1 || c.startsWith(d) && event == 'x' && e in [1]") == {
+        "a",
+        "b",
+        "c",
+        "d",
+        "event",
+        "e",
+    }
     with pytest.raises(FilterError):
         referenced_names("a >")
 
@@ -167,15 +186,15 @@ def test_uses_reserved_flag() -> None:
 # is not self-consistent there (`'a' == null` is false but `1.0 == null` an error; `1.0 in
 # ['a']` an error but `false in ['a']` false); we define them as errors (except null equality).
 
-number_values = st.floats(min_value=-100, max_value=100, allow_nan=False).map(
-    lambda x: round(x, 2))
+number_values = st.floats(min_value=-100, max_value=100, allow_nan=False).map(lambda x: round(x, 2))
 string_values = st.sampled_from(["", "a", "ab", "b", "ba", "é"])
 activations = st.fixed_dictionaries(
     {},
     optional={"a": number_values, "b": number_values, "s": string_values, "f": st.booleans()},
 )
 number_lits = st.floats(min_value=-50, max_value=50, allow_nan=False).map(
-    lambda x: f"{round(x, 1)!r}")
+    lambda x: f"{round(x, 1)!r}"
+)
 string_lits = st.sampled_from(["''", "'a'", "'b'", "'ab'", "'é'"])
 nums = st.sampled_from(["a", "b"])
 cmp = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
@@ -184,11 +203,29 @@ atoms = st.one_of(
     st.tuples(nums, cmp, nums).map(" ".join),
     st.tuples(st.just("s"), cmp, string_lits).map(" ".join),
     st.tuples(st.sampled_from(["startsWith", "endsWith", "contains"]), string_lits).map(
-        lambda t: f"s.{t[0]}({t[1]})"),
-    st.sampled_from(["s in ['a', 'b']", "s in ['é']", "a in [1.0, 2.5]", "f in [true]",
-                     "s + 'x' == 'ax'", "f", "f == false", "has(a)", "has(s)", "f != true"]),
-    st.tuples(nums, st.sampled_from(["+", "-", "*"]), number_lits, st.sampled_from(["<", ">="]),
-              number_lits).map(" ".join),
+        lambda t: f"s.{t[0]}({t[1]})"
+    ),
+    st.sampled_from(
+        [
+            "s in ['a', 'b']",
+            "s in ['é']",
+            "a in [1.0, 2.5]",
+            "f in [true]",
+            "s + 'x' == 'ax'",
+            "f",
+            "f == false",
+            "has(a)",
+            "has(s)",
+            "f != true",
+        ]
+    ),
+    st.tuples(
+        nums,
+        st.sampled_from(["+", "-", "*"]),
+        number_lits,
+        st.sampled_from(["<", ">="]),
+        number_lits,
+    ).map(" ".join),
     st.tuples(nums, st.sampled_from(["+", "-", "*"]), nums, cmp, number_lits).map(" ".join),
 )
 expressions = st.recursive(

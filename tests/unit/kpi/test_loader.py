@@ -87,8 +87,9 @@ def test_duplicate_codes_across_files(tmp_path: Path) -> None:
 
 def test_multi_document_locations(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
-    path.write_text(CRD.replace("field: amount\n  window: {type: sliding",
-                                "window: {type: sliding"))
+    path.write_text(
+        CRD.replace("field: amount\n  window: {type: sliding", "window: {type: sliding")
+    )
     with pytest.raises(DefinitionLoadError, match=r"document 1\.field: required"):
         load_definitions_file(path)
 

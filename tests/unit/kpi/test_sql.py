@@ -25,7 +25,7 @@ def test_parameters_start_after_the_offset_and_carry_casts() -> None:
 
 
 def test_literals_never_reach_the_sql_text() -> None:
-    sql, params = filter_to_sql("s == \"'; DROP TABLE events; --\"")
+    sql, params = filter_to_sql('s == "\'; DROP TABLE events; --"')
     assert "DROP" not in sql
     assert params == ["'; DROP TABLE events; --"]
 
@@ -34,14 +34,16 @@ def test_numeric_string_and_boolean_accessors() -> None:
     sql, _ = filter_to_sql("amount > 1 && name < 'b' && flag")
     assert "(attributes->>'amount')::double precision" in sql
     assert "jsonb_typeof(attributes->'amount') = 'number'" in sql
-    assert "COLLATE \"C\"" in sql
+    assert 'COLLATE "C"' in sql
     assert "(attributes->>'flag')::boolean" in sql
 
 
 def test_reserved_names_map_to_columns() -> None:
-    sql, params = filter_to_sql("event == 'created' && version > 1 && entity_id != 'x'",
-                                attributes_column="e.attrs",
-                                reserved_columns={"entity_id": "e.entity_id"})
+    sql, params = filter_to_sql(
+        "event == 'created' && version > 1 && entity_id != 'x'",
+        attributes_column="e.attrs",
+        reserved_columns={"entity_id": "e.entity_id"},
+    )
     assert "event_kind = $1::text" in sql
     assert "(version)::double precision > $2::double precision" in sql
     assert "(e.entity_id)::text <> $3::text" in sql
@@ -85,7 +87,8 @@ scalar = st.one_of(
 )
 rows = st.lists(
     st.fixed_dictionaries({}, optional={"a": scalar, "b": scalar, "s": scalar, "f": scalar}),
-    min_size=1, max_size=12,
+    min_size=1,
+    max_size=12,
 )
 lits = st.one_of(
     st.floats(min_value=-10, max_value=10, allow_nan=False).map(lambda x: repr(round(x, 1))),
@@ -96,11 +99,29 @@ cmp = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
 atoms = st.one_of(
     st.tuples(names, cmp, lits).map(" ".join),
     st.tuples(names, st.sampled_from(["==", "!="]), st.just("null")).map(" ".join),
-    st.sampled_from(["has(a)", "has(s)", "f", "s.startsWith('a')", "s.endsWith('')",
-                     "s.contains('b')", "s in ['a', 'ab']", "a in [1, 2.5]", "f in [true]",
-                     "s in []", "a / b > 1", "a * 2 - b <= 3", "-a < 1", "s + 'x' == 'ax'",
-                     "event == 'created'", "version >= 2", "entity_id.startsWith('e1')",
-                     "has(version)", "a == null || s != null"]),
+    st.sampled_from(
+        [
+            "has(a)",
+            "has(s)",
+            "f",
+            "s.startsWith('a')",
+            "s.endsWith('')",
+            "s.contains('b')",
+            "s in ['a', 'ab']",
+            "a in [1, 2.5]",
+            "f in [true]",
+            "s in []",
+            "a / b > 1",
+            "a * 2 - b <= 3",
+            "-a < 1",
+            "s + 'x' == 'ax'",
+            "event == 'created'",
+            "version >= 2",
+            "entity_id.startsWith('e1')",
+            "has(version)",
+            "a == null || s != null",
+        ]
+    ),
 )
 filters = st.recursive(
     atoms,
@@ -136,8 +157,10 @@ async def test_sql_matches_the_evaluator_on_postgres(pg: Any) -> None:
         await pg.execute("TRUNCATE ev")
         await pg.executemany(
             "INSERT INTO ev VALUES ($1, $2, $3, $4, $5::jsonb)",
-            [(i, "created" if i % 2 else "updated", f"e{i}", i, json.dumps(row))
-             for i, row in enumerate(data)],
+            [
+                (i, "created" if i % 2 else "updated", f"e{i}", i, json.dumps(row))
+                for i, row in enumerate(data)
+            ],
         )
         try:
             where, params = filter_to_sql(expr, param_offset=0)
@@ -147,17 +170,22 @@ async def test_sql_matches_the_evaluator_on_postgres(pg: Any) -> None:
         got = await pg.fetch(f"SELECT id, ({where}) AS m FROM ev ORDER BY id", *params)
         flt = compile_filter(expr)
         for record, (i, row) in zip(got, enumerate(data), strict=True):
-            activation = {**row, "event": "created" if i % 2 else "updated",
-                          "entity_id": f"e{i}", "version": i}
+            activation = {
+                **row,
+                "event": "created" if i % 2 else "updated",
+                "entity_id": f"e{i}",
+                "version": i,
+            }
             assert record["m"] == flt.evaluate(activation), (expr, row, where)
     assert checked > len(cases) // 2
 
 
 async def test_aggregates_match_the_accumulators_on_postgres(pg: Any) -> None:
     values: list[Any] = [1.5, 2, None, "x", 1e15, -1e15, 0.1, 0.2, 0.3, True, 2.0, "x", [1]]
-    await pg.executemany("INSERT INTO ev VALUES ($1, 'created', 'e', 1, $2::jsonb)",
-                         [(i, json.dumps({"v": v})) for i, v in enumerate(values)]
-                         + [(99, json.dumps({}))])
+    await pg.executemany(
+        "INSERT INTO ev VALUES ($1, 'created', 'e', 1, $2::jsonb)",
+        [(i, json.dumps({"v": v})) for i, v in enumerate(values)] + [(99, json.dumps({}))],
+    )
     for aggregation in ("count", "sum", "avg", "min", "max", "count_distinct"):
         acc = new_accumulator(aggregation)
         for v in values:

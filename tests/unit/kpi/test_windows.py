@@ -13,16 +13,19 @@ T = datetime(2024, 5, 1, 12, 0, 7, 250_000, tzinfo=UTC)
 
 def test_tumbling_is_epoch_aligned() -> None:
     window = Window(type="tumbling", size=timedelta(minutes=1))
-    assert windows_for(T, window) == [(datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
-                                       datetime(2024, 5, 1, 12, 1, tzinfo=UTC))]
+    assert windows_for(T, window) == [
+        (datetime(2024, 5, 1, 12, 0, tzinfo=UTC), datetime(2024, 5, 1, 12, 1, tzinfo=UTC))
+    ]
 
 
 def test_sliding_lists_every_containing_window_ascending() -> None:
     window = Window(type="sliding", size=timedelta(seconds=30), slide=timedelta(seconds=10))
     starts = [s for s, _ in windows_for(T, window)]
-    assert starts == [T.replace(minute=59, hour=11, second=40, microsecond=0),
-                      T.replace(minute=59, hour=11, second=50, microsecond=0),
-                      T.replace(second=0, microsecond=0)]
+    assert starts == [
+        T.replace(minute=59, hour=11, second=40, microsecond=0),
+        T.replace(minute=59, hour=11, second=50, microsecond=0),
+        T.replace(second=0, microsecond=0),
+    ]
 
 
 def test_boundaries_and_timezones() -> None:
@@ -39,8 +42,9 @@ def test_boundaries_and_timezones() -> None:
 def test_before_the_epoch() -> None:
     window = Window(type="tumbling", size=timedelta(seconds=10))
     t = datetime(1969, 12, 31, 23, 59, 55, tzinfo=UTC)
-    assert windows_for(t, window) == [(datetime(1969, 12, 31, 23, 59, 50, tzinfo=UTC),
-                                       datetime(1970, 1, 1, tzinfo=UTC))]
+    assert windows_for(t, window) == [
+        (datetime(1969, 12, 31, 23, 59, 50, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC))
+    ]
 
 
 @given(st.integers(-(10**15), 10**15))
@@ -49,8 +53,7 @@ def test_micros_round_trip(us: int) -> None:
 
 
 @given(t=st.integers(-(10**13), 10**13), slide=st.integers(1, 10**6), factor=st.integers(1, 12))
-def test_each_event_is_in_exactly_size_over_slide_windows(t: int, slide: int,
-                                                          factor: int) -> None:
+def test_each_event_is_in_exactly_size_over_slide_windows(t: int, slide: int, factor: int) -> None:
     size = slide * factor
     starts = list(window_starts(t, size, slide))
     assert len(starts) == factor
@@ -67,14 +70,19 @@ def test_tumbling_window_contains_the_event(t: int, size: int) -> None:
     assert start % size == 0 and start <= t < start + size
 
 
-@given(st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1),
-                    timezones=st.just(UTC)),
-       st.sampled_from([(1, None), (60, None), (60, 15), (3600, 60), (86400, 3600)]))
+@given(
+    st.datetimes(
+        min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
+    st.sampled_from([(1, None), (60, None), (60, 15), (3600, 60), (86400, 3600)]),
+)
 def test_windows_for_datetimes(t: datetime, spec: tuple[int, int | None]) -> None:
     size, slide = spec
-    window = Window(type="tumbling" if slide is None else "sliding",
-                    size=timedelta(seconds=size),
-                    slide=None if slide is None else timedelta(seconds=slide))
+    window = Window(
+        type="tumbling" if slide is None else "sliding",
+        size=timedelta(seconds=size),
+        slide=None if slide is None else timedelta(seconds=slide),
+    )
     result = windows_for(t, window)
     assert len(result) == (1 if slide is None else size // slide)
     assert all(s <= t < e and e - s == timedelta(seconds=size) for s, e in result)

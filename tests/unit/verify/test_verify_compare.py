@@ -21,8 +21,9 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 MIN = timedelta(minutes=1)
 
 
-def row(i: int, value: float = 1.0, *, n: int = 1, dims: str = "{}",
-        version: int | None = None) -> ResultRow:
+def row(
+    i: int, value: float = 1.0, *, n: int = 1, dims: str = "{}", version: int | None = None
+) -> ResultRow:
     return ResultRow("k", T0 + i * MIN, T0 + (i + 1) * MIN, dims, value, n, version)
 
 
@@ -41,24 +42,38 @@ def test_same_value_tolerance() -> None:
 def test_compare_kpi_reports_each_kind_of_problem() -> None:
     expected = [row(0, 5.0, n=2), row(1, 3.0), row(2, 7.0, n=3), row(3, 1.0)]
     stored = [row(0, 5.0, n=2), row(1, 3.5), row(2, 7.0, n=4), row(4, 9.0), row(4, 9.0)]
-    result = compare_kpi("k", expected, stored, lateness=timedelta(0),
-                         watermark=T0 + 10 * MIN, definition_version=None)
+    result = compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=T0 + 10 * MIN,
+        definition_version=None,
+    )
     problems = sorted((m.problem, m.window_start) for m in result.mismatches)
-    assert problems == sorted([
-        ("wrong_value", T0 + MIN),
-        ("wrong_sample_count", T0 + 2 * MIN),
-        ("extra_window", T0 + 4 * MIN),
-        ("duplicate_result", T0 + 4 * MIN),
-        ("missing_window", T0 + 3 * MIN),
-    ])
+    assert problems == sorted(
+        [
+            ("wrong_value", T0 + MIN),
+            ("wrong_sample_count", T0 + 2 * MIN),
+            ("extra_window", T0 + 4 * MIN),
+            ("duplicate_result", T0 + 4 * MIN),
+            ("missing_window", T0 + 3 * MIN),
+        ]
+    )
     assert result.summary is not None and result.summary.matched == 1
 
 
 def test_open_windows_and_other_versions_are_skipped() -> None:
     expected = [row(0), row(1), row(5, 2.0)]
     stored = [row(0), row(1, 4.0, version=1), row(5, 9.0, version=2)]
-    result = compare_kpi("k", expected, stored, lateness=timedelta(seconds=30),
-                         watermark=T0 + 5 * MIN, definition_version=2)
+    result = compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(seconds=30),
+        watermark=T0 + 5 * MIN,
+        definition_version=2,
+    )
     assert result.mismatches == []
     assert result.summary is not None
     assert result.summary.open_windows_skipped == 1
@@ -82,21 +97,34 @@ def test_compare_lake() -> None:
 
 
 def test_report_rendering() -> None:
-    result = compare_kpi("k", [row(0)], [], lateness=timedelta(0), watermark=T0 + MIN,
-                         definition_version=None)
-    report = Report(start=T0, end=T0 + MIN, definitions_source="test",
-                    mismatches=result.mismatches, kpis=[result.summary] if result.summary else [])
+    result = compare_kpi(
+        "k", [row(0)], [], lateness=timedelta(0), watermark=T0 + MIN, definition_version=None
+    )
+    report = Report(
+        start=T0,
+        end=T0 + MIN,
+        definitions_source="test",
+        mismatches=result.mismatches,
+        kpis=[result.summary] if result.summary else [],
+    )
     text = render_text(report)
     assert "missing_window" in text and text.endswith("FAILED: 1 mismatch(es)")
     assert '"ok": false' in render_json(report)
 
 
 def test_recompute_query_shape() -> None:
-    definition = KPIDefinition.model_validate({
-        "code": "rev", "display_name": "R", "entity_type": "order", "aggregation": "sum",
-        "field": "amount", "filter": "status == 'done'", "group_by": ["region"],
-        "window": {"type": "sliding", "size": "2m", "slide": "1m", "allowed_lateness": "5s"},
-    })
+    definition = KPIDefinition.model_validate(
+        {
+            "code": "rev",
+            "display_name": "R",
+            "entity_type": "order",
+            "aggregation": "sum",
+            "field": "amount",
+            "filter": "status == 'done'",
+            "group_by": ["region"],
+            "window": {"type": "sliding", "size": "2m", "slide": "1m", "allowed_lateness": "5s"},
+        }
+    )
     query = recompute_query(definition, start=T0, end=T0 + 10 * MIN)
     assert query.params[:1] == ["order"] and query.params[-1] == "done"
     assert "$5::text" in query.sql
