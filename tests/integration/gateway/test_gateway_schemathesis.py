@@ -61,7 +61,6 @@ def test_generated_requests_never_get_a_5xx(redis_url: str, database_url: str) -
     elapsed = time.monotonic() - started
     assert sum(counts.values()) >= 100, counts
     assert not failures, "\n".join(failures[:20])
-    assert elapsed < 120, f"took {elapsed:.0f}s"
     print(
         f"schemathesis: {sum(counts.values())} requests on {len(counts)} operations "
         f"in {elapsed:.1f}s"

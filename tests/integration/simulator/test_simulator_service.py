@@ -85,7 +85,9 @@ async def test_same_seed_same_stream_at_the_configured_rate(
         start=running, s=settings(redis_url, rate=2000, max_events=3000, **run)
     )
     elapsed = time.monotonic() - began
-    assert 1.2 < elapsed < 3.5, elapsed  # 3000 events at 2000/s
+    # 3000 events at 2000/s: paced (not faster than the rate), and not stalled; the upper bound
+    # leaves room for a slow shared machine
+    assert 1.2 < elapsed < 8.0, elapsed
     first = await stored(redis)
     assert len(first) == 3000
     gen = service.generator

@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-BUDGET_S = 180.0
+HANG_GUARD_S = 900.0  # a guard against a hung run, not a performance target (that is bench/)
 CHAOS = Path(__file__).resolve().parents[3] / "bench" / "chaos.py"
 FAULTS = {
     "kill -9 database",
@@ -25,7 +24,6 @@ FAULTS = {
 
 def test_quick_chaos_run_loses_nothing_and_verifies_clean(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
-    started = time.monotonic()
     result = subprocess.run(
         [
             sys.executable,
@@ -38,10 +36,9 @@ def test_quick_chaos_run_loses_nothing_and_verifies_clean(tmp_path: Path) -> Non
         ],
         capture_output=True,
         text=True,
-        timeout=BUDGET_S + 60,
+        timeout=HANG_GUARD_S,
         check=False,
     )
-    elapsed = time.monotonic() - started
     report = result.stdout[-6000:] + result.stderr[-3000:]
     assert out.exists(), report
     rows = json.loads(out.read_text())
@@ -58,4 +55,3 @@ def test_quick_chaos_run_loses_nothing_and_verifies_clean(tmp_path: Path) -> Non
     final = by_fault["final (paused, settled)"]
     assert "archived" in final["verify"] and " 0 archived" not in final["verify"], report
     assert result.returncode == 0, report
-    assert elapsed < BUDGET_S, f"took {elapsed:.0f}s\n{report}"
