@@ -343,7 +343,13 @@ async def test_slow_queries_are_cut_at_the_timeout(client: RequestReplyClient) -
 
 
 async def test_huge_result_sets_are_capped(client: RequestReplyClient) -> None:
-    out = await query(client, "SELECT g, md5(g::text) FROM generate_series(1, 5000000) g")
+    # 5M rows that stream (a join of two small series): a single generate_series(1, 5000000)
+    # is materialised whole before its first row, which on a slow machine meets the 1 s timeout
+    huge = (
+        "SELECT a.g * 1000 + b.g, md5((a.g * 1000 + b.g)::text)"
+        " FROM generate_series(0, 4999) a(g), generate_series(1, 1000) b(g)"
+    )
+    out = await query(client, huge)
     assert (out["row_count"], out["truncated"]) == (MAX_ROWS, True)
     out = await query(client, "SELECT g FROM generate_series(1, 10) g", max_rows=10**12)
     assert out["row_count"] == 10  # a caller cannot raise the cap
