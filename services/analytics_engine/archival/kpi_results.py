@@ -65,7 +65,7 @@ from analytics_engine.archival.tables import (
     lake_order,
     to_parquet,
 )
-from analytics_engine.core.bus import REDIS_ERRORS, encode_event, ids_by_channel
+from analytics_engine.core.bus import REDIS_ERRORS, DeliveryBatch, encode_event, ids_by_channel
 from analytics_engine.core.errors import TransientError
 
 if TYPE_CHECKING:
@@ -195,25 +195,38 @@ class KpiResultArchiver:
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Buffer the batch; flush when the buffer is full or old. Never acknowledges here:
         entries are acknowledged by the flush that made them durable."""
-        fresh: list[Delivery] = []
-        ids: set[bytes] = set()
-        for delivery in deliveries:
-            if delivery.attempt > 1:
-                self._needs_resolution = True
-            if delivery.id in self._held or delivery.id in ids:
+        if isinstance(deliveries, DeliveryBatch):  # the consumer's `lazy_events`: no Events
+            ids, channels = deliveries.ids, deliveries.channels
+            payloads, attempts = deliveries.payloads, deliveries.attempts
+        else:
+            ids = [d.id for d in deliveries]
+            channels = [d.channel for d in deliveries]
+            payloads = [d.event.payload for d in deliveries]
+            attempts = [d.attempt for d in deliveries]
+        if any(attempt > 1 for attempt in attempts):
+            self._needs_resolution = True
+        held = self._held
+        fresh: list[int] = []  # positions of the entries not in hand already
+        seen: set[bytes] = set()
+        for position, entry_id in enumerate(ids):
+            if entry_id in held or entry_id in seen:
                 continue
-            ids.add(delivery.id)
-            fresh.append(delivery)
-        parsed = parse_kpi_results([d.event.payload for d in fresh])
+            seen.add(entry_id)
+            fresh.append(position)
+        if len(fresh) < len(ids):
+            payloads = [payloads[i] for i in fresh]
+        parsed = parse_kpi_results(payloads)
         rejected = dict(parsed.rejected)
-        for position, delivery in enumerate(fresh):
+        for position, index in enumerate(fresh):
             if position not in rejected:
-                self._held[delivery.id] = delivery.channel
+                held[ids[index]] = channels[index]
         self._chunks.extend(parsed.chunks)
-        if self._held and self._oldest is None:
+        if held and self._oldest is None:
             self._oldest = time.monotonic()
         if rejected:
-            await self._dead_letter([(fresh[i], reason) for i, reason in rejected.items()])
+            await self._dead_letter(
+                [(deliveries[fresh[i]], reason) for i, reason in rejected.items()]
+            )
         if self._due():
             await self.flush()
 

@@ -100,8 +100,10 @@ class ServiceRuntime:
         consumer: str | None = None,
         auto_ack: bool = True,
         batch_size: int | None = None,
+        lazy_events: bool = False,
     ) -> DurableConsumer:
-        """Read durable channels with this service's consumer group (replicas share work)."""
+        """Read durable channels with this service's consumer group (replicas share work);
+        `lazy_events`: see `DurableConsumer`."""
         s = self.settings
         consumer_ = DurableConsumer(
             self._stream_redis,
@@ -115,6 +117,7 @@ class ServiceRuntime:
             claim_idle_ms=s.claim_idle_ms,
             auto_ack=auto_ack,
             metrics=self.metrics,
+            lazy_events=lazy_events,
         )
         self._consumers.append(consumer_)
         return consumer_
