@@ -22,6 +22,10 @@ A flush (batch full: `ARCHIVAL_BATCH_ROWS`; or its oldest result waited
 4. in ONE MULTI/EXEC: add the fingerprints to the ledger, XACK every entry of the batch
    (dropped duplicates included) and delete the intent (`DurableConsumer.ack_ids(..., also=...)`).
 
+In the steady state a flush runs in the background while the consumer reads and parses the next
+batches (at most one flush at a time, at most two flushes' worth buffered); the steps and their
+order are the same, so what is acknowledged is still exactly what is durable.
+
 Resolving an intent: for each object it names, if the object exists, read it back and add its
 fingerprints to the ledger; then delete the intent. Either the PUT landed (its rows are now known,
 re-delivered copies are dropped at step 2) or it did not (the re-delivered entries are written
@@ -65,7 +69,7 @@ from analytics_engine.archival.tables import (
     lake_order,
     to_parquet,
 )
-from analytics_engine.core.bus import REDIS_ERRORS, encode_event, ids_by_channel
+from analytics_engine.core.bus import REDIS_ERRORS, DeliveryBatch, encode_event, ids_by_channel
 from analytics_engine.core.errors import TransientError
 
 if TYPE_CHECKING:
@@ -178,6 +182,8 @@ class KpiResultArchiver:
         self._oldest: float | None = None
         self._last_touch = 0.0
         self._lock = asyncio.Lock()
+        self._behind: asyncio.Task[None] | None = None  # a flush running while reading goes on
+        self._behind_failed = False
         self._needs_resolution = True
         self._consumer: DurableConsumer | None = None
         self.rows_written = 0
@@ -195,27 +201,79 @@ class KpiResultArchiver:
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Buffer the batch; flush when the buffer is full or old. Never acknowledges here:
         entries are acknowledged by the flush that made them durable."""
-        fresh: list[Delivery] = []
-        ids: set[bytes] = set()
-        for delivery in deliveries:
-            if delivery.attempt > 1:
-                self._needs_resolution = True
-            if delivery.id in self._held or delivery.id in ids:
+        if isinstance(deliveries, DeliveryBatch):  # the consumer's `lazy_events`: no Events
+            ids, channels = deliveries.ids, deliveries.channels
+            payloads, attempts = deliveries.payloads, deliveries.attempts
+        else:
+            ids = [d.id for d in deliveries]
+            channels = [d.channel for d in deliveries]
+            payloads = [d.event.payload for d in deliveries]
+            attempts = [d.attempt for d in deliveries]
+        if any(attempt > 1 for attempt in attempts):
+            self._needs_resolution = True
+        held = self._held
+        fresh: list[int] = []  # positions of the entries not in hand already
+        seen: set[bytes] = set()
+        for position, entry_id in enumerate(ids):
+            if entry_id in held or entry_id in seen:
                 continue
-            ids.add(delivery.id)
-            fresh.append(delivery)
-        parsed = parse_kpi_results([d.event.payload for d in fresh])
+            seen.add(entry_id)
+            fresh.append(position)
+        if len(fresh) < len(ids):
+            payloads = [payloads[i] for i in fresh]
+        parsed = parse_kpi_results(payloads)
         rejected = dict(parsed.rejected)
-        for position, delivery in enumerate(fresh):
+        for position, index in enumerate(fresh):
             if position not in rejected:
-                self._held[delivery.id] = delivery.channel
+                held[ids[index]] = channels[index]
         self._chunks.extend(parsed.chunks)
-        if self._held and self._oldest is None:
+        if held and self._oldest is None:
             self._oldest = time.monotonic()
         if rejected:
-            await self._dead_letter([(fresh[i], reason) for i, reason in rejected.items()])
+            await self._dead_letter(
+                [(deliveries[fresh[i]], reason) for i, reason in rejected.items()]
+            )
         if self._due():
+            await self._flush_behind()
+
+    async def _flush_behind(self) -> None:
+        """Flush while the consumer reads on: the ledger, Parquet, S3 and acknowledgement round
+        trips of one flush overlap the parsing of the next batches (acknowledged, as ever, only
+        by the flush that made them durable).
+
+        Memory stays bounded: with two flushes' worth buffered, wait for the running one. And
+        failures are handled as they were: after a background flush failed, or while recovering
+        (re-delivered entries, intents to resolve), flushes run in the handler, so a failure
+        reaches the bus with the batch in hand (`TransientError`: retried with backoff, no
+        reading meanwhile; anything else: isolated event by event)."""
+        task = self._behind
+        if task is not None:
+            if not task.done() and len(self._held) < 2 * self._batch_rows:
+                return
+            self._behind = None
+            await self._settle_behind(task)
+        if self._behind_failed or self._needs_resolution or len(self._held) >= 2 * self._batch_rows:
             await self.flush()
+            self._behind_failed = False
+            return
+        self._behind = asyncio.create_task(self.flush(), name="archive-flush-behind")
+
+    async def _settle_behind(self, task: asyncio.Task[None]) -> None:
+        """Wait for a background flush; a failure is logged and sends the next flush to the
+        handler (`_flush_behind`)."""
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                raise  # we are cancelled, not the flush
+            self._behind_failed = True
+        except Exception as exc:
+            self._behind_failed = True
+            log.warning("background archive flush failed", extra={"error": _describe(exc)})
+
+    @property
+    def _flushing_behind(self) -> bool:
+        return self._behind is not None and not self._behind.done()
 
     def _due(self) -> bool:
         if not self._held:
@@ -388,7 +446,7 @@ class KpiResultArchiver:
         tick = min(self._interval / 2, 1.0)
         while True:
             await asyncio.sleep(tick)
-            if not self._due():
+            if not self._due() or self._flushing_behind:
                 continue
             try:
                 await self.flush()
@@ -410,6 +468,10 @@ class KpiResultArchiver:
 
     async def close(self, *, timeout: float = 10.0) -> None:
         """Final flush on graceful shutdown; what it cannot write stays pending in the stream."""
+        task, self._behind = self._behind, None
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settle_behind(task), timeout)
         if not self._held:
             return
         try:
@@ -419,3 +481,7 @@ class KpiResultArchiver:
                 "final archive flush failed; entries stay pending",
                 extra={"error": str(exc)[:200], "buffered": len(self._held)},
             )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -107,7 +107,11 @@ def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> Service
     )
     kpis.attach(
         runtime.consume(
-            [ARCHIVE_KPI_RESULTS], kpis.handle, auto_ack=False, batch_size=settings.read_batch
+            [ARCHIVE_KPI_RESULTS],
+            kpis.handle,
+            auto_ack=False,
+            batch_size=settings.read_batch,
+            lazy_events=True,  # the archiver reads payloads only
         )
     )
     events.attach(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +27,7 @@ from analytics_engine.core.envelopes import (
     Event,
     MalformedMessage,
     dumps,
+    event_payload,
     new_id,
     parse_event,
     utcnow,
@@ -215,8 +216,60 @@ class Delivery:
     attempt: int = 1
 
 
+class DeliveryBatch(Sequence[Delivery]):
+    """A batch of deliveries whose `Event`s are built only when a delivery is looked at (a
+    consumer's `lazy_events`). The envelopes were checked as for any batch (a malformed one is
+    dead-lettered before the handler sees the batch); a handler that reads only payloads takes
+    them from the parallel lists (`ids`, `channels`, `payloads`, `attempts`) and saves the ~10
+    objects per message that an `Event` and its `Delivery` cost."""
+
+    __slots__ = ("_built", "_raws", "attempts", "channels", "ids", "payloads")
+
+    def __init__(
+        self,
+        *,
+        ids: list[bytes],
+        channels: list[str],
+        raws: list[bytes],
+        payloads: list[dict[str, Any]],
+        attempts: list[int],
+    ) -> None:
+        self.ids = ids
+        self.channels = channels
+        self.payloads = payloads
+        self.attempts = attempts
+        self._raws = raws
+        self._built: dict[int, Delivery] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Delivery: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Delivery]: ...
+
+    def __getitem__(self, index: int | slice) -> Delivery | Sequence[Delivery]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("delivery index out of range")
+        delivery = self._built.get(index)
+        if delivery is None:
+            # the envelope was checked when the batch was made: this cannot raise
+            event = parse_event(self._raws[index])
+            delivery = Delivery(self.ids[index], self.channels[index], event, self.attempts[index])
+            self._built[index] = delivery
+        return delivery
+
+
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 Entry = tuple[bytes, dict[bytes, bytes]]
+Rejected = tuple[bytes, bytes, bytes, str]
+"""(stream key, entry id, original bytes, reason) of a message to dead-letter."""
 
 
 def _entries(reply: Any) -> list[tuple[bytes, Entry]]:
@@ -277,6 +330,9 @@ class DurableConsumer:
     - `linger_ms`: a read that finds fewer than `batch_size` entries waits this long once and
       tops the batch up before handing it over. For handlers whose cost is mostly per batch (a
       database transaction) and whose latency nobody waits on; 0 (the default) hands over at once.
+    - `lazy_events`: hand the handler `DeliveryBatch`es, for handlers that read only the
+      payloads: the same checks, malformed messages dead-lettered the same way, but no `Event`
+      is built unless a delivery is looked at.
     """
 
     def __init__(
@@ -296,6 +352,7 @@ class DurableConsumer:
         start_id: str = "0",
         linger_ms: int = 0,
         metrics: CoreMetrics | None = None,
+        lazy_events: bool = False,
     ) -> None:
         for channel in channels:
             if not channel_spec(channel).durable:
@@ -317,6 +374,7 @@ class DurableConsumer:
         self._start_id = start_id
         self._linger = linger_ms / 1000
         self._metrics = metrics
+        self._lazy = lazy_events
         self._keys = {stream_key(c).encode(): c for c in self.channels}
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
@@ -458,8 +516,6 @@ class DurableConsumer:
         return {cast(bytes, p["message_id"]): int(p["times_delivered"]) for p in pending}
 
     async def _dispatch(self, entries: list[tuple[bytes, Entry]], *, redelivered: bool) -> None:
-        deliveries: list[Delivery] = []
-        malformed: list[tuple[bytes, bytes, bytes, str]] = []
         attempts: dict[bytes, int] = {}
         if redelivered:
             by_key: dict[bytes, list[bytes]] = {}
@@ -467,19 +523,9 @@ class DurableConsumer:
                 by_key.setdefault(key, []).append(entry_id)
             for key, ids in by_key.items():
                 attempts.update(await self._attempts(key, ids))
-        for key, (entry_id, fields) in entries:
-            channel = self._keys[key]
-            raw = fields.get(FIELD, b"")
-            try:
-                event = parse_event(raw)
-            except MalformedMessage as exc:
-                malformed.append((key, entry_id, raw, f"malformed event: {exc}"))
-                continue
-            attempt = attempts.get(entry_id, 1)
-            if attempt > self._max_deliveries:
-                malformed.append((key, entry_id, raw, f"gave up after {attempt - 1} deliveries"))
-                continue
-            deliveries.append(Delivery(entry_id, channel, event, attempt))
+        deliveries: Sequence[Delivery]
+        decode = decode_lazily if self._lazy else decode_entries
+        deliveries, malformed = decode(entries, self._keys, attempts, self._max_deliveries)
         if malformed:
             pipe = self._redis.pipeline(transaction=True)
             for key, entry_id, raw, reason in malformed:
@@ -590,7 +636,13 @@ class DurableConsumer:
     ) -> None:
         """Acknowledge deliveries; `also` adds commands (a checkpoint, follow-up events) to the
         same MULTI/EXEC so they happen together or not at all."""
-        await self.ack_ids(ids_by_channel((d.id, d.channel) for d in deliveries), also=also)
+        if isinstance(deliveries, DeliveryBatch):
+            pairs: Iterable[tuple[bytes, str]] = zip(
+                deliveries.ids, deliveries.channels, strict=True
+            )
+        else:
+            pairs = ((d.id, d.channel) for d in deliveries)
+        await self.ack_ids(ids_by_channel(pairs), also=also)
 
     async def ack_ids(
         self,
@@ -610,6 +662,67 @@ class DurableConsumer:
         if self._metrics is not None:
             for channel, ids in ids_by_channel.items():
                 self._metrics.consumed.labels(channel, self.group).inc(len(ids))
+
+
+def decode_entries(
+    entries: Sequence[tuple[bytes, Entry]],
+    channels: Mapping[bytes, str],
+    attempts: Mapping[bytes, int],
+    max_deliveries: int,
+) -> tuple[list[Delivery], list[Rejected]]:
+    """Stream entries (stream key, (entry id, fields)) -> the deliveries to hand to a handler,
+    and the entries to dead-letter: not an envelope, or delivered more than `max_deliveries`
+    times (`attempts`: entry id -> deliveries so far, 1 if absent)."""
+    deliveries: list[Delivery] = []
+    malformed: list[Rejected] = []
+    for key, (entry_id, fields) in entries:
+        raw = fields.get(FIELD, b"")
+        try:
+            event = parse_event(raw)
+        except MalformedMessage as exc:
+            malformed.append((key, entry_id, raw, f"malformed event: {exc}"))
+            continue
+        attempt = attempts.get(entry_id, 1)
+        if attempt > max_deliveries:
+            malformed.append((key, entry_id, raw, f"gave up after {attempt - 1} deliveries"))
+            continue
+        deliveries.append(Delivery(entry_id, channels[key], event, attempt))
+    return deliveries, malformed
+
+
+def decode_lazily(
+    entries: Sequence[tuple[bytes, Entry]],
+    channels: Mapping[bytes, str],
+    attempts: Mapping[bytes, int],
+    max_deliveries: int,
+) -> tuple[DeliveryBatch, list[Rejected]]:
+    """`decode_entries` (the same checks, the same outcome) as a `DeliveryBatch`."""
+    ids: list[bytes] = []
+    names: list[str] = []
+    raws: list[bytes] = []
+    payloads: list[dict[str, Any]] = []
+    attempt_of: list[int] = []
+    malformed: list[Rejected] = []
+    for key, (entry_id, fields) in entries:
+        raw = fields.get(FIELD, b"")
+        try:
+            payload = event_payload(raw)
+        except MalformedMessage as exc:
+            malformed.append((key, entry_id, raw, f"malformed event: {exc}"))
+            continue
+        attempt = attempts.get(entry_id, 1)
+        if attempt > max_deliveries:
+            malformed.append((key, entry_id, raw, f"gave up after {attempt - 1} deliveries"))
+            continue
+        ids.append(entry_id)
+        names.append(channels[key])
+        raws.append(raw)
+        payloads.append(payload)
+        attempt_of.append(attempt)
+    batch = DeliveryBatch(
+        ids=ids, channels=names, raws=raws, payloads=payloads, attempts=attempt_of
+    )
+    return batch, malformed
 
 
 def ids_by_channel(entries: Iterable[tuple[bytes, str]]) -> dict[str, list[bytes]]:

@@ -101,9 +101,10 @@ class ServiceRuntime:
         auto_ack: bool = True,
         batch_size: int | None = None,
         linger_ms: int = 0,
+        lazy_events: bool = False,
     ) -> DurableConsumer:
         """Read durable channels with this service's consumer group (replicas share work);
-        `linger_ms` as in `DurableConsumer`."""
+        `linger_ms` and `lazy_events` as in `DurableConsumer`."""
         s = self.settings
         consumer_ = DurableConsumer(
             self._stream_redis,
@@ -118,6 +119,7 @@ class ServiceRuntime:
             auto_ack=auto_ack,
             linger_ms=linger_ms,
             metrics=self.metrics,
+            lazy_events=lazy_events,
         )
         self._consumers.append(consumer_)
         return consumer_

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 from redis.asyncio import Redis
 
+from analytics_engine.archival.kpi_results import ArchivalHooks
 from analytics_engine.archival.lake_sql import connect_duckdb
 from analytics_engine.archival.layout import intents_key
 from analytics_engine.archival.service import SERVICE, Settings, create
@@ -347,3 +348,40 @@ async def test_s3_outage_loses_nothing_and_dead_letters_nothing(running: Start, 
     assert await h.redis.exists(dead_letter_key(ARCHIVE_KPI_RESULTS)) == 0
     assert await h.redis.exists(dead_letter_key(ARCHIVAL_EVENTS)) == 0
     assert len(await h.redis.xrange(stream_key(ARCHIVAL_CONFIRMED))) == 1
+
+
+async def test_reading_goes_on_during_a_flush_and_only_durable_entries_are_acknowledged(
+    running: Start, h: Harness
+) -> None:
+    """A flush runs behind the consumer: while its PUT is held, the next results are read and
+    parsed, and nothing is acknowledged until the objects are written."""
+    gate = asyncio.Event()
+    held_keys: list[Sequence[str]] = []
+
+    async def before_put(keys: Sequence[str]) -> None:
+        held_keys.append(keys)
+        if len(held_keys) == 2:  # the first flush runs in the handler (recovery), hold the 2nd
+            await gate.wait()
+
+    runtime = create(
+        h.settings(ARCHIVAL_BATCH_ROWS=100, ARCHIVAL_READ_BATCH=50, ARCHIVAL_FLUSH_INTERVAL="2s"),
+        hooks=ArchivalHooks(before_put=before_put),
+    )
+    await running(runtime)
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100)])
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100, 250)])
+
+    async def read_past_the_held_flush() -> bool:
+        groups = await h.redis.xinfo_groups(stream_key(ARCHIVE_KPI_RESULTS))
+        group = next(g for g in groups if g["name"] in (SERVICE, SERVICE.encode()))
+        return len(held_keys) == 2 and group["lag"] == 0
+
+    await eventually(read_past_the_held_flush)
+    assert await pending(h.redis, ARCHIVE_KPI_RESULTS) == 150  # read, none acknowledged
+    assert h.rows() == 100
+    gate.set()
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    table = h.table("kpi_results/")
+    assert table.num_rows == 250
+    assert len({(r["window_start"], r["dims_key"], r["value"]) for r in table.to_pylist()}) == 250

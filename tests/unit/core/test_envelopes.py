@@ -15,6 +15,7 @@ from analytics_engine.core.envelopes import (
     Request,
     Response,
     dumps,
+    event_payload,
     parse_event,
     parse_request,
     parse_response,
@@ -148,3 +149,36 @@ def test_whatever_parse_event_accepts_pydantic_accepts_with_the_same_result(
         slow = slow.model_copy(update={"timestamp": slow.timestamp.replace(tzinfo=UTC)})
     assert fast.model_dump() == slow.model_dump()
     assert fast.model_extra == slow.model_extra
+
+
+_ENVELOPES = st.one_of(
+    st.dictionaries(st.sampled_from([*GOOD, "trace"]), _VALUES, min_size=0, max_size=6).map(
+        lambda d: orjson.dumps({**GOOD, **d})
+    ),
+    st.dictionaries(st.sampled_from([*GOOD, "trace"]), _VALUES, max_size=6).map(orjson.dumps),
+    st.sampled_from([b"{not json", b"[1]", b"null", b"", orjson.dumps({**GOOD, "payload": None})]),
+    st.binary(max_size=20),
+)
+
+
+@given(_ENVELOPES)
+def test_event_payload_accepts_and_rejects_exactly_like_parse_event(raw: bytes) -> None:
+    """The payload-only parse (a consumer's `lazy_events`) is pinned to `parse_event`: the same
+    payload, or the same rejection with the same reason."""
+    try:
+        expected = parse_event(raw).payload
+    except MalformedMessage as exc:
+        with pytest.raises(MalformedMessage) as caught:
+            event_payload(raw)
+        assert str(caught.value) == str(exc)
+        return
+    assert event_payload(raw) == expected
+
+
+def test_event_payload_of_the_common_and_the_uncommon_shapes() -> None:
+    assert event_payload(orjson.dumps(GOOD)) == {"entity_id": "o-1"}
+    naive = {**GOOD, "timestamp": "2024-01-01T00:00:00", "trace": "t"}
+    assert event_payload(orjson.dumps(naive)) == {"entity_id": "o-1"}
+    assert event_payload(orjson.dumps({k: v for k, v in GOOD.items() if k != "payload"})) == {}
+    with pytest.raises(MalformedMessage, match="timestamp"):
+        event_payload(orjson.dumps({**GOOD, "timestamp": "yesterday"}))
