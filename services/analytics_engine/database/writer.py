@@ -167,12 +167,28 @@ WHERE {_NEWER} OR EXCLUDED.created_at < cur.created_at
 
 
 def stage_records(rows: Sequence[EntityEventRow]) -> list[tuple[Any, ...]]:
-    """The batch as COPY records for `_STAGE_COLUMNS` (positional: this runs per event)."""
+    """The batch as COPY records for `_STAGE_COLUMNS` (positional: this runs per event).
+
+    Consecutive events often share a timestamp (a publisher stamps a whole batch with one
+    `published_at`), so each conversion is reused while the value repeats. Equal aware
+    datetimes are the same instant unless they differ only by `fold` (same zone, ambiguous wall
+    time), hence the `fold` check.
+    """
     us = epoch_microseconds
-    return [
-        (r[0], r[1], r[2], r[3], r[4], us(r[5]), us(r[6]), r[7], r[8], r[9], seq)
-        for seq, r in enumerate(rows)
-    ]
+    records: list[tuple[Any, ...]] = []
+    append = records.append
+    occurred: Any = None
+    published: Any = None
+    occurred_us = published_us = 0
+    for seq, r in enumerate(rows):
+        if r[5] != occurred or r[5].fold != occurred.fold:
+            occurred = r[5]
+            occurred_us = us(occurred)
+        if r[6] != published or r[6].fold != published.fold:
+            published = r[6]
+            published_us = us(published)
+        append((r[0], r[1], r[2], r[3], r[4], occurred_us, published_us, r[7], r[8], r[9], seq))
+    return records
 
 
 def _affected(status: str) -> int:
