@@ -128,24 +128,26 @@ _UUID: Final = re.compile(
 )
 
 
-def _event_uuid(event: Event) -> str:
-    """The event id, checked to be a UUID but kept as text (asyncpg encodes it in C, much
-    faster than building `uuid.UUID` objects on the hot path)."""
-    if not _UUID.fullmatch(event.event_id):
-        raise InvalidPayload("event_id: must be a UUID")
-    return event.event_id
-
-
 def _json_text(payload: dict[str, Any], name: str) -> str:
     """A JSON object field as compact JSON text (what `entity_events.attributes` stores)."""
     return _json_object(payload, name)[1]
 
 
 # -- parsers --------------------------------------------------------------------------------
+_new_row: Final = tuple.__new__  # builds the NamedTuple without its Python-level __new__
+# The event id is checked to be a UUID but kept as text: asyncpg encodes it in C, much faster
+# than building `uuid.UUID` objects on the hot path.
+_uuid_match: Final = _UUID.fullmatch
+
+
 def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
     """Validate a `simulation.entity.*` event into an `entity_events` row.
 
-    Runs for every entity event, so the row is built positionally, in one go.
+    Runs for every entity event, so the common case is checked inline, in one go: a field that
+    fails the inline check goes through its helper (`_text`, `_int`), which raises the reason
+    (or accepts it, e.g. a `str` subclass). The checks run in a fixed order, so an event with
+    several faults always gets the same reason; `test_model_properties` pins this function to
+    the field-by-field reference.
     """
     kind = KIND_BY_CHANNEL.get(channel)
     if kind is None:
@@ -167,17 +169,37 @@ def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
     published_at = event.timestamp
     if published_at.tzinfo is None:
         published_at = published_at.replace(tzinfo=UTC)
-    return EntityEventRow(
-        _event_uuid(event),
-        kind,
-        _text(payload, "entity_type"),
-        _text(payload, "entity_id"),
-        _int(payload, "version"),
-        parse_timestamp(payload.get("occurred_at"), "occurred_at"),
-        published_at,
-        attributes,
-        reason,
-        source,
+    event_id = event.event_id
+    if not _uuid_match(event_id):
+        raise InvalidPayload("event_id: must be a UUID")
+    entity_type = payload.get("entity_type")
+    if (
+        type(entity_type) is not str
+        or not 0 < len(entity_type) <= MAX_NAME
+        or "\x00" in entity_type
+    ):
+        entity_type = _text(payload, "entity_type")
+    entity_id = payload.get("entity_id")
+    if type(entity_id) is not str or not 0 < len(entity_id) <= MAX_NAME or "\x00" in entity_id:
+        entity_id = _text(payload, "entity_id")
+    version = payload.get("version")
+    if type(version) is not int or not 0 <= version <= INT64_MAX:
+        version = _int(payload, "version")
+    occurred_at = parse_timestamp(payload.get("occurred_at"), "occurred_at")
+    return _new_row(
+        EntityEventRow,
+        (
+            event_id,
+            kind,
+            entity_type,
+            entity_id,
+            version,
+            occurred_at,
+            published_at,
+            attributes,
+            reason,
+            source,
+        ),
     )
 
 

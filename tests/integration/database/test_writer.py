@@ -25,6 +25,7 @@ from analytics_engine.database.writer import (
     FOLD_ENTITIES,
     STAGING_SETUP,
     EntityEventWriter,
+    stage_records,
 )
 
 from .conftest import count
@@ -156,7 +157,7 @@ async def test_the_sql_fold_is_the_pure_fold(pool: Any) -> None:
             async with conn.transaction():
                 await conn.copy_records_to_table(
                     EVENT_STAGE,
-                    records=[(*r, i) for i, r in enumerate(batch)],
+                    records=stage_records(batch),
                     columns=_STAGE_COLUMNS,
                 )
                 await conn.execute(FOLD_ENTITIES)
