@@ -180,6 +180,7 @@ class Ledger:
         except REDIS_ERRORS as exc:
             raise TransientError(f"redis unavailable: {exc}") from exc
 
+
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 

@@ -79,8 +79,9 @@ async def publisher(redis: Redis) -> EventPublisher:
     return EventPublisher(redis, source="database_service", stream_maxlen=100_000)
 
 
-async def publish(publisher: EventPublisher, channel: str, payloads: Sequence[dict[str, Any]]
-                  ) -> None:
+async def publish(
+    publisher: EventPublisher, channel: str, payloads: Sequence[dict[str, Any]]
+) -> None:
     for offset in range(0, len(payloads), 500):
         await publisher.publish_many((channel, p) for p in payloads[offset : offset + 500])
 
@@ -308,8 +309,12 @@ async def test_crash_mid_flush_then_restart_archives_exactly_once(
         "ARCHIVAL_BATCH_ROWS": "300",
     }
     child = await asyncio.create_subprocess_exec(
-        sys.executable, str(CHILD), moment, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        str(CHILD),
+        moment,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     assert await asyncio.wait_for(child.wait(), 60) == -signal.SIGKILL
     assert await pending(h.redis, ARCHIVE_KPI_RESULTS) == 300

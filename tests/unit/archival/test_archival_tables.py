@@ -112,21 +112,42 @@ def test_plan_flush_drops_archived_and_repeated_results() -> None:
 
 
 def test_event_batch_parsing_dedups_event_ids() -> None:
-    row = {"event_id": "e1", "event_kind": "created", "entity_type": "order", "entity_id": "o",
-           "version": 1, "occurred_at": "2024-03-01T10:00:00Z",
-           "published_at": "2024-03-01T10:00:01Z", "attributes": {"b": 1, "a": "x"},
-           "reason": None, "source": "sim"}
-    batch = parse_event_batch({"batch_id": "b", "entity_type": "order", "date": "2024-03-01",
-                               "rows": [row, row, {**row, "event_id": "e2"}]})
+    row = {
+        "event_id": "e1",
+        "event_kind": "created",
+        "entity_type": "order",
+        "entity_id": "o",
+        "version": 1,
+        "occurred_at": "2024-03-01T10:00:00Z",
+        "published_at": "2024-03-01T10:00:01Z",
+        "attributes": {"b": 1, "a": "x"},
+        "reason": None,
+        "source": "sim",
+    }
+    batch = parse_event_batch(
+        {
+            "batch_id": "b",
+            "entity_type": "order",
+            "date": "2024-03-01",
+            "rows": [row, row, {**row, "event_id": "e2"}],
+        }
+    )
     assert batch.table.num_rows == 2
     assert batch.table.schema.field("occurred_at").type == pa.timestamp("us", tz="UTC")
     assert orjson.loads(batch.table.column("attributes")[0].as_py()) == {"a": "x", "b": 1}
     with pytest.raises(PayloadError):
-        parse_event_batch({"batch_id": "b", "entity_type": "order", "date": "03/01/2024",
-                           "rows": []})
+        parse_event_batch(
+            {"batch_id": "b", "entity_type": "order", "date": "03/01/2024", "rows": []}
+        )
     with pytest.raises(PayloadError):
-        parse_event_batch({"batch_id": "b", "entity_type": "order", "date": "2024-03-01",
-                           "rows": [{"event_kind": "created"}]})
+        parse_event_batch(
+            {
+                "batch_id": "b",
+                "entity_type": "order",
+                "date": "2024-03-01",
+                "rows": [{"event_kind": "created"}],
+            }
+        )
 
 
 def test_intent_roundtrip() -> None:
