@@ -27,7 +27,7 @@ from analytics_engine.core.envelopes import (
     Event,
     MalformedMessage,
     dumps,
-    event_payload,
+    event_fields,
     new_id,
     parse_event,
     utcnow,
@@ -219,11 +219,12 @@ class Delivery:
 class DeliveryBatch(Sequence[Delivery]):
     """A batch of deliveries whose `Event`s are built only when a delivery is looked at (a
     consumer's `lazy_events`). The envelopes were checked as for any batch (a malformed one is
-    dead-lettered before the handler sees the batch); a handler that reads only payloads takes
-    them from the parallel lists (`ids`, `channels`, `payloads`, `attempts`) and saves the ~10
-    objects per message that an `Event` and its `Delivery` cost."""
+    dead-lettered before the handler sees the batch); a handler that reads only fields takes
+    them from the parallel lists (`ids`, `channels`, `envelopes` — each envelope's five fields
+    as `envelopes.event_fields` gives them —, `payloads`, `attempts`) and saves the ~10 objects
+    per message that an `Event` and its `Delivery` cost."""
 
-    __slots__ = ("_built", "_raws", "attempts", "channels", "ids", "payloads")
+    __slots__ = ("_built", "_raws", "attempts", "channels", "envelopes", "ids", "payloads")
 
     def __init__(
         self,
@@ -231,12 +232,13 @@ class DeliveryBatch(Sequence[Delivery]):
         ids: list[bytes],
         channels: list[str],
         raws: list[bytes],
-        payloads: list[dict[str, Any]],
+        envelopes: list[dict[str, Any]],
         attempts: list[int],
     ) -> None:
         self.ids = ids
         self.channels = channels
-        self.payloads = payloads
+        self.envelopes = envelopes
+        self.payloads: list[dict[str, Any]] = [e["payload"] for e in envelopes]
         self.attempts = attempts
         self._raws = raws
         self._built: dict[int, Delivery] = {}
@@ -700,13 +702,13 @@ def decode_lazily(
     ids: list[bytes] = []
     names: list[str] = []
     raws: list[bytes] = []
-    payloads: list[dict[str, Any]] = []
+    envelopes: list[dict[str, Any]] = []
     attempt_of: list[int] = []
     malformed: list[Rejected] = []
     for key, (entry_id, fields) in entries:
         raw = fields.get(FIELD, b"")
         try:
-            payload = event_payload(raw)
+            envelope = event_fields(raw)
         except MalformedMessage as exc:
             malformed.append((key, entry_id, raw, f"malformed event: {exc}"))
             continue
@@ -717,10 +719,10 @@ def decode_lazily(
         ids.append(entry_id)
         names.append(channels[key])
         raws.append(raw)
-        payloads.append(payload)
+        envelopes.append(envelope)
         attempt_of.append(attempt)
     batch = DeliveryBatch(
-        ids=ids, channels=names, raws=raws, payloads=payloads, attempts=attempt_of
+        ids=ids, channels=names, raws=raws, envelopes=envelopes, attempts=attempt_of
     )
     return batch, malformed
 

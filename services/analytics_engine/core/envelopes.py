@@ -137,7 +137,8 @@ class MalformedMessage(ValueError):
     """A message that is not a valid envelope; the text says which field is wrong."""
 
 
-_EVENT_FIELDS = frozenset({"event_id", "event_type", "source", "timestamp", "payload"})
+ENVELOPE_FIELDS: Final = ("event_id", "event_type", "source", "timestamp", "payload")
+_EVENT_FIELDS = frozenset(ENVELOPE_FIELDS)
 
 
 def parse_event(raw: bytes) -> Event:
@@ -152,14 +153,18 @@ def parse_event(raw: bytes) -> Event:
     return _checked_event(data)
 
 
-def event_payload(raw: bytes) -> dict[str, Any]:
-    """`parse_event(raw).payload` without building the `Event`: for consumers that read only
-    the payload. Accepts and rejects exactly what `parse_event` does, with the same reasons."""
+def event_fields(raw: bytes) -> dict[str, Any]:
+    """The five fields of `parse_event(raw)` (`event_id`, `event_type`, `source`, `timestamp`,
+    `payload`; extension fields left out) as a dict, without building the `Event`: for
+    consumers that read fields only. Accepts and rejects exactly what `parse_event` does, with
+    the same reasons."""
     data = _object(raw)
-    if _well_formed_time(data) is not None:
-        payload: dict[str, Any] = data["payload"]
-        return payload
-    return _checked_event(data).payload
+    when = _well_formed_time(data)
+    if when is not None:
+        data["timestamp"] = when
+        return data
+    event = _checked_event(data)
+    return {name: getattr(event, name) for name in ENVELOPE_FIELDS}
 
 
 def _checked_event(data: dict[str, Any]) -> Event:

@@ -141,7 +141,16 @@ _uuid_match: Final = _UUID.fullmatch
 
 
 def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
-    """Validate a `simulation.entity.*` event into an `entity_events` row.
+    """Validate a `simulation.entity.*` event into an `entity_events` row."""
+    return parse_entity_fields(
+        channel, event.event_id, event.source, event.timestamp, event.payload
+    )
+
+
+def parse_entity_fields(
+    channel: str, event_id: str, source: str, published_at: datetime, payload: dict[str, Any]
+) -> EntityEventRow:
+    """`parse_entity_event` from the envelope's fields (a lazy batch's `envelopes`, no `Event`).
 
     Runs for every entity event, so the common case is checked inline, in one go: a field that
     fails the inline check goes through its helper (`_text`, `_int`), which raises the reason
@@ -152,7 +161,6 @@ def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
     kind = KIND_BY_CHANNEL.get(channel)
     if kind is None:
         raise InvalidPayload(f"not an entity channel: {channel}")
-    payload = event.payload
     attributes: str | None = None
     reason: str | None = None
     if kind == "deactivated":
@@ -163,13 +171,10 @@ def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
             reason = raw_reason[:2000]
     else:
         attributes = _json_text(payload, "attributes")
-    source = event.source
     if "\x00" in source:
         raise InvalidPayload("source: contains a NUL character")
-    published_at = event.timestamp
     if published_at.tzinfo is None:
         published_at = published_at.replace(tzinfo=UTC)
-    event_id = event.event_id
     if not _uuid_match(event_id):
         raise InvalidPayload("event_id: must be a UUID")
     entity_type = payload.get("entity_type")

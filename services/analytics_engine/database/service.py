@@ -205,6 +205,7 @@ def create(settings: Settings) -> ServiceRuntime:
                 auto_ack=False,
                 batch_size=settings.write_batch,
                 linger_ms=int(settings.write_linger.total_seconds() * 1000),
+                lazy_events=True,  # the handler reads envelope fields, never whole Events
             )
         )
     # KPI results

@@ -6,9 +6,20 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, encode_event
+from analytics_engine.core.bus import (
+    DeadLetters,
+    Delivery,
+    DeliveryBatch,
+    DurableConsumer,
+    encode_event,
+)
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import EntityEventRow, InvalidPayload, parse_entity_event
+from analytics_engine.database.model import (
+    EntityEventRow,
+    InvalidPayload,
+    parse_entity_event,
+    parse_entity_fields,
+)
 from analytics_engine.database.writer import EntityEventWriter
 
 if TYPE_CHECKING:
@@ -62,16 +73,28 @@ class SimulationDataConsumer:
         assert self._consumer is not None, "bind() the consumer first"
         rows: list[EntityEventRow] = []
         invalid: list[tuple[Delivery, str]] = []
-        redelivered = False
         append = rows.append
-        for delivery in deliveries:
-            try:
-                append(parse_entity_event(delivery.channel, delivery.event))
-            except InvalidPayload as exc:
-                invalid.append((delivery, str(exc)))
-                self._metrics.invalid.labels(delivery.channel).inc()
-            if delivery.attempt > 1:
-                redelivered = True
+        if isinstance(deliveries, DeliveryBatch):  # the consumer's `lazy_events`: no Events
+            redelivered = any(a > 1 for a in deliveries.attempts)
+            pairs = zip(deliveries.channels, deliveries.envelopes, strict=True)
+            for index, (channel, e) in enumerate(pairs):
+                try:
+                    append(
+                        parse_entity_fields(
+                            channel, e["event_id"], e["source"], e["timestamp"], e["payload"]
+                        )
+                    )
+                except InvalidPayload as exc:
+                    invalid.append((deliveries[index], str(exc)))
+        else:
+            redelivered = any(d.attempt > 1 for d in deliveries)
+            for delivery in deliveries:
+                try:
+                    append(parse_entity_event(delivery.channel, delivery.event))
+                except InvalidPayload as exc:
+                    invalid.append((delivery, str(exc)))
+        for delivery, _ in invalid:
+            self._metrics.invalid.labels(delivery.channel).inc()
         if rows:
             await self._writer.write(rows, redelivered=redelivered)
         if invalid:

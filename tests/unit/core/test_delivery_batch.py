@@ -17,6 +17,7 @@ from analytics_engine.core.bus import (
     decode_entries,
     decode_lazily,
 )
+from analytics_engine.core.envelopes import ENVELOPE_FIELDS
 
 KEY_A, KEY_B = b"ae:stream:a", b"ae:stream:b"
 CHANNELS = {KEY_A: "a", KEY_B: "b"}
@@ -68,6 +69,9 @@ def test_lazy_batches_decode_like_the_eager_path(
     assert lazy.channels == [d.channel for d in eager]
     assert lazy.attempts == [d.attempt for d in eager]
     assert lazy.payloads == [d.event.payload for d in eager]
+    assert lazy.envelopes == [
+        {name: getattr(d.event, name) for name in ENVELOPE_FIELDS} for d in eager
+    ]
     assert list(lazy) == eager  # the deliveries built on access equal the eager ones
     assert lazy[1:3] == eager[1:3]
 

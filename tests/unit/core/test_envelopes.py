@@ -10,12 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from analytics_engine.core.envelopes import (
+    ENVELOPE_FIELDS,
     Event,
     MalformedMessage,
     Request,
     Response,
     dumps,
-    event_payload,
+    event_fields,
     parse_event,
     parse_request,
     parse_response,
@@ -162,23 +163,25 @@ _ENVELOPES = st.one_of(
 
 
 @given(_ENVELOPES)
-def test_event_payload_accepts_and_rejects_exactly_like_parse_event(raw: bytes) -> None:
-    """The payload-only parse (a consumer's `lazy_events`) is pinned to `parse_event`: the same
-    payload, or the same rejection with the same reason."""
+def test_event_fields_accepts_and_rejects_exactly_like_parse_event(raw: bytes) -> None:
+    """The fields-only parse (a consumer's `lazy_events`) is pinned to `parse_event`: the same
+    fields, or the same rejection with the same reason."""
     try:
-        expected = parse_event(raw).payload
+        event = parse_event(raw)
     except MalformedMessage as exc:
         with pytest.raises(MalformedMessage) as caught:
-            event_payload(raw)
+            event_fields(raw)
         assert str(caught.value) == str(exc)
         return
-    assert event_payload(raw) == expected
+    assert event_fields(raw) == {name: getattr(event, name) for name in ENVELOPE_FIELDS}
 
 
-def test_event_payload_of_the_common_and_the_uncommon_shapes() -> None:
-    assert event_payload(orjson.dumps(GOOD)) == {"entity_id": "o-1"}
-    naive = {**GOOD, "timestamp": "2024-01-01T00:00:00", "trace": "t"}
-    assert event_payload(orjson.dumps(naive)) == {"entity_id": "o-1"}
-    assert event_payload(orjson.dumps({k: v for k, v in GOOD.items() if k != "payload"})) == {}
+def test_event_fields_of_the_common_and_the_uncommon_shapes() -> None:
+    common = event_fields(orjson.dumps(GOOD))
+    assert common == {**GOOD, "timestamp": datetime(2024, 1, 1, tzinfo=UTC)}
+    naive = event_fields(orjson.dumps({**GOOD, "timestamp": "2024-01-01T00:00:00", "trace": "t"}))
+    assert naive == common  # a naive time is taken as UTC; extension fields are left out
+    no_payload = {k: v for k, v in GOOD.items() if k != "payload"}
+    assert event_fields(orjson.dumps(no_payload))["payload"] == {}
     with pytest.raises(MalformedMessage, match="timestamp"):
-        event_payload(orjson.dumps({**GOOD, "timestamp": "yesterday"}))
+        event_fields(orjson.dumps({**GOOD, "timestamp": "yesterday"}))
