@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -270,6 +270,7 @@ class DeliveryBatch(Sequence[Delivery]):
 
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 Entry = tuple[bytes, dict[bytes, bytes]]
+_Parsed = TypeVar("_Parsed")
 Rejected = tuple[bytes, bytes, bytes, str]
 """(stream key, entry id, original bytes, reason) of a message to dead-letter."""
 
@@ -675,21 +676,10 @@ def decode_entries(
     """Stream entries (stream key, (entry id, fields)) -> the deliveries to hand to a handler,
     and the entries to dead-letter: not an envelope, or delivered more than `max_deliveries`
     times (`attempts`: entry id -> deliveries so far, 1 if absent)."""
-    deliveries: list[Delivery] = []
-    malformed: list[Rejected] = []
-    for key, (entry_id, fields) in entries:
-        raw = fields.get(FIELD, b"")
-        try:
-            event = parse_event(raw)
-        except MalformedMessage as exc:
-            malformed.append((key, entry_id, raw, f"malformed event: {exc}"))
-            continue
-        attempt = attempts.get(entry_id, 1)
-        if attempt > max_deliveries:
-            malformed.append((key, entry_id, raw, f"gave up after {attempt - 1} deliveries"))
-            continue
-        deliveries.append(Delivery(entry_id, channels[key], event, attempt))
-    return deliveries, malformed
+    rejected: list[Rejected] = []
+    accepted = _accepted(entries, attempts, max_deliveries, parse_event, rejected)
+    deliveries = [Delivery(i, channels[key], event, n) for key, i, _, event, n in accepted]
+    return deliveries, rejected
 
 
 def decode_lazily(
@@ -699,32 +689,39 @@ def decode_lazily(
     max_deliveries: int,
 ) -> tuple[DeliveryBatch, list[Rejected]]:
     """`decode_entries` (the same checks, the same outcome) as a `DeliveryBatch`."""
-    ids: list[bytes] = []
-    names: list[str] = []
-    raws: list[bytes] = []
-    envelopes: list[dict[str, Any]] = []
-    attempt_of: list[int] = []
-    malformed: list[Rejected] = []
+    rejected: list[Rejected] = []
+    accepted = list(_accepted(entries, attempts, max_deliveries, event_fields, rejected))
+    batch = DeliveryBatch(
+        ids=[a[1] for a in accepted],
+        channels=[channels[a[0]] for a in accepted],
+        raws=[a[2] for a in accepted],
+        envelopes=[a[3] for a in accepted],
+        attempts=[a[4] for a in accepted],
+    )
+    return batch, rejected
+
+
+def _accepted(
+    entries: Sequence[tuple[bytes, Entry]],
+    attempts: Mapping[bytes, int],
+    max_deliveries: int,
+    parse: Callable[[bytes], _Parsed],
+    rejected: list[Rejected],
+) -> Iterator[tuple[bytes, bytes, bytes, _Parsed, int]]:
+    """(stream key, entry id, raw, parsed, attempt) of each entry to hand over; one that is not
+    an envelope, or was delivered more than `max_deliveries` times, goes to `rejected`."""
     for key, (entry_id, fields) in entries:
         raw = fields.get(FIELD, b"")
         try:
-            envelope = event_fields(raw)
+            parsed = parse(raw)
         except MalformedMessage as exc:
-            malformed.append((key, entry_id, raw, f"malformed event: {exc}"))
+            rejected.append((key, entry_id, raw, f"malformed event: {exc}"))
             continue
         attempt = attempts.get(entry_id, 1)
         if attempt > max_deliveries:
-            malformed.append((key, entry_id, raw, f"gave up after {attempt - 1} deliveries"))
+            rejected.append((key, entry_id, raw, f"gave up after {attempt - 1} deliveries"))
             continue
-        ids.append(entry_id)
-        names.append(channels[key])
-        raws.append(raw)
-        envelopes.append(envelope)
-        attempt_of.append(attempt)
-    batch = DeliveryBatch(
-        ids=ids, channels=names, raws=raws, envelopes=envelopes, attempts=attempt_of
-    )
-    return batch, malformed
+        yield key, entry_id, raw, parsed, attempt
 
 
 def ids_by_channel(entries: Iterable[tuple[bytes, str]]) -> dict[str, list[bytes]]:
