@@ -69,7 +69,13 @@ from analytics_engine.archival.tables import (
     lake_order,
     to_parquet,
 )
-from analytics_engine.core.bus import REDIS_ERRORS, DeliveryBatch, encode_event, ids_by_channel
+from analytics_engine.core.bus import (
+    REDIS_ERRORS,
+    DeliveryBatch,
+    describe_error,
+    encode_event,
+    ids_by_channel,
+)
 from analytics_engine.core.errors import TransientError
 
 if TYPE_CHECKING:
@@ -201,15 +207,9 @@ class KpiResultArchiver:
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Buffer the batch; flush when the buffer is full or old. Never acknowledges here:
         entries are acknowledged by the flush that made them durable."""
-        if isinstance(deliveries, DeliveryBatch):  # the consumer's `lazy_events`: no Events
-            ids, channels = deliveries.ids, deliveries.channels
-            payloads, attempts = deliveries.payloads, deliveries.attempts
-        else:
-            ids = [d.id for d in deliveries]
-            channels = [d.channel for d in deliveries]
-            payloads = [d.event.payload for d in deliveries]
-            attempts = [d.attempt for d in deliveries]
-        if any(attempt > 1 for attempt in attempts):
+        batch = DeliveryBatch.of(deliveries)
+        ids, channels, payloads = batch.ids, batch.channels, batch.payloads
+        if any(attempt > 1 for attempt in batch.attempts):
             self._needs_resolution = True
         held = self._held
         fresh: list[int] = []  # positions of the entries not in hand already
@@ -230,9 +230,7 @@ class KpiResultArchiver:
         if held and self._oldest is None:
             self._oldest = time.monotonic()
         if rejected:
-            await self._dead_letter(
-                [(deliveries[fresh[i]], reason) for i, reason in rejected.items()]
-            )
+            await self._dead_letter([(batch[fresh[i]], reason) for i, reason in rejected.items()])
         if self._due():
             await self._flush_behind()
 
@@ -269,7 +267,9 @@ class KpiResultArchiver:
             self._behind_failed = True
         except Exception as exc:
             self._behind_failed = True
-            log.warning("background archive flush failed", extra={"error": _describe(exc)})
+            log.warning(
+                "background archive flush failed", extra={"error": describe_error(exc, limit=200)}
+            )
 
     @property
     def _flushing_behind(self) -> bool:
@@ -481,7 +481,3 @@ class KpiResultArchiver:
                 "final archive flush failed; entries stay pending",
                 extra={"error": str(exc)[:200], "buffered": len(self._held)},
             )
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:200]}"

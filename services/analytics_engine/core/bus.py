@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from analytics_engine.core.channels import channel_spec, dead_letter_key, stream_key
 from analytics_engine.core.envelopes import (
+    ENVELOPE_FIELDS,
     ENVELOPE_JSON_OPTIONS,
     Event,
     MalformedMessage,
@@ -242,6 +243,24 @@ class DeliveryBatch(Sequence[Delivery]):
         self.attempts = attempts
         self._raws = raws
         self._built: dict[int, Delivery] = {}
+
+    @classmethod
+    def of(cls, deliveries: Sequence[Delivery]) -> DeliveryBatch:
+        """`deliveries` as a batch (itself if it is one), so a handler reads one shape whichever
+        way its consumer decodes."""
+        if isinstance(deliveries, DeliveryBatch):
+            return deliveries
+        batch = cls(
+            ids=[d.id for d in deliveries],
+            channels=[d.channel for d in deliveries],
+            raws=[],  # never read: every delivery is built already
+            envelopes=[
+                {name: getattr(d.event, name) for name in ENVELOPE_FIELDS} for d in deliveries
+            ],
+            attempts=[d.attempt for d in deliveries],
+        )
+        batch._built = dict(enumerate(deliveries))
+        return batch
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -578,7 +597,7 @@ class DurableConsumer:
 
     async def _retry_single(self, delivery: Delivery, first_error: Exception) -> None:
         """Retry one failing event with backoff; dead-letter it after `max_deliveries`."""
-        reason = _describe(first_error)
+        reason = describe_error(first_error)
         attempt = delivery.attempt
         while attempt < self._max_deliveries:
             if self._stopping.is_set():
@@ -593,7 +612,7 @@ class DurableConsumer:
             except REDIS_ERRORS:
                 raise
             except Exception as exc:
-                reason = _describe(exc)
+                reason = describe_error(exc)
         await self._dead_letter(delivery, f"handler failed {attempt} times: {reason}")
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -735,8 +754,9 @@ def ids_by_channel(entries: Iterable[tuple[bytes, str]]) -> dict[str, list[bytes
     return grouped
 
 
-def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:500]}"
+def describe_error(exc: BaseException, *, limit: int = 500) -> str:
+    """`Type: message` of an exception, short enough for a dead letter or a log line."""
+    return f"{type(exc).__name__}: {str(exc)[:limit]}"
 
 
 def parse_json_object(raw: bytes) -> Mapping[str, Any] | None:

@@ -17,7 +17,6 @@ from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.model import (
     EntityEventRow,
     InvalidPayload,
-    parse_entity_event,
     parse_entity_fields,
 )
 from analytics_engine.database.writer import EntityEventWriter
@@ -74,25 +73,17 @@ class SimulationDataConsumer:
         rows: list[EntityEventRow] = []
         invalid: list[tuple[Delivery, str]] = []
         append = rows.append
-        if isinstance(deliveries, DeliveryBatch):  # the consumer's `lazy_events`: no Events
-            redelivered = any(a > 1 for a in deliveries.attempts)
-            pairs = zip(deliveries.channels, deliveries.envelopes, strict=True)
-            for index, (channel, e) in enumerate(pairs):
-                try:
-                    append(
-                        parse_entity_fields(
-                            channel, e["event_id"], e["source"], e["timestamp"], e["payload"]
-                        )
+        batch = DeliveryBatch.of(deliveries)
+        redelivered = any(a > 1 for a in batch.attempts)
+        for index, (channel, e) in enumerate(zip(batch.channels, batch.envelopes, strict=True)):
+            try:
+                append(
+                    parse_entity_fields(
+                        channel, e["event_id"], e["source"], e["timestamp"], e["payload"]
                     )
-                except InvalidPayload as exc:
-                    invalid.append((deliveries[index], str(exc)))
-        else:
-            redelivered = any(d.attempt > 1 for d in deliveries)
-            for delivery in deliveries:
-                try:
-                    append(parse_entity_event(delivery.channel, delivery.event))
-                except InvalidPayload as exc:
-                    invalid.append((delivery, str(exc)))
+                )
+            except InvalidPayload as exc:
+                invalid.append((batch[index], str(exc)))
         for delivery, _ in invalid:
             self._metrics.invalid.labels(delivery.channel).inc()
         if rows:
