@@ -39,7 +39,14 @@ from redis.asyncio.connection import Connection
 from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.metrics import CalculationMetrics
 from analytics_engine.calculation.processor import StreamProcessor
-from analytics_engine.core.bus import FIELD, Delivery, EncodedEvent, EventPublisher, encode_event
+from analytics_engine.core.bus import (
+    FIELD,
+    Delivery,
+    EncodedEvent,
+    EventPublisher,
+    decode_lazily,
+    encode_event,
+)
 from analytics_engine.core.channels import stream_key
 from analytics_engine.core.envelopes import parse_event
 from analytics_engine.core.redis import hiredis_packing
@@ -162,7 +169,9 @@ def _processor() -> StreamProcessor:
         redis=Redis(),
         service="calculation_engine",
         publisher=publisher,
-        consume=lambda *a, **k: SimpleNamespace(ready=asyncio.Event()),
+        consume=lambda *a, **k: SimpleNamespace(
+            ready=asyncio.Event(), lazy=k.get("lazy_events", False)
+        ),
     )
     processor = StreamProcessor(
         runtime,
@@ -192,7 +201,12 @@ def calculation(args: argparse.Namespace) -> dict[str, float]:
 
     channel_of = {v: k for k, v in keys.items()}
 
-    def parse(reply: list[tuple[bytes, tuple[bytes, dict[bytes, bytes]]]]) -> list[Delivery]:
+    processor = _processor()
+
+    def parse(reply: list[tuple[bytes, tuple[bytes, dict[bytes, bytes]]]]) -> Sequence[Delivery]:
+        """What the consumer hands the processor (lazily decoded where it asks for that)."""
+        if getattr(processor.consumer, "lazy", False):
+            return decode_lazily(reply, channel_of, {}, 10)[0]
         return [
             Delivery(entry_id, channel_of[key], parse_event(fields[FIELD]), 1)
             for key, (entry_id, fields) in reply

@@ -218,6 +218,14 @@ class Freshness:
         last window of a step closes by the idle path after the simulator stops)."""
         return [latency for close, latency, _ in self.samples if start <= close <= end]
 
+    def slowest_windows(self, start: float, end: float, n: int) -> list[tuple[float, float]]:
+        """The `n` windows closed in [start, end] whose last result came latest."""
+        latest: dict[float, float] = {}
+        for close, latency, _ in self.samples:
+            if start <= close <= end:
+                latest[close] = max(latency, latest.get(close, 0.0))
+        return sorted(latest.items(), key=lambda item: -item[1])[:n]
+
 
 async def listen(redis: Redis, freshness: Freshness, ready: asyncio.Event) -> None:
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
@@ -232,22 +240,39 @@ async def listen(redis: Redis, freshness: Freshness, ready: asyncio.Event) -> No
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-async def engine_freshness(http: aiohttp.ClientSession, url: str) -> dict[float, float]:
-    """Cumulative bucket counts of `analytics_kpi_freshness_seconds` over the fresh_* KPIs."""
+async def scrape_histogram(
+    http: aiohttp.ClientSession, url: str, name: str, having: str = ""
+) -> dict[float, float]:
+    """Cumulative bucket counts of the histogram `name` (series containing `having`, summed),
+    plus its `_sum` under the key -1."""
     async with http.get(f"{url}/metrics") as resp:
         text = await resp.text()
     buckets: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith("analytics_kpi_freshness_seconds_bucket") and "fresh_" in line:
+        if having not in line:
+            continue
+        if line.startswith(f"{name}_bucket"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             bound = math.inf if le == "+Inf" else float(le)
             buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_sum"):
+            buckets[-1.0] = buckets.get(-1.0, 0.0) + float(line.rsplit(" ", 1)[1])
     return buckets
+
+
+async def engine_freshness(http: aiohttp.ClientSession, url: str) -> dict[float, float]:
+    """`analytics_kpi_freshness_seconds` over the fresh_* KPIs."""
+    return await scrape_histogram(http, url, "analytics_kpi_freshness_seconds", "fresh_")
+
+
+async def checkpoint_times(http: aiohttp.ClientSession, url: str) -> dict[float, float]:
+    """`analytics_calc_checkpoint_duration_seconds`: how long the engine's checkpoints take."""
+    return await scrape_histogram(http, url, "analytics_calc_checkpoint_duration_seconds")
 
 
 def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
     """Upper bucket bound holding the q-quantile of the observations between two scrapes."""
-    bounds = sorted(after)
+    bounds = sorted(b for b in after if b >= 0)
     total = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
     if total <= 0:
         return float("nan")
@@ -279,6 +304,11 @@ class Step:
     fresh_n: int = 0
     engine_p50: float = float("nan")
     engine_p99: float = float("nan")
+    checkpoints: int = 0
+    checkpoint_mean_ms: float = float("nan")
+    checkpoint_p99_ms: float = float("nan")
+    slowest: list[tuple[float, float]] = field(default_factory=list)
+    """The slowest windows while measuring: (close time, latency of its last result)."""
 
 
 class Pipeline:
@@ -338,6 +368,7 @@ class Pipeline:
                 if proc is not None:
                     profiles.append((name, out, proc))
         engine_before = await engine_freshness(self.http, calc_url)
+        checkpoints_before = await checkpoint_times(self.http, calc_url)
         if self.args.profile:
             await self.redis.config_resetstat()
         cpu0 = cpu_seconds(self.stack.all_pids())
@@ -363,6 +394,7 @@ class Pipeline:
         step.achieved = (emitted1 - emitted0) / elapsed
         wall1 = time.time()
         engine_after = await engine_freshness(self.http, calc_url)
+        checkpoints_after = await checkpoint_times(self.http, calc_url)
         await self.sim_call("POST", "/stop")
         del now
         half = [p for p in db_points if p[0] >= hold / 2]
@@ -400,6 +432,15 @@ class Pipeline:
         step.fresh_p99 = percentile(samples, 0.99) * 1000
         step.engine_p50 = histogram_quantile(engine_before, engine_after, 0.5) * 1000
         step.engine_p99 = histogram_quantile(engine_before, engine_after, 0.99) * 1000
+        count = checkpoints_after.get(math.inf, 0.0) - checkpoints_before.get(math.inf, 0.0)
+        if count:
+            spent = checkpoints_after.get(-1.0, 0.0) - checkpoints_before.get(-1.0, 0.0)
+            step.checkpoints = int(count)
+            step.checkpoint_mean_ms = 1000 * spent / count
+            step.checkpoint_p99_ms = (
+                histogram_quantile(checkpoints_before, checkpoints_after, 0.99) * 1000
+            )
+        step.slowest = self.freshness.slowest_windows(wall0, wall1, 3)
         for name, out, _ in profiles:
             print(f"profile of {name} at {rate:g}/s ({out}):\n{summarise(out)}", flush=True)
         return step
@@ -448,6 +489,16 @@ def describe(s: Step) -> str:
         f"{s.calc_lag_max} (slope {s.calc_slope:+.0f}/s)  drain {drain}  stored {s.stored}/"
         f"{s.emitted}  fresh p50/p99 {s.fresh_p50:.0f}/{s.fresh_p99:.0f} ms (n={s.fresh_n}; "
         f"engine {s.engine_p50:g}/{s.engine_p99:g} ms)  {verdict}"
+        + (
+            f"\n      checkpoints {s.checkpoints} mean {s.checkpoint_mean_ms:.0f} ms "
+            f"p99 <= {s.checkpoint_p99_ms:g} ms; slowest windows "
+            + ", ".join(
+                f"{time.strftime('%H:%M:%S', time.localtime(close))} {1000 * lat:.0f} ms"
+                for close, lat in s.slowest
+            )
+            if s.checkpoints or s.slowest
+            else ""
+        )
     )
 
 

@@ -52,7 +52,7 @@ from analytics_engine.calculation.ordering import (
     parse_stream_id,
 )
 from analytics_engine.core import channels
-from analytics_engine.core.bus import REDIS_ERRORS, Delivery, DurableConsumer
+from analytics_engine.core.bus import REDIS_ERRORS, Delivery, DeliveryBatch, DurableConsumer
 from analytics_engine.core.envelopes import Event, utcnow
 from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition
 
@@ -72,15 +72,21 @@ GROUP: Final = "calculation_engine"
 ResultFilter = Callable[[KPIResult], bool]
 
 
-def _published(delivery: Delivery) -> datetime:
-    return delivery.event.timestamp
+Held = tuple[bytes, dict[str, Any]]
+"""What the merger holds per event: its stream entry id and its envelope's fields (as
+`envelopes.event_fields` gives them; no `Event` or `Delivery` is built on this path)."""
+
+
+def _published(held: Held) -> datetime:
+    timestamp: datetime = held[1]["timestamp"]
+    return timestamp
 
 
 def _no_ids() -> dict[str, list[bytes]]:
     return {channel: [] for channel in INPUT_CHANNELS}
 
 
-def new_merger(released: Mapping[str, StreamId] | None = None) -> StreamMerger[Delivery]:
+def new_merger(released: Mapping[str, StreamId] | None = None) -> StreamMerger[Held]:
     return StreamMerger(INPUT_CHANNELS, released=released, tiebreak=_published)
 
 
@@ -110,7 +116,7 @@ class StreamProcessor:
         self.engine = KPIEngine(
             clock=utcnow, idle_close_grace=idle_close_grace, dedupe_capacity=dedupe_capacity
         )
-        self.merger: StreamMerger[Delivery] = new_merger()
+        self.merger: StreamMerger[Held] = new_merger()
         self.consumer: DurableConsumer = runtime.consume(
             list(INPUT_CHANNELS),
             self.handle,
@@ -118,6 +124,7 @@ class StreamProcessor:
             consumer=consumer_name,
             auto_ack=False,
             batch_size=batch_size,
+            lazy_events=True,
         )
         self._decoder = EntityEventDecoder()
         self._unacked: dict[str, list[bytes]] = _no_ids()
@@ -156,7 +163,13 @@ class StreamProcessor:
     # -- events ----------------------------------------------------------------------------
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         merger = self.merger
-        merger.offer_many((d.channel, d.id, d) for d in deliveries)
+        batch = DeliveryBatch.of(deliveries)
+        merger.offer_many(
+            (channel, entry_id, (entry_id, envelope))
+            for channel, entry_id, envelope in zip(
+                batch.channels, batch.ids, batch.envelopes, strict=True
+            )
+        )
         self._process(merger.release())
         self._metrics.buffered.set(merger.buffered)
         self.collect_results()
@@ -170,25 +183,25 @@ class StreamProcessor:
     def _closing_held(self) -> bool:
         """Whether events held back in the merger would close a window."""
         closes_by = self.engine.closes_by
-        return any(closes_by(d.event.timestamp) for d in self.merger.newest_buffered())
+        return any(closes_by(_published(held)) for held in self.merger.newest_buffered())
 
-    def _process(self, released: list[tuple[str, Delivery]]) -> None:
+    def _process(self, released: list[tuple[str, Held]]) -> None:
         if not released:
             return
         decode = self._decoder.decode
         feed = self.engine.feed
         unacked = self._unacked
         invalid = 0
-        for channel, delivery in released:
-            unacked[channel].append(delivery.id)
+        for channel, (entry_id, envelope) in released:
+            unacked[channel].append(entry_id)
             try:
-                fields = decode(delivery.event, channel)
+                fields = decode(envelope, channel)
             except InvalidEntityEvent as exc:
                 invalid += 1
                 if invalid == 1:
                     log.warning(
                         "skipping an invalid entity event",
-                        extra={"event_id": delivery.event.event_id, "error": str(exc)[:200]},
+                        extra={"event_id": envelope["event_id"], "error": str(exc)[:200]},
                     )
                 continue
             feed(fields)
