@@ -229,7 +229,8 @@ def kpi_files(directory: Path, extra: Mapping[str, str], *, samples: bool = True
 
 
 def _processes() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds used so far) of every process."""
+    """pid -> (parent pid, CPU seconds used so far) of every process, including what its
+    children that have ended used (Redis's AOF rewrites, PostgreSQL backends that closed)."""
     tick = os.sysconf("SC_CLK_TCK")
     table: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
@@ -240,7 +241,8 @@ def _processes() -> dict[int, tuple[int, float]]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        used = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        table[int(entry.name)] = (int(fields[1]), used / tick)
     return table
 
 

@@ -265,6 +265,13 @@ async def engine_freshness(http: aiohttp.ClientSession, url: str) -> dict[float,
     return await scrape_histogram(http, url, "analytics_kpi_freshness_seconds", "fresh_")
 
 
+async def aof_rewrites(redis: Redis) -> int:
+    """Redis's background AOF rewrites so far (each a forked child writing the whole dataset:
+    CPU the per-process figures count once the child has ended)."""
+    info = await redis.info("persistence")
+    return int(info.get("aof_rewrites", 0))
+
+
 async def checkpoint_times(http: aiohttp.ClientSession, url: str) -> dict[float, float]:
     """`analytics_calc_checkpoint_duration_seconds`: how long the engine's checkpoints take."""
     return await scrape_histogram(http, url, "analytics_calc_checkpoint_duration_seconds")
@@ -304,6 +311,7 @@ class Step:
     fresh_n: int = 0
     engine_p50: float = float("nan")
     engine_p99: float = float("nan")
+    aof_rewrites: int = 0
     checkpoints: int = 0
     checkpoint_mean_ms: float = float("nan")
     checkpoint_p99_ms: float = float("nan")
@@ -372,6 +380,7 @@ class Pipeline:
         if self.args.profile:
             await self.redis.config_resetstat()
         cpu0 = cpu_seconds(self.stack.all_pids())
+        rewrites0 = await aof_rewrites(self.redis)
         wall0 = time.time()
         t0 = time.monotonic()
         emitted0 = (await self.sim_call("GET", ""))["events_emitted"]
@@ -388,6 +397,7 @@ class Pipeline:
         emitted1 = (await self.sim_call("GET", ""))["events_emitted"]
         elapsed = time.monotonic() - t0
         cpu1 = cpu_seconds(self.stack.all_pids())
+        step.aof_rewrites = await aof_rewrites(self.redis) - rewrites0
         if self.args.profile:
             await print_redis_commands(self.redis, emitted1 - emitted0, rate)
         step.cpu = {k: 100 * (cpu1[k] - cpu0.get(k, 0.0)) / elapsed for k in cpu1}
@@ -490,8 +500,9 @@ def describe(s: Step) -> str:
         f"{s.emitted}  fresh p50/p99 {s.fresh_p50:.0f}/{s.fresh_p99:.0f} ms (n={s.fresh_n}; "
         f"engine {s.engine_p50:g}/{s.engine_p99:g} ms)  {verdict}"
         + (
-            f"\n      checkpoints {s.checkpoints} mean {s.checkpoint_mean_ms:.0f} ms "
-            f"p99 <= {s.checkpoint_p99_ms:g} ms; slowest windows "
+            f"\n      AOF rewrites {s.aof_rewrites}; checkpoints {s.checkpoints} "
+            f"mean {s.checkpoint_mean_ms:.0f} ms p99 <= {s.checkpoint_p99_ms:g} ms; "
+            "slowest windows "
             + ", ".join(
                 f"{time.strftime('%H:%M:%S', time.localtime(close))} {1000 * lat:.0f} ms"
                 for close, lat in s.slowest
