@@ -27,6 +27,7 @@ class ServiceAccess:
 
     publishes: tuple[str, ...] = ()  # event channels (patterns allowed)
     consumes: tuple[str, ...] = ()  # durable channels read through a consumer group
+    rewinds: tuple[str, ...] = ()  # of those, read `checkpointed`: it moves its group (SETID)
     listens: tuple[str, ...] = ()  # live pub/sub channels or patterns
     serves: tuple[str, ...] = ()  # request channels it answers
     requests: tuple[str, ...] = ()  # request channels it calls
@@ -55,6 +56,7 @@ SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
     ),
     "calculation_engine": ServiceAccess(
         consumes=(ch.ENTITY_CREATED, ch.ENTITY_UPDATED, ch.METADATA_CHANGED, REPLAY),
+        rewinds=(ch.ENTITY_CREATED, ch.ENTITY_UPDATED),
         publishes=(ch.KPI_CALCULATED, f"{ch.KPI_CALCULATED_PREFIX}*", *STREAM_CONTROL),
         requests=(ch.DATABASE_QUERY, ch.DATABASE_COMMAND, ch.METADATA_LOOKUP),
         state_keys=(f"{ch.KEY_PREFIX}calc:*",),
@@ -159,6 +161,9 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
     if access.consumes:
         rules += CONSUMER_COMMANDS
         rules += [f"~{k}" for k in _stream_keys(access.consumes)]
+    if access.rewinds:
+        keys = " ".join(f"~{k}" for k in _stream_keys(access.rewinds))
+        rules.append(f"(+xgroup|setid {keys})")
     if access.watches:
         rules += ["+xlen", "+xinfo|groups", "+xinfo|stream"]
         rules += [f"%R~{k}" for k in _stream_keys(access.watches)]

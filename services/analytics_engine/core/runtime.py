@@ -102,9 +102,10 @@ class ServiceRuntime:
         batch_size: int | None = None,
         linger_ms: int = 0,
         lazy_events: bool = False,
+        checkpointed: bool = False,
     ) -> DurableConsumer:
         """Read durable channels with this service's consumer group (replicas share work);
-        `linger_ms` and `lazy_events` as in `DurableConsumer`."""
+        `linger_ms`, `lazy_events` and `checkpointed` as in `DurableConsumer`."""
         s = self.settings
         consumer_ = DurableConsumer(
             self._stream_redis,
@@ -120,6 +121,7 @@ class ServiceRuntime:
             linger_ms=linger_ms,
             metrics=self.metrics,
             lazy_events=lazy_events,
+            checkpointed=checkpointed,
         )
         self._consumers.append(consumer_)
         return consumer_

@@ -18,6 +18,7 @@ from analytics_engine.core.bus import (
     EventPublisher,
 )
 from analytics_engine.core.errors import TransientError
+from analytics_engine.core.redis import connect
 
 pytestmark = pytest.mark.asyncio
 
@@ -318,3 +319,69 @@ async def test_linger_tops_up_a_short_batch_once(redis: Redis, linger_ms: int) -
     c.stop()
     await task
     assert batches == ([[0, 1, 2]] if linger_ms else [[0], [1, 2]])
+
+
+async def test_a_checkpointed_consumer_leaves_nothing_pending_and_rewinds_to_its_position(
+    redis: Redis,
+) -> None:
+    """`checkpointed`: reads leave no pending entries; `rewind` re-reads what follows a
+    position (what a restart after a checkpoint does) and drops leftover pending entries."""
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    key = channels.stream_key(channels.ENTITY_CREATED)
+    await publisher.publish_many((channels.ENTITY_CREATED, {"n": n}) for n in range(10))
+    ids = [entry_id for entry_id, _ in await redis.xrange(key)]
+    # a reader of the previous kind left entries 0-4 pending in the group
+    await redis.xgroup_create(key, "calculation_engine", id="0")
+    await redis.xreadgroup("calculation_engine", "old", {key: ">"}, count=5)
+    got: list[int] = []
+
+    async def handle(deliveries: Sequence[Delivery]) -> None:
+        got.extend(d.event.payload["n"] for d in deliveries)
+
+    c = consumer(redis, "calculation_engine", handle, checkpointed=True)
+    await c.rewind({channels.ENTITY_CREATED: ids[2].decode()})  # a checkpoint covered 0-2
+    assert (await redis.xpending(key, "calculation_engine"))["pending"] == 0
+    task = asyncio.create_task(c.run())
+    await wait_for(lambda: len(got) == 7)
+    await publisher.publish(channels.ENTITY_CREATED, {"n": 10})
+    await wait_for(lambda: len(got) == 8)
+    c.stop()
+    await task
+    assert got == list(range(3, 11))
+    assert (await redis.xpending(key, "calculation_engine"))["pending"] == 0
+
+
+async def test_a_checkpointed_consumer_reads_again_what_a_lost_reply_skipped(
+    redis: Redis, redis_url: str
+) -> None:
+    """A read whose reply is lost (the connection dropped) moves the group past entries the
+    consumer never received; after reconnecting it reads on from what its handler has."""
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    key = channels.stream_key(channels.ENTITY_CREATED)
+    reader = connect(redis_url, retries=0)  # as the services' stream client
+    reader.connection_pool.connection_kwargs["client_name"] = "checkpointed-reader"
+    got: list[int] = []
+
+    async def handle(deliveries: Sequence[Delivery]) -> None:
+        got.extend(d.event.payload["n"] for d in deliveries)
+        if got[-1] == 2:
+            # while the consumer is busy here: 3-5 arrive and a read whose reply never
+            # reaches it takes them, then its connection drops
+            await publisher.publish_many((channels.ENTITY_CREATED, {"n": n}) for n in (3, 4, 5))
+            await redis.xreadgroup("calculation_engine", "c1", {key: ">"}, noack=True)
+            for client in await redis.client_list():
+                if client["name"] == "checkpointed-reader":
+                    await redis.client_kill_filter(_id=client["id"])
+
+    c = consumer(reader, "calculation_engine", handle, checkpointed=True)
+    await c.rewind({})
+    task = asyncio.create_task(c.run())
+    await asyncio.wait_for(c.ready.wait(), 5)
+    await publisher.publish_many((channels.ENTITY_CREATED, {"n": n}) for n in range(3))
+    await wait_for(lambda: len(got) >= 6)
+    await publisher.publish(channels.ENTITY_CREATED, {"n": 6})
+    await wait_for(lambda: len(got) == 7)
+    c.stop()
+    await task
+    await reader.aclose()
+    assert got == list(range(7))
