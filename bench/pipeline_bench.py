@@ -947,6 +947,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the services per step")
     parser.add_argument("--profile-seconds", type=float, default=20.0, help="for the drains")
     parser.add_argument("--data-dir", default=None, help="keep data here (default: temporary)")
+    parser.add_argument(
+        "--redis-config",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="CONFIG SET on the stack's Redis before measuring (for experiments, e.g. "
+        "auto-aof-rewrite-percentage=0); repeatable",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as cleanup:
         if args.data_dir:
@@ -968,7 +976,20 @@ def main() -> None:
             stack.start(name)
         asyncio.run(stack.wait_ready(stack.services))
         log("services ready")
+        if args.redis_config:
+            asyncio.run(configure_redis(stack, args.redis_config))
         asyncio.run(run(stack, args))
+
+
+async def configure_redis(stack: Stack, settings: list[str]) -> None:
+    redis = stack.admin()
+    try:
+        for setting in settings:
+            name, _, value = setting.partition("=")
+            await redis.config_set(name, value)
+            log(f"redis: {name} = {value}")
+    finally:
+        await redis.aclose()
 
 
 if __name__ == "__main__":
