@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter, methodcaller
 from typing import Any, Final
 
 import orjson
@@ -130,14 +131,13 @@ def chunk_of_rows(rows: Sequence[KpiRow], positions: list[int]) -> KpiChunk:
 
 # -- the columnar path -----------------------------------------------------------------------
 def _columnar(payloads: Sequence[Mapping[str, Any]], offset: int) -> KpiChunk:
-    codes = [p.get("kpi_code") for p in payloads]
-    starts = [p.get("window_start") for p in payloads]
-    ends = [p.get("window_end") for p in payloads]
-    computed = [p.get("computed_at") for p in payloads]
-    raw_values = [p.get("value") for p in payloads]
+    try:  # a missing field fails the checks below anyway (None is never a valid value)
+        codes, starts, ends, computed, raw_values, raw_counts, raw_versions = (
+            list(map(field, payloads)) for field in _REQUIRED
+        )
+    except KeyError:
+        raise _Unsure from None
     raw_dims = [p.get("dimensions", _EMPTY) for p in payloads]
-    raw_counts = [p.get("sample_count") for p in payloads]
-    raw_versions = [p.get("definition_version") for p in payloads]
 
     code_array = _dictionary(codes, str)
     for code in code_array.dictionary.to_pylist():
@@ -176,14 +176,12 @@ def _columnar(payloads: Sequence[Mapping[str, Any]], offset: int) -> KpiChunk:
         start_index.indices.cast(pa.int64()),
     )
     names = code_array.dictionary.to_pylist()
-    partition_of: dict[int, Partition] = {}
-    partitions: list[Partition] = []
-    for pair in day_codes.to_pylist():
-        partition = partition_of.get(pair)
-        if partition is None:
-            partition = (names[pair // len(days)], days[pair % len(days)])
-            partition_of[pair] = partition
-        partitions.append(partition)
+    pair_index = day_codes.dictionary_encode()
+    distinct = [
+        (names[pair // len(days)], days[pair % len(days)])
+        for pair in pair_index.dictionary.to_pylist()
+    ]
+    partitions: list[Partition] = list(map(distinct.__getitem__, pair_index.indices.to_pylist()))
 
     row_keys = dims_keys.take(dims_index.indices)
     row_codes = code_array.dictionary.take(code_array.indices)
@@ -214,6 +212,20 @@ def _columnar(payloads: Sequence[Mapping[str, Any]], offset: int) -> KpiChunk:
 
 
 _EMPTY: Final[Mapping[str, Any]] = {}
+_REQUIRED: Final = tuple(
+    map(
+        itemgetter,
+        (
+            "kpi_code",
+            "window_start",
+            "window_end",
+            "computed_at",
+            "value",
+            "sample_count",
+            "definition_version",
+        ),
+    )
+)
 
 
 def _only(column: list[Any], *types: type) -> None:
@@ -327,5 +339,8 @@ def _fingerprints(
         "\x1f",
     )
     rows = joined.cast(pa.binary()).to_pylist()
-    blake2b, size = hashlib.blake2b, FINGERPRINT_BYTES
-    return [blake2b(row, digest_size=size).digest() for row in rows]
+    return list(map(_DIGEST, map(_BLAKE2B, rows)))
+
+
+_BLAKE2B: Final = functools.partial(hashlib.blake2b, digest_size=FINGERPRINT_BYTES)
+_DIGEST: Final = methodcaller("digest")

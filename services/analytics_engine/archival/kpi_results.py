@@ -140,6 +140,21 @@ def plan_flush(rows: Sequence[KpiRow], archived: set[bytes]) -> FlushPlan[KpiRow
     )
 
 
+def new_positions(ids: Sequence[bytes], held: Mapping[bytes, object]) -> Sequence[int]:
+    """Positions of the ids neither in `held` nor seen earlier in `ids` (a redelivery while
+    buffered, or an id twice in a batch); the usual batch of new ids is checked in C."""
+    if held.keys().isdisjoint(ids) and len(set(ids)) == len(ids):
+        return range(len(ids))
+    fresh: list[int] = []
+    seen: set[bytes] = set()
+    for position, entry_id in enumerate(ids):
+        if entry_id in held or entry_id in seen:
+            continue
+        seen.add(entry_id)
+        fresh.append(position)
+    return fresh
+
+
 def candidates_of(
     fingerprints: Sequence[bytes], partitions: Sequence[Partition]
 ) -> dict[Partition, list[bytes]]:
@@ -212,20 +227,17 @@ class KpiResultArchiver:
         if any(attempt > 1 for attempt in batch.attempts):
             self._needs_resolution = True
         held = self._held
-        fresh: list[int] = []  # positions of the entries not in hand already
-        seen: set[bytes] = set()
-        for position, entry_id in enumerate(ids):
-            if entry_id in held or entry_id in seen:
-                continue
-            seen.add(entry_id)
-            fresh.append(position)
+        fresh = new_positions(ids, held)  # positions of the entries not in hand already
         if len(fresh) < len(ids):
             payloads = [payloads[i] for i in fresh]
         parsed = parse_kpi_results(payloads)
         rejected = dict(parsed.rejected)
-        for position, index in enumerate(fresh):
-            if position not in rejected:
-                held[ids[index]] = channels[index]
+        if not rejected and len(fresh) == len(ids):
+            held.update(zip(ids, channels, strict=True))
+        else:
+            for position, index in enumerate(fresh):
+                if position not in rejected:
+                    held[ids[index]] = channels[index]
         self._chunks.extend(parsed.chunks)
         if held and self._oldest is None:
             self._oldest = time.monotonic()

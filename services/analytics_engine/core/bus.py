@@ -27,6 +27,7 @@ from analytics_engine.core.envelopes import (
     ENVELOPE_JSON_OPTIONS,
     Event,
     MalformedMessage,
+    common_event_fields,
     dumps,
     event_fields,
     new_id,
@@ -747,6 +748,18 @@ def decode_lazily(
     max_deliveries: int,
 ) -> tuple[DeliveryBatch, list[Rejected]]:
     """`decode_entries` (the same checks, the same outcome) as a `DeliveryBatch`."""
+    if not attempts:  # first deliveries (none over `max_deliveries`): try the batch at once
+        raws = [fields.get(FIELD, b"") for _, (_, fields) in entries]
+        envelopes = common_event_fields(raws)
+        if envelopes is not None:
+            batch = DeliveryBatch(
+                ids=[entry_id for _, (entry_id, _) in entries],
+                channels=[channels[key] for key, _ in entries],
+                raws=raws,
+                envelopes=envelopes,
+                attempts=[1] * len(raws),
+            )
+            return batch, []
     rejected: list[Rejected] = []
     accepted = list(_accepted(entries, attempts, max_deliveries, event_fields, rejected))
     batch = DeliveryBatch(

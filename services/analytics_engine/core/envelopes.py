@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from operator import attrgetter, itemgetter
 from typing import Any, Final, TypeVar
 
 import orjson
@@ -165,6 +167,52 @@ def event_fields(raw: bytes) -> dict[str, Any]:
         return data
     event = _checked_event(data)
     return {name: getattr(event, name) for name in ENVELOPE_FIELDS}
+
+
+_ENVELOPE_COLUMNS: Final = tuple(map(itemgetter, ENVELOPE_FIELDS))
+_TZINFO: Final = attrgetter("tzinfo")
+
+
+def common_event_fields(raws: Sequence[bytes]) -> list[dict[str, Any]] | None:
+    """`[event_fields(raw) for raw in raws]` when every message is in the common shape (what
+    `_well_formed_time` accepts), else None: then take them one by one for the exact outcome
+    and reasons.
+
+    Why: a consumer checks every envelope of a batch, and the same checks run column by column
+    here (types, lengths and times over all messages at once, in C) instead of message by
+    message; measured ~1 us less per message. `test_envelopes` pins it to `event_fields`."""
+    try:
+        datas = list(map(orjson.loads, raws))
+    except orjson.JSONDecodeError:
+        return None
+    if not datas:
+        return []
+    if set(map(type, datas)) != {dict} or set(map(len, datas)) != {5}:
+        return None
+    try:  # five keys, the five fields among them: exactly the five fields
+        event_ids, event_types, sources, stamps, payloads = (
+            list(map(column, datas)) for column in _ENVELOPE_COLUMNS
+        )
+    except KeyError:
+        return None
+    for column in (event_ids, event_types, sources, stamps):
+        if set(map(type, column)) != {str}:
+            return None
+    if set(map(type, payloads)) != {dict}:
+        return None
+    for column in (event_ids, event_types, sources):
+        lengths = set(map(len, column))
+        if min(lengths) < 1 or max(lengths) > 200:
+            return None
+    try:
+        whens = list(map(datetime.fromisoformat, stamps))
+    except ValueError:
+        return None
+    if None in set(map(_TZINFO, whens)):
+        return None
+    for data, when in zip(datas, whens, strict=True):
+        data["timestamp"] = when
+    return datas
 
 
 def _checked_event(data: dict[str, Any]) -> Event:

@@ -8,8 +8,10 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from analytics_engine.archival.kpi_results import plan_flush
+from analytics_engine.archival.kpi_results import new_positions, plan_flush
 from analytics_engine.archival.layout import (
     dims_key,
     entity_events_object_key,
@@ -153,3 +155,18 @@ def test_event_batch_parsing_dedups_event_ids() -> None:
 def test_intent_roundtrip() -> None:
     intent = Intent("b1", "me", 12.5, (PlannedObject("k/x.parquet", "revenue", "2024-03-01"),))
     assert Intent.decode("b1", intent.encode()) == intent
+
+
+_IDS = st.lists(st.sampled_from([b"1-0", b"1-1", b"2-0", b"3-0", b"4-0"]), max_size=8)
+
+
+@given(_IDS, _IDS)
+def test_new_positions_skips_held_and_repeated_ids(ids: list[bytes], held: list[bytes]) -> None:
+    """The batch check equals the plain loop: first occurrences of the ids not held."""
+    expected: list[int] = []
+    seen = set(held)
+    for position, entry_id in enumerate(ids):
+        if entry_id not in seen:
+            seen.add(entry_id)
+            expected.append(position)
+    assert list(new_positions(ids, dict.fromkeys(held, "ch"))) == expected

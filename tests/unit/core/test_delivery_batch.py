@@ -51,16 +51,19 @@ MESSAGES = st.one_of(
         max_size=30,
     ),
     st.integers(1, 3),
+    st.booleans(),
 )
 def test_lazy_batches_decode_like_the_eager_path(
-    messages: list[tuple[bytes, bytes, int, bool]], max_deliveries: int
+    messages: list[tuple[bytes, bytes, int, bool]], max_deliveries: int, first: bool
 ) -> None:
+    """`first`: first deliveries (no attempts known), which the lazy path checks as a batch."""
     entries: list[tuple[bytes, Entry]] = []
     attempts: dict[bytes, int] = {}
     for n, (key, raw, attempt, with_field) in enumerate(messages):
         entry_id = f"{n}-0".encode()
         entries.append((key, (entry_id, {FIELD: raw} if with_field else {})))
-        attempts[entry_id] = attempt
+        if not first:
+            attempts[entry_id] = attempt
     eager, eager_rejected = decode_entries(entries, CHANNELS, attempts, max_deliveries)
     lazy, lazy_rejected = decode_lazily(entries, CHANNELS, attempts, max_deliveries)
     assert lazy_rejected == eager_rejected
@@ -74,6 +77,19 @@ def test_lazy_batches_decode_like_the_eager_path(
     ]
     assert list(lazy) == eager  # the deliveries built on access equal the eager ones
     assert lazy[1:3] == eager[1:3]
+
+
+def test_a_batch_of_first_deliveries_decodes_like_the_eager_path() -> None:
+    entries: list[tuple[bytes, Entry]] = [
+        (KEY_A if n % 3 else KEY_B, (f"{n}-0".encode(), {FIELD: envelope(n)})) for n in range(50)
+    ]
+    eager, eager_rejected = decode_entries(entries, CHANNELS, {}, 1)
+    lazy, lazy_rejected = decode_lazily(entries, CHANNELS, {}, 1)
+    assert lazy_rejected == eager_rejected == []
+    assert lazy.channels == [d.channel for d in eager]
+    assert lazy.ids == [d.id for d in eager]
+    assert lazy.attempts == [1] * 50
+    assert list(lazy) == eager
 
 
 def test_a_delivery_is_built_once_and_indexes_behave_like_a_list() -> None:

@@ -15,6 +15,7 @@ from analytics_engine.core.envelopes import (
     MalformedMessage,
     Request,
     Response,
+    common_event_fields,
     dumps,
     event_fields,
     parse_event,
@@ -185,3 +186,67 @@ def test_event_fields_of_the_common_and_the_uncommon_shapes() -> None:
     assert event_fields(orjson.dumps(no_payload))["payload"] == {}
     with pytest.raises(MalformedMessage, match="timestamp"):
         event_fields(orjson.dumps({**GOOD, "timestamp": "yesterday"}))
+
+
+def _common_shape(raw: bytes) -> bool:
+    """Exactly the five fields, well typed and sized, a timestamp with a zone."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    if type(data) is not dict or data.keys() != set(ENVELOPE_FIELDS):
+        return False
+    texts = [data[name] for name in ("event_id", "event_type", "source")]
+    if not all(type(t) is str and 0 < len(t) <= 200 for t in texts):
+        return False
+    if type(data["payload"]) is not dict or type(data["timestamp"]) is not str:
+        return False
+    try:
+        return datetime.fromisoformat(data["timestamp"]).tzinfo is not None
+    except ValueError:
+        return False
+
+
+_COMMON = st.fixed_dictionaries(
+    {
+        "event_id": st.text(min_size=1, max_size=3),
+        "event_type": st.sampled_from(["a", "b" * 200]),
+        "source": st.text(min_size=1, max_size=3),
+        "timestamp": st.sampled_from(
+            ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00.5+02:00", "2024-03-01T23:59:59-05:30"]
+        ),
+        "payload": st.dictionaries(st.text(max_size=3), _VALUES, max_size=2),
+    }
+).map(orjson.dumps)
+
+
+@given(st.lists(st.one_of(_COMMON, _ENVELOPES), max_size=8))
+def test_common_event_fields_is_event_fields_of_each_or_none(raws: list[bytes]) -> None:
+    """The batch check (a consumer's first deliveries) gives what `event_fields` gives message
+    by message, and declines (None) only a batch holding a message not in the common shape."""
+    fields = common_event_fields(raws)
+    if fields is None:
+        assert not all(map(_common_shape, raws))
+        return
+    assert all(map(_common_shape, raws))
+    assert fields == [event_fields(raw) for raw in raws]
+
+
+@given(st.lists(_COMMON, min_size=1, max_size=8))
+def test_common_event_fields_takes_a_batch_of_common_envelopes_at_once(raws: list[bytes]) -> None:
+    assert common_event_fields(raws) == [event_fields(raw) for raw in raws]
+
+
+def test_common_event_fields_declines_a_batch_with_one_odd_message() -> None:
+    good = orjson.dumps(GOOD)
+    for odd in (
+        orjson.dumps({**GOOD, "trace": "t"}),  # an extension field
+        orjson.dumps({**GOOD, "timestamp": "2024-01-01T00:00:00"}),  # naive time
+        orjson.dumps({**GOOD, "source": ""}),
+        orjson.dumps({**GOOD, "event_id": "x" * 201}),
+        orjson.dumps({**GOOD, "payload": [1]}),
+        orjson.dumps([GOOD]),
+        b"{not json",
+    ):
+        assert common_event_fields([good, odd, good]) is None
+    assert common_event_fields([]) == []
