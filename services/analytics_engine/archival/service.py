@@ -66,18 +66,6 @@ class Settings(BaseServiceSettings, S3Settings):
     zstd_level: int | None = Field(
         default=None, ge=1, le=22, validation_alias="ARCHIVAL_ZSTD_LEVEL"
     )
-    # Five times the other services' default: a 2000-result read keeps ~12k containers alive
-    # while it is parsed (the reply, the envelopes) next to the flush's 10k-element lists, so
-    # at 10k every read set off a young collection that walked all of them (measured: ~100
-    # collections per 200k results, ~1.2 us per result; at 50k, ~0.1 us). Cycles are rare
-    # here: reference counting frees almost everything.
-    gc_threshold: int = Field(
-        default=50_000,
-        ge=0,
-        validation_alias="SERVICE_GC_THRESHOLD",
-        description="Allocations between collections of Python's cyclic GC (generation 0); "
-        "objects built at startup are frozen out of collections. 0: Python's defaults.",
-    )
 
     @field_validator("flush_interval_s", mode="before")
     @classmethod

@@ -88,7 +88,7 @@ class BaseServiceSettings(BaseSettings):
         description="Seconds between heartbeats on `observability.heartbeat`.",
     )
     gc_threshold: int = Field(
-        default=10_000,
+        default=50_000,
         ge=0,
         validation_alias="SERVICE_GC_THRESHOLD",
         description="Allocations between collections of Python's cyclic GC (generation 0); "
