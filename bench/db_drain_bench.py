@@ -66,7 +66,8 @@ async def one_round(
     async with pool.acquire() as conn:
         before = await conn.fetchval("SELECT count(*) FROM entity_events")
     stream_redis = connect(redis_url, retries=0)
-    metrics = DatabaseMetrics(CollectorRegistry())
+    registry = CollectorRegistry()
+    metrics = DatabaseMetrics(registry)
     dead = DeadLetters(stream_redis, service="database")
     partitions = PartitionManager(enabled=True)
     writer = EntityEventWriter(pool, partitions, metrics)
@@ -108,6 +109,13 @@ async def one_round(
     await stream_redis.aclose()
     if stored != n:
         raise AssertionError(f"stored {stored} of {n} events")
+    write_s = sum(
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "analytics_db_write_duration_seconds_sum"
+    )
+    print(f"  wall {wall:.2f}s, in writer.write (summed over writers) {write_s:.2f}s", flush=True)
     per_event = {k: 1e6 * (cpu1[k] - cpu0[k]) / n for k in pids}
     per_event["database"] = 1e6 * own / n  # the servers are this process's children
     return n / wall, per_event
