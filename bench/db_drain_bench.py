@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -185,6 +186,7 @@ def main() -> None:
     finally:
         rd.stop()
         pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
