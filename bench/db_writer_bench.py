@@ -152,8 +152,13 @@ class TimedPool:
 
 
 def fresh_ids(rows: Sequence[EntityEventRow]) -> list[EntityEventRow]:
-    """The same events under new event ids (each round stores new events)."""
-    return [row._replace(event_id=str(uuid.uuid4())) for row in rows]
+    """The same events under new event ids and of new entities (each round stores new events
+    and creates its entities, as a drain after an outage does, rather than finding every
+    entity at the same version already)."""
+    tag = uuid.uuid4().hex[:8]
+    return [
+        row._replace(event_id=str(uuid.uuid4()), entity_id=f"{tag}-{row.entity_id}") for row in rows
+    ]
 
 
 def batches(rows: Sequence[EntityEventRow], size: int) -> list[Sequence[EntityEventRow]]:

@@ -148,7 +148,13 @@ def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
 
 
 def parse_entity_fields(
-    channel: str, event_id: str, source: str, published_at: datetime, payload: dict[str, Any]
+    channel: str,
+    event_id: str,
+    source: str,
+    published_at: datetime,
+    payload: dict[str, Any],
+    *,
+    times: dict[str, datetime] | None = None,
 ) -> EntityEventRow:
     """`parse_entity_event` from the envelope's fields (a lazy batch's `envelopes`, no `Event`).
 
@@ -157,6 +163,9 @@ def parse_entity_fields(
     (or accepts it, e.g. a `str` subclass). The checks run in a fixed order, so an event with
     several faults always gets the same reason; `test_model_properties` pins this function to
     the field-by-field reference.
+
+    `times`: `occurred_at` texts parsed already (a batch's events often share one) -> their
+    value; a text parsed here is added.
     """
     kind = KIND_BY_CHANNEL.get(channel)
     if kind is None:
@@ -190,7 +199,15 @@ def parse_entity_fields(
     version = payload.get("version")
     if type(version) is not int or not 0 <= version <= INT64_MAX:
         version = _int(payload, "version")
-    occurred_at = parse_timestamp(payload.get("occurred_at"), "occurred_at")
+    raw_time = payload.get("occurred_at")
+    if times is None or type(raw_time) is not str:
+        occurred_at = parse_timestamp(raw_time, "occurred_at")
+    else:
+        known = times.get(raw_time)
+        if known is None:
+            occurred_at = times[raw_time] = parse_timestamp(raw_time, "occurred_at")
+        else:
+            occurred_at = known
     return _new_row(
         EntityEventRow,
         (

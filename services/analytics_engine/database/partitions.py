@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
+import asyncpg
+
 log = logging.getLogger(__name__)
 
 # Days further than this from today go to the default partition instead of getting their own
@@ -41,8 +43,14 @@ class PartitionManager:
             return
         todo = days_to_ensure(days, self._known, datetime.now(UTC).date())
         for day in todo:
-            if await conn.fetchval("SELECT ae_ensure_entity_events_partition($1)", day):
-                log.info("created entity_events partition", extra={"day": day.isoformat()})
+            try:
+                if await conn.fetchval("SELECT ae_ensure_entity_events_partition($1)", day):
+                    log.info("created entity_events partition", extra={"day": day.isoformat()})
+            except asyncpg.exceptions.DuplicateTableError:
+                # Another writer created it while this one waited for the creation lock: the
+                # function's second look misses it (its catalog lookup does not see a table
+                # created after the statement started), its CREATE fails. It exists: done.
+                log.info("entity_events partition created by a peer", extra={"day": str(day)})
             self._known.add(day)
 
     async def ensure_ahead(self, conn: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from analytics_engine.core.bus import (
@@ -75,11 +76,17 @@ class SimulationDataConsumer:
         append = rows.append
         batch = DeliveryBatch.of(deliveries)
         redelivered = any(a > 1 for a in batch.attempts)
+        times: dict[str, datetime] = {}  # a batch's events often share an `occurred_at`
         for index, (channel, e) in enumerate(zip(batch.channels, batch.envelopes, strict=True)):
             try:
                 append(
                     parse_entity_fields(
-                        channel, e["event_id"], e["source"], e["timestamp"], e["payload"]
+                        channel,
+                        e["event_id"],
+                        e["source"],
+                        e["timestamp"],
+                        e["payload"],
+                        times=times,
                     )
                 )
             except InvalidPayload as exc:

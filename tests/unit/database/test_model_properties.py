@@ -18,6 +18,7 @@ from analytics_engine.database.model import (
     EntityEventRow,
     InvalidPayload,
     parse_entity_event,
+    parse_entity_fields,
 )
 
 
@@ -194,3 +195,22 @@ def test_each_boundary_alone_gets_the_reference_verdict(
 def test_the_inline_parser_is_the_field_by_field_one(drawn: tuple[str, Event]) -> None:
     channel, event = drawn
     assert _outcome(parse_entity_event, channel, event) == _outcome(reference_parse, channel, event)
+
+
+@settings(max_examples=200)
+@given(st.lists(_events(), max_size=12))
+def test_a_batchs_parsed_times_change_no_outcome(batch: list[tuple[str, Event]]) -> None:
+    """`parse_entity_fields` with `times` shared over a batch (as the consumer calls it) gives
+    every event the outcome it gets alone, valid or not, and the cache holds the times parsed."""
+    times: dict[str, datetime] = {}
+
+    def shared(channel: str, event: Event) -> EntityEventRow:
+        return parse_entity_fields(
+            channel, event.event_id, event.source, event.timestamp, event.payload, times=times
+        )
+
+    doubled = batch + batch  # the second time round every valid time comes from the cache
+    for channel, event in doubled:
+        assert _outcome(shared, channel, event) == _outcome(parse_entity_event, channel, event)
+    for text, moment in times.items():
+        assert moment == model.parse_timestamp(text, "occurred_at")
