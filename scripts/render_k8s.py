@@ -52,6 +52,7 @@ class Param:
     types: list[str] = field(default_factory=list)
     nullable: bool = False
     enum: list[str] | None = None
+    pattern: str | None = None
 
 
 def parse_params(text: str) -> list[Param]:
@@ -65,6 +66,8 @@ def parse_params(text: str) -> list[Param]:
             mods = (m["mods"] or "").strip()
             if mods.startswith("enum:"):
                 param.enum = mods[len("enum:") :].split(",")
+            elif mods.startswith("pattern:"):
+                param.pattern = mods[len("pattern:") :]
             elif mods:
                 for mod in (x.strip() for x in mods.split(",")):
                     if mod == "nullable":
@@ -148,6 +151,8 @@ def build_schema(params: list[Param], values: dict[str, Any]) -> dict[str, Any]:
         }
         if param.enum is not None:
             leaf["enum"] = param.enum
+        if param.pattern is not None:
+            leaf["pattern"] = param.pattern
         if "integer" in types and "port" in keys[-1].lower():
             leaf.update(minimum=1, maximum=65535)
         node["properties"][keys[-1]] = leaf
