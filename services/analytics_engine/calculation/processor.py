@@ -72,13 +72,13 @@ GROUP: Final = "calculation_engine"
 ResultFilter = Callable[[KPIResult], bool]
 
 
-Held = tuple[bytes, dict[str, Any]]
-"""What the merger holds per event: its stream entry id and its envelope's fields (as
-`envelopes.event_fields` gives them; no `Event` or `Delivery` is built on this path)."""
+Held = dict[str, Any]
+"""What the merger holds per event: its envelope's fields (as `envelopes.event_fields` gives
+them; no `Event` or `Delivery` is built on this path)."""
 
 
 def _published(held: Held) -> datetime:
-    timestamp: datetime = held[1]["timestamp"]
+    timestamp: datetime = held["timestamp"]
     return timestamp
 
 
@@ -157,12 +157,7 @@ class StreamProcessor:
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         merger = self.merger
         batch = DeliveryBatch.of(deliveries)
-        merger.offer_many(
-            (channel, entry_id, (entry_id, envelope))
-            for channel, entry_id, envelope in zip(
-                batch.channels, batch.ids, batch.envelopes, strict=True
-            )
-        )
+        merger.offer_many(zip(batch.channels, batch.ids, batch.envelopes, strict=True))
         self._process(merger.release())
         self._metrics.buffered.set(merger.buffered)
         self.collect_results()
@@ -184,7 +179,7 @@ class StreamProcessor:
         decode = self._decoder.decode
         feed = self.engine.feed
         invalid = 0
-        for channel, (_, envelope) in released:
+        for channel, envelope in released:
             try:
                 fields = decode(envelope, channel)
             except InvalidEntityEvent as exc:

@@ -402,8 +402,9 @@ class DurableConsumer:
         self._block_ms = block_ms
         self._auto_ack = auto_ack and not checkpointed
         self._noack = checkpointed
-        self._handed_over: dict[str, bytes] = {}
-        """`checkpointed`: per channel, the last entry id the handler has taken."""
+        self._handed_over: dict[str, str | bytes] = {}
+        """`checkpointed`: per channel, the last entry id the handler has taken (or the
+        position `rewind` set)."""
         self._start_id = start_id
         self._linger = linger_ms / 1000
         self._metrics = metrics
@@ -427,9 +428,9 @@ class DurableConsumer:
                     await self._ensure_groups()
                     if not self._noack:
                         await self._drain_own_pending()
-                    elif self._handed_over:
-                        # a read whose reply was lost in the reconnect moved the group past
-                        # entries nobody received: read on from what the handler has
+                    elif self.ready.is_set() and self._handed_over:
+                        # a reconnect: a read whose reply was lost moved the group past
+                        # entries nobody received, so read on from what the handler has
                         await self.rewind(self._handed_over)
                     recovering = False
                     self.ready.set()
@@ -450,13 +451,16 @@ class DurableConsumer:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     async def rewind(self, positions: Mapping[str, str | bytes]) -> None:
-        """Point the group of each channel at a checkpointed position (stream entry id, "0"
-        for the start): the next reads deliver what follows it. Entries a reader left pending
-        (one that acknowledged, before `checkpointed`) are dropped from the pending list: each
-        one is at or before the position, and covered, or after it, and read again."""
+        """Point the group of each channel at a checkpointed position (stream entry id; a
+        channel left out: its start): the next reads deliver what follows it. Entries a reader
+        left pending (one that acknowledged, before `checkpointed`) are dropped from the pending
+        list: each one is at or before the position, and covered, or after it, and read again.
+        """
         for channel in self.channels:
             key = stream_key(channel)
             position = positions.get(channel, "0")
+            # where a reconnect rewinds to, until the handler takes something of this channel
+            self._handed_over[channel] = position
             try:
                 await self._redis.xgroup_create(key, self.group, id=position, mkstream=True)
             except ResponseError as exc:
