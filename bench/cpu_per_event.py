@@ -185,8 +185,11 @@ def _processor() -> StreamProcessor:
 
 
 def _forget_acks(processor: StreamProcessor) -> None:
-    """What the checkpoint's acknowledgement does to the processor's state (no Redis here)."""
-    unacked: Any = processor._unacked
+    """What the checkpoint's acknowledgement does to the processor's state (no Redis here;
+    nothing since the processor reads checkpointed, without acknowledgements)."""
+    unacked: Any = getattr(processor, "_unacked", None)
+    if unacked is None:
+        return
     if isinstance(unacked, list):  # the processor before it kept ids only
         unacked.clear()
     else:
