@@ -262,84 +262,42 @@ def parse_kpi_result(event: Event) -> KpiResultRow:
 
 
 # -- entity state folding -------------------------------------------------------------------
-class EntityUpsert(NamedTuple):
-    """The state one event gives its entity, applied only if newer than what is stored."""
-
-    entity_type: str
-    entity_id: str
-    version: int
-    attributes: str | None
-    active: bool
-    first_seen_at: datetime
-    updated_at: datetime
-    deactivated_at: datetime | None
-    deactivation_reason: str | None
-    last_event_id: str
-
-
-def _upsert_of(row: EntityEventRow, first_seen_at: datetime) -> EntityUpsert:
-    if row.event_kind == "deactivated":
-        return EntityUpsert(
-            row.entity_type,
-            row.entity_id,
-            row.version,
-            row.attributes,
-            False,
-            first_seen_at,
-            row.occurred_at,
-            row.occurred_at,
-            row.reason,
-            row.event_id,
-        )
-    return EntityUpsert(
-        row.entity_type,
-        row.entity_id,
-        row.version,
-        row.attributes,
-        True,
-        first_seen_at,
-        row.occurred_at,
-        None,
-        None,
-        row.event_id,
-    )
-
-
-def plan_entity_upserts(
-    rows: Sequence[EntityEventRow],
-) -> tuple[list[EntityUpsert], list[EntityUpsert]]:
-    """Fold a batch into at most two version-guarded upserts per entity, applied in order.
+def fold_entity_events(rows: Sequence[EntityEventRow]) -> dict[int, tuple[int, datetime]]:
+    """Which events of a batch set their entity's state: row index -> (step, first seen), the
+    upsert step it belongs to (1, then 2) and the earliest `occurred_at` of its entity in the
+    batch (the entity's `created_at` if it is new).
 
     Entity state is "the newest event wins": created/updated events carry the full attribute
     snapshot, a deactivation keeps the attributes it finds. Applying (1) the newest
-    attribute-carrying event, then (2) the newest deactivation if it is at least as new, gives
-    the same state as applying every event one by one in version order, whatever is already
-    stored. Sorted by key.
+    attribute-carrying event, then (2) the newest deactivation if it is at least as new, each
+    by a version-guarded upsert, gives the same state as applying every event one by one in
+    version order, whatever is already stored. Between events of one entity and kind with the
+    same version, the earlier in the batch wins. Every entity of the batch has a step-1 event.
 
-    The writer runs this rule in SQL (`writer.FOLD_ENTITIES`, so each event crosses to
-    PostgreSQL once); this is its specification, and the integration tests check the two agree.
+    Runs for every entity event (the writer stages the steps beside the events), so it works on
+    row indexes and touches each row once.
     """
-    # per entity: [newest with attributes, newest deactivation, earliest occurred_at]
+    # per entity: [index of the newest attribute-carrying event, of the newest deactivation
+    # (-1: none yet), earliest occurred_at]
     state: dict[tuple[str, str], list[Any]] = {}
-    for row in rows:
+    get = state.get
+    for index, row in enumerate(rows):
         key = (row.entity_type, row.entity_id)
-        slot = state.get(key)
-        i = 1 if row.event_kind == "deactivated" else 0
+        slot = get(key)
+        kind = 1 if row.event_kind == "deactivated" else 0
         if slot is None:
-            slot = state[key] = [None, None, row.occurred_at]
-        elif row.occurred_at < slot[2]:
-            slot[2] = row.occurred_at
-        held = slot[i]
-        if held is None or row.version > held.version:
-            slot[i] = row
-    first: list[EntityUpsert] = []
-    second: list[EntityUpsert] = []
-    for key in sorted(state):
-        newest_attrs, newest_deact, first_seen = state[key]
-        if newest_attrs is not None:
-            first.append(_upsert_of(newest_attrs, first_seen))
-            if newest_deact is not None and newest_deact.version >= newest_attrs.version:
-                second.append(_upsert_of(newest_deact, first_seen))
-        else:
-            first.append(_upsert_of(newest_deact, first_seen))
-    return first, second
+            state[key] = [-1, index, row.occurred_at] if kind else [index, -1, row.occurred_at]
+            continue
+        slot[2] = min(slot[2], row.occurred_at)
+        held = slot[kind]
+        if held < 0 or row.version > rows[held].version:
+            slot[kind] = index
+    steps: dict[int, tuple[int, datetime]] = {}
+    for newest, deactivation, first_seen in state.values():
+        if newest < 0:
+            steps[deactivation] = (1, first_seen)
+            continue
+        steps[newest] = (1, first_seen)
+        if deactivation >= 0 and rows[deactivation].version >= rows[newest].version:
+            steps[deactivation] = (2, first_seen)
+    return steps

@@ -16,16 +16,11 @@ from prometheus_client import CollectorRegistry
 from analytics_engine.database.db import connect, create_pool
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import migrate
-from analytics_engine.database.model import EntityEventRow, plan_entity_upserts
+from analytics_engine.database.model import EntityEventRow
 from analytics_engine.database.partitions import PartitionManager
 from analytics_engine.database.writer import (
-    _STAGE_COLUMNS,
-    ENTITY_STAGE,
-    EVENT_STAGE,
-    FOLD_ENTITIES,
     STAGING_SETUP,
     EntityEventWriter,
-    stage_records,
 )
 
 from .conftest import count
@@ -147,43 +142,9 @@ def random_batch(rng: random.Random, prefix: str, size: int) -> list[EntityEvent
     return rows
 
 
-async def test_the_sql_fold_is_the_pure_fold(pool: Any) -> None:
-    rng = random.Random(7)
-    async with pool.acquire() as conn:
-        for n in range(40):
-            batch = random_batch(rng, f"f{n}", rng.randint(1, 25))
-            first, second = plan_entity_upserts(batch)
-            expected = {(1, *u) for u in first} | {(2, *u) for u in second}
-            async with conn.transaction():
-                await conn.copy_records_to_table(
-                    EVENT_STAGE,
-                    records=stage_records(batch),
-                    columns=_STAGE_COLUMNS,
-                )
-                await conn.execute(FOLD_ENTITIES)
-                staged = await conn.fetch(f"SELECT * FROM {ENTITY_STAGE}")
-            got = {
-                (
-                    s["step"],
-                    s["entity_type"],
-                    s["entity_id"],
-                    s["version"],
-                    None if s["attributes"] is None else orjson.dumps(s["attributes"]).decode(),
-                    s["active"],
-                    s["created_at"],
-                    s["updated_at"],
-                    s["deactivated_at"],
-                    s["reason"],
-                    str(s["last_event_id"]),
-                )
-                for s in staged
-            }
-            assert got == expected, batch
-
-
 def _in_version_order(rows: list[EntityEventRow]) -> list[EntityEventRow]:
     """Version order; at equal versions attribute-carrying events before deactivations, then
-    batch order: the order `plan_entity_upserts` documents its result to be equivalent to."""
+    batch order: the order `fold_entity_events` documents its result to be equivalent to."""
     order = sorted(
         enumerate(rows), key=lambda p: (p[1].version, p[1].event_kind == "deactivated", p[0])
     )

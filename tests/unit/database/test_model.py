@@ -13,9 +13,9 @@ from analytics_engine.database.model import (
     EntityEventRow,
     InvalidPayload,
     canonical_dimensions,
+    fold_entity_events,
     parse_entity_event,
     parse_kpi_result,
-    plan_entity_upserts,
 )
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -135,7 +135,7 @@ def row(kind: str, version: int, entity_id: str = "e", offset: int = 0) -> Entit
 
 
 def test_folding_keeps_the_newest_attributes_then_a_newer_deactivation() -> None:
-    first, second = plan_entity_upserts(
+    steps = fold_entity_events(
         [
             row("updated", 3, offset=3),
             row("created", 1, offset=1),
@@ -143,14 +143,18 @@ def test_folding_keeps_the_newest_attributes_then_a_newer_deactivation() -> None
             row("updated", 2),
         ]
     )
-    assert [(u.version, u.attributes, u.active) for u in first] == [(3, '{"v":3}', True)]
-    assert [(u.version, u.active, u.deactivation_reason) for u in second] == [(4, False, "r")]
-    assert first[0].first_seen_at == T0
+    assert steps == {0: (1, T0), 2: (2, T0)}
 
 
-def test_an_older_deactivation_in_the_batch_is_dropped_and_keys_are_sorted() -> None:
-    first, second = plan_entity_upserts(
-        [row("deactivated", 1, "b"), row("updated", 2, "b"), row("deactivated", 1, "a")]
+def test_an_older_deactivation_is_dropped_and_ties_go_to_the_earlier_event() -> None:
+    steps = fold_entity_events(
+        [
+            row("deactivated", 1, "b", offset=5),
+            row("updated", 2, "b", offset=9),
+            row("deactivated", 1, "a", offset=3),
+            row("deactivated", 1, "a", offset=1),
+            row("updated", 2, "b", offset=7),
+        ]
     )
-    assert [(u.entity_id, u.version, u.active) for u in first] == [("a", 1, False), ("b", 2, True)]
-    assert second == []
+    later = timedelta(seconds=5)
+    assert steps == {1: (1, T0 + later), 2: (1, T0 + timedelta(seconds=1))}

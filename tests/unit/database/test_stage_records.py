@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from analytics_engine.database.model import EntityEventRow
+from analytics_engine.database.model import EntityEventRow, fold_entity_events
 from analytics_engine.database.writer import epoch_microseconds, stage_records
 
 _BERLIN = ZoneInfo("Europe/Berlin")
@@ -52,8 +52,15 @@ def test_the_fold_pair_is_equal_yet_two_instants() -> None:
 @given(st.lists(st.tuples(_MOMENTS, _MOMENTS), max_size=30))
 def test_stage_records_convert_every_timestamp(moments: list[tuple[datetime, datetime]]) -> None:
     rows = [_row(occurred, published) for occurred, published in moments]
+    steps = fold_entity_events(rows)
     expected = [
-        (*r[:5], epoch_microseconds(r[5]), epoch_microseconds(r[6]), *r[7:], seq)
-        for seq, r in enumerate(rows)
+        (
+            *r[:5],
+            epoch_microseconds(r[5]),
+            epoch_microseconds(r[6]),
+            *r[7:],
+            *((steps[i][0], epoch_microseconds(steps[i][1])) if i in steps else (None, None)),
+        )
+        for i, r in enumerate(rows)
     ]
-    assert stage_records(rows) == expected
+    assert stage_records(rows) == (expected, any(step == 2 for step, _ in steps.values()))
