@@ -43,13 +43,28 @@ open_keys AS (
     FROM archival_batches WHERE status IN ('pending', 'sent')
 )"""
 
+# The oldest old event not in an open batch, found per entity type (a loose scan of the key's
+# leading column, then one probe of each type's (occurred_at, event_id) order): the key leads
+# with entity_type, so "oldest overall" is the oldest of each type's oldest.
 OLDEST_CANDIDATE: Final = f"""
-WITH {_OPEN_KEYS}
-SELECT e.entity_type, e.occurred_at FROM entity_events e
-WHERE e.occurred_at < $1
-  AND NOT EXISTS (SELECT 1 FROM open_keys o
-                  WHERE o.occurred_at = e.occurred_at AND o.event_id = e.event_id)
-ORDER BY e.occurred_at, e.event_id
+WITH RECURSIVE {_OPEN_KEYS.strip()},
+types AS (
+    SELECT min(entity_type) AS entity_type FROM entity_events WHERE occurred_at < $1
+    UNION ALL
+    SELECT (SELECT min(e.entity_type) FROM entity_events e
+            WHERE e.entity_type > t.entity_type AND e.occurred_at < $1)
+    FROM types t WHERE t.entity_type IS NOT NULL
+)
+SELECT c.entity_type, c.occurred_at
+FROM types t
+CROSS JOIN LATERAL (
+    SELECT e.entity_type, e.occurred_at, e.event_id FROM entity_events e
+    WHERE e.entity_type = t.entity_type AND e.occurred_at < $1
+      AND (e.occurred_at, e.event_id) NOT IN (SELECT occurred_at, event_id FROM open_keys)
+    ORDER BY e.occurred_at, e.event_id
+    LIMIT 1
+) c
+ORDER BY c.occurred_at, c.event_id
 LIMIT 1
 """
 
@@ -80,13 +95,32 @@ ORDER BY created_at
 LIMIT $2
 """
 
+# A batch's rows by their keys: $1 occurred_ats, $2 event_ids, $3 entity type, $4/$5 the day's
+# bounds (they prune to the day's partition; without them the planner hashes the whole table).
+_BATCH_KEYS: Final = """
+unnest($1::timestamptz[], $2::uuid[]) AS k(occurred_at, event_id)"""
+_OF_BATCH: Final = """
+e.entity_type = $3 AND e.occurred_at >= $4 AND e.occurred_at < $5
+AND e.occurred_at = k.occurred_at AND e.event_id = k.event_id"""
+
 BATCH_ROWS: Final = f"""
 SELECT {", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))}
-FROM entity_events e
-JOIN unnest($1::timestamptz[], $2::uuid[]) AS k(occurred_at, event_id)
-  ON e.occurred_at = k.occurred_at AND e.event_id = k.event_id
+FROM entity_events e JOIN {_BATCH_KEYS} ON {_OF_BATCH}
 ORDER BY e.occurred_at, e.event_id
 """
+
+DELETE_BATCH_ROWS: Final = f"DELETE FROM entity_events e USING {_BATCH_KEYS} WHERE {_OF_BATCH}"
+
+
+def batch_keys(batch: Any) -> tuple[Any, ...]:
+    """The parameters of `BATCH_ROWS` and `DELETE_BATCH_ROWS` for an `archival_batches` row."""
+    return (
+        batch["occurred_ats"],
+        batch["event_ids"],
+        batch["entity_type"],
+        *day_bounds(batch["day"]),
+    )
+
 
 MARK_SENT: Final = """
 UPDATE archival_batches SET status = 'sent', sent_at = now(), send_count = send_count + 1
@@ -251,7 +285,7 @@ class Archiver:
         )
 
     async def _send(self, conn: Any, batch: Any) -> int:
-        records = await conn.fetch(BATCH_ROWS, batch["occurred_ats"], batch["event_ids"])
+        records = await conn.fetch(BATCH_ROWS, *batch_keys(batch))
         payload = {
             "batch_id": str(batch["batch_id"]),
             "entity_type": batch["entity_type"],
@@ -281,7 +315,8 @@ class Archiver:
         with transient_errors("confirming an archival batch"):
             async with self._pool.acquire() as conn, conn.transaction():
                 batch = await conn.fetchrow(
-                    "SELECT status, row_count, occurred_ats, event_ids FROM archival_batches"
+                    "SELECT status, entity_type, day, row_count, occurred_ats, event_ids"
+                    " FROM archival_batches"
                     " WHERE batch_id = $1 FOR UPDATE",
                     batch_id,
                 )
@@ -291,13 +326,7 @@ class Archiver:
                     raise InvalidPayload(
                         f"row_count {row_count} does not match the batch's {batch['row_count']}"
                     )
-                status = await conn.execute(
-                    "DELETE FROM entity_events e USING unnest($1::timestamptz[], $2::uuid[])"
-                    " AS k(occurred_at, event_id)"
-                    " WHERE e.occurred_at = k.occurred_at AND e.event_id = k.event_id",
-                    batch["occurred_ats"],
-                    batch["event_ids"],
-                )
+                status = await conn.execute(DELETE_BATCH_ROWS, *batch_keys(batch))
                 await conn.execute(
                     "UPDATE archival_batches SET status = 'deleted', confirmed_at = now(),"
                     " object_key = $2, occurred_ats = NULL, event_ids = NULL"
