@@ -112,6 +112,9 @@ def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> Service
             auto_ack=False,
             batch_size=settings.read_batch,
             lazy_events=True,  # the archiver reads payloads only
+            # Redis assembles the next batch while this one is parsed: with a backlog the two
+            # waited for each other (measured: the main thread idle ~45% of a drain)
+            read_ahead=True,
         )
     )
     events.attach(
