@@ -18,6 +18,10 @@ Run: `.venv/bin/python bench/pipeline_bench.py [--parts abcd] [--hold 30] [--pro
 (d) archival: N KPI results on `archive.kpi_results` (and 5000-row batches on `archival.events`)
     backlogged with the archival service stopped, then drained. Baseline: pyarrow Parquet zstd
     of the same rows in memory + one boto3 PUT.
+(c) and (d) start once no backfill is pending or being replayed (printed). The calculation
+    engine runs with CALCULATION_BACKFILL=false unless `--backfill`: no part measures backfills,
+    and one replays up to an hour of stored events when the KPI's first window closes (for an
+    hourly KPI: at the next full hour, in the middle of whatever part runs then).
 Targets: >= 20k events/s sustained, >= 100k events/s drain, freshness p99 <= 100 ms,
 archival >= 100k rows/s. The machine is shared: `uptime` is printed with the figures.
 """
@@ -562,12 +566,52 @@ def log_cpu_per_item(
     )
 
 
+# -- quiet before a drain ---------------------------------------------------------------------
+SUBSCRIPTIONS_KEY = f"{channels.KEY_PREFIX}db:subs"
+
+
+async def open_backfills(p: Pipeline) -> tuple[list[str], int]:
+    """(KPIs whose backfill the calculation engine has not finished, stream replays the database
+    is serving): the calculation engine's `GET /api/v1/kpis` status `backfill_pending`, and the
+    database's set of live subscriptions (`ae:db:subs`)."""
+    async with p.http.get(f"{p.stack.url('calculation')}/api/v1/kpis") as r:
+        r.raise_for_status()
+        items = (await r.json())["items"]
+    pending = sorted(i["code"] for i in items if i.get("status") == "backfill_pending")
+    replays = int(await p.redis.scard(SUBSCRIPTIONS_KEY))  # type: ignore[misc]
+    return pending, replays
+
+
+async def settle(p: Pipeline, part: str) -> None:
+    """Wait until no backfill is pending and no replay is being served, so a drain measures the
+    drain alone (a backfill replays up to an hour of stored events through the database and the
+    calculation engine). Prints what was waited for; gives up after `--settle-timeout`."""
+    started = time.monotonic()
+    pending, replays = first = await open_backfills(p)
+    while pending or replays:
+        if time.monotonic() - started > p.args.settle_timeout:
+            log(
+                f"({part}) WARNING: still {len(pending)} backfills pending {pending} and "
+                f"{replays} replays open after {p.args.settle_timeout:g}s; measuring anyway"
+            )
+            return
+        await asyncio.sleep(0.2)
+        pending, replays = await open_backfills(p)
+    log(
+        f"({part}) quiet after {time.monotonic() - started:.1f}s: waited for "
+        f"{len(first[0])} pending backfills {first[0]} and {first[1]} open replays "
+        f"(calculation /api/v1/kpis status, database {SUBSCRIPTIONS_KEY}); backfills "
+        + ("enabled" if p.args.backfill else "disabled (CALCULATION_BACKFILL=false)")
+    )
+
+
 # -- (c) database drain -----------------------------------------------------------------------
 async def drain_database(p: Pipeline, n: int) -> tuple[float, float, float]:
     """Returns (drain events/s from first read, events/s including startup, COPY rows/s)."""
     stack = p.stack
     log(f"(c) generating {n} events")
     items = generate(n, seed=4242, run_id=f"drain-{uuid.uuid4().hex[:8]}")
+    await settle(p, "c")
     stack.stop("database")
     before = await p.stored()
     published_s = await publish(p.redis, items)
@@ -691,6 +735,7 @@ async def drain_archival(
         if first is None and (state.entries_read > start.entries_read or state.pending):
             first = now
             cpu0 = cpu_seconds(stack.all_pids())  # from the first read: startup left out
+            await p.redis.config_resetstat()
         if state.drained:
             break
         if now - spawned > 600:
@@ -700,6 +745,7 @@ async def drain_archival(
     log_cpu_per_item(
         f"(d) CPU us per archived row of {channel}", cpu0, cpu_seconds(stack.all_pids()), rows
     )
+    await print_redis_commands(p.redis, rows, rows / (end - (first or spawned)))
     await stack.wait_ready(["archival"])
     finish_profile(profile)
     return rows / (end - (first or spawned)), rows / (end - spawned)
@@ -777,11 +823,14 @@ async def archival(p: Pipeline, n: int) -> dict[str, tuple[float, float, float]]
         )
         for r in rows
     ]
+    # the baseline first: a fresh SeaweedFS allocates its volumes on the first write (~1 s,
+    # measured), which is the stack's first start, not the archival service's drain
+    baseline = parquet_put_baseline(stack, kpi_arrow, rows, "bench/baseline-kpi.parquet")
+    await settle(p, "d")
     log(f"(d) archive.kpi_results: {n} results backlogged, starting archival")
     rate, with_startup = await drain_archival(p, channels.ARCHIVE_KPI_RESULTS, messages, n)
     objects, archived = s3_rows(stack, "kpi_results/kpi_code=bench_")
     log(f"(d) kpi results: {archived}/{n} rows in {objects} objects")
-    baseline = parquet_put_baseline(stack, kpi_arrow, rows, "bench/baseline-kpi.parquet")
     out["archive.kpi_results"] = (rate, with_startup, baseline)
     # entity event batches (the database's retention batches: one type and day, <= 5000 rows)
     items = generate(n, seed=99, run_id=f"arch-{uuid.uuid4().hex[:8]}")
@@ -945,6 +994,18 @@ def main() -> None:
     parser.add_argument("--archive-rows", type=int, default=200_000)
     parser.add_argument("--raw-events", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true", help="py-spy the services per step")
+    parser.add_argument(
+        "--backfill",
+        action="store_true",
+        help="let the calculation engine backfill new KPIs (off by default: no part measures "
+        "backfills, and one replays up to an hour of stored events at times of its own)",
+    )
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=120.0,
+        help="longest wait for pending backfills before (c) and (d)",
+    )
     parser.add_argument("--profile-seconds", type=float, default=20.0, help="for the drains")
     parser.add_argument("--data-dir", default=None, help="keep data here (default: temporary)")
     parser.add_argument(
@@ -971,6 +1032,8 @@ def main() -> None:
         print(f"load before start: {uptime_line()}", flush=True)
         infra_s = stack.start_infra()
         cleanup.callback(stack.stop_all)
+        if not args.backfill:
+            stack.envs["calculation"]["CALCULATION_BACKFILL"] = "false"
         log(f"servers up in {infra_s:.1f}s; starting services")
         for name in stack.services:
             stack.start(name)

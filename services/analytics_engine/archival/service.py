@@ -27,11 +27,14 @@ SERVICE = "archival_service"
 class Settings(BaseServiceSettings, S3Settings):
     port: int = Field(default=8085, ge=0, le=65535, validation_alias="ARCHIVAL_PORT")
     batch_rows: int = Field(
-        default=10_000,
+        default=40_000,
         ge=1,
         le=1_000_000,
         validation_alias="ARCHIVAL_BATCH_ROWS",
-        description="KPI results per flush (at most; a flush writes one file per partition).",
+        description="KPI results per flush (at most; a flush writes one file per partition). "
+        "Flushes run one at a time, each a few round trips to Redis and S3, so with a backlog "
+        "the rows per flush bound the rate (measured: ~110 ms per 10k-row flush, ~200 ms per "
+        "40k); fewer, larger files are better for the lake too.",
     )
     flush_interval_s: float = Field(
         default=5.0,
@@ -112,6 +115,9 @@ def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> Service
             auto_ack=False,
             batch_size=settings.read_batch,
             lazy_events=True,  # the archiver reads payloads only
+            # Redis assembles the next batch while this one is parsed: with a backlog the two
+            # waited for each other (measured: the main thread idle ~45% of a drain)
+            read_ahead=True,
         )
     )
     events.attach(

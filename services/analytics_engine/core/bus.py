@@ -356,6 +356,13 @@ class DurableConsumer:
     - `lazy_events`: hand the handler `DeliveryBatch`es, for handlers that read only the
       payloads: the same checks, malformed messages dead-lettered the same way, but no `Event`
       is built unless a delivery is looked at.
+    - `read_ahead`: while the handler works on a batch, the next read is already on its way (on
+      another connection), so Redis assembles batch n+1 while the handler parses batch n instead
+      of each waiting for the other. For backlog drains whose handler and Redis both cost CPU per
+      entry. At most one batch is read ahead; it is pending like any delivered entry: on
+      stop the consumer hands it to the handler if it has arrived (else cancels the read), after
+      a Redis error it is dropped and re-read with the consumer's own pending entries, and after
+      a crash it is re-delivered as those are. Not with `checkpointed`.
     - `checkpointed`: the handler's owner keeps the stream positions it has processed together
       with its own state (a checkpoint) instead of acknowledging entries. Reads are XREADGROUP
       NOACK, so nothing is pending per entry (the pending list and the XACKs cost Redis ~6x
@@ -383,6 +390,7 @@ class DurableConsumer:
         metrics: CoreMetrics | None = None,
         lazy_events: bool = False,
         checkpointed: bool = False,
+        read_ahead: bool = False,
     ) -> None:
         for channel in channels:
             if not channel_spec(channel).durable:
@@ -409,6 +417,9 @@ class DurableConsumer:
         self._linger = linger_ms / 1000
         self._metrics = metrics
         self._lazy = lazy_events
+        self._read_ahead = read_ahead and not checkpointed
+        self._ahead: asyncio.Task[list[tuple[bytes, Entry]]] | None = None
+        """`read_ahead`: the read of the next batch, started when the last one was handed over."""
         self._keys = {stream_key(c).encode(): c for c in self.channels}
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
@@ -420,11 +431,20 @@ class DurableConsumer:
         self._stopping.set()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+            await self._finish_ahead()
+        finally:
+            await self._drop_ahead()
+
+    async def _run(self) -> None:
         backoff = 0.1
         recovering = True
         while not self._stopping.is_set():
             try:
                 if recovering:
+                    # a batch read ahead is re-read with the pending entries (if it was read)
+                    await self._drop_ahead()
                     await self._ensure_groups()
                     if not self._noack:
                         await self._drain_own_pending()
@@ -445,6 +465,27 @@ class DurableConsumer:
                 if "NOGROUP" not in str(exc):
                     raise
                 recovering = True  # Redis lost its data (restarted without persistence)
+
+    async def _drop_ahead(self) -> None:
+        task, self._ahead = self._ahead, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS, ResponseError):
+            await task
+
+    async def _finish_ahead(self) -> None:
+        """On the way out: hand over a batch read ahead if it has arrived (as `stop` finishes
+        the batch in hand), else cancel the read. Entries it took without being handed over
+        stay pending: re-read by this consumer's next start, or claimed by a peer."""
+        task = self._ahead
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return  # `run` drops it
+        self._ahead = None
+        entries = task.result()
+        if entries:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._dispatch(entries, redelivered=False)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -502,6 +543,15 @@ class DurableConsumer:
             if not self._noack:
                 await self._claim_abandoned()
             await self._update_lag()
+        ahead, self._ahead = self._ahead, None
+        entries = await (ahead if ahead is not None else self._read_new())
+        if entries and self._read_ahead and not self._stopping.is_set():
+            self._ahead = asyncio.create_task(self._read_new(), name="read-ahead")
+        if entries:
+            await self._dispatch(entries, redelivered=False)
+
+    async def _read_new(self) -> list[tuple[bytes, Entry]]:
+        """The next batch of entries never delivered to the group (waiting up to `block_ms`)."""
         new = dict.fromkeys(self._keys, b">")
         noack = self._noack
         reply = await self._streams.xreadgroup(
@@ -514,8 +564,7 @@ class DurableConsumer:
                 self.group, self.consumer, new, count=self._batch - len(entries), noack=noack
             )
             entries += _entries(more)
-        if entries:
-            await self._dispatch(entries, redelivered=False)
+        return entries
 
     async def _claim_abandoned(self) -> None:
         """Take over entries pending longer than `claim_idle_ms`: a dead peer's, and our own

@@ -103,9 +103,10 @@ class ServiceRuntime:
         linger_ms: int = 0,
         lazy_events: bool = False,
         checkpointed: bool = False,
+        read_ahead: bool = False,
     ) -> DurableConsumer:
         """Read durable channels with this service's consumer group (replicas share work);
-        `linger_ms`, `lazy_events` and `checkpointed` as in `DurableConsumer`."""
+        `linger_ms`, `lazy_events`, `checkpointed` and `read_ahead` as in `DurableConsumer`."""
         s = self.settings
         consumer_ = DurableConsumer(
             self._stream_redis,
@@ -122,6 +123,7 @@ class ServiceRuntime:
             metrics=self.metrics,
             lazy_events=lazy_events,
             checkpointed=checkpointed,
+            read_ahead=read_ahead,
         )
         self._consumers.append(consumer_)
         return consumer_

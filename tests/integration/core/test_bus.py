@@ -250,7 +250,6 @@ async def test_malformed_and_poison_events_go_to_dead_letters_and_good_ones_keep
     task = asyncio.create_task(c.run())
     await wait_for(lambda: len(got) == 10)
     dlq = channels.dead_letter_key(channels.ENTITY_CREATED)
-    await wait_for(lambda: True)
     for _ in range(200):
         if await redis.xlen(dlq) == 3:
             break
@@ -385,3 +384,83 @@ async def test_a_checkpointed_consumer_reads_again_what_a_lost_reply_skipped(
     await task
     await reader.aclose()
     assert got == list(range(7))
+
+
+async def test_a_read_ahead_consumer_delivers_every_entry_once_in_order(redis: Redis) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    got: list[int] = []
+    batches = 0
+
+    async def slow(batch: Sequence[Delivery]) -> None:
+        nonlocal batches
+        batches += 1
+        got.extend(d.event.payload["i"] for d in batch)
+        await asyncio.sleep(0.01)  # the next read is under way meanwhile
+
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(50))
+    c = consumer(redis, "database_service", slow, batch_size=5, read_ahead=True)
+    task = asyncio.create_task(c.run())
+    await wait_for(lambda: len(got) == 50)
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(50, 53))
+    await wait_for(lambda: len(got) == 53)
+    c.stop()
+    await task
+    assert got == list(range(53))
+    assert batches >= 11
+    stream = channels.stream_key(channels.ENTITY_CREATED)
+    assert (await redis.xpending(stream, "database_service"))["pending"] == 0
+
+
+async def test_a_stopping_read_ahead_consumer_hands_over_the_batch_it_read_ahead(
+    redis: Redis,
+) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    got: list[int] = []
+    c: DurableConsumer
+
+    async def stop_at_first(batch: Sequence[Delivery]) -> None:
+        got.extend(d.event.payload["i"] for d in batch)
+        if len(got) == 5:
+            c.stop()
+            await asyncio.sleep(0.2)  # the read ahead arrives meanwhile
+
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(20))
+    c = consumer(redis, "database_service", stop_at_first, batch_size=5, read_ahead=True)
+    await c.run()
+    assert got == list(range(10))  # the batch in hand and the one read ahead, nothing more
+    stream = channels.stream_key(channels.ENTITY_CREATED)
+    assert (await redis.xpending(stream, "database_service"))["pending"] == 0
+
+
+async def test_entries_a_crashed_consumer_read_ahead_are_redelivered_after_restart(
+    redis: Redis,
+) -> None:
+    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
+    crashed = asyncio.Event()
+    got: list[int] = []
+
+    async def crashing(batch: Sequence[Delivery]) -> None:
+        crashed.set()
+        await asyncio.sleep(3600)  # cancelled while the next batch is read ahead
+
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(20))
+    doomed = consumer(redis, "database_service", crashing, name="w1", batch_size=5, read_ahead=True)
+    task = asyncio.create_task(doomed.run())
+    await crashed.wait()
+    stream = channels.stream_key(channels.ENTITY_CREATED)
+    await asyncio.sleep(0.2)
+    assert (await redis.xpending(stream, "database_service"))["pending"] == 10
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        got.extend(d.event.payload["i"] for d in batch)
+
+    restarted = consumer(redis, "database_service", handle, name="w1", read_ahead=True)
+    task = asyncio.create_task(restarted.run())
+    await wait_for(lambda: len(got) == 20)
+    restarted.stop()
+    await task
+    assert sorted(got) == list(range(20))
+    assert (await redis.xpending(stream, "database_service"))["pending"] == 0
