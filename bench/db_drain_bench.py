@@ -86,6 +86,7 @@ async def one_round(
             auto_ack=False,
             linger_ms=args.linger_ms,
             lazy_events=True,
+            read_ahead=args.read_ahead,
         )
         handler.bind(consumer)
         consumers.append(consumer)
@@ -169,6 +170,12 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=defaults["writers"].default)
     parser.add_argument("--linger-ms", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--read-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the consumers read the next batch while the handler works (as the service)",
+    )
     parser.add_argument(
         "--gc-threshold", type=int, default=BaseServiceSettings.model_fields["gc_threshold"].default
     )

@@ -96,11 +96,13 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         "more before writing: fewer, bigger transactions (KPIs do not wait on this path).",
     )
     writers: int = Field(
-        default=2,
+        default=3,
         ge=1,
         le=8,
         validation_alias="DATABASE_WRITERS",
-        description="Concurrent entity-event consumers (batches in flight) per instance.",
+        description="Concurrent entity-event consumers (batches in flight) per instance. Each "
+        "overlaps its PostgreSQL work (and commit) with the others' parsing; measured on 2 "
+        "cores, a backlog drained ~10% faster with 3 than with 2, and no faster with 4.",
     )
     pool_size: int = Field(default=8, ge=2, validation_alias="DATABASE_POOL_SIZE")
     timescale: Literal["auto", "on", "off"] = Field(
@@ -206,6 +208,7 @@ def create(settings: Settings) -> ServiceRuntime:
                 batch_size=settings.write_batch,
                 linger_ms=int(settings.write_linger.total_seconds() * 1000),
                 lazy_events=True,  # the handler reads envelope fields, never whole Events
+                read_ahead=True,  # Redis assembles the next batch while this one is parsed
             )
         )
     # KPI results
