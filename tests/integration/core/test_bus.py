@@ -52,6 +52,10 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
         await asyncio.sleep(0.02)
 
 
+async def pending(redis: Redis, stream: str, group: str = "database_service") -> int:
+    return int((await redis.xpending(stream, group))["pending"])
+
+
 async def test_every_event_is_published_on_its_pubsub_channel_exactly_as_documented(
     redis: Redis,
 ) -> None:
@@ -141,34 +145,51 @@ async def test_events_published_while_a_consumer_is_down_arrive_after_it_restart
     assert got == list(range(50))
 
 
-@pytest.mark.parametrize("lazy", [False, True], ids=["events", "lazy_events"])
+@pytest.mark.parametrize(
+    ("lazy", "read_ahead"),
+    [(False, False), (True, False), (False, True)],
+    ids=["events", "lazy_events", "read_ahead"],
+)
 async def test_unacknowledged_events_of_a_crashed_consumer_are_redelivered(
-    redis: Redis, lazy: bool
+    redis: Redis, lazy: bool, read_ahead: bool
 ) -> None:
+    """Whatever a consumer held when it crashed (the batch in hand, and with `read_ahead` the
+    next one too) is pending, and its restart re-reads it before anything new."""
     publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
     crash_once = asyncio.Event()
     got: list[int] = []
+    options: dict[str, object] = {"lazy_events": lazy, "read_ahead": read_ahead, "batch_size": 5}
 
     async def crashing(batch: Sequence[Delivery]) -> None:
         crash_once.set()
         await asyncio.sleep(3600)  # "crash": the task is cancelled while holding the batch
 
     await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(20))
-    doomed = consumer(redis, "database_service", crashing, name="worker-1", lazy_events=lazy)
+    doomed = consumer(redis, "database_service", crashing, name="worker-1", **options)
     task = asyncio.create_task(doomed.run())
     await crash_once.wait()
+    stream = channels.stream_key(channels.ENTITY_CREATED)
+    held = 10 if read_ahead else 5  # with read_ahead: the batch in hand and the next one
+    for _ in range(100):
+        if await pending(redis, stream) == held:
+            break
+        await asyncio.sleep(0.02)
+    assert await pending(redis, stream) == held
     task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
     async def handle(batch: Sequence[Delivery]) -> None:
         got.extend(d.event.payload["i"] for d in batch)
 
     # the same consumer name after a restart re-reads its own pending entries first
-    restarted = consumer(redis, "database_service", handle, name="worker-1", lazy_events=lazy)
+    restarted = consumer(redis, "database_service", handle, name="worker-1", **options)
     task = asyncio.create_task(restarted.run())
     await wait_for(lambda: len(got) == 20)
     restarted.stop()
     await task
     assert sorted(got) == list(range(20))
+    assert await pending(redis, stream) == 0
 
 
 async def test_held_entries_are_acknowledged_by_id_with_the_handlers_checkpoint(
@@ -429,38 +450,4 @@ async def test_a_stopping_read_ahead_consumer_hands_over_the_batch_it_read_ahead
     await c.run()
     assert got == list(range(10))  # the batch in hand and the one read ahead, nothing more
     stream = channels.stream_key(channels.ENTITY_CREATED)
-    assert (await redis.xpending(stream, "database_service"))["pending"] == 0
-
-
-async def test_entries_a_crashed_consumer_read_ahead_are_redelivered_after_restart(
-    redis: Redis,
-) -> None:
-    publisher = EventPublisher(redis, source="sim", stream_maxlen=10_000)
-    crashed = asyncio.Event()
-    got: list[int] = []
-
-    async def crashing(batch: Sequence[Delivery]) -> None:
-        crashed.set()
-        await asyncio.sleep(3600)  # cancelled while the next batch is read ahead
-
-    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(20))
-    doomed = consumer(redis, "database_service", crashing, name="w1", batch_size=5, read_ahead=True)
-    task = asyncio.create_task(doomed.run())
-    await crashed.wait()
-    stream = channels.stream_key(channels.ENTITY_CREATED)
-    await asyncio.sleep(0.2)
-    assert (await redis.xpending(stream, "database_service"))["pending"] == 10
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-    async def handle(batch: Sequence[Delivery]) -> None:
-        got.extend(d.event.payload["i"] for d in batch)
-
-    restarted = consumer(redis, "database_service", handle, name="w1", read_ahead=True)
-    task = asyncio.create_task(restarted.run())
-    await wait_for(lambda: len(got) == 20)
-    restarted.stop()
-    await task
-    assert sorted(got) == list(range(20))
     assert (await redis.xpending(stream, "database_service"))["pending"] == 0
