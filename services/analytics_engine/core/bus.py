@@ -62,17 +62,19 @@ EncodedEvent = tuple[str, bytes]
 # bytes. A script runs atomically like MULTI/EXEC, so a durable consumer never misses what a live
 # subscriber saw; and it costs redis-py one command to pack instead of two per event, which is
 # what limits a Python publisher (measured: ~6k events/s with per-event commands, > 20k/s so).
+# ARGV: the field name, the length cap of each of KEYS, then per event (KEYS index or 0, channel,
+# data).
 PUBLISH_SCRIPT = """
-local maxlen = ARGV[1]
-local field = ARGV[2]
-for i = 3, #ARGV, 3 do
+local field = ARGV[1]
+local first = #KEYS + 2
+for i = first, #ARGV, 3 do
   local k = tonumber(ARGV[i])
   if k > 0 then
-    redis.call('XADD', KEYS[k], 'MAXLEN', '~', maxlen, '*', field, ARGV[i + 2])
+    redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1 + k], '*', field, ARGV[i + 2])
   end
   redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2])
 end
-return (#ARGV - 2) / 3
+return (#ARGV - first + 1) / 3
 """
 
 
@@ -186,17 +188,23 @@ class EventPublisher:
 
     def _script_arguments(self, events: Sequence[EncodedEvent]) -> tuple[list[str], list[Any]]:
         keys: dict[str, int] = {}
+        caps: list[int] = []  # per stream key, in KEYS order: its length cap
         indexes: dict[str, int] = {}  # per channel: its stream's KEYS index, 0 if not durable
-        args: list[Any] = [self._maxlen, FIELD]
+        triples: list[Any] = []
         for channel, data in events:
             index = indexes.get(channel)
             if index is None:
                 index = 0
-                if channel_spec(channel).durable:
-                    index = keys.setdefault(stream_key(channel), len(keys) + 1)
+                spec = channel_spec(channel)
+                if spec.durable:
+                    key = stream_key(channel)
+                    index = keys.get(key, 0)
+                    if not index:
+                        index = keys[key] = len(keys) + 1
+                        caps.append(min(self._maxlen, spec.maxlen or self._maxlen))
                 indexes[channel] = index
-            args.extend((index, channel, data))
-        return list(keys), args
+            triples.extend((index, channel, data))
+        return list(keys), [FIELD, *caps, *triples]
 
     def _count(self, events: Sequence[EncodedEvent]) -> None:
         if self._metrics is None:

@@ -73,10 +73,18 @@ class ChannelSpec:
 
     name: str
     durable: bool = True
+    maxlen: int | None = None
+    """Entries its stream keeps (approximately), if fewer than `BUS_STREAM_MAXLEN`."""
 
 
 # Live-only channels: a late reader has no use for old values, so no stream backs them.
 _PUBSUB_ONLY: Final = frozenset({SERVICE_HEARTBEAT})
+
+# `archival.events` entries are whole retention batches (up to 5000 rows, ~2 MB each), so its
+# stream is capped by entries far below the default: it needs to hold only the batches in flight
+# (`DATABASE_ARCHIVAL_MAX_INFLIGHT`, 8), and a batch trimmed unread is not lost: the database
+# service re-sends every batch the archival service has not confirmed.
+_STREAM_CAPS: Final = {ARCHIVAL_EVENTS: 256}
 
 
 def channel_spec(channel: str) -> ChannelSpec:
@@ -84,4 +92,4 @@ def channel_spec(channel: str) -> ChannelSpec:
     durable."""
     if channel.startswith(KPI_CALCULATED_PREFIX) or channel in _PUBSUB_ONLY:
         return ChannelSpec(channel, durable=False)
-    return ChannelSpec(channel, durable=True)
+    return ChannelSpec(channel, durable=True, maxlen=_STREAM_CAPS.get(channel))

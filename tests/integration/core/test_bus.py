@@ -56,6 +56,29 @@ async def pending(redis: Redis, stream: str, group: str = "database_service") ->
     return int((await redis.xpending(stream, group))["pending"])
 
 
+async def test_a_capped_channel_keeps_its_stream_short_and_the_others_keep_the_default(
+    redis: Redis,
+) -> None:
+    """`archival.events` carries whole batches: its stream is capped far below
+    `BUS_STREAM_MAXLEN` (approximately: Redis trims whole nodes of up to 100 entries)."""
+    cap = channels.channel_spec(channels.ARCHIVAL_EVENTS).maxlen
+    assert cap is not None
+    publisher = EventPublisher(redis, source="database_service", stream_maxlen=10_000)
+    n = cap + 400
+    await publisher.publish_many(
+        item
+        for i in range(n)
+        for item in ((channels.ARCHIVAL_EVENTS, {"i": i}), (channels.ENTITY_CREATED, {"i": i}))
+    )
+    assert cap <= await redis.xlen(channels.stream_key(channels.ARCHIVAL_EVENTS)) <= cap + 100
+    assert await redis.xlen(channels.stream_key(channels.ENTITY_CREATED)) == n
+    # a default below the cap wins
+    await redis.delete(channels.stream_key(channels.ARCHIVAL_EVENTS))
+    small = EventPublisher(redis, source="database_service", stream_maxlen=cap // 4)
+    await small.publish_many((channels.ARCHIVAL_EVENTS, {"i": i}) for i in range(cap + 400))
+    assert await redis.xlen(channels.stream_key(channels.ARCHIVAL_EVENTS)) <= cap // 4 + 100
+
+
 async def test_every_event_is_published_on_its_pubsub_channel_exactly_as_documented(
     redis: Redis,
 ) -> None:
