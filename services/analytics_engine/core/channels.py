@@ -84,7 +84,7 @@ _PUBSUB_ONLY: Final = frozenset({SERVICE_HEARTBEAT})
 # stream is capped by entries far below the default: it needs to hold only the batches in flight
 # (`DATABASE_ARCHIVAL_MAX_INFLIGHT`, 8), and a batch trimmed unread is not lost: the database
 # service re-sends every batch the archival service has not confirmed.
-_STREAM_CAPS: Final = {ARCHIVAL_EVENTS: 256}
+_STREAM_CAPS: Final = {ARCHIVAL_EVENTS: 64}
 
 
 def channel_spec(channel: str) -> ChannelSpec:

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from analytics_engine.cli import SERVICES
+from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -397,6 +398,38 @@ def test_service_settings_env(default_objects: list[dict[str, Any]]) -> None:
         "S3_ENDPOINT_URL",
         "S3_BUCKET",
     } <= set(config["data"])
+
+
+_UNITS = {"": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "Mi": 2**20, "Gi": 2**30}
+
+
+def _bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([a-zA-Z]*)", size).groups()  # type: ignore[union-attr]
+    return int(number) * _UNITS[unit]
+
+
+def test_redis_refuses_writes_before_its_limit_and_full_streams_fit(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    """Without `maxmemory` Redis grows until the container is OOM-killed, and then replays an
+    AOF too big for the limit on every restart. The default stream length must fit below it:
+    the per-event streams (entity events, KPI results, archive forwarding) at ~450 bytes an
+    entry, and the capped `archival.events` at up to ~2 MB an entry."""
+    (redis,) = _redis_statefulset(default_objects)["spec"]["template"]["spec"]["containers"]
+    args = " ".join(redis["args"]).split()
+    maxmemory = _bytes(args[args.index("--maxmemory") + 1])
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert maxmemory <= 0.8 * _bytes(redis["resources"]["limits"]["memory"])
+    (config,) = [
+        c
+        for c in by_kind(default_objects, "ConfigMap")
+        if c["metadata"]["name"].endswith("-config")
+    ]
+    maxlen = int(config["data"]["BUS_STREAM_MAXLEN"])
+    per_event = [*channels.ENTITY_CHANNELS, channels.KPI_CALCULATED, channels.ARCHIVE_KPI_RESULTS]
+    archival_cap = channels.channel_spec(channels.ARCHIVAL_EVENTS).maxlen
+    assert archival_cap is not None
+    assert len(per_event) * maxlen * 450 + archival_cap * 2 * 10**6 <= 0.9 * maxmemory
 
 
 def test_external_endpoints_replace_in_chart_infrastructure() -> None:
