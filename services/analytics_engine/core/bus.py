@@ -187,8 +187,8 @@ class EventPublisher:
             self._count(encoded)
 
     def _script_arguments(self, events: Sequence[EncodedEvent]) -> tuple[list[str], list[Any]]:
-        keys: dict[str, int] = {}
-        caps: list[int] = []  # per stream key, in KEYS order: its length cap
+        keys: list[str] = []  # the batch's streams (one per durable channel)
+        caps: list[int] = []  # each one's length cap
         indexes: dict[str, int] = {}  # per channel: its stream's KEYS index, 0 if not durable
         triples: list[Any] = []
         for channel, data in events:
@@ -197,14 +197,12 @@ class EventPublisher:
                 index = 0
                 spec = channel_spec(channel)
                 if spec.durable:
-                    key = stream_key(channel)
-                    index = keys.get(key, 0)
-                    if not index:
-                        index = keys[key] = len(keys) + 1
-                        caps.append(min(self._maxlen, spec.maxlen or self._maxlen))
+                    keys.append(stream_key(channel))
+                    caps.append(min(self._maxlen, spec.maxlen or self._maxlen))
+                    index = len(keys)
                 indexes[channel] = index
             triples.extend((index, channel, data))
-        return list(keys), [FIELD, *caps, *triples]
+        return keys, [FIELD, *caps, *triples]
 
     def _count(self, events: Sequence[EncodedEvent]) -> None:
         if self._metrics is None:

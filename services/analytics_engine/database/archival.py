@@ -42,6 +42,11 @@ open_keys AS (
     SELECT unnest(occurred_ats) AS occurred_at, unnest(event_ids) AS event_id
     FROM archival_batches WHERE status IN ('pending', 'sent')
 )"""
+# An event `e` in no open batch. A hashed subplan: probed per candidate row, the unnested keys of
+# the open batches are hashed once (a nested-loop anti-join over them is quadratic).
+_NOT_IN_OPEN_BATCH: Final = (
+    "(e.occurred_at, e.event_id) NOT IN (SELECT occurred_at, event_id FROM open_keys)"
+)
 
 # The oldest old event not in an open batch, found per entity type (a loose scan of the key's
 # leading column, then one probe of each type's (occurred_at, event_id) order): the key leads
@@ -60,7 +65,7 @@ FROM types t
 CROSS JOIN LATERAL (
     SELECT e.entity_type, e.occurred_at, e.event_id FROM entity_events e
     WHERE e.entity_type = t.entity_type AND e.occurred_at < $1
-      AND (e.occurred_at, e.event_id) NOT IN (SELECT occurred_at, event_id FROM open_keys)
+      AND {_NOT_IN_OPEN_BATCH}
     ORDER BY e.occurred_at, e.event_id
     LIMIT 1
 ) c
@@ -73,8 +78,7 @@ WITH {_OPEN_KEYS},
 picked AS (
     SELECT e.occurred_at, e.event_id FROM entity_events e
     WHERE e.entity_type = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4
-      AND NOT EXISTS (SELECT 1 FROM open_keys o
-                      WHERE o.occurred_at = e.occurred_at AND o.event_id = e.event_id)
+      AND {_NOT_IN_OPEN_BATCH}
     ORDER BY e.occurred_at, e.event_id
     LIMIT $5
 )
