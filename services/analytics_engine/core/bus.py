@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
 
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -301,9 +301,57 @@ Rejected = tuple[bytes, bytes, bytes, str]
 """(stream key, entry id, original bytes, reason) of a message to dead-letter."""
 
 
-def _entries(reply: Any) -> list[tuple[bytes, Entry]]:
-    """Flatten an XREADGROUP reply into (stream key, (entry id, fields)) pairs."""
-    return [(key, entry) for key, items in (reply or []) for entry in items]
+def raw_entries(reply: Any) -> list[tuple[bytes, Entry]]:
+    """An XREADGROUP reply as it comes off the wire, flattened into (stream key, (entry id,
+    fields)) pairs: a map of stream key -> entries (RESP3) or a list of [key, entries] pairs
+    (RESP2), each entry [id, [field, value, ...]], or [id, nil] for a pending entry trimmed from
+    the stream (empty fields here)."""
+    if not reply:
+        return []
+    streams = reply.items() if isinstance(reply, dict) else reply
+    return [
+        (
+            key,
+            (
+                entry_id,
+                {flat[0]: flat[1]}
+                if flat and len(flat) == 2
+                else dict(zip(flat[::2], flat[1::2], strict=True))
+                if flat
+                else {},
+            ),
+        )
+        for key, entries in streams
+        for entry_id, flat in entries
+    ]
+
+
+# The command name as bytes: redis-py looks response callbacks up by the str name, so this one
+# comes back as parsed by hiredis, unconverted. Its conversion (a Python dict and tuple per
+# entry) cost a consumer ~0.7 us per entry, measured here: about half of what reading costs it.
+_XREADGROUP: Final = b"XREADGROUP"
+
+
+async def read_group(
+    redis: Any,
+    group: str,
+    consumer: str,
+    streams: Mapping[bytes, bytes],
+    *,
+    count: int,
+    block_ms: int | None = None,
+    noack: bool = False,
+) -> list[tuple[bytes, Entry]]:
+    """XREADGROUP of `streams` (stream key -> id: `>` for new entries, an id for this
+    consumer's pending ones after it), as (stream key, (entry id, fields)) pairs in reply order:
+    what redis-py's `xreadgroup` returns, flattened, for less."""
+    args: list[Any] = [_XREADGROUP, "GROUP", group, consumer, "COUNT", count]
+    if block_ms is not None:
+        args += ["BLOCK", block_ms]
+    if noack:
+        args.append("NOACK")
+    args += ["STREAMS", *streams.keys(), *streams.values()]
+    return raw_entries(await redis.execute_command(*args))
 
 
 class DeadLetters:
@@ -532,10 +580,10 @@ class DurableConsumer:
         """Re-deliver what this consumer read but never acknowledged before it stopped."""
         cursor = dict.fromkeys(self._keys, b"0")
         while not self._stopping.is_set():
-            reply = await self._streams.xreadgroup(
-                self.group, self.consumer, cursor, count=self._batch
+            read = await read_group(
+                self._redis, self.group, self.consumer, cursor, count=self._batch
             )
-            entries = [(key, e) for key, e in _entries(reply) if e[1]]
+            entries = [(key, e) for key, e in read if e[1]]
             if not entries:
                 return
             for key, (entry_id, _) in entries:
@@ -560,16 +608,25 @@ class DurableConsumer:
         """The next batch of entries never delivered to the group (waiting up to `block_ms`)."""
         new = dict.fromkeys(self._keys, b">")
         noack = self._noack
-        reply = await self._streams.xreadgroup(
-            self.group, self.consumer, new, count=self._batch, block=self._block_ms, noack=noack
+        entries = await read_group(
+            self._redis,
+            self.group,
+            self.consumer,
+            new,
+            count=self._batch,
+            block_ms=self._block_ms,
+            noack=noack,
         )
-        entries = _entries(reply)
         if entries and self._linger and len(entries) < self._batch:
             await self._sleep(self._linger)
-            more = await self._streams.xreadgroup(
-                self.group, self.consumer, new, count=self._batch - len(entries), noack=noack
+            entries += await read_group(
+                self._redis,
+                self.group,
+                self.consumer,
+                new,
+                count=self._batch - len(entries),
+                noack=noack,
             )
-            entries += _entries(more)
         return entries
 
     async def _claim_abandoned(self) -> None:

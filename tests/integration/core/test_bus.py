@@ -16,6 +16,7 @@ from analytics_engine.core.bus import (
     DeliveryBatch,
     DurableConsumer,
     EventPublisher,
+    read_group,
 )
 from analytics_engine.core.errors import TransientError
 from analytics_engine.core.redis import connect
@@ -54,6 +55,44 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
 
 async def pending(redis: Redis, stream: str, group: str = "database_service") -> int:
     return int((await redis.xpending(stream, group))["pending"])
+
+
+def _flat(reply: object) -> list[tuple[bytes, tuple[bytes, dict[bytes, bytes]]]]:
+    """redis-py's parsed XREADGROUP reply, flattened as the bus works with it."""
+    return [
+        (key, (entry_id, fields or {}))
+        for key, items in (reply or [])  # type: ignore[attr-defined]
+        for entry_id, fields in items
+    ]
+
+
+async def test_read_group_returns_what_redis_py_parses_from_the_same_reads(redis: Redis) -> None:
+    """`read_group` skips redis-py's reply conversion: pinned to it, for new entries of two
+    streams, a multi-field entry, this consumer's pending entries and one trimmed meanwhile."""
+    keys = [f"ae:stream:test.read.{n}".encode() for n in ("a", "b")]
+    for key in keys:
+        for group in ("raw", "parsed"):
+            await redis.xgroup_create(key, group, id="0", mkstream=True)
+    for i in range(5):
+        await redis.xadd(keys[0], {"m": f"a{i}"})
+        await redis.xadd(keys[1], {"m": f"b{i}"})
+    await redis.xadd(keys[1], {"m": "two", "x": "fields"})
+    new = dict.fromkeys(keys, b">")
+    raw = await read_group(redis, "raw", "c", new, count=4, block_ms=100)
+    parsed = _flat(await redis.xreadgroup("parsed", "c", new, count=4, block=100))
+    assert raw == parsed
+    assert [key for key, _ in raw] == [keys[0]] * 4 + [keys[1]] * 4
+    rest = await read_group(redis, "raw", "c", new, count=10, noack=True)
+    assert rest == _flat(await redis.xreadgroup("parsed", "c", new, count=10, noack=True))
+    assert rest[-1][1][1] == {b"m": b"two", b"x": b"fields"}
+    # the first pending entry of stream a is trimmed away: its fields come back empty
+    await redis.xdel(keys[0], raw[0][1][0])
+    own = dict.fromkeys(keys, b"0")
+    pending_raw = await read_group(redis, "raw", "c", own, count=10)
+    assert pending_raw == _flat(await redis.xreadgroup("parsed", "c", own, count=10))
+    assert pending_raw[0] == (keys[0], (raw[0][1][0], {}))
+    assert [entry for _, entry in pending_raw[1:]] == [entry for _, entry in raw[1:]]
+    assert await read_group(redis, "raw", "c", new, count=10) == []
 
 
 async def test_a_capped_channel_keeps_its_stream_short_and_the_others_keep_the_default(
