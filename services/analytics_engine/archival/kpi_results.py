@@ -29,7 +29,9 @@ order are the same, so what is acknowledged is still exactly what is durable.
 Resolving an intent: for each object it names, if the object exists, read it back and add its
 fingerprints to the ledger; then delete the intent. Either the PUT landed (its rows are now known,
 re-delivered copies are dropped at step 2) or it did not (the re-delivered entries are written
-again). Because step 4 is atomic, a crash anywhere leaves one of: nothing written (entries
+again). A fresh intent of another replica whose objects are not all written is not deleted: that
+replica may be between its PUTs and its step 4, and if it died there, what it wrote would be
+unknown to the ledger; its intent is settled once all its objects exist, or once it is stale. Because step 4 is atomic, a crash anywhere leaves one of: nothing written (entries
 pending, intent maybe present: resolved to nothing), objects written but unacknowledged (intent
 present: resolved into the ledger), or everything committed. On start the service resolves its
 own intents and those older than `BUS_CLAIM_IDLE_MS` (their owner is gone), before consuming.
@@ -420,19 +422,31 @@ class KpiResultArchiver:
         self.duplicates_dropped += dropped
 
     async def resolve(self, *, everything: bool) -> int:
-        """Settle write-ahead intents (own or stale ones unless `everything`); returns how many."""
+        """Settle write-ahead intents: our own and stale ones (older than `BUS_CLAIM_IDLE_MS`:
+        their owner is gone); with `everything`, a peer's fresh ones too, as far as their objects
+        exist. A fresh intent of a peer whose objects are not all there yet is kept: the peer
+        may be writing them right now, and dropping its intent would leave what lands unknown to
+        the ledger if that peer then died before acknowledging. Returns how many were dropped.
+        """
         settled = 0
         cutoff = now() - self._claim_idle
         for intent in await self._ledger.intents():
-            if not (everything or intent.owner == self._owner or intent.created_at < cutoff):
+            ours_or_stale = intent.owner == self._owner or intent.created_at < cutoff
+            if not (everything or ours_or_stale):
                 continue
             found: dict[Partition, list[bytes]] = {}
+            complete = True
             for obj in intent.objects:
                 data = await self._store.get(obj.object_key)
-                if data is not None:
-                    found.setdefault((obj.kpi_code, obj.day), []).extend(
-                        fingerprints_of(from_parquet(data))
-                    )
+                if data is None:
+                    complete = False
+                    continue
+                found.setdefault((obj.kpi_code, obj.day), []).extend(
+                    fingerprints_of(from_parquet(data))
+                )
+            if not (complete or ours_or_stale):
+                await self._ledger.settle(intent, found, drop=False)
+                continue
             await self._ledger.settle(intent, found)
             settled += 1
             log.info(

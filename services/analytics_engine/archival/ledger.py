@@ -169,12 +169,16 @@ class Ledger:
         self,
         intent: Intent,
         found: Mapping[tuple[str, str], Sequence[bytes]],
+        *,
+        drop: bool = True,
     ) -> None:
-        """Resolve an intent: record the fingerprints of the objects that exist, drop it."""
+        """Resolve an intent: record the fingerprints of the objects that exist, and drop it
+        (unless `drop` is false: more of its objects may still be written)."""
         pipe = self._redis.pipeline(transaction=True)
         for partition, fps in found.items():
             self.record(pipe, partition, fps)
-        self.drop_intent(pipe, intent.batch)
+        if drop:
+            self.drop_intent(pipe, intent.batch)
         try:
             await pipe.execute()
         except REDIS_ERRORS as exc:

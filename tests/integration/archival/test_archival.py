@@ -390,3 +390,52 @@ async def test_reading_goes_on_during_a_flush_and_only_durable_entries_are_ackno
     table = h.table("kpi_results/")
     assert table.num_rows == 250
     assert len({(r["window_start"], r["dims_key"], r["value"]) for r in table.to_pylist()}) == 250
+
+
+async def test_a_replica_leaves_a_peer_s_flush_in_progress_alone(
+    running: Start, h: Harness
+) -> None:
+    """Replica B starts (its first flush resolves every intent) while replica A is between
+    writing its intent and its PUT: B must keep A's intent, or what A then writes would be
+    unknown to the ledger should A die before acknowledging (re-delivered, written twice)."""
+    gate = asyncio.Event()
+    a_holding = asyncio.Event()
+
+    async def hold_a(keys: Sequence[str]) -> None:
+        a_holding.set()
+        await gate.wait()
+
+    a = create(
+        h.settings(SERVICE_INSTANCE_ID="archival-a", ARCHIVAL_BATCH_ROWS=100),
+        hooks=ArchivalHooks(before_put=hold_a),
+    )
+    await running(a)
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100)])
+    await asyncio.wait_for(a_holding.wait(), 20)
+
+    async def intents() -> dict[str, str]:
+        raw = await h.redis.hgetall(intents_key())
+        return {k.decode(): orjson.loads(v)["owner"] for k, v in raw.items()}
+
+    [(a_batch, owner)] = (await intents()).items()
+    assert owner == "archival-a"
+    # A's next read is already waiting (read-ahead): let it take one, so B gets what follows
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(100)])
+
+    async def all_read() -> bool:
+        groups = await h.redis.xinfo_groups(stream_key(ARCHIVE_KPI_RESULTS))
+        return next(g for g in groups if g["name"] in (SERVICE, SERVICE.encode()))["lag"] == 0
+
+    await eventually(all_read)
+
+    b = create(h.settings(SERVICE_INSTANCE_ID="archival-b", ARCHIVAL_BATCH_ROWS=100))
+    await running(b)
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(101, 151)])
+    await eventually(lambda: asyncio.sleep(0, h.rows() == 50))  # B's flush, A still held
+    assert (await intents()).get(a_batch) == "archival-a"
+
+    gate.set()
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    assert await intents() == {}
+    table = h.table("kpi_results/")
+    assert sorted(table.column("value").to_pylist()) == [float(i) for i in range(151)]
