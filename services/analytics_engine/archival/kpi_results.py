@@ -29,12 +29,13 @@ order are the same, so what is acknowledged is still exactly what is durable.
 Resolving an intent: for each object it names, if the object exists, read it back and add its
 fingerprints to the ledger; then delete the intent. Either the PUT landed (its rows are now known,
 re-delivered copies are dropped at step 2) or it did not (the re-delivered entries are written
-again). A fresh intent of another replica whose objects are not all written is not deleted: that
-replica may be between its PUTs and its step 4, and if it died there, what it wrote would be
-unknown to the ledger; its intent is settled once all its objects exist, or once it is stale. Because step 4 is atomic, a crash anywhere leaves one of: nothing written (entries
+again). Because step 4 is atomic, a crash anywhere leaves one of: nothing written (entries
 pending, intent maybe present: resolved to nothing), objects written but unacknowledged (intent
 present: resolved into the ledger), or everything committed. On start the service resolves its
 own intents and those older than `BUS_CLAIM_IDLE_MS` (their owner is gone), before consuming.
+A fresh intent of another replica whose objects are not all written is never deleted: that
+replica may be between its PUTs and its step 4, and had it died there, what it wrote would be
+unknown to the ledger; such an intent is settled once all its objects exist, or once it is stale.
 
 While results wait in the buffer (and while S3 is down), their stream entries are kept "fresh"
 with `XCLAIM ... JUSTID` (which does not count a delivery), so the bus neither re-delivers them
