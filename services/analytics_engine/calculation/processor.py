@@ -342,6 +342,7 @@ class StreamProcessor:
             return
         started = time.perf_counter()
         data = self.checkpoint_data()
+        released = self.merger.released()
         pending, self._unpublished = self._unpublished, []
         self._dirty = False
         events = [e for _, evs, _ in pending for e in evs]
@@ -349,6 +350,9 @@ class StreamProcessor:
         if events:
             self._runtime.publisher.add_to_pipeline(pipe, events)
         pipe.set(self.checkpoint_key, data)
+        # where a restart rewinds to: stream retention keeps what comes after (core.retention)
+        for channel, position in released.items():
+            pipe.hset(channels.stream_hold_key(channel), GROUP, format_stream_id(position))
         try:
             await pipe.execute()
         except BaseException:

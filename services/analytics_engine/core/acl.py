@@ -34,6 +34,7 @@ class ServiceAccess:
     state_keys: tuple[str, ...] = ()  # private key patterns, e.g. its checkpoint
     watches: tuple[str, ...] = ()  # streams it produces and reads the length of (backpressure)
     reads_all_streams: bool = False  # observability: lengths of every stream and dead-letter stream
+    trims_streams: bool = False  # observability: trims streams below what readers consumed
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -75,6 +76,7 @@ SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
         consumes=(ch.SIMULATION_TICK,),
         listens=(ch.SERVICE_HEARTBEAT, f"{ch.KPI_CALCULATED_PREFIX}*"),
         reads_all_streams=True,
+        trims_streams=True,
     ),
     "api_gateway": ServiceAccess(
         listens=(f"{ch.KPI_CALCULATED_PREFIX}*",),
@@ -164,12 +166,19 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
     if access.rewinds:
         keys = " ".join(f"~{k}" for k in _stream_keys(access.rewinds))
         rules.append(f"(+xgroup|setid {keys})")
+        # what its checkpoint covers, which retention keeps (core.retention)
+        rules += [f"~{ch.stream_hold_key(c)}" for c in access.rewinds]
     if access.watches:
         rules += ["+xlen", "+xinfo|groups", "+xinfo|stream"]
         rules += [f"%R~{k}" for k in _stream_keys(access.watches)]
     if access.reads_all_streams:
         rules += ["+scan", "+xlen", "+xinfo|stream", "+xinfo|groups"]
         rules += [f"%R~{ch.stream_key('*')}", f"%R~{ch.dead_letter_key('*')}"]
+    if access.trims_streams:
+        # XTRIM alone may write every stream; what to trim is read from groups and holds
+        rules += ["+xinfo|groups", "+xpending", "+hgetall"]
+        rules += [f"%R~{ch.stream_key('*')}", f"%R~{ch.stream_hold_key('*')}"]
+        rules.append(f"(+xtrim ~{ch.stream_key('*')})")
     dead_letters = [ch.dead_letter_key(c) for c in (*access.consumes, *access.serves)]
     if durable_published:
         # Publishing runs a script (EVALSHA declares the streams it appends to, XADD inside).

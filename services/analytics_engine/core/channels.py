@@ -53,6 +53,12 @@ def stream_key(channel: str) -> str:
     return f"{KEY_PREFIX}stream:{channel}"
 
 
+def stream_hold_key(channel: str) -> str:
+    """Positions in a channel's stream that groups reading it without acknowledgements still
+    need (hash: group -> entry id; see `core.retention`)."""
+    return f"{KEY_PREFIX}hold:{channel}"
+
+
 def dead_letter_key(channel: str) -> str:
     """The dead-letter stream for a channel (events and requests that could not be handled)."""
     return f"{KEY_PREFIX}dlq:{channel}"

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from aiohttp import web
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from pydantic import Field, ValidationError
 
 from analytics_engine.core import channels
-from analytics_engine.core.bus import Delivery, encode_event
+from analytics_engine.core.bus import REDIS_ERRORS, Delivery, encode_event
+from analytics_engine.core.durations import Duration
 from analytics_engine.core.envelopes import validation_summary
 from analytics_engine.core.payloads import KPIResult, ServiceHeartbeat, SimulationTick
+from analytics_engine.core.retention import trim_all
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.observability.registry import Registry
 
 SERVICE = "observability_service"
+
+log = logging.getLogger(__name__)
 
 
 class Settings(BaseServiceSettings):
@@ -31,6 +37,12 @@ class Settings(BaseServiceSettings):
         validation_alias="OBSERVABILITY_MISSING_AFTER",
         description="Seconds without a heartbeat before an instance is reported missing "
         "(three missed heartbeats at the default interval of 5 s).",
+    )
+    trim_interval: Duration = Field(
+        default=timedelta(seconds=10),
+        validation_alias="OBSERVABILITY_TRIM_INTERVAL",
+        description="How often durable streams are trimmed below what all their readers have "
+        "consumed (`BUS_STREAM_MAXLEN` still caps them); 0 turns trimming off.",
     )
 
 
@@ -50,6 +62,12 @@ class Observability:
         self.dead_letters = Gauge(
             "analytics_dead_letters",
             "Entries in each dead-letter stream",
+            ["channel"],
+            registry=r,
+        )
+        self.trimmed = Counter(
+            "analytics_stream_entries_trimmed_total",
+            "Stream entries removed once every reader had consumed them",
             ["channel"],
             registry=r,
         )
@@ -125,6 +143,19 @@ class Observability:
                 previous[name] = added
             await asyncio.sleep(2.0)
 
+    async def trim_streams(self, interval_s: float) -> None:
+        """Every `interval_s`, trim each durable stream below what its readers consumed."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                removed = await trim_all(self.runtime.redis)
+            except REDIS_ERRORS as exc:
+                log.warning("stream trimming skipped", extra={"error": str(exc)[:200]})
+                continue
+            for channel, count in removed.items():
+                if count:
+                    self.trimmed.labels(channel).inc(count)
+
     async def dead_letter_counts(self) -> dict[str, int]:
         prefix = channels.dead_letter_key("")
         counts: dict[str, int] = {}
@@ -169,5 +200,8 @@ def create(settings: Settings) -> ServiceRuntime:
     )
     runtime.consume([channels.SIMULATION_TICK], observability.on_ticks)
     runtime.add_task("sample-streams", observability.sample_streams)
+    interval = settings.trim_interval.total_seconds()
+    if interval > 0:
+        runtime.add_task("trim-streams", functools.partial(observability.trim_streams, interval))
     runtime.http.router.add_get("/api/v1/status", observability.status)
     return runtime

@@ -138,6 +138,9 @@ async def test_results_equal_recomputation_once_on_both_channels(
         key = channels.stream_key(channel)
         last = (await redis.xrevrange(key, count=1))[0][0].decode()
         assert checkpoint["released"][channel] == last
+        # and holds it for stream retention (written in the checkpoint's transaction)
+        hold = await redis.hget(channels.stream_hold_key(channel), "calculation_engine")
+        assert hold.decode() == last
         # read without acknowledgements: the checkpoint is the position, nothing is pending
         assert (await redis.xpending(key, "calculation_engine"))["pending"] == 0
     metrics = f"http://127.0.0.1:{service.runtime.bound_port}/metrics"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
+from acl_users import url
 from redis.exceptions import NoPermissionError
 
 from analytics_engine.core import channels
-from analytics_engine.core.acl import SERVICE_ACCESS, acl_file
+from analytics_engine.core.acl import SERVICE_ACCESS
 from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.redis import connect
@@ -19,19 +19,6 @@ from analytics_engine.core.request_reply import RequestReplyClient, RequestReply
 from analytics_engine.localstack import RedisServer
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture(scope="module")
-def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    base = tmp_path_factory.mktemp("acl-redis")
-    path = base / "users.acl"
-    path.write_text(acl_file({s: f"pw-{s}" for s in SERVICE_ACCESS}, admin_password="admin-pw"))
-    with RedisServer(base / "redis", acl_file=Path(path)) as server:
-        yield server
-
-
-def url(server: RedisServer, user: str) -> str:
-    return f"redis://{user}:pw-{user}@127.0.0.1:{server.port}/0"
 
 
 async def test_the_default_user_is_disabled(acl_redis: RedisServer) -> None:

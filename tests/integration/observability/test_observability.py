@@ -114,3 +114,36 @@ async def test_reports_dead_letters_kpi_freshness_and_ticks(redis_url: str, runn
             text = await resp.text()
     assert 'analytics_dead_letters{channel="kpi.calculated"} 1.0' in text
     assert 'analytics_kpi_freshness_seconds{kpi_code="orders_count"}' in text
+
+
+async def test_trims_a_stream_once_its_readers_consumed_it(redis_url: str, running: Start) -> None:
+    """`simulation.tick` is read by the observability service alone: once it has acknowledged
+    the ticks, they leave the stream (the length cap alone would keep them)."""
+    obs = create(
+        Settings.model_validate(
+            {
+                "REDIS_URL": redis_url,
+                "OBSERVABILITY_PORT": 0,
+                "OBSERVABILITY_TRIM_INTERVAL": "200ms",
+            }
+        )
+    )
+    await running(obs)
+    key = channels.stream_key(channels.SIMULATION_TICK)
+    now = datetime.now(UTC).isoformat()
+    await obs.publisher.publish_many(
+        (
+            channels.SIMULATION_TICK,
+            {"tick": i, "simulated_time": now, "events_emitted": i, "rate_per_s": 1},
+        )
+        for i in range(1000)
+    )
+
+    async def trimmed() -> bool:
+        return int(await obs.redis.xlen(key)) < 500
+
+    await eventually(trimmed)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{obs.bound_port}/metrics") as resp:
+            text = await resp.text()
+    assert 'analytics_stream_entries_trimmed_total{channel="simulation.tick"}' in text

@@ -1,0 +1,131 @@
+"""Stream retention by consumption: a durable stream keeps what one of its readers still needs.
+
+Every event of a durable channel is appended to its stream, and `BUS_STREAM_MAXLEN` caps each
+stream's length (memory). Capped alone, a stream sits at that length forever, holding entries
+every reader consumed long ago: in Redis memory, in every append-only-file rewrite and in every
+restart's replay. So, besides the cap, each stream is trimmed below the oldest entry any of its
+readers still needs.
+
+- The readers of a channel are the services that consume it (`acl.SERVICE_ACCESS`: a service
+  can read only those streams, through the consumer group named after it).
+- An acknowledging group still needs its oldest pending entry and what it has not been
+  delivered yet: everything from its oldest pending entry, or after its last delivered one.
+- A group read `checkpointed` (the ACL's `rewinds`) acknowledges nothing: after a restart it
+  rewinds to the position its last checkpoint covers. It keeps that position in the hash
+  `ae:hold:{channel}` (field: the group), written in the checkpoint's own transaction.
+- Nothing is trimmed while a reader's group does not exist yet, or a rewinding reader has no
+  hold: at install the simulator may publish before the database service has created its
+  group, which then reads the stream from its start.
+
+The trim is approximate (`XTRIM MINID ~`: whole stream nodes only) and never reaches an entry a
+reader needs; a group created meanwhile by a reader that is not declared is the one case it
+does not wait for (as with the length cap). One service runs it (the observability service),
+so only one holds the right to trim.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from analytics_engine.core.acl import SERVICE_ACCESS
+from analytics_engine.core.channels import stream_hold_key, stream_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPosition:
+    """Where a consumer group is in a stream (from XINFO GROUPS and XPENDING)."""
+
+    last_delivered: str
+    oldest_pending: str | None = None
+
+
+def parse_stream_id(text: str) -> tuple[int, int]:
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def readers_of(channel: str) -> dict[str, bool]:
+    """The groups reading `channel`'s stream -> whether that group rewinds (is checkpointed)."""
+    return {
+        service: channel in access.rewinds
+        for service, access in SERVICE_ACCESS.items()
+        if channel in access.consumes
+    }
+
+
+def trimmed_channels() -> list[str]:
+    """Every channel with declared readers (patterns, such as replays, are not trimmed)."""
+    return sorted(
+        {c for access in SERVICE_ACCESS.values() for c in access.consumes if "*" not in c}
+    )
+
+
+def trim_floor(
+    readers: Mapping[str, bool],
+    groups: Mapping[str, GroupPosition],
+    holds: Mapping[str, str],
+) -> str | None:
+    """The oldest entry id any group still needs (entries below it may go), or None: keep
+    everything. Groups that exist but are not declared readers count as acknowledging ones."""
+    needed: list[str] = []
+    for name in sorted(set(readers) | set(groups)):
+        if readers.get(name, False):
+            held = holds.get(name)
+            if held is None:
+                return None
+            needed.append(held)
+            continue
+        group = groups.get(name)
+        if group is None:
+            return None
+        needed.append(group.oldest_pending or group.last_delivered)
+    if not needed:
+        return None
+    return min(needed, key=parse_stream_id)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def trim_consumed(redis: Any, channel: str) -> int:
+    """Trim `channel`'s stream below what every reader has consumed; returns entries removed."""
+    readers = readers_of(channel)
+    if not readers:
+        return 0
+    key = stream_key(channel)
+    try:
+        infos = await redis.xinfo_groups(key)
+    except ResponseError:  # no such stream yet
+        return 0
+    groups: dict[str, GroupPosition] = {}
+    for info in infos:
+        name = _text(info["name"])
+        oldest = None
+        if int(info["pending"]):
+            oldest = _text((await redis.xpending(key, name))["min"])
+        groups[name] = GroupPosition(_text(info["last-delivered-id"]), oldest)
+    raw_holds = await redis.hgetall(stream_hold_key(channel))
+    holds = {_text(k): _text(v) for k, v in raw_holds.items()}
+    floor = trim_floor(readers, groups, holds)
+    if floor is None:
+        return 0
+    return int(await redis.xtrim(key, minid=floor, approximate=True))
+
+
+async def trim_all(redis: Any, channels: Iterable[str] | None = None) -> dict[str, int]:
+    """`trim_consumed` of every trimmed channel; a channel that fails is logged and skipped."""
+    removed: dict[str, int] = {}
+    for channel in trimmed_channels() if channels is None else channels:
+        try:
+            removed[channel] = await trim_consumed(redis, channel)
+        except ResponseError as exc:
+            log.warning("could not trim a stream", extra={"channel": channel, "error": str(exc)})
+    return removed

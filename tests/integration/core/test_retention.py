@@ -1,0 +1,69 @@
+"""Stream retention by consumption on a real Redis, run as the platform's own ACL users: the
+observability service trims, readers keep what they still need."""
+
+from __future__ import annotations
+
+import pytest
+from acl_users import url
+from redis.exceptions import NoPermissionError
+
+from analytics_engine.core import channels
+from analytics_engine.core.bus import EventPublisher, read_group
+from analytics_engine.core.redis import connect
+from analytics_engine.core.retention import trim_consumed
+from analytics_engine.localstack import RedisServer
+
+pytestmark = pytest.mark.asyncio
+
+DB, CALC = "database_service", "calculation_engine"
+
+
+async def test_an_entity_stream_keeps_what_its_slowest_reader_still_needs(
+    acl_redis: RedisServer,
+) -> None:
+    key = channels.stream_key(channels.ENTITY_CREATED)
+    hold = channels.stream_hold_key(channels.ENTITY_CREATED)
+    simulator = connect(url(acl_redis, "data_simulator"))
+    database = connect(url(acl_redis, DB))
+    calculation = connect(url(acl_redis, CALC))
+    observability = connect(url(acl_redis, "observability_service"))
+    publisher = EventPublisher(simulator, source="data_simulator", stream_maxlen=100_000)
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(600))
+    ids = [entry_id for entry_id, _ in await observability.xrange(key)]
+    assert len(ids) == 600
+
+    # no group yet: nothing may go (the services may start after the simulator)
+    assert await trim_consumed(observability, channels.ENTITY_CREATED) == 0
+    await database.xgroup_create(key, DB, id="0")
+    await calculation.xgroup_create(key, CALC, id="0")
+    # the database service has 300 delivered and 200 of them acknowledged
+    read = await read_group(database, DB, "db-1", {key.encode(): b">"}, count=300)
+    await database.xack(key, DB, *[entry_id for _, (entry_id, _) in read[:200]])
+    # the calculation engine has read everything (no acknowledgements) ...
+    await read_group(calculation, CALC, "calc-1", {key.encode(): b">"}, count=600, noack=True)
+    # ... but without a checkpoint it would rewind to the start: nothing may go
+    assert await trim_consumed(observability, channels.ENTITY_CREATED) == 0
+
+    await calculation.hset(hold, CALC, ids[400])
+    removed = await trim_consumed(observability, channels.ENTITY_CREATED)
+    kept = [entry_id for entry_id, _ in await observability.xrange(key)]
+    assert 0 < removed <= 200 and kept == ids[removed:]  # below the oldest pending (#200) only
+
+    await database.xack(key, DB, *[entry_id for _, (entry_id, _) in read[200:]])
+    await read_group(database, DB, "db-1", {key.encode(): b">"}, count=300)
+    await database.xack(key, DB, *ids[300:])
+    removed += await trim_consumed(observability, channels.ENTITY_CREATED)
+    kept = [entry_id for entry_id, _ in await observability.xrange(key)]
+    assert 200 < removed <= 400 and kept == ids[removed:]  # now below the checkpoint (#400)
+
+    # least privilege: only the observability service trims, only the engine moves its hold
+    with pytest.raises(NoPermissionError):
+        await database.xtrim(key, minid=ids[-1])
+    with pytest.raises(NoPermissionError):
+        await observability.xadd(key, {b"m": b"{}"})
+    with pytest.raises(NoPermissionError):
+        await observability.hset(hold, CALC, ids[-1])
+    with pytest.raises(NoPermissionError):
+        await calculation.hset(channels.stream_hold_key(channels.ENTITY_DEACTIVATED), CALC, "1-0")
+    for client in (simulator, database, calculation, observability):
+        await client.aclose()

@@ -1,0 +1,42 @@
+"""Which stream entries retention may remove (pure rule; the integration test runs it on Redis)."""
+
+from __future__ import annotations
+
+from analytics_engine.core import channels
+from analytics_engine.core.retention import GroupPosition, readers_of, trim_floor, trimmed_channels
+
+DB, CALC = "database_service", "calculation_engine"
+
+
+def test_readers_come_from_the_acl_table_with_the_rewinding_ones_marked() -> None:
+    assert readers_of(channels.ENTITY_CREATED) == {DB: False, CALC: True}
+    assert readers_of(channels.ENTITY_DEACTIVATED) == {DB: False}
+    assert readers_of(channels.SERVICE_HEARTBEAT) == {}  # live only, no stream
+    assert channels.ARCHIVE_KPI_RESULTS in trimmed_channels()
+    assert not any("*" in c for c in trimmed_channels())
+
+
+def test_the_floor_is_the_oldest_entry_any_reader_still_needs() -> None:
+    readers = {DB: False, CALC: True}
+    groups = {
+        DB: GroupPosition(last_delivered="90-0", oldest_pending="40-3"),
+        CALC: GroupPosition(last_delivered="95-0"),  # NOACK: ahead of its checkpoint
+    }
+    assert trim_floor(readers, groups, {CALC: "60-0"}) == "40-3"
+    assert trim_floor(readers, groups, {CALC: "7-0"}) == "7-0"
+    caught_up = {**groups, DB: GroupPosition(last_delivered="90-0")}
+    assert trim_floor(readers, caught_up, {CALC: "100-0"}) == "90-0"
+    # ids compare as numbers, not text
+    assert trim_floor({DB: False}, {DB: GroupPosition("100-0", "99-10")}, {}) == "99-10"
+
+
+def test_nothing_goes_while_a_reader_has_not_joined_or_a_rewinding_one_holds_nothing() -> None:
+    readers = {DB: False, CALC: True}
+    assert trim_floor(readers, {CALC: GroupPosition("9-0")}, {CALC: "9-0"}) is None
+    assert trim_floor(readers, {DB: GroupPosition("9-0"), CALC: GroupPosition("9-0")}, {}) is None
+    assert trim_floor({}, {}, {}) is None
+
+
+def test_a_group_nobody_declared_still_counts() -> None:
+    groups = {DB: GroupPosition("90-0"), "ad-hoc": GroupPosition("3-0")}
+    assert trim_floor({DB: False}, groups, {}) == "3-0"
