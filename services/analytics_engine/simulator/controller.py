@@ -51,6 +51,7 @@ class SimulatorController:
         self.started_at: datetime | None = None
         self._running = asyncio.Event()
         self._pending: list[EncodedEvent] = []
+        self._pending_batch: tuple[list[tuple[str, dict[str, Any]]], list[str]] = ([], [])
         self._tick = 0
         self._last_tick_count = 0
         self._last_tick_time = clock()
@@ -120,6 +121,7 @@ class SimulatorController:
                     log.warning("publish failed, retrying", extra={"error": str(exc)[:200]})
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+                    self._stamp_pending(utcnow())
                 continue
             if self.finished:
                 self.stop()
@@ -147,15 +149,24 @@ class SimulatorController:
         wall = utcnow()
         batch = self.generator.next_batch(n, wall)
         event_id = self.generator.event_id
-        ids = [event_id(first + i) for i in range(len(batch))]
-        self._pending = self._publisher.encode_batch(batch, ids, wall)
+        self._pending_batch = (batch, [event_id(first + i) for i in range(len(batch))])
+        self._stamp_pending(wall)
         # published by `run` next, retried there until Redis takes it (no gap in the sequence)
+
+    def _stamp_pending(self, published_at: datetime) -> None:
+        """The pending batch's envelopes, stamped `published_at`. A retry is stamped anew: an
+        event's `timestamp` is when it is published, and the calculation engine closes windows
+        on Redis time once it has read everything, so a batch stamped before a Redis outage
+        and appended after it would be on time by its stamp for a window already closed."""
+        batch, ids = self._pending_batch
+        self._pending = self._publisher.encode_batch(batch, ids, published_at)
 
     async def _publish_pending(self) -> None:
         await self._publisher.publish_encoded(self._pending)
         self.events_emitted += len(self._pending)
         self.batches_published += 1
         self._pending = []
+        self._pending_batch = ([], [])
 
     async def tick_loop(self) -> None:
         """`simulation.tick` every `tick_interval_s` while running."""

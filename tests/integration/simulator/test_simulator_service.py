@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -16,8 +17,10 @@ from redis.asyncio import Redis
 from analytics_engine.core import channels
 from analytics_engine.core.bus import DeadLetters
 from analytics_engine.core.envelopes import Request
+from analytics_engine.core.redis import connect
 from analytics_engine.core.request_reply import RequestReplyServer
 from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.localstack import RedisServer
 from analytics_engine.simulator.service import Settings, SimulatorService, build
 
 pytestmark = pytest.mark.asyncio
@@ -235,3 +238,33 @@ async def test_high_rates_publish_in_batches_of_a_hundredth_of_the_rate(
     assert service.controller.events_emitted == n
     assert service.controller.batches_published <= 1.5 * n / (rate / 100)
     assert sum([await redis.xlen(channels.stream_key(c)) for c in channels.ENTITY_CHANNELS]) == n
+
+
+async def test_a_batch_retried_over_a_redis_outage_is_stamped_when_published(
+    tmp_path: Any, running: Start
+) -> None:
+    """A batch made before Redis went away is published after it with a fresh `timestamp`:
+    consumers close windows on Redis time once they have read everything, so an old stamp
+    arriving after the outage would be on time for a window already closed."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        service = build(settings(server.url, rate=1000, max_events=3000))
+        await running(service.runtime)
+        await wait_for(lambda: service.controller.events_emitted >= 500)
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(1.5)  # the simulator's next batch waits for Redis
+        await asyncio.to_thread(server.start)
+        await wait_for(lambda: service.controller.finished)
+        redis = connect(server.url)
+        skews = []
+        for channel in channels.ENTITY_CHANNELS:
+            for entry_id, fields in await redis.xrange(channels.stream_key(channel)):
+                appended_ms = int(entry_id.split(b"-")[0])
+                stamp = datetime.fromisoformat(orjson.loads(fields[b"m"])["timestamp"])
+                skews.append(appended_ms - stamp.timestamp() * 1000)
+        await redis.aclose()
+        assert len(skews) == 3000
+        assert max(skews) < 500  # ms between an event's stamp and its append
+    finally:
+        server.stop()
