@@ -67,3 +67,23 @@ async def test_an_entity_stream_keeps_what_its_slowest_reader_still_needs(
         await calculation.hset(channels.stream_hold_key(channels.ENTITY_DEACTIVATED), CALC, "1-0")
     for client in (simulator, database, calculation, observability):
         await client.aclose()
+
+
+async def test_a_long_consumed_run_is_trimmed_in_one_pass(acl_redis: RedisServer) -> None:
+    """Redis removes at most ~10,000 entries per approximate XTRIM: a busy stream's consumed
+    entries (here 40,000) all go in one pass, not 10,000 per trimming interval."""
+    key = channels.stream_key(channels.ARCHIVE_KPI_RESULTS)
+    database = connect(url(acl_redis, DB))
+    archival = connect(url(acl_redis, "archival_service"))
+    observability = connect(url(acl_redis, "observability_service"))
+    publisher = EventPublisher(database, source=DB, stream_maxlen=100_000)
+    for _ in range(8):
+        await publisher.publish_many((channels.ARCHIVE_KPI_RESULTS, {"i": i}) for i in range(5000))
+    await archival.xgroup_create(key, "archival_service", id="0")
+    read = await read_group(archival, "archival_service", "a-1", {key.encode(): b">"}, count=40_000)
+    await archival.xack(key, "archival_service", *[entry_id for _, (entry_id, _) in read])
+    removed = await trim_consumed(observability, channels.ARCHIVE_KPI_RESULTS)
+    assert removed > 39_000
+    assert await observability.xlen(key) == 40_000 - removed
+    for client in (database, archival, observability):
+        await client.aclose()
