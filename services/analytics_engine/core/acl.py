@@ -186,7 +186,7 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
         rules.append(f"(+evalsha +eval +xadd {keys})")
     if dead_letters:
         rules.append("(+xadd " + " ".join(f"%W~{k}" for k in dead_letters) + ")")
-    return rules
+    return list(dict.fromkeys(rules))  # roles overlap (e.g. consumer and stream reader): once each
 
 
 def acl_file(passwords: Mapping[str, str], *, admin_password: str) -> str:
