@@ -23,22 +23,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
-StreamId = tuple[int, int]
+from analytics_engine.core.channels import StreamId
+
 T = TypeVar("T")
 
 ZERO: StreamId = (0, 0)
 _first = itemgetter(0)
-
-
-def parse_stream_id(raw: bytes | str) -> StreamId:
-    if isinstance(raw, str):
-        raw = raw.encode()
-    ms, _, seq = raw.partition(b"-")
-    return int(ms), int(seq or b"0")
-
-
-def format_stream_id(sid: StreamId) -> str:
-    return f"{sid[0]}-{sid[1]}"
 
 
 class StreamMerger(Generic[T]):

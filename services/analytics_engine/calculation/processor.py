@@ -47,14 +47,10 @@ from analytics_engine.calculation.events import (
     result_events,
 )
 from analytics_engine.calculation.metrics import CalculationMetrics
-from analytics_engine.calculation.ordering import (
-    StreamId,
-    StreamMerger,
-    format_stream_id,
-    parse_stream_id,
-)
+from analytics_engine.calculation.ordering import StreamMerger
 from analytics_engine.core import channels
 from analytics_engine.core.bus import REDIS_ERRORS, Delivery, DeliveryBatch, DurableConsumer
+from analytics_engine.core.channels import StreamId, format_stream_id, parse_stream_id
 from analytics_engine.core.envelopes import Event, utcnow
 from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition
 

@@ -59,6 +59,21 @@ def stream_hold_key(channel: str) -> str:
     return f"{KEY_PREFIX}hold:{channel}"
 
 
+StreamId = tuple[int, int]
+"""A stream entry id, `<milliseconds>-<sequence>`, as numbers (ids compare as numbers)."""
+
+
+def parse_stream_id(raw: bytes | str) -> StreamId:
+    if isinstance(raw, str):
+        raw = raw.encode()
+    ms, _, seq = raw.partition(b"-")
+    return int(ms), int(seq or b"0")
+
+
+def format_stream_id(sid: StreamId) -> str:
+    return f"{sid[0]}-{sid[1]}"
+
+
 def dead_letter_key(channel: str) -> str:
     """The dead-letter stream for a channel (events and requests that could not be handled)."""
     return f"{KEY_PREFIX}dlq:{channel}"

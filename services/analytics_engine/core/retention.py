@@ -26,14 +26,14 @@ so only one holds the right to trim.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.exceptions import ResponseError
 
 from analytics_engine.core.acl import SERVICE_ACCESS
-from analytics_engine.core.channels import stream_hold_key, stream_key
+from analytics_engine.core.channels import parse_stream_id, stream_hold_key, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,6 @@ class GroupPosition:
 
     last_delivered: str
     oldest_pending: str | None = None
-
-
-def parse_stream_id(text: str) -> tuple[int, int]:
-    milliseconds, _, sequence = text.partition("-")
-    return int(milliseconds), int(sequence or 0)
 
 
 def readers_of(channel: str) -> dict[str, bool]:
@@ -131,10 +126,10 @@ async def trim_consumed(redis: Any, channel: str) -> int:
     return removed
 
 
-async def trim_all(redis: Any, channels: Iterable[str] | None = None) -> dict[str, int]:
+async def trim_all(redis: Any) -> dict[str, int]:
     """`trim_consumed` of every trimmed channel; a channel that fails is logged and skipped."""
     removed: dict[str, int] = {}
-    for channel in trimmed_channels() if channels is None else channels:
+    for channel in trimmed_channels():
         try:
             removed[channel] = await trim_consumed(redis, channel)
         except ResponseError as exc:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from analytics_engine.calculation.ordering import StreamMerger, parse_stream_id
+from analytics_engine.calculation.ordering import StreamMerger
+from analytics_engine.core.channels import parse_stream_id
 
 A, B = "a", "b"
 
