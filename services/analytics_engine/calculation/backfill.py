@@ -198,6 +198,20 @@ class BackfillManager:
             return None
         return "backfilled" if job.done else "backfill_pending"
 
+    def pending(self, code: str) -> dict[str, Any] | None:
+        """The windows a pending backfill will publish (starting in `[since, cut)`) and when
+        it runs at the earliest (`due`), for a KPI with one; else None. `verify` reports
+        these windows as pending instead of missing."""
+        job = self.jobs.get(code)
+        if job is None or job.done:
+            return None
+        return {
+            "definition_version": job.definition.version,
+            "since": job.since.isoformat(),
+            "cut": job.cut.isoformat(),
+            "due": (job.until + self.delay).isoformat(),
+        }
+
     # -- running ---------------------------------------------------------------------------
     async def run(self) -> None:
         while True:

@@ -200,6 +200,7 @@ def build(settings: Settings) -> CalculationService:
                     "source": registry.source_of(code),
                     "late_events": counters.late_events if counters else 0,
                     "last_window_end": cache.last_window_end(code),
+                    "backfill": backfills.pending(code),
                 }
             )
         return items

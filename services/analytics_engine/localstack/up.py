@@ -191,9 +191,11 @@ def start_services(
     admin_key = None if configured_keys else secrets.token_urlsafe(24)
     if "gateway" in envs:
         envs["gateway"]["GATEWAY_API_KEYS"] = configured_keys or f"{admin_key}:admin"
-    if admin_key is not None:
-        # The key goes to the owner-only settings file, never to a log or the terminal.
-        with (data_dir / "stack.env").open("a") as out:
+    with (data_dir / "stack.env").open("a") as out:
+        if "calculation" in ports:  # verify asks the engine which windows await a backfill
+            out.write(f"CALCULATION_URL=http://127.0.0.1:{ports['calculation']}\n")
+        if admin_key is not None:
+            # The key goes to the owner-only settings file, never to a log or the terminal.
             out.write(f"GATEWAY_API_KEY={admin_key}\n")
     for name, url in (redis_urls or {}).items():
         if name in envs:

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from analytics_engine.verify.compare import (
     duplicate_events,
 )
 from analytics_engine.verify.definitions import Catalog, DefinitionsUnavailable, load_catalog
+from analytics_engine.verify.engine import EngineUnavailable, PendingBackfill, pending_backfills
 from analytics_engine.verify.lake import Lake
 from analytics_engine.verify.report import Report, render_json, render_text
 from analytics_engine.verify.sql import lateness_of
@@ -52,6 +54,10 @@ class VerifySettings(BaseSettings):
         default=None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False
     )
     aws_region: str = Field(default="us-east-1", validation_alias="AWS_REGION")
+    # The calculation engine's HTTP API: which windows await a backfill (pending, not missing).
+    calculation_url: str | None = Field(
+        default=None, validation_alias="CALCULATION_URL", pattern=r"^https?://"
+    )
 
 
 class VerifyError(Exception):
@@ -123,6 +129,7 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
         raise VerifyError(str(exc).replace("\n", "; ")) from None
     definitions = select(catalog, options.kpis)
     report = Report(start=options.start, end=options.end, definitions_source=catalog.source)
+    backfills = await _pending_backfills(settings, report)
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=10)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
@@ -162,10 +169,18 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                 lateness=lateness_of(definition),
                 watermark=watermark,
                 definition_version=catalog.versions.get(definition.code),
+                pending=_pending_windows(definition.code, backfills, catalog),
             )
             report.mismatches.extend(result.mismatches)
             if result.summary is not None:
                 report.kpis.append(result.summary)
+                if result.summary.pending_backfill:
+                    backfill = backfills[definition.code]
+                    report.notes.append(
+                        f"{definition.code}: {result.summary.pending_backfill} window(s) starting "
+                        f"before {backfill.cut.isoformat()} await the calculation engine's "
+                        f"backfill, due after {backfill.due.isoformat()}; verify again then"
+                    )
         if options.skip_lake:
             report.notes.append("lake not checked (--skip-lake)")
         elif settings.s3_endpoint_url is None:
@@ -177,6 +192,37 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
     finally:
         await conn.close()
     return report
+
+
+async def _pending_backfills(
+    settings: VerifySettings, report: Report
+) -> dict[str, PendingBackfill]:
+    if settings.calculation_url is None:
+        report.notes.append(
+            "calculation engine not asked (CALCULATION_URL is not set): windows awaiting a "
+            "backfill count as missing"
+        )
+        return {}
+    try:
+        return await pending_backfills(settings.calculation_url)
+    except EngineUnavailable as exc:
+        report.notes.append(
+            f"calculation engine not reachable ({exc}): windows awaiting a backfill count as "
+            "missing"
+        )
+        return {}
+
+
+def _pending_windows(
+    code: str, backfills: dict[str, PendingBackfill], catalog: Catalog
+) -> Callable[[datetime], bool] | None:
+    """Whether a window of `code` (by its start) awaits the engine's backfill of the definition
+    verify checks; None when none is pending."""
+    backfill = backfills.get(code)
+    version = catalog.versions.get(code)
+    if backfill is None or (version is not None and backfill.definition_version != version):
+        return None
+    return backfill.covers
 
 
 def _range(

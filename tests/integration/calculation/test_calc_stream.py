@@ -39,6 +39,7 @@ from analytics_engine.core.envelopes import Event, Request, utcnow
 from analytics_engine.core.errors import HandlerError
 from analytics_engine.core.request_reply import RequestReplyServer
 from analytics_engine.core.runtime import ServiceRuntime
+from analytics_engine.verify.engine import pending_backfills
 
 pytestmark = pytest.mark.asyncio
 Start = Callable[[ServiceRuntime], Awaitable[ServiceRuntime]]
@@ -396,7 +397,9 @@ async def test_new_definition_is_backfilled_over_stored_history(
                 None,
                 backfill_enabled=True,
                 backfill_horizon=timedelta(minutes=5),
-                backfill_delay=timedelta(milliseconds=200),
+                # the backfill waits this long after its last window closes: time to see it
+                # pending through the HTTP API
+                backfill_delay=timedelta(milliseconds=1500),
             )
         )
         await running(service.runtime)
@@ -404,6 +407,13 @@ async def test_new_definition_is_backfilled_over_stored_history(
         cut = service.processor.engine.watermark
         await metadata.put(revenue)  # a new KPI: its history must come from the backfill
         await wait_for(lambda: "revenue_by_region" in service.processor.engine.definitions)
+        # what `verify` reads: the windows the pending backfill will publish
+        job = service.backfills.jobs["revenue_by_region"]
+        url = f"http://127.0.0.1:{service.runtime.bound_port}"
+        pending = (await pending_backfills(url))["revenue_by_region"]
+        assert (pending.since, pending.cut, pending.definition_version) == (job.since, job.cut, 1)
+        assert pending.due == job.until + timedelta(milliseconds=1500)
+        assert pending.since < pending.cut
         await wait_for(
             lambda: (
                 service.backfills.status("revenue_by_region") != "backfill_pending"

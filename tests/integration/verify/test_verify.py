@@ -19,6 +19,7 @@ import asyncpg  # type: ignore[import-untyped]
 import orjson
 import pytest
 import yaml
+from aiohttp import web
 
 from analytics_engine.archival.layout import kpi_object_key
 from analytics_engine.archival.tables import kpi_table, parse_kpi_result, to_parquet
@@ -358,3 +359,59 @@ async def test_cli_exit_codes_table_and_json(world: World) -> None:
     assert err.strip().count("\n") == 0 and "cannot connect to PostgreSQL" in err
     code, _, err = await cli("--kpi", "nope")
     assert code == 2 and "unknown KPI code" in err
+
+
+async def test_windows_awaiting_the_engine_s_backfill_are_pending(world: World) -> None:
+    """A KPI whose backfill has not run yet has no stored results for the windows before its
+    cut: with the engine's word for it (`CALCULATION_URL`), verify counts them as pending."""
+    mine = sorted({r.window_start for r in world.results if r.kpi_code == "orders_completed"})
+    since, cut = mine[2], mine[5]  # windows 2, 3 and 4 await the backfill
+    conn = await asyncpg.connect(world.database_url)
+    try:
+        await conn.execute(
+            "DELETE FROM kpi_results WHERE kpi_code = 'orders_completed'"
+            " AND window_start >= $1 AND window_start < $2",
+            mine[1],
+            cut,
+        )
+    finally:
+        await conn.close()
+    # window 1 is gone too, but it starts before the backfill's `since`: missing
+    backfill = {
+        "definition_version": 1,
+        "since": since.isoformat(),
+        "cut": cut.isoformat(),
+        "due": (cut + timedelta(minutes=5)).isoformat(),
+    }
+    engine = web.Application()
+
+    async def kpis(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"items": [{"code": "orders_completed", "backfill": backfill}, {"code": "revenue"}]}
+        )
+
+    engine.router.add_get("/api/v1/kpis", kpis)
+    runner = web.AppRunner(engine)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        report = await verify(world.settings(CALCULATION_URL=f"http://127.0.0.1:{port}"), OPTIONS)
+    finally:
+        await runner.cleanup()
+    summary = next(k for k in report.kpis if k.kpi_code == "orders_completed")
+    pending = [
+        r
+        for r in world.results
+        if r.kpi_code == "orders_completed" and since <= r.window_start < cut
+    ]
+    assert summary.pending_backfill == len(pending) > 0
+    assert {(m.problem, m.window_start) for m in report.mismatches} == {("missing_window", mine[1])}
+    assert any("await the calculation engine's backfill" in n for n in report.notes)
+
+    # without the engine's word, the same windows are missing
+    report = await verify(world.settings(CALCULATION_URL=f"http://127.0.0.1:{port}"), OPTIONS)
+    assert any("calculation engine not reachable" in n for n in report.notes)
+    missing = {m.window_start for m in report.mismatches if m.problem == "missing_window"}
+    assert missing == {mine[1], *(r.window_start for r in pending)}

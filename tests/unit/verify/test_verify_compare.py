@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from analytics_engine.kpi.definitions import KPIDefinition
 from analytics_engine.verify.compare import (
     ResultRow,
@@ -14,6 +16,7 @@ from analytics_engine.verify.compare import (
     is_open,
     same_value,
 )
+from analytics_engine.verify.engine import EngineUnavailable, PendingBackfill, parse_pending
 from analytics_engine.verify.report import Report, render_json, render_text
 from analytics_engine.verify.sql import recompute_query
 
@@ -81,6 +84,52 @@ def test_open_windows_and_other_versions_are_skipped() -> None:
     assert is_open(T0 + MIN, timedelta(seconds=1), T0 + MIN)
     assert not is_open(T0 + MIN, timedelta(0), T0 + MIN)
     assert is_open(T0, timedelta(0), None)
+
+
+def test_windows_awaiting_a_backfill_are_pending_not_missing() -> None:
+    backfill = PendingBackfill(
+        definition_version=1, since=T0 + MIN, cut=T0 + 3 * MIN, due=T0 + 5 * MIN
+    )
+    expected = [row(0), row(1), row(2), row(3, 2.0)]
+    stored = [row(2), row(3, 2.0)]  # a window before the cut may be stored from earlier
+    result = compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=T0 + 10 * MIN,
+        definition_version=None,
+        pending=backfill.covers,
+    )
+    assert result.summary is not None
+    assert result.summary.pending_backfill == 1  # window 1: in [since, cut), not stored
+    # window 0 starts before `since`: the backfill will not publish it, so it is missing
+    assert [(m.problem, m.window_start) for m in result.mismatches] == [("missing_window", T0)]
+    assert result.summary.matched == 2
+
+
+def test_the_engine_s_pending_backfills_are_parsed_strictly() -> None:
+    items = [
+        {"code": "a", "status": "running", "backfill": None},
+        {
+            "code": "b",
+            "status": "backfill_pending",
+            "backfill": {
+                "definition_version": 3,
+                "since": "2024-01-01T00:00:00+00:00",
+                "cut": "2024-01-01T00:10:00+00:00",
+                "due": "2024-01-01T00:16:10+00:00",
+            },
+        },
+    ]
+    pending = parse_pending(items)
+    assert list(pending) == ["b"]
+    assert pending["b"].covers(T0 + 9 * MIN) and not pending["b"].covers(T0 + 10 * MIN)
+    assert pending["b"].definition_version == 3
+    with pytest.raises(EngineUnavailable, match="unexpected backfill entry"):
+        parse_pending([{"code": "c", "backfill": {"since": "yesterday"}}])
+    with pytest.raises(EngineUnavailable, match="no list"):
+        parse_pending({"items": []})
 
 
 def test_compare_lake() -> None:
