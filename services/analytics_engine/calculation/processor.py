@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from analytics_engine.calculation.cache import LatestResults
+from analytics_engine.calculation.checkpoint_store import CheckpointStore
 from analytics_engine.calculation.events import (
     EntityEventDecoder,
     InvalidEntityEvent,
@@ -90,6 +91,7 @@ class StreamProcessor:
         consumer_name: str,
         checkpoint_key: str,
         checkpoint_interval_s: float = 1.0,
+        checkpoint_part_bytes: int = 4 * 1024 * 1024,
         advance_interval_s: float = 0.05,
         idle_close_grace: timedelta = timedelta(seconds=1),
         dedupe_capacity: int = 50_000,
@@ -101,6 +103,7 @@ class StreamProcessor:
         self._redis = runtime.redis
         self._source = runtime.service
         self.checkpoint_key = checkpoint_key
+        self._store = CheckpointStore(self._redis, checkpoint_key, part_bytes=checkpoint_part_bytes)
         self._checkpoint_interval = checkpoint_interval_s
         self._advance_interval = advance_interval_s
         self._metrics = metrics
@@ -345,7 +348,7 @@ class StreamProcessor:
         pipe = self._redis.pipeline(transaction=True)
         if events:
             self._runtime.publisher.add_to_pipeline(pipe, events)
-        pipe.set(self.checkpoint_key, data)
+        parts = self._store.add_to_pipeline(pipe, data)
         # where a restart rewinds to: stream retention keeps what comes after (core.retention)
         for channel, position in released.items():
             pipe.hset(channels.stream_hold_key(channel), GROUP, format_stream_id(position))
@@ -355,6 +358,7 @@ class StreamProcessor:
             self._unpublished = pending + self._unpublished
             self._dirty = True
             raise
+        self._store.written(parts)
         self.checkpoints += 1
         if pending:
             self._observe_published(pending)
@@ -367,7 +371,7 @@ class StreamProcessor:
 
         Returns the checkpoint's extra sections (backfill jobs) or None without a checkpoint.
         """
-        raw = await self._redis.get(self.checkpoint_key)
+        raw = await self._store.load()
         if raw is None:
             await self.consumer.rewind({})
             return None

@@ -48,6 +48,15 @@ class Settings(BaseServiceSettings):
     checkpoint_interval_s: float = Field(
         default=1.0, gt=0, le=60, validation_alias="CALCULATION_CHECKPOINT_INTERVAL"
     )
+    checkpoint_part_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 1024,
+        le=256 * 1024 * 1024,
+        validation_alias="CALCULATION_CHECKPOINT_PART_BYTES",
+        description="A checkpoint larger than this is stored as parts of this size (one MULTI). "
+        "Keep it below Redis's proto-max-bulk-len (8mb in the chart): Redis refuses a larger "
+        "value by dropping the connection.",
+    )
     advance_interval_s: float = Field(
         default=0.05, gt=0, le=5, validation_alias="CALCULATION_ADVANCE_INTERVAL"
     )
@@ -113,6 +122,7 @@ def build(settings: Settings) -> CalculationService:
         consumer_name=settings.consumer_name,
         checkpoint_key=settings.checkpoint_key,
         checkpoint_interval_s=settings.checkpoint_interval_s,
+        checkpoint_part_bytes=settings.checkpoint_part_bytes,
         advance_interval_s=settings.advance_interval_s,
         idle_close_grace=settings.idle_close_grace,
         dedupe_capacity=settings.dedupe_capacity,
