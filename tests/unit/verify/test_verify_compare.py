@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from analytics_engine.kpi.definitions import KPIDefinition
 from analytics_engine.verify.compare import (
+    Comparison,
     ResultRow,
     canonical_dims,
     compare_kpi,
@@ -30,6 +32,21 @@ def row(
     return ResultRow("k", T0 + i * MIN, T0 + (i + 1) * MIN, dims, value, n, version)
 
 
+def closed_windows(
+    expected: list[ResultRow], stored: list[ResultRow], **options: Any
+) -> Comparison:
+    """`compare_kpi` of windows all closed (no lateness, a watermark well after them)."""
+    return compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=T0 + 10 * MIN,
+        definition_version=None,
+        **options,
+    )
+
+
 def test_canonical_dims_merges_json_number_spellings() -> None:
     assert canonical_dims({"b": 1.0, "a": "x"}) == canonical_dims({"a": "x", "b": 1})
     assert canonical_dims({"b": True}) != canonical_dims({"b": 1})
@@ -45,14 +62,7 @@ def test_same_value_tolerance() -> None:
 def test_compare_kpi_reports_each_kind_of_problem() -> None:
     expected = [row(0, 5.0, n=2), row(1, 3.0), row(2, 7.0, n=3), row(3, 1.0)]
     stored = [row(0, 5.0, n=2), row(1, 3.5), row(2, 7.0, n=4), row(4, 9.0), row(4, 9.0)]
-    result = compare_kpi(
-        "k",
-        expected,
-        stored,
-        lateness=timedelta(0),
-        watermark=T0 + 10 * MIN,
-        definition_version=None,
-    )
+    result = closed_windows(expected, stored)
     problems = sorted((m.problem, m.window_start) for m in result.mismatches)
     assert problems == sorted(
         [
@@ -92,15 +102,7 @@ def test_windows_awaiting_a_backfill_are_pending_not_missing() -> None:
     )
     expected = [row(0), row(1), row(2), row(3, 2.0)]
     stored = [row(2), row(3, 2.0)]  # a window before the cut may be stored from earlier
-    result = compare_kpi(
-        "k",
-        expected,
-        stored,
-        lateness=timedelta(0),
-        watermark=T0 + 10 * MIN,
-        definition_version=None,
-        pending=backfill.covers,
-    )
+    result = closed_windows(expected, stored, pending=backfill.covers)
     assert result.summary is not None
     assert result.summary.pending_backfill == 1  # window 1: in [since, cut), not stored
     # window 0 starts before `since`: the backfill will not publish it, so it is missing
