@@ -258,13 +258,18 @@ async def test_a_batch_retried_over_a_redis_outage_is_stamped_when_published(
         await wait_for(lambda: service.controller.finished)
         redis = connect(server.url)
         skews = []
+        event_ids = set()
         for channel in channels.ENTITY_CHANNELS:
             for entry_id, fields in await redis.xrange(channels.stream_key(channel)):
                 appended_ms = int(entry_id.split(b"-")[0])
-                stamp = datetime.fromisoformat(orjson.loads(fields[b"m"])["timestamp"])
-                skews.append(appended_ms - stamp.timestamp() * 1000)
+                envelope = orjson.loads(fields[b"m"])
+                event_ids.add(envelope["event_id"])
+                skews.append(
+                    appended_ms - datetime.fromisoformat(envelope["timestamp"]).timestamp() * 1000
+                )
         await redis.aclose()
-        assert len(skews) == 3000
+        # a batch that landed just before the outage is sent again (at-least-once): a copy
+        assert len(event_ids) == 3000
         assert max(skews) < 500  # ms between an event's stamp and its append
     finally:
         server.stop()
