@@ -29,15 +29,6 @@ def part_key(key: str, index: int) -> str:
     return f"{key}:part:{index}"
 
 
-def split(data: bytes, part_bytes: int) -> list[bytes]:
-    """`data` in pieces of at most `part_bytes` (pure)."""
-    return [data[i : i + part_bytes] for i in range(0, len(data), part_bytes)] or [b""]
-
-
-def manifest(parts: int, size: int) -> bytes:
-    return orjson.dumps({MANIFEST_MARK: parts, "bytes": size})
-
-
 class CheckpointStore:
     def __init__(self, redis: Redis, key: str, *, part_bytes: int) -> None:
         self._redis = redis
@@ -48,9 +39,10 @@ class CheckpointStore:
     def add_to_pipeline(self, pipe: Pipeline, data: bytes) -> int:
         """Queue the writes of `data` on a MULTI pipeline; returns how many parts it takes
         (pass it to `written` once the MULTI succeeded)."""
-        parts = split(data, self.part_bytes) if len(data) > self.part_bytes else []
+        size, step = len(data), self.part_bytes
+        parts = [data[i : i + step] for i in range(0, size, step)] if size > step else []
         if parts:
-            pipe.set(self.key, manifest(len(parts), len(data)))
+            pipe.set(self.key, orjson.dumps({MANIFEST_MARK: len(parts), "bytes": size}))
             for index, part in enumerate(parts):
                 pipe.set(part_key(self.key, index), part)
         else:
@@ -70,10 +62,10 @@ class CheckpointStore:
             self._parts_stored = 0
             return None
         assert isinstance(raw, bytes)  # the platform's clients never decode responses
-        head = orjson.loads(raw) if raw.startswith(b'{"' + MANIFEST_MARK.encode()) else None
-        if not isinstance(head, dict):
+        if not raw.startswith(b'{"' + MANIFEST_MARK.encode()):  # a checkpoint in one value
             self._parts_stored = 0
             return raw
+        head = orjson.loads(raw)
         count, size = int(head[MANIFEST_MARK]), int(head["bytes"])
         parts = await self._redis.mget([part_key(self.key, i) for i in range(count)])
         found = [p for p in parts if isinstance(p, bytes)]
