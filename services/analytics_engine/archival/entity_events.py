@@ -101,6 +101,8 @@ class EntityEventArchiver:
             raise RuntimeError("EntityEventArchiver.attach(consumer) was not called")
         try:
             await self._consumer.ack(deliveries, also=also)
+            if confirmations:
+                await self._publisher.wait_for_room([ARCHIVAL_CONFIRMED])
         except REDIS_ERRORS as exc:
             raise TransientError(f"redis unavailable: {exc}") from exc
         if bad:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPLAY_CHANNEL_PREFIX: Final = "stream.replay.calculation_engine."
+REPLAY_CHANNEL_PREFIX: Final = f"{channels.REPLAY_PREFIX}calculation_engine."
 MAX_ATTEMPTS: Final = 5
 
 

@@ -363,6 +363,8 @@ class StreamProcessor:
         if pending:
             self._observe_published(pending)
         self._metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        if events:
+            await self._runtime.publisher.wait_for_room({e.event_type for e in events})
         self._metrics.checkpoint_bytes.set(len(data))
 
     async def load_checkpoint(self) -> dict[str, Any] | None:

@@ -40,7 +40,7 @@ class ServiceAccess:
 
 ENTITY = (ch.ENTITY_CREATED, ch.ENTITY_UPDATED, ch.ENTITY_DEACTIVATED)
 STREAM_CONTROL = (ch.STREAM_SUBSCRIBE, ch.STREAM_UNSUBSCRIBE, ch.STREAM_HEARTBEAT)
-REPLAY = "stream.replay.*"
+REPLAY = f"{ch.REPLAY_PREFIX}*"
 
 SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
     "data_simulator": ServiceAccess(
@@ -181,9 +181,10 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
         rules.append(f"(+xtrim ~{ch.stream_key('*')})")
     dead_letters = [ch.dead_letter_key(c) for c in (*access.consumes, *access.serves)]
     if durable_published:
-        # Publishing runs a script (EVALSHA declares the streams it appends to, XADD inside).
+        # Publishing runs a script (EVALSHA declares the streams it appends to, XADD inside);
+        # XLEN: the script and the publisher's backpressure look at how full they are.
         keys = " ".join(f"~{k}" for k in _stream_keys(durable_published))
-        rules.append(f"(+evalsha +eval +xadd {keys})")
+        rules.append(f"(+evalsha +eval +xadd +xlen {keys})")
     if dead_letters:
         rules.append("(+xadd " + " ".join(f"%W~{k}" for k in dead_letters) + ")")
     return list(dict.fromkeys(rules))  # roles overlap (e.g. consumer and stream reader): once each

@@ -21,7 +21,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from analytics_engine.core.channels import channel_spec, dead_letter_key, stream_key
+from analytics_engine.core.channels import (
+    channel_of_stream,
+    channel_spec,
+    dead_letter_key,
+    stream_key,
+)
 from analytics_engine.core.envelopes import (
     ENVELOPE_FIELDS,
     ENVELOPE_JSON_OPTIONS,
@@ -62,20 +67,35 @@ EncodedEvent = tuple[str, bytes]
 # bytes. A script runs atomically like MULTI/EXEC, so a durable consumer never misses what a live
 # subscriber saw; and it costs redis-py one command to pack instead of two per event, which is
 # what limits a Python publisher (measured: ~6k events/s with per-event commands, > 20k/s so).
-# ARGV: the field name, the length cap of each of KEYS, then per event (KEYS index or 0, channel,
-# data).
+# ARGV: the field name; per KEYS, its length cap; per KEYS, 1 if it applies backpressure (never
+# trimmed here) or 0 (trimmed to its cap); then per event: KEYS index or 0, channel, data.
+# Returns the KEYS indexes of backpressure streams now at or over their cap.
 PUBLISH_SCRIPT = """
 local field = ARGV[1]
-local first = #KEYS + 2
-for i = first, #ARGV, 3 do
+local n = #KEYS
+for i = 2 * n + 2, #ARGV, 3 do
   local k = tonumber(ARGV[i])
   if k > 0 then
-    redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1 + k], '*', field, ARGV[i + 2])
+    if ARGV[1 + n + k] == '1' then
+      redis.call('XADD', KEYS[k], '*', field, ARGV[i + 2])
+    else
+      redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1 + k], '*', field, ARGV[i + 2])
+    end
   end
   redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2])
 end
-return (#ARGV - first + 1) / 3
+local full = {}
+for k = 1, n do
+  if ARGV[1 + n + k] == '1' and redis.call('XLEN', KEYS[k]) >= tonumber(ARGV[1 + k]) then
+    full[#full + 1] = k
+  end
+end
+return full
 """
+
+_ROOM_POLL_S: Final = (0.05, 1.0)
+"""How often a publisher waiting for room looks again: first, and at most (doubling)."""
+_ROOM_LOG_EVERY_S: Final = 30.0
 
 
 class EventPublisher:
@@ -170,15 +190,22 @@ class EventPublisher:
         await self.publish_encoded([(e.event_type, encode_event(e)) for e in events])
 
     async def publish_encoded(self, events: Sequence[EncodedEvent]) -> None:
-        """`publish_events` for events already in their wire form (`encode_batch`)."""
+        """`publish_events` for events already in their wire form (`encode_batch`).
+
+        Returns once the events are published and their streams have room for more: a
+        stream with backpressure that this batch filled makes the call wait
+        (`wait_for_room`)."""
         if events:
             keys, args = self._script_arguments(events)
-            await self._script(keys=keys, args=args)
+            full = await self._script(keys=keys, args=args)
             self._count(events)
+            if full:
+                await self.wait_for_room(channel_of_stream(keys[int(k) - 1]) for k in full)
 
     def add_to_pipeline(self, pipe: Pipeline, events: Sequence[Event]) -> None:
         """Queue the publishing of `events` on a caller's pipeline (to publish and acknowledge
-        in one transaction)."""
+        in one transaction). The caller applies backpressure: `wait_for_room` after the
+        transaction, before its next one."""
         if events:
             encoded = [(e.event_type, encode_event(e)) for e in events]
             keys, args = self._script_arguments(encoded)
@@ -186,9 +213,54 @@ class EventPublisher:
             pipe.evalsha(self._script.sha, len(keys), *keys, *args)
             self._count(encoded)
 
+    async def wait_for_room(self, channels: Iterable[str]) -> None:
+        """Wait until the stream of every backpressure channel among `channels` holds fewer
+        entries than its cap.
+
+        Backpressure: a full stream has readers that are down or behind, and retention trims
+        only what they consumed (`core.retention`), so its publisher waits rather than grow it
+        past its cap or drop what they have not read. The stream gains room when they catch up
+        and the next trim runs (`OBSERVABILITY_TRIM_INTERVAL`). Redis being unreachable
+        meanwhile only prolongs the wait: what was published stays published."""
+        full = {c: self.cap(c) for c in set(channels) if channel_spec(c).backpressure}
+        started = time.monotonic()
+        logged = 0.0
+        delay, longest = _ROOM_POLL_S
+        while full:
+            pipe = self._redis.pipeline(transaction=False)
+            for channel in full:
+                pipe.xlen(stream_key(channel))
+            with contextlib.suppress(*REDIS_ERRORS):
+                lengths = await pipe.execute()
+                still = zip(full.items(), lengths, strict=True)
+                full = {channel: cap for (channel, cap), n in still if n >= cap}
+            if not full:
+                break
+            now = time.monotonic()
+            if now - logged >= _ROOM_LOG_EVERY_S:
+                logged = now
+                log.warning(
+                    "stream full: waiting for its readers to catch up",
+                    extra={"channels": sorted(full), "waited_s": round(now - started, 1)},
+                )
+            await asyncio.sleep(delay)
+            if self._metrics is not None:
+                for channel in full:
+                    self._metrics.publish_wait_seconds.labels(channel).inc(delay)
+            delay = min(delay * 2, longest)
+        if logged:
+            waited = round(time.monotonic() - started, 1)
+            log.info("stream has room again: publishing", extra={"waited_s": waited})
+
+    def cap(self, channel: str) -> int:
+        """The entries `channel`'s stream holds at most (approximately)."""
+        spec = channel_spec(channel)
+        return min(self._maxlen, spec.maxlen or self._maxlen)
+
     def _script_arguments(self, events: Sequence[EncodedEvent]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []  # the batch's streams (one per durable channel)
         caps: list[int] = []  # each one's length cap
+        waits: list[int] = []  # each one: 1 if it applies backpressure, 0 if trimmed at its cap
         indexes: dict[str, int] = {}  # per channel: its stream's KEYS index, 0 if not durable
         triples: list[Any] = []
         for channel, data in events:
@@ -198,11 +270,12 @@ class EventPublisher:
                 spec = channel_spec(channel)
                 if spec.durable:
                     keys.append(stream_key(channel))
-                    caps.append(min(self._maxlen, spec.maxlen or self._maxlen))
+                    caps.append(self.cap(channel))
+                    waits.append(int(spec.backpressure))
                     index = len(keys)
                 indexes[channel] = index
             triples.extend((index, channel, data))
-        return keys, [FIELD, *caps, *triples]
+        return keys, [FIELD, *caps, *waits, *triples]
 
     def _count(self, events: Sequence[EncodedEvent]) -> None:
         if self._metrics is None:

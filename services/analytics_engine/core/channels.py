@@ -27,6 +27,9 @@ SERVICE_HEARTBEAT: Final = "observability.heartbeat"
 
 ENTITY_CHANNELS: Final = (ENTITY_CREATED, ENTITY_UPDATED, ENTITY_DEACTIVATED)
 
+# Where the database service replays stored events for a stream subscription.
+REPLAY_PREFIX: Final = "stream.replay."
+
 # Request/reply channels (spec: "Request/Reply Pattern").
 DATABASE_QUERY: Final = "database.query"
 DATABASE_COMMAND: Final = "database.command"
@@ -51,6 +54,11 @@ def reply_channel(service: str, instance: str) -> str:
 def stream_key(channel: str) -> str:
     """The Redis Stream holding the durable copy of an event channel."""
     return f"{KEY_PREFIX}stream:{channel}"
+
+
+def channel_of_stream(key: str) -> str:
+    """The channel whose durable copy is the stream `key` (`stream_key`'s inverse)."""
+    return key.removeprefix(stream_key(""))
 
 
 def stream_hold_key(channel: str) -> str:
@@ -90,12 +98,21 @@ class ChannelSpec:
 
     Every event is PUBLISHed on the pub/sub channel of its name. A *durable* channel is also
     appended to a Redis Stream, read by one consumer group per subscribing service.
+
+    A durable stream holds at most about `BUS_STREAM_MAXLEN` entries (or `maxlen`, if fewer).
+    What happens at that length is the channel's `backpressure`:
+    - True: the stream is never trimmed below an entry a reader still needs (`core.retention`
+      trims it as its readers consume); a publisher that finds it full waits for room
+      (`EventPublisher.wait_for_room`). Nothing unread is ever dropped.
+    - False: the stream is trimmed to its length (`XADD MAXLEN ~`), unread or not. Only for
+      channels whose producer already guarantees delivery another way.
     """
 
     name: str
     durable: bool = True
     maxlen: int | None = None
-    """Entries its stream keeps (approximately), if fewer than `BUS_STREAM_MAXLEN`."""
+    """Entries its stream holds (approximately), if fewer than `BUS_STREAM_MAXLEN`."""
+    backpressure: bool = True
 
 
 # Live-only channels: a late reader has no use for old values, so no stream backs them.
@@ -110,7 +127,10 @@ _STREAM_CAPS: Final = {ARCHIVAL_EVENTS: 64}
 
 def channel_spec(channel: str) -> ChannelSpec:
     """Per-KPI result channels and heartbeats are pub/sub only; every other event channel is
-    durable."""
+    durable. Two trim at their length instead of applying backpressure: `archival.events` (see
+    above) and the replay channels, whose producer (a subscription's replay worker) pauses
+    while the subscriber lags instead, and whose streams retention does not trim."""
     if channel.startswith(KPI_CALCULATED_PREFIX) or channel in _PUBSUB_ONLY:
-        return ChannelSpec(channel, durable=False)
-    return ChannelSpec(channel, durable=True, maxlen=_STREAM_CAPS.get(channel))
+        return ChannelSpec(channel, durable=False, backpressure=False)
+    trims = channel == ARCHIVAL_EVENTS or channel.startswith(REPLAY_PREFIX)
+    return ChannelSpec(channel, maxlen=_STREAM_CAPS.get(channel), backpressure=not trims)

@@ -40,6 +40,13 @@ class CoreMetrics:
             ["channel", "reason"],
             registry=r,
         )
+        self.publish_wait_seconds = Counter(
+            "analytics_bus_publish_wait_seconds",
+            "Time publishers waited for room in a full stream (backpressure: its readers are "
+            "down or behind)",
+            ["channel"],
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "analytics_bus_consumer_lag_messages",
             "Entries not yet delivered to the consumer group",

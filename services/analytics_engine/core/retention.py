@@ -1,10 +1,11 @@
 """Stream retention by consumption: a durable stream keeps what one of its readers still needs.
 
-Every event of a durable channel is appended to its stream, and `BUS_STREAM_MAXLEN` caps each
-stream's length (memory). Capped alone, a stream sits at that length forever, holding entries
+Every event of a durable channel is appended to its stream, and nothing else removes entries
+from a stream with backpressure (`channels.ChannelSpec`): each is trimmed here, below the oldest
+entry any of its readers still needs. Its publishers wait while it holds `BUS_STREAM_MAXLEN`
+entries, so this trim is what gives them room again; and without it a stream would hold entries
 every reader consumed long ago: in Redis memory, in every append-only-file rewrite and in every
-restart's replay. So, besides the cap, each stream is trimmed below the oldest entry any of its
-readers still needs.
+restart's replay.
 
 - The readers of a channel are the services that consume it (`acl.SERVICE_ACCESS`: a service
   can read only those streams, through the consumer group named after it).

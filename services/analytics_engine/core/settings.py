@@ -46,9 +46,10 @@ class BaseServiceSettings(BaseSettings):
         default=1_000_000,
         ge=1000,
         validation_alias="BUS_STREAM_MAXLEN",
-        description="Approximate retention (entries) of each durable event stream. Bounded so "
-        "Redis memory is bounded; sized for ~50 s at 20k events/s of consumer downtime per "
-        "channel at the default, raise it for longer outages.",
+        description="Entries a durable event stream holds at most (approximately), so Redis "
+        "memory is bounded. A publisher whose stream is full waits until the stream's readers "
+        "catch up (backpressure) rather than drop entries they have not read: at the default, "
+        "a reader may be down ~50 s at 20k events/s before its publishers wait.",
     )
     consumer_batch_size: int = Field(
         default=500,

@@ -42,7 +42,8 @@ class Settings(BaseServiceSettings):
         default=timedelta(seconds=10),
         validation_alias="OBSERVABILITY_TRIM_INTERVAL",
         description="How often durable streams are trimmed below what all their readers have "
-        "consumed (`BUS_STREAM_MAXLEN` still caps them); 0 turns trimming off.",
+        "consumed. A full stream (`BUS_STREAM_MAXLEN`) gains room only so: 0 turns trimming "
+        "off, and then publishers wait once their streams are full.",
     )
 
 
@@ -131,11 +132,11 @@ class Observability:
     async def sample_streams(self) -> None:
         """Every few seconds, turn each durable stream's `entries-added` into a rate."""
         previous: dict[str, int] = {}
-        prefix = channels.stream_key("")
         while True:
             now = time.monotonic()
-            async for key in self.runtime.redis.scan_iter(match=f"{prefix}*", count=500):
-                name = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix) :]
+            match = channels.stream_key("*")
+            async for key in self.runtime.redis.scan_iter(match=match, count=500):
+                name = channels.channel_of_stream(key.decode() if isinstance(key, bytes) else key)
                 info = await self.runtime.redis.xinfo_stream(key)
                 added = int(info.get("entries-added", info.get("length", 0)))
                 if name in previous and added >= previous[name]:

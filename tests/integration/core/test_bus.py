@@ -373,14 +373,6 @@ async def test_transient_errors_are_retried_without_dead_lettering(redis: Redis)
     assert await redis.xlen(channels.dead_letter_key(channels.ENTITY_CREATED)) == 0
 
 
-async def test_retention_is_bounded(redis: Redis) -> None:
-    publisher = EventPublisher(redis, source="sim", stream_maxlen=1000)
-    for _ in range(5):
-        await publisher.publish_many((channels.SIMULATION_TICK, {"i": i}) for i in range(1000))
-    length = await redis.xlen(channels.stream_key(channels.SIMULATION_TICK))
-    assert 1000 <= length < 2500
-
-
 @pytest.mark.parametrize("linger_ms", [0, 300])
 async def test_linger_tops_up_a_short_batch_once(redis: Redis, linger_ms: int) -> None:
     """With `linger_ms`, events arriving shortly after a short read join its batch; without it

@@ -23,6 +23,7 @@ from analytics_engine.core import channels
 from analytics_engine.core.redis import connect
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.database import service as database
+from analytics_engine.observability import service as observability
 from analytics_engine.simulator import service as simulator
 from analytics_engine.verify.cli import Options, VerifySettings, verify
 
@@ -79,6 +80,7 @@ class Stack:
             "calculation": calculation,
             "archival": archival,
             "simulator": simulator,
+            "observability": observability,
         }[name]
         settings = module.Settings.model_validate(  # type: ignore[attr-defined]
             {**self.env, "SERVICE_INSTANCE_ID": f"{name}-0", **overrides}
@@ -136,6 +138,7 @@ async def stack(
         "CALCULATION_PORT": 0,
         "DATABASE_SERVICE_PORT": 0,
         "ARCHIVAL_PORT": 0,
+        "OBSERVABILITY_PORT": 0,
         "ARCHIVAL_FLUSH_INTERVAL": "500ms",
         "DATABASE_ARCHIVAL_INTERVAL": "0s",
         "CALCULATION_BACKFILL": "false",
@@ -261,5 +264,35 @@ async def test_crashing_consumers_mid_stream_loses_and_duplicates_nothing(stack:
         await stack.crash(name)
         await asyncio.sleep(0.5)
         await stack.start(name)
+    await settle(stack, events=events)
+    await check_everything(stack, events=events)
+
+
+async def test_a_reader_down_longer_than_its_stream_holds_loses_nothing(stack: Stack) -> None:
+    """The database service is down while the simulator publishes 4x what a stream holds: the
+    simulator waits on the full streams (backpressure) instead of anything being trimmed unread,
+    and resumes as the database service catches up and retention trims."""
+    events, cap = 6000, 1000
+    stack.env |= {"BUS_STREAM_MAXLEN": cap, "OBSERVABILITY_TRIM_INTERVAL": "300ms"}
+    for name in ("observability", "calculation", "archival"):
+        await stack.start(name)
+    sim = await stack.start(
+        "simulator", SIMULATOR_SEED=5, SIMULATOR_RATE=3000, SIMULATOR_MAX_EVENTS=events
+    )
+    await asyncio.sleep(4.0)  # at 3000/s, all 6000 would be out by now
+    redis = connect(stack.env["REDIS_URL"])
+    try:
+        lengths = [await redis.xlen(channels.stream_key(c)) for c in channels.ENTITY_CHANNELS]
+    finally:
+        await redis.aclose()
+    # each stream filled to its cap with at most the batch that filled it, then the simulator
+    # waited: no more, and nothing trimmed from what the database service has not read
+    assert max(lengths) >= cap and all(n <= cap + 1000 for n in lengths), lengths
+    assert sum(lengths) < events
+    waited = sim.metrics.registry.get_sample_value(
+        "analytics_bus_publish_wait_seconds_total", {"channel": channels.ENTITY_CREATED}
+    )
+    assert waited is not None and waited > 1.0
+    await stack.start("database")
     await settle(stack, events=events)
     await check_everything(stack, events=events)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from analytics_engine.core import channels
+from analytics_engine.core.acl import SERVICE_ACCESS
 from analytics_engine.core.retention import GroupPosition, readers_of, trim_floor, trimmed_channels
 
 DB, CALC = "database_service", "calculation_engine"
@@ -40,3 +41,21 @@ def test_nothing_goes_while_a_reader_has_not_joined_or_a_rewinding_one_holds_not
 def test_a_group_nobody_declared_still_counts() -> None:
     groups = {DB: GroupPosition("90-0"), "ad-hoc": GroupPosition("3-0")}
     assert trim_floor({DB: False}, groups, {}) == "3-0"
+
+
+def test_every_stream_that_applies_backpressure_has_readers_that_retention_trims() -> None:
+    """A publisher waits on a full backpressure stream until retention trims what its readers
+    consumed: a published stream nobody reads would fill once and stop its publisher for good."""
+    published = {
+        c
+        for access in SERVICE_ACCESS.values()
+        for c in access.publishes
+        if "*" not in c and channels.channel_spec(c).durable
+    }
+    waiting = {c for c in published if channels.channel_spec(c).backpressure}
+    assert channels.ENTITY_CREATED in waiting and channels.KPI_CALCULATED in waiting
+    assert waiting <= set(trimmed_channels())
+    # the two that trim at their length instead: the producer re-sends, or paces itself
+    assert not channels.channel_spec(channels.ARCHIVAL_EVENTS).backpressure
+    assert not channels.channel_spec(f"{channels.REPLAY_PREFIX}calculation_engine.x").backpressure
+    assert published - waiting == {channels.ARCHIVAL_EVENTS}
