@@ -5,9 +5,14 @@
 Starts the stack exactly like `analytics-engine up` (see `stackctl.py`), lets the simulator
 produce a steady load (`--rate` entity events/s, default `SIMULATOR_RATE` or 5000) and then, in
 turn: SIGKILLs the database service, the calculation engine and the archival service (the
-supervisor restarts each), restarts Redis (AOF, `appendfsync everysec`), stops PostgreSQL for
-10 s and the S3 store for 30 s (`--quick`: 1000 events/s, 3 s and 5 s). `--redis-crash` adds a
-SIGKILL of Redis, where `everysec` may lose up to ~1 s of acknowledged writes.
+supervisor restarts each), freezes the database service (SIGSTOP) for 30 s, restarts Redis
+(AOF, `appendfsync everysec`), stops PostgreSQL for 10 s and the S3 store for 30 s (`--quick`:
+1000 events/s, freeze 8 s, 3 s and 5 s). `--redis-crash` adds a SIGKILL of Redis, where
+`everysec` may lose up to ~1 s of acknowledged writes.
+
+Streams hold `--stream-cap` entries (`BUS_STREAM_MAXLEN`, default 3 s of the load), so the
+freeze and the outages fill them: the publishers wait for room (backpressure) instead of
+anything unread being trimmed, and the table shows how long the simulator waited.
 
 After each fault it measures, under the running load:
 - recovery: seconds from the end of the fault until every consumer group is caught up again
@@ -62,6 +67,8 @@ class Row:
     restarts: str
     restarts_ok: bool
     verify: str
+    waited_s: float
+    """Seconds the simulator waited for room in full streams meanwhile (backpressure)."""
     verify_ok: bool
     notes: list[str] = field(default_factory=list)
 
@@ -96,6 +103,13 @@ def outage(name: str, seconds: float, stop: str, start: str) -> Fault:
     return Fault(f"stop {name} {seconds:g}s", inject)
 
 
+def freeze(service: str, seconds: float) -> Fault:
+    async def inject(stack: StackController) -> float:
+        return await stack.freeze_service(service, seconds)
+
+    return Fault(f"freeze {service} {seconds:g}s", inject)
+
+
 def redis_fault(crash: bool) -> Fault:
     async def inject(stack: StackController) -> float:
         began = time.monotonic()
@@ -106,11 +120,12 @@ def redis_fault(crash: bool) -> Fault:
 
 
 def faults(quick: bool, redis_crash: bool) -> list[Fault]:
-    pg, s3 = (3.0, 5.0) if quick else (10.0, 30.0)
+    frozen, pg, s3 = (8.0, 3.0, 5.0) if quick else (30.0, 10.0, 30.0)
     out = [
         kill("database"),
         kill("calculation"),
         kill("archival"),
+        freeze("database", frozen),
         redis_fault(crash=False),
         outage("postgresql", pg, "stop_postgres", "start_postgres"),
         outage("s3", s3, "stop_s3", "start_s3"),
@@ -238,6 +253,7 @@ async def one_fault(
     args: argparse.Namespace,
 ) -> Row:
     before = stack.restarts()
+    waited_before = await stack.publish_wait_s("simulator")
     t0 = datetime.now(UTC)
     stale = await stack.stale_pending(older_than=LEFTOVER_S)
     print(f"  fault: {fault.name} ...", flush=True)
@@ -260,6 +276,7 @@ async def one_fault(
     if lost:
         notes.append(f"missing event sequence numbers (first 20): {sample}")
     after = stack.restarts()
+    waited = await stack.publish_wait_s("simulator") - waited_before
     delta = {n: after[n] - before[n] for n in after if after[n] != before[n]}
     expected = {fault.killed: 1} if fault.killed else {}
     restarts = ", ".join(f"{n} +{d}" for n, d in sorted(delta.items())) or "none"
@@ -286,6 +303,7 @@ async def one_fault(
         restarts_ok=delta == expected,
         verify=summarize(report),
         verify_ok=report.ok,
+        waited_s=waited,
         notes=notes,
     )
 
@@ -327,11 +345,21 @@ async def final_check(stack: StackController, baseline: datetime) -> Row:
         restarts_ok=True,
         verify=summarize(report),
         verify_ok=report.ok,
+        waited_s=await stack.publish_wait_s("simulator"),
         notes=notes,
     )
 
 
-HEADERS = ("fault", "outage", "recovery", "events lost", "duplicates", "restarts", "verify")
+HEADERS = (
+    "fault",
+    "outage",
+    "recovery",
+    "simulator waited",
+    "events lost",
+    "duplicates",
+    "restarts",
+    "verify",
+)
 
 
 def cells(row: Row) -> tuple[str, ...]:
@@ -341,6 +369,7 @@ def cells(row: Row) -> tuple[str, ...]:
         row.fault,
         f"{row.outage_s:.1f}s",
         recovery,
+        f"{row.waited_s:.1f}s",
         str(row.lost),
         str(row.duplicates),
         restarts,
@@ -382,6 +411,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
+        "--stream-cap",
+        type=int,
+        default=None,
+        help="BUS_STREAM_MAXLEN of the run (default 3 s of --rate, at least 1000)",
+    )
+    parser.add_argument(
         "--warmup",
         type=float,
         default=None,
@@ -409,6 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rate is None:
         args.rate = 1000.0 if args.quick else float(os.environ.get("SIMULATOR_RATE", "5000"))
+    if args.stream_cap is None:
+        args.stream_cap = max(1000, int(3 * args.rate))
     if args.warmup is None:
         args.warmup = 3.0 if args.quick else 15.0
     if args.catch_up_timeout is None:
@@ -421,8 +458,17 @@ async def run_until_signal(args: argparse.Namespace) -> list[Row] | None:
     """`run` in a task that SIGTERM or SIGINT cancels; the stack is stopped here, outside that
     task, so that it is stopped in every case (its servers and services run in their own
     sessions and would outlive us). None when interrupted."""
-    print(f"chaos: rate {args.rate:g}/s, data and logs in {args.data_dir}", flush=True)
-    config = StackConfig(args.data_dir, rate=args.rate, seed=args.seed)
+    print(
+        f"chaos: rate {args.rate:g}/s, streams hold {args.stream_cap} entries, "
+        f"data and logs in {args.data_dir}",
+        flush=True,
+    )
+    config = StackConfig(
+        args.data_dir,
+        rate=args.rate,
+        seed=args.seed,
+        extra_env={"BUS_STREAM_MAXLEN": str(args.stream_cap)},
+    )
     stack = StackController(config)
     task = asyncio.create_task(run(args, stack))
     loop = asyncio.get_running_loop()

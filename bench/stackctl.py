@@ -33,6 +33,7 @@ from typing import Any, Self
 
 import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -282,6 +283,33 @@ class StackController:
             if time.monotonic() > deadline:
                 raise StackError(f"{name} not back {timeout:.0f}s after SIGKILL")
             await asyncio.sleep(0.1)
+
+    async def freeze_service(self, name: str, seconds: float) -> float:
+        """SIGSTOP the service's process for `seconds`, then SIGCONT: a stalled pod, whose
+        connections stay open and whose pending entries stay its own. Returns the seconds."""
+        pid = self.services.supervisor.pid(name)
+        if pid is None:
+            raise StackError(f"{name} is not running")
+        started = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return time.monotonic() - started
+
+    async def publish_wait_s(self, name: str) -> float:
+        """Seconds the service has waited for room in full streams so far (backpressure: its
+        `analytics_bus_publish_wait_seconds_total`, summed over channels)."""
+        async with self.http.get(self.url(name, "/metrics")) as resp:
+            text = await resp.text()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "analytics_bus_publish_wait_seconds"
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        )
 
     async def ready(self, name: str) -> bool:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):

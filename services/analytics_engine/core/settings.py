@@ -49,7 +49,8 @@ class BaseServiceSettings(BaseSettings):
         description="Entries a durable event stream holds at most (approximately), so Redis "
         "memory is bounded. A publisher whose stream is full waits until the stream's readers "
         "catch up (backpressure) rather than drop entries they have not read: at the default, "
-        "a reader may be down ~50 s at 20k events/s before its publishers wait.",
+        "a reader may be down ~50 s at 20k events/s before its publishers wait. Keep it well "
+        "above events/s x `OBSERVABILITY_TRIM_INTERVAL` (what a stream gains between trims).",
     )
     consumer_batch_size: int = Field(
         default=500,

@@ -39,7 +39,7 @@ class Settings(BaseServiceSettings):
         "(three missed heartbeats at the default interval of 5 s).",
     )
     trim_interval: Duration = Field(
-        default=timedelta(seconds=10),
+        default=timedelta(seconds=2),
         validation_alias="OBSERVABILITY_TRIM_INTERVAL",
         description="How often durable streams are trimmed below what all their readers have "
         "consumed. A full stream (`BUS_STREAM_MAXLEN`) gains room only so: 0 turns trimming "

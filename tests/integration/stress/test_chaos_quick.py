@@ -16,6 +16,7 @@ FAULTS = {
     "kill -9 database",
     "kill -9 calculation",
     "kill -9 archival",
+    "freeze database 8s",
     "restart redis",
     "stop postgresql 3s",
     "stop s3 5s",
@@ -52,6 +53,8 @@ def test_quick_chaos_run_loses_nothing_and_verifies_clean(tmp_path: Path) -> Non
         assert row["restarts_ok"], (row, report)
     for fault in FAULTS:
         assert by_fault[fault]["recovery_s"] is not None, (by_fault[fault], report)
+    # the freeze outlasts what the streams hold (3 s of the load): the simulator had to wait
+    assert by_fault["freeze database 8s"]["waited_s"] > 1.0, (by_fault, report)
     final = by_fault["final (paused, settled)"]
     assert "archived" in final["verify"] and " 0 archived" not in final["verify"], report
     assert result.returncode == 0, report
