@@ -238,7 +238,8 @@ def calculation(args: argparse.Namespace) -> dict[str, float]:
                 del deliveries
                 if handled >= per_checkpoint:
                     handled -= per_checkpoint
-                    processor.checkpoint_data()
+                    _, ring = processor.checkpoint_data()
+                    processor.ring.written(ring)  # as after its MULTI: the next writes what is new
                     _forget_acks(processor)
                     ckpt_cpu += time.process_time() - t2
         finally:

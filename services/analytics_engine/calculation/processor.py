@@ -8,7 +8,8 @@ Delivery and crash safety
   events between two engines.
 * Every `checkpoint_interval` (and on shutdown) one MULTI/EXEC writes `engine.snapshot()` with
   the definitions, the merge position (per stream, the last entry the engine has taken in) and
-  the backfill jobs to `ae:calc:checkpoint`, and publishes results not yet published. On start
+  the backfill jobs to `ae:calc:checkpoint` (with what is new of the dedupe ring, kept in its
+  own chunks: `recent_ids_log`), and publishes results not yet published. On start
   the group is rewound to the checkpoint's merge position, so the restored snapshot plus the
   entries read again replay exactly what came after it, in the same order: every window is
   emitted with the same value (a window emitted between the checkpoint and the crash is emitted
@@ -49,6 +50,7 @@ from analytics_engine.calculation.events import (
 )
 from analytics_engine.calculation.metrics import CalculationMetrics
 from analytics_engine.calculation.ordering import StreamMerger
+from analytics_engine.calculation.recent_ids_log import RecentIdsLog, RingManifest, RingWrite
 from analytics_engine.core import channels
 from analytics_engine.core.bus import REDIS_ERRORS, Delivery, DeliveryBatch, DurableConsumer
 from analytics_engine.core.channels import StreamId, format_stream_id, parse_stream_id
@@ -104,6 +106,7 @@ class StreamProcessor:
         self._source = runtime.service
         self.checkpoint_key = checkpoint_key
         self._store = CheckpointStore(self._redis, checkpoint_key, part_bytes=checkpoint_part_bytes)
+        self.ring = RecentIdsLog(self._redis, checkpoint_key, part_bytes=checkpoint_part_bytes)
         self._checkpoint_interval = checkpoint_interval_s
         self._advance_interval = advance_interval_s
         self._metrics = metrics
@@ -322,25 +325,28 @@ class StreamProcessor:
                 self._late_seen[code] = counters.late_events
 
     # -- checkpoints -----------------------------------------------------------------------
-    def checkpoint_data(self) -> bytes:
+    def checkpoint_data(self) -> tuple[bytes, RingWrite]:
+        """The checkpoint's value, and what it writes of the dedupe ring (`recent_ids_log`)."""
+        ring = self.ring.plan(self.engine)
         data = {
             "format": CHECKPOINT_FORMAT,
             "saved_at": utcnow().isoformat(),
             "definitions": [
                 d.model_dump(mode="json") for _, d in sorted(self.engine.definitions.items())
             ],
-            "engine": self.engine.snapshot(),
+            "engine": self.engine.snapshot(recent_ids=False),
+            "recent_ids": ring.manifest.to_json(),
             "released": {c: format_stream_id(s) for c, s in self.merger.released().items()},
             **self.extra_checkpoint(),
         }
-        return orjson.dumps(data)
+        return orjson.dumps(data), ring
 
     async def checkpoint(self) -> None:
         """Snapshot + unpublished results in one MULTI (see the module docstring)."""
         if not self._dirty and not self._unpublished:
             return
         started = time.perf_counter()
-        data = self.checkpoint_data()
+        data, ring = self.checkpoint_data()
         released = self.merger.released()
         pending, self._unpublished = self._unpublished, []
         self._dirty = False
@@ -349,6 +355,7 @@ class StreamProcessor:
         if events:
             self._runtime.publisher.add_to_pipeline(pipe, events)
         parts = self._store.add_to_pipeline(pipe, data)
+        self.ring.add_to_pipeline(pipe, ring)
         # where a restart rewinds to: stream retention keeps what comes after (core.retention)
         for channel, position in released.items():
             pipe.hset(channels.stream_hold_key(channel), GROUP, format_stream_id(position))
@@ -359,13 +366,14 @@ class StreamProcessor:
             self._dirty = True
             raise
         self._store.written(parts)
+        self.ring.written(ring)
         self.checkpoints += 1
         if pending:
             self._observe_published(pending)
         self._metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         if events:
             await self._runtime.publisher.wait_for_room({e.event_type for e in events})
-        self._metrics.checkpoint_bytes.set(len(data))
+        self._metrics.checkpoint_bytes.set(len(data) + ring.bytes)
 
     async def load_checkpoint(self) -> dict[str, Any] | None:
         """Restore the engine from the last checkpoint and rewind the streams to the position
@@ -383,6 +391,9 @@ class StreamProcessor:
         definitions = [VersionedKPIDefinition.model_validate(d) for d in data["definitions"]]
         self.engine.set_definitions(definitions)
         self.engine.restore(data["engine"])
+        if "recent_ids" in data:  # else in the snapshot (written before the ring had its own)
+            manifest = RingManifest.from_json(data["recent_ids"])
+            self.engine.restore_recent(await self.ring.load(manifest), manifest.end)
         positions: dict[str, str] = data.get("released", {})
         self.merger = new_merger({c: parse_stream_id(s) for c, s in positions.items()})
         await self.consumer.rewind(positions)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -337,6 +338,7 @@ class KPIEngine:
         self._capacity = dedupe_capacity
         self._recent: deque[str] = deque()
         self._seen: set[str] = set()
+        self._recent_base = 0  # ids the ring had taken before `_events` started counting
         self._kpis: dict[str, _KPIState] = {}
         self._by_type: dict[str, tuple[_KPIState, ...]] = {}
         self._counters: dict[str, KPICounters] = {}
@@ -532,9 +534,38 @@ class KPIEngine:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    # -- the dedupe ring ---------------------------------------------------------------------
+    @property
+    def recent_end(self) -> int:
+        """Event ids the dedupe ring has taken in all (the next one's sequence number): it holds
+        those numbered `recent_end - len` to `recent_end - 1`. Every event that is not a
+        duplicate enters it, so this is what `_events` counts, without a counter per event."""
+        return self._recent_base + (self._events if self._capacity else 0)
+
+    @property
+    def recent_start(self) -> int:
+        """The number of the oldest id in the dedupe ring (`recent_end` when it is empty)."""
+        return self.recent_end - len(self._recent)
+
+    def recent_ids(self, since: int = 0) -> list[str]:
+        """The ring's ids numbered `since` or later, oldest first."""
+        skip = max(0, since - self.recent_start)
+        return list(itertools.islice(self._recent, skip, None))
+
+    def restore_recent(self, ids: Iterable[str], end: int) -> None:
+        """Load the ring as `recent_ids()` gave it, `end` being `recent_end` then."""
+        self._recent = deque(ids)
+        while len(self._recent) > self._capacity:
+            self._recent.popleft()
+        self._seen = set(self._recent)
+        self._recent_base = end - (self._events if self._capacity else 0)
+
+    def snapshot(self, *, recent_ids: bool = True) -> dict[str, Any]:
         """JSON-serialisable state: watermark, open windows, recent event ids, undrained
-        results. Counters are not included (Prometheus counters restart with the process)."""
+        results. Counters are not included (Prometheus counters restart with the process).
+
+        `recent_ids=False` leaves the dedupe ring's ids out (its owner stores them apart:
+        they are most of a snapshot and change by only what came since the last one)."""
         return {
             "format": SNAPSHOT_FORMAT,
             "watermark": None if self._watermark == _NEVER else self._watermark,
@@ -555,7 +586,8 @@ class KPIEngine:
                 }
                 for code, k in sorted(self._kpis.items())
             },
-            "recent_event_ids": list(self._recent),
+            **({"recent_event_ids": list(self._recent)} if recent_ids else {}),
+            "recent_end": self.recent_end,
             "pending_results": [r.to_dict() for r in self._results],
         }
 
@@ -567,10 +599,8 @@ class KPIEngine:
             raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
         watermark = data.get("watermark")
         self._watermark = _NEVER if watermark is None else int(watermark)
-        self._recent = deque(str(i) for i in data.get("recent_event_ids", []))
-        while len(self._recent) > self._capacity:
-            self._recent.popleft()
-        self._seen = set(self._recent)
+        ids = [str(i) for i in data.get("recent_event_ids", [])]
+        self.restore_recent(ids, int(data.get("recent_end", len(ids))))
         self._results = [KPIResult.from_dict(r) for r in data.get("pending_results", [])]
         saved: Mapping[str, Any] = data.get("kpis", {})
         for code, k in self._kpis.items():

@@ -160,7 +160,8 @@ def spawn(redis_url: str, kpi_dir: str) -> subprocess.Popen[bytes]:
         "SERVICE_INSTANCE_ID": "calc-crash",
         "BUS_BATCH_SIZE": "100",
         "CALCULATION_CHECKPOINT_INTERVAL": "0.3",
-        # checkpoints of more than 64 KiB go as parts: the restarts restore from parts
+        # the smallest parts: the dedupe ring goes in chunks of 81 ids, so the restarts restore
+        # a ring from many chunks written by successive checkpoints
         "CALCULATION_CHECKPOINT_PART_BYTES": "65536",
         "CALCULATION_BACKFILL": "false",
         "CALCULATION_METADATA_TIMEOUT": "0.5",
@@ -205,8 +206,14 @@ async def test_sigkill_and_restart_mid_stream_loses_and_corrupts_nothing(
 
 
 async def _checkpointed(redis: Redis) -> bool:
-    """A checkpoint is stored, in parts (see `spawn`)."""
-    return bool(await redis.exists("ae:calc:checkpoint", "ae:calc:checkpoint:part:1") == 2)
+    """A checkpoint is stored, its ring in chunks of more than one checkpoint (see `spawn`)."""
+    raw = await redis.get("ae:calc:checkpoint")
+    if raw is None:
+        return False
+    chunks = orjson.loads(raw)["recent_ids"]["chunks"]
+    return len(chunks) > 2 and await redis.exists(
+        *(f"ae:calc:checkpoint:ids:{c[0]}" for c in chunks)
+    ) == len(chunks)
 
 
 async def _count_at_least(redis: Redis, n: int) -> bool:

@@ -135,6 +135,29 @@ def test_dedupe_capacity_is_bounded() -> None:
     assert len(e.snapshot()["recent_event_ids"]) == 2
 
 
+def test_the_dedupe_ring_is_numbered_and_restores_without_the_snapshot() -> None:
+    """The ring's ids are numbered so that its owner can store only what is new
+    (`calculation.recent_ids_log`); a snapshot without them restores them from there."""
+    e = engine(kpi(aggregation="count", field=None), dedupe_capacity=3)
+    for i in ("a", "b", "a", "c", "d"):  # the second "a" is a duplicate: not numbered
+        e.process(ev(i, 1))
+    assert (e.recent_start, e.recent_end) == (1, 4)
+    assert e.recent_ids() == ["b", "c", "d"] and e.recent_ids(3) == ["d"]
+    snap = json.loads(json.dumps(e.snapshot(recent_ids=False)))
+    assert "recent_event_ids" not in snap
+    again = engine(kpi(aggregation="count", field=None), dedupe_capacity=3)
+    again.restore(snap)
+    again.restore_recent(e.recent_ids(), e.recent_end)
+    again.process(ev("c", 1))  # still known: dropped
+    again.process(ev("e", 1))
+    assert again.stats().duplicates == 1
+    assert (again.recent_start, again.recent_end, again.recent_ids()) == (2, 5, ["c", "d", "e"])
+    # a snapshot with the ids (as every snapshot had before) restores them itself
+    old = engine(kpi(aggregation="count", field=None), dedupe_capacity=3)
+    old.restore(json.loads(json.dumps(e.snapshot())))
+    assert (old.recent_start, old.recent_end, old.recent_ids()) == (1, 4, ["b", "c", "d"])
+
+
 def test_sliding_windows() -> None:
     e = engine(
         kpi(

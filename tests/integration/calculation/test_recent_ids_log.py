@@ -1,0 +1,94 @@
+"""The engine's dedupe ring stored as it grows, against a real Redis: each checkpoint writes
+only the ids that are new, drops the chunks that left the ring, and a restart gets the ring
+back exactly."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from redis.asyncio import Redis
+
+from analytics_engine.calculation.checkpoint_store import CorruptCheckpoint
+from analytics_engine.calculation.recent_ids_log import (
+    MAX_ID_BYTES,
+    RecentIdsLog,
+    RingManifest,
+    RingWrite,
+    chunk_key,
+)
+from analytics_engine.kpi import EntityEventView, KPIEngine
+
+pytestmark = pytest.mark.asyncio
+
+KEY = "ae:calc:checkpoint"
+PART_BYTES = 10 * MAX_ID_BYTES  # chunks of 10 ids
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def engine(capacity: int) -> KPIEngine:
+    return KPIEngine(clock=lambda: T0, dedupe_capacity=capacity)
+
+
+def feed(e: KPIEngine, ids: range) -> None:
+    for i in ids:
+        e.process(EntityEventView(f"id-{i}", "created", "order", f"o{i}", 1, T0, T0, {}))
+
+
+async def checkpoint(redis: Redis, log: RecentIdsLog, e: KPIEngine) -> RingWrite:
+    write = log.plan(e)
+    pipe = redis.pipeline(transaction=True)
+    log.add_to_pipeline(pipe, write)
+    await pipe.execute()
+    log.written(write)
+    return write
+
+
+async def test_each_checkpoint_writes_what_is_new_and_drops_what_left(redis: Redis) -> None:
+    e, log = engine(100), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
+    feed(e, range(30))
+    first = await checkpoint(redis, log, e)
+    assert [c[2] for c, _ in first.new] == [10, 10, 10] and not first.dropped
+
+    feed(e, range(30, 55))
+    second = await checkpoint(redis, log, e)
+    assert [c[1:] for c, _ in second.new] == [(30, 10), (40, 10), (50, 5)]  # the new 25 only
+    assert not second.dropped and len(second.manifest.chunks) == 6
+
+    feed(e, range(55, 140))  # the ring now holds 40..139: the chunks of 0..39 left it
+    third = await checkpoint(redis, log, e)
+    assert [c[1] for c in third.dropped] == [0, 10, 20, 30]
+    assert not await redis.exists(*(chunk_key(KEY, c[0]) for c in third.dropped))
+    manifest = RingManifest.from_json(third.manifest.to_json())
+    assert (manifest.start, manifest.end, manifest.chunks[0][1]) == (40, 140, 40)
+
+    # a restart: a new log and engine get the ring back from the manifest alone
+    restarted = engine(100)
+    restarted.restore_recent(
+        await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).load(manifest), manifest.end
+    )
+    assert restarted.recent_ids() == e.recent_ids() == [f"id-{i}" for i in range(40, 140)]
+    assert (restarted.recent_start, restarted.recent_end) == (40, 140)
+    feed(restarted, range(135, 145))  # 135..139 are known
+    assert restarted.stats().duplicates == 5
+
+
+async def test_a_ring_that_moved_past_everything_stored_starts_from_its_oldest_id(
+    redis: Redis,
+) -> None:
+    e, log = engine(20), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
+    feed(e, range(15))
+    await checkpoint(redis, log, e)
+    feed(e, range(15, 100))  # 85 more: the ring is 80..99
+    write = await checkpoint(redis, log, e)
+    assert [c[1:] for c in write.manifest.chunks] == [(80, 10), (90, 10)]
+    assert await log.load(write.manifest) == [f"id-{i}" for i in range(80, 100)]
+
+
+async def test_a_missing_chunk_is_an_error_not_a_shorter_ring(redis: Redis) -> None:
+    e, log = engine(100), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
+    feed(e, range(25))
+    write = await checkpoint(redis, log, e)
+    await redis.delete(chunk_key(KEY, write.manifest.chunks[1][0]))
+    with pytest.raises(CorruptCheckpoint, match="missing"):
+        await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).load(write.manifest)
