@@ -8,7 +8,11 @@ every reader consumed long ago: in Redis memory, in every append-only-file rewri
 restart's replay.
 
 - The readers of a channel are the services that consume it (`acl.SERVICE_ACCESS`: a service
-  can read only those streams, through the consumer group named after it).
+  can read only those streams, through the consumer group named after it), but for those not
+  deployed (`OBSERVABILITY_ABSENT_READERS`; the chart lists the simulator when it is off).
+  Only they hold entries: a consumer group the platform does not declare (an operator's ad hoc
+  reader, or what a removed service left) gets no guarantee, as its publishers would otherwise
+  wait for it for good once the stream is full.
 - An acknowledging group still needs its oldest pending entry and what it has not been
   delivered yet: everything from its oldest pending entry, or after its last delivered one.
 - A group read `checkpointed` (the ACL's `rewinds`) acknowledges nothing: after a restart it
@@ -19,15 +23,14 @@ restart's replay.
   group, which then reads the stream from its start.
 
 The trim is approximate (`XTRIM MINID ~`: whole stream nodes only) and never reaches an entry a
-reader needs; a group created meanwhile by a reader that is not declared is the one case it
-does not wait for (as with the length cap). One service runs it (the observability service),
-so only one holds the right to trim.
+reader needs. One service runs it (the observability service), so only one holds the right to
+trim.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -50,12 +53,13 @@ class GroupPosition:
     oldest_pending: str | None = None
 
 
-def readers_of(channel: str) -> dict[str, bool]:
-    """The groups reading `channel`'s stream -> whether that group rewinds (is checkpointed)."""
+def readers_of(channel: str, absent: Collection[str] = ()) -> dict[str, bool]:
+    """The groups reading `channel`'s stream -> whether that group rewinds (is checkpointed);
+    without the services in `absent` (not deployed)."""
     return {
         service: channel in access.rewinds
         for service, access in SERVICE_ACCESS.items()
-        if channel in access.consumes
+        if channel in access.consumes and service not in absent
     }
 
 
@@ -71,11 +75,11 @@ def trim_floor(
     groups: Mapping[str, GroupPosition],
     holds: Mapping[str, str],
 ) -> str | None:
-    """The oldest entry id any group still needs (entries below it may go), or None: keep
-    everything. Groups that exist but are not declared readers count as acknowledging ones."""
+    """The oldest entry id any reader still needs (entries below it may go), or None: keep
+    everything. Groups that are not among `readers` hold nothing."""
     needed: list[str] = []
-    for name in sorted(set(readers) | set(groups)):
-        if readers.get(name, False):
+    for name, rewinds in sorted(readers.items()):
+        if rewinds:
             held = holds.get(name)
             if held is None:
                 return None
@@ -94,9 +98,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def trim_consumed(redis: Any, channel: str) -> int:
+async def trim_consumed(redis: Any, channel: str, absent: Collection[str] = ()) -> int:
     """Trim `channel`'s stream below what every reader has consumed; returns entries removed."""
-    readers = readers_of(channel)
+    readers = readers_of(channel, absent)
     if not readers:
         return 0
     key = stream_key(channel)
@@ -107,6 +111,8 @@ async def trim_consumed(redis: Any, channel: str) -> int:
     groups: dict[str, GroupPosition] = {}
     for info in infos:
         name = _text(info["name"])
+        if name not in readers:
+            continue
         oldest = None
         if int(info["pending"]):
             oldest = _text((await redis.xpending(key, name))["min"])
@@ -127,12 +133,12 @@ async def trim_consumed(redis: Any, channel: str) -> int:
     return removed
 
 
-async def trim_all(redis: Any) -> dict[str, int]:
+async def trim_all(redis: Any, absent: Collection[str] = ()) -> dict[str, int]:
     """`trim_consumed` of every trimmed channel; a channel that fails is logged and skipped."""
     removed: dict[str, int] = {}
     for channel in trimmed_channels():
         try:
-            removed[channel] = await trim_consumed(redis, channel)
+            removed[channel] = await trim_consumed(redis, channel, absent)
         except ResponseError as exc:
             log.warning("could not trim a stream", extra={"channel": channel, "error": str(exc)})
     return removed

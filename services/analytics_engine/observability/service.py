@@ -12,9 +12,10 @@ from datetime import UTC, datetime, timedelta
 import orjson
 from aiohttp import web
 from prometheus_client import Counter, Gauge
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from analytics_engine.core import channels
+from analytics_engine.core.acl import SERVICE_ACCESS
 from analytics_engine.core.bus import REDIS_ERRORS, Delivery, encode_event
 from analytics_engine.core.durations import Duration
 from analytics_engine.core.envelopes import validation_summary
@@ -27,6 +28,11 @@ from analytics_engine.observability.registry import Registry
 SERVICE = "observability_service"
 
 log = logging.getLogger(__name__)
+
+
+def absent_services(text: str) -> frozenset[str]:
+    """`OBSERVABILITY_ABSENT_READERS` as service names."""
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
 
 
 class Settings(BaseServiceSettings):
@@ -45,6 +51,22 @@ class Settings(BaseServiceSettings):
         "consumed. A full stream (`BUS_STREAM_MAXLEN`) gains room only so: 0 turns trimming "
         "off, and then publishers wait once their streams are full.",
     )
+    absent_readers: str = Field(
+        default="",
+        validation_alias="OBSERVABILITY_ABSENT_READERS",
+        description="Services not deployed, comma-separated (e.g. `data_simulator`): the "
+        "streams they would read are trimmed without waiting for them.",
+    )
+
+    @field_validator("absent_readers")
+    @classmethod
+    def _known_services(cls, value: str) -> str:
+        unknown = set(absent_services(value)) - set(SERVICE_ACCESS)
+        if unknown:
+            raise ValueError(
+                f"unknown services {sorted(unknown)}; expected some of {sorted(SERVICE_ACCESS)}"
+            )
+        return value
 
 
 class Observability:
@@ -144,12 +166,12 @@ class Observability:
                 previous[name] = added
             await asyncio.sleep(2.0)
 
-    async def trim_streams(self, interval_s: float) -> None:
+    async def trim_streams(self, interval_s: float, absent: frozenset[str]) -> None:
         """Every `interval_s`, trim each durable stream below what its readers consumed."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                removed = await trim_all(self.runtime.redis)
+                removed = await trim_all(self.runtime.redis, absent)
             except REDIS_ERRORS as exc:
                 log.warning("stream trimming skipped", extra={"error": str(exc)[:200]})
                 continue
@@ -203,6 +225,8 @@ def create(settings: Settings) -> ServiceRuntime:
     runtime.add_task("sample-streams", observability.sample_streams)
     interval = settings.trim_interval.total_seconds()
     if interval > 0:
-        runtime.add_task("trim-streams", functools.partial(observability.trim_streams, interval))
+        absent = absent_services(settings.absent_readers)
+        trim = functools.partial(observability.trim_streams, interval, absent)
+        runtime.add_task("trim-streams", trim)
     runtime.http.router.add_get("/api/v1/status", observability.status)
     return runtime

@@ -87,3 +87,29 @@ async def test_a_long_consumed_run_is_trimmed_in_one_pass(acl_redis: RedisServer
     assert await observability.xlen(key) == 40_000 - removed
     for client in (database, archival, observability):
         await client.aclose()
+
+
+async def test_readers_not_deployed_and_groups_nobody_declared_hold_nothing(
+    acl_redis: RedisServer,
+) -> None:
+    """`metadata.changed` is read by the simulator and the engine: with the simulator not
+    deployed (`OBSERVABILITY_ABSENT_READERS`), the engine's group alone decides; an ad hoc group
+    (here an operator's, as admin) never holds entries back."""
+    channel = channels.METADATA_CHANGED
+    key = channels.stream_key(channel)
+    metadata = connect(url(acl_redis, "metadata_service"))
+    calculation = connect(url(acl_redis, CALC))
+    observability = connect(url(acl_redis, "observability_service"))
+    admin = connect(f"redis://admin:admin-pw@127.0.0.1:{acl_redis.port}/0")
+    publisher = EventPublisher(metadata, source="metadata_service", stream_maxlen=100_000)
+    await publisher.publish_many((channel, {"i": i}) for i in range(1000))
+    await calculation.xgroup_create(key, CALC, id="0")
+    await admin.xgroup_create(key, "ad-hoc", id="0")
+    read = await read_group(calculation, CALC, "c-1", {key.encode(): b">"}, count=1000)
+    await calculation.xack(key, CALC, *[entry_id for _, (entry_id, _) in read])
+
+    assert await trim_consumed(observability, channel) == 0  # the simulator has no group
+    removed = await trim_consumed(observability, channel, absent={"data_simulator"})
+    assert removed >= 900 and await observability.xlen(key) == 1000 - removed
+    for client in (metadata, calculation, observability, admin):
+        await client.aclose()

@@ -38,9 +38,14 @@ def test_nothing_goes_while_a_reader_has_not_joined_or_a_rewinding_one_holds_not
     assert trim_floor({}, {}, {}) is None
 
 
-def test_a_group_nobody_declared_still_counts() -> None:
+def test_only_the_declared_readers_that_are_deployed_hold_entries() -> None:
+    """An ad hoc group, or one a removed service left, would stop the publishers for good once
+    the stream is full (backpressure): it holds nothing."""
     groups = {DB: GroupPosition("90-0"), "ad-hoc": GroupPosition("3-0")}
-    assert trim_floor({DB: False}, groups, {}) == "3-0"
+    assert trim_floor({DB: False}, groups, {}) == "90-0"
+    # the simulator reads definition changes; with it not deployed, its group holds nothing
+    assert readers_of(channels.METADATA_CHANGED) == {"data_simulator": False, CALC: False}
+    assert readers_of(channels.METADATA_CHANGED, absent={"data_simulator"}) == {CALC: False}
 
 
 def test_every_stream_that_applies_backpressure_has_readers_that_retention_trims() -> None:

@@ -24,6 +24,7 @@ import yaml
 from analytics_engine.cli import SERVICES
 from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
+from analytics_engine.observability import service as observability
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "analytics-engine"
@@ -398,6 +399,23 @@ def test_service_settings_env(default_objects: list[dict[str, Any]]) -> None:
         "S3_ENDPOINT_URL",
         "S3_BUCKET",
     } <= set(config["data"])
+
+
+def _config(objects: list[dict[str, Any]]) -> dict[str, str]:
+    (config,) = [
+        c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-config")
+    ]
+    data: dict[str, str] = config["data"]
+    return data
+
+
+def test_stream_retention_does_not_wait_for_a_simulator_that_is_not_deployed() -> None:
+    """The simulator reads `metadata.changed`: were it counted while off, that stream would
+    never be trimmed and would, once full, stop the metadata service (backpressure)."""
+    assert "OBSERVABILITY_ABSENT_READERS" not in _config(_render("default"))
+    absent = _config(_render("minimal"))["OBSERVABILITY_ABSENT_READERS"]
+    settings = observability.Settings.model_validate({"OBSERVABILITY_ABSENT_READERS": absent})
+    assert observability.absent_services(settings.absent_readers) == {"data_simulator"}
 
 
 _UNITS = {"": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "Mi": 2**20, "Gi": 2**30}
