@@ -115,6 +115,8 @@ class EventPublisher:
         self._maxlen = stream_maxlen
         self._metrics = metrics
         self._script = redis.register_script(PUBLISH_SCRIPT)
+        self.waiting_for: tuple[str, ...] = ()
+        """The channels whose full streams a publish is waiting on now (`wait_for_room`)."""
 
     def make_event(
         self,
@@ -226,28 +228,32 @@ class EventPublisher:
         started = time.monotonic()
         logged = 0.0
         delay, longest = _ROOM_POLL_S
-        while full:
-            pipe = self._redis.pipeline(transaction=False)
-            for channel in full:
-                pipe.xlen(stream_key(channel))
-            with contextlib.suppress(*REDIS_ERRORS):
-                lengths = await pipe.execute()
-                still = zip(full.items(), lengths, strict=True)
-                full = {channel: cap for (channel, cap), n in still if n >= cap}
-            if not full:
-                break
-            now = time.monotonic()
-            if now - logged >= _ROOM_LOG_EVERY_S:
-                logged = now
-                log.warning(
-                    "stream full: waiting for its readers to catch up",
-                    extra={"channels": sorted(full), "waited_s": round(now - started, 1)},
-                )
-            await asyncio.sleep(delay)
-            if self._metrics is not None:
+        try:
+            while full:
+                pipe = self._redis.pipeline(transaction=False)
                 for channel in full:
-                    self._metrics.publish_wait_seconds.labels(channel).inc(delay)
-            delay = min(delay * 2, longest)
+                    pipe.xlen(stream_key(channel))
+                with contextlib.suppress(*REDIS_ERRORS):
+                    lengths = await pipe.execute()
+                    still = zip(full.items(), lengths, strict=True)
+                    full = {channel: cap for (channel, cap), n in still if n >= cap}
+                if not full:
+                    break
+                self.waiting_for = tuple(sorted(full))
+                now = time.monotonic()
+                if now - logged >= _ROOM_LOG_EVERY_S:
+                    logged = now
+                    log.warning(
+                        "stream full: waiting for its readers to catch up",
+                        extra={"channels": self.waiting_for, "waited_s": round(now - started, 1)},
+                    )
+                await asyncio.sleep(delay)
+                if self._metrics is not None:
+                    for channel in full:
+                        self._metrics.publish_wait_seconds.labels(channel).inc(delay)
+                delay = min(delay * 2, longest)
+        finally:
+            self.waiting_for = ()
         if logged:
             waited = round(time.monotonic() - started, 1)
             log.info("stream has room again: publishing", extra={"waited_s": waited})

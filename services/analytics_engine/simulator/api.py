@@ -1,6 +1,7 @@
 """The simulator's HTTP control API (called by the gateway):
 
-- `GET  /api/v1/simulator`        status: running, rate, events_emitted, seed, started_at, counts
+- `GET  /api/v1/simulator`        status: running, rate, events_emitted, seed, started_at, counts,
+                                   waiting_for (channels whose full streams hold it back)
 - `POST /api/v1/simulator/start`  start (idempotent); 409 once `SIMULATOR_MAX_EVENTS` were sent
 - `POST /api/v1/simulator/stop`   stop (idempotent)
 - `PUT  /api/v1/simulator/rate`   `{rate}` with 0 < rate <= 100000, else 422

@@ -96,6 +96,9 @@ class SimulatorController:
             "running": self.running,
             "rate": self.rate,
             "measured_rate": round(self._measured_rate, 3),
+            # channels whose full streams hold the simulator back (backpressure): their
+            # readers are down or behind
+            "waiting_for": list(self._publisher.waiting_for),
             "events_emitted": self.events_emitted,
             "max_events": self.max_events,
             "seed": self.generator.config.seed,

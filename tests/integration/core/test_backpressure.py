@@ -43,6 +43,7 @@ async def test_a_full_stream_makes_its_publisher_wait_and_drops_nothing(
     )
     await asyncio.sleep(0.5)
     assert not more.done(), "the batch that filled the stream returns only once it has room"
+    assert publisher.waiting_for == (channel,)
     assert await observability.xlen(key) == CAP + 199  # appended, and nothing dropped for it
     # the readers consumed nothing yet: retention may not make room
     assert await trim_consumed(observability, channel) == 0
@@ -56,6 +57,7 @@ async def test_a_full_stream_makes_its_publisher_wait_and_drops_nothing(
     await calculation.hset(channels.stream_hold_key(channel), CALC, ids[-1])
     assert await trim_consumed(observability, channel) > 0
     await asyncio.wait_for(more, timeout=5)
+    assert publisher.waiting_for == ()
 
     payloads = [fields[b"m"] for _, (_, fields) in read]
     assert len(payloads) == CAP + 199

@@ -634,7 +634,9 @@ async function refreshSimulator() {
 }
 
 function renderSimulator(status) {
-  $("#sim-state").textContent = status.running ? "running" : "stopped";
+  // backpressure: streams whose readers are down or behind hold the simulator back
+  const waiting = status.waiting_for?.length ? ` (waiting: ${status.waiting_for.join(", ")} full)` : "";
+  $("#sim-state").textContent = (status.running ? "running" : "stopped") + waiting;
   $("#sim-state").className = status.running ? "status-up" : "";
   $("#sim-rate").textContent = `${formatNumber(status.rate)}/s`;
   $("#sim-measured").textContent = status.measured_rate !== undefined ? `${formatNumber(status.measured_rate)}/s` : "–";
