@@ -243,10 +243,8 @@ def parse_kpi_result(event: Event) -> KpiResultRow:
     end = parse_timestamp(payload.get("window_end"), "window_end")
     if end <= start:
         raise InvalidPayload("window_end: must be after window_start")
-    dimensions_raw = payload.get("dimensions", {})
-    if dimensions_raw is None:
-        dimensions_raw = {}
-    dimensions, text = _json_object({"dimensions": dimensions_raw}, "dimensions")
+    # absent means none, as the schema's default; null is no object, as the schema says
+    dimensions, text = _json_object({"dimensions": payload.get("dimensions", {})}, "dimensions")
     del text
     return KpiResultRow(
         kpi_code=code,
