@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from analytics_engine.calculation.cache import LatestResults
-from analytics_engine.calculation.checkpoint_store import CheckpointStore
+from analytics_engine.calculation.checkpoint_store import CheckpointStore, CorruptCheckpoint
 from analytics_engine.calculation.events import (
     EntityEventDecoder,
     InvalidEntityEvent,
@@ -346,6 +346,7 @@ class StreamProcessor:
         if not self._dirty and not self._unpublished:
             return
         started = time.perf_counter()
+        await self.ring.check_stored()
         data, ring = self.checkpoint_data()
         released = self.merger.released()
         pending, self._unpublished = self._unpublished, []
@@ -393,7 +394,13 @@ class StreamProcessor:
         self.engine.restore(data["engine"])
         if "recent_ids" in data:  # else in the snapshot (written before the ring had its own)
             manifest = RingManifest.from_json(data["recent_ids"])
-            self.engine.restore_recent(await self.ring.load(manifest), manifest.end)
+            try:
+                self.engine.restore_recent(await self.ring.load(manifest), manifest.end)
+            except CorruptCheckpoint as exc:
+                # the windows are whole; what is lost is the guard against a producer's retried
+                # duplicates among the last ids, which is no reason to stay down
+                log.error("dedupe ring not restored: starting it empty", extra={"error": str(exc)})
+                self.engine.restore_recent([], manifest.end)
         positions: dict[str, str] = data.get("released", {})
         self.merger = new_merger({c: parse_stream_id(s) for c, s in positions.items()})
         await self.consumer.rewind(positions)

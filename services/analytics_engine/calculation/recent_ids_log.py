@@ -11,6 +11,7 @@ checkpoint writes for the ring follows the event rate (20k ids a second at 20k e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -25,9 +26,15 @@ if TYPE_CHECKING:
 
     from analytics_engine.kpi import KPIEngine
 
+log = logging.getLogger(__name__)
+
 MAX_ID_BYTES: Final = 800
-"""An event id is at most 200 characters (the envelope), 800 bytes in UTF-8: chunks of
+"""An event id is at most 200 characters (the envelope), 800 bytes in UTF-8: chunks of at most
 `part_bytes // MAX_ID_BYTES` ids stay within the checkpoint's part size."""
+CHUNK_IDS: Final = 1000
+"""Ids per chunk (fewer with small parts). A checkpoint appends its new ids to the last chunk
+while that one is not full, rewriting it: so the ring is at most `capacity / CHUNK_IDS + 1`
+chunks at any event rate, and a checkpoint rewrites at most this many ids it wrote before."""
 
 Chunk = tuple[int, int, int]
 """(chunk number, sequence number of its first id, ids in it)."""
@@ -72,21 +79,33 @@ class RecentIdsLog:
     def __init__(self, redis: Redis, key: str, *, part_bytes: int) -> None:
         self._redis = redis
         self.key = key
-        self._ids_per_chunk = max(1, part_bytes // MAX_ID_BYTES)
+        self._ids_per_chunk = max(1, min(CHUNK_IDS, part_bytes // MAX_ID_BYTES))
         self._stored: tuple[Chunk, ...] = ()
         self._end = 0  # the ids numbered below this are in the stored chunks
+        self._rewrite = False  # the stored chunks are not to be trusted: store the ring anew
 
     def plan(self, engine: KPIEngine) -> RingWrite:
         """What the next checkpoint writes of `engine`'s ring (pass it to `add_to_pipeline`,
         its manifest to the checkpoint, and to `written` once the MULTI succeeded)."""
         start, end = engine.recent_start, engine.recent_end
-        # a ring numbered below what is stored is another engine's: store it anew
-        stored, since = (self._stored, max(self._end, start)) if end >= self._end else ((), start)
-        new_ids = engine.recent_ids(since)
-        kept = tuple(c for c in stored if c[1] + c[2] > start)
-        dropped = tuple(c for c in self._stored if c not in kept)
-        number = max((c[0] for c in self._stored), default=-1) + 1
         step = self._ids_per_chunk
+        number = max((c[0] for c in self._stored), default=-1) + 1
+        # a ring numbered below what is stored is another engine's: store it anew
+        if self._rewrite or end < self._end:
+            stored, since = [], start
+        else:
+            stored, since = list(self._stored), max(self._end, start)
+        if stored and end > since and stored[-1][2] < step and stored[-1][1] >= start:
+            number, since, _ = stored.pop()  # not full yet: rewritten with the new ids
+            rewritten = {number}
+        else:
+            rewritten = set()
+        # chunks are in order: those wholly below the ring's start go
+        gone = next((i for i, c in enumerate(stored) if c[1] + c[2] > start), len(stored))
+        kept = tuple(stored[gone:])
+        live = {c[0] for c in kept} | rewritten
+        dropped = tuple(c for c in self._stored if c[0] not in live)
+        new_ids = engine.recent_ids(since)
         new = tuple(
             ((number + i, since + offset, len(part)), orjson.dumps(part))
             for i, offset in enumerate(range(0, len(new_ids), step))
@@ -105,6 +124,19 @@ class RecentIdsLog:
         """The MULTI holding `write` succeeded."""
         self._stored = write.manifest.chunks
         self._end = write.manifest.end
+        self._rewrite = False
+
+    async def check_stored(self) -> None:
+        """Make the next `plan` store the whole ring if a chunk this log wrote is gone.
+
+        Redis can lose its last second of writes in a crash (`appendfsync everysec`) while
+        this process lives on and believes them written; a checkpoint listing a chunk that
+        is gone could not be restored."""
+        if self._stored and not self._rewrite:
+            keys = [chunk_key(self.key, c[0]) for c in self._stored]
+            if await self._redis.exists(*keys) != len(keys):
+                log.warning("dedupe ring chunks lost in Redis: storing the ring anew")
+                self._rewrite = True
 
     async def load(self, manifest: RingManifest) -> list[str]:
         """The ring's ids as the manifest's checkpoint stored them, oldest first."""
@@ -117,6 +149,8 @@ class RecentIdsLog:
         raws = await self._redis.mget([chunk_key(self.key, c[0]) for c in chunks])
         ids: list[str] = []
         expected = chunks[0][1]
+        # if they do not make up the ring, the next checkpoint replaces (and deletes) them all
+        self._stored, self._rewrite = chunks, True
         for (number, first, count), raw in zip(chunks, raws, strict=True):
             if not isinstance(raw, bytes):
                 raise CorruptCheckpoint(f"{chunk_key(self.key, number)} is missing")
@@ -127,5 +161,5 @@ class RecentIdsLog:
             expected = first + count
         if expected != manifest.end or chunks[0][1] > manifest.start:
             raise CorruptCheckpoint(f"{self.key}: the chunks do not cover the ring")
-        self._stored, self._end = chunks, manifest.end
+        self._end, self._rewrite = manifest.end, False
         return ids[manifest.start - chunks[0][1] :]

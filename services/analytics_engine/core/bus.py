@@ -8,6 +8,7 @@ Publisher and consumer are separate classes; all Redis I/O of events lives here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -69,15 +70,23 @@ EncodedEvent = tuple[str, bytes]
 # what limits a Python publisher (measured: ~6k events/s with per-event commands, > 20k/s so).
 # ARGV: the field name; per KEYS, its length cap; per KEYS, 1 if it applies backpressure (never
 # trimmed here) or 0 (trimmed to its cap); then per event: KEYS index or 0, channel, data.
-# Returns the KEYS indexes of backpressure streams now at or over their cap.
+# Returns the KEYS indexes of backpressure streams now at or over their cap. The lengths are
+# read before anything is written, so that a refused read (an ACL without XLEN) writes nothing.
 PUBLISH_SCRIPT = """
 local field = ARGV[1]
 local n = #KEYS
+local length = {}
+for k = 1, n do
+  if ARGV[1 + n + k] == '1' then
+    length[k] = redis.call('XLEN', KEYS[k])
+  end
+end
 for i = 2 * n + 2, #ARGV, 3 do
   local k = tonumber(ARGV[i])
   if k > 0 then
-    if ARGV[1 + n + k] == '1' then
+    if length[k] then
       redis.call('XADD', KEYS[k], '*', field, ARGV[i + 2])
+      length[k] = length[k] + 1
     else
       redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1 + k], '*', field, ARGV[i + 2])
     end
@@ -86,7 +95,7 @@ for i = 2 * n + 2, #ARGV, 3 do
 end
 local full = {}
 for k = 1, n do
-  if ARGV[1 + n + k] == '1' and redis.call('XLEN', KEYS[k]) >= tonumber(ARGV[1 + k]) then
+  if length[k] and length[k] >= tonumber(ARGV[1 + k]) then
     full[#full + 1] = k
   end
 end
@@ -109,14 +118,20 @@ class EventPublisher:
         source: str,
         stream_maxlen: int,
         metrics: CoreMetrics | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self._redis = redis
         self._source = source
         self._maxlen = stream_maxlen
         self._metrics = metrics
+        self._stopping = stopping if stopping is not None else asyncio.Event()
         self._script = redis.register_script(PUBLISH_SCRIPT)
-        self.waiting_for: tuple[str, ...] = ()
-        """The channels whose full streams a publish is waiting on now (`wait_for_room`)."""
+        self._waiting: collections.Counter[str] = collections.Counter()
+
+    @property
+    def waiting_for(self) -> list[str]:
+        """The channels whose full streams publishes are waiting on now (`wait_for_room`)."""
+        return sorted(c for c, n in self._waiting.items() if n > 0)
 
     def make_event(
         self,
@@ -223,13 +238,15 @@ class EventPublisher:
         only what they consumed (`core.retention`), so its publisher waits rather than grow it
         past its cap or drop what they have not read. The stream gains room when they catch up
         and the next trim runs (`OBSERVABILITY_TRIM_INTERVAL`). Redis being unreachable
-        meanwhile only prolongs the wait: what was published stays published."""
+        meanwhile only prolongs the wait: what was published stays published. A service that
+        is stopping (`stopping`, the runtime's) does not wait: it is finishing its work."""
         full = {c: self.cap(c) for c in set(channels) if channel_spec(c).backpressure}
         started = time.monotonic()
         logged = 0.0
         delay, longest = _ROOM_POLL_S
+        waiting: set[str] = set()
         try:
-            while full:
+            while full and not self._stopping.is_set():
                 pipe = self._redis.pipeline(transaction=False)
                 for channel in full:
                     pipe.xlen(stream_key(channel))
@@ -239,21 +256,23 @@ class EventPublisher:
                     full = {channel: cap for (channel, cap), n in still if n >= cap}
                 if not full:
                     break
-                self.waiting_for = tuple(sorted(full))
+                self._waiting.update(set(full) - waiting)
+                waiting.update(full)
                 now = time.monotonic()
                 if now - logged >= _ROOM_LOG_EVERY_S:
                     logged = now
                     log.warning(
                         "stream full: waiting for its readers to catch up",
-                        extra={"channels": self.waiting_for, "waited_s": round(now - started, 1)},
+                        extra={"channels": sorted(full), "waited_s": round(now - started, 1)},
                     )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
                 if self._metrics is not None:
                     for channel in full:
                         self._metrics.publish_wait_seconds.labels(channel).inc(delay)
                 delay = min(delay * 2, longest)
         finally:
-            self.waiting_for = ()
+            self._waiting.subtract(waiting)
         if logged:
             waited = round(time.monotonic() - started, 1)
             log.info("stream has room again: publishing", extra={"waited_s": waited})

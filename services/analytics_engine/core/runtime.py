@@ -63,6 +63,7 @@ class ServiceRuntime:
         self.host = host
         self.port = port
         self.metrics = CoreMetrics()
+        self._stop = asyncio.Event()
         self.redis = connect(str(settings.redis_url))
         self._stream_redis = connect(str(settings.redis_url), retries=0)
         self.publisher = EventPublisher(
@@ -70,6 +71,7 @@ class ServiceRuntime:
             source=service,
             stream_maxlen=settings.stream_maxlen,
             metrics=self.metrics,
+            stopping=self._stop,
         )
         self.dead_letters = DeadLetters(self.redis, service=service, metrics=self.metrics)
         self.http = web.Application(client_max_size=client_max_size)
@@ -78,7 +80,6 @@ class ServiceRuntime:
         self.http.router.add_get("/metrics", self._metrics)
         self.ready = asyncio.Event()
         self.bound_port: int | None = None
-        self._stop = asyncio.Event()
         self._started_at = time.monotonic()
         self._consumers: list[DurableConsumer] = []
         self._servers: list[RequestReplyServer] = []

@@ -165,10 +165,10 @@ class KPIResultConsumer:
 
         await self._consumer.ack(deliveries, also=also)
         self._metrics.forwarded.inc(len(events))
-        if events:
-            await self._publisher.wait_for_room([channels.ARCHIVE_KPI_RESULTS])
         if to_forward:
             await self._mark_forwarded(to_forward)
+        if events:
+            await self._publisher.wait_for_room([channels.ARCHIVE_KPI_RESULTS])
 
     async def _store(self, rows: Sequence[KpiResultRow]) -> list[Any]:
         started = time.perf_counter()

@@ -20,7 +20,7 @@ from analytics_engine.core.bus import REDIS_ERRORS, Delivery, encode_event
 from analytics_engine.core.durations import Duration
 from analytics_engine.core.envelopes import validation_summary
 from analytics_engine.core.payloads import KPIResult, ServiceHeartbeat, SimulationTick
-from analytics_engine.core.retention import trim_all
+from analytics_engine.core.retention import readers_of, trim_all, trimmed_channels
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.observability.registry import Registry
@@ -61,11 +61,16 @@ class Settings(BaseServiceSettings):
     @field_validator("absent_readers")
     @classmethod
     def _known_services(cls, value: str) -> str:
-        unknown = set(absent_services(value)) - set(SERVICE_ACCESS)
+        absent = absent_services(value)
+        unknown = absent - set(SERVICE_ACCESS)
         if unknown:
             raise ValueError(
                 f"unknown services {sorted(unknown)}; expected some of {sorted(SERVICE_ACCESS)}"
             )
+        # a stream none of whose readers is deployed would never be trimmed (nor read)
+        orphaned = [c for c in trimmed_channels() if not readers_of(c, absent)]
+        if orphaned:
+            raise ValueError(f"no reader of {', '.join(orphaned)} would be left")
         return value
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -86,9 +87,51 @@ async def test_a_ring_that_moved_past_everything_stored_starts_from_its_oldest_i
 
 
 async def test_a_missing_chunk_is_an_error_not_a_shorter_ring(redis: Redis) -> None:
+    """The engine then starts its ring empty (`processor.load_checkpoint`); the log replaces
+    the chunks it could not use at the next checkpoint."""
     e, log = engine(100), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
     feed(e, range(25))
     write = await checkpoint(redis, log, e)
     await redis.delete(chunk_key(KEY, write.manifest.chunks[1][0]))
+    restarted = RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
     with pytest.raises(CorruptCheckpoint, match="missing"):
-        await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).load(write.manifest)
+        await restarted.load(write.manifest)
+    fresh = engine(100)
+    fresh.restore_recent([], write.manifest.end)
+    feed(fresh, range(25, 27))
+    after = await checkpoint(redis, restarted, fresh)
+    assert [c[1:] for c in after.manifest.chunks] == [(25, 2)]
+    assert await redis.keys(f"{KEY}:ids:*") == [
+        chunk_key(KEY, after.manifest.chunks[0][0]).encode()
+    ]
+
+
+async def test_at_a_low_rate_the_ring_stays_a_few_chunks(redis: Redis) -> None:
+    """One new id per checkpoint: each is appended to the last chunk until that one is full,
+    so the ring stays `capacity / chunk size + 1` chunks however many checkpoints ran."""
+    e, log = engine(30), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
+    for i in range(95):
+        feed(e, range(i, i + 1))
+        write = await checkpoint(redis, log, e)
+        assert len(write.manifest.chunks) <= 4
+        assert sum(len(orjson.loads(data)) for _, data in write.new) <= 10
+    assert len(await redis.keys(f"{KEY}:ids:*")) == len(write.manifest.chunks)
+    loaded = await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).load(write.manifest)
+    assert loaded == e.recent_ids() == [f"id-{i}" for i in range(65, 95)]
+
+
+async def test_chunks_lost_by_redis_are_noticed_and_the_ring_stored_anew(redis: Redis) -> None:
+    """Redis may lose its last second of writes in a crash while the engine lives on: the next
+    checkpoint must not list chunks that are gone."""
+    e, log = engine(100), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
+    feed(e, range(35))
+    first = await checkpoint(redis, log, e)
+    lost = first.manifest.chunks[1]
+    await redis.delete(chunk_key(KEY, lost[0]))
+    feed(e, range(35, 40))
+    await log.check_stored()
+    write = await checkpoint(redis, log, e)
+    assert sum(c[2] for c, _ in write.new) == 40  # the whole ring, written anew
+    assert len(await redis.keys(f"{KEY}:ids:*")) == len(write.manifest.chunks)  # no leftovers
+    loaded = await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).load(write.manifest)
+    assert loaded == e.recent_ids()

@@ -43,7 +43,7 @@ async def test_a_full_stream_makes_its_publisher_wait_and_drops_nothing(
     )
     await asyncio.sleep(0.5)
     assert not more.done(), "the batch that filled the stream returns only once it has room"
-    assert publisher.waiting_for == (channel,)
+    assert publisher.waiting_for == [channel]
     assert await observability.xlen(key) == CAP + 199  # appended, and nothing dropped for it
     # the readers consumed nothing yet: retention may not make room
     assert await trim_consumed(observability, channel) == 0
@@ -57,7 +57,7 @@ async def test_a_full_stream_makes_its_publisher_wait_and_drops_nothing(
     await calculation.hset(channels.stream_hold_key(channel), CALC, ids[-1])
     assert await trim_consumed(observability, channel) > 0
     await asyncio.wait_for(more, timeout=5)
-    assert publisher.waiting_for == ()
+    assert publisher.waiting_for == []
 
     payloads = [fields[b"m"] for _, (_, fields) in read]
     assert len(payloads) == CAP + 199
@@ -111,3 +111,25 @@ async def test_streams_whose_producer_guarantees_delivery_are_trimmed_and_never_
         assert await database.xlen(channels.stream_key(channel)) < n
     await asyncio.wait_for(publisher.wait_for_room([channels.ARCHIVAL_EVENTS, replay]), 1)
     await database.aclose()
+
+
+async def test_a_stopping_service_does_not_wait(acl_redis: RedisServer) -> None:
+    """Shutting down, a service finishes its work (a last checkpoint) instead of waiting for
+    readers that may not come back: what it published stays published."""
+    channel = channels.ENTITY_DEACTIVATED
+    simulator = connect(url(acl_redis, "data_simulator"))
+    database = connect(url(acl_redis, DB))
+    await database.xgroup_create(channels.stream_key(channel), DB, id="0", mkstream=True)
+    stopping = asyncio.Event()
+    publisher = EventPublisher(
+        simulator, source="data_simulator", stream_maxlen=CAP, stopping=stopping
+    )
+    blocked = asyncio.create_task(publisher.publish_many((channel, {"i": i}) for i in range(CAP)))
+    await asyncio.sleep(0.3)
+    assert not blocked.done() and publisher.waiting_for == [channel]
+    stopping.set()
+    await asyncio.wait_for(blocked, timeout=1)
+    await asyncio.wait_for(publisher.wait_for_room([channel]), timeout=1)  # full, but stopping
+    assert await database.xlen(channels.stream_key(channel)) == CAP
+    for client in (simulator, database):
+        await client.aclose()

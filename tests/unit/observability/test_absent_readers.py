@@ -1,0 +1,25 @@
+"""`OBSERVABILITY_ABSENT_READERS`: which services retention does not wait for."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from analytics_engine.observability.service import Settings, absent_services
+
+
+def settings(value: str) -> Settings:
+    return Settings.model_validate({"OBSERVABILITY_ABSENT_READERS": value})
+
+
+def test_services_not_deployed_are_named_by_their_bus_names() -> None:
+    assert absent_services(settings(" data_simulator ,").absent_readers) == {"data_simulator"}
+    assert absent_services(settings("").absent_readers) == frozenset()
+
+
+def test_unknown_names_and_streams_left_without_any_reader_are_refused() -> None:
+    with pytest.raises(ValidationError, match="unknown services"):
+        settings("simulator")
+    # metadata.changed is read by the simulator and the engine only: it would never be trimmed
+    with pytest.raises(ValidationError, match=r"no reader of metadata\.changed"):
+        settings("data_simulator,calculation_engine")
