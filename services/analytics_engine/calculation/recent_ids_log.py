@@ -2,11 +2,12 @@
 
 The ring (the last `CALCULATION_DEDUPE_CAPACITY` event ids, 50,000 by default) was ~93% of a
 checkpoint's bytes (1.95 of 2.1 MB at 20k events/s), rewritten every second at any event rate.
-Here each checkpoint writes only the ids taken since the one before, as numbered chunks
-`{key}:ids:{n}`, and deletes the chunks whose ids have all left the ring, in the checkpoint's
-own MULTI; the checkpoint records which chunks make up the ring (`RingManifest`). So what a
-checkpoint writes for the ring follows the event rate (20k ids a second at 20k events/s, 100 at
-100 events/s), and a reader still sees the whole new ring or the whole old one.
+Here each checkpoint writes only the ids taken since the one before, into numbered chunks
+`{key}:ids:{n}` (the last one, while not full, is rewritten with them), and deletes the chunks
+whose ids have all left the ring, in the checkpoint's own MULTI; the checkpoint records which
+chunks make up the ring (`RingManifest`). So what a checkpoint writes for the ring follows the
+event rate (20k ids a second at 20k events/s; at most a chunk at low rates), the ring is a few
+dozen keys at any rate, and a reader sees the whole new ring or the whole old one.
 """
 
 from __future__ import annotations
