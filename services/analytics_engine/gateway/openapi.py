@@ -125,6 +125,8 @@ def component_schemas() -> dict[str, Any]:
             "status": {"type": "string"},
             "services": {"type": "array", "items": {"type": "object"}},
             "dead_letters": {"type": "object", "additionalProperties": {"type": "integer"}},
+            # channels whose streams are full: their publishers wait for the readers
+            "full_streams": {"type": "array", "items": {"type": "string"}},
             "message_rates": {"type": "object"},
             "kpi_freshness": {"type": "object"},
             "simulation": {"type": "object"},

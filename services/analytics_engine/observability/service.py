@@ -192,10 +192,22 @@ class Observability:
             counts[name[len(prefix) :]] = int(await self.runtime.redis.xlen(key))
         return counts
 
+    async def full_streams(self) -> list[str]:
+        """The channels whose streams are full: their readers are down or behind, and their
+        publishers wait (backpressure)."""
+        names = [c for c in trimmed_channels() if channels.channel_spec(c).backpressure]
+        pipe = self.runtime.redis.pipeline(transaction=False)
+        for channel in names:
+            pipe.xlen(channels.stream_key(channel))
+        lengths = await pipe.execute()
+        cap = self.runtime.publisher.cap
+        return [c for c, n in zip(names, lengths, strict=True) if n >= cap(c)]
+
     async def status(self, request: web.Request) -> web.Response:
         now = time.monotonic()
         services = self.registry.services(now=now)
         dead = await self.dead_letter_counts()
+        full = await self.full_streams()
         for entry in services:
             self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
         for channel, count in dead.items():
@@ -207,8 +219,11 @@ class Observability:
         )
         return web.json_response(
             {
-                "status": "ok" if all(s["status"] == "up" for s in services) else "degraded",
+                "status": "ok"
+                if all(s["status"] == "up" for s in services) and not full
+                else "degraded",
                 "services": services,
+                "full_streams": full,
                 "dead_letters": dead,
                 "message_rates": self.registry.message_rates(now=now),
                 "kpi_freshness": self.registry.kpi_freshness(now=now),

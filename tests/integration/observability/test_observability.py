@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from analytics_engine.core import channels
+from analytics_engine.core.bus import EventPublisher
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.observability.service import Settings, create
@@ -147,3 +148,37 @@ async def test_trims_a_stream_once_its_readers_consumed_it(redis_url: str, runni
         async with http.get(f"http://127.0.0.1:{obs.bound_port}/metrics") as resp:
             text = await resp.text()
     assert 'analytics_stream_entries_trimmed_total{channel="simulation.tick"}' in text
+
+
+async def test_reports_full_streams_as_degraded(redis_url: str, running: Start) -> None:
+    """A full stream holds its publishers back (backpressure): the status names it. Trimming is
+    off here, so consumed ticks stay and fill `simulation.tick`."""
+    obs = create(
+        Settings.model_validate(
+            {
+                "REDIS_URL": redis_url,
+                "OBSERVABILITY_PORT": 0,
+                "OBSERVABILITY_TRIM_INTERVAL": "0s",
+                "BUS_STREAM_MAXLEN": 1000,
+            }
+        )
+    )
+    await running(obs)
+    body = await status(obs)
+    assert body["full_streams"] == []
+    now = datetime.now(UTC).isoformat()
+    stopping = asyncio.Event()
+    stopping.set()  # publish without waiting for room
+    publisher = EventPublisher(
+        obs.redis, source="data_simulator", stream_maxlen=1000, stopping=stopping
+    )
+    await publisher.publish_many(
+        (
+            channels.SIMULATION_TICK,
+            {"tick": i, "simulated_time": now, "events_emitted": i, "rate_per_s": 1},
+        )
+        for i in range(1000)
+    )
+    body = await status(obs)
+    assert body["full_streams"] == [channels.SIMULATION_TICK]
+    assert body["status"] == "degraded"
