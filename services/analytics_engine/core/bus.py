@@ -240,20 +240,15 @@ class EventPublisher:
         and the next trim runs (`OBSERVABILITY_TRIM_INTERVAL`). Redis being unreachable
         meanwhile only prolongs the wait: what was published stays published. A service that
         is stopping (`stopping`, the runtime's) does not wait: it is finishing its work."""
-        full = {c: self.cap(c) for c in set(channels) if channel_spec(c).backpressure}
+        full = [c for c in set(channels) if channel_spec(c).backpressure]
         started = time.monotonic()
         logged = 0.0
         delay, longest = _ROOM_POLL_S
         waiting: set[str] = set()
         try:
             while full and not self._stopping.is_set():
-                pipe = self._redis.pipeline(transaction=False)
-                for channel in full:
-                    pipe.xlen(stream_key(channel))
                 with contextlib.suppress(*REDIS_ERRORS):
-                    lengths = await pipe.execute()
-                    still = zip(full.items(), lengths, strict=True)
-                    full = {channel: cap for (channel, cap), n in still if n >= cap}
+                    full = await self.full(full)
                 if not full:
                     break
                 self._waiting.update(set(full) - waiting)
@@ -276,6 +271,14 @@ class EventPublisher:
         if logged:
             waited = round(time.monotonic() - started, 1)
             log.info("stream has room again: publishing", extra={"waited_s": waited})
+
+    async def full(self, channels: Sequence[str]) -> list[str]:
+        """Those of `channels` (with backpressure) whose streams hold their cap or more."""
+        pipe = self._redis.pipeline(transaction=False)
+        for channel in channels:
+            pipe.xlen(stream_key(channel))
+        lengths = await pipe.execute()
+        return [c for c, n in zip(channels, lengths, strict=True) if n >= self.cap(c)]
 
     def cap(self, channel: str) -> int:
         """The entries `channel`'s stream holds at most (approximately)."""

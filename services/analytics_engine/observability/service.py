@@ -196,12 +196,7 @@ class Observability:
         """The channels whose streams are full: their readers are down or behind, and their
         publishers wait (backpressure)."""
         names = [c for c in trimmed_channels() if channels.channel_spec(c).backpressure]
-        pipe = self.runtime.redis.pipeline(transaction=False)
-        for channel in names:
-            pipe.xlen(channels.stream_key(channel))
-        lengths = await pipe.execute()
-        cap = self.runtime.publisher.cap
-        return [c for c, n in zip(names, lengths, strict=True) if n >= cap(c)]
+        return await self.runtime.publisher.full(names)
 
     async def status(self, request: web.Request) -> web.Response:
         now = time.monotonic()
