@@ -469,9 +469,21 @@ spec:
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $values.affinity }}
+      {{- if $values.affinity }}
       affinity:
-        {{- toYaml . | nindent 8 }}
+        {{- toYaml $values.affinity | nindent 8 }}
+      {{- else if or $hpa (gt (int ($values.replicaCount | default 1)) 1) }}
+      # No affinity given: spread the replicas over nodes where possible, so that losing one
+      # node leaves one running.
+      affinity:
+        podAntiAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+            - weight: 100
+              podAffinityTerm:
+                topologyKey: kubernetes.io/hostname
+                labelSelector:
+                  matchLabels:
+                    {{- include "analytics-engine.selectorLabels" . | nindent 20 }}
       {{- end }}
       containers:
         - name: {{ .component }}

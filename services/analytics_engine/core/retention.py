@@ -24,7 +24,9 @@ restart's replay.
 
 The trim is approximate (`XTRIM MINID ~`: whole stream nodes only) and never reaches an entry a
 reader needs. One service runs it (the observability service), so only one holds the right to
-trim.
+trim; its replicas may trim at once without harm, since each trims only below what every reader
+had consumed when it looked (as one trimmer does a moment after it looked), and the chart runs
+two so that retention outlives the loss of a pod.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the observability service knows, as pure state: fed by messages, read by the status API.
 
-No I/O here: the service feeds it heartbeats, ticks and KPI results with their arrival time.
+No I/O here: the service feeds it heartbeats and KPI results with their arrival time.
 """
 
 from __future__ import annotations
@@ -57,13 +57,11 @@ class RateMeter:
 
 
 class Registry:
-    """Services and their instances, the last simulation tick, KPI freshness, message rates."""
+    """Services and their instances, KPI freshness, message rates."""
 
     def __init__(self, *, missing_after_s: float) -> None:
         self.missing_after_s = missing_after_s
         self.instances: dict[tuple[str, str], InstanceState] = {}
-        self.last_tick: dict[str, Any] | None = None
-        self.last_tick_seen: float | None = None
         self.kpis: dict[str, KPIState] = {}
         self.rates: dict[str, RateMeter] = {}
 
@@ -78,10 +76,6 @@ class Registry:
             consumer_lag={str(k): int(v) for k, v in dict(payload.get("consumer_lag", {})).items()},
             last_seen=now,
         )
-
-    def tick(self, payload: dict[str, Any], *, now: float) -> None:
-        self.last_tick = dict(payload)
-        self.last_tick_seen = now
 
     def kpi_result(
         self, code: str, *, value: float, window_end: datetime, received: datetime, now: float

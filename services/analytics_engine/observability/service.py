@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -16,9 +17,9 @@ from pydantic import Field, ValidationError, field_validator
 
 from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS
-from analytics_engine.core.bus import REDIS_ERRORS, Delivery, encode_event
+from analytics_engine.core.bus import FIELD, REDIS_ERRORS, Delivery, encode_event
 from analytics_engine.core.durations import Duration
-from analytics_engine.core.envelopes import validation_summary
+from analytics_engine.core.envelopes import MalformedMessage, parse_event, validation_summary
 from analytics_engine.core.payloads import KPIResult, ServiceHeartbeat, SimulationTick
 from analytics_engine.core.retention import readers_of, trim_all, trimmed_channels
 from analytics_engine.core.runtime import ServiceRuntime
@@ -26,6 +27,8 @@ from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.observability.registry import Registry
 
 SERVICE = "observability_service"
+_LAST_TICKS = 10
+"""The newest `simulation.tick` entries searched for a valid one (the status's last tick)."""
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +135,16 @@ class Observability:
             self.registry.count("invalid", now=now)
 
     async def on_ticks(self, batch: Sequence[Delivery]) -> None:
+        """Count the ticks and dead-letter invalid ones (the status reads the last tick from
+        the stream: `last_tick`)."""
         now = time.monotonic()
         invalid: list[tuple[Delivery, str]] = []
         for delivery in batch:
             try:
-                tick = SimulationTick.model_validate(delivery.event.payload)
+                SimulationTick.model_validate(delivery.event.payload)
             except ValidationError as exc:
                 # informational, so not retried; but never dropped silently (protocol.md)
                 invalid.append((delivery, validation_summary(exc)))
-                continue
-            self.registry.tick(tick.model_dump(mode="json"), now=now)
         self.registry.count(channels.SIMULATION_TICK, now=now, n=len(batch))
         if invalid:
             pipe = self.runtime.redis.pipeline(transaction=True)
@@ -198,6 +201,24 @@ class Observability:
         names = [c for c in trimmed_channels() if channels.channel_spec(c).backpressure]
         return await self.runtime.publisher.full(names)
 
+    async def last_tick(self) -> tuple[dict[str, Any] | None, float | None]:
+        """The newest valid simulation tick and how long ago it was published, read from its
+        stream: every replica answers alike, although the replicas share the tick stream's
+        consumer group and each is delivered only some of the ticks."""
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self.runtime.redis.xrevrange(
+            channels.stream_key(channels.SIMULATION_TICK), count=_LAST_TICKS
+        )  # type: ignore[assignment]  # redis-py's stubs allow str: this client returns bytes
+        for entry_id, fields in entries:
+            try:
+                event = parse_event(fields.get(FIELD, b""))
+                tick = SimulationTick.model_validate(event.payload)
+            except (MalformedMessage, ValidationError):
+                continue  # dead-lettered by `on_ticks`
+            published_ms, _ = channels.parse_stream_id(entry_id)
+            age = max(0.0, time.time() - published_ms / 1000)
+            return tick.model_dump(mode="json"), round(age, 3)
+        return None, None
+
     async def status(self, request: web.Request) -> web.Response:
         now = time.monotonic()
         services = self.registry.services(now=now)
@@ -207,11 +228,7 @@ class Observability:
             self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
         for channel, count in dead.items():
             self.dead_letters.labels(channel).set(count)
-        tick_age = (
-            None
-            if self.registry.last_tick_seen is None
-            else round(now - self.registry.last_tick_seen, 3)
-        )
+        tick, tick_age = await self.last_tick()
         return web.json_response(
             {
                 "status": "ok"
@@ -222,7 +239,7 @@ class Observability:
                 "dead_letters": dead,
                 "message_rates": self.registry.message_rates(now=now),
                 "kpi_freshness": self.registry.kpi_freshness(now=now),
-                "simulation": {"last_tick": self.registry.last_tick, "seconds_ago": tick_age},
+                "simulation": {"last_tick": tick, "seconds_ago": tick_age},
                 "generated_at": datetime.now(UTC).isoformat(),
             }
         )

@@ -182,3 +182,78 @@ async def test_reports_full_streams_as_degraded(redis_url: str, running: Start) 
     body = await status(obs)
     assert body["full_streams"] == [channels.SIMULATION_TICK]
     assert body["status"] == "degraded"
+
+
+async def test_replicas_report_the_same_last_tick_and_either_one_trims(
+    redis_url: str, running: Start
+) -> None:
+    """The chart runs two replicas, so that retention (which gives full streams room) outlives
+    the loss of one pod. They share the tick stream's consumer group, each delivered only some
+    ticks, yet both report the newest valid tick; and the one left trims on its own."""
+
+    def replica(instance: str) -> ServiceRuntime:
+        return create(
+            Settings.model_validate(
+                {
+                    "REDIS_URL": redis_url,
+                    "OBSERVABILITY_PORT": 0,
+                    "SERVICE_INSTANCE_ID": instance,
+                    "OBSERVABILITY_TRIM_INTERVAL": "200ms",
+                }
+            )
+        )
+
+    first = await running(replica("obs-a"))
+    second = await running(replica("obs-b"))
+    key = channels.stream_key(channels.SIMULATION_TICK)
+    now = datetime.now(UTC).isoformat()
+
+    def tick(i: int) -> tuple[str, dict[str, Any]]:
+        return channels.SIMULATION_TICK, {
+            "tick": i,
+            "simulated_time": now,
+            "events_emitted": i,
+            "rate_per_s": 1,
+        }
+
+    for start in range(0, 100, 10):
+        await first.publisher.publish_many(tick(i) for i in range(start, start + 10))
+        await asyncio.sleep(0.02)
+    # the newest entry is not a valid tick: it is dead-lettered, and the status skips it
+    await first.redis.xadd(
+        key,
+        {
+            b"m": b'{"event_id":"bad-tick","event_type":"simulation.tick","source":"t",'
+            b'"timestamp":"2026-01-01T00:00:00+00:00","payload":{"tick":"soon"}}'
+        },
+    )
+
+    async def both_report_99() -> bool:
+        ticks = [(await status(rt))["simulation"] for rt in (first, second)]
+        return all(t["last_tick"] is not None and t["last_tick"]["tick"] == 99 for t in ticks)
+
+    await eventually(both_report_99)
+    for rt in (first, second):
+        assert 0 <= (await status(rt))["simulation"]["seconds_ago"] < 10
+    await eventually(lambda: _has_dead_letter(second, channels.SIMULATION_TICK))
+
+    first.stop()
+    await eventually(lambda: _down(first))
+    await second.publisher.publish_many(tick(i) for i in range(100, 1100))
+
+    async def trimmed() -> bool:
+        return int(await second.redis.xlen(key)) < 500
+
+    await eventually(trimmed)
+
+
+async def _has_dead_letter(rt: ServiceRuntime, channel: str) -> bool:
+    return (await status(rt))["dead_letters"].get(channel, 0) >= 1
+
+
+async def _down(rt: ServiceRuntime) -> bool:
+    try:
+        await status(rt)
+    except aiohttp.ClientConnectionError:
+        return True
+    return False

@@ -677,6 +677,34 @@ def test_hpa_replaces_replicas() -> None:
         assert ("replicas" in dep["spec"]) is (dep["metadata"]["name"] not in scaled)
 
 
+def test_retention_outlives_one_pod_or_node() -> None:
+    """The observability service trims the streams, and a full stream holds its publishers back:
+    it runs two replicas, spread over nodes, and a disruption takes at most one."""
+    objects = _render("default")
+    [dep] = [
+        d
+        for d in by_kind(objects, "Deployment")
+        if d["metadata"]["name"].endswith("-observability")
+    ]
+    assert dep["spec"]["replicas"] == 2
+    [term] = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches(term["podAffinityTerm"]["labelSelector"], labels)
+    [pdb] = [
+        p
+        for p in by_kind(objects, "PodDisruptionBudget")
+        if p["metadata"]["name"].endswith("-observability")
+    ]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    # a single replica gets no anti-affinity
+    for dep in by_kind(objects, "Deployment"):
+        if dep["spec"].get("replicas") == 1:
+            assert "affinity" not in dep["spec"]["template"]["spec"], name_of(dep)
+
+
 def test_the_calculation_engine_runs_as_exactly_one_replica() -> None:
     """Its window state lives in one process (checkpointed to Redis): never two at once."""
     [dep] = [
