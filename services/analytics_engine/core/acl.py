@@ -35,6 +35,7 @@ class ServiceAccess:
     watches: tuple[str, ...] = ()  # streams it produces and reads the length of (backpressure)
     reads_all_streams: bool = False  # observability: lengths of every stream and dead-letter stream
     trims_streams: bool = False  # observability: trims streams below what readers consumed
+    tool: bool = False  # a command-line tool, not a running service: it sends no heartbeats
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,8 +84,14 @@ SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
         requests=(ch.DATABASE_QUERY, ch.METADATA_LOOKUP),
     ),
     # `analytics-engine verify` and other operator tooling: definitions and read queries only.
-    "cli": ServiceAccess(requests=(ch.DATABASE_QUERY, ch.METADATA_LOOKUP)),
+    "cli": ServiceAccess(requests=(ch.DATABASE_QUERY, ch.METADATA_LOOKUP), tool=True),
 }
+
+
+def running_services() -> list[str]:
+    """The services that run (and send heartbeats), as opposed to tools."""
+    return [name for name, access in SERVICE_ACCESS.items() if not access.tool]
+
 
 # Commands every service needs: connection upkeep, transactions, pub/sub.
 BASE_COMMANDS = (

@@ -6,6 +6,7 @@ No I/O here: the service feeds it heartbeats and KPI results with their arrival 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -59,8 +60,19 @@ class RateMeter:
 class Registry:
     """Services and their instances, KPI freshness, message rates."""
 
-    def __init__(self, *, missing_after_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        missing_after_s: float,
+        expected: Collection[str] = (),
+        started: float = 0.0,
+    ) -> None:
+        """`expected`: the services deployed; one never heard from is reported missing once
+        the registry has listened for `missing_after_s` since `started` (monotonic), so that a
+        service down since before an observability restart still shows."""
         self.missing_after_s = missing_after_s
+        self.expected = frozenset(expected)
+        self.started = started
         self.instances: dict[tuple[str, str], InstanceState] = {}
         self.kpis: dict[str, KPIState] = {}
         self.rates: dict[str, RateMeter] = {}
@@ -132,6 +144,13 @@ class Registry:
                     "consumer_lag": lag,
                 }
             )
+        if now - self.started >= self.missing_after_s:
+            unheard = self.expected - by_service.keys()
+            out.extend(
+                {"service": service, "status": "missing", "instances": [], "consumer_lag": {}}
+                for service in unheard
+            )
+            out.sort(key=lambda entry: str(entry["service"]))
         return out
 
     def kpi_freshness(self, *, now: float) -> list[dict[str, Any]]:

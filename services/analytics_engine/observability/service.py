@@ -16,7 +16,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field, ValidationError, field_validator
 
 from analytics_engine.core import channels
-from analytics_engine.core.acl import SERVICE_ACCESS
+from analytics_engine.core.acl import SERVICE_ACCESS, running_services
 from analytics_engine.core.bus import FIELD, REDIS_ERRORS, Delivery, encode_event
 from analytics_engine.core.durations import Duration
 from analytics_engine.core.envelopes import MalformedMessage, parse_event, validation_summary
@@ -58,7 +58,9 @@ class Settings(BaseServiceSettings):
         default="",
         validation_alias="OBSERVABILITY_ABSENT_READERS",
         description="Services not deployed, comma-separated (e.g. `data_simulator`): the "
-        "streams they would read are trimmed without waiting for them.",
+        "streams they would read are trimmed without waiting for them, and the status does not "
+        "report them missing (every other service is, once no heartbeat of it came for "
+        "`OBSERVABILITY_MISSING_AFTER`, even one never heard from since this service started).",
     )
 
     @field_validator("absent_readers")
@@ -82,7 +84,12 @@ class Observability:
 
     def __init__(self, runtime: ServiceRuntime, settings: Settings) -> None:
         self.runtime = runtime
-        self.registry = Registry(missing_after_s=settings.missing_after_s)
+        absent = absent_services(settings.absent_readers)
+        self.registry = Registry(
+            missing_after_s=settings.missing_after_s,
+            expected=set(running_services()) - absent,
+            started=time.monotonic(),
+        )
         r = runtime.metrics.registry
         self.services_up = Gauge(
             "analytics_service_up",

@@ -257,3 +257,35 @@ async def _down(rt: ServiceRuntime) -> bool:
     except aiohttp.ClientConnectionError:
         return True
     return False
+
+
+async def test_a_service_down_since_before_it_started_is_reported_missing(
+    redis_url: str, running: Start
+) -> None:
+    """Restarted (a new pod, a second replica), the observability service has missed the last
+    heartbeats of a service that is already down: it reports every deployed service it does
+    not hear from, and not those the chart says are not deployed."""
+    obs = create(
+        Settings.model_validate(
+            {
+                "REDIS_URL": redis_url,
+                "OBSERVABILITY_PORT": 0,
+                "OBSERVABILITY_MISSING_AFTER": 0.5,
+                "HEARTBEAT_INTERVAL": 0.1,
+                "OBSERVABILITY_ABSENT_READERS": "data_simulator",
+            }
+        )
+    )
+    await running(obs)
+
+    async def reported() -> bool:
+        return "database_service" in {s["service"] for s in (await status(obs))["services"]}
+
+    await eventually(reported)
+    body = await status(obs)
+    entries = {s["service"]: s for s in body["services"]}
+    assert entries["database_service"]["status"] == "missing"
+    assert entries["database_service"]["instances"] == []
+    assert "data_simulator" not in entries
+    assert entries["observability_service"]["status"] == "up"  # its own heartbeats
+    assert body["status"] == "degraded"

@@ -28,6 +28,35 @@ def test_instances_go_missing_after_silence_and_come_back() -> None:
     assert entry["consumer_lag"] == {"simulation.entity.created": 3}
 
 
+def test_an_expected_service_never_heard_from_goes_missing_once_we_listened_long_enough() -> None:
+    """A service that died before the observability service (re)started sends no heartbeat to
+    be missed: it is reported from the list of deployed services instead."""
+    registry = Registry(
+        missing_after_s=5, expected={"database_service", "archival_service"}, started=100.0
+    )
+    registry.heartbeat(beat("archival_service", "a"), now=101.0)
+    registry.heartbeat(beat("hostile_probe", "x"), now=101.0)  # heard, not expected: listed
+    assert [e["service"] for e in registry.services(now=104.0)] == [
+        "archival_service",
+        "hostile_probe",
+    ]
+    entries = {e["service"]: e for e in registry.services(now=105.0)}
+    assert list(entries) == ["archival_service", "database_service", "hostile_probe"]
+    assert entries["database_service"] == {
+        "service": "database_service",
+        "status": "missing",
+        "instances": [],
+        "consumer_lag": {},
+    }
+    assert entries["archival_service"]["status"] == "up"
+    registry.heartbeat(beat("database_service", "d"), now=105.5)
+    assert {e["service"]: e["status"] for e in registry.services(now=106.0)} == {
+        "archival_service": "up",
+        "database_service": "up",
+        "hostile_probe": "up",
+    }
+
+
 def test_a_service_is_up_while_any_replica_is_up() -> None:
     registry = Registry(missing_after_s=5)
     registry.heartbeat(beat("database_service", "a"), now=100.0)
