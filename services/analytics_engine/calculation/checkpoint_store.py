@@ -10,6 +10,7 @@ smaller checkpoint no longer needs are deleted in that MULTI too.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
 import orjson
@@ -27,6 +28,20 @@ class CorruptCheckpoint(RuntimeError):
 
 def part_key(key: str, index: int) -> str:
     return f"{key}:part:{index}"
+
+
+async def delete_strays(redis: Redis, prefix: str, keep: Collection[str]) -> int:
+    """Delete the keys starting with `prefix` but those in `keep`; how many went.
+
+    Parts and chunks are deleted as checkpoints stop needing them, but those of a checkpoint
+    deleted by hand (or of a version that numbered them otherwise) would stay for good: the
+    engine sweeps them once, at start. A checkpoint key's keys are few (a few dozen)."""
+    pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix) + "*"
+    found = [key async for key in redis.scan_iter(match=pattern, count=1000)]
+    strays = [key for key in found if key.decode() not in keep]
+    for first in range(0, len(strays), 1000):
+        await redis.delete(*strays[first : first + 1000])
+    return len(strays)
 
 
 class CheckpointStore:
@@ -58,12 +73,11 @@ class CheckpointStore:
     async def load(self) -> bytes | None:
         """The stored checkpoint's bytes, None when there is none."""
         raw = await self._redis.get(self.key)
-        if raw is None:
+        assert raw is None or isinstance(raw, bytes)  # the platform's clients never decode
+        if raw is None or not raw.startswith(b'{"' + MANIFEST_MARK.encode()):
+            # none, or a checkpoint in one value: no parts
             self._parts_stored = 0
-            return None
-        assert isinstance(raw, bytes)  # the platform's clients never decode responses
-        if not raw.startswith(b'{"' + MANIFEST_MARK.encode()):  # a checkpoint in one value
-            self._parts_stored = 0
+            await delete_strays(self._redis, f"{self.key}:part:", ())
             return raw
         head = orjson.loads(raw)
         count, size = int(head[MANIFEST_MARK]), int(head["bytes"])
@@ -75,4 +89,6 @@ class CheckpointStore:
         if len(data) != size:
             raise CorruptCheckpoint(f"{self.key}: parts hold {len(data)} bytes, not {size}")
         self._parts_stored = count
+        keep = {part_key(self.key, i) for i in range(count)}
+        await delete_strays(self._redis, f"{self.key}:part:", keep)
         return data

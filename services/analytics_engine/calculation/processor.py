@@ -384,6 +384,7 @@ class StreamProcessor:
         """
         raw = await self._store.load()
         if raw is None:
+            await self.ring.drop_strays()
             await self.consumer.rewind({})
             return None
         data: dict[str, Any] = orjson.loads(raw)
@@ -401,6 +402,7 @@ class StreamProcessor:
                 # duplicates among the last ids, which is no reason to stay down
                 log.error("dedupe ring not restored: starting it empty", extra={"error": str(exc)})
                 self.engine.restore_recent([], manifest.end)
+        await self.ring.drop_strays()
         positions: dict[str, str] = data.get("released", {})
         self.merger = new_merger({c: parse_stream_id(s) for c, s in positions.items()})
         await self.consumer.rewind(positions)

@@ -73,3 +73,20 @@ async def test_a_missing_part_is_an_error_not_a_truncated_state(strict_redis: Re
     with pytest.raises(CorruptCheckpoint, match="a part of 4 is missing"):
         await store.load()
     assert await strict_redis.get(KEY) is not None
+
+
+async def test_parts_no_checkpoint_lists_are_swept_when_it_loads(strict_redis: Redis) -> None:
+    """Parts left by a checkpoint deleted by hand, or beyond what the stored one lists, go
+    when the engine loads at start; other keys stay."""
+    store = CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024)
+    assert await save(strict_redis, store, b"x" * 200_000) == 4
+    await strict_redis.set(part_key(KEY, 9), b"left by an older checkpoint")
+    await strict_redis.set(f"{KEY}:ids:0", b"[]")  # the ring's chunks are not parts
+    assert await CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024).load() == b"x" * 200_000
+    assert sorted(await strict_redis.keys(f"{KEY}:part:*")) == sorted(
+        part_key(KEY, i).encode() for i in range(4)
+    )
+    await strict_redis.delete(KEY)  # by hand
+    assert await CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024).load() is None
+    assert await strict_redis.keys(f"{KEY}:part:*") == []
+    assert await strict_redis.get(f"{KEY}:ids:0") == b"[]"

@@ -135,3 +135,22 @@ async def test_chunks_lost_by_redis_are_noticed_and_the_ring_stored_anew(redis: 
     assert len(await redis.keys(f"{KEY}:ids:*")) == len(write.manifest.chunks)  # no leftovers
     loaded = await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).load(write.manifest)
     assert loaded == e.recent_ids()
+
+
+async def test_chunks_no_checkpoint_lists_are_swept_at_start(redis: Redis) -> None:
+    """Chunks outlive a checkpoint deleted by hand (or one of a version that numbered them
+    otherwise): the engine deletes those the stored ring does not list when it starts."""
+    e, log = engine(100), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
+    feed(e, range(25))
+    write = await checkpoint(redis, log, e)
+    await redis.set(chunk_key(KEY, 999), b'["id-x"]')  # listed by no checkpoint
+    await redis.set(f"{KEY}:other", b"kept")  # not a chunk
+    restarted = RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
+    await restarted.load(write.manifest)
+    await restarted.drop_strays()
+    listed = {chunk_key(KEY, c[0]).encode() for c in write.manifest.chunks}
+    assert set(await redis.keys(f"{KEY}:ids:*")) == listed
+    assert await redis.get(f"{KEY}:other") == b"kept"
+    # without a checkpoint (deleted by hand), every chunk is a stray
+    await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).drop_strays()
+    assert await redis.keys(f"{KEY}:ids:*") == []
