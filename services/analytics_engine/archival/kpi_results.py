@@ -12,8 +12,9 @@ duplicate). Redis keeps two records next to the stream:
   dimensions)` plus its value, sample count and definition version (`layout.result_fingerprint`).
 * *intents*: `ae:archival:intents`, batch name -> the object keys a flush is about to write.
 
-A flush (batch full: `ARCHIVAL_BATCH_ROWS`; or its oldest result waited
-`ARCHIVAL_FLUSH_INTERVAL`) then does:
+A flush (batch full: `ARCHIVAL_BATCH_ROWS`; its oldest result waited `ARCHIVAL_FLUSH_INTERVAL`;
+or a quarter batch is in hand and nothing more came for `QUIET_FLUSH_S`, as at a backlog's end)
+then does:
 
 1. if the batch holds re-delivered entries (or an earlier flush of ours failed half-way),
    *resolve* intents first (see below), so whatever an interrupted flush wrote is in the ledger;
@@ -90,6 +91,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Partition = tuple[str, str]
+QUIET_FLUSH_S = 0.25
+"""A buffer of a quarter batch or more is flushed once no result came for this long."""
 Hook = Callable[[Sequence[str]], Awaitable[None]]
 
 
@@ -205,6 +208,7 @@ class KpiResultArchiver:
         self._chunks: list[KpiChunk] = []
         self._oldest: float | None = None
         self._last_touch = 0.0
+        self._last_handled = 0.0
         self._lock = asyncio.Lock()
         self._behind: asyncio.Task[None] | None = None  # a flush running while reading goes on
         self._behind_failed = False
@@ -225,6 +229,7 @@ class KpiResultArchiver:
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Buffer the batch; flush when the buffer is full or old. Never acknowledges here:
         entries are acknowledged by the flush that made them durable."""
+        self._last_handled = time.monotonic()
         batch = DeliveryBatch.of(deliveries)
         ids, channels, payloads = batch.ids, batch.channels, batch.payloads
         if any(attempt > 1 for attempt in batch.attempts):
@@ -295,7 +300,15 @@ class KpiResultArchiver:
             return False
         if len(self._held) >= self._batch_rows:
             return True
-        return self._oldest is not None and time.monotonic() - self._oldest >= self._interval
+        now = time.monotonic()
+        if self._oldest is not None and now - self._oldest >= self._interval:
+            return True
+        # Nothing more came for a moment and a file's worth is in hand (a backlog's tail):
+        # write it now, not a flush interval later. A trickle never holds that much: it still
+        # waits for the interval and makes few files.
+        return (
+            len(self._held) >= self._batch_rows // 4 and now - self._last_handled >= QUIET_FLUSH_S
+        )
 
     async def _dead_letter(self, bad: Sequence[tuple[Delivery, str]]) -> None:
         def add(pipe: Pipeline) -> None:
@@ -470,7 +483,7 @@ class KpiResultArchiver:
     async def run_timer(self) -> None:
         """Background loop: flush quiet buffers, keep held entries fresh while S3 is down."""
         backoff = 0.1
-        tick = min(self._interval / 2, 1.0)
+        tick = min(self._interval / 2, QUIET_FLUSH_S)
         while True:
             await asyncio.sleep(tick)
             if not self._due() or self._flushing_behind:

@@ -439,3 +439,22 @@ async def test_a_replica_leaves_a_peer_s_flush_in_progress_alone(
     assert await intents() == {}
     table = h.table("kpi_results/")
     assert sorted(table.column("value").to_pylist()) == [float(i) for i in range(151)]
+
+
+async def test_a_backlog_s_tail_is_written_once_nothing_more_comes(
+    running: Start, h: Harness
+) -> None:
+    """The end of a backlog does not wait a flush interval: a quarter batch or more in hand is
+    flushed once the stream goes quiet. A trickle below that still waits for the interval (few,
+    larger files)."""
+    runtime = create(
+        h.settings(ARCHIVAL_BATCH_ROWS=400, ARCHIVAL_READ_BATCH=50, ARCHIVAL_FLUSH_INTERVAL="60s")
+    )
+    await running(runtime)
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(150)])
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS), timeout=10)
+    assert h.rows() == 150
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(150, 170)])
+    await asyncio.sleep(1.5)
+    assert await pending(h.redis, ARCHIVE_KPI_RESULTS) == 20  # held for the interval
+    assert h.rows() == 150
