@@ -209,6 +209,7 @@ class KpiResultArchiver:
         self._oldest: float | None = None
         self._last_touch = 0.0
         self._last_handled = 0.0
+        self._handling = False
         self._lock = asyncio.Lock()
         self._behind: asyncio.Task[None] | None = None  # a flush running while reading goes on
         self._behind_failed = False
@@ -229,7 +230,14 @@ class KpiResultArchiver:
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Buffer the batch; flush when the buffer is full or old. Never acknowledges here:
         entries are acknowledged by the flush that made them durable."""
-        self._last_handled = time.monotonic()
+        self._handling = True  # a handler waiting on a flush is not a quiet stream
+        try:
+            await self._buffer(deliveries)
+        finally:
+            self._handling = False
+            self._last_handled = time.monotonic()
+
+    async def _buffer(self, deliveries: Sequence[Delivery]) -> None:
         batch = DeliveryBatch.of(deliveries)
         ids, channels, payloads = batch.ids, batch.channels, batch.payloads
         if any(attempt > 1 for attempt in batch.attempts):
@@ -304,10 +312,12 @@ class KpiResultArchiver:
         if self._oldest is not None and now - self._oldest >= self._interval:
             return True
         # Nothing more came for a moment and a file's worth is in hand (a backlog's tail):
-        # write it now, not a flush interval later. A trickle never holds that much: it still
-        # waits for the interval and makes few files.
+        # write it now, not a flush interval later. A trickle below that still waits for the
+        # interval; bursts of a quarter batch or more make a file each (at most 4x as many).
         return (
-            len(self._held) >= self._batch_rows // 4 and now - self._last_handled >= QUIET_FLUSH_S
+            len(self._held) >= self._batch_rows // 4
+            and not self._handling
+            and now - self._last_handled >= QUIET_FLUSH_S
         )
 
     async def _dead_letter(self, bad: Sequence[tuple[Delivery, str]]) -> None:
@@ -486,7 +496,7 @@ class KpiResultArchiver:
         tick = min(self._interval / 2, QUIET_FLUSH_S)
         while True:
             await asyncio.sleep(tick)
-            if not self._due() or self._flushing_behind:
+            if not self._due() or self._flushing_behind or self._lock.locked():
                 continue
             try:
                 await self.flush()

@@ -40,7 +40,9 @@ class Settings(BaseServiceSettings, S3Settings):
         default=5.0,
         gt=0,
         validation_alias="ARCHIVAL_FLUSH_INTERVAL",
-        description="Longest a KPI result waits in the buffer (seconds, or '5s', '500ms').",
+        description="Longest a KPI result waits in the buffer (seconds, or '5s', '500ms'). "
+        "A quarter of `ARCHIVAL_BATCH_ROWS` or more is written sooner, once no result came for "
+        "0.25 s (the end of a backlog).",
     )
     dedup_ttl_s: int = Field(
         default=7 * 86_400,

@@ -31,16 +31,13 @@ def part_key(key: str, index: int) -> str:
 
 
 async def delete_strays(redis: Redis, prefix: str, keep: Collection[str]) -> int:
-    """Delete the keys starting with `prefix` but those in `keep`; how many went.
-
-    Parts and chunks are deleted as checkpoints stop needing them, but those of a checkpoint
-    deleted by hand (or of a version that numbered them otherwise) would stay for good: the
-    engine sweeps them once, at start. A checkpoint key's keys are few (a few dozen)."""
+    """Delete the keys starting with `prefix` but those in `keep` (one SCAN of the keyspace);
+    how many went."""
     pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix) + "*"
     found = [key async for key in redis.scan_iter(match=pattern, count=1000)]
     strays = [key for key in found if key.decode() not in keep]
-    for first in range(0, len(strays), 1000):
-        await redis.delete(*strays[first : first + 1000])
+    if strays:
+        await redis.delete(*strays)
     return len(strays)
 
 
@@ -77,7 +74,6 @@ class CheckpointStore:
         if raw is None or not raw.startswith(b'{"' + MANIFEST_MARK.encode()):
             # none, or a checkpoint in one value: no parts
             self._parts_stored = 0
-            await delete_strays(self._redis, f"{self.key}:part:", ())
             return raw
         head = orjson.loads(raw)
         count, size = int(head[MANIFEST_MARK]), int(head["bytes"])
@@ -89,6 +85,8 @@ class CheckpointStore:
         if len(data) != size:
             raise CorruptCheckpoint(f"{self.key}: parts hold {len(data)} bytes, not {size}")
         self._parts_stored = count
-        keep = {part_key(self.key, i) for i in range(count)}
-        await delete_strays(self._redis, f"{self.key}:part:", keep)
         return data
+
+    def stored_keys(self) -> set[str]:
+        """The part keys the stored checkpoint lists (after `load` or `written`)."""
+        return {part_key(self.key, i) for i in range(self._parts_stored)}

@@ -42,7 +42,11 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from analytics_engine.calculation.cache import LatestResults
-from analytics_engine.calculation.checkpoint_store import CheckpointStore, CorruptCheckpoint
+from analytics_engine.calculation.checkpoint_store import (
+    CheckpointStore,
+    CorruptCheckpoint,
+    delete_strays,
+)
 from analytics_engine.calculation.events import (
     EntityEventDecoder,
     InvalidEntityEvent,
@@ -384,7 +388,7 @@ class StreamProcessor:
         """
         raw = await self._store.load()
         if raw is None:
-            await self.ring.drop_strays()
+            await self._drop_strays()
             await self.consumer.rewind({})
             return None
         data: dict[str, Any] = orjson.loads(raw)
@@ -402,7 +406,7 @@ class StreamProcessor:
                 # duplicates among the last ids, which is no reason to stay down
                 log.error("dedupe ring not restored: starting it empty", extra={"error": str(exc)})
                 self.engine.restore_recent([], manifest.end)
-        await self.ring.drop_strays()
+        await self._drop_strays()
         positions: dict[str, str] = data.get("released", {})
         self.merger = new_merger({c: parse_stream_id(s) for c, s in positions.items()})
         await self.consumer.rewind(positions)
@@ -412,6 +416,15 @@ class StreamProcessor:
             extra={"saved_at": data.get("saved_at"), "kpis": len(definitions)},
         )
         return data
+
+    async def _drop_strays(self) -> None:
+        """Delete the keys under the checkpoint's that it does not list: parts and ring chunks
+        are deleted as checkpoints stop needing them, but those of a checkpoint deleted by hand
+        (or of a version that numbered them otherwise) would stay for good."""
+        keep = self._store.stored_keys() | self.ring.stored_keys()
+        dropped = await delete_strays(self._redis, f"{self.checkpoint_key}:", keep)
+        if dropped:
+            log.info("deleted keys no checkpoint lists", extra={"keys": dropped})
 
     async def shutdown(self) -> None:
         """Final checkpoint (consumers have stopped by now)."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from analytics_engine.calculation.checkpoint_store import CorruptCheckpoint, delete_strays
+from analytics_engine.calculation.checkpoint_store import CorruptCheckpoint
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -139,11 +139,9 @@ class RecentIdsLog:
                 log.warning("dedupe ring chunks lost in Redis: storing the ring anew")
                 self._rewrite = True
 
-    async def drop_strays(self) -> None:
-        """Delete the chunk keys the stored ring does not list (at start, after `load`, or
-        when there is no checkpoint)."""
-        keep = {chunk_key(self.key, c[0]) for c in self._stored}
-        await delete_strays(self._redis, f"{self.key}:ids:", keep)
+    def stored_keys(self) -> set[str]:
+        """The chunk keys the stored ring lists (after `load` or `written`)."""
+        return {chunk_key(self.key, c[0]) for c in self._stored}
 
     async def load(self, manifest: RingManifest) -> list[str]:
         """The ring's ids as the manifest's checkpoint stored them, oldest first."""

@@ -142,9 +142,9 @@ class Observability:
             self.registry.count("invalid", now=now)
 
     async def on_ticks(self, batch: Sequence[Delivery]) -> None:
-        """Count the ticks and dead-letter invalid ones (the status reads the last tick from
-        the stream: `last_tick`)."""
-        now = time.monotonic()
+        """Dead-letter invalid ticks. (The status reads the last tick from the stream,
+        `last_tick`, and their rate from its length, `sample_streams`: replicas share this
+        consumer group, and each is delivered only some of the ticks.)"""
         invalid: list[tuple[Delivery, str]] = []
         for delivery in batch:
             try:
@@ -152,7 +152,6 @@ class Observability:
             except ValidationError as exc:
                 # informational, so not retried; but never dropped silently (protocol.md)
                 invalid.append((delivery, validation_summary(exc)))
-        self.registry.count(channels.SIMULATION_TICK, now=now, n=len(batch))
         if invalid:
             pipe = self.runtime.redis.pipeline(transaction=True)
             for delivery, reason in invalid:
@@ -222,7 +221,8 @@ class Observability:
             except (MalformedMessage, ValidationError):
                 continue  # dead-lettered by `on_ticks`
             published_ms, _ = channels.parse_stream_id(entry_id)
-            age = max(0.0, time.time() - published_ms / 1000)
+            seconds, micros = await self.runtime.redis.time()  # the clock of the entry ids
+            age = max(0.0, seconds + micros / 1e6 - published_ms / 1000)
             return tick.model_dump(mode="json"), round(age, 3)
         return None, None
 

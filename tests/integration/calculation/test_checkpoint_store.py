@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from analytics_engine.calculation.checkpoint_store import (
     CheckpointStore,
     CorruptCheckpoint,
+    delete_strays,
     part_key,
 )
 from analytics_engine.core.redis import connect
@@ -75,18 +76,28 @@ async def test_a_missing_part_is_an_error_not_a_truncated_state(strict_redis: Re
     assert await strict_redis.get(KEY) is not None
 
 
-async def test_parts_no_checkpoint_lists_are_swept_when_it_loads(strict_redis: Redis) -> None:
-    """Parts left by a checkpoint deleted by hand, or beyond what the stored one lists, go
-    when the engine loads at start; other keys stay."""
+async def test_keys_under_the_checkpoint_it_does_not_list_are_deleted(
+    strict_redis: Redis,
+) -> None:
+    """What the engine does at start (`processor._drop_strays`): parts left by a checkpoint
+    deleted by hand, or beyond what the stored one lists, go; listed keys, and keys outside the
+    checkpoint's, stay."""
     store = CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024)
     assert await save(strict_redis, store, b"x" * 200_000) == 4
     await strict_redis.set(part_key(KEY, 9), b"left by an older checkpoint")
-    await strict_redis.set(f"{KEY}:ids:0", b"[]")  # the ring's chunks are not parts
-    assert await CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024).load() == b"x" * 200_000
-    assert sorted(await strict_redis.keys(f"{KEY}:part:*")) == sorted(
+    await strict_redis.set(f"{KEY}x:part:0", b"another key's")  # the prefix ends at ':'
+    await strict_redis.set("ae:calc:[weird]*:part:0", b"glob characters")
+    restarted = CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024)
+    assert await restarted.load() == b"x" * 200_000
+    assert restarted.stored_keys() == {part_key(KEY, i) for i in range(4)}
+    assert await delete_strays(strict_redis, f"{KEY}:", restarted.stored_keys()) == 1
+    assert sorted(await strict_redis.keys(f"{KEY}:*")) == sorted(
         part_key(KEY, i).encode() for i in range(4)
     )
+    assert await delete_strays(strict_redis, "ae:calc:[weird]*:", ()) == 1
+    assert await strict_redis.get(f"{KEY}x:part:0") == b"another key's"
     await strict_redis.delete(KEY)  # by hand
-    assert await CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024).load() is None
-    assert await strict_redis.keys(f"{KEY}:part:*") == []
-    assert await strict_redis.get(f"{KEY}:ids:0") == b"[]"
+    gone = CheckpointStore(strict_redis, KEY, part_bytes=64 * 1024)
+    assert await gone.load() is None
+    assert await delete_strays(strict_redis, f"{KEY}:", gone.stored_keys()) == 4
+    assert await strict_redis.keys(f"{KEY}:*") == []

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from analytics_engine.calculation.checkpoint_store import CorruptCheckpoint
+from analytics_engine.calculation.checkpoint_store import CorruptCheckpoint, delete_strays
 from analytics_engine.calculation.recent_ids_log import (
     MAX_ID_BYTES,
     RecentIdsLog,
@@ -137,20 +137,18 @@ async def test_chunks_lost_by_redis_are_noticed_and_the_ring_stored_anew(redis: 
     assert loaded == e.recent_ids()
 
 
-async def test_chunks_no_checkpoint_lists_are_swept_at_start(redis: Redis) -> None:
-    """Chunks outlive a checkpoint deleted by hand (or one of a version that numbered them
-    otherwise): the engine deletes those the stored ring does not list when it starts."""
+async def test_the_stored_ring_names_its_chunks_and_nothing_else(redis: Redis) -> None:
+    """What the engine keeps at start (`processor._drop_strays`): the chunks the stored ring
+    lists; a chunk no checkpoint lists (left by one deleted by hand) goes."""
     e, log = engine(100), RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
     feed(e, range(25))
     write = await checkpoint(redis, log, e)
     await redis.set(chunk_key(KEY, 999), b'["id-x"]')  # listed by no checkpoint
-    await redis.set(f"{KEY}:other", b"kept")  # not a chunk
     restarted = RecentIdsLog(redis, KEY, part_bytes=PART_BYTES)
     await restarted.load(write.manifest)
-    await restarted.drop_strays()
-    listed = {chunk_key(KEY, c[0]).encode() for c in write.manifest.chunks}
-    assert set(await redis.keys(f"{KEY}:ids:*")) == listed
-    assert await redis.get(f"{KEY}:other") == b"kept"
-    # without a checkpoint (deleted by hand), every chunk is a stray
-    await RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).drop_strays()
-    assert await redis.keys(f"{KEY}:ids:*") == []
+    listed = {chunk_key(KEY, c[0]) for c in write.manifest.chunks}
+    assert restarted.stored_keys() == log.stored_keys() == listed
+    assert await delete_strays(redis, f"{KEY}:", restarted.stored_keys()) == 1
+    assert {k.decode() for k in await redis.keys(f"{KEY}:*")} == listed
+    # without a checkpoint (deleted by hand) every chunk is a stray
+    assert RecentIdsLog(redis, KEY, part_bytes=PART_BYTES).stored_keys() == set()

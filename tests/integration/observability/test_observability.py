@@ -228,6 +228,8 @@ async def test_replicas_report_the_same_last_tick_and_either_one_trims(
         },
     )
 
+    # each tick entry is delivered to one replica only, so only a status read from the
+    # stream can show tick 99 on both
     async def both_report_99() -> bool:
         ticks = [(await status(rt))["simulation"] for rt in (first, second)]
         return all(t["last_tick"] is not None and t["last_tick"]["tick"] == 99 for t in ticks)

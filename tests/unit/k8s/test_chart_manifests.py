@@ -675,6 +675,8 @@ def test_hpa_replaces_replicas() -> None:
     assert scaled == {f"{RELEASE}-analytics-engine-database"}
     for dep in by_kind(objects, "Deployment"):
         assert ("replicas" in dep["spec"]) is (dep["metadata"]["name"] not in scaled)
+        if dep["metadata"]["name"] in scaled:  # possibly several replicas: spread over nodes
+            assert "podAntiAffinity" in dep["spec"]["template"]["spec"]["affinity"]
 
 
 def test_retention_outlives_one_pod_or_node() -> None:
