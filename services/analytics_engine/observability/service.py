@@ -84,10 +84,11 @@ class Observability:
 
     def __init__(self, runtime: ServiceRuntime, settings: Settings) -> None:
         self.runtime = runtime
-        absent = absent_services(settings.absent_readers)
+        self.absent = absent_services(settings.absent_readers)
+        """Services not deployed: retention does not wait for them, the status expects none."""
         self.registry = Registry(
             missing_after_s=settings.missing_after_s,
-            expected=set(running_services()) - absent,
+            expected=set(running_services()) - self.absent,
             started=time.monotonic(),
         )
         r = runtime.metrics.registry
@@ -180,12 +181,12 @@ class Observability:
                 previous[name] = added
             await asyncio.sleep(2.0)
 
-    async def trim_streams(self, interval_s: float, absent: frozenset[str]) -> None:
+    async def trim_streams(self, interval_s: float) -> None:
         """Every `interval_s`, trim each durable stream below what its readers consumed."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                removed = await trim_all(self.runtime.redis, absent)
+                removed = await trim_all(self.runtime.redis, self.absent)
             except REDIS_ERRORS as exc:
                 log.warning("stream trimming skipped", extra={"error": str(exc)[:200]})
                 continue
@@ -264,8 +265,7 @@ def create(settings: Settings) -> ServiceRuntime:
     runtime.add_task("sample-streams", observability.sample_streams)
     interval = settings.trim_interval.total_seconds()
     if interval > 0:
-        absent = absent_services(settings.absent_readers)
-        trim = functools.partial(observability.trim_streams, interval, absent)
+        trim = functools.partial(observability.trim_streams, interval)
         runtime.add_task("trim-streams", trim)
     runtime.http.router.add_get("/api/v1/status", observability.status)
     return runtime
