@@ -76,11 +76,10 @@ from analytics_engine.archival.tables import (
 from analytics_engine.core.bus import (
     REDIS_ERRORS,
     DeliveryBatch,
-    describe_error,
     encode_event,
     ids_by_channel,
 )
-from analytics_engine.core.errors import TransientError
+from analytics_engine.core.errors import TransientError, describe_error
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline

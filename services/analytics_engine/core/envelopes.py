@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter, itemgetter
 from typing import Any, Final, TypeVar
@@ -331,3 +331,12 @@ def parse_response(raw: bytes) -> Response:
     }
     extra = {k: v for k, v in data.items() if k not in _RESPONSE_FIELDS}
     return assemble(Response, fields, extra)
+
+
+def parse_json_object(raw: bytes) -> Mapping[str, Any] | None:
+    """Best-effort parse for error paths (finding a `reply_to` in a malformed request)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -53,3 +53,8 @@ class InvalidEvent(AnalyticsError):
     """Raised by an event handler for an event that can never be handled (its payload breaks
     the protocol): the bus dead-letters it at once, with this message as the reason, and goes
     on with the rest of the batch."""
+
+
+def describe_error(exc: BaseException, *, limit: int = 500) -> str:
+    """`Type: message` of an exception, short enough for a dead letter or a log line."""
+    return f"{type(exc).__name__}: {str(exc)[:limit]}"

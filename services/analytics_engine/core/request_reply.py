@@ -27,7 +27,6 @@ from analytics_engine.core.bus import (
     REDIS_ERRORS,
     DeadLetters,
     LiveSubscription,
-    parse_json_object,
 )
 from analytics_engine.core.channels import request_claim_key
 from analytics_engine.core.coalesce import Coalescer
@@ -38,6 +37,7 @@ from analytics_engine.core.envelopes import (
     assemble,
     dumps,
     new_id,
+    parse_json_object,
     parse_request,
     parse_response,
     utcnow,
