@@ -42,7 +42,7 @@ from analytics_engine.database.partitions import PartitionManager
 from analytics_engine.database.roles import ensure_writer_role
 from analytics_engine.database.simulation_data_consumer import SimulationDataConsumer
 from analytics_engine.database.writer import STAGING_SETUP, EntityEventWriter
-from analytics_engine.localstack.servers import PostgresServer, RedisServer
+from analytics_engine.localstack import PostgresServer, RedisServer
 from pipeline_bench import generate, publish
 
 GROUP = "database"

@@ -42,7 +42,7 @@ from analytics_engine.database.model import EntityEventRow, parse_entity_event
 from analytics_engine.database.partitions import PartitionManager
 from analytics_engine.database.roles import ensure_writer_role
 from analytics_engine.database.writer import STAGING_SETUP, EntityEventWriter
-from analytics_engine.localstack.servers import PostgresServer
+from analytics_engine.localstack import PostgresServer
 from pipeline_bench import generate
 
 _EVENT_COLUMNS = EntityEventRow._fields

@@ -24,8 +24,8 @@ import aiohttp
 
 from analytics_engine.cli import SERVICES
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file
+from analytics_engine.localstack.infra import LocalInfra
 from analytics_engine.localstack.ports import free_ports
-from analytics_engine.localstack.servers import LocalInfra
 from analytics_engine.localstack.supervisor import ProcessSpec, Supervisor, service_argv
 
 log = logging.getLogger("analytics_engine.up")

@@ -16,7 +16,7 @@ from analytics_engine.calculation.checkpoint_store import (
     part_key,
 )
 from analytics_engine.core.redis import connect
-from analytics_engine.localstack.servers import RedisServer
+from analytics_engine.localstack import RedisServer
 
 pytestmark = pytest.mark.asyncio
 
