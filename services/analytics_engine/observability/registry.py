@@ -65,11 +65,12 @@ class Registry:
         *,
         missing_after_s: float,
         expected: Collection[str] = (),
-        started: float = 0.0,
+        started: float | None = None,
     ) -> None:
         """`expected`: the services deployed; one never heard from is reported missing once
-        the registry has listened for `missing_after_s` since `started` (monotonic), so that a
-        service down since before an observability restart still shows."""
+        the registry has listened for `missing_after_s` since `started` (monotonic; None: not
+        listening yet), so that a service down since before an observability restart still
+        shows."""
         self.missing_after_s = missing_after_s
         self.expected = frozenset(expected)
         self.started = started
@@ -144,7 +145,7 @@ class Registry:
                     "consumer_lag": lag,
                 }
             )
-        if now - self.started >= self.missing_after_s:
+        if self.started is not None and now - self.started >= self.missing_after_s:
             unheard = self.expected - by_service.keys()
             out.extend(
                 {"service": service, "status": "missing", "instances": [], "consumer_lag": {}}

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS, running_services
-from analytics_engine.core.bus import FIELD, REDIS_ERRORS, Delivery, encode_event
+from analytics_engine.core.bus import FIELD, REDIS_ERRORS, Delivery, LiveSubscription, encode_event
 from analytics_engine.core.durations import Duration
 from analytics_engine.core.envelopes import MalformedMessage, parse_event, validation_summary
 from analytics_engine.core.payloads import KPIResult, ServiceHeartbeat, SimulationTick
@@ -89,7 +89,6 @@ class Observability:
         self.registry = Registry(
             missing_after_s=settings.missing_after_s,
             expected=set(running_services()) - self.absent,
-            started=time.monotonic(),
         )
         r = runtime.metrics.registry
         self.services_up = Gauge(
@@ -116,6 +115,12 @@ class Observability:
             ["kpi_code"],
             registry=r,
         )
+
+    async def listening(self, live: LiveSubscription) -> None:
+        """Start the registry's clock for services never heard from once heartbeats can reach
+        us: a slow start (Redis not up yet) must not make services that are up look missing."""
+        await live.subscribed.wait()
+        self.registry.started = time.monotonic()
 
     def on_live(self, channel: bytes, data: bytes) -> None:
         now = time.monotonic()
@@ -256,11 +261,12 @@ class Observability:
 def create(settings: Settings) -> ServiceRuntime:
     runtime = ServiceRuntime(service=SERVICE, settings=settings, port=settings.port)
     observability = Observability(runtime, settings)
-    runtime.listen(
+    live = runtime.listen(
         observability.on_live,
         channels=[channels.SERVICE_HEARTBEAT],
         patterns=[f"{channels.KPI_CALCULATED_PREFIX}*"],
     )
+    runtime.add_task("listening", functools.partial(observability.listening, live))
     runtime.consume([channels.SIMULATION_TICK], observability.on_ticks)
     runtime.add_task("sample-streams", observability.sample_streams)
     interval = settings.trim_interval.total_seconds()

@@ -57,6 +57,16 @@ def test_an_expected_service_never_heard_from_goes_missing_once_we_listened_long
     }
 
 
+def test_nothing_is_reported_missing_unheard_before_the_registry_listens() -> None:
+    """The clock for services never heard from starts when heartbeats can reach the registry
+    (`started`), not when it is built: a slow start must not report live services missing."""
+    registry = Registry(missing_after_s=5, expected={"database_service"})
+    assert registry.services(now=1000.0) == []
+    registry.started = 1000.0
+    assert registry.services(now=1004.0) == []
+    assert [e["status"] for e in registry.services(now=1005.0)] == ["missing"]
+
+
 def test_a_service_is_up_while_any_replica_is_up() -> None:
     registry = Registry(missing_after_s=5)
     registry.heartbeat(beat("database_service", "a"), now=100.0)
