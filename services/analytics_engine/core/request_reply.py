@@ -70,6 +70,15 @@ CLAIM_TTL_MS = 120_000
 # (`CommandLine`), and so do the replies. A lone request pays one plain round trip per step.
 
 
+def request_correlation_id(context: str | None) -> str:
+    """A new request's correlation id: unique per request, since responders claim requests by
+    it (`ae:rr:claim:{id}`, kept 120 s), and prefixed by the id of the work in hand (the event
+    or request being handled) so the logs join up. Taking the context's id itself made a
+    handler's second request, or any request of a redelivered event, a claimed duplicate that
+    no responder ran."""
+    return f"{context[:160]}.{new_id()[:12]}" if context else new_id()
+
+
 class RequestReplyClient:
     """Sends requests and matches replies to callers by `correlation_id`."""
 
@@ -145,7 +154,7 @@ class RequestReplyClient:
                 raise RequestTimeout(
                     f"the bus is unreachable: cannot listen on {self.reply_to}"
                 ) from None
-        cid = correlation_id or correlation_id_var.get() or new_id()
+        cid = correlation_id or request_correlation_id(correlation_id_var.get())
         if cid in self._pending:
             cid = new_id()
         now = utcnow()

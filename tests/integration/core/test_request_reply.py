@@ -17,6 +17,7 @@ from analytics_engine.core import channels
 from analytics_engine.core.bus import DeadLetters
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.errors import HandlerError, NoResponder, RemoteError, RequestTimeout
+from analytics_engine.core.logs import correlation_id_var
 from analytics_engine.core.request_reply import RequestReplyClient, RequestReplyServer
 
 pytestmark = pytest.mark.asyncio
@@ -99,6 +100,24 @@ async def test_error_reply_raises_a_typed_error(
         await client.request(CHANNEL, "no_such_type", {})
     assert err.value.code == "unknown_request_type"
     assert "echo" in str(err.value)
+
+
+async def test_every_request_of_one_handler_is_executed(
+    responders: Responders, client: RequestReplyClient
+) -> None:
+    """A consumer's handler runs with the event's id as the log correlation id: each of its
+    requests still gets a correlation id of its own (responders claim requests by it), joined to
+    the event's id in the logs."""
+    await responders.start()
+    token = correlation_id_var.set("event-" + "e" * 194)  # as long as an event id may be
+    try:
+        replies = [await client.request(CHANNEL, "echo", {"value": n}, timeout=2) for n in range(3)]
+    finally:
+        correlation_id_var.reset(token)
+    assert [r["echo"] for r in replies] == [0, 1, 2]
+    cids = [cid for cid, _ in responders.executed]
+    assert len(set(cids)) == 3
+    assert all(cid.startswith("event-eee") for cid in cids)
 
 
 async def test_no_responder_fails_fast(client: RequestReplyClient) -> None:
