@@ -2,10 +2,11 @@
 
 `database.query` (read-only role, `DATABASE_READONLY_URL`):
 - `execute_query {sql, params?, max_rows?}` -> `{columns, rows, row_count, truncated}`
-- `kpi_history {kpi_code, start, end, dimensions?, limit?}` -> `{rows: [result...]}`: results
-  with `start <= window_start < end`, oldest first; `dimensions` filters by containment
+- `kpi_history {kpi_code, start, end, dimensions?, limit?}` -> `{rows: [result...], truncated}`:
+  results with `start <= window_start < end`, oldest first; `dimensions` filters by containment
   (`{"region": "eu"}` matches every group whose region is eu).
-- `latest_kpi_values {kpi_code?}` -> `{rows: [result...]}`: the latest window per KPI and group.
+- `latest_kpi_values {kpi_code?}` -> `{rows: [result...], truncated}`: the latest window per KPI
+  and group. Both stop at about 4 MB of JSON (`truncated`), so a reply always fits a message.
 - `get_entity {entity_type, entity_id}` -> `{entity: {...} | null}`.
 
 `database.command` (writer role):
@@ -19,8 +20,9 @@ Errors are `HandlerError` codes: `invalid_query`, `read_only_violation`, `query_
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Final
 
@@ -143,35 +145,57 @@ class QueryRequestHandler:
         try:
             with transient_errors("execute_query"):
                 async with self._reader().acquire(timeout=self._timeout) as conn:
-                    async with conn.transaction(readonly=True):
-                        await conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
-                        stmt = await conn.prepare(sql)
-                        types = stmt.get_parameters()
-                        if len(types) != len(params):
-                            raise HandlerError(
-                                f"the query has {len(types)} parameter(s), {len(params)} given",
-                                code="invalid_query",
+                    # One deadline for the whole read. PostgreSQL's statement_timeout alone
+                    # restarts with every page the cursor fetches, and the query itself may
+                    # turn it off (`set_config`) for the pages after the first.
+                    try:
+                        async with asyncio.timeout(self._timeout):
+                            columns, rows, truncated = await self._read(
+                                conn, sql, params, max_rows, timeout_ms
                             )
-                        args = [
-                            coerce_param(value, t.name, i + 1)
-                            for i, (value, t) in enumerate(zip(params, types, strict=True))
-                        ]
-                        columns = [a.name for a in stmt.get_attributes()]
-                        cursor = await stmt.cursor(*args)
-                        rows, truncated = await self._fetch_bounded(cursor, max_rows)
+                    except TimeoutError:
+                        raise self._timed_out() from None
         except InvalidPayload as exc:
             raise HandlerError(str(exc), code="invalid_query") from None
-        except asyncpg.exceptions.QueryCanceledError:
+        except orjson.JSONDecodeError as exc:  # jsonb PostgreSQL holds but JSON doubles cannot
             raise HandlerError(
-                f"the query ran longer than {self._timeout:g}s and was cancelled",
-                code="query_timeout",
+                f"a json value in the result cannot be read as JSON: {exc}", code="invalid_query"
             ) from None
+        except asyncpg.exceptions.QueryCanceledError:
+            raise self._timed_out() from None
         except asyncpg.exceptions.PostgresError as exc:
             code = "read_only_violation" if exc.sqlstate in _WRITE_DENIED else "invalid_query"
             raise HandlerError(f"{exc.sqlstate}: {exc}", code=code) from None
         except asyncpg.exceptions.DataError as exc:
             raise HandlerError(f"invalid parameter: {exc}", code="invalid_query") from None
         return {"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated}
+
+    def _timed_out(self) -> HandlerError:
+        return HandlerError(
+            f"the query ran longer than {self._timeout:g}s and was cancelled",
+            code="query_timeout",
+        )
+
+    async def _read(
+        self, conn: Any, sql: str, params: list[Any], max_rows: int, timeout_ms: int
+    ) -> tuple[list[str], list[Any], bool]:
+        async with conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+            stmt = await conn.prepare(sql)
+            types = stmt.get_parameters()
+            if len(types) != len(params):
+                raise HandlerError(
+                    f"the query has {len(types)} parameter(s), {len(params)} given",
+                    code="invalid_query",
+                )
+            args = [
+                coerce_param(value, t.name, i + 1)
+                for i, (value, t) in enumerate(zip(params, types, strict=True))
+            ]
+            columns = [a.name for a in stmt.get_attributes()]
+            cursor = await stmt.cursor(*args)
+            rows, truncated = await self._fetch_bounded(cursor, max_rows)
+        return columns, rows, truncated
 
     async def _fetch_bounded(self, cursor: Any, max_rows: int) -> tuple[list[Any], bool]:
         """Rows up to `max_rows` and about `max_bytes` of JSON, fetched in pages so a huge
@@ -228,7 +252,7 @@ class QueryRequestHandler:
         )
         dims_json = None if dims is None else orjson.dumps(dims).decode()
         records = await self._fetch("kpi_history", sql, code, start, end, dims_json, limit)
-        return {"rows": [_result_json(r) for r in records]}
+        return self._results_reply(records)
 
     async def latest_kpi_values(self, request: Request) -> dict[str, Any]:
         code = self._kpi_code(request.payload, required=False)
@@ -238,7 +262,20 @@ class QueryRequestHandler:
             " ORDER BY kpi_code, dims_key, window_end DESC, window_start DESC"
         )
         records = await self._fetch("latest_kpi_values", sql, code)
-        return {"rows": [_result_json(r) for r in records]}
+        return self._results_reply(records)
+
+    def _results_reply(self, records: Sequence[Any]) -> dict[str, Any]:
+        """`{rows, truncated}`: the results up to about `max_bytes` of JSON. A reply over Redis's
+        message limit would never be delivered: the caller would wait out its timeout."""
+        rows: list[Any] = []
+        size = 0
+        for record in records:
+            row = _result_json(record)
+            size += len(orjson.dumps(row, default=str))
+            if size > self._max_bytes:
+                return {"rows": rows, "truncated": True}
+            rows.append(row)
+        return {"rows": rows, "truncated": False}
 
     async def get_entity(self, request: Request) -> dict[str, Any]:
         entity_type = _payload_str(request.payload, "entity_type")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -112,6 +114,10 @@ async def test_multiple_statements_and_bad_sql_are_invalid(client: RequestReplyC
     assert await rejected(client, "SELECT * FROM no_such_table") == "invalid_query"
     assert await rejected(client, "SELECT $1::int", []) == "invalid_query"
     assert await rejected(client, "SELECT $1::int", ["abc"]) == "invalid_query"
+    # stored jsonb that JSON with doubles cannot carry: a clear error, not `internal`
+    with pytest.raises(RemoteError) as info:
+        await query(client, "SELECT '1e400'::jsonb AS big")
+    assert (info.value.code, "JSON" in str(info.value)) == ("invalid_query", True)
     assert await rejected(client, "") == "invalid_request"  # the payload breaks the protocol
 
 
@@ -125,6 +131,38 @@ async def test_timeout_and_row_cap(client: RequestReplyClient) -> None:
     assert (out["row_count"], out["truncated"]) == (10, True)
     out = await query(client, "SELECT g FROM generate_series(1, 5) g")
     assert (out["row_count"], out["truncated"]) == (5, False)
+
+
+@pytest.mark.usefixtures("service")
+async def test_the_timeout_bounds_the_whole_read_not_each_page(
+    client: RequestReplyClient, pg: asyncpg.Connection
+) -> None:
+    """Rows come through a cursor page by page and PostgreSQL restarts statement_timeout for
+    every page; nor may the query switch the timeout off for the pages after the first."""
+    slow_pages = (
+        "SELECT g, CASE WHEN g % 500 = 250 THEN pg_sleep(0.6) END FROM generate_series(1, 3000) g"
+    )
+    started = asyncio.get_running_loop().time()
+    assert await rejected(client, slow_pages) == "query_timeout"
+    assert asyncio.get_running_loop().time() - started < 2.5
+    timeout_off_then_sleep = (
+        "SELECT g, CASE WHEN g = 1 THEN set_config('statement_timeout', '0', false)"
+        " WHEN g = 600 THEN pg_sleep(8)::text END FROM generate_series(1, 1000) g"
+    )
+    started = asyncio.get_running_loop().time()
+    assert await rejected(client, timeout_off_then_sleep) == "query_timeout"
+    assert asyncio.get_running_loop().time() - started < 2.5
+    # the connection cancelled mid-read is usable again, and nothing lingers on the server
+    out = await query(client, "SELECT 1")
+    assert out["rows"] == [[1]]
+    assert (
+        await count(
+            pg,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(8)%'"
+            " AND pid <> pg_backend_pid() AND state = 'active'",
+        )
+        == 0
+    )
 
 
 @pytest.mark.usefixtures("service")
@@ -152,6 +190,27 @@ async def test_the_reader_role_cannot_write_even_outside_the_service(
 
 
 @pytest.mark.usefixtures("service")
+async def test_latest_values_of_very_many_groups_still_reply(
+    client: RequestReplyClient, pg: asyncpg.Connection
+) -> None:
+    """40,000 groups of ~300 B each: more than a Redis message may hold (8 MB in the chart).
+    The reply stops at the byte cap and says so, instead of never arriving."""
+    await pg.execute(
+        "INSERT INTO kpi_results (kpi_code, window_start, window_end, dimensions, dims_key, value,"
+        " sample_count, definition_version, computed_at)"
+        " SELECT 'wide', '2024-01-01T00:00Z', '2024-01-01T00:01Z', d, d::text, g, 1, 1, now()"
+        " FROM generate_series(1, 40000) g,"
+        " LATERAL (SELECT jsonb_build_object('customer', g, 'note', repeat('x', 200))) AS x(d)"
+    )
+    latest = await client.request(
+        channels.DATABASE_QUERY, "latest_kpi_values", {"kpi_code": "wide"}
+    )
+    assert latest["truncated"] is True
+    assert 5000 < len(latest["rows"]) < 40000
+    assert len(orjson.dumps(latest)) < 5 * 1024 * 1024
+
+
+@pytest.mark.usefixtures("service")
 async def test_kpi_history_latest_values_and_get_entity(
     client: RequestReplyClient, pg: asyncpg.Connection
 ) -> None:
@@ -173,6 +232,7 @@ async def test_kpi_history_latest_values_and_get_entity(
         ("eu", 2.5),
         ("us", 7.0),
     ]
+    assert (hist["truncated"], latest["truncated"]) == (False, False)
     await pg.execute(
         "INSERT INTO entities VALUES ('order', 'o-1', 3, '{\"a\": 1}', true, now(), now(),"
         " NULL, NULL, gen_random_uuid())"
