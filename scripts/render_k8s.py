@@ -250,8 +250,9 @@ the `admin` user's, `redis-password-<user>` each service's own (the pod of a ser
 its key) and `redis-password-healthcheck` the probes'. The Redis pod's init container joins
 them with the rules of the ConfigMap `{RELEASE}-redis-acl-rules` into its ACL file.
 
-The Job `{RELEASE}-minio-setup` (a Helm hook in the chart) creates the bucket and the
-application's MinIO user; it is idempotent and removes itself an hour after it finished.
+The Job `{RELEASE}-minio-setup-r1` (in the chart, one per release revision) creates the bucket
+and the application's MinIO user; it is idempotent and removes itself an hour after it finished
+(`kubectl apply` runs it again).
 """
 
 

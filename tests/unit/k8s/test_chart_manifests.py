@@ -24,6 +24,7 @@ import yaml
 from analytics_engine.cli import SERVICES
 from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
+from analytics_engine.database.roles import LARGE_OBJECT_CREATORS
 from analytics_engine.observability import service as observability
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -43,7 +44,7 @@ APP_COMPONENTS = (
     "observability",
 )
 # Custom resources the Kubernetes schemas do not know (validated otherwise, below).
-CUSTOM_KINDS = {"ServiceMonitor", "KPIDefinition"}
+CUSTOM_KINDS = {"ServiceMonitor", "KPIDefinition", "KopfPeering", "ClusterKopfPeering"}
 
 EXTERNAL = {
     "redis": {"enabled": False},
@@ -224,6 +225,41 @@ def name_of(obj: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- lint and schemas
+
+
+def test_minio_setup_is_a_job_per_revision_not_a_hook(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    """`helm install --wait` runs post-install hooks only once every Deployment is ready, and
+    the archival service is ready only once this Job made its MinIO user: as a hook it never
+    ran. A Job per revision reruns on upgrade (a Job's template is immutable)."""
+    [job] = by_kind(default_objects, "Job")
+    assert name_of(job).endswith("-minio-setup-r1")
+    annotations = job["metadata"].get("annotations") or {}
+    assert not [a for a in annotations if a.startswith("helm.sh/hook")]
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_the_chart_database_revokes_large_object_creation(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    """The read-only role must not write large objects (PostgreSQL allows it in READ ONLY
+    transactions): the chart's init script revokes what `roles.ensure_reader_role` revokes,
+    in the application's database."""
+    [initdb] = [c for c in by_kind(default_objects, "ConfigMap") if "initdb" in name_of(c)]
+    script = "\n".join(initdb["data"].values())
+    in_app_db = script.split('\\connect :"app_db"', 1)[1]
+    for function in LARGE_OBJECT_CREATORS:
+        assert f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC;" in in_app_db
+
+
+def test_peering_creates_the_kopf_peering_object_the_operator_waits_for() -> None:
+    """kopf with a peering name stays paused until its peering object exists."""
+    clusterwide = _render("operator-clusterwide")
+    [peering] = by_kind(clusterwide, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "analytics-engine"
+    assert not by_kind(_render("default"), "ClusterKopfPeering")
+    assert not by_kind(_render("default"), "KopfPeering")
 
 
 def test_helm_lint_strict() -> None:
