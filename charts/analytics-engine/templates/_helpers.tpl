@@ -58,6 +58,24 @@ annotations:
 {{- end }}
 {{- end -}}
 
+{{/*
+Annotations of a Secret holding credentials that a retained data volume was initialised with
+(the database's roles, MinIO's root and users): with `persistence.whenDeleted: Retain` the
+Secret outlives `helm uninstall` too (`helm.sh/resource-policy: keep`), so a reinstall finds
+it (lookup) and keeps the passwords the data was made with, instead of new ones it rejects.
+Call with (dict "persistence" .Values.timescaledb.persistence "context" $).
+*/}}
+{{- define "analytics-engine.credentialsAnnotations" -}}
+{{- $annotations := deepCopy (.context.Values.commonAnnotations | default dict) -}}
+{{- if and .persistence.enabled (eq .persistence.whenDeleted "Retain") -}}
+{{- $_ := set $annotations "helm.sh/resource-policy" "keep" -}}
+{{- end -}}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
 {{/* An image reference from an image block; global.imageRegistry overrides the registry. Call with (dict "image" .Values.redis.image "default" "" "context" $). */}}
 {{- define "analytics-engine.imageRef" -}}
 {{- $registry := .image.registry -}}

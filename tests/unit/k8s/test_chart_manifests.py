@@ -97,6 +97,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metadata": {"kpiDefinitions": {"count.yaml": {"code": "orders_count"}}},
     },
     "operator-namespaces": {"operator": {"watchNamespaces": ["team-a", "team-b"]}},
+    "data-not-retained": {
+        "timescaledb": {"persistence": {"whenDeleted": "Delete"}},
+        "minio": {"persistence": {"enabled": False}},
+    },
     "minimal": {
         "simulator": {"enabled": False},
         "operator": {"enabled": False},
@@ -260,6 +264,24 @@ def test_peering_creates_the_kopf_peering_object_the_operator_waits_for() -> Non
     assert peering["metadata"]["name"] == "analytics-engine"
     assert not by_kind(_render("default"), "ClusterKopfPeering")
     assert not by_kind(_render("default"), "KopfPeering")
+
+
+def test_credentials_of_retained_data_outlive_an_uninstall() -> None:
+    """The database's roles and MinIO's users are made once, on an empty volume: a reinstall
+    over a retained volume must find the same passwords (the kept Secret, read by lookup)."""
+
+    def kept(objects: list[dict[str, Any]]) -> set[str]:
+        return {
+            name_of(o)
+            for o in by_kind(objects, "Secret")
+            if (o["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep"
+        }
+
+    assert kept(_render("default")) == {
+        "Secret/ae-analytics-engine-timescaledb",
+        "Secret/ae-analytics-engine-minio",
+    }
+    assert kept(_render("data-not-retained")) == set()
 
 
 def test_helm_lint_strict() -> None:
