@@ -830,6 +830,15 @@ spec:
 {{- $errors = append $errors (printf "%s.image.tag must not be 'latest'" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- /* Passwords are put into REDIS_URL / DATABASE_URL as they are (Kubernetes' $(VAR)
+expansion cannot percent-encode them): only URL-safe ones can be parsed back. */ -}}
+{{- range $path := list "redis.auth.password" "externalRedis.password" "timescaledb.auth.password" "timescaledb.auth.readonlyPassword" "externalDatabase.password" "externalDatabase.readonlyPassword" -}}
+{{- $value := $v -}}
+{{- range $key := splitList "." $path -}}{{- $value = index $value $key -}}{{- end -}}
+{{- if and $value (not (regexMatch "^[A-Za-z0-9._~-]+$" (toString $value))) -}}
+{{- $errors = append $errors (printf "%s must be URL-safe (letters, digits, . _ ~ -): it is embedded in a connection URL" $path) -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.operator.clusterwide $v.operator.watchNamespaces -}}
 {{- $errors = append $errors "operator.clusterwide and operator.watchNamespaces are exclusive" -}}
 {{- end -}}

@@ -968,6 +968,22 @@ def test_validate_values_reports_every_problem_at_once() -> None:
         assert needle in result.stderr
 
 
+def test_passwords_that_a_connection_url_cannot_carry_are_refused() -> None:
+    """Passwords go into REDIS_URL / DATABASE_URL unencoded: `p@ss/word` would be read as
+    password `p`, host `ss`."""
+    values = {"timescaledb": {"auth": {"password": "p@ss/word", "readonlyPassword": "ok-1_x.y~z"}}}
+    result = subprocess.run(
+        [helm(), "template", RELEASE, str(CHART), "--values", "/dev/stdin"],
+        input=json.dumps(values),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "timescaledb.auth.password must be URL-safe" in result.stderr
+    assert "readonlyPassword" not in result.stderr
+
+
 def test_schema_rejects_unknown_values() -> None:
     result = subprocess.run(
         [helm(), "template", RELEASE, str(CHART), "--set", "gateway.replicas=2"],
