@@ -7,9 +7,10 @@ Delivery and crash safety
   replica per KPI set (its state is one process's memory); a second replica would split the
   events between two engines.
 * Every `checkpoint_interval` (and on shutdown) one MULTI/EXEC writes `engine.snapshot()` with
-  the definitions, the merge position (per stream, the last entry the engine has taken in) and
-  the backfill jobs to `ae:calc:checkpoint` (with what is new of the dedupe ring, kept in its
-  own chunks: `recent_ids_log`), and publishes results not yet published. On start
+  the definitions and their origins (`registry`: directory or metadata service), the merge
+  position (per stream, the last entry the engine has taken in) and the backfill jobs to
+  `ae:calc:checkpoint` (with what is new of the dedupe ring, kept in its own chunks:
+  `recent_ids_log`), and publishes results not yet published. On start
   the group is rewound to the checkpoint's merge position, so the restored snapshot plus the
   entries read again replay exactly what came after it, in the same order: every window is
   emitted with the same value (a window emitted between the checkpoint and the crash is emitted
@@ -137,6 +138,9 @@ class StreamProcessor:
         self.suppress: ResultFilter = lambda _: False
         """Set by the backfill manager: live results it will produce itself."""
         self.extra_checkpoint: Callable[[], dict[str, Any]] = dict
+        self.origins: dict[str, str] = {}
+        """Where each running definition came from (`registry.Origin`), as `set_definitions`
+        was told; after `load_checkpoint`, as the checkpoint recorded it (possibly nothing)."""
         self.events_processed = 0
         self.invalid_events = 0
         self.checkpoints = 0
@@ -144,9 +148,14 @@ class StreamProcessor:
 
     # -- definitions -----------------------------------------------------------------------
     def set_definitions(
-        self, definitions: Iterable[VersionedKPIDefinition]
+        self,
+        definitions: Iterable[VersionedKPIDefinition],
+        origins: Mapping[str, str] | None = None,
     ) -> tuple[list[str], list[str]]:
-        """Hot reload: returns (new or changed codes, removed codes) of streaming KPIs."""
+        """Hot reload: returns (new or changed codes, removed codes) of streaming KPIs.
+
+        `origins` (code -> origin) goes into the checkpoint with the definitions: a restart
+        treats a definition by where it came from (`registry.DefinitionRegistry.restore`)."""
         before = self.engine.definitions
         self.engine.set_definitions(definitions)
         after = self.engine.definitions
@@ -154,6 +163,11 @@ class StreamProcessor:
         removed = sorted(code for code in before if code not in after)
         for code in removed:
             self._cache.forget(code)
+        known = origins or {}
+        running_origins = {code: known[code] for code in sorted(after) if code in known}
+        if running_origins != self.origins:
+            self.origins = running_origins
+            self._dirty = True
         if changed or removed:
             self._dirty = True
             log.info("definitions applied", extra={"changed": changed, "removed": removed})
@@ -338,6 +352,7 @@ class StreamProcessor:
             "definitions": [
                 d.model_dump(mode="json") for _, d in sorted(self.engine.definitions.items())
             ],
+            "definition_origins": self.origins,
             "engine": self.engine.snapshot(recent_ids=False),
             "recent_ids": ring.manifest.to_json(),
             "released": {c: format_stream_id(s) for c, s in self.merger.released().items()},
@@ -396,6 +411,13 @@ class StreamProcessor:
             raise RuntimeError(f"unsupported checkpoint format {data.get('format')!r}")
         definitions = [VersionedKPIDefinition.model_validate(d) for d in data["definitions"]]
         self.engine.set_definitions(definitions)
+        # absent from checkpoints written before origins were recorded (`registry` infers them)
+        recorded = data.get("definition_origins")
+        self.origins = (
+            {str(c): o for c, o in recorded.items() if isinstance(o, str)}
+            if isinstance(recorded, dict)
+            else {}
+        )
         self.engine.restore(data["engine"])
         if "recent_ids" in data:  # else in the snapshot (written before the ring had its own)
             manifest = RingManifest.from_json(data["recent_ids"])

@@ -1,22 +1,38 @@
 """Which KPI definitions the engine runs (pure): the `KPI_DEFINITIONS_DIR` seed plus the
 metadata service's definitions, the metadata service winning for a code both define.
 
-The directory is the local stack's seed (version 0 unless the file says otherwise); the metadata
-service is the source of truth once it answers. A code deleted in the metadata service but
-present in the directory falls back to the directory's definition.
+The directory is the local stack's seed, read at every start; the metadata service is the source
+of truth once it answers. A code deleted in the metadata service but present in the directory
+falls back to the directory's definition.
+
+Every running definition has an origin (`directory` or `metadata`), stored with it in the
+engine's checkpoint. At a restart (`DefinitionRegistry.restore`) the two differ:
+
+* a metadata definition the checkpoint ran with stands in until the metadata service answers
+  (a restart while it is down must not look like a redefinition: that resets the KPI's windows);
+* a directory definition comes from the directory as it is now: unchanged, it keeps the
+  checkpoint's version (its windows carry on); edited, it takes the next version (a definition
+  change, as a new metadata version is: fresh windows, a backfill, results told apart by
+  `definition_version`); deleted, it stops.
+
+The directory's versions therefore live in the checkpoint: 0 for a code the engine never ran
+from the directory (or once the checkpoint is deleted).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, TypeGuard, get_args
 
 from pydantic import ValidationError
 
 from analytics_engine.kpi import KPIDefinition, VersionedKPIDefinition
 
 log = logging.getLogger(__name__)
+
+Origin = Literal["directory", "metadata"]
+ORIGINS: tuple[Origin, ...] = get_args(Origin)
 
 
 def versioned(definition: KPIDefinition, version: int = 0) -> VersionedKPIDefinition:
@@ -37,6 +53,46 @@ def parse_definition(data: Mapping[str, Any]) -> VersionedKPIDefinition | None:
         return None
 
 
+def is_origin(value: object) -> TypeGuard[Origin]:
+    return value in ORIGINS
+
+
+def restored_origin(definition: VersionedKPIDefinition, recorded: Mapping[str, object]) -> Origin:
+    """Where a definition restored from a checkpoint came from: as the checkpoint records it,
+    else (a checkpoint written before origins were recorded) inferred from its version. Then
+    the directory's definitions were always version 0, and the metadata service numbers a
+    code's versions from 1 (a placeholder row of version 0 is never listed), so version 0
+    came from the directory and any other version from the metadata service."""
+    origin = recorded.get(definition.code)
+    if is_origin(origin):
+        return origin
+    return "directory" if definition.version == 0 else "metadata"
+
+
+def directory_definition(
+    current: KPIDefinition, checkpointed: VersionedKPIDefinition | None
+) -> VersionedKPIDefinition:
+    """A directory definition as it runs after a restart, given the one the checkpoint ran from
+    the directory for its code (None: none): that one when the file is unchanged, else the
+    file's with the next version."""
+    if checkpointed is None:
+        return versioned(current)
+    unchanged = versioned(current, checkpointed.version)
+    if unchanged == checkpointed:
+        return checkpointed
+    return versioned(current, checkpointed.version + 1)
+
+
+def split_by_origin(
+    definitions: Iterable[VersionedKPIDefinition], recorded: Mapping[str, object]
+) -> dict[Origin, dict[str, VersionedKPIDefinition]]:
+    """A checkpoint's definitions by origin (see `restored_origin`)."""
+    split: dict[Origin, dict[str, VersionedKPIDefinition]] = {o: {} for o in ORIGINS}
+    for definition in definitions:
+        split[restored_origin(definition, recorded)][definition.code] = definition
+    return split
+
+
 class DefinitionRegistry:
     def __init__(self, seed: Iterable[KPIDefinition] = ()) -> None:
         self._seed: dict[str, VersionedKPIDefinition] = {d.code: versioned(d) for d in seed}
@@ -53,10 +109,21 @@ class DefinitionRegistry:
         self._remote = remote
         self.remote_synced = True
 
-    def seed_remote(self, definitions: Iterable[VersionedKPIDefinition]) -> None:
-        """What a checkpoint ran with stands in for the metadata service's list until it answers:
-        a restart must not look like a redefinition (that would reset every KPI's windows)."""
-        self._remote = {d.code: d for d in definitions}
+    def restore(
+        self,
+        definitions: Iterable[VersionedKPIDefinition],
+        origins: Mapping[str, object],
+    ) -> None:
+        """Take in what a checkpoint ran with (`origins`: code -> origin as it recorded them):
+        its metadata definitions stand in for the metadata service's list until it answers;
+        its directory definitions only carry their versions over to the directory's current
+        ones (see the module docstring), and those the directory no longer has are dropped."""
+        split = split_by_origin(definitions, origins)
+        self._remote = split["metadata"]
+        self._seed = {
+            code: directory_definition(definition, split["directory"].get(code))
+            for code, definition in self._seed.items()
+        }
 
     def upsert_remote(self, item: Mapping[str, Any]) -> bool:
         """One definition from `get_kpi_definition`; False when an older version is offered."""
@@ -74,6 +141,12 @@ class DefinitionRegistry:
 
     def effective(self) -> dict[str, VersionedKPIDefinition]:
         return {**self._seed, **self._remote}
+
+    def origins(self) -> dict[str, Origin]:
+        """The origin of each of `effective()`'s definitions."""
+        origins: dict[str, Origin] = dict.fromkeys(self._seed, "directory")
+        origins.update(dict.fromkeys(self._remote, "metadata"))
+        return origins
 
     def source_of(self, code: str) -> str:
         if code in self._remote:

@@ -35,7 +35,13 @@ SERVICE = "calculation_engine"
 
 class Settings(BaseServiceSettings):
     calculation_port: int = Field(default=8082, ge=0, le=65535, validation_alias="CALCULATION_PORT")
-    kpi_definitions_dir: str | None = Field(default=None, validation_alias="KPI_DEFINITIONS_DIR")
+    kpi_definitions_dir: str | None = Field(
+        default=None,
+        validation_alias="KPI_DEFINITIONS_DIR",
+        description="YAML KPI definitions, read at every start; the metadata service's definitions "
+        "win for a code both define. An edited file is a new version of its KPI at the next start "
+        "(windows reset, backfilled); a deleted one stops its KPI.",
+    )
     consumer_name: str = Field(
         default="calculation-engine-0",
         pattern=r"^[A-Za-z0-9_.\-]+$",
@@ -159,7 +165,7 @@ def build(settings: Settings) -> CalculationService:
 
     def apply() -> None:
         definitions = registry.effective()
-        changed, removed = processor.set_definitions(definitions.values())
+        changed, removed = processor.set_definitions(definitions.values(), registry.origins())
         queries.set_definitions(definitions.values())
         for code in removed:
             backfills.cancel(code)
@@ -179,10 +185,12 @@ def build(settings: Settings) -> CalculationService:
     )
 
     async def startup() -> None:
-        # 1. the checkpointed state, under the definitions it was computed with
+        # 1. the checkpointed state, under the definitions it was computed with; those from
+        #    the metadata service stand in until it answers, those from the directory give way
+        #    to the directory as it is now (an edit is a new version, a deletion stops the KPI)
         extra = await processor.load_checkpoint()
         backfills.restore(extra)
-        registry.seed_remote(processor.engine.definitions.values())
+        registry.restore(processor.engine.definitions.values(), processor.origins)
         # 2. today's definitions (the metadata service, else the checkpoint's and the
         #    directory's): changes since the checkpoint are hot reloads, with backfills
         if not await sync.full_sync():

@@ -1,7 +1,8 @@
 """Keeps the registry in line with the metadata service: a full `list_kpi_definitions` at start
 and every `resync_interval` (heals a missed event), `get_kpi_definition {code}` on each
 `metadata.changed` about a KPI. Without a metadata service (`NoResponder`, timeouts) the
-`KPI_DEFINITIONS_DIR` definitions stay in force."""
+`KPI_DEFINITIONS_DIR` definitions stay in force, and so do the metadata service's definitions
+a restored checkpoint ran with (`registry`)."""
 
 from __future__ import annotations
 

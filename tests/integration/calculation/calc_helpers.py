@@ -1,11 +1,13 @@
 """Shared by the calculation engine tests: KPI definitions, a reproducible event history with
 out-of-order, late and duplicate events, an independent straightforward recomputation of the
-KPI semantics, and readers of the published results."""
+KPI semantics, readers of the published results, and a stand-in metadata service."""
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +17,10 @@ import yaml
 from redis.asyncio import Redis
 
 from analytics_engine.core import channels
-from analytics_engine.core.envelopes import Event
+from analytics_engine.core.bus import DeadLetters, EventPublisher
+from analytics_engine.core.envelopes import Event, Request
+from analytics_engine.core.errors import HandlerError
+from analytics_engine.core.request_reply import RequestReplyServer
 from analytics_engine.simulator.config import GeneratorConfig
 from analytics_engine.simulator.generator import EventGenerator
 
@@ -236,3 +241,52 @@ def compare(
             assert r["sample_count"] == want.sample_count, (key, r, want)
             assert math.isclose(r["value"], want.value, rel_tol=1e-9, abs_tol=1e-9), (key, r, want)
         assert len({(r["value"], r["sample_count"]) for r in emitted}) == 1
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+class StandInMetadata:
+    """A stand-in `metadata.lookup` responder (the real one needs PostgreSQL)."""
+
+    def __init__(self, redis: Redis, definitions: dict[str, dict[str, Any]]) -> None:
+        self.definitions = definitions
+        self.server = RequestReplyServer(
+            redis,
+            channel=channels.METADATA_LOOKUP,
+            source="metadata_stand_in",
+            instance="t",
+            handlers={"list_kpi_definitions": self.list, "get_kpi_definition": self.get},
+            dead_letters=DeadLetters(redis, service="metadata_stand_in"),
+        )
+        self.publisher = EventPublisher(redis, source="metadata_service", stream_maxlen=10_000)
+
+    async def list(self, _: Request) -> dict[str, Any]:
+        return {"items": list(self.definitions.values())}
+
+    async def get(self, request: Request) -> dict[str, Any]:
+        code = request.payload["code"]
+        if code not in self.definitions:
+            raise HandlerError("not found", code="not_found")
+        return self.definitions[code]
+
+    async def put(self, definition: dict[str, Any]) -> None:
+        self.definitions[definition["code"]] = definition
+        await self.publisher.publish(
+            channels.METADATA_CHANGED,
+            {
+                "kind": "kpi_definition",
+                "code": definition["code"],
+                "action": "upserted",
+                "version": definition["version"],
+            },
+        )

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from calc_helpers import (
     KPIS,
+    StandInMetadata,
     compare,
     history,
     key_of,
@@ -28,6 +29,7 @@ from calc_helpers import (
     published_results,
     recompute,
     tumbling,
+    wait_for,
     write_kpi_dir,
 )
 from redis.asyncio import Redis
@@ -36,7 +38,6 @@ from analytics_engine.calculation.service import CalculationService, Settings, b
 from analytics_engine.core import channels
 from analytics_engine.core.bus import DeadLetters, EventPublisher
 from analytics_engine.core.envelopes import Event, Request, utcnow
-from analytics_engine.core.errors import HandlerError
 from analytics_engine.core.request_reply import RequestReplyServer
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.verify.engine import pending_backfills
@@ -57,18 +58,6 @@ def settings(redis_url: str, kpi_dir: str | None, **over: Any) -> Settings:
         **over,
     }
     return Settings(**values)
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def publish(redis: Redis, events: list[Event], chunk: int = 1000) -> None:
@@ -218,43 +207,6 @@ async def _checkpointed(redis: Redis) -> bool:
 
 async def _count_at_least(redis: Redis, n: int) -> bool:
     return await redis.xlen(channels.stream_key(channels.KPI_CALCULATED)) >= n
-
-
-class StandInMetadata:
-    """A stand-in `metadata.lookup` responder (the real one needs PostgreSQL)."""
-
-    def __init__(self, redis: Redis, definitions: dict[str, dict[str, Any]]) -> None:
-        self.definitions = definitions
-        self.server = RequestReplyServer(
-            redis,
-            channel=channels.METADATA_LOOKUP,
-            source="metadata_stand_in",
-            instance="t",
-            handlers={"list_kpi_definitions": self.list, "get_kpi_definition": self.get},
-            dead_letters=DeadLetters(redis, service="metadata_stand_in"),
-        )
-        self.publisher = EventPublisher(redis, source="metadata_service", stream_maxlen=10_000)
-
-    async def list(self, _: Request) -> dict[str, Any]:
-        return {"items": list(self.definitions.values())}
-
-    async def get(self, request: Request) -> dict[str, Any]:
-        code = request.payload["code"]
-        if code not in self.definitions:
-            raise HandlerError("not found", code="not_found")
-        return self.definitions[code]
-
-    async def put(self, definition: dict[str, Any]) -> None:
-        self.definitions[definition["code"]] = definition
-        await self.publisher.publish(
-            channels.METADATA_CHANGED,
-            {
-                "kind": "kpi_definition",
-                "code": definition["code"],
-                "action": "upserted",
-                "version": definition["version"],
-            },
-        )
 
 
 async def live_publisher(
