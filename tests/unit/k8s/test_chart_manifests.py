@@ -949,15 +949,20 @@ def test_rbac_scopes() -> None:
 # --------------------------------------------------------------------------- values
 
 
-def test_validate_values_reports_every_problem_at_once() -> None:
-    values = {"redis": {"enabled": False}, "minio": {"enabled": False}, "image": {"tag": "latest"}}
-    result = subprocess.run(
+def _template_with(values: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """`helm template` with `values`, not checked (for values the chart must refuse)."""
+    return subprocess.run(
         [helm(), "template", RELEASE, str(CHART), "--values", "/dev/stdin"],
         input=json.dumps(values),
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def test_validate_values_reports_every_problem_at_once() -> None:
+    values = {"redis": {"enabled": False}, "minio": {"enabled": False}, "image": {"tag": "latest"}}
+    result = _template_with(values)
     assert result.returncode != 0
     for needle in (
         "externalRedis.host",
@@ -972,13 +977,7 @@ def test_passwords_that_a_connection_url_cannot_carry_are_refused() -> None:
     """Passwords go into REDIS_URL / DATABASE_URL unencoded: `p@ss/word` would be read as
     password `p`, host `ss`."""
     values = {"timescaledb": {"auth": {"password": "p@ss/word", "readonlyPassword": "ok-1_x.y~z"}}}
-    result = subprocess.run(
-        [helm(), "template", RELEASE, str(CHART), "--values", "/dev/stdin"],
-        input=json.dumps(values),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _template_with(values)
     assert result.returncode != 0
     assert "timescaledb.auth.password must be URL-safe" in result.stderr
     assert "readonlyPassword" not in result.stderr
