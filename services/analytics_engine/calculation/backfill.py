@@ -9,9 +9,15 @@ took effect):
   occurred, hence were published, after the cut, so the live engine saw every one of them
   (this assumes `occurred_at <= published_at`, which the simulator guarantees).
 
-The backfill covers windows starting in `[since, cut)` with `since = cut - horizon` aligned to
-the window grid. It runs once every such window has closed (`until` = the last one's close) and
-the database had `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
+The backfill covers windows starting in `[since, cut)`, `since` being the earlier of
+`cut - horizon` aligned down to the window grid (closed windows recomputed under the new
+definition: the horizon) and the first window still open at the cut (`start + size +
+allowed_lateness > cut`). Every window starting before the cut that is still open at it is
+suppressed live, so the backfill must reach back to the first of them however long the windows
+are; otherwise a sliding window longer than horizon + slide, or a tumbling one whose size +
+allowed lateness exceeds the horizon, would never be published. The backfill runs once
+every such window has closed (`until` = the last one's close) and the database had `delay` to
+store its events: `stream.subscribe {subscription_id, entity_type,
 since, until, channel}` makes the database replay stored events into `channel`
 (`{event: envelope}` items, then `{subscription_id, done: true, count}`), kept alive with
 `stream.heartbeat`, ended with `stream.unsubscribe`. Replayed events are sorted by publication
@@ -41,6 +47,7 @@ from analytics_engine.core import channels
 from analytics_engine.core.bus import FIELD, REDIS_ERRORS
 from analytics_engine.core.envelopes import Event, utcnow
 from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition, referenced_names
+from analytics_engine.kpi.definitions import Window
 from analytics_engine.kpi.windows import from_micros, to_micros
 
 if TYPE_CHECKING:
@@ -94,6 +101,22 @@ class BackfillJob:
         )
 
 
+def backfill_since(window: Window, cut_us: int, horizon_us: int) -> int:
+    """The first window start a backfill at `cut_us` covers (pure, epoch microseconds).
+
+    The earlier of `cut - horizon` aligned down to the grid and the first window still open
+    at the cut: the engine closes `W` once its watermark reaches `W.start + size +
+    allowed_lateness`, so the open windows are those starting after `cut - size -
+    allowed_lateness`, and the first of them is the next grid point after that instant."""
+    size = to_micros(window.size)
+    step = to_micros(window.slide) if window.slide is not None else size
+    by_horizon = cut_us - horizon_us
+    by_horizon -= by_horizon % step
+    still_open_after = cut_us - size - to_micros(window.allowed_lateness)
+    first_open = still_open_after - still_open_after % step + step
+    return min(by_horizon, first_open)
+
+
 def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) -> BackfillJob:
     """The job for a definition that took effect at `cut` (pure)."""
     window = definition.window
@@ -101,8 +124,7 @@ def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) 
     size = to_micros(window.size)
     step = to_micros(window.slide) if window.slide is not None else size
     cut_us = to_micros(cut)
-    since_us = cut_us - to_micros(horizon)
-    since_us -= since_us % step
+    since_us = backfill_since(window, cut_us, to_micros(horizon))
     last_start = (cut_us - 1) - (cut_us - 1) % step
     until_us = last_start + size + to_micros(window.allowed_lateness)
     return BackfillJob(definition, cut, from_micros(since_us), from_micros(until_us))
