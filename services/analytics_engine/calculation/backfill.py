@@ -15,9 +15,10 @@ definition: the horizon) and the first window still open at the cut (`start + si
 allowed_lateness > cut`). Every window starting before the cut that is still open at it is
 suppressed live, so the backfill must reach back to the first of them however long the windows
 are; otherwise a sliding window longer than horizon + slide, or a tumbling one whose size +
-allowed lateness exceeds the horizon, would never be published. The backfill runs once
-every such window has closed (`until` = the last one's close) and the database had `delay` to
-store its events: `stream.subscribe {subscription_id, entity_type,
+allowed lateness exceeds the horizon, would never be published. `since` is also where the
+definition version's results begin: `coverage` records it for `verify`. The backfill runs
+once every such window has closed (`until` = the last one's close) and the database had
+`delay` to store its events: `stream.subscribe {subscription_id, entity_type,
 since, until, channel}` makes the database replay stored events into `channel`
 (`{event: envelope}` items, then `{subscription_id, done: true, count}`), kept alive with
 `stream.heartbeat`, ended with `stream.unsubscribe`. Replayed events are sorted by publication
@@ -117,6 +118,21 @@ def backfill_since(window: Window, cut_us: int, horizon_us: int) -> int:
     return min(by_horizon, first_open)
 
 
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """A definition version's results begin with the windows starting at `since`."""
+
+    definition_version: int
+    since: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"definition_version": self.definition_version, "since": self.since.isoformat()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Coverage:
+        return cls(int(data["definition_version"]), datetime.fromisoformat(data["since"]))
+
+
 def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) -> BackfillJob:
     """The job for a definition that took effect at `cut` (pure)."""
     window = definition.window
@@ -178,12 +194,16 @@ class BackfillManager:
         self._watermark = watermark
         self._on_outcome = on_outcome
         self.jobs: dict[str, BackfillJob] = {}
+        self.coverage: dict[str, Coverage] = {}
+        """Where each KPI's current version begins (its backfill's `since`), kept after the
+        job is done and dropped: `verify` expects no result of that version before it."""
         self._wake = asyncio.Event()
 
     # -- scheduling ------------------------------------------------------------------------
     def schedule(self, definition: VersionedKPIDefinition, cut: datetime) -> BackfillJob:
         job = plan(definition, cut, self.horizon)
         self.jobs[definition.code] = job
+        self.coverage[definition.code] = Coverage(definition.version, job.since)
         self._wake.set()
         log.info(
             "backfill scheduled",
@@ -192,7 +212,9 @@ class BackfillManager:
         return job
 
     def cancel(self, code: str) -> None:
+        """Forget the KPI's job and coverage (removed, or changed again)."""
         self.jobs.pop(code, None)
+        self.coverage.pop(code, None)
 
     def suppressed(self, result: KPIResult) -> bool:
         job = self.jobs.get(result.kpi_code)
@@ -203,9 +225,17 @@ class BackfillManager:
         )
 
     def checkpoint_section(self) -> dict[str, Any]:
-        return {"backfills": [job.to_dict() for job in self.jobs.values()]}
+        return {
+            "backfills": [job.to_dict() for job in self.jobs.values()],
+            "backfill_coverage": {code: c.to_dict() for code, c in self.coverage.items()},
+        }
 
     def restore(self, data: Mapping[str, Any] | None) -> None:
+        for code, item in (data or {}).get("backfill_coverage", {}).items():
+            try:
+                self.coverage[code] = Coverage.from_dict(item)
+            except (KeyError, TypeError, ValueError):
+                log.warning("dropping an unreadable backfill coverage from the checkpoint")
         for item in (data or {}).get("backfills", []):
             try:
                 job = BackfillJob.from_dict(item)
@@ -213,6 +243,8 @@ class BackfillManager:
                 log.warning("dropping an unreadable backfill job from the checkpoint")
                 continue
             self.jobs[job.code] = job
+            # a checkpoint written before coverage was recorded: its jobs still say
+            self.coverage.setdefault(job.code, Coverage(job.definition.version, job.since))
 
     def status(self, code: str) -> str | None:
         job = self.jobs.get(code)
@@ -233,6 +265,14 @@ class BackfillManager:
             "cut": job.cut.isoformat(),
             "due": (job.until + self.delay).isoformat(),
         }
+
+    def coverage_of(self, code: str) -> dict[str, Any] | None:
+        """Where the KPI's current definition version begins (`{definition_version, since}`):
+        the engine publishes that version's windows starting at or after `since`, none
+        before. None when no backfill was ever scheduled for it (a KPI running since the
+        engine's first start, or backfills disabled)."""
+        coverage = self.coverage.get(code)
+        return None if coverage is None else coverage.to_dict()
 
     # -- running ---------------------------------------------------------------------------
     async def run(self) -> None:

@@ -219,6 +219,7 @@ def build(settings: Settings) -> CalculationService:
                     "late_events": counters.late_events if counters else 0,
                     "last_window_end": cache.last_window_end(code),
                     "backfill": backfills.pending(code),
+                    "coverage": backfills.coverage_of(code),
                 }
             )
         return items

@@ -10,6 +10,7 @@ import pytest
 from analytics_engine.calculation.backfill import (
     BackfillJob,
     BackfillManager,
+    Coverage,
     backfill_since,
     compute,
     needed_attributes,
@@ -139,6 +140,46 @@ def test_no_window_open_at_a_definition_change_is_lost(
     assert len({s for s in open_at_cut if to_micros(s) < horizon_only}) == lost_before_the_fix
     assert open_at_cut <= published.keys()
     assert published == {s: v for s, v in reference.items() if s >= job.since}
+
+
+def manager() -> BackfillManager:
+    async def ignore(_: list[KPIResult]) -> None:
+        return None
+
+    return BackfillManager(
+        None,  # type: ignore[arg-type]  # no I/O in these calls
+        None,  # type: ignore[arg-type]
+        horizon=timedelta(seconds=60),
+        delay=timedelta(seconds=1),
+        max_events=10,
+        on_results=ignore,
+        watermark=lambda: None,
+    )
+
+
+def test_coverage_outlives_the_job_and_the_checkpoint() -> None:
+    """What `verify` learns through the KPI list: where the current version's results begin,
+    after its backfill is done and dropped, and across a restart."""
+    backfills = manager()
+    backfills.schedule(revenue(version=3), T0 + timedelta(seconds=125))
+    covered = {"definition_version": 3, "since": (T0 + timedelta(seconds=60)).isoformat()}
+    assert backfills.coverage_of("revenue") == covered
+    backfills.jobs.clear()  # done, then dropped once its windows can no longer appear live
+    assert backfills.pending("revenue") is None
+    assert backfills.coverage_of("revenue") == covered
+    restarted = manager()
+    restarted.restore(backfills.checkpoint_section())
+    assert restarted.coverage_of("revenue") == covered
+    restarted.cancel("revenue")  # removed, or changed with no backfill to follow
+    assert restarted.coverage_of("revenue") is None
+    # a checkpoint from before coverage was recorded: its pending jobs say where they start
+    older = manager()
+    older.schedule(revenue(version=4), T0 + timedelta(seconds=125))
+    section = older.checkpoint_section()
+    del section["backfill_coverage"]
+    restored = manager()
+    restored.restore(section)
+    assert restored.coverage["revenue"] == Coverage(4, T0 + timedelta(seconds=60))
 
 
 def ev(i: int, occurred: float, published: float, **attrs: object) -> EntityEvent:
