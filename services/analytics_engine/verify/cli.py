@@ -168,6 +168,17 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                     )
                 )
                 continue
+            except asyncpg.DataError as exc:
+                # the data makes PostgreSQL fail where the engine does not (a product out of
+                # float range in the filter, say): this KPI cannot be recomputed, the others can
+                report.mismatches.append(
+                    Mismatch(
+                        "unverifiable",
+                        definition.code,
+                        detail=f"PostgreSQL cannot recompute it: {type(exc).__name__}: {exc}",
+                    )
+                )
+                continue
             stored = await db.stored_results(conn, [definition.code], start=start, end=end)
             since = _version_start(definition.code, engine.coverage, catalog)
             result = compare_kpi(

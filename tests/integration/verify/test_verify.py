@@ -464,3 +464,19 @@ async def test_windows_before_the_version_took_effect_are_not_expected(world: Wo
     assert summary.before_version_skipped == 0
     missing = {m.window_start for m in report.mismatches if m.kpi_code == "orders_completed"}
     assert missing == {*mine[:4], lost}
+
+
+async def test_a_filter_postgresql_cannot_evaluate_is_unverifiable(world: World) -> None:
+    """A float overflow in the recompute SQL (where the engine's filter just yields inf)
+    makes that KPI unverifiable, with the reason; verify carries on with the others."""
+    overflowing = {
+        **DEFINITIONS[3],
+        "code": "huge_amount",
+        "filter": "amount * 1e300 * 1e300 > 1",
+    }
+    (world.definitions_dir / "kpis.yaml").write_text(yaml.safe_dump([*DEFINITIONS, overflowing]))
+    report = await verify(world.settings(), OPTIONS)
+    assert [(m.problem, m.kpi_code) for m in report.mismatches] == [("unverifiable", "huge_amount")]
+    assert "NumericValueOutOfRangeError" in report.mismatches[0].detail
+    assert {k.kpi_code for k in report.kpis} == {d["code"] for d in DEFINITIONS}
+    assert sum(k.matched for k in report.kpis) == len(world.results)
