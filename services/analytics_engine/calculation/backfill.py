@@ -9,9 +9,16 @@ took effect):
   occurred, hence were published, after the cut, so the live engine saw every one of them
   (this assumes `occurred_at <= published_at`, which the simulator guarantees).
 
-The backfill covers windows starting in `[since, cut)` with `since = cut - horizon` aligned to
-the window grid. It runs once every such window has closed (`until` = the last one's close) and
-the database had `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
+The backfill covers windows starting in `[since, cut)`, `since` being the earlier of
+`cut - horizon` aligned down to the window grid (closed windows recomputed under the new
+definition: the horizon) and the first window still open at the cut (`start + size +
+allowed_lateness > cut`). Every window starting before the cut that is still open at it is
+suppressed live, so the backfill must reach back to the first of them however long the windows
+are; otherwise a sliding window longer than horizon + slide, or a tumbling one whose size +
+allowed lateness exceeds the horizon, would never be published. `since` is also where the
+definition version's results begin: `coverage` records it for `verify`. The backfill runs
+once every such window has closed (`until` = the last one's close) and the database had
+`delay` to store its events: `stream.subscribe {subscription_id, entity_type,
 since, until, channel}` makes the database replay stored events into `channel`
 (`{event: envelope}` items, then `{subscription_id, done: true, count}`), kept alive with
 `stream.heartbeat`, ended with `stream.unsubscribe`. Replayed events are sorted by publication
@@ -41,6 +48,7 @@ from analytics_engine.core import channels
 from analytics_engine.core.bus import FIELD, REDIS_ERRORS
 from analytics_engine.core.envelopes import Event, utcnow
 from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition, referenced_names
+from analytics_engine.kpi.definitions import Window
 from analytics_engine.kpi.windows import from_micros, to_micros
 
 if TYPE_CHECKING:
@@ -94,6 +102,37 @@ class BackfillJob:
         )
 
 
+def backfill_since(window: Window, cut_us: int, horizon_us: int) -> int:
+    """The first window start a backfill at `cut_us` covers (pure, epoch microseconds).
+
+    The earlier of `cut - horizon` aligned down to the grid and the first window still open
+    at the cut: the engine closes `W` once its watermark reaches `W.start + size +
+    allowed_lateness`, so the open windows are those starting after `cut - size -
+    allowed_lateness`, and the first of them is the next grid point after that instant."""
+    size = to_micros(window.size)
+    step = to_micros(window.slide) if window.slide is not None else size
+    by_horizon = cut_us - horizon_us
+    by_horizon -= by_horizon % step
+    still_open_after = cut_us - size - to_micros(window.allowed_lateness)
+    first_open = still_open_after - still_open_after % step + step
+    return min(by_horizon, first_open)
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """A definition version's results begin with the windows starting at `since`."""
+
+    definition_version: int
+    since: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"definition_version": self.definition_version, "since": self.since.isoformat()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Coverage:
+        return cls(int(data["definition_version"]), datetime.fromisoformat(data["since"]))
+
+
 def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) -> BackfillJob:
     """The job for a definition that took effect at `cut` (pure)."""
     window = definition.window
@@ -101,8 +140,7 @@ def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) 
     size = to_micros(window.size)
     step = to_micros(window.slide) if window.slide is not None else size
     cut_us = to_micros(cut)
-    since_us = cut_us - to_micros(horizon)
-    since_us -= since_us % step
+    since_us = backfill_since(window, cut_us, to_micros(horizon))
     last_start = (cut_us - 1) - (cut_us - 1) % step
     until_us = last_start + size + to_micros(window.allowed_lateness)
     return BackfillJob(definition, cut, from_micros(since_us), from_micros(until_us))
@@ -156,12 +194,16 @@ class BackfillManager:
         self._watermark = watermark
         self._on_outcome = on_outcome
         self.jobs: dict[str, BackfillJob] = {}
+        self.coverage: dict[str, Coverage] = {}
+        """Where each KPI's current version begins (its backfill's `since`), kept after the
+        job is done and dropped: `verify` expects no result of that version before it."""
         self._wake = asyncio.Event()
 
     # -- scheduling ------------------------------------------------------------------------
     def schedule(self, definition: VersionedKPIDefinition, cut: datetime) -> BackfillJob:
         job = plan(definition, cut, self.horizon)
         self.jobs[definition.code] = job
+        self.coverage[definition.code] = Coverage(definition.version, job.since)
         self._wake.set()
         log.info(
             "backfill scheduled",
@@ -170,7 +212,9 @@ class BackfillManager:
         return job
 
     def cancel(self, code: str) -> None:
+        """Forget the KPI's job and coverage (removed, or changed again)."""
         self.jobs.pop(code, None)
+        self.coverage.pop(code, None)
 
     def suppressed(self, result: KPIResult) -> bool:
         job = self.jobs.get(result.kpi_code)
@@ -181,9 +225,17 @@ class BackfillManager:
         )
 
     def checkpoint_section(self) -> dict[str, Any]:
-        return {"backfills": [job.to_dict() for job in self.jobs.values()]}
+        return {
+            "backfills": [job.to_dict() for job in self.jobs.values()],
+            "backfill_coverage": {code: c.to_dict() for code, c in self.coverage.items()},
+        }
 
     def restore(self, data: Mapping[str, Any] | None) -> None:
+        for code, item in (data or {}).get("backfill_coverage", {}).items():
+            try:
+                self.coverage[code] = Coverage.from_dict(item)
+            except (KeyError, TypeError, ValueError):
+                log.warning("dropping an unreadable backfill coverage from the checkpoint")
         for item in (data or {}).get("backfills", []):
             try:
                 job = BackfillJob.from_dict(item)
@@ -191,6 +243,8 @@ class BackfillManager:
                 log.warning("dropping an unreadable backfill job from the checkpoint")
                 continue
             self.jobs[job.code] = job
+            # a checkpoint written before coverage was recorded: its jobs still say
+            self.coverage.setdefault(job.code, Coverage(job.definition.version, job.since))
 
     def status(self, code: str) -> str | None:
         job = self.jobs.get(code)
@@ -211,6 +265,14 @@ class BackfillManager:
             "cut": job.cut.isoformat(),
             "due": (job.until + self.delay).isoformat(),
         }
+
+    def coverage_of(self, code: str) -> dict[str, Any] | None:
+        """Where the KPI's current definition version begins (`{definition_version, since}`):
+        the engine publishes that version's windows starting at or after `since`, none
+        before. None when no backfill was ever scheduled for it (a KPI running since the
+        engine's first start, or backfills disabled)."""
+        coverage = self.coverage.get(code)
+        return None if coverage is None else coverage.to_dict()
 
     # -- running ---------------------------------------------------------------------------
     async def run(self) -> None:

@@ -73,7 +73,15 @@ class Settings(BaseServiceSettings):
         default=50_000, ge=0, le=10_000_000, validation_alias="CALCULATION_DEDUPE_CAPACITY"
     )
     backfill_horizon: timedelta = Field(
-        default=timedelta(hours=1), validation_alias="CALCULATION_BACKFILL_HORIZON"
+        default=timedelta(hours=1),
+        validation_alias="CALCULATION_BACKFILL_HORIZON",
+        description="How far back before a new or changed KPI's cut its closed windows are "
+        "recomputed under the new definition (from its stored events). The backfill always "
+        "reaches back further when needed to cover every window still open at the cut "
+        "(about size + allowed_lateness back), however long the window: those are published "
+        "by the backfill alone (so long windows replay more events: see "
+        "CALCULATION_BACKFILL_MAX_EVENTS). Windows starting earlier keep their old version's "
+        "results.",
     )
     backfill_delay: timedelta = Field(
         default=timedelta(seconds=10), validation_alias="CALCULATION_BACKFILL_DELAY"
@@ -219,6 +227,7 @@ def build(settings: Settings) -> CalculationService:
                     "late_events": counters.late_events if counters else 0,
                     "last_window_end": cache.last_window_end(code),
                     "backfill": backfills.pending(code),
+                    "coverage": backfills.coverage_of(code),
                 }
             )
         return items

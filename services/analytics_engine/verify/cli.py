@@ -31,7 +31,13 @@ from analytics_engine.verify.compare import (
     duplicate_events,
 )
 from analytics_engine.verify.definitions import Catalog, DefinitionsUnavailable, load_catalog
-from analytics_engine.verify.engine import EngineUnavailable, PendingBackfill, pending_backfills
+from analytics_engine.verify.engine import (
+    EngineBackfills,
+    EngineUnavailable,
+    PendingBackfill,
+    VersionStart,
+    engine_backfills,
+)
 from analytics_engine.verify.lake import Lake
 from analytics_engine.verify.report import Report, render_json, render_text
 from analytics_engine.verify.sql import lateness_of
@@ -129,7 +135,8 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
         raise VerifyError(str(exc).replace("\n", "; ")) from None
     definitions = select(catalog, options.kpis)
     report = Report(start=options.start, end=options.end, definitions_source=catalog.source)
-    backfills = await _pending_backfills(settings, report)
+    engine = await _engine_backfills(settings, report)
+    backfills = engine.pending
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=10)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
@@ -161,7 +168,19 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                     )
                 )
                 continue
+            except asyncpg.DataError as exc:
+                # the data makes PostgreSQL fail where the engine does not (a product out of
+                # float range in the filter, say): this KPI cannot be recomputed, the others can
+                report.mismatches.append(
+                    Mismatch(
+                        "unverifiable",
+                        definition.code,
+                        detail=f"PostgreSQL cannot recompute it: {type(exc).__name__}: {exc}",
+                    )
+                )
+                continue
             stored = await db.stored_results(conn, [definition.code], start=start, end=end)
+            since = _version_start(definition.code, engine.coverage, catalog)
             result = compare_kpi(
                 definition.code,
                 expected,
@@ -170,6 +189,7 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                 watermark=watermark,
                 definition_version=catalog.versions.get(definition.code),
                 pending=_pending_windows(definition.code, backfills, catalog),
+                version_since=since.since if since is not None else None,
             )
             report.mismatches.extend(result.mismatches)
             if result.summary is not None:
@@ -180,6 +200,13 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                         f"{definition.code}: {result.summary.pending_backfill} window(s) starting "
                         f"before {backfill.cut.isoformat()} await the calculation engine's "
                         f"backfill, due after {backfill.due.isoformat()}; verify again then"
+                    )
+                if result.summary.before_version_skipped and since is not None:
+                    report.notes.append(
+                        f"{definition.code}: {result.summary.before_version_skipped} window(s) "
+                        f"starting before {since.since.isoformat()} have no result of definition "
+                        f"version {since.definition_version}, which the calculation engine "
+                        "computes from there on: not expected"
                     )
         if options.skip_lake:
             report.notes.append("lake not checked (--skip-lake)")
@@ -194,23 +221,22 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
     return report
 
 
-async def _pending_backfills(
-    settings: VerifySettings, report: Report
-) -> dict[str, PendingBackfill]:
+async def _engine_backfills(settings: VerifySettings, report: Report) -> EngineBackfills:
+    nothing = EngineBackfills(pending={}, coverage={})
     if settings.calculation_url is None:
         report.notes.append(
             "calculation engine not asked (CALCULATION_URL is not set): windows awaiting a "
-            "backfill count as missing"
+            "backfill, and windows before a new or changed KPI took effect, count as missing"
         )
-        return {}
+        return nothing
     try:
-        return await pending_backfills(settings.calculation_url)
+        return await engine_backfills(settings.calculation_url)
     except EngineUnavailable as exc:
         report.notes.append(
-            f"calculation engine not reachable ({exc}): windows awaiting a backfill count as "
-            "missing"
+            f"calculation engine not reachable ({exc}): windows awaiting a backfill, and "
+            "windows before a new or changed KPI took effect, count as missing"
         )
-        return {}
+        return nothing
 
 
 def _pending_windows(
@@ -223,6 +249,18 @@ def _pending_windows(
     if backfill is None or (version is not None and backfill.definition_version != version):
         return None
     return backfill.covers
+
+
+def _version_start(
+    code: str, coverage: dict[str, VersionStart], catalog: Catalog
+) -> VersionStart | None:
+    """Where the engine's results of the definition verify checks begin; None when the engine
+    did not say, or said it of another version (it has not taken the current one yet)."""
+    start = coverage.get(code)
+    version = catalog.versions.get(code)
+    if start is None or (version is not None and start.definition_version != version):
+        return None
+    return start
 
 
 def _range(

@@ -104,6 +104,7 @@ class KpiSummary:
     matched: int = 0
     open_windows_skipped: int = 0
     other_version_skipped: int = 0
+    before_version_skipped: int = 0
     pending_backfill: int = 0
     mismatches: int = 0
 
@@ -129,13 +130,18 @@ def compare_kpi(
     watermark: datetime | None,
     definition_version: int | None,
     pending: Callable[[datetime], bool] | None = None,
+    version_since: datetime | None = None,
 ) -> Comparison:
     """Compare one KPI's recomputed windows with its stored results.
 
     Open windows are skipped on both sides. Stored results computed with another definition
     version than the current one are skipped (their definition may have differed), and so is the
     expected window they stand for. `pending(window_start)`: the window awaits the engine's
-    backfill, so its absence is counted as pending, not reported missing."""
+    backfill, so its absence is counted as pending, not reported missing. `version_since`: the
+    engine publishes the current version's windows from there on (where its backfill started
+    when the version took effect), so an earlier window without a stored result was never
+    expected of this version: skipped (`before_version_skipped`), not missing. Stored results
+    are compared wherever they start."""
     summary = KpiSummary(kpi_code)
     out = Comparison(summary=summary)
     by_key: dict[tuple[str, datetime, datetime, str], list[ResultRow]] = defaultdict(list)
@@ -218,6 +224,9 @@ def compare_kpi(
     for key, want in sorted(wanted.items(), key=lambda kv: (kv[0][1], kv[0][3])):
         if pending is not None and pending(key[1]):
             summary.pending_backfill += 1
+            continue
+        if version_since is not None and key[1] < version_since:
+            summary.before_version_skipped += 1
             continue
         summary.compared += 1
         out.mismatches.append(

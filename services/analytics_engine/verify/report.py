@@ -43,6 +43,7 @@ class Report:
                         "mismatches": k.mismatches,
                         "open_windows_skipped": k.open_windows_skipped,
                         "other_version_skipped": k.other_version_skipped,
+                        "before_version_skipped": k.before_version_skipped,
                         "pending_backfill": k.pending_backfill,
                     }
                     for k in self.kpis
@@ -110,6 +111,7 @@ def render_text(report: Report, *, limit: int = 200) -> str:
             str(k.mismatches),
             str(k.open_windows_skipped),
             str(k.other_version_skipped),
+            str(k.before_version_skipped),
             str(k.pending_backfill),
         ]
         for k in report.kpis
@@ -122,6 +124,7 @@ def render_text(report: Report, *, limit: int = 200) -> str:
             "mismatches",
             "open_skipped",
             "other_version",
+            "before_version",
             "pending_backfill",
         ],
         summary_rows,

@@ -40,7 +40,7 @@ from analytics_engine.core.bus import DeadLetters, EventPublisher
 from analytics_engine.core.envelopes import Event, Request, utcnow
 from analytics_engine.core.request_reply import RequestReplyServer
 from analytics_engine.core.runtime import ServiceRuntime
-from analytics_engine.verify.engine import pending_backfills
+from analytics_engine.verify.engine import VersionStart, engine_backfills, pending_backfills
 
 pytestmark = pytest.mark.asyncio
 Start = Callable[[ServiceRuntime], Awaitable[ServiceRuntime]]
@@ -376,6 +376,9 @@ async def test_new_definition_is_backfilled_over_stored_history(
         assert (pending.since, pending.cut, pending.definition_version) == (job.since, job.cut, 1)
         assert pending.due == job.until + timedelta(milliseconds=1500)
         assert pending.since < pending.cut
+        # where the version's results begin; orders_count has run since the first start
+        coverage = (await engine_backfills(url)).coverage
+        assert coverage == {"revenue_by_region": VersionStart(1, job.since)}
         await wait_for(
             lambda: (
                 service.backfills.status("revenue_by_region") != "backfill_pending"
@@ -384,6 +387,10 @@ async def test_new_definition_is_backfilled_over_stored_history(
             timeout=30,
         )
         results = await settled(redis)
+        # the backfill is done: nothing pending, and verify still learns where v1 begins
+        after = await engine_backfills(url)
+        assert after.pending == {}
+        assert after.coverage == {"revenue_by_region": VersionStart(1, job.since)}
     finally:
         replay_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -5,6 +5,7 @@ come from the pure streaming engine, the lake is written with the archival servi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sys
@@ -361,6 +362,25 @@ async def test_cli_exit_codes_table_and_json(world: World) -> None:
     assert code == 2 and "unknown KPI code" in err
 
 
+@contextlib.asynccontextmanager
+async def stand_in_engine(items: list[dict[str, Any]]) -> AsyncIterator[str]:
+    """The calculation engine's `GET /api/v1/kpis` answering `items`; yields its base URL."""
+    engine = web.Application()
+
+    async def kpis(_: web.Request) -> web.Response:
+        return web.json_response({"items": items})
+
+    engine.router.add_get("/api/v1/kpis", kpis)
+    runner = web.AppRunner(engine)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 async def test_windows_awaiting_the_engine_s_backfill_are_pending(world: World) -> None:
     """A KPI whose backfill has not run yet has no stored results for the windows before its
     cut: with the engine's word for it (`CALCULATION_URL`), verify counts them as pending."""
@@ -383,23 +403,9 @@ async def test_windows_awaiting_the_engine_s_backfill_are_pending(world: World) 
         "cut": cut.isoformat(),
         "due": (cut + timedelta(minutes=5)).isoformat(),
     }
-    engine = web.Application()
-
-    async def kpis(_: web.Request) -> web.Response:
-        return web.json_response(
-            {"items": [{"code": "orders_completed", "backfill": backfill}, {"code": "revenue"}]}
-        )
-
-    engine.router.add_get("/api/v1/kpis", kpis)
-    runner = web.AppRunner(engine)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        report = await verify(world.settings(CALCULATION_URL=f"http://127.0.0.1:{port}"), OPTIONS)
-    finally:
-        await runner.cleanup()
+    items = [{"code": "orders_completed", "backfill": backfill}, {"code": "revenue"}]
+    async with stand_in_engine(items) as url:
+        report = await verify(world.settings(CALCULATION_URL=url), OPTIONS)
     summary = next(k for k in report.kpis if k.kpi_code == "orders_completed")
     pending = [
         r
@@ -411,7 +417,66 @@ async def test_windows_awaiting_the_engine_s_backfill_are_pending(world: World) 
     assert any("await the calculation engine's backfill" in n for n in report.notes)
 
     # without the engine's word, the same windows are missing
-    report = await verify(world.settings(CALCULATION_URL=f"http://127.0.0.1:{port}"), OPTIONS)
+    report = await verify(world.settings(CALCULATION_URL=url), OPTIONS)
     assert any("calculation engine not reachable" in n for n in report.notes)
     missing = {m.window_start for m in report.mismatches if m.problem == "missing_window"}
     assert missing == {mine[1], *(r.window_start for r in pending)}
+
+
+async def test_windows_before_the_version_took_effect_are_not_expected(world: World) -> None:
+    """A KPI created (or changed) while events flowed: the engine computes that version's
+    windows from its backfill's `since` on, and its KPI list keeps saying so (`coverage`)
+    after the backfill is done. The default range starts at the oldest stored event: older
+    windows are no missing ones; later ones are still checked."""
+    mine = sorted({r.window_start for r in world.results if r.kpi_code == "orders_completed"})
+    since, lost = mine[4], mine[6]
+    conn = await asyncpg.connect(world.database_url)
+    try:
+        await conn.execute(
+            "DELETE FROM kpi_results WHERE kpi_code = 'orders_completed'"
+            " AND (window_start < $1 OR window_start = $2)",
+            since,
+            lost,
+        )
+    finally:
+        await conn.close()
+    coverage = {"definition_version": 3, "since": since.isoformat()}
+    items = [{"code": "orders_completed", "backfill": None, "coverage": coverage}]
+    async with stand_in_engine(items) as url:
+        report = await verify(world.settings(CALCULATION_URL=url), OPTIONS)
+    summary = next(k for k in report.kpis if k.kpi_code == "orders_completed")
+    before = [
+        r for r in world.results if r.kpi_code == "orders_completed" and r.window_start < since
+    ]
+    assert summary.before_version_skipped == len(before) > 0
+    # a window the engine is responsible for and did not store is still a mismatch
+    assert {(m.problem, m.kpi_code, m.window_start) for m in report.mismatches} == {
+        ("missing_window", "orders_completed", lost)
+    }
+    assert not report.ok
+    assert any("have no result of definition version 3" in n for n in report.notes)
+
+    # the engine's word for another KPI changes nothing for this one
+    items = [{"code": "revenue", "coverage": coverage}]
+    async with stand_in_engine(items) as url:
+        report = await verify(world.settings(CALCULATION_URL=url), OPTIONS)
+    summary = next(k for k in report.kpis if k.kpi_code == "orders_completed")
+    assert summary.before_version_skipped == 0
+    missing = {m.window_start for m in report.mismatches if m.kpi_code == "orders_completed"}
+    assert missing == {*mine[:4], lost}
+
+
+async def test_a_filter_postgresql_cannot_evaluate_is_unverifiable(world: World) -> None:
+    """A float overflow in the recompute SQL (where the engine's filter just yields inf)
+    makes that KPI unverifiable, with the reason; verify carries on with the others."""
+    overflowing = {
+        **DEFINITIONS[3],
+        "code": "huge_amount",
+        "filter": "amount * 1e300 * 1e300 > 1",
+    }
+    (world.definitions_dir / "kpis.yaml").write_text(yaml.safe_dump([*DEFINITIONS, overflowing]))
+    report = await verify(world.settings(), OPTIONS)
+    assert [(m.problem, m.kpi_code) for m in report.mismatches] == [("unverifiable", "huge_amount")]
+    assert "NumericValueOutOfRangeError" in report.mismatches[0].detail
+    assert {k.kpi_code for k in report.kpis} == {d["code"] for d in DEFINITIONS}
+    assert sum(k.matched for k in report.kpis) == len(world.results)

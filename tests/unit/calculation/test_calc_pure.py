@@ -5,13 +5,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from analytics_engine.calculation.backfill import compute, needed_attributes, plan
+import pytest
+
+from analytics_engine.calculation.backfill import (
+    BackfillJob,
+    BackfillManager,
+    Coverage,
+    backfill_since,
+    compute,
+    needed_attributes,
+    plan,
+)
 from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.events import EntityEvent, result_events
 from analytics_engine.calculation.queries import first_value, slot_of
 from analytics_engine.calculation.registry import DefinitionRegistry
 from analytics_engine.core import channels
-from analytics_engine.kpi import KPIDefinition, KPIResult, VersionedKPIDefinition
+from analytics_engine.kpi import KPIDefinition, KPIEngine, KPIResult, VersionedKPIDefinition
 from analytics_engine.kpi.windows import to_micros
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -42,6 +52,134 @@ def test_plan_covers_whole_windows_before_the_cut() -> None:
     assert job.since == T0 + timedelta(seconds=65)
     assert job.until == T0 + timedelta(seconds=130)  # window [120,130) closes at 130
     assert needed_attributes(revenue()) == {"amount", "region", "status"}
+
+
+def test_plan_reaches_back_to_the_first_window_still_open_at_the_cut() -> None:
+    """The live engine suppresses every window starting before the cut, so the backfill must
+    cover all of those still open there, even when they start before `cut - horizon`."""
+    hour, minute = timedelta(hours=1), timedelta(minutes=1)
+    sliding = revenue(window={"type": "sliding", "size": "2h", "slide": "5m"})
+    job = plan(sliding, T0 + 3 * hour + 6 * minute, hour)  # horizon alone: 02:05
+    assert job.since == T0 + hour + 10 * minute  # [01:10, 03:10) closes after 03:06
+    assert job.until == T0 + 5 * hour + 5 * minute  # the last one, [03:05, 05:05)
+    late = revenue(window={"type": "tumbling", "size": "30m", "allowed_lateness": "5h"})
+    job = plan(late, T0 + 8 * hour + 6 * minute, hour)  # horizon alone: 07:00
+    assert job.since == T0 + 3 * hour  # [03:00, 03:30) closes at 08:30
+    # a window closing exactly at the cut is closed: the first open one is the next
+    cut = to_micros(T0 + timedelta(seconds=132))
+    window = revenue().definition().window
+    assert window is not None
+    assert backfill_since(window, cut, 0) == to_micros(T0 + timedelta(seconds=130))
+    assert backfill_since(window, cut + 1, 0) == to_micros(T0 + timedelta(seconds=130))
+    assert backfill_since(window, cut - 1, 0) == to_micros(T0 + timedelta(seconds=120))
+
+
+def cut_over(
+    definition: dict[str, object], minutes: int, cut_after: int, horizon: timedelta
+) -> tuple[BackfillJob, dict[datetime, float], dict[datetime, float]]:
+    """One event a minute for `minutes`; the KPI changes to version 2 after `cut_after`
+    events. Returns the job, what the engine publishes for version 2 (live results not
+    suppressed + the backfill) and the reference (version 2 over every event)."""
+    v1 = VersionedKPIDefinition.model_validate({**definition, "version": 1})
+    v2 = VersionedKPIDefinition.model_validate({**definition, "version": 2, "filter": "n > 0"})
+    events = [ev(i, i * 60, i * 60, n=1) for i in range(minutes)]
+    live = KPIEngine(clock=lambda: T0)
+    live.set_definitions([v1])
+    for e in events[:cut_after]:
+        live.process(e)
+    live.drain_results()
+    live.set_definitions([v2])
+    assert live.watermark is not None
+    job = plan(v2, live.watermark, horizon)
+    manager = BackfillManager.__new__(BackfillManager)
+    manager.jobs = {job.code: job}
+    for e in events[cut_after:]:
+        live.process(e)
+    live.advance(T0 + timedelta(days=30))
+    published = {r.window_start: r.value for r in live.drain_results() if not manager.suppressed(r)}
+    backfilled = compute(job, list(events))
+    assert not published.keys() & {r.window_start for r in backfilled}  # each window once
+    published |= {r.window_start: r.value for r in backfilled}
+    reference = KPIEngine(clock=lambda: T0)
+    reference.set_definitions([v2])
+    for e in events:
+        reference.process(e)
+    reference.advance(T0 + timedelta(days=30))
+    return job, published, {r.window_start: r.value for r in reference.drain_results()}
+
+
+@pytest.mark.parametrize(
+    ("window", "minutes", "cut_after", "lost_before_the_fix"),
+    [
+        ({"type": "sliding", "size": "2h", "slide": "5m"}, 6 * 60, 3 * 60 + 7, 11),
+        ({"type": "tumbling", "size": "30m", "allowed_lateness": "5h"}, 12 * 60, 8 * 60 + 7, 8),
+        ({"type": "tumbling", "size": "5m", "allowed_lateness": "1m"}, 3 * 60, 60 + 3, 0),
+    ],
+)
+def test_no_window_open_at_a_definition_change_is_lost(
+    window: dict[str, str], minutes: int, cut_after: int, lost_before_the_fix: int
+) -> None:
+    """The reviewer's cases: every window of the new version starting at or after the
+    backfill's `since` is published once, with the reference value; that includes every
+    window still open at the cut (before the fix, a 1h horizon lost some)."""
+    definition = {
+        "code": "orders",
+        "display_name": "Orders",
+        "entity_type": "order",
+        "aggregation": "count",
+        "window": window,
+    }
+    job, published, reference = cut_over(definition, minutes, cut_after, timedelta(hours=1))
+    w = job.definition.window
+    assert w is not None
+    close_offset = w.size + w.allowed_lateness
+    open_at_cut = {s for s in reference if s < job.cut < s + close_offset}
+    step = to_micros(w.slide or w.size)
+    horizon_only = to_micros(job.cut - timedelta(hours=1))
+    horizon_only -= horizon_only % step  # where the backfill started before the fix
+    assert len({s for s in open_at_cut if to_micros(s) < horizon_only}) == lost_before_the_fix
+    assert open_at_cut <= published.keys()
+    assert published == {s: v for s, v in reference.items() if s >= job.since}
+
+
+def manager() -> BackfillManager:
+    async def ignore(_: list[KPIResult]) -> None:
+        return None
+
+    return BackfillManager(
+        None,  # type: ignore[arg-type]  # no I/O in these calls
+        None,  # type: ignore[arg-type]
+        horizon=timedelta(seconds=60),
+        delay=timedelta(seconds=1),
+        max_events=10,
+        on_results=ignore,
+        watermark=lambda: None,
+    )
+
+
+def test_coverage_outlives_the_job_and_the_checkpoint() -> None:
+    """What `verify` learns through the KPI list: where the current version's results begin,
+    after its backfill is done and dropped, and across a restart."""
+    backfills = manager()
+    backfills.schedule(revenue(version=3), T0 + timedelta(seconds=125))
+    covered = {"definition_version": 3, "since": (T0 + timedelta(seconds=60)).isoformat()}
+    assert backfills.coverage_of("revenue") == covered
+    backfills.jobs.clear()  # done, then dropped once its windows can no longer appear live
+    assert backfills.pending("revenue") is None
+    assert backfills.coverage_of("revenue") == covered
+    restarted = manager()
+    restarted.restore(backfills.checkpoint_section())
+    assert restarted.coverage_of("revenue") == covered
+    restarted.cancel("revenue")  # removed, or changed with no backfill to follow
+    assert restarted.coverage_of("revenue") is None
+    # a checkpoint from before coverage was recorded: its pending jobs say where they start
+    older = manager()
+    older.schedule(revenue(version=4), T0 + timedelta(seconds=125))
+    section = older.checkpoint_section()
+    del section["backfill_coverage"]
+    restored = manager()
+    restored.restore(section)
+    assert restored.coverage["revenue"] == Coverage(4, T0 + timedelta(seconds=60))
 
 
 def ev(i: int, occurred: float, published: float, **attrs: object) -> EntityEvent:

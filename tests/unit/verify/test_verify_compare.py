@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
+from analytics_engine.calculation.backfill import compute, plan
+from analytics_engine.kpi import EntityEventView, KPIEngine, VersionedKPIDefinition
 from analytics_engine.kpi.definitions import KPIDefinition
+from analytics_engine.verify import db
 from analytics_engine.verify.compare import (
     Comparison,
     ResultRow,
@@ -18,7 +21,13 @@ from analytics_engine.verify.compare import (
     is_open,
     same_value,
 )
-from analytics_engine.verify.engine import EngineUnavailable, PendingBackfill, parse_pending
+from analytics_engine.verify.engine import (
+    EngineUnavailable,
+    PendingBackfill,
+    VersionStart,
+    parse_coverage,
+    parse_pending,
+)
 from analytics_engine.verify.report import Report, render_json, render_text
 from analytics_engine.verify.sql import recompute_query
 
@@ -134,6 +143,139 @@ def test_the_engine_s_pending_backfills_are_parsed_strictly() -> None:
         parse_pending({"items": []})
 
 
+def test_windows_before_the_version_s_start_are_not_expected_of_it() -> None:
+    """The reviewer's case: v1 (filter region == 'eu') produced these windows; v2 (no filter)
+    took effect later. The `us` groups v1 never produced are no missing windows of v2."""
+    eu, us = canonical_dims({"region": "eu"}), canonical_dims({"region": "us"})
+    stored = [row(i, 3.0, n=3, dims=eu, version=1) for i in range(3)]
+    expected = [row(i, 3.0, n=3, dims=d) for i in range(3) for d in (eu, us)]
+    before = compare_kpi(
+        "k", expected, stored, lateness=timedelta(0), watermark=T0 + 60 * MIN, definition_version=2
+    )
+    assert [m.problem for m in before.mismatches] == ["missing_window"] * 3  # the false alarm
+    result = compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=T0 + 60 * MIN,
+        definition_version=2,
+        version_since=T0 + 5 * MIN,
+    )
+    assert result.mismatches == []
+    assert result.summary is not None
+    assert result.summary.other_version_skipped == 3
+    assert result.summary.before_version_skipped == 3
+
+
+def test_from_the_version_s_start_on_every_problem_is_still_reported() -> None:
+    expected = [row(0), row(1), row(2, 2.0), row(3)]
+    stored = [row(0, 5.0, version=2), row(2, 9.0, version=2)]
+    result = compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=T0 + 10 * MIN,
+        definition_version=2,
+        version_since=T0 + 2 * MIN,
+    )
+    problems = [(m.problem, m.window_start) for m in result.mismatches]
+    # window 0 is stored (compared wherever it starts); window 1 was never expected of v2
+    assert problems == [
+        ("wrong_value", T0),
+        ("wrong_value", T0 + 2 * MIN),
+        ("missing_window", T0 + 3 * MIN),
+    ]
+    assert result.summary is not None and result.summary.before_version_skipped == 1
+
+
+def test_a_new_kpi_backfilled_by_the_engine_verifies_clean() -> None:
+    """The reviewer's case: six hours of orders, then a new 5-minute KPI. The engine publishes
+    its windows from the backfill's `since` on; verify's default range starts at the oldest
+    stored event, and must not call the windows before `since` missing."""
+    events = [
+        EntityEventView(
+            str(i), "created", "order", f"o{i}", 1, T0 + i * MIN / 2, T0 + i * MIN / 2, {}
+        )
+        for i in range(720)
+    ]
+    kpi = VersionedKPIDefinition.model_validate(
+        {
+            "code": "orders_5m",
+            "display_name": "Orders",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "5m"},
+            "version": 1,
+        }
+    )
+    cut = events[-1].published_at
+    job = plan(kpi, cut, timedelta(hours=1))
+    stored = [
+        ResultRow(
+            r.kpi_code,
+            r.window_start,
+            r.window_end,
+            canonical_dims(r.dimensions),
+            r.value,
+            r.sample_count,
+            1,
+        )
+        for r in compute(job, list(events))  # type: ignore[arg-type]
+    ]
+    reference = KPIEngine(clock=lambda: T0)
+    reference.set_definitions([kpi])
+    for e in events:
+        reference.process(e)
+    reference.advance(T0 + timedelta(days=1))
+    bounds = db.Bounds(
+        newest_published=cut + timedelta(hours=2),
+        events={"order": (events[0].occurred_at, events[-1].occurred_at)},
+        results={},
+    )
+    span = db.default_range(kpi.definition(), bounds)
+    assert span is not None and span[0] == T0
+    expected = [
+        ResultRow(
+            r.kpi_code,
+            r.window_start,
+            r.window_end,
+            canonical_dims(r.dimensions),
+            r.value,
+            r.sample_count,
+        )
+        for r in reference.drain_results()
+        if r.window_start >= span[0] and r.window_end <= span[1]
+    ]
+    result = compare_kpi(
+        "orders_5m",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=cut + timedelta(hours=2),
+        definition_version=1,
+        version_since=job.since,
+    )
+    assert result.mismatches == []
+    assert result.summary is not None
+    assert result.summary.matched == len(stored) == 13  # from 04:55 (cut 05:59:30 - 1h, aligned)
+    assert result.summary.before_version_skipped == 59  # 00:00 .. 04:50, never computed
+
+
+def test_the_engine_s_version_starts_are_parsed_strictly() -> None:
+    items = [
+        {"code": "a", "coverage": None},
+        {"code": "b", "coverage": {"definition_version": 2, "since": "2024-01-01T00:05:00Z"}},
+        {"code": "c"},  # an engine that does not report it
+    ]
+    assert parse_coverage(items) == {"b": VersionStart(2, T0 + 5 * MIN)}
+    with pytest.raises(EngineUnavailable, match="unexpected coverage entry"):
+        parse_coverage([{"code": "b", "coverage": {"since": "2024-01-01T00:05:00Z"}}])
+    with pytest.raises(EngineUnavailable, match="no list"):
+        parse_coverage(None)
+
+
 def test_compare_lake() -> None:
     stored = [row(0, 1.0), row(1, 2.0), row(2, 3.0), row(3, 4.0)]
     lake = [row(0, 1.0), row(1, 2.0), row(1, 2.0), row(2, 3.5), row(9, 1.0), row(9, 1.0)]
@@ -160,7 +302,9 @@ def test_report_rendering() -> None:
     )
     text = render_text(report)
     assert "missing_window" in text and text.endswith("FAILED: 1 mismatch(es)")
+    assert "before_version" in text
     assert '"ok": false' in render_json(report)
+    assert '"before_version_skipped": 0' in render_json(report)
 
 
 def test_recompute_query_shape() -> None:
