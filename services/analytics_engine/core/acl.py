@@ -7,6 +7,12 @@ dead-letter streams), while the stream-reading commands apply only to the stream
 So the simulator's credentials can append to `simulation.*` but cannot publish a KPI result, and
 the calculation engine can read entity events but cannot forge them.
 
+Reading a stream through a consumer group needs write access to it (XREADGROUP and XACK write
+the group's state), and Redis key permissions (`%R~`/`%W~`) cannot tell XACK from DEL. So the
+generic key commands (DEL, RENAME, EXPIRE, SET, ... : the data-type and keyspace categories)
+live in selectors of their own, confined to the keys the service owns (`state_keys`). A consumer
+can neither delete, rename, expire nor overwrite the streams it reads, nor anyone's dead letters.
+
 Pure: this module builds ACL lines; the local stack writes them to an ACL file and the Helm
 chart renders the same file from values.
 """
@@ -32,6 +38,7 @@ class ServiceAccess:
     serves: tuple[str, ...] = ()  # request channels it answers
     requests: tuple[str, ...] = ()  # request channels it calls
     state_keys: tuple[str, ...] = ()  # private key patterns, e.g. its checkpoint
+    deletes: tuple[str, ...] = ()  # of `consumes`, private streams it deletes once read (replays)
     watches: tuple[str, ...] = ()  # streams it produces and reads the length of (backpressure)
     reads_all_streams: bool = False  # observability: lengths of every stream and dead-letter stream
     trims_streams: bool = False  # observability: trims streams below what readers consumed
@@ -59,6 +66,7 @@ SERVICE_ACCESS: Mapping[str, ServiceAccess] = {
     "calculation_engine": ServiceAccess(
         consumes=(ch.ENTITY_CREATED, ch.ENTITY_UPDATED, ch.METADATA_CHANGED, REPLAY),
         rewinds=(ch.ENTITY_CREATED, ch.ENTITY_UPDATED),
+        deletes=(REPLAY,),  # a backfill's replay stream, made for it alone, once it has read it
         publishes=(ch.KPI_CALCULATED, f"{ch.KPI_CALCULATED_PREFIX}*", *STREAM_CONTROL),
         requests=(ch.DATABASE_QUERY, ch.DATABASE_COMMAND, ch.METADATA_LOOKUP),
         state_keys=(f"{ch.KEY_PREFIX}calc:*",),
@@ -103,6 +111,7 @@ BASE_COMMANDS = (
     "+multi",
     "+exec",
     "+discard",
+    "+unwatch",
     "+publish",
     "+subscribe",
     "+psubscribe",
@@ -129,17 +138,19 @@ CONSUMER_COMMANDS = (
     "+xread",
     "+time",
 )
-# Request claims and private state (keys restricted below, so data-type categories are safe;
-# the dangerous ones, such as KEYS and FLUSHALL, stay off).
+# Private state, in a selector confined to the service's own keys (`state_keys`): the data-type
+# categories and key management (DEL, EXPIRE, RENAME, SCAN, ...) apply there only. The dangerous
+# ones, such as KEYS, FLUSHALL and RESTORE, stay off.
 STATE_COMMANDS = (
     "+@string",
     "+@hash",
     "+@set",
     "+@keyspace",
     "+watch",
-    "+unwatch",
     "-@dangerous",
 )
+# Request claims (`ae:rr:claim:*`, shared by every caller and responder): SET NX PX only.
+CLAIM_COMMANDS = ("+set",)
 
 
 def _stream_keys(patterns: Iterable[str]) -> list[str]:
@@ -161,12 +172,8 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
             *((REPLY_PATTERN,) if access.serves else ()),
         }
     )
-    rules = ["resetkeys", "resetchannels", "-@all", *BASE_COMMANDS, *STATE_COMMANDS]
+    rules = ["resetkeys", "resetchannels", "-@all", *BASE_COMMANDS]
     rules += [f"&{c}" for c in channels]
-    # Claims of request/reply: callers abandon, responders claim.
-    if access.serves or access.requests:
-        rules.append(f"~{ch.request_claim_key('*')}")
-    rules += [f"~{k}" for k in access.state_keys]
     if access.consumes:
         rules += CONSUMER_COMMANDS
         rules += [f"~{k}" for k in _stream_keys(access.consumes)]
@@ -174,7 +181,8 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
         keys = " ".join(f"~{k}" for k in _stream_keys(access.rewinds))
         rules.append(f"(+xgroup|setid {keys})")
         # what its checkpoint covers, which retention keeps (core.retention)
-        rules += [f"~{ch.stream_hold_key(c)}" for c in access.rewinds]
+        holds = " ".join(f"~{ch.stream_hold_key(c)}" for c in access.rewinds)
+        rules.append(f"(+hset {holds})")
     if access.watches:
         rules += ["+xlen", "+xinfo|groups", "+xinfo|stream"]
         rules += [f"%R~{k}" for k in _stream_keys(access.watches)]
@@ -194,6 +202,15 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
         rules.append(f"(+evalsha +eval +xadd +xlen {keys})")
     if dead_letters:
         rules.append("(+xadd " + " ".join(f"%W~{k}" for k in dead_letters) + ")")
+    # Key management only on keys the service owns: never on the streams it reads (with the
+    # stream commands above it needs write access to them) nor on dead letters.
+    if access.state_keys:
+        keys = " ".join(f"~{k}" for k in access.state_keys)
+        rules.append(f"({' '.join(STATE_COMMANDS)} {keys})")
+    if access.serves or access.requests:  # request claims: callers abandon, responders claim
+        rules.append(f"({' '.join(CLAIM_COMMANDS)} ~{ch.request_claim_key('*')})")
+    if access.deletes:
+        rules.append("(+del " + " ".join(f"~{k}" for k in _stream_keys(access.deletes)) + ")")
     return list(dict.fromkeys(rules))  # roles overlap (e.g. consumer and stream reader): once each
 
 

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 from acl_users import url
-from redis.exceptions import NoPermissionError
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError, ResponseError
 
+from analytics_engine.archival.layout import intents_key, seen_key
+from analytics_engine.archival.ledger import Intent, Ledger
+from analytics_engine.calculation.checkpoint_store import CheckpointStore, delete_strays, part_key
+from analytics_engine.calculation.recent_ids_log import chunk_key
 from analytics_engine.core import channels
-from analytics_engine.core.acl import SERVICE_ACCESS
+from analytics_engine.core.acl import REPLAY, SERVICE_ACCESS
 from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.redis import connect
 from analytics_engine.core.request_reply import RequestReplyClient, RequestReplyServer
+from analytics_engine.database.subscriptions import SUBSCRIPTIONS_KEY, lease_key, state_key
 from analytics_engine.localstack import RedisServer
 
 pytestmark = pytest.mark.asyncio
@@ -119,3 +126,260 @@ async def test_every_service_can_publish_its_heartbeat(acl_redis: RedisServer) -
         publisher = EventPublisher(redis, source=service, stream_maxlen=1000)
         await publisher.publish(channels.SERVICE_HEARTBEAT, {"service": service})
         await redis.aclose()
+
+
+# -- key management: only on the keys a service owns ----------------------------------------------
+
+ADMIN = "redis://admin:admin-pw@127.0.0.1:{port}/0"
+REPLAY_KEY = channels.stream_key(f"{channels.REPLAY_PREFIX}sub-1")
+# The one exception: a backfill's replay stream, made for the engine alone, deleted once read.
+DELETES_ONCE_READ = {"calculation_engine": [channels.stream_key(REPLAY)]}
+
+
+def _stream_keys_of_the_platform() -> list[str]:
+    """Every stream the channel table has (a replay stream for the pattern), every dead-letter
+    stream and every retention hold."""
+    named = {
+        c.replace("*", "sub-1")
+        for a in SERVICE_ACCESS.values()
+        for c in (*a.publishes, *a.consumes, *a.serves)
+    }
+    durable = sorted(c for c in named if channels.channel_spec(c).durable)
+    return [
+        *(channels.stream_key(c) for c in durable),
+        *(channels.dead_letter_key(c) for c in sorted(named)),
+        *(channels.stream_hold_key(c) for c in durable),
+    ]
+
+
+def _key_management(key: str, own: str) -> list[tuple[str, ...]]:
+    """Commands that delete, rename, expire or overwrite `key` whatever its type."""
+    return [
+        ("DEL", key),
+        ("UNLINK", key),
+        ("RENAME", key, own),
+        ("RENAMENX", key, own),
+        ("RENAME", own, key),
+        ("EXPIRE", key, "1"),
+        ("PEXPIRE", key, "1"),
+        ("EXPIREAT", key, "1"),
+        ("PERSIST", key),
+        ("SET", key, "x"),
+        ("GETDEL", key),
+        ("COPY", own, key, "REPLACE"),
+        ("MOVE", key, "1"),
+        ("SUNIONSTORE", key, own),
+        ("HSET", key, "f", "v"),
+    ]
+
+
+async def _dryrun(admin: Redis, user: str, command: Sequence[str]) -> str:
+    reply = await admin.execute_command("ACL", "DRYRUN", user, *command)
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+async def test_no_service_may_delete_rename_expire_or_overwrite_streams_it_does_not_own(
+    acl_redis: RedisServer,
+) -> None:
+    """The reviewer's finding: `calculation_engine DEL ae:stream:simulation.entity.created`,
+    `... RENAME ... ae:calc:stolen`, `database_service DEL ae:stream:kpi.calculated` were
+    allowed. Now no service may touch the streams it reads or writes (nor dead letters, nor
+    retention holds) but through the stream commands; the one exception is the replay stream a
+    backfill asked for, which the engine deletes once read."""
+    admin = connect(ADMIN.format(port=acl_redis.port))
+    allowed: list[tuple[str, tuple[str, ...]]] = []
+    for service, access in SERVICE_ACCESS.items():
+        own = f"{access.state_keys[0].rstrip('*')}stolen" if access.state_keys else "ae:x"
+        deletable = DELETES_ONCE_READ.get(service, [])
+        for key in _stream_keys_of_the_platform():
+            for command in _key_management(key, own):
+                if command[0] == "DEL" and any(fnmatch.fnmatchcase(key, p) for p in deletable):
+                    continue
+                if command[0] == "HSET" and key.startswith(channels.stream_hold_key("")):
+                    continue  # the engine's checkpoint position (below)
+                if await _dryrun(admin, service, command) == "OK":
+                    allowed.append((service, command))
+    assert allowed == []
+    # a hold is a hash the rewinding reader sets its own field of, nothing more
+    hold = channels.stream_hold_key(channels.ENTITY_CREATED)
+    for service in SERVICE_ACCESS:
+        verdict = await _dryrun(admin, service, ("HSET", hold, service, "1-0"))
+        assert (verdict == "OK") == (service == "calculation_engine"), (service, verdict)
+    await admin.aclose()
+
+
+async def test_consumers_cannot_delete_what_they_read_even_through_a_script(
+    acl_redis: RedisServer,
+) -> None:
+    admin = connect(ADMIN.format(port=acl_redis.port))
+    producer = connect(url(acl_redis, "data_simulator"))
+    await EventPublisher(producer, source="data_simulator", stream_maxlen=10_000).publish_many(
+        (channels.ENTITY_CREATED, {"i": i}) for i in range(3)
+    )
+    key = channels.stream_key(channels.ENTITY_CREATED)
+    length = await admin.xlen(key)  # (the Redis is the module's: earlier tests published too)
+    calc = connect(url(acl_redis, "calculation_engine"))
+    database = connect(url(acl_redis, "database_service"))
+    for reader in (calc, database):
+        await reader.xrange(key)  # it reads the stream...
+        with pytest.raises(NoPermissionError):  # ... but may not remove it
+            await reader.delete(key)
+        with pytest.raises(NoPermissionError):
+            await reader.rename(key, "ae:calc:stolen")
+        with pytest.raises(NoPermissionError):
+            await reader.expire(key, 1)
+        with pytest.raises(NoPermissionError):
+            await reader.set(key, b"x")
+        with pytest.raises(ResponseError, match=r"(?i)permission|can't access"):
+            await reader.eval("return redis.call('DEL', KEYS[1])", 1, key)
+    with pytest.raises(NoPermissionError):
+        await database.delete(channels.stream_key(channels.KPI_CALCULATED))
+    with pytest.raises(NoPermissionError):
+        await calc.delete(channels.dead_letter_key(channels.ENTITY_CREATED))
+    assert await admin.xlen(key) == length >= 3 and await admin.ttl(key) == -1
+    for client in (admin, producer, calc, database):
+        await client.aclose()
+
+
+def _commands_the_services_send() -> dict[str, list[tuple[str, ...]]]:
+    """What each service sends on which keys (grep of services/analytics_engine), beyond the
+    publishing, consuming and request/reply the other tests here run for real."""
+    entity = channels.stream_key(channels.ENTITY_CREATED)
+    tick = channels.stream_key(channels.SIMULATION_TICK)
+    checkpoint = "ae:calc:checkpoint"
+    claim = channels.request_claim_key("c-1")
+    claim_it = ("SET", claim, "x", "NX", "PX", "120000")
+    sub = state_key("sub-1")
+    lease = lease_key("sub-1")
+    seen = seen_key("orders_count", "2024-01-01")
+    calc_hold = channels.stream_hold_key(channels.ENTITY_CREATED)
+    return {
+        "calculation_engine": [
+            # checkpoint (one value or a manifest and parts) and its dedupe ring chunks
+            ("GET", checkpoint),
+            ("SET", checkpoint, "x"),
+            ("SET", part_key(checkpoint, 0), "x"),
+            ("MGET", part_key(checkpoint, 0), part_key(checkpoint, 1)),
+            ("DEL", part_key(checkpoint, 2), part_key(checkpoint, 3)),
+            ("SET", chunk_key(checkpoint, 7), "x"),
+            ("EXISTS", chunk_key(checkpoint, 7), chunk_key(checkpoint, 8)),
+            ("MGET", chunk_key(checkpoint, 7)),
+            ("DEL", chunk_key(checkpoint, 7)),
+            # the sweep of keys no checkpoint lists
+            ("SCAN", "0", "MATCH", f"{checkpoint}:*", "COUNT", "1000"),
+            ("DEL", f"{checkpoint}:part:9", f"{checkpoint}:ids:9"),
+            # retention hold and rewind
+            ("HSET", calc_hold, "calculation_engine", "1-0"),
+            ("XGROUP", "SETID", entity, "calculation_engine", "0"),
+            ("TIME",),
+            ("XREVRANGE", entity, "+", "-", "COUNT", "1"),
+            # a backfill reads its replay stream, then deletes it
+            ("XREAD", "COUNT", "1000", "BLOCK", "500", "STREAMS", REPLAY_KEY, "0"),
+            ("DEL", REPLAY_KEY),
+            claim_it,
+        ],
+        "database_service": [
+            ("HSETNX", sub, "spec", "{}"),
+            ("HSET", sub, "heartbeat", "1"),
+            ("HGETALL", sub),
+            ("EXPIRE", sub, "604800"),
+            ("SADD", SUBSCRIPTIONS_KEY, "sub-1"),
+            ("SREM", SUBSCRIPTIONS_KEY, "sub-1"),
+            ("SMEMBERS", SUBSCRIPTIONS_KEY),
+            ("SET", lease, "me", "NX", "PX", "10000"),
+            ("GET", lease),
+            ("PEXPIRE", lease, "10000"),
+            ("WATCH", lease),
+            ("DEL", lease),
+            ("XINFO", "GROUPS", REPLAY_KEY),
+            ("XLEN", REPLAY_KEY),
+            claim_it,
+        ],
+        "archival_service": [
+            ("HMGET", seen, "fp1", "fp2"),
+            ("HSET", seen, "fp1", "1"),
+            ("EXPIRE", seen, "86400"),
+            ("HSET", intents_key(), "batch-1", "{}"),
+            ("HDEL", intents_key(), "batch-1"),
+            ("HGETALL", intents_key()),
+        ],
+        "observability_service": [
+            ("SCAN", "0", "MATCH", channels.stream_key("*"), "COUNT", "500"),
+            ("SCAN", "0", "MATCH", channels.dead_letter_key("*"), "COUNT", "500"),
+            ("XINFO", "STREAM", channels.stream_key(channels.KPI_CALCULATED)),
+            ("XLEN", channels.dead_letter_key(channels.KPI_CALCULATED)),
+            ("XLEN", entity),
+            ("XINFO", "GROUPS", entity),
+            ("XPENDING", entity, "database_service"),
+            ("HGETALL", calc_hold),
+            ("XTRIM", entity, "MINID", "~", "1-0"),
+            ("XREVRANGE", tick, "+", "-", "COUNT", "10"),
+            ("TIME",),
+        ],
+        "data_simulator": [claim_it],
+        "metadata_service": [claim_it],
+        "api_gateway": [claim_it],
+        "cli": [claim_it],
+    }
+
+
+async def test_every_command_the_services_send_on_their_keys_stays_allowed(
+    acl_redis: RedisServer,
+) -> None:
+    admin = connect(ADMIN.format(port=acl_redis.port))
+    refused = [
+        (service, command, verdict)
+        for service, commands in _commands_the_services_send().items()
+        for command in commands
+        if (verdict := await _dryrun(admin, service, command)) != "OK"
+    ]
+    assert refused == []
+    await admin.aclose()
+
+
+async def test_the_engine_keeps_its_checkpoint_and_deletes_its_replay_stream_as_its_user(
+    acl_redis: RedisServer,
+) -> None:
+    """Real code paths: the checkpoint in parts and the sweep of stray keys (SCAN + DEL), the
+    retention hold, and a backfill's replay stream (written by the database service, read and
+    deleted by the engine)."""
+    admin = connect(ADMIN.format(port=acl_redis.port))
+    calc = connect(url(acl_redis, "calculation_engine"))
+    database = connect(url(acl_redis, "database_service"))
+    store = CheckpointStore(calc, "ae:calc:acl-test", part_bytes=4)
+    pipe = calc.pipeline(transaction=True)
+    parts = store.add_to_pipeline(pipe, b"0123456789")
+    pipe.hset(channels.stream_hold_key(channels.ENTITY_UPDATED), "calculation_engine", "1-0")
+    await pipe.execute()
+    store.written(parts)
+    assert parts == 3 and await store.load() == b"0123456789"
+    await calc.set("ae:calc:acl-test:part:7", b"stray")
+    assert await delete_strays(calc, "ae:calc:acl-test:", store.stored_keys()) == 1
+
+    replay = f"{channels.REPLAY_PREFIX}sub-acl"
+    assert fnmatch.fnmatchcase(replay, REPLAY)
+    await EventPublisher(database, source="database_service", stream_maxlen=1000).publish(
+        replay, {"subscription_id": "sub-acl", "done": True, "count": 0}
+    )
+    key = channels.stream_key(replay)
+    assert len(await calc.xread({key: b"0"}, count=10)) == 1
+    with pytest.raises(NoPermissionError):
+        await database.delete(key)  # its producer does not delete it: its reader does
+    assert await calc.delete(key) == 1
+    assert not await admin.exists(key)
+    for client in (admin, calc, database):
+        await client.aclose()
+
+
+async def test_the_archiver_keeps_its_ledger_as_its_user(acl_redis: RedisServer) -> None:
+    archival = connect(url(acl_redis, "archival_service"))
+    ledger = Ledger(archival, ttl_s=3600)
+    intent = Intent(batch="b-1", owner="a-0", created_at=1.0, objects=())
+    await ledger.write_intent(intent)
+    assert [i.batch for i in await ledger.intents()] == ["b-1"]
+    await ledger.settle(intent, {("orders_count", "2024-01-01"): [b"fp-1"]})
+    assert await ledger.archived({("orders_count", "2024-01-01"): [b"fp-1", b"fp-2"]}) == {b"fp-1"}
+    assert await ledger.intents() == []
+    with pytest.raises(NoPermissionError):  # what it reads is not its own
+        await archival.delete(channels.stream_key(channels.ARCHIVE_KPI_RESULTS))
+    await archival.aclose()

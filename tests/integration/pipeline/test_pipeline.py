@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,9 +20,11 @@ import pytest
 from analytics_engine.archival import service as archival
 from analytics_engine.calculation import service as calculation
 from analytics_engine.core import channels
+from analytics_engine.core.acl import SERVICE_ACCESS, acl_file
 from analytics_engine.core.redis import connect
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.database import service as database
+from analytics_engine.localstack import RedisServer
 from analytics_engine.observability import service as observability
 from analytics_engine.simulator import service as simulator
 from analytics_engine.verify.cli import Options, VerifySettings, verify
@@ -73,6 +75,7 @@ class Stack:
     env: dict[str, Any]
     database_url: str
     runtimes: dict[str, tuple[ServiceRuntime, asyncio.Task[None]]] = field(default_factory=dict)
+    redis_urls: dict[str, str] = field(default_factory=dict)  # a service's own, if not REDIS_URL
 
     async def start(self, name: str, **overrides: Any) -> ServiceRuntime:
         module = {
@@ -82,8 +85,9 @@ class Stack:
             "simulator": simulator,
             "observability": observability,
         }[name]
+        own = {"REDIS_URL": self.redis_urls[name]} if name in self.redis_urls else {}
         settings = module.Settings.model_validate(  # type: ignore[attr-defined]
-            {**self.env, "SERVICE_INSTANCE_ID": f"{name}-0", **overrides}
+            {**self.env, "SERVICE_INSTANCE_ID": f"{name}-0", **own, **overrides}
         )
         runtime: ServiceRuntime = module.create(settings)  # type: ignore[attr-defined]
         task = asyncio.create_task(runtime.run())
@@ -148,6 +152,29 @@ async def stack(
     s = Stack(env=env, database_url=database_url)
     yield s
     await s.stop_all()
+
+
+# The Redis ACL user each service connects as when deployed (`analytics_engine.core.acl`).
+ACL_USERS = {
+    "database": "database_service",
+    "calculation": "calculation_engine",
+    "archival": "archival_service",
+    "simulator": "data_simulator",
+    "observability": "observability_service",
+}
+
+
+@pytest.fixture
+def acl_stack(stack: Stack, tmp_path: Path) -> Iterator[Stack]:
+    """`stack` on a Redis of its own loaded with the platform's ACL file: every service runs as
+    its own least-privilege user, as deployed; the test's own reads run as `admin`."""
+    users = tmp_path / "users.acl"
+    users.write_text(acl_file({s: f"pw-{s}" for s in SERVICE_ACCESS}, admin_password="admin-pw"))
+    with RedisServer(tmp_path / "acl-redis", acl_file=users) as server:
+        base = f"127.0.0.1:{server.port}/0"
+        stack.env["REDIS_URL"] = f"redis://admin:admin-pw@{base}"
+        stack.redis_urls = {n: f"redis://{u}:pw-{u}@{base}" for n, u in ACL_USERS.items()}
+        yield stack
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
@@ -296,3 +323,28 @@ async def test_a_reader_down_longer_than_its_stream_holds_loses_nothing(stack: S
     await stack.start("database")
     await settle(stack, events=events)
     await check_everything(stack, events=events)
+
+
+async def test_the_services_do_their_jobs_as_their_own_redis_acl_users(acl_stack: Stack) -> None:
+    """Least privilege leaves every service what it needs: publishing, consuming, dead letters,
+    the engine's checkpoints, its restart (restore, sweep of stray keys, rewind, retention
+    hold), the archiver's ledger, the observability service's trimming."""
+    events = 6000
+    acl_stack.env |= {"OBSERVABILITY_TRIM_INTERVAL": "300ms"}
+    for name in ("observability", "database", "calculation", "archival"):
+        await acl_stack.start(name)
+    await acl_stack.start(
+        "simulator", SIMULATOR_SEED=13, SIMULATOR_RATE=2000, SIMULATOR_MAX_EVENTS=events
+    )
+    await asyncio.sleep(1.5)
+    await acl_stack.crash("calculation")
+    calc = await acl_stack.start("calculation")
+    await settle(acl_stack, events=events)
+    await check_everything(acl_stack, events=events)
+    registry = calc.metrics.registry
+    assert registry.get_sample_value("analytics_calc_checkpoint_duration_seconds_count")
+    observability_runtime, _ = acl_stack.runtimes["observability"]
+    trimmed = observability_runtime.metrics.registry.get_sample_value(
+        "analytics_stream_entries_trimmed_total", {"channel": channels.ENTITY_CREATED}
+    )
+    assert trimmed is not None and trimmed > 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from analytics_engine.core import channels
-from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
+from analytics_engine.core.acl import REPLAY, SERVICE_ACCESS, acl_file, acl_rules
 from analytics_engine.core.payloads import EVENT_PAYLOADS
 
 
@@ -26,7 +26,7 @@ def test_request_channels_have_a_responder_and_a_caller() -> None:
 
 def test_xadd_is_confined_to_produced_streams_and_dead_letters() -> None:
     rules = acl_rules("data_simulator", SERVICE_ACCESS["data_simulator"])
-    publish, dead_letters = [r for r in rules if r.startswith("(")]
+    publish, dead_letters = [r for r in rules if r.startswith(("(+evalsha", "(+xadd"))]
     assert publish.startswith("(+evalsha +eval +xadd ")
     assert f"~{channels.stream_key(channels.ENTITY_CREATED)}" in publish
     assert dead_letters.startswith("(+xadd ") and "%W~ae:dlq:" in dead_letters
@@ -40,3 +40,35 @@ def test_acl_file_disables_the_default_user_and_never_grants_all_to_services() -
     assert lines[0].startswith("user default off ")  # off: nobody can log in as it
     for line in lines[2:]:
         assert "+@all" not in line and " ~* " not in line and "&*" not in line
+
+
+# Grants that touch any key whatever its type: delete, rename, expire or overwrite it.
+KEY_MANAGEMENT = ("+@keyspace", "+@string", "+@hash", "+@set", "+del", "+set", "+unlink")
+
+
+def test_key_management_is_granted_only_in_selectors_on_owned_keys() -> None:
+    """DEL, RENAME, EXPIRE, SET and the like never come with the streams a service reads (its
+    consumer commands need write access to them): only in selectors on the keys it owns."""
+    for service, access in SERVICE_ACCESS.items():
+        rules = acl_rules(service, access)
+        root = [r for r in rules if not r.startswith("(")]
+        assert not [r for r in root if r.startswith("+@")], service
+        assert not set(root) & set(KEY_MANAGEMENT), service
+        owned = {
+            *access.state_keys,
+            channels.request_claim_key("*"),
+            *(channels.stream_key(c) for c in access.deletes),
+        }
+        for selector in (r.strip("()").split() for r in rules if r.startswith("(")):
+            if set(selector) & set(KEY_MANAGEMENT):
+                keys = {k.removeprefix("~") for k in selector if "~" in k}
+                assert keys and keys <= owned, (service, selector)
+                assert all(k.startswith("~") for k in selector if "~" in k), (service, selector)
+
+
+def test_only_private_replay_streams_may_be_deleted_by_their_reader() -> None:
+    for access in SERVICE_ACCESS.values():
+        assert set(access.deletes) <= {REPLAY} and set(access.deletes) <= set(access.consumes)
+    rules = acl_rules("calculation_engine", SERVICE_ACCESS["calculation_engine"])
+    assert "(+del ~ae:stream:stream.replay.*)" in rules
+    assert "(+@string +@hash +@set +@keyspace +watch -@dangerous ~ae:calc:*)" in rules
