@@ -192,6 +192,17 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "query.sql",
         "",
     ),
+    (
+        "more params than placeholders",
+        {
+            "code": "orders_revenue",
+            "display_name": "Q",
+            "entity_type": "order",
+            "query": {"sql": "select $1::int", "params": [7, 8], "schedule": "60s"},
+        },
+        "query.params",
+        "1 placeholder(s) ($1..$1) but 2 params are given",
+    ),
 ]
 
 
