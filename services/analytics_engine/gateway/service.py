@@ -190,12 +190,14 @@ def build(settings: Settings) -> Gateway:
 
     runtime.listen(on_result, patterns=[f"{channels.KPI_CALCULATED_PREFIX}*"])
 
-    async def close_streams() -> None:
+    async def close_streams(_: web.Application) -> None:
         hub.close()
 
     runtime.on_startup(upstreams.start)
+    # The upstream session closes once the HTTP requests in flight are done (the runtime drains
+    # them first); SSE streams never finish on their own, so they end when HTTP shuts down.
     runtime.on_shutdown(upstreams.close)
-    runtime.on_shutdown(close_streams)
+    runtime.http.on_shutdown.append(close_streams)
     gateway = Gateway(runtime, hub, specs, document, limiter)
     runtime.http[GATEWAY_KEY] = gateway
     return gateway
