@@ -246,19 +246,19 @@ class GatewayApi:
                 "X-Accel-Buffering": "no",
             }
         )
-        sent = self._hub.ring.last_id if last_id is None else last_id
+        resume = self._hub.ring.resume(last_id)
+        sent = resume.after
         try:
             await response.prepare(request)
             head = [sse_retry(self._retry_ms)]
             if last_id is None:
                 head.append(sse_comment("connected"))
-            else:
-                if self._hub.ring.missed(last_id):
-                    oldest = self._hub.ring.oldest_id
-                    head.append(b"event: gap\ndata: %s\n\n" % orjson.dumps({"oldest_id": oldest}))
-                for item in self._hub.ring.after(last_id, kpi_code):
-                    head.append(item.frame)
-                    sent = item.id
+            if resume.gap:
+                oldest = self._hub.ring.oldest_id
+                head.append(b"event: gap\ndata: %s\n\n" % orjson.dumps({"oldest_id": oldest}))
+            for item in self._hub.ring.after(resume.after, kpi_code):
+                head.append(item.frame)
+                sent = item.id
             await response.write(b"".join(head))
             await self._pump(response, client.queue, sent)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -492,7 +492,9 @@ class GatewayApi:
                 stream=True,
                 description="Each message: `id` (increasing), `event: kpi`, `data` = the "
                 "KPI result JSON. Reconnect with `Last-Event-ID` to replay what was "
-                "missed from a bounded buffer; `event: gap` says some were lost. Comments "
+                "missed from a bounded buffer; `event: gap` says some were lost (also sent "
+                "for an id this gateway did not issue, e.g. another replica's: the stream "
+                "then resumes from now). Comments "
                 "(`: ping`) keep the connection alive.",
             ),
             RouteSpec(
