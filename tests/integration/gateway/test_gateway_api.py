@@ -174,6 +174,9 @@ async def test_etag_and_if_match(stack: Stack) -> None:
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": '"99"'})
     assert reply.status == 412
     assert_error(reply.body, "precondition_failed")
+    reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": '"²"'})
+    assert reply.status == 412  # a Unicode digit is no version (was a 500 upstream, 502 here)
+    assert_error(reply.body, "precondition_failed")
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": etag})
     assert reply.status == 200
     assert reply.headers["ETag"] == '"2"'
