@@ -20,6 +20,7 @@ from aiohttp import web
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import new_id
 from analytics_engine.core.errors import NoResponder, RemoteError, RequestError, RequestTimeout
+from analytics_engine.core.jsontext import contains_nul
 from analytics_engine.core.request_reply import RequestReplyClient
 from analytics_engine.gateway.auth import Principal, StreamTokens
 from analytics_engine.gateway.errors import ApiError, json_response
@@ -72,11 +73,12 @@ async def read_json_body(request: web.Request) -> bytes:
     if not raw.strip():
         raise ApiError(400, "a JSON body is required", code="bad_request")
     try:
-        orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON body: {exc}", code="bad_request") from None
-    if b"\\u0000" in raw:
+    if contains_nul(body):
         # PostgreSQL text and jsonb cannot hold NUL: refuse it here rather than fail later.
+        # The decoded values, not the bytes: `"\\\\u0000"` is a backslash and "u0000".
         raise ApiError(400, "NUL characters (\\u0000) are not accepted", code="bad_request")
     return raw
 

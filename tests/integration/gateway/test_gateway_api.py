@@ -130,6 +130,11 @@ async def test_validation_errors_are_passed_through_with_field_details(stack: St
         "PUT", f"{DEFS}/orders_bad", json=kpi_definition("orders_bad", display_name="nul\u0000")
     )
     assert reply.status == 400  # PostgreSQL cannot store NUL: refused at the door, not a 5xx
+    # ...but a backslash followed by "u0000" is legitimate text (JSON "\\u0000")
+    literal = kpi_definition("orders_literal", description="C:\\u0000 is not NUL")
+    reply = await stack.call("PUT", f"{DEFS}/orders_literal", json=literal)
+    assert reply.status == 201, reply.body
+    assert reply.body["description"] == "C:\\u0000 is not NUL"
     reply = await stack.call("GET", f"{DEFS}?entity_type=a%00b")
     assert reply.status == 400
 
