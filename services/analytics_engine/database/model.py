@@ -109,7 +109,10 @@ def parse_timestamp(value: Any, name: str) -> datetime:
         raise InvalidPayload(f"{name}: not an ISO-8601 timestamp: {value[:40]!r}") from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is in year 0 in UTC
+        raise InvalidPayload(f"{name}: out of range in UTC: {value[:40]!r}") from None
 
 
 def _json_object(payload: dict[str, Any], name: str) -> tuple[dict[str, Any], str]:

@@ -40,6 +40,11 @@ from analytics_engine.gateway.routes import (
     ref,
 )
 from analytics_engine.gateway.upstream import Upstream
+from analytics_engine.kpi.history_query import (
+    HISTORY_LIMIT,
+    InvalidHistoryQuery,
+    parse_history_query,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +173,10 @@ class GatewayApi:
 
     async def history(self, request: web.Request) -> web.Response:
         code = request.match_info["code"]
+        try:  # at the edge: nothing out of range travels further
+            parse_history_query(request.query)
+        except InvalidHistoryQuery as exc:
+            raise ApiError(422, str(exc), code="validation_error", details=exc.problems) from None
         query = {
             k: v
             for k, v in request.query.items()
@@ -317,7 +326,12 @@ class GatewayApi:
         history_query = [
             _query("start", "Window start, inclusive (ISO 8601)", {"type": "string"}, True),
             _query("end", "Window start, exclusive (ISO 8601)", {"type": "string"}, True),
-            _query("limit", "Most rows", {"type": "integer", "minimum": 1}, False),
+            _query(
+                "limit",
+                "Most rows",
+                {"type": "integer", "minimum": 1, "maximum": HISTORY_LIMIT},
+                False,
+            ),
             {
                 "name": "dimension",
                 "in": "query",

@@ -239,11 +239,16 @@ async def test_entity_state_from_the_database(stack: Stack, redis_url: str) -> N
 async def test_latest_history_and_status_pass_through(stack: Stack) -> None:
     code = "orders_count"
     assert (await stack.call("PUT", f"{DEFS}/{code}", json=kpi_definition(code))).status == 201
-    reply = await stack.call(
-        "GET",
+    url = (
         f"/api/v1/kpis/{code}/history?start=2024-01-01T00:00:00Z&end=2024-01-02T00:00:00Z"
-        "&dimension.region=eu",
+        "&dimension.region=eu"
     )
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # 404 until the engine has the new definition (metadata.changed)
+        reply = await stack.call("GET", url)
+        if reply.status != 404 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert reply.status == 200, reply.body
     assert reply.body["items"] == []
     assert reply.body["dimensions"] == {"region": "eu"}
@@ -254,6 +259,36 @@ async def test_latest_history_and_status_pass_through(stack: Stack) -> None:
     statuses = {s["service"]: s["status"] for s in reply.body["services"]}
     assert statuses["api_gateway"] == "up"  # its heartbeats reached the observability service
     assert "dead_letters" in reply.body
+
+
+async def test_history_parameters_out_of_range_are_422_and_unknown_kpis_404(
+    stack: Stack,
+) -> None:
+    base = "/api/v1/kpis/orders_count/history?start=2024-01-01T00:00:00Z&end=2024-01-02T00:00:00Z"
+    for query, field in [
+        ("&limit=99999999999999999999999", "limit"),  # cannot even be encoded on the bus
+        ("&limit=0", "limit"),
+        ("&limit=10001", "limit"),
+    ]:
+        reply = await stack.call("GET", base + query)
+        assert reply.status == 422, (query, reply.body)
+        assert_error(reply.body, "validation_error")
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field]
+    for query, field in [
+        ("start=0001-01-01T00:00:00%2B14:00&end=2024-01-02T00:00:00Z", "start"),  # year 0 in UTC
+        ("start=2024-01-02T00:00:00Z&end=2024-01-01T00:00:00Z", "end"),  # end before start
+    ]:
+        reply = await stack.call("GET", f"/api/v1/kpis/orders_count/history?{query}")
+        assert reply.status == 422, (query, reply.body)
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field]
+        assert reply.body["error"]["code"] == "validation_error"
+    # as /latest and the OpenAPI document: a KPI nobody defined is 404, not an empty 200
+    reply = await stack.call("GET", base.replace("orders_count", "never_defined"))
+    assert reply.status == 404, reply.body
+    assert_error(reply.body, "not_found")
+    assert (
+        "404" in stack.gateway.document["paths"]["/api/v1/kpis/{code}/history"]["get"]["responses"]
+    )
 
 
 # -- cross-cutting -------------------------------------------------------------------------------
