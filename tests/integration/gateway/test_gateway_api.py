@@ -155,6 +155,13 @@ async def test_not_found_and_method_not_allowed_are_json(stack: Stack) -> None:
     reply = await stack.call("GET", "/api/v1/nope")
     assert reply.status == 404
     assert_error(reply.body, "not_found")
+    for asset in ("/ui/nope.js", "/ui/..%2Fservice.py", "/ui/"):  # not an empty octet-stream
+        reply = await stack.call("GET", asset, key=None)
+        assert reply.status == 404, asset
+        assert_error(reply.body, "not_found")
+    reply = await stack.call("GET", "/ui/app.js", key=None)
+    assert "javascript" in reply.headers["Content-Type"]
+    assert "default-src 'self'" in reply.headers["Content-Security-Policy"]
     reply = await stack.call("GET", f"{DEFS}/absent_kpi")
     assert reply.status == 404
     assert_error(reply.body, "not_found")
@@ -434,8 +441,8 @@ async def test_openapi_lists_exactly_the_registered_routes(stack: Stack) -> None
         resource = route.resource
         if resource is None or isinstance(resource, web.StaticResource):
             continue
-        if route.method in ("HEAD", "*") or resource.canonical == "/":
-            continue  # HEAD mirrors GET; `/` is the UI page
+        if route.method in ("HEAD", "*") or resource.canonical in ("/", "/ui/{name}"):
+            continue  # HEAD mirrors GET; `/` is the UI page, `/ui/{name}` its assets
         registered.add((route.method, resource.canonical))
     assert registered == documented
     for path, item in document["paths"].items():
