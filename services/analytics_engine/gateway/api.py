@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
 from analytics_engine.core import channels
+from analytics_engine.core.bus import REDIS_ERRORS
 from analytics_engine.core.envelopes import new_id
 from analytics_engine.core.errors import NoResponder, RemoteError, RequestError, RequestTimeout
 from analytics_engine.core.jsontext import contains_nul
@@ -107,6 +108,7 @@ class GatewayApi:
         bus_timeout_s: float,
         sse_heartbeat_s: float,
         sse_retry_ms: int,
+        bus_connected: Callable[[], bool] = lambda: True,
     ) -> None:
         self._metadata = metadata
         self._calculation = calculation
@@ -119,6 +121,7 @@ class GatewayApi:
         self._bus_timeout = bus_timeout_s
         self._heartbeat = sse_heartbeat_s
         self._retry_ms = sse_retry_ms
+        self._bus_connected = bus_connected
 
     # -- KPI definitions (metadata service) -------------------------------------------------
     async def list_definitions(self, request: web.Request) -> web.Response:
@@ -222,6 +225,10 @@ class GatewayApi:
         # responders claim requests by correlation id, so a client reusing an X-Request-ID must
         # not collide with its own earlier request.
         correlation_id = f"{request_id(request)}.{new_id()[:8]}"
+        if not self._bus_connected():
+            # Redis is down (the gateway's own subscription lost it): say so now rather than
+            # wait out the request timeout for a 504.
+            raise _bus_unreachable()
         try:
             reply = await self._requests.request(
                 channels.DATABASE_QUERY,
@@ -232,6 +239,8 @@ class GatewayApi:
             )
         except RequestError as exc:
             raise _bus_error(exc, "database") from None
+        except REDIS_ERRORS:  # lost before the subscription noticed
+            raise _bus_unreachable() from None
         entity = reply.get("entity")
         if not isinstance(entity, dict):
             raise ApiError(404, f"entity {entity_type}/{entity_id} not found", code="not_found")
@@ -626,6 +635,15 @@ def _query(
         "description": description,
         "schema": dict(schema),
     }
+
+
+def _bus_unreachable() -> ApiError:
+    return ApiError(
+        503,
+        "the bus (Redis) is unreachable",
+        code="upstream_unavailable",
+        headers={"Retry-After": "2"},
+    )
 
 
 def _bus_error(exc: RequestError, service: str) -> ApiError:
