@@ -19,6 +19,7 @@ import orjson
 
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
+from analytics_engine.core.jsontext import contains_nul
 
 EventKind = Literal["created", "updated", "deactivated"]
 
@@ -120,8 +121,9 @@ def _json_object(payload: dict[str, Any], name: str) -> tuple[dict[str, Any], st
     if not isinstance(value, dict):
         raise InvalidPayload(f"{name}: an object is required")
     text = orjson.dumps(value).decode()
-    # jsonb rejects \u0000 escapes; text columns reject NUL bytes.
-    if "\\u0000" in text:
+    # jsonb rejects \u0000 escapes; text columns reject NUL bytes. The search in the text is
+    # fast but also finds an escaped backslash before "u0000" (legitimate): confirm on values.
+    if "\\u0000" in text and contains_nul(value):
         raise InvalidPayload(f"{name}: contains a NUL character")
     return value, text
 

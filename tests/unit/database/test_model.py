@@ -170,3 +170,11 @@ def test_a_timestamp_outside_the_utc_years_is_invalid_not_a_crash(value: str) ->
     with pytest.raises(InvalidPayload, match="out of range"):
         parse_timestamp(value, "start")
     assert parse_timestamp("0001-01-01T00:00:00-01:00", "start").tzinfo is UTC
+
+
+def test_a_backslash_before_u0000_is_text_not_nul() -> None:
+    """JSON-encoded, a backslash then `u0000` reads `\\\\u0000`: only a real NUL is refused."""
+    row = parse_entity_event(channels.ENTITY_CREATED, event(attributes={"path": "C:\\u0000"}))
+    assert row.attributes == '{"path":"C:\\\\u0000"}'
+    with pytest.raises(InvalidPayload, match="attributes"):
+        parse_entity_event(channels.ENTITY_CREATED, event(attributes={"k\x00": 1}))
