@@ -3,8 +3,8 @@
 - `GET /api/v1/kpis`: the definitions the engine runs, with status
 - `GET /api/v1/kpis/{code}/latest`: the latest result per group (in-memory, else the database's
   `latest_kpi_values`)
-- `GET /api/v1/kpis/{code}/history?start&end&dimension.<name>=<value>`: the database's
-  `kpi_history`
+- `GET /api/v1/kpis/{code}/history?start&end&limit&dimension.<name>=<value>`: the database's
+  `kpi_history` (422 for a bad or out-of-range parameter, 404 for a KPI nobody defined)
 
 Errors are `{error: {code, message, details}}`; an upstream timeout is 504, no responder 503.
 """
@@ -12,7 +12,6 @@ Errors are `{error: {code, message, details}}`; an upstream timeout is 504, no r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -20,8 +19,7 @@ from aiohttp import web
 from analytics_engine.core import channels
 from analytics_engine.core.errors import NoResponder, RemoteError, RequestError, RequestTimeout
 from analytics_engine.core.request_reply import RequestReplyClient
-
-DIMENSION_PREFIX = "dimension."
+from analytics_engine.kpi.history_query import InvalidHistoryQuery, parse_history_query
 
 
 def error_response(
@@ -44,16 +42,6 @@ def upstream_error(exc: RequestError) -> web.Response:
             return error_response(503, "upstream_unavailable", exc.message)
         return error_response(502, "upstream_error", exc.message, [{"code": exc.code}])
     return error_response(502, "upstream_error", str(exc))
-
-
-def _parse_time(value: str | None, name: str) -> str | dict[str, str]:
-    if not value:
-        return {"field": name, "message": "required (ISO 8601 timestamp)"}
-    try:
-        parsed = datetime.fromisoformat(value.replace(" ", "+"))
-    except ValueError:
-        return {"field": name, "message": "not an ISO 8601 timestamp"}
-    return parsed.isoformat()
 
 
 class KPIApi:
@@ -103,35 +91,31 @@ class KPIApi:
 
     async def history(self, request: web.Request) -> web.Response:
         code = request.match_info["code"]
-        query = request.query
-        start = _parse_time(query.get("start"), "start")
-        end = _parse_time(query.get("end"), "end")
-        problems = [p for p in (start, end) if isinstance(p, dict)]
-        if problems:
-            return error_response(422, "validation_error", "invalid query parameters", problems)
+        try:
+            query = parse_history_query(request.query)
+        except InvalidHistoryQuery as exc:
+            return error_response(422, "validation_error", str(exc), exc.problems)
+        start, end = query.start.isoformat(), query.end.isoformat()
         payload: dict[str, Any] = {"kpi_code": code, "start": start, "end": end}
-        dimensions = {
-            name[len(DIMENSION_PREFIX) :]: value
-            for name, value in query.items()
-            if name.startswith(DIMENSION_PREFIX) and len(name) > len(DIMENSION_PREFIX)
-        }
-        if dimensions:
-            payload["dimensions"] = dimensions
-        if "limit" in query:
-            try:
-                payload["limit"] = int(query["limit"])
-            except ValueError:
-                return error_response(
-                    422,
-                    "validation_error",
-                    "limit must be an integer",
-                    [{"field": "limit", "message": "not an integer"}],
-                )
+        if query.dimensions:
+            payload["dimensions"] = query.dimensions
+        if query.limit is not None:
+            payload["limit"] = query.limit
         try:
             reply = await self._query("kpi_history", payload)
         except RequestError as exc:
+            if not self._known(code):
+                return error_response(404, "not_found", f"KPI {code!r} not found")
             return upstream_error(exc)
         rows = reply.get("rows", reply.get("items", []))
+        if not rows and not self._known(code):  # as `latest`: a KPI nobody defined is 404
+            return error_response(404, "not_found", f"KPI {code!r} not found")
         return web.json_response(
-            {"kpi_code": code, "start": start, "end": end, "dimensions": dimensions, "items": rows}
+            {
+                "kpi_code": code,
+                "start": start,
+                "end": end,
+                "dimensions": query.dimensions,
+                "items": rows,
+            }
         )

@@ -199,7 +199,12 @@ class ServiceRuntime:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        runner = web.AppRunner(self.http, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.http,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.settings.shutdown_grace_s,
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         await site.start()
@@ -241,7 +246,11 @@ class ServiceRuntime:
                 if task is not stop_wait and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            # Not ready from now on (/readyz answers 503 while the work in hand drains), and
+            # loops waiting on `stopping` end even when a crashed consumer, not stop(), ended us.
             self._status = "stopping"
+            self.ready.clear()
+            self._stop.set()
             log.info("service stopping")
             for server in self._servers:
                 await server.stop()
@@ -252,6 +261,10 @@ class ServiceRuntime:
             if consumer_tasks:
                 await asyncio.wait(consumer_tasks, timeout=30)
             await _cancel_all(tasks)
+            # HTTP next: stop listening, run the app's on_shutdown (long-lived streams end
+            # there), and let requests in flight finish within the grace, while what they use
+            # (the request/reply client, Redis, what the shutdown hooks close) is still open.
+            await runner.cleanup()
             for hook in reversed(self._shutdown):
                 try:
                     await hook()
@@ -259,7 +272,6 @@ class ServiceRuntime:
                     log.exception("shutdown hook failed")
             if self._client is not None:
                 await self._client.close()
-            await runner.cleanup()
             await self.redis.aclose()
             await self._stream_redis.aclose()
             log.info("service stopped")
@@ -315,6 +327,10 @@ class ServiceRuntime:
         return web.json_response({"status": "ok", "service": self.service})
 
     async def _readyz(self, _: web.Request) -> web.Response:
+        if self._stop.is_set():  # stopping: no new work, whatever the checks would say
+            return web.json_response(
+                {"status": "stopping", "checks": {"started": self.ready.is_set()}}, status=503
+            )
         checks: dict[str, bool] = {"started": self.ready.is_set()}
         try:
             checks["redis"] = bool(await asyncio.wait_for(self.redis.ping(), 2.0))

@@ -89,6 +89,14 @@ class BaseServiceSettings(BaseSettings):
         validation_alias="HEARTBEAT_INTERVAL",
         description="Seconds between heartbeats on `observability.heartbeat`.",
     )
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        le=600,
+        validation_alias="SERVICE_SHUTDOWN_GRACE",
+        description="On stop, seconds HTTP requests in flight get to finish (after the bus "
+        "work in hand) before they are cancelled and the service's resources are closed.",
+    )
     gc_threshold: int = Field(
         default=50_000,
         ge=0,

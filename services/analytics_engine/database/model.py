@@ -19,6 +19,7 @@ import orjson
 
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
+from analytics_engine.core.jsontext import contains_nul
 
 EventKind = Literal["created", "updated", "deactivated"]
 
@@ -109,7 +110,10 @@ def parse_timestamp(value: Any, name: str) -> datetime:
         raise InvalidPayload(f"{name}: not an ISO-8601 timestamp: {value[:40]!r}") from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is in year 0 in UTC
+        raise InvalidPayload(f"{name}: out of range in UTC: {value[:40]!r}") from None
 
 
 def _json_object(payload: dict[str, Any], name: str) -> tuple[dict[str, Any], str]:
@@ -117,8 +121,9 @@ def _json_object(payload: dict[str, Any], name: str) -> tuple[dict[str, Any], st
     if not isinstance(value, dict):
         raise InvalidPayload(f"{name}: an object is required")
     text = orjson.dumps(value).decode()
-    # jsonb rejects \u0000 escapes; text columns reject NUL bytes.
-    if "\\u0000" in text:
+    # jsonb rejects \u0000 escapes; text columns reject NUL bytes. The search in the text is
+    # fast but also finds an escaped backslash before "u0000" (legitimate): confirm on values.
+    if "\\u0000" in text and contains_nul(value):
         raise InvalidPayload(f"{name}: contains a NUL character")
     return value, text
 

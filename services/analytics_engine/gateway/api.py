@@ -11,15 +11,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
 from analytics_engine.core import channels
+from analytics_engine.core.bus import REDIS_ERRORS
 from analytics_engine.core.envelopes import new_id
 from analytics_engine.core.errors import NoResponder, RemoteError, RequestError, RequestTimeout
+from analytics_engine.core.jsontext import contains_nul
 from analytics_engine.core.request_reply import RequestReplyClient
 from analytics_engine.gateway.auth import Principal, StreamTokens
 from analytics_engine.gateway.errors import ApiError, json_response
@@ -39,6 +41,11 @@ from analytics_engine.gateway.routes import (
     ref,
 )
 from analytics_engine.gateway.upstream import Upstream
+from analytics_engine.kpi.history_query import (
+    HISTORY_LIMIT,
+    InvalidHistoryQuery,
+    parse_history_query,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +79,12 @@ async def read_json_body(request: web.Request) -> bytes:
     if not raw.strip():
         raise ApiError(400, "a JSON body is required", code="bad_request")
     try:
-        orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON body: {exc}", code="bad_request") from None
-    if b"\\u0000" in raw:
+    if contains_nul(body):
         # PostgreSQL text and jsonb cannot hold NUL: refuse it here rather than fail later.
+        # The decoded values, not the bytes: `"\\\\u0000"` is a backslash and "u0000".
         raise ApiError(400, "NUL characters (\\u0000) are not accepted", code="bad_request")
     return raw
 
@@ -100,6 +108,7 @@ class GatewayApi:
         bus_timeout_s: float,
         sse_heartbeat_s: float,
         sse_retry_ms: int,
+        bus_connected: Callable[[], bool] = lambda: True,
     ) -> None:
         self._metadata = metadata
         self._calculation = calculation
@@ -112,6 +121,7 @@ class GatewayApi:
         self._bus_timeout = bus_timeout_s
         self._heartbeat = sse_heartbeat_s
         self._retry_ms = sse_retry_ms
+        self._bus_connected = bus_connected
 
     # -- KPI definitions (metadata service) -------------------------------------------------
     async def list_definitions(self, request: web.Request) -> web.Response:
@@ -166,6 +176,10 @@ class GatewayApi:
 
     async def history(self, request: web.Request) -> web.Response:
         code = request.match_info["code"]
+        try:  # at the edge: nothing out of range travels further
+            parse_history_query(request.query)
+        except InvalidHistoryQuery as exc:
+            raise ApiError(422, str(exc), code="validation_error", details=exc.problems) from None
         query = {
             k: v
             for k, v in request.query.items()
@@ -211,6 +225,10 @@ class GatewayApi:
         # responders claim requests by correlation id, so a client reusing an X-Request-ID must
         # not collide with its own earlier request.
         correlation_id = f"{request_id(request)}.{new_id()[:8]}"
+        if not self._bus_connected():
+            # Redis is down (the gateway's own subscription lost it): say so now rather than
+            # wait out the request timeout for a 504.
+            raise _bus_unreachable()
         try:
             reply = await self._requests.request(
                 channels.DATABASE_QUERY,
@@ -221,6 +239,8 @@ class GatewayApi:
             )
         except RequestError as exc:
             raise _bus_error(exc, "database") from None
+        except REDIS_ERRORS:  # lost before the subscription noticed
+            raise _bus_unreachable() from None
         entity = reply.get("entity")
         if not isinstance(entity, dict):
             raise ApiError(404, f"entity {entity_type}/{entity_id} not found", code="not_found")
@@ -246,19 +266,19 @@ class GatewayApi:
                 "X-Accel-Buffering": "no",
             }
         )
-        sent = self._hub.ring.last_id if last_id is None else last_id
+        resume = self._hub.ring.resume(last_id)
+        sent = resume.after
         try:
             await response.prepare(request)
             head = [sse_retry(self._retry_ms)]
             if last_id is None:
                 head.append(sse_comment("connected"))
-            else:
-                if self._hub.ring.missed(last_id):
-                    oldest = self._hub.ring.oldest_id
-                    head.append(b"event: gap\ndata: %s\n\n" % orjson.dumps({"oldest_id": oldest}))
-                for item in self._hub.ring.after(last_id, kpi_code):
-                    head.append(item.frame)
-                    sent = item.id
+            if resume.gap:
+                oldest = self._hub.ring.oldest_id
+                head.append(b"event: gap\ndata: %s\n\n" % orjson.dumps({"oldest_id": oldest}))
+            for item in self._hub.ring.after(resume.after, kpi_code):
+                head.append(item.frame)
+                sent = item.id
             await response.write(b"".join(head))
             await self._pump(response, client.queue, sent)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -315,7 +335,12 @@ class GatewayApi:
         history_query = [
             _query("start", "Window start, inclusive (ISO 8601)", {"type": "string"}, True),
             _query("end", "Window start, exclusive (ISO 8601)", {"type": "string"}, True),
-            _query("limit", "Most rows", {"type": "integer", "minimum": 1}, False),
+            _query(
+                "limit",
+                "Most rows",
+                {"type": "integer", "minimum": 1, "maximum": HISTORY_LIMIT},
+                False,
+            ),
             {
                 "name": "dimension",
                 "in": "query",
@@ -492,7 +517,9 @@ class GatewayApi:
                 stream=True,
                 description="Each message: `id` (increasing), `event: kpi`, `data` = the "
                 "KPI result JSON. Reconnect with `Last-Event-ID` to replay what was "
-                "missed from a bounded buffer; `event: gap` says some were lost. Comments "
+                "missed from a bounded buffer; `event: gap` says some were lost (also sent "
+                "for an id this gateway did not issue, e.g. another replica's: the stream "
+                "then resumes from now). Comments "
                 "(`: ping`) keep the connection alive.",
             ),
             RouteSpec(
@@ -608,6 +635,15 @@ def _query(
         "description": description,
         "schema": dict(schema),
     }
+
+
+def _bus_unreachable() -> ApiError:
+    return ApiError(
+        503,
+        "the bus (Redis) is unreachable",
+        code="upstream_unavailable",
+        headers={"Retry-After": "2"},
+    )
 
 
 def _bus_error(exc: RequestError, service: str) -> ApiError:

@@ -49,13 +49,25 @@ def sse_retry(milliseconds: int) -> bytes:
 
 
 def parse_last_event_id(value: str | None) -> int | None:
-    """A `Last-Event-ID` we issued is a non-negative integer; anything else means 'none'."""
+    """A `Last-Event-ID` we issued is a non-negative integer; anything else means 'none'.
+
+    ASCII digits only: `str.isdigit()` alone accepts "²", which `int()` then refuses.
+    """
     if value is None:
         return None
     text = value.strip()
-    if not text.isdigit() or len(text) > 20:
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         return None
     return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a (re)connecting client's stream starts: results with ids above `after`, preceded
+    by a `gap` event when some it should have had cannot be sent."""
+
+    after: int
+    gap: bool
 
 
 class ResultRing:
@@ -99,6 +111,20 @@ class ResultRing:
         """True when results after `last_id` were already evicted (the client lost some)."""
         oldest = self.oldest_id
         return oldest is not None and last_id < oldest - 1 and last_id < self._last_id
+
+    def resume(self, last_id: int | None) -> Resume:
+        """Where a client sending `last_id` (None: a first connection) resumes.
+
+        An id above the last one issued here was not issued by this ring: another replica's
+        (ids are clock-based), a previous process's after a restart, or a client's invention.
+        Taken as given it would hold back every result until the counter passed it, so it is
+        unknown, like an id too old: the stream resumes from now, after a `gap` event.
+        """
+        if last_id is None:
+            return Resume(self._last_id, gap=False)
+        if last_id > self._last_id:
+            return Resume(self._last_id, gap=True)
+        return Resume(last_id, gap=self.missed(last_id))
 
     def __len__(self) -> int:
         return len(self._items)

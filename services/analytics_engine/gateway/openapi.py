@@ -122,7 +122,13 @@ def component_schemas() -> dict[str, Any]:
     )
     schemas["PlatformStatus"] = _object(
         {
-            "status": {"type": "string"},
+            "status": {"type": "string", "enum": ["ok", "degraded"]},
+            # reachable false: dead_letters, full_streams and simulation (read from Redis)
+            # are left out, unknown; the rest is what the observability service holds
+            "redis": _object(
+                {"reachable": {"type": "boolean"}, "error": {"type": "string"}},
+                required=("reachable",),
+            ),
             "services": {"type": "array", "items": {"type": "object"}},
             "dead_letters": {"type": "object", "additionalProperties": {"type": "integer"}},
             # channels whose streams are full: their publishers wait for the readers

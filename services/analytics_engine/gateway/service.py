@@ -25,6 +25,7 @@ from aiohttp import web
 from pydantic import Field, ValidationInfo, field_validator
 
 from analytics_engine.core import channels
+from analytics_engine.core.bus import LiveSubscription
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.gateway import ui
@@ -118,6 +119,7 @@ class Gateway:
     specs: tuple[RouteSpec, ...]
     document: dict[str, object]
     limiter: RateLimiter
+    live: LiveSubscription
 
 
 GATEWAY_KEY: Final = web.AppKey("gateway", Gateway)
@@ -147,6 +149,12 @@ def build(settings: Settings) -> Gateway:
     def upstream(name: str, url: str) -> Upstream:
         return Upstream(name, url, upstreams, metrics)
 
+    def on_result(channel: bytes, data: bytes) -> None:
+        metrics.sse_results.inc()
+        hub.on_message(channel, data)
+
+    live = runtime.listen(on_result, patterns=[f"{channels.KPI_CALCULATED_PREFIX}*"])
+
     api = GatewayApi(
         metadata=upstream("metadata", settings.metadata_url),
         calculation=upstream("calculation", settings.calculation_url),
@@ -159,6 +167,7 @@ def build(settings: Settings) -> Gateway:
         bus_timeout_s=settings.upstream_timeout_s,
         sse_heartbeat_s=settings.sse_heartbeat_s,
         sse_retry_ms=settings.sse_retry_ms,
+        bus_connected=live.subscribed.is_set,
     )
     document: dict[str, object] = {}
     document_bytes: list[bytes] = []
@@ -184,18 +193,14 @@ def build(settings: Settings) -> Gateway:
         spec.register(runtime.http)
     ui.add_ui_routes(runtime.http)
 
-    def on_result(channel: bytes, data: bytes) -> None:
-        metrics.sse_results.inc()
-        hub.on_message(channel, data)
-
-    runtime.listen(on_result, patterns=[f"{channels.KPI_CALCULATED_PREFIX}*"])
-
-    async def close_streams() -> None:
+    async def close_streams(_: web.Application) -> None:
         hub.close()
 
     runtime.on_startup(upstreams.start)
+    # The upstream session closes once the HTTP requests in flight are done (the runtime drains
+    # them first); SSE streams never finish on their own, so they end when HTTP shuts down.
     runtime.on_shutdown(upstreams.close)
-    runtime.on_shutdown(close_streams)
-    gateway = Gateway(runtime, hub, specs, document, limiter)
+    runtime.http.on_shutdown.append(close_streams)
+    gateway = Gateway(runtime, hub, specs, document, limiter, live)
     runtime.http[GATEWAY_KEY] = gateway
     return gateway

@@ -41,10 +41,23 @@ async def docs(_: web.Request) -> web.Response:
     return _page("docs.html")
 
 
+ASSETS: Final = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
+"""The files `/ui/{name}` serves, listed once: no path from a request reaches the filesystem."""
+
+
+async def asset(request: web.Request) -> web.FileResponse:
+    """A static asset; an unknown name is the gateway's JSON 404 (aiohttp's static route
+    answers a miss with an empty `application/octet-stream` body)."""
+    path = ASSETS.get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
+
+
 def add_ui_routes(app: web.Application) -> None:
     """`/` and the static assets; these routes are not part of the API document."""
     app.router.add_get("/", index, allow_head=False)
-    app.router.add_static(UI_PREFIX, STATIC_DIR, show_index=False, follow_symlinks=False)
+    app.router.add_get(UI_PREFIX + "/{name}", asset)
 
 
 async def add_asset_headers(request: web.Request, response: web.StreamResponse) -> None:

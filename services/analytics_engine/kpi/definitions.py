@@ -41,6 +41,8 @@ __all__ = [
     "Window",
     "check_against_entity",
     "check_read_only_sql",
+    "placeholder_errors",
+    "sql_placeholders",
     "validation_errors",
 ]
 
@@ -212,7 +214,8 @@ _SQL_WRITES: Final = re.compile(
     r"|import|into)\b|\bfor\s+(no\s+key\s+)?(key\s+)?share\b",
     re.I,
 )
-_SQL_PARAM: Final = re.compile(r"\$(\d+)")
+_SQL_PARAM: Final = re.compile(r"(?<![\w$])\$(\d+)")
+"""A ``$n`` placeholder; not inside an identifier (``a$1`` is one in PostgreSQL)."""
 
 
 def check_read_only_sql(sql: str) -> int:
@@ -221,6 +224,12 @@ def check_read_only_sql(sql: str) -> int:
     Deliberately simple (comments and quoted text are blanked, then keywords are scanned): the
     database service's read-only role is the real guarantee. Raises ``ValueError``.
     """
+    return max(sql_placeholders(sql), default=0)
+
+
+def sql_placeholders(sql: str) -> frozenset[int]:
+    """The ``$n`` numbers a read-only statement uses (outside comments and quoted text), after
+    the checks of `check_read_only_sql`. Raises ``ValueError``."""
     if len(sql) > MAX_SQL_LENGTH:
         raise ValueError(f"at most {MAX_SQL_LENGTH} characters")
     blanked = _SQL_TOKENS.sub(
@@ -240,7 +249,33 @@ def check_read_only_sql(sql: str) -> int:
     write = _SQL_WRITES.search(body)
     if write is not None:
         raise ValueError(f"read-only queries may not use {write.group(0).upper()!r}")
-    return max((int(n) for n in _SQL_PARAM.findall(body)), default=0)
+    return frozenset(int(n) for n in _SQL_PARAM.findall(body))
+
+
+def placeholder_errors(placeholders: frozenset[int], params: int) -> str | None:
+    """Why `params` values cannot run a statement using `placeholders` (None: they can).
+
+    The engine prepares the statement and PostgreSQL counts its parameters as the highest
+    ``$n``; it refuses a statement whose ``$1..$n`` has a hole (the type of the missing one cannot
+    be determined), and the database service refuses a params list of any other length. So the
+    placeholders must be exactly ``$1..$len(params)``.
+    """
+    highest = max(placeholders, default=0)
+    if 0 in placeholders:
+        return "placeholders are numbered from $1 ($0 does not exist)"
+    holes = [n for n in range(1, highest + 1) if n not in placeholders]
+    if holes:
+        return (
+            f"the query uses ${highest} but not ${holes[0]}: placeholders must be $1..$n "
+            "without holes"
+        )
+    if highest != params:
+        return (
+            f"the query uses {highest} placeholder(s) ($1..${highest})"
+            if highest
+            else "the query uses no placeholder"
+        ) + f" but {params} params are given; give exactly one param per placeholder"
+    return None
 
 
 class QuerySpec(_Model):
@@ -259,15 +294,9 @@ class QuerySpec(_Model):
     @model_validator(mode="after")
     def _check(self) -> Self:
         errors: list[tuple[tuple[str | int, ...], str, Any]] = []
-        highest = check_read_only_sql(self.sql)
-        if highest > len(self.params):
-            errors.append(
-                (
-                    ("params",),
-                    f"the query uses ${highest} but only {len(self.params)} params are given",
-                    self.params,
-                )
-            )
+        mismatch = placeholder_errors(sql_placeholders(self.sql), len(self.params))
+        if mismatch is not None:
+            errors.append((("params",), mismatch, self.params))
         if self.schedule < MIN_WINDOW:
             errors.append((("schedule",), "must be at least 1s", self.schedule))
         _fail("QuerySpec", errors)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from analytics_engine.core.errors import AnalyticsError, TransientError
+from analytics_engine.core.errors import AnalyticsError, HandlerError, TransientError
 from analytics_engine.kpi.definitions import FieldError
 
 
@@ -44,6 +44,14 @@ class Conflict(MetadataError):
         super().__init__(message)
         self.message = message
         self.errors = list(errors)
+
+
+class BadInput(MetadataError, HandlerError):
+    """Text the store cannot hold (a NUL character): the client's mistake, HTTP 400 and the
+    request/reply code `bad_request`."""
+
+    def __init__(self, message: str) -> None:
+        HandlerError.__init__(self, message, code="bad_request")
 
 
 class StoreUnavailable(TransientError):

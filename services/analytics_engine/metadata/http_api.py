@@ -8,7 +8,8 @@ Routes (same for `/api/v1/entity-types/{entity_type}`):
   DELETE /api/v1/kpi-definitions/{code}          -> 204; 404
   GET    /api/v1/kpi-definitions/{code}/history  -> {items: [{version, action, changed_at, spec}]}
 
-Errors are `{error: {code, message, details?}}`: 400 `bad_request` (malformed JSON),
+Errors are `{error: {code, message, details?}}`: 400 `bad_request` (malformed JSON, a NUL
+character anywhere in the request),
 404 `not_found`, 409 `conflict`, 412 `precondition_failed`, 413 `payload_too_large`,
 422 `validation_error` (details: [{field, message}]), 503 `unavailable` (database down).
 """
@@ -22,8 +23,10 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from analytics_engine.core.jsontext import contains_nul
 from analytics_engine.kpi.definitions import FieldError
 from analytics_engine.metadata.errors import (
+    BadInput,
     Conflict,
     Invalid,
     NotFound,
@@ -32,7 +35,12 @@ from analytics_engine.metadata.errors import (
 )
 from analytics_engine.metadata.preconditions import Precondition, etag, parse_conditions
 from analytics_engine.metadata.store import ENTITY_TYPE, KPI, Kind, MetadataStore, PutResult
-from analytics_engine.metadata.validation import parse_entity_type, parse_kpi, with_version
+from analytics_engine.metadata.validation import (
+    NUL_REFUSED,
+    parse_entity_type,
+    parse_kpi,
+    with_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +79,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Map the store's outcomes to the documented statuses and JSON error bodies."""
     if not request.path.startswith("/api/"):
         return await handler(request)
+    if _nul_in_url(request):
+        return error_response(400, "bad_request", NUL_REFUSED)
     try:
         return await handler(request)
+    except BadInput as exc:
+        return error_response(400, "bad_request", exc.message)
     except Invalid as exc:
         return error_response(422, "validation_error", exc.message, exc.errors)
     except NotFound as exc:
@@ -97,13 +109,24 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error; see the service log")
 
 
+def _nul_in_url(request: web.Request) -> bool:
+    """A NUL in the decoded path or query (keys are codes, never NUL; PostgreSQL refuses it)."""
+    return "\x00" in request.path or any(
+        "\x00" in k or "\x00" in v for k, v in request.query.items()
+    )
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON; 400 when it is not JSON (413 past the size limit)."""
+    """The request body as JSON; 400 when it is not JSON or holds a NUL character (413 past
+    the size limit)."""
     raw = await request.read()
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _bad_request(f"malformed JSON body: {exc}") from None
+    if contains_nul(body):
+        raise _bad_request(NUL_REFUSED)
+    return body
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:

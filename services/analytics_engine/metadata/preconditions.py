@@ -34,6 +34,7 @@ class Precondition:
 
 
 NONE: Final = Precondition()
+_MAX_VERSION_DIGITS: Final = 18
 
 
 def etag(version: int) -> str:
@@ -52,7 +53,9 @@ def parse_if_match(header: str | None) -> Precondition:
     versions: set[int] = set()
     for part in header.split(","):
         tag = part.strip().removeprefix("W/").strip('"').strip()
-        if tag.isdigit():
+        # ASCII only: str.isdigit() accepts "²", which int() refuses. No version has more
+        # than 18 digits, and int() refuses thousands of them.
+        if tag.isascii() and tag.isdigit() and len(tag) <= _MAX_VERSION_DIGITS:
             versions.add(int(tag))
     return Precondition(match=frozenset(versions))
 

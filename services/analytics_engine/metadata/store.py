@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from analytics_engine.kpi.definitions import EntityTypeDefinition, KPIDefinition
 from analytics_engine.metadata.errors import (
+    BadInput,
     Conflict,
     Invalid,
     NotFound,
@@ -36,6 +37,7 @@ from analytics_engine.metadata.migrate import migrate, packaged_migrations
 from analytics_engine.metadata.preconditions import NONE, Precondition
 from analytics_engine.metadata.validation import (
     INVALID_KPI,
+    NUL_REFUSED,
     broken_kpis,
     canonical,
     check_kpi_entity,
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 KindName = Literal["kpi_definition", "entity_type"]
 Action = Literal["created", "updated", "deleted"]
 
+UNSTORABLE_TEXT: Final = (
+    asyncpg.exceptions.CharacterNotInRepertoireError,  # NUL in a text parameter
+    asyncpg.exceptions.UntranslatableCharacterError,  # \u0000 in a jsonb parameter
+)
 UNAVAILABLE_ERRORS: Final = (
     OSError,
     TimeoutError,
@@ -203,6 +209,9 @@ class MetadataStore:
                 yield conn
         except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(f"database unavailable: {_describe(exc)}") from exc
+        except UNSTORABLE_TEXT as exc:
+            # The HTTP API refuses NUL up front; this catches any path that does not.
+            raise BadInput(NUL_REFUSED) from exc
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:

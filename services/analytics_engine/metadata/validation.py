@@ -21,6 +21,7 @@ from analytics_engine.kpi.definitions import (
 )
 from analytics_engine.metadata.errors import Invalid
 
+NUL_REFUSED: Final = "NUL characters (\\u0000) are not accepted: PostgreSQL text cannot hold them"
 INVALID_KPI: Final = "invalid KPI definition"
 INVALID_ENTITY_TYPE: Final = "invalid entity type"
 READ_ONLY_KEYS: Final = frozenset({"version"})

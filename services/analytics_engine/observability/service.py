@@ -20,6 +20,7 @@ from analytics_engine.core.acl import SERVICE_ACCESS, running_services
 from analytics_engine.core.bus import FIELD, REDIS_ERRORS, Delivery, LiveSubscription, encode_event
 from analytics_engine.core.durations import Duration
 from analytics_engine.core.envelopes import MalformedMessage, parse_event, validation_summary
+from analytics_engine.core.errors import describe_error
 from analytics_engine.core.payloads import KPIResult, ServiceHeartbeat, SimulationTick
 from analytics_engine.core.retention import readers_of, trim_all, trimmed_channels
 from analytics_engine.core.runtime import ServiceRuntime
@@ -29,6 +30,8 @@ from analytics_engine.observability.registry import Registry
 SERVICE = "observability_service"
 _LAST_TICKS = 10
 """The newest `simulation.tick` entries searched for a valid one (the status's last tick)."""
+_STATUS_REDIS_TIMEOUT_S = 3.0
+"""How long the status waits for what it reads from Redis before reporting it unreachable."""
 
 log = logging.getLogger(__name__)
 
@@ -232,27 +235,48 @@ class Observability:
             return tick.model_dump(mode="json"), round(age, 3)
         return None, None
 
-    async def status(self, request: web.Request) -> web.Response:
-        now = time.monotonic()
-        services = self.registry.services(now=now)
+    async def from_redis(self) -> dict[str, Any]:
+        """The parts of the status read from Redis (dead letters, full streams, last tick)."""
         dead = await self.dead_letter_counts()
         full = await self.full_streams()
-        for entry in services:
-            self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
+        tick, tick_age = await self.last_tick()
         for channel, count in dead.items():
             self.dead_letters.labels(channel).set(count)
-        tick, tick_age = await self.last_tick()
+        return {
+            "full_streams": full,
+            "dead_letters": dead,
+            "simulation": {"last_tick": tick, "seconds_ago": tick_age},
+        }
+
+    async def status(self, request: web.Request) -> web.Response:
+        """The platform status. Redis unreachable is itself a finding, not a failure of the
+        report: what this service knows from memory is still reported, with status degraded,
+        `redis.reachable` false, and the parts read from Redis left out (unknown)."""
+        now = time.monotonic()
+        services = self.registry.services(now=now)
+        for entry in services:
+            self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
+        redis: dict[str, Any] = {"reachable": True}
+        stored: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(_STATUS_REDIS_TIMEOUT_S):
+                stored = await self.from_redis()
+        except (TimeoutError, *REDIS_ERRORS) as exc:
+            redis = {"reachable": False, "error": f"Redis is unreachable: {describe_error(exc)}"}
+            log.warning("status: Redis unreachable", extra={"error": str(exc)[:200]})
+        healthy = (
+            redis["reachable"]
+            and all(s["status"] == "up" for s in services)
+            and not stored.get("full_streams")
+        )
         return web.json_response(
             {
-                "status": "ok"
-                if all(s["status"] == "up" for s in services) and not full
-                else "degraded",
+                "status": "ok" if healthy else "degraded",
+                "redis": redis,
                 "services": services,
-                "full_streams": full,
-                "dead_letters": dead,
+                **stored,
                 "message_rates": self.registry.message_rates(now=now),
                 "kpi_freshness": self.registry.kpi_freshness(now=now),
-                "simulation": {"last_tick": tick, "seconds_ago": tick_age},
                 "generated_at": datetime.now(UTC).isoformat(),
             }
         )

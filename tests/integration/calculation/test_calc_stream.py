@@ -448,6 +448,17 @@ async def test_http_api_with_a_stand_in_database(
             async with http.get(f"{base}/orders_count/history?start=yesterday") as r:
                 body = await r.json()
             assert r.status == 422 and body["error"]["details"]
+            # out of range: refused here too, not a failure building or answering the request
+            n_calls = len(calls)
+            for bad in ("&limit=99999999999999999999999", "&limit=0"):
+                async with http.get(url + bad) as r:
+                    assert r.status == 422, bad
+            overflow = "start=0001-01-01T00:00:00%2B14:00&end=2024-01-02T00:00:00Z"
+            backwards = "start=2024-01-02T00:00:00Z&end=2024-01-01T00:00:00Z"
+            for bad in (overflow, backwards):
+                async with http.get(f"{base}/orders_count/history?{bad}") as r:
+                    assert r.status == 422, bad
+            assert len(calls) == n_calls  # none of these reached the database
             async with http.get(f"{base}/orders_count/latest") as r:
                 body = await r.json()
             assert r.status == 200 and body["source"] == "database"

@@ -4,6 +4,7 @@ and surviving a Redis restart without losing durable events."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,83 @@ async def test_redis_restart_mid_stream_loses_no_durable_event(
             await asyncio.sleep(0.05)
         await producer.redis.aclose()
         assert sorted(set(got)) == list(range(400))
+
+
+async def test_stop_reports_not_ready_at_once_and_drains_http_before_the_hooks(
+    redis_url: str,
+) -> None:
+    """On SIGTERM: /readyz answers 503 while the bus work in hand drains, and an HTTP request
+    in flight finishes (with what it uses still open) before the shutdown hooks close it."""
+    from aiohttp import web
+
+    rt = runtime(redis_url)
+    resource = {"open": True}
+    entered = asyncio.Event()
+    http_entered = asyncio.Event()
+
+    async def slow_request(req: Request) -> Mapping[str, Any]:
+        entered.set()
+        await asyncio.sleep(1.0)
+        return {"done": True}
+
+    async def slow_page(_: web.Request) -> web.Response:
+        http_entered.set()
+        await asyncio.sleep(1.0)
+        return web.json_response({"resource_open": resource["open"]})
+
+    async def close_resource() -> None:
+        resource["open"] = False
+
+    rt.respond(channels.DATABASE_QUERY, {"slow": slow_request})
+    rt.http.router.add_get("/slow", slow_page)
+    rt.on_shutdown(close_resource)
+    task = asyncio.create_task(rt.run())
+    await rt.ready.wait()
+    base = f"http://127.0.0.1:{rt.bound_port}"
+    caller = runtime(redis_url, name="calculation_engine")
+    call = asyncio.create_task(
+        caller.requests.request(channels.DATABASE_QUERY, "slow", {}, timeout=5)
+    )
+    async with aiohttp.ClientSession() as http, aiohttp.ClientSession() as probe:
+        page = asyncio.create_task(http.get(f"{base}/slow"))
+        await entered.wait()
+        await http_entered.wait()
+        rt.stop()
+        await asyncio.sleep(0.1)
+        async with probe.get(f"{base}/readyz") as resp:  # the responder is still draining
+            assert resp.status == 503
+            assert (await resp.json())["status"] == "stopping"
+        assert not rt.ready.is_set()
+        async with await page as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"resource_open": True}
+    assert (await call) == {"done": True}
+    await asyncio.wait_for(task, 10)
+    assert resource == {"open": False}
+    await caller.requests.close()
+    await caller.redis.aclose()
+
+
+async def test_stop_cancels_http_requests_past_the_grace(redis_url: str) -> None:
+    from aiohttp import web
+
+    rt = runtime(redis_url, SERVICE_SHUTDOWN_GRACE=0.3)
+    entered = asyncio.Event()
+
+    async def endless(_: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.sleep(60)
+        return web.Response()
+
+    rt.http.router.add_get("/endless", endless)
+    task = asyncio.create_task(rt.run())
+    await rt.ready.wait()
+    async with aiohttp.ClientSession() as http:
+        page = asyncio.create_task(http.get(f"http://127.0.0.1:{rt.bound_port}/endless"))
+        await entered.wait()
+        started = asyncio.get_running_loop().time()
+        rt.stop()
+        await asyncio.wait_for(task, 10)
+        assert asyncio.get_running_loop().time() - started < 5
+        with contextlib.suppress(aiohttp.ClientError):
+            (await page).close()

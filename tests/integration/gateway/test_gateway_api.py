@@ -130,6 +130,11 @@ async def test_validation_errors_are_passed_through_with_field_details(stack: St
         "PUT", f"{DEFS}/orders_bad", json=kpi_definition("orders_bad", display_name="nul\u0000")
     )
     assert reply.status == 400  # PostgreSQL cannot store NUL: refused at the door, not a 5xx
+    # ...but a backslash followed by "u0000" is legitimate text (JSON "\\u0000")
+    literal = kpi_definition("orders_literal", description="C:\\u0000 is not NUL")
+    reply = await stack.call("PUT", f"{DEFS}/orders_literal", json=literal)
+    assert reply.status == 201, reply.body
+    assert reply.body["description"] == "C:\\u0000 is not NUL"
     reply = await stack.call("GET", f"{DEFS}?entity_type=a%00b")
     assert reply.status == 400
 
@@ -150,6 +155,13 @@ async def test_not_found_and_method_not_allowed_are_json(stack: Stack) -> None:
     reply = await stack.call("GET", "/api/v1/nope")
     assert reply.status == 404
     assert_error(reply.body, "not_found")
+    for asset in ("/ui/nope.js", "/ui/..%2Fservice.py", "/ui/"):  # not an empty octet-stream
+        reply = await stack.call("GET", asset, key=None)
+        assert reply.status == 404, asset
+        assert_error(reply.body, "not_found")
+    reply = await stack.call("GET", "/ui/app.js", key=None)
+    assert "javascript" in reply.headers["Content-Type"]
+    assert "default-src 'self'" in reply.headers["Content-Security-Policy"]
     reply = await stack.call("GET", f"{DEFS}/absent_kpi")
     assert reply.status == 404
     assert_error(reply.body, "not_found")
@@ -173,6 +185,9 @@ async def test_etag_and_if_match(stack: Stack) -> None:
     changed = kpi_definition(code, display_name="Changed")
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": '"99"'})
     assert reply.status == 412
+    assert_error(reply.body, "precondition_failed")
+    reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": '"²"'})
+    assert reply.status == 412  # a Unicode digit is no version (was a 500 upstream, 502 here)
     assert_error(reply.body, "precondition_failed")
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": etag})
     assert reply.status == 200
@@ -231,11 +246,16 @@ async def test_entity_state_from_the_database(stack: Stack, redis_url: str) -> N
 async def test_latest_history_and_status_pass_through(stack: Stack) -> None:
     code = "orders_count"
     assert (await stack.call("PUT", f"{DEFS}/{code}", json=kpi_definition(code))).status == 201
-    reply = await stack.call(
-        "GET",
+    url = (
         f"/api/v1/kpis/{code}/history?start=2024-01-01T00:00:00Z&end=2024-01-02T00:00:00Z"
-        "&dimension.region=eu",
+        "&dimension.region=eu"
     )
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # 404 until the engine has the new definition (metadata.changed)
+        reply = await stack.call("GET", url)
+        if reply.status != 404 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert reply.status == 200, reply.body
     assert reply.body["items"] == []
     assert reply.body["dimensions"] == {"region": "eu"}
@@ -246,6 +266,36 @@ async def test_latest_history_and_status_pass_through(stack: Stack) -> None:
     statuses = {s["service"]: s["status"] for s in reply.body["services"]}
     assert statuses["api_gateway"] == "up"  # its heartbeats reached the observability service
     assert "dead_letters" in reply.body
+
+
+async def test_history_parameters_out_of_range_are_422_and_unknown_kpis_404(
+    stack: Stack,
+) -> None:
+    base = "/api/v1/kpis/orders_count/history?start=2024-01-01T00:00:00Z&end=2024-01-02T00:00:00Z"
+    for query, field in [
+        ("&limit=99999999999999999999999", "limit"),  # cannot even be encoded on the bus
+        ("&limit=0", "limit"),
+        ("&limit=10001", "limit"),
+    ]:
+        reply = await stack.call("GET", base + query)
+        assert reply.status == 422, (query, reply.body)
+        assert_error(reply.body, "validation_error")
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field]
+    for query, field in [
+        ("start=0001-01-01T00:00:00%2B14:00&end=2024-01-02T00:00:00Z", "start"),  # year 0 in UTC
+        ("start=2024-01-02T00:00:00Z&end=2024-01-01T00:00:00Z", "end"),  # end before start
+    ]:
+        reply = await stack.call("GET", f"/api/v1/kpis/orders_count/history?{query}")
+        assert reply.status == 422, (query, reply.body)
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field]
+        assert reply.body["error"]["code"] == "validation_error"
+    # as /latest and the OpenAPI document: a KPI nobody defined is 404, not an empty 200
+    reply = await stack.call("GET", base.replace("orders_count", "never_defined"))
+    assert reply.status == 404, reply.body
+    assert_error(reply.body, "not_found")
+    assert (
+        "404" in stack.gateway.document["paths"]["/api/v1/kpis/{code}/history"]["get"]["responses"]
+    )
 
 
 # -- cross-cutting -------------------------------------------------------------------------------
@@ -391,8 +441,8 @@ async def test_openapi_lists_exactly_the_registered_routes(stack: Stack) -> None
         resource = route.resource
         if resource is None or isinstance(resource, web.StaticResource):
             continue
-        if route.method in ("HEAD", "*") or resource.canonical == "/":
-            continue  # HEAD mirrors GET; `/` is the UI page
+        if route.method in ("HEAD", "*") or resource.canonical in ("/", "/ui/{name}"):
+            continue  # HEAD mirrors GET; `/` is the UI page, `/ui/{name}` its assets
         registered.add((route.method, resource.canonical))
     assert registered == documented
     for path, item in document["paths"].items():

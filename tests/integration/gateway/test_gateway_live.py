@@ -203,6 +203,28 @@ async def test_gap_when_the_buffer_no_longer_holds_the_last_id(
     resp.close()
 
 
+async def test_last_event_id_beyond_the_counter_resumes_from_now_after_a_gap(
+    make_stack: StackFactory, results: Results
+) -> None:
+    """An id this gateway never issued (another replica's, a clock ahead) must not silence
+    the stream until the counter catches up: gap, then live results."""
+    stack = await make_stack(services=())
+    await results.publish(result("orders_count", 1.0, 0))
+    await asyncio.sleep(0.2)
+    future = stack.gateway.hub.ring.last_id + 3_600_000_000  # an hour of clock ahead
+    resp = await open_stream(stack, "/api/v1/stream", headers={"Last-Event-ID": str(future)})
+    stream = sse_messages(resp)
+    gap = await next_event(stream, event="gap")
+    assert "oldest_id" in gap.json()
+    await results.publish(result("orders_count", 2.0, 1))
+    message = await next_event(stream)
+    assert message.json()["value"] == 2.0  # live, not the replayed 1.0, not silence
+    resp.close()
+    resp = await open_stream(stack, "/api/v1/stream?last_event_id=%C2%B2")  # "²": not an id
+    assert resp.status == 200
+    resp.close()
+
+
 async def test_stream_token_heartbeat_and_auth(make_stack: StackFactory, results: Results) -> None:
     stack = await make_stack(services=(), gateway={"sse_heartbeat_s": 0.2})
     resp = await open_stream(stack, "/api/v1/stream", key=None)

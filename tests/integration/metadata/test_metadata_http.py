@@ -192,6 +192,17 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "query.sql",
         "",
     ),
+    (
+        "more params than placeholders",
+        {
+            "code": "orders_revenue",
+            "display_name": "Q",
+            "entity_type": "order",
+            "query": {"sql": "select $1::int", "params": [7, 8], "schedule": "60s"},
+        },
+        "query.params",
+        "1 placeholder(s) ($1..$1) but 2 params are given",
+    ),
 ]
 
 
@@ -315,3 +326,27 @@ async def test_entity_type_crud_and_referential_checks(metadata: MetadataHarness
     assert (await metadata.call("GET", f"{ENTITIES}/payment"))[0] == 404
     _, history, _ = await metadata.call("GET", f"{ENTITIES}/payment/history")
     assert [h["action"] for h in history["items"]] == ["created", "updated", "deleted"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", f"{KPIS}/orders%00revenue", None),
+        ("GET", f"{KPIS}/orders%00revenue/history", None),
+        ("DELETE", f"{KPIS}/orders%00revenue", None),
+        ("GET", f"{KPIS}?entity_type=order%00", None),
+        ("GET", f"{ENTITIES}/order%00", None),
+        ("PUT", f"{KPIS}/orders_revenue", revenue_kpi(description="a\u0000b")),
+        ("PUT", f"{ENTITIES}/shipment", {"attributes": {"weight": "number"}, "x\u0000": 1}),
+        ("POST", KPIS, revenue_kpi(display_name="\u0000")),
+    ],
+)
+async def test_nul_characters_are_a_client_error(
+    metadata: MetadataHarness, method: str, path: str, body: Any
+) -> None:
+    """PostgreSQL text and jsonb cannot hold NUL. The operator calls this API directly (no
+    gateway in front), so the service itself answers 400, never 500."""
+    status, error, _ = await metadata.call(method, path, body)
+    assert status == 400, error
+    assert error["error"]["code"] == "bad_request"
+    assert "NUL" in error["error"]["message"]

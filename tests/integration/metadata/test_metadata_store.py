@@ -10,7 +10,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from metadata_helpers import revenue_kpi
 
-from analytics_engine.metadata.errors import PreconditionFailed
+from analytics_engine.metadata.errors import BadInput, PreconditionFailed
 from analytics_engine.metadata.migrate import MIGRATIONS_TABLE, packaged_migrations
 from analytics_engine.metadata.preconditions import Precondition
 from analytics_engine.metadata.seeding import BUILTIN_ENTITY_TYPES
@@ -83,3 +83,14 @@ async def test_every_change_leaves_one_outbox_row(store: MetadataStore, database
         await conn.close()
     assert len(rows) == 3
     assert all('"action"' in r["p"] for r in rows)
+
+
+async def test_nul_reaching_the_store_is_bad_input_not_a_crash(store: MetadataStore) -> None:
+    """Callers other than the HTTP API (request/reply lookups) meet the store's own mapping:
+    a client error (`bad_request` on the bus), never an unexpected exception."""
+    await store.migrate()
+    with pytest.raises(BadInput) as caught:
+        await store.get(KPI, "orders\x00revenue")
+    assert caught.value.code == "bad_request"
+    with pytest.raises(BadInput):
+        await store.list_all(KPI, entity_type="order\x00")

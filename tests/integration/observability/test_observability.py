@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
+from analytics_engine.localstack import RedisServer
 from analytics_engine.observability.service import Settings, create
 
 pytestmark = pytest.mark.asyncio
@@ -291,3 +293,28 @@ async def test_a_service_down_since_before_it_started_is_reported_missing(
     assert "data_simulator" not in entries
     assert entries["observability_service"]["status"] == "up"  # its own heartbeats
     assert body["status"] == "degraded"
+
+
+async def test_status_during_a_redis_outage_is_a_degraded_report(
+    tmp_path: Path, running: Start
+) -> None:
+    """Redis down is what the status must say, not a 502: 200, degraded, Redis unreachable,
+    and what the service holds in memory (services, rates, freshness) still reported."""
+    with RedisServer(tmp_path / "redis") as server:
+        obs = create(Settings.model_validate({"REDIS_URL": server.url, "OBSERVABILITY_PORT": 0}))
+        await running(obs)
+        body = await status(obs)
+        assert body["redis"] == {"reachable": True}
+        assert "dead_letters" in body
+        known = [s["service"] for s in body["services"]]
+        server.stop()
+        started = asyncio.get_running_loop().time()
+        body = await status(obs)
+        assert asyncio.get_running_loop().time() - started < 5
+        assert body["status"] == "degraded"
+        assert body["redis"]["reachable"] is False
+        assert "Redis is unreachable" in body["redis"]["error"]
+        assert [s["service"] for s in body["services"]] == known
+        assert "message_rates" in body and "kpi_freshness" in body
+        assert "dead_letters" not in body and "simulation" not in body  # unknown, not empty
+        server.start()

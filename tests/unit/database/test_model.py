@@ -16,6 +16,7 @@ from analytics_engine.database.model import (
     fold_entity_events,
     parse_entity_event,
     parse_kpi_result,
+    parse_timestamp,
 )
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -161,3 +162,19 @@ def test_an_older_deactivation_is_dropped_and_ties_go_to_the_earlier_event() -> 
     )
     later = timedelta(seconds=5)
     assert steps == {1: (1, T0 + later), 2: (1, T0 + timedelta(seconds=1))}
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_a_timestamp_outside_the_utc_years_is_invalid_not_a_crash(value: str) -> None:
+    """`kpi_history` reads its range with this: an OverflowError was a handler crash (502)."""
+    with pytest.raises(InvalidPayload, match="out of range"):
+        parse_timestamp(value, "start")
+    assert parse_timestamp("0001-01-01T00:00:00-01:00", "start").tzinfo is UTC
+
+
+def test_a_backslash_before_u0000_is_text_not_nul() -> None:
+    """JSON-encoded, a backslash then `u0000` reads `\\\\u0000`: only a real NUL is refused."""
+    row = parse_entity_event(channels.ENTITY_CREATED, event(attributes={"path": "C:\\u0000"}))
+    assert row.attributes == '{"path":"C:\\\\u0000"}'
+    with pytest.raises(InvalidPayload, match="attributes"):
+        parse_entity_event(channels.ENTITY_CREATED, event(attributes={"k\x00": 1}))

@@ -10,6 +10,7 @@ import pytest
 from analytics_engine.gateway.live import (
     LiveHub,
     ResultRing,
+    Resume,
     parse_last_event_id,
     sse_comment,
     sse_frame,
@@ -35,6 +36,8 @@ def test_frames() -> None:
     assert parse_last_event_id("abc") is None
     assert parse_last_event_id(None) is None
     assert parse_last_event_id("9" * 30) is None
+    assert parse_last_event_id("²") is None  # a digit to str.isdigit(), not to int()
+    assert parse_last_event_id("١٢") is None  # Arabic-Indic digits: not an id we issued
 
 
 def test_ring_ids_increase_and_start_above_a_previous_process() -> None:
@@ -46,6 +49,20 @@ def test_ring_ids_increase_and_start_above_a_previous_process() -> None:
     assert [r.id for r in ring.after(ids[1])] == ids[2:]
     assert ring.missed(ids[0] - 5)  # evicted entries after that id
     assert not ring.missed(ids[0])  # ids[1] is the oldest kept, nothing lost after ids[0]
+
+
+def test_resume_points() -> None:
+    ring = ResultRing(3, clock=iter([1000.0] * 10).__next__)
+    assert ring.resume(None) == Resume(0, gap=False)
+    assert ring.resume(5) == Resume(0, gap=True)  # empty ring: nothing issued yet
+    ids = [ring.append("a", b"{}").id for _ in range(5)]
+    assert ring.resume(None) == Resume(ids[-1], gap=False)
+    assert ring.resume(ids[2]) == Resume(ids[2], gap=False)
+    assert ring.resume(ids[0]) == Resume(ids[0], gap=True)  # ids[1] was evicted
+    # Beyond the counter (another replica's id, a clock ahead, a made-up id): not taken as
+    # given, which would hold back every result until the counter passed it.
+    assert ring.resume(ids[-1] + 1) == Resume(ids[-1], gap=True)
+    assert ring.resume(10**19) == Resume(ids[-1], gap=True)
 
 
 async def test_hub_fans_out_filters_and_drops_slow_clients() -> None:

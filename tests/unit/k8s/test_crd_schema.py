@@ -431,7 +431,11 @@ def test_code_is_immutable() -> None:
             "window": None,
             "group_by": None,
             "filter": None,
-            "query": {"sql": "SELECT count(*) FROM orders", "params": [1, "x"], "schedule": 60},
+            "query": {
+                "sql": "SELECT count(*) FROM orders WHERE n > $1 AND s = $2",
+                "params": [1, "x"],
+                "schedule": 60,
+            },
         },
     ],
     ids=[

@@ -15,6 +15,8 @@ from analytics_engine.kpi.definitions import (
     VersionedKPIDefinition,
     check_against_entity,
     check_read_only_sql,
+    placeholder_errors,
+    sql_placeholders,
     validation_errors,
 )
 
@@ -190,7 +192,7 @@ def test_several_errors_at_once() -> None:
         ("SELECT * FROM t FOR UPDATE", "UPDATE"),
         ("SELECT * FROM t FOR SHARE", "SHARE"),
         ("SELECT 'unterminated", "unterminated"),
-        ("SELECT $3", "only 0 params"),
+        ("SELECT $3", "uses $3 but not $1"),
     ],
 )
 def test_query_sql_checks(sql: str, message: str) -> None:
@@ -211,6 +213,35 @@ def test_query_sql_checks(sql: str, message: str) -> None:
 )
 def test_query_sql_accepts_read_only(sql: str) -> None:
     assert check_read_only_sql(sql) == 0
+
+
+@pytest.mark.parametrize(
+    ("sql", "params", "message"),
+    [
+        ("SELECT $1::int", [7, 8], "uses 1 placeholder(s) ($1..$1) but 2 params are given"),
+        ("SELECT 1", [7], "uses no placeholder but 1 params are given"),
+        ("SELECT $1::int + $2::int", [7], "uses 2 placeholder(s) ($1..$2) but 1 params"),
+        ("SELECT $1::int + $3::int", [7, 8, 9], "uses $3 but not $2"),
+        ("SELECT $0", [], "numbered from $1"),
+    ],
+)
+def test_query_params_must_match_the_placeholders(
+    sql: str, params: list[Any], message: str
+) -> None:
+    """The engine runs the statement with exactly `params`: PostgreSQL's parameter count is the
+    highest $n, so any other count (or a hole) fails every run; refuse it when it is defined."""
+    found = errors({**QUERY, "query": {"sql": sql, "params": params}})
+    assert message in found.get("query.params", ""), found
+
+
+def test_placeholders_ignore_quoted_text_comments_and_identifiers() -> None:
+    sql = "SELECT '$2', \"$3\", $$ $4 $$, a$5 FROM t WHERE x = $1 -- $6\n /* $7 */"
+    assert sql_placeholders(sql) == {1}
+    assert placeholder_errors(frozenset({1, 2}), 2) is None
+    assert placeholder_errors(frozenset(), 0) is None
+    assert KPIDefinition.model_validate(
+        {**QUERY, "query": {"sql": "SELECT $2::int - $1::int, $1::int", "params": [1, 2]}}
+    )
 
 
 def test_thresholds_level() -> None:

@@ -57,6 +57,9 @@ def kpi(**overrides: Any) -> dict[str, Any]:
         ('"2"', 3, True),
         ('"3"', None, True),
         ('"abc"', 3, True),
+        ('"²"', 2, True),  # a digit to str.isdigit(), not to int(): no version (412, not 500)
+        ('"٣"', 3, True),  # Arabic-Indic three: not an entity tag we issued
+        ('"' + "9" * 5000 + '"', 3, True),  # too long for int(): no version either
         ("*", 3, False),
         ("*", None, True),
     ],

@@ -1,0 +1,101 @@
+"""The HTTP query of a KPI's history (`start`, `end`, `limit`, `dimension.<name>`), parsed and
+checked once for the gateway (the edge) and the calculation engine's API (pure: no I/O).
+
+Everything out of range is refused here with a field-level message, before a request is built:
+a `limit` past 64 bits cannot even be encoded on the bus, and a timestamp whose UTC time falls
+outside the years 1-9999 (`0001-01-01T00:00:00+14:00`) cannot be converted to UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+HISTORY_LIMIT: Final = 10_000
+"""Most rows one history request returns (the database service's cap)."""
+DIMENSION_PREFIX: Final = "dimension."
+_LIMIT_DIGITS: Final = 6
+
+
+class InvalidHistoryQuery(ValueError):
+    """`problems`: `[{field, message}]`, the `details` of a 422 answer."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__(
+            "invalid query parameters: "
+            + "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        )
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    start: datetime
+    """Inclusive, in UTC."""
+    end: datetime
+    """Exclusive, in UTC; not before `start`."""
+    limit: int | None = None
+    dimensions: dict[str, str] = field(default_factory=dict)
+
+
+def parse_timestamp(value: str | None, name: str) -> datetime:
+    """An ISO 8601 timestamp in UTC (one without an offset is taken as UTC). A `+` decoded
+    as a space from an unescaped query string is read as `+`. Raises `InvalidHistoryQuery`."""
+    if not value:
+        raise InvalidHistoryQuery([{"field": name, "message": "required (ISO 8601 timestamp)"}])
+    try:
+        parsed = datetime.fromisoformat(value.replace(" ", "+"))
+    except ValueError:
+        raise InvalidHistoryQuery(
+            [{"field": name, "message": "not an ISO 8601 timestamp"}]
+        ) from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidHistoryQuery(
+            [{"field": name, "message": "out of range: its UTC time must be in years 1-9999"}]
+        ) from None
+
+
+def parse_limit(value: str) -> int:
+    """`limit`: an integer from 1 to `HISTORY_LIMIT`. Raises `InvalidHistoryQuery`."""
+    text = value.strip()
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):
+        raise InvalidHistoryQuery([{"field": "limit", "message": "not an integer"}])
+    if len(digits) > _LIMIT_DIGITS or not 1 <= int(text) <= HISTORY_LIMIT:
+        raise InvalidHistoryQuery(
+            [{"field": "limit", "message": f"must be between 1 and {HISTORY_LIMIT}"}]
+        )
+    return int(text)
+
+
+def parse_history_query(query: Mapping[str, str]) -> HistoryQuery:
+    """The history query, every problem reported at once. Raises `InvalidHistoryQuery`."""
+    problems: list[dict[str, str]] = []
+    times: dict[str, datetime] = {}
+    for name in ("start", "end"):
+        try:
+            times[name] = parse_timestamp(query.get(name), name)
+        except InvalidHistoryQuery as exc:
+            problems.extend(exc.problems)
+    limit: int | None = None
+    if "limit" in query:
+        try:
+            limit = parse_limit(query["limit"])
+        except InvalidHistoryQuery as exc:
+            problems.extend(exc.problems)
+    if len(times) == 2 and times["end"] < times["start"]:
+        problems.append({"field": "end", "message": "must not be before start"})
+    if problems:
+        raise InvalidHistoryQuery(problems)
+    dimensions = {
+        name[len(DIMENSION_PREFIX) :]: value
+        for name, value in query.items()
+        if name.startswith(DIMENSION_PREFIX) and len(name) > len(DIMENSION_PREFIX)
+    }
+    return HistoryQuery(times["start"], times["end"], limit, dimensions)
