@@ -273,8 +273,9 @@ def fold_entity_events(rows: Sequence[EntityEventRow]) -> dict[int, tuple[int, d
     Entity state is "the newest event wins": created/updated events carry the full attribute
     snapshot, a deactivation keeps the attributes it finds. Applying (1) the newest
     attribute-carrying event, then (2) the newest deactivation if it is at least as new, each
-    by a version-guarded upsert, gives the same state as applying every event one by one in
-    version order, whatever is already stored. Between events of one entity and kind with the
+    by a version-guarded upsert (the attributes guarded by their own version, which a
+    deactivation leaves), gives the same state as applying every event one by one in version
+    order, whatever is already stored. Between events of one entity and kind with the
     same version, the earlier in the batch wins. Every entity of the batch has a step-1 event.
 
     Runs for every entity event (the writer stages the steps beside the events), so it works on

@@ -10,8 +10,11 @@ same transaction:
   costs on every row, so only batches that need it pay.)
 - entity state: the batch is folded per entity in Python (`model.fold_entity_events`) and each
   staged event carries its step (1, 2, or none) and its entity's first `occurred_at`; a
-  version-guarded upsert per step applies the marked events, so a row changes only for a
-  newer version and late events never roll state back.
+  version-guarded upsert per step applies the marked events. The row's status (version,
+  active, deactivation) follows its newest event; its attributes follow its newest
+  created/updated event (`attributes_version`), which may be older than a deactivation that
+  committed first. So `entities` is what applying every stored event in version order gives,
+  whatever order writers commit in, and late events never roll state back.
 
 The fold costs the service's Python one dictionary pass; done in SQL (window functions over a
 sort of the batch) it cost PostgreSQL, the drain's busiest process, about twice as much.
@@ -101,19 +104,24 @@ SELECT {_COLUMN_LIST} FROM {EVENT_STAGE}
 """
 INSERT_EVENTS: Final = f"{INSERT_NEW_EVENTS}ON CONFLICT DO NOTHING\n"
 
-# "newer": a higher version, or the same version turning a live entity into a deactivated one
-# (a deactivation wins a tie).
+# "newer" (for the row's status): a higher version, or the same version turning a live entity
+# into a deactivated one (a deactivation wins a tie).
 _NEWER: Final = (
     "(cur.version < EXCLUDED.version OR (cur.version = EXCLUDED.version"
     " AND cur.active AND NOT EXCLUDED.active))"
 )
+# Attributes: a created/updated event newer than the ones held, even if older than the row (a
+# deactivation of a higher version committed first). Deactivations stage -1: never newer.
+_NEWER_ATTRIBUTES: Final = "cur.attributes_version < EXCLUDED.attributes_version"
 
 # The marked events of one step, in key order so concurrent writers lock entities in the same
 # order (a deadlock would still only cost a retry: it is a transient error).
 UPSERT_ENTITIES: Final = f"""
-INSERT INTO entities AS cur (entity_type, entity_id, version, attributes, active, created_at,
-                             updated_at, deactivated_at, deactivation_reason, last_event_id)
+INSERT INTO entities AS cur (entity_type, entity_id, version, attributes, attributes_version,
+                             active, created_at, updated_at, deactivated_at, deactivation_reason,
+                             last_event_id)
 SELECT u.entity_type, u.entity_id, u.version, COALESCE(u.attributes, '{{}}'::jsonb),
+       CASE WHEN u.event_kind = 'deactivated' THEN -1 ELSE u.version END,
        u.event_kind <> 'deactivated', {_timestamptz("u.first_seen_us")}, u.occurred_at,
        CASE WHEN u.event_kind = 'deactivated' THEN u.occurred_at END,
        CASE WHEN u.event_kind = 'deactivated' THEN u.reason END, u.event_id
@@ -122,8 +130,8 @@ WHERE u.fold_step = $1
 ORDER BY u.entity_type, u.entity_id
 ON CONFLICT (entity_type, entity_id) DO UPDATE SET
     version = CASE WHEN {_NEWER} THEN EXCLUDED.version ELSE cur.version END,
-    attributes = CASE WHEN {_NEWER} AND EXCLUDED.active THEN EXCLUDED.attributes
-                      ELSE cur.attributes END,
+    attributes = CASE WHEN {_NEWER_ATTRIBUTES} THEN EXCLUDED.attributes ELSE cur.attributes END,
+    attributes_version = GREATEST(cur.attributes_version, EXCLUDED.attributes_version),
     active = CASE WHEN {_NEWER} THEN EXCLUDED.active ELSE cur.active END,
     created_at = LEAST(cur.created_at, EXCLUDED.created_at),
     updated_at = CASE WHEN {_NEWER} THEN EXCLUDED.updated_at ELSE cur.updated_at END,
@@ -131,7 +139,7 @@ ON CONFLICT (entity_type, entity_id) DO UPDATE SET
     deactivation_reason = CASE WHEN {_NEWER} THEN EXCLUDED.deactivation_reason
                                ELSE cur.deactivation_reason END,
     last_event_id = CASE WHEN {_NEWER} THEN EXCLUDED.last_event_id ELSE cur.last_event_id END
-WHERE {_NEWER} OR EXCLUDED.created_at < cur.created_at
+WHERE {_NEWER} OR {_NEWER_ATTRIBUTES} OR EXCLUDED.created_at < cur.created_at
 """
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
+import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from analytics_engine.database import migrate as migrations
+from analytics_engine.database.db import create_pool
+from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import load_migrations, migrate
+from analytics_engine.database.model import EntityEventRow
 from analytics_engine.database.partitions import PartitionManager
+from analytics_engine.database.writer import STAGING_SETUP, EntityEventWriter
 
 DAY = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
 
@@ -60,3 +68,60 @@ async def test_the_type_key_migration_keeps_rows_and_still_rejects_a_stored_even
             "INSERT INTO entity_events SELECT * FROM entity_events WHERE occurred_at >= $1",
             later - timedelta(hours=1),
         )
+
+
+async def test_attributes_version_is_backfilled_from_each_rows_version(
+    pg: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An active row holds its version's attributes; a deactivated row's version is the
+    newest its attributes can be, so an older update arriving after the upgrade leaves them
+    (as before), while a newer one sets them."""
+    everything = load_migrations()
+    monkeypatch.setattr(
+        migrations, "load_migrations", lambda: [m for m in everything if m.version < 4]
+    )
+    await migrate(pg, timescale="off")
+    await pg.execute(
+        "INSERT INTO entities (entity_type, entity_id, version, attributes, active, created_at,"
+        " updated_at, last_event_id) VALUES"
+        " ('order', 'live', 4, '{\"v\": 4}', true, $1, $1, gen_random_uuid()),"
+        " ('order', 'gone', 6, '{\"v\": 2}', false, $1, $1, gen_random_uuid())",
+        DAY,
+    )
+    monkeypatch.setattr(migrations, "load_migrations", lambda: everything)
+
+    await migrate(pg, timescale="off")
+
+    rows = await pg.fetch("SELECT entity_id, attributes_version FROM entities ORDER BY 1")
+    assert [tuple(r) for r in rows] == [("gone", 6), ("live", 4)]
+    pool = await create_pool(database_url, max_size=1, setup_sql=STAGING_SETUP)
+    try:
+        writer = EntityEventWriter(
+            pool, PartitionManager(enabled=True), DatabaseMetrics(CollectorRegistry())
+        )
+        await writer.write([_update("gone", 5, {"v": 5}), _update("live", 3, {"v": 3})])
+        assert await _attributes(pg) == {"gone": (6, {"v": 2}), "live": (4, {"v": 4})}
+        await writer.write([_update("gone", 7, {"v": 7}), _update("live", 5, {"v": 5})])
+        assert await _attributes(pg) == {"gone": (7, {"v": 7}), "live": (5, {"v": 5})}
+    finally:
+        await pool.close()
+
+
+def _update(entity_id: str, version: int, attributes: dict[str, Any]) -> EntityEventRow:
+    return EntityEventRow(
+        str(uuid.uuid4()),
+        "updated",
+        "order",
+        entity_id,
+        version,
+        DAY,
+        DAY,
+        orjson.dumps(attributes).decode(),
+        None,
+        "s",
+    )
+
+
+async def _attributes(pg: asyncpg.Connection) -> dict[str, tuple[int, Any]]:
+    rows = await pg.fetch("SELECT entity_id, attributes_version, attributes FROM entities")
+    return {r["entity_id"]: (r["attributes_version"], orjson.loads(r["attributes"])) for r in rows}

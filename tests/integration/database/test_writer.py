@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -181,3 +182,110 @@ async def test_a_batch_leaves_the_state_of_its_events_applied_one_by_one(
     batched = [tuple(r) for r in await pg.fetch(query, "batch")]
     assert batched == [tuple(r) for r in await pg.fetch(query, "single")]
     assert len(batched) > 30
+
+
+def replay(events: list[EntityEventRow]) -> dict[str, Any]:
+    """An entity's state from applying its events one at a time in version order (at equal
+    versions attribute-carrying events first): what `entities` holds whatever order the events
+    were committed in. A deactivation keeps the attributes it finds."""
+    state: dict[str, Any] = {"attributes": {}}
+    for e in _in_version_order(events):
+        state.update(version=e.version, updated_at=e.occurred_at, last_event_id=e.event_id)
+        if e.event_kind == "deactivated":
+            state.update(active=False, deactivated_at=e.occurred_at, deactivation_reason=e.reason)
+        else:
+            assert e.attributes is not None
+            state.update(
+                active=True,
+                attributes=orjson.loads(e.attributes),
+                deactivated_at=None,
+                deactivation_reason=None,
+            )
+    state["created_at"] = min(e.occurred_at for e in events)
+    return state
+
+
+async def stored_states(pg: asyncpg.Connection) -> dict[str, dict[str, Any]]:
+    rows = await pg.fetch(
+        "SELECT entity_id, version, attributes, active, created_at, updated_at, deactivated_at,"
+        " deactivation_reason, last_event_id::text FROM entities"
+    )
+    states = {}
+    for r in rows:
+        state = dict(r)
+        state["attributes"] = orjson.loads(state["attributes"])
+        states[state.pop("entity_id")] = state
+    return states
+
+
+async def test_a_deactivation_committed_first_keeps_the_attributes_of_older_updates(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    """Deactivations travel on their own stream and writers commit in any order: an update or
+    a creation committed after a newer deactivation still sets the attributes."""
+    a = [row("a", 1, "created", 1), row("a", 3, "deactivated", 3), row("a", 2, "updated", 2)]
+    b = [row("b", 2, "deactivated", 2), row("b", 1, "created", 1)]
+    c = [row("c", 3, "deactivated", 3), row("c", 3, "updated", 3), row("c", 2, "updated", 2)]
+    for r in a + b + c:
+        await writer.write([r])
+    states = await stored_states(pg)
+    assert states == {e[0].entity_id: replay(e) for e in (a, b, c)}
+    assert (states["a"]["version"], states["a"]["active"], states["a"]["attributes"]) == (
+        3,
+        False,
+        {"v": 2},
+    )
+    assert (states["b"]["version"], states["b"]["active"], states["b"]["attributes"]) == (
+        2,
+        False,
+        {"v": 1},
+    )
+    assert states["c"]["attributes"] == {"v": 3}
+    # ... and what is older than the attributes held still changes nothing
+    assert await writer.write([row("a", 1, "updated", 9), row("b", 0, "created", 0)]) == 2
+    assert (await stored_states(pg))["a"] == states["a"]
+    assert (await stored_states(pg))["b"]["attributes"] == {"v": 1}
+
+
+def entity_history(rng: random.Random, entity_id: str) -> list[EntityEventRow]:
+    """A creation, then updates and deactivations (one sometimes sharing an update's version),
+    versions with gaps, each with its own attributes and reason."""
+    versions = sorted(rng.sample(range(1, 12), rng.randint(1, 5)))
+    events = [row(entity_id, versions[0], "created", versions[0])]
+    for v in versions[1:]:
+        kind = "deactivated" if rng.random() < 0.35 else "updated"
+        events.append(row(entity_id, v, kind, v))
+        if kind == "updated" and rng.random() < 0.15:
+            events.append(row(entity_id, v, "deactivated", v))
+    return [
+        e._replace(
+            attributes=None if e.attributes is None else orjson.dumps({"v": e.version}).decode(),
+            reason=None if e.attributes is not None else f"r{e.version}",
+        )
+        for e in events
+    ]
+
+
+async def test_entities_are_the_events_in_version_order_whatever_the_commit_order(
+    writer: EntityEventWriter, pg: asyncpg.Connection
+) -> None:
+    """Events shuffled into batches of every size, two writers committing at once: each entity
+    ends as applying its events in version order."""
+    rng = random.Random(5)
+    histories = {f"e{i}": entity_history(rng, f"e{i}") for i in range(400)}
+    events = [e for history in histories.values() for e in history]
+    rng.shuffle(events)
+    batches: list[list[EntityEventRow]] = []
+    while events:
+        size = rng.choice([1, 1, 2, 5, 20, 80])
+        batches.append(events[:size])
+        events = events[size:]
+    for i in range(0, len(batches), 2):
+        await asyncio.gather(*(writer.write(b) for b in batches[i : i + 2]))
+    states = await stored_states(pg)
+    wrong = {
+        k: (states.get(k), replay(h)) for k, h in histories.items() if states.get(k) != replay(h)
+    }
+    assert not wrong, (
+        f"{len(wrong)} of {len(histories)} entities differ, e.g. {next(iter(wrong.items()))}"
+    )
