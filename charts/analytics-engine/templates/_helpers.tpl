@@ -478,7 +478,9 @@ spec:
       enableServiceLinks: false
       securityContext:
         {{- toYaml $ctx.Values.podSecurityContext | nindent 8 }}
-      terminationGracePeriodSeconds: 30
+      # a stop finishes the batch in hand (consumers: up to 30 s), then lets HTTP requests in
+      # flight finish (SERVICE_SHUTDOWN_GRACE, 20 s) before closing what they use
+      terminationGracePeriodSeconds: 60
       {{- with $values.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
