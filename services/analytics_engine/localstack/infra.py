@@ -6,18 +6,16 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from analytics_engine.localstack.postgres_server import PostgresServer
-from analytics_engine.localstack.process import ProcessServer
+from analytics_engine.localstack.process import ProcessServer, Started
 from analytics_engine.localstack.redis_server import RedisServer
 from analytics_engine.localstack.s3_server import S3Server
 
 logger = logging.getLogger(__name__)
 
 
-class LocalInfra:
+class LocalInfra(Started):
     """Redis, PostgreSQL and S3 under one base directory (`redis/`, `postgres/`, `s3/`)."""
 
     def __init__(
@@ -72,15 +70,3 @@ class LocalInfra:
             "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
             "AWS_REGION": self.s3.region,
         }
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

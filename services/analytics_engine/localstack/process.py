@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
@@ -51,7 +52,29 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES, *, offset: int = 0) -> str
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
-class ProcessServer:
+class Started(abc.ABC):
+    """`with x:` starts `x` and stops it on the way out."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ProcessServer(Started):
     """A server run as one child process in its own process group."""
 
     name: ClassVar[str] = "server"
@@ -230,18 +253,6 @@ class ProcessServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
