@@ -25,6 +25,16 @@ since, until, channel}` makes the database replay stored events into `channel`
 time (the engine's watermark needs it; the database replays in event-time order) and fed to a
 separate `KPIEngine` holding only this KPI, so the live state is never touched.
 
+Before it replays, a due backfill checks that the database has stored every entity event
+published up to `until` (`unstored`): the replay reads the database, and a database that lags
+(a backlog, a restart, a slow PostgreSQL) would otherwise yield final results that miss events.
+On each aggregated entity stream, the database service's consumer group must have delivered
+every entry up to `until` (its last-delivered id at or past it, or at the stream's last id) and
+hold none of them pending (a pending entry is not yet written, or its write failed). Until then
+the backfill waits (`pending()` says why). Stream ids are the Redis server's milliseconds, so
+this assumes the engine's and Redis's clocks agree to within `delay`. Deactivations are not
+checked: they never aggregate, and the replay drops them.
+
 Jobs are part of the checkpoint, so a crash re-runs an unfinished backfill (its results are
 re-published with the same event ids: duplicates, never gaps).
 """
@@ -42,10 +52,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from analytics_engine.calculation.events import EntityEvent, InvalidEntityEvent, entity_event
 from analytics_engine.core import channels
 from analytics_engine.core.bus import FIELD, REDIS_ERRORS
+from analytics_engine.core.channels import StreamId, parse_stream_id
 from analytics_engine.core.envelopes import Event, utcnow
 from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition, referenced_names
 from analytics_engine.kpi.definitions import Window
@@ -60,6 +72,11 @@ log = logging.getLogger(__name__)
 
 REPLAY_CHANNEL_PREFIX: Final = f"{channels.REPLAY_PREFIX}calculation_engine."
 MAX_ATTEMPTS: Final = 5
+DATABASE_GROUP: Final = "database_service"
+"""The database service's consumer group (its service name) on the entity streams."""
+STORED_CHANNELS: Final = (channels.ENTITY_CREATED, channels.ENTITY_UPDATED)
+"""The entity streams whose events a replay returns (deactivations never aggregate)."""
+READY_RETRY_S: Final = 2.0
 
 
 class BackfillFailed(Exception):
@@ -75,6 +92,8 @@ class BackfillJob:
     attempts: int = 0
     done: bool = False
     not_before: float = field(default=0.0, compare=False)
+    waiting: str | None = field(default=None, compare=False)
+    """Why a due job waits for the database (`unstored`), None when it does not."""
 
     @property
     def code(self) -> str:
@@ -166,6 +185,83 @@ def compute(job: BackfillJob, events: list[EntityEvent]) -> list[KPIResult]:
     return [r for r in engine.drain_results() if job.since <= r.window_start < job.cut]
 
 
+@dataclass(frozen=True, slots=True)
+class GroupProgress:
+    """The database group's progress on one entity stream, read in one snapshot."""
+
+    last_generated: StreamId | None
+    """The stream's last entry id; None: no such stream (nothing was ever published)."""
+    last_delivered: StreamId | None
+    """The group's last-delivered id; None: no such group (the database never read it)."""
+    oldest_pending: StreamId | None
+    """The smallest id delivered to it but not acknowledged (not yet stored); None: none."""
+
+
+def stored_bound(until: datetime) -> StreamId:
+    """The first stream id a backfill up to `until` does not need stored: entries of the
+    milliseconds up to and including `until`'s must be."""
+    return (to_micros(until) // 1000 + 1, 0)
+
+
+def unstored(progress: Mapping[str, GroupProgress], bound: StreamId) -> str | None:
+    """Why the database may not yet have stored every entry before `bound`, or None when it
+    has (pure): on every stream, every entry before `bound` was delivered to its group (the
+    group's last-delivered id reached `bound` or the stream's last id; groups deliver in id
+    order) and none of them is still pending."""
+    for channel, p in sorted(progress.items()):
+        if p.last_generated is None or p.last_generated == (0, 0):
+            continue  # no stream, or an empty one: no event was ever published there
+        if p.last_delivered is None:
+            return f"{channel}: the database has no consumer group yet"
+        if p.last_delivered < bound and p.last_delivered < p.last_generated:
+            return f"{channel}: the database has not yet read up to the backfill's end"
+        if p.oldest_pending is not None and p.oldest_pending < bound:
+            return f"{channel}: the database has not yet stored events before the backfill's end"
+    return None
+
+
+def _id(raw: Any) -> StreamId | None:
+    return None if raw is None else parse_stream_id(raw)
+
+
+async def database_progress(
+    redis: Redis, channel_names: tuple[str, ...] = STORED_CHANNELS, group: str = DATABASE_GROUP
+) -> dict[str, GroupProgress]:
+    """Read `GroupProgress` per channel (XINFO STREAM, XINFO GROUPS, XPENDING summary, in one
+    MULTI so they agree). Redis errors other than a missing stream or group propagate."""
+    pipe = redis.pipeline(transaction=True)
+    for channel in channel_names:
+        key = channels.stream_key(channel)
+        pipe.xinfo_stream(key)
+        pipe.xinfo_groups(key)
+        pipe.xpending(key, group)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    progress: dict[str, GroupProgress] = {}
+    for i, channel in enumerate(channel_names):
+        stream, groups, pending = replies[3 * i : 3 * i + 3]
+        if isinstance(stream, Exception):
+            if "no such key" not in str(stream).lower():
+                raise stream
+            progress[channel] = GroupProgress(None, None, None)
+            continue
+        if isinstance(groups, Exception):
+            raise groups
+        delivered = next(
+            (g["last-delivered-id"] for g in groups if g["name"] in (group, group.encode())),
+            None,
+        )
+        oldest = None
+        if isinstance(pending, Exception):
+            if "nogroup" not in str(pending).lower():
+                raise pending
+        elif pending["pending"]:
+            oldest = pending["min"]
+        progress[channel] = GroupProgress(
+            _id(stream["last-generated-id"]), _id(delivered), _id(oldest)
+        )
+    return progress
+
+
 class BackfillManager:
     """Schedules, runs and persists backfill jobs; tells the processor what to suppress."""
 
@@ -182,6 +278,7 @@ class BackfillManager:
         on_results: Callable[[list[KPIResult]], Awaitable[None]],
         watermark: Callable[[], datetime | None],
         on_outcome: Callable[[str], None] = lambda _: None,
+        ready_retry_s: float = READY_RETRY_S,
     ) -> None:
         self._redis = redis
         self._publisher = publisher
@@ -193,6 +290,7 @@ class BackfillManager:
         self._on_results = on_results
         self._watermark = watermark
         self._on_outcome = on_outcome
+        self.ready_retry_s = ready_retry_s
         self.jobs: dict[str, BackfillJob] = {}
         self.coverage: dict[str, Coverage] = {}
         """Where each KPI's current version begins (its backfill's `since`), kept after the
@@ -264,6 +362,7 @@ class BackfillManager:
             "since": job.since.isoformat(),
             "cut": job.cut.isoformat(),
             "due": (job.until + self.delay).isoformat(),
+            "waiting_for_database": job.waiting,
         }
 
     def coverage_of(self, code: str) -> dict[str, Any] | None:
@@ -293,7 +392,29 @@ class BackfillManager:
                 continue
             if now < job.until + self.delay or time.monotonic() < job.not_before:
                 continue
+            if not await self._stored(job):
+                job.not_before = time.monotonic() + self.ready_retry_s
+                continue
             await self._attempt(job)
+
+    async def _stored(self, job: BackfillJob) -> bool:
+        """Whether the database has stored everything the job replays (`unstored`); logs once
+        when it starts waiting and once when it is done waiting."""
+        try:
+            reason = unstored(await database_progress(self._redis), stored_bound(job.until))
+        except (*REDIS_ERRORS, RedisError) as exc:  # down, or refused (NOPERM): wait, log once
+            reason = f"cannot read the database's progress: {str(exc)[:200]}"
+        if reason is not None:
+            if job.waiting is None:
+                log.info("backfill waits for the database", extra={"kpi": job.code, "why": reason})
+            job.waiting = reason
+            return False
+        if job.waiting is not None:
+            log.info(
+                "backfill resumes: the database has stored its events", extra={"kpi": job.code}
+            )
+            job.waiting = None
+        return True
 
     async def _attempt(self, job: BackfillJob) -> None:
         job.attempts += 1

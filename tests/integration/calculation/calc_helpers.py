@@ -5,6 +5,7 @@ KPI semantics, readers of the published results, and a stand-in metadata service
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -15,7 +16,9 @@ from typing import Any
 import orjson
 import yaml
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from analytics_engine.calculation.backfill import DATABASE_GROUP
 from analytics_engine.core import channels
 from analytics_engine.core.bus import DeadLetters, EventPublisher
 from analytics_engine.core.envelopes import Event, Request
@@ -289,4 +292,65 @@ class StandInMetadata:
                 "action": "upserted",
                 "version": definition["version"],
             },
+        )
+
+
+class StandInReplayer:
+    """A stand-in for the database service's stream subscriptions: replays the events stored
+    in the Redis streams (what the database would have stored) into the requested channel."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.publisher = EventPublisher(redis, source="database_stand_in", stream_maxlen=10**6)
+        self.requests: list[dict[str, Any]] = []
+        self.heartbeats = 0
+        self.unsubscribed: list[str] = []
+
+    async def stored_everything(self) -> None:
+        """Make the database service's group on the entity streams say it has stored every
+        event in them (what a due backfill waits for)."""
+        for channel in channels.ENTITY_CHANNELS:
+            key = channels.stream_key(channel)
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await self.redis.xgroup_create(key, DATABASE_GROUP, "0", mkstream=True)
+            await self.redis.xgroup_setid(key, DATABASE_GROUP, "$")
+
+    async def run(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(
+            channels.STREAM_SUBSCRIBE, channels.STREAM_HEARTBEAT, channels.STREAM_UNSUBSCRIBE
+        )
+        try:
+            async for message in pubsub.listen():
+                event = orjson.loads(message["data"])
+                if event["event_type"] == channels.STREAM_HEARTBEAT:
+                    self.heartbeats += 1
+                elif event["event_type"] == channels.STREAM_UNSUBSCRIBE:
+                    self.unsubscribed.append(event["payload"]["subscription_id"])
+                else:
+                    self.requests.append(event["payload"])
+                    await self.replay(event["payload"])
+        finally:
+            await pubsub.aclose()
+
+    async def replay(self, request: dict[str, Any]) -> None:
+        since = datetime.fromisoformat(request["since"])
+        until = datetime.fromisoformat(request["until"])
+        stored = []
+        for channel in channels.ENTITY_CHANNELS:
+            for _, fields in await self.redis.xrange(channels.stream_key(channel)):
+                e = orjson.loads(fields[b"m"])
+                occurred = datetime.fromisoformat(e["payload"]["occurred_at"])
+                if (
+                    e["payload"]["entity_type"] == request["entity_type"]
+                    and since <= occurred <= until
+                ):
+                    stored.append((occurred, e))
+        stored.sort(key=lambda x: x[0])  # event-time order, like the database
+        items = [(request["channel"], {"event": e}) for _, e in stored]
+        for i in range(0, len(items), 500):
+            await self.publisher.publish_many(items[i : i + 500])
+        await self.publisher.publish(
+            request["channel"],
+            {"subscription_id": request["subscription_id"], "done": True, "count": len(items)},
         )

@@ -22,6 +22,7 @@ import pytest
 from calc_helpers import (
     KPIS,
     StandInMetadata,
+    StandInReplayer,
     compare,
     history,
     key_of,
@@ -289,58 +290,6 @@ def _cached(service: CalculationService) -> list[dict[str, Any]]:
     return service.cache.latest("orders_new")
 
 
-class StandInReplayer:
-    """A stand-in for the database service's stream subscriptions: replays the events stored
-    in the Redis streams (what the database would have stored) into the requested channel."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self.publisher = EventPublisher(redis, source="database_stand_in", stream_maxlen=10**6)
-        self.requests: list[dict[str, Any]] = []
-        self.heartbeats = 0
-        self.unsubscribed: list[str] = []
-
-    async def run(self) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(
-            channels.STREAM_SUBSCRIBE, channels.STREAM_HEARTBEAT, channels.STREAM_UNSUBSCRIBE
-        )
-        try:
-            async for message in pubsub.listen():
-                event = orjson.loads(message["data"])
-                if event["event_type"] == channels.STREAM_HEARTBEAT:
-                    self.heartbeats += 1
-                elif event["event_type"] == channels.STREAM_UNSUBSCRIBE:
-                    self.unsubscribed.append(event["payload"]["subscription_id"])
-                else:
-                    self.requests.append(event["payload"])
-                    await self.replay(event["payload"])
-        finally:
-            await pubsub.aclose()
-
-    async def replay(self, request: dict[str, Any]) -> None:
-        since = datetime.fromisoformat(request["since"])
-        until = datetime.fromisoformat(request["until"])
-        stored = []
-        for channel in channels.ENTITY_CHANNELS:
-            for _, fields in await self.redis.xrange(channels.stream_key(channel)):
-                e = orjson.loads(fields[b"m"])
-                occurred = datetime.fromisoformat(e["payload"]["occurred_at"])
-                if (
-                    e["payload"]["entity_type"] == request["entity_type"]
-                    and since <= occurred <= until
-                ):
-                    stored.append((occurred, e))
-        stored.sort(key=lambda x: x[0])  # event-time order, like the database
-        items = [(request["channel"], {"event": e}) for _, e in stored]
-        for i in range(0, len(items), 500):
-            await self.publisher.publish_many(items[i : i + 500])
-        await self.publisher.publish(
-            request["channel"],
-            {"subscription_id": request["subscription_id"], "done": True, "count": len(items)},
-        )
-
-
 async def test_new_definition_is_backfilled_over_stored_history(
     redis: Redis, redis_url: str, running: Start
 ) -> None:
@@ -352,6 +301,7 @@ async def test_new_definition_is_backfilled_over_stored_history(
     replay_task = asyncio.create_task(replayer.run())
     events = history(4000, utcnow() - timedelta(seconds=30), 20, seed=3)
     await publish(redis, events)
+    await replayer.stored_everything()  # the database has stored them: the backfill may run
     try:
         service = build(
             settings(

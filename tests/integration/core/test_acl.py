@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,6 +15,11 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from analytics_engine.archival.layout import intents_key, seen_key
 from analytics_engine.archival.ledger import Intent, Ledger
+from analytics_engine.calculation.backfill import (
+    DATABASE_GROUP,
+    database_progress,
+    unstored,
+)
 from analytics_engine.calculation.checkpoint_store import CheckpointStore, delete_strays, part_key
 from analytics_engine.calculation.recent_ids_log import chunk_key
 from analytics_engine.core import channels
@@ -273,6 +279,16 @@ def _commands_the_services_send() -> dict[str, list[tuple[str, ...]]]:
             ("XGROUP", "SETID", entity, "calculation_engine", "0"),
             ("TIME",),
             ("XREVRANGE", entity, "+", "-", "COUNT", "1"),
+            # a due backfill first reads how far the database has stored the entity events
+            *(
+                command
+                for stored in (entity, channels.stream_key(channels.ENTITY_UPDATED))
+                for command in (
+                    ("XINFO", "STREAM", stored),
+                    ("XINFO", "GROUPS", stored),
+                    ("XPENDING", stored, DATABASE_GROUP),
+                )
+            ),
             # a backfill reads its replay stream, then deletes it
             ("XREAD", "COUNT", "1000", "BLOCK", "500", "STREAMS", REPLAY_KEY, "0"),
             ("DEL", REPLAY_KEY),
@@ -383,3 +399,41 @@ async def test_the_archiver_keeps_its_ledger_as_its_user(acl_redis: RedisServer)
     with pytest.raises(NoPermissionError):  # what it reads is not its own
         await archival.delete(channels.stream_key(channels.ARCHIVE_KPI_RESULTS))
     await archival.aclose()
+
+
+async def test_the_engine_reads_how_far_the_database_has_stored_as_its_user(
+    acl_redis: RedisServer,
+) -> None:
+    """A due backfill's readiness check (one MULTI: XINFO STREAM, XINFO GROUPS, XPENDING on the
+    aggregated entity streams) under the engine's credentials, as the database consumes."""
+    admin = connect(ADMIN.format(port=acl_redis.port))
+    producer = connect(url(acl_redis, "data_simulator"))
+    calc = connect(url(acl_redis, "calculation_engine"))
+    database = connect(url(acl_redis, "database_service"))
+    publisher = EventPublisher(producer, source="data_simulator", stream_maxlen=10_000)
+    await publisher.publish_many((channels.ENTITY_CREATED, {"i": i}) for i in range(3))
+    key = channels.stream_key(channels.ENTITY_CREATED)
+    # earlier tests here share the server: the database group starts afresh on `created`, and
+    # has stored everything on `updated`
+    await admin.xgroup_destroy(key, DATABASE_GROUP)
+    await database.xgroup_create(key, DATABASE_GROUP, "0")
+    updated = channels.stream_key(channels.ENTITY_UPDATED)
+    with contextlib.suppress(ResponseError):  # no such key when run alone
+        await admin.xgroup_destroy(updated, DATABASE_GROUP)
+    await admin.xgroup_create(updated, DATABASE_GROUP, "$", mkstream=True)
+    progress = await database_progress(calc)
+    assert progress[channels.ENTITY_UPDATED].oldest_pending is None
+    created = progress[channels.ENTITY_CREATED]
+    assert created.last_delivered == (0, 0) and created.oldest_pending is None
+    assert created.last_generated is not None
+    bound = (created.last_generated[0] + 1, 0)
+    assert unstored(progress, bound) is not None  # nothing read yet
+    reply = await database.xreadgroup(DATABASE_GROUP, "db-1", {key: ">"}, count=100_000)
+    ids = [entry_id for entry_id, _ in reply[0][1]]
+    progress = await database_progress(calc)
+    assert progress[channels.ENTITY_CREATED].oldest_pending is not None
+    assert "not yet stored" in (unstored(progress, bound) or "")
+    await database.xack(key, DATABASE_GROUP, *ids)
+    assert unstored(await database_progress(calc), bound) is None
+    for client in (admin, producer, calc, database):
+        await client.aclose()

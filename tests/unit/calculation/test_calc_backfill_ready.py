@@ -1,0 +1,139 @@
+"""A due backfill replays only once the database has stored every event up to its end
+(`unstored`, pure), and waits instead (`BackfillManager` with a stubbed progress reader)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from analytics_engine.calculation import backfill
+from analytics_engine.calculation.backfill import (
+    STORED_CHANNELS,
+    BackfillManager,
+    GroupProgress,
+    stored_bound,
+    unstored,
+)
+from analytics_engine.core import channels
+from analytics_engine.kpi import VersionedKPIDefinition
+
+CREATED, UPDATED = channels.ENTITY_CREATED, channels.ENTITY_UPDATED
+BOUND = (1000, 0)  # entries of ms 0..999 must be stored
+DONE = GroupProgress(last_generated=(2000, 0), last_delivered=(2000, 0), oldest_pending=None)
+
+
+def both(created: GroupProgress, updated: GroupProgress = DONE) -> dict[str, GroupProgress]:
+    return {CREATED: created, UPDATED: updated}
+
+
+def test_bound_covers_the_milliseconds_up_to_and_including_until() -> None:
+    until = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=1500)
+    ms = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000) + 1
+    assert stored_bound(until) == (ms + 1, 0)
+    assert stored_bound(until - timedelta(microseconds=500)) == (ms + 1, 0)
+
+
+def test_ready_when_delivered_past_the_bound_and_nothing_before_it_pending() -> None:
+    assert unstored(both(DONE), BOUND) is None
+    # delivered past the bound; what is pending is after it
+    assert unstored(both(GroupProgress((3000, 0), (1500, 0), (1200, 0))), BOUND) is None
+    # delivered exactly at the bound
+    assert unstored(both(GroupProgress((3000, 0), (1000, 0), None)), BOUND) is None
+
+
+def test_ready_when_everything_there_is_was_delivered_although_before_the_bound() -> None:
+    """An idle stream: its last entry is older than the bound and was delivered and stored."""
+    assert unstored(both(GroupProgress((500, 3), (500, 3), None)), BOUND) is None
+
+
+@pytest.mark.parametrize(
+    "progress",
+    [
+        GroupProgress((2000, 0), (999, 0), None),  # not yet read up to the bound
+        GroupProgress((999, 5), (999, 4), None),  # one entry before the bound unread
+        GroupProgress((2000, 0), (2000, 0), (999, 9)),  # read, not yet stored (pending)
+        GroupProgress((2000, 0), (2000, 0), (10, 0)),
+        GroupProgress((500, 0), (500, 0), (500, 0)),  # idle, but its last entry pending
+        GroupProgress((2000, 0), None, None),  # the database never created its group
+    ],
+)
+def test_not_ready(progress: GroupProgress) -> None:
+    assert unstored(both(progress), BOUND) is not None
+    assert unstored(both(DONE, progress), BOUND) is not None
+    assert CREATED in (unstored(both(progress), BOUND) or "")
+
+
+def test_a_stream_never_written_needs_nothing_stored() -> None:
+    assert unstored(both(GroupProgress(None, None, None)), BOUND) is None
+    # created empty by another group (MKSTREAM), the database group not yet there
+    assert unstored(both(GroupProgress((0, 0), None, None)), BOUND) is None
+
+
+def test_deactivations_are_not_checked() -> None:
+    assert channels.ENTITY_DEACTIVATED not in STORED_CHANNELS
+    assert set(STORED_CHANNELS) == {CREATED, UPDATED}
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict[str, Any]]] = []
+
+    async def publish(self, channel: str, payload: dict[str, Any]) -> None:
+        self.published.append((channel, payload))
+
+
+async def test_a_due_backfill_waits_for_the_database_then_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    progress = both(GroupProgress((2**50, 0), (1, 0), None))
+
+    async def read(_redis: Any) -> dict[str, GroupProgress]:
+        return progress
+
+    monkeypatch.setattr(backfill, "database_progress", read)
+    replays: list[str] = []
+
+    async def replay(job: backfill.BackfillJob) -> list[Any]:
+        replays.append(job.code)
+        return []
+
+    async def on_results(_results: Any) -> None:
+        return None
+
+    manager = BackfillManager(
+        redis=None,  # type: ignore[arg-type]
+        publisher=_Publisher(),  # type: ignore[arg-type]
+        horizon=timedelta(minutes=1),
+        delay=timedelta(0),
+        max_events=1000,
+        on_results=on_results,
+        watermark=lambda: None,
+        ready_retry_s=0.0,
+    )
+    monkeypatch.setattr(manager, "replay", replay)
+    definition = VersionedKPIDefinition.model_validate(
+        {
+            "code": "orders_count",
+            "display_name": "orders",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "2s", "allowed_lateness": "0s"},
+            "version": 1,
+        }
+    )
+    job = manager.schedule(definition, datetime.now(UTC) - timedelta(minutes=5))
+    await manager._run_due()
+    await manager._run_due()
+    assert replays == []
+    assert manager.status("orders_count") == "backfill_pending"
+    assert job.attempts == 0  # waiting is no failed attempt
+    waiting = (manager.pending("orders_count") or {})["waiting_for_database"]
+    assert CREATED in waiting
+    progress = both(DONE)
+    progress[CREATED] = GroupProgress((2**50, 0), (2**50, 0), None)
+    await manager._run_due()
+    assert replays == ["orders_count"]
+    assert manager.status("orders_count") == "backfilled"
+    assert job.waiting is None
