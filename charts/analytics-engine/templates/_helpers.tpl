@@ -464,6 +464,11 @@ spec:
         {{- include "analytics-engine.labels" . | nindent 8 }}
       annotations:
         checksum/config: {{ include "analytics-engine.configChecksum" $ctx }}
+        {{- if eq .component "gateway" }}
+        # the API keys are read at start: rotating them through the values rolls the gateways
+        # (generated keys never change: lookup keeps them)
+        checksum/api-keys: {{ toJson $ctx.Values.gateway.auth | sha256sum }}
+        {{- end }}
         {{- with $values.podAnnotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}

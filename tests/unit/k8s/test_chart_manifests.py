@@ -284,6 +284,33 @@ def test_credentials_of_retained_data_outlive_an_uninstall() -> None:
     assert kept(_render("data-not-retained")) == set()
 
 
+def test_credentials_changed_through_the_values_roll_their_pods() -> None:
+    """The gateway reads its API keys, and Redis its passwords, at start only."""
+
+    def annotations(objects: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, str]:
+        [obj] = [o for o in by_kind(objects, kind) if name_of(o).endswith(suffix)]
+        return dict(obj["spec"]["template"]["metadata"]["annotations"])
+
+    def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+        result = _template_with(values)
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    before, again = render({}), render({})
+    rotated = render(
+        {"gateway": {"auth": {"apiKeys": "k1:admin"}}, "redis": {"auth": {"password": "p1"}}}
+    )
+    gateway = [
+        annotations(o, "Deployment", "-gateway")["checksum/api-keys"]
+        for o in (before, again, rotated)
+    ]
+    redis = [
+        annotations(o, "StatefulSet", "-redis")["checksum/auth"] for o in (before, again, rotated)
+    ]
+    for checksums in (gateway, redis):
+        assert checksums[0] == checksums[1] != checksums[2]
+
+
 def test_helm_lint_strict() -> None:
     result = subprocess.run(
         [helm(), "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False
