@@ -20,6 +20,7 @@ import orjson
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
 from analytics_engine.core.jsontext import contains_nul
+from analytics_engine.core.timestamps import BadTimestamp, parse_utc
 
 EventKind = Literal["created", "updated", "deactivated"]
 
@@ -105,15 +106,9 @@ def parse_timestamp(value: Any, name: str) -> datetime:
     if not isinstance(value, str):
         raise InvalidPayload(f"{name}: an ISO-8601 timestamp string is required")
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidPayload(f"{name}: not an ISO-8601 timestamp: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    try:
-        return parsed.astimezone(UTC)
-    except OverflowError:  # 0001-01-01T00:00:00+14:00 is in year 0 in UTC
-        raise InvalidPayload(f"{name}: out of range in UTC: {value[:40]!r}") from None
+        return parse_utc(value)
+    except BadTimestamp as exc:
+        raise InvalidPayload(f"{name}: {exc.reason}: {value[:40]!r}") from None
 
 
 def _json_object(payload: dict[str, Any], name: str) -> tuple[dict[str, Any], str]:

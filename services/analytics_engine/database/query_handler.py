@@ -41,10 +41,10 @@ from analytics_engine.database.model import (
     parse_timestamp,
 )
 from analytics_engine.database.sqlguard import RejectedStatement, check_read_statement
+from analytics_engine.kpi.history_query import HISTORY_LIMIT
 
 MAX_SQL_LENGTH: Final = 100_000
 MAX_PARAMS: Final = 1000
-HISTORY_LIMIT: Final = 10_000
 
 _RESULT_COLUMNS: Final = (
     "kpi_code, window_start, window_end, dimensions, value, sample_count, definition_version,"

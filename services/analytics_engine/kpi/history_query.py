@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final
 
+from analytics_engine.core.timestamps import BadTimestamp, parse_utc
+
 HISTORY_LIMIT: Final = 10_000
-"""Most rows one history request returns (the database service's cap)."""
+"""Most rows one history request returns (the database service's `kpi_history` cap too)."""
 DIMENSION_PREFIX: Final = "dimension."
 _LIMIT_DIGITS: Final = 6
 
@@ -46,19 +48,9 @@ def parse_timestamp(value: str | None, name: str) -> datetime:
     if not value:
         raise InvalidHistoryQuery([{"field": name, "message": "required (ISO 8601 timestamp)"}])
     try:
-        parsed = datetime.fromisoformat(value.replace(" ", "+"))
-    except ValueError:
-        raise InvalidHistoryQuery(
-            [{"field": name, "message": "not an ISO 8601 timestamp"}]
-        ) from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    try:
-        return parsed.astimezone(UTC)
-    except OverflowError:
-        raise InvalidHistoryQuery(
-            [{"field": name, "message": "out of range: its UTC time must be in years 1-9999"}]
-        ) from None
+        return parse_utc(value.replace(" ", "+"))
+    except BadTimestamp as exc:
+        raise InvalidHistoryQuery([{"field": name, "message": exc.reason}]) from None
 
 
 def parse_limit(value: str) -> int:
