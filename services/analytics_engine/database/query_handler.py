@@ -80,6 +80,23 @@ def _result_json(record: Any) -> dict[str, Any]:
 FETCH_PAGE = 500
 
 
+class ReplyBudget:
+    """The rows of one reply, up to about `max_bytes` of JSON: a reply over Redis's message
+    limit would never be delivered, and its caller would wait out its timeout."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.rows: list[Any] = []
+        self._left = max_bytes
+
+    def add(self, row: Any) -> bool:
+        """Keep `row` if it fits; False, keeping nothing more, once the budget is spent."""
+        self._left -= len(orjson.dumps(row, default=str))
+        if self._left < 0:
+            return False
+        self.rows.append(row)
+        return True
+
+
 class QueryRequestHandler:
     def __init__(
         self,
@@ -198,21 +215,16 @@ class QueryRequestHandler:
         return columns, rows, truncated
 
     async def _fetch_bounded(self, cursor: Any, max_rows: int) -> tuple[list[Any], bool]:
-        """Rows up to `max_rows` and about `max_bytes` of JSON, fetched in pages so a huge
-        result is never held in memory; `truncated` when either cap cut it short. (A reply
-        must stay well under Redis's message limit, or it could not be delivered.)"""
-        rows: list[Any] = []
-        size = 0
+        """Rows up to `max_rows` and `max_bytes` of JSON (`ReplyBudget`), fetched in pages so a
+        huge result is never held in memory; `truncated` when either cap cut it short."""
+        budget = ReplyBudget(self._max_bytes)
         while True:
-            page = await cursor.fetch(min(FETCH_PAGE, max_rows + 1 - len(rows)))
+            page = await cursor.fetch(min(FETCH_PAGE, max_rows + 1 - len(budget.rows)))
             for record in page:
-                row = row_to_json(record)
-                size += len(orjson.dumps(row, default=str))
-                if len(rows) == max_rows or size > self._max_bytes:
-                    return rows, True
-                rows.append(row)
-            if not page or len(rows) > max_rows:
-                return rows, False
+                if len(budget.rows) == max_rows or not budget.add(row_to_json(record)):
+                    return budget.rows, True
+            if not page:
+                return budget.rows, False
 
     # -- small read request types ------------------------------------------------------------
     async def _fetch(self, request_type: str, sql: str, *args: Any) -> list[Any]:
@@ -265,17 +277,10 @@ class QueryRequestHandler:
         return self._results_reply(records)
 
     def _results_reply(self, records: Sequence[Any]) -> dict[str, Any]:
-        """`{rows, truncated}`: the results up to about `max_bytes` of JSON. A reply over Redis's
-        message limit would never be delivered: the caller would wait out its timeout."""
-        rows: list[Any] = []
-        size = 0
-        for record in records:
-            row = _result_json(record)
-            size += len(orjson.dumps(row, default=str))
-            if size > self._max_bytes:
-                return {"rows": rows, "truncated": True}
-            rows.append(row)
-        return {"rows": rows, "truncated": False}
+        """`{rows, truncated}`: the results within `max_bytes` of JSON (`ReplyBudget`)."""
+        budget = ReplyBudget(self._max_bytes)
+        truncated = not all(budget.add(_result_json(r)) for r in records)
+        return {"rows": budget.rows, "truncated": truncated}
 
     async def get_entity(self, request: Request) -> dict[str, Any]:
         entity_type = _payload_str(request.payload, "entity_type")
