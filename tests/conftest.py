@@ -45,6 +45,24 @@ os.environ.setdefault("SERVICE_GC_THRESHOLD", "0")
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
+# The tests start their own servers: connection settings a shell carries (`set -a; . .run/
+# stack.env` of `analytics-engine up`) would point services under test at another stack for
+# every setting a fixture leaves unset (DATABASE_READONLY_URL, say).
+_STACK_SETTINGS = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "DATABASE_READONLY_URL",
+    "S3_ENDPOINT_URL",
+    "S3_BUCKET",
+    "CALCULATION_URL",
+    "GATEWAY_API_KEY",
+)
+for _name in _STACK_SETTINGS:
+    os.environ.pop(_name, None)
+if not os.environ.get("AE_TEST_S3_ENDPOINT_URL"):  # else its credentials come from here
+    for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        os.environ.pop(_name, None)
+
 
 @dataclass(frozen=True)
 class ExternalRedis:
