@@ -63,6 +63,16 @@ _IF_MATCH: Final = {
 }
 
 
+_IF_NONE_MATCH: Final = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "description": 'Entity tag from a previous GET (`"<version>"`); 304 without a body while '
+    "the stored version is still that one.",
+    "schema": {"type": "string"},
+}
+
+
 def request_id(request: web.Request) -> str:
     value = request.get(REQUEST_ID_KEY)
     return value if isinstance(value, str) else new_id()
@@ -396,8 +406,10 @@ class GatewayApi:
                 "read",
                 self.get_definition,
                 path_patterns=code,
+                request_headers=[_IF_NONE_MATCH],
                 responses={
                     200: ("The definition", ref("StoredKPIDefinition")),
+                    304: ("Not modified: If-None-Match holds the stored version", None),
                     **errors(401, 404, 429, 502, 503, 504),
                 },
             ),

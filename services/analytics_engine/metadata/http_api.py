@@ -3,7 +3,8 @@
 Routes (same for `/api/v1/entity-types/{entity_type}`):
   GET    /api/v1/kpi-definitions[?entity_type=]  -> {items: [definition + version]}
   POST   /api/v1/kpi-definitions                 -> 201, or 409 when the code exists
-  GET    /api/v1/kpi-definitions/{code}          -> definition + version, ETag; 404
+  GET    /api/v1/kpi-definitions/{code}          -> definition + version, ETag; 404;
+                                                    304 when If-None-Match holds the version
   PUT    /api/v1/kpi-definitions/{code}          -> 201 created / 200 replaced or unchanged
   DELETE /api/v1/kpi-definitions/{code}          -> 204; 404
   GET    /api/v1/kpi-definitions/{code}/history  -> {items: [{version, action, changed_at, spec}]}
@@ -33,7 +34,12 @@ from analytics_engine.metadata.errors import (
     PreconditionFailed,
     StoreUnavailable,
 )
-from analytics_engine.metadata.preconditions import Precondition, etag, parse_conditions
+from analytics_engine.metadata.preconditions import (
+    Precondition,
+    etag,
+    not_modified,
+    parse_conditions,
+)
 from analytics_engine.metadata.store import ENTITY_TYPE, KPI, Kind, MetadataStore, PutResult
 from analytics_engine.metadata.validation import (
     NUL_REFUSED,
@@ -196,10 +202,10 @@ class MetadataHttpApi:
             stored = await self._store.get(kind, key)
             if stored is None:
                 raise NotFound(kind.label, key)
-            return json_response(
-                with_version(stored.spec, stored.version),
-                headers={"ETag": etag(stored.version)},
-            )
+            headers = {"ETag": etag(stored.version)}
+            if not_modified(request.headers.get("If-None-Match"), stored.version):
+                return web.Response(status=304, headers=headers)
+            return json_response(with_version(stored.spec, stored.version), headers=headers)
 
         return handle
 

@@ -50,6 +50,11 @@ def parse_if_match(header: str | None) -> Precondition:
         return NONE
     if header.strip() == "*":
         return Precondition(any_version=True)
+    return Precondition(match=_versions_in(header))
+
+
+def _versions_in(header: str) -> frozenset[int]:
+    """The versions a list of entity tags names (weak comparison: `W/"3"` is version 3)."""
     versions: set[int] = set()
     for part in header.split(","):
         tag = part.strip().removeprefix("W/").strip('"').strip()
@@ -57,7 +62,15 @@ def parse_if_match(header: str | None) -> Precondition:
         # than 18 digits, and int() refuses thousands of them.
         if tag.isascii() and tag.isdigit() and len(tag) <= _MAX_VERSION_DIGITS:
             versions.add(int(tag))
-    return Precondition(match=frozenset(versions))
+    return frozenset(versions)
+
+
+def not_modified(if_none_match: str | None, version: int) -> bool:
+    """Whether a GET's `If-None-Match` already holds the stored `version` (RFC 9110 13.1.2:
+    weak comparison; `*` matches any stored version): answer 304 without the body."""
+    if if_none_match is None or not if_none_match.strip():
+        return False
+    return if_none_match.strip() == "*" or version in _versions_in(if_none_match)
 
 
 def parse_conditions(if_match: str | None, if_none_match: str | None) -> Precondition:

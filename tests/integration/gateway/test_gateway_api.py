@@ -189,9 +189,13 @@ async def test_etag_and_if_match(stack: Stack) -> None:
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": '"²"'})
     assert reply.status == 412  # a Unicode digit is no version (was a 500 upstream, 502 here)
     assert_error(reply.body, "precondition_failed")
+    reply = await stack.call("GET", f"{DEFS}/{code}", headers={"If-None-Match": etag})
+    assert (reply.status, reply.headers["ETag"]) == (304, etag)
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": etag})
     assert reply.status == 200
     assert reply.headers["ETag"] == '"2"'
+    reply = await stack.call("GET", f"{DEFS}/{code}", headers={"If-None-Match": etag})
+    assert (reply.status, reply.body["display_name"]) == (200, "Changed")
     reply = await stack.call("DELETE", f"{DEFS}/{code}", headers={"If-Match": etag})
     assert reply.status == 412
     reply = await stack.call("DELETE", f"{DEFS}/{code}", headers={"If-Match": '"2"'})

@@ -107,6 +107,19 @@ async def test_version_from_a_get_is_accepted_back(metadata: MetadataHarness) ->
     assert again["version"] == 1
 
 
+async def test_a_read_with_the_current_etag_is_304(metadata: MetadataHarness) -> None:
+    await metadata.call("PUT", f"{KPIS}/orders_revenue", revenue_kpi())
+    status, body, headers = await metadata.call(
+        "GET", f"{KPIS}/orders_revenue", headers={"If-None-Match": '"1"'}
+    )
+    assert (status, body, headers["ETag"]) == (304, None, '"1"')
+    await metadata.call("PUT", f"{KPIS}/orders_revenue", revenue_kpi(unit="USD"))  # v2
+    status, body, headers = await metadata.call(
+        "GET", f"{KPIS}/orders_revenue", headers={"If-None-Match": '"1"'}
+    )
+    assert (status, body["unit"], headers["ETag"]) == (200, "USD", '"2"')
+
+
 async def test_if_match_optimistic_concurrency(metadata: MetadataHarness) -> None:
     await metadata.call("PUT", f"{KPIS}/orders_revenue", revenue_kpi())
     await metadata.call("PUT", f"{KPIS}/orders_revenue", revenue_kpi(unit="USD"))  # v2

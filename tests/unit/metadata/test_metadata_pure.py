@@ -13,6 +13,7 @@ from analytics_engine.metadata.migrate import packaged_migrations, parse_migrati
 from analytics_engine.metadata.preconditions import (
     Precondition,
     etag,
+    not_modified,
     parse_conditions,
     parse_if_match,
 )
@@ -73,6 +74,23 @@ def test_if_none_match_star_means_create_only() -> None:
     assert condition.failure(None) is None
     assert "already exists at version 2" in (condition.failure(2) or "")
     assert parse_conditions(None, '"4"') == Precondition()
+
+
+@pytest.mark.parametrize(
+    ("header", "version", "expected"),
+    [
+        (None, 3, False),
+        ("", 3, False),
+        ('"3"', 3, True),
+        ('W/"3"', 3, True),  # weak comparison, as RFC 9110 asks for If-None-Match
+        ('"1", "3"', 3, True),
+        ('"2"', 3, False),
+        ("*", 3, True),
+        ('"³"', 3, False),
+    ],
+)
+def test_if_none_match_on_a_read(header: str | None, version: int, expected: bool) -> None:
+    assert not_modified(header, version) is expected
 
 
 def test_etag_format() -> None:
