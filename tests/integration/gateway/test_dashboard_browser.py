@@ -172,7 +172,24 @@ def test_dashboard_updates_live_and_creates_a_kpi(
                 page.click('button[data-view="platform"]')
                 expect(page.locator("#sim-state")).to_have_text("running")
                 expect(page.locator("#services-table tbody tr").first).to_be_visible()
+                expect(page.locator("#dead-letters-table tbody")).to_contain_text("No dead letters")
                 page.screenshot(path=str(ARTIFACTS / "platform.png"), full_page=True)
+
+                # Redis unreachable: the status the observability service then gives (its
+                # Redis-read parts left out) shows as unknown dead letters, not as none
+                degraded = api(base, "GET", "/api/v1/status").json()
+                for part in ("dead_letters", "full_streams", "simulation"):
+                    degraded.pop(part, None)
+                degraded["status"] = "degraded"
+                degraded["redis"] = {"reachable": False, "error": "Redis is unreachable: refused"}
+                page.route("**/api/v1/status", lambda route: route.fulfill(json=degraded))
+                page.click('button[data-view="dashboard"]')
+                page.click('button[data-view="platform"]')
+                expect(page.locator("#health-summary")).to_have_text("Redis unreachable")
+                expect(page.locator("#dead-letters-table tbody")).to_contain_text(
+                    "Unknown: Redis is unreachable: refused"
+                )
+                page.unroute("**/api/v1/status")
 
                 page.emulate_media(color_scheme="dark")
                 page.click('button[data-view="dashboard"]')

@@ -665,18 +665,24 @@ async function refreshStatus() {
   const status = reply.body;
   const services = status.services || [];
   const up = services.filter((s) => s.status === "up").length;
-  summary.textContent = `services ${up}/${services.length}`;
-  summary.className = `pill ${up === services.length && services.length ? "pill-live" : "pill-warn"}`;
+  const redisDown = status.redis?.reachable === false;
+  summary.textContent = redisDown ? "Redis unreachable" : `services ${up}/${services.length}`;
+  summary.title = redisDown ? status.redis.error || "" : "Services up";
+  summary.className = `pill ${redisDown ? "pill-down" : up === services.length && services.length ? "pill-live" : "pill-warn"}`;
   if (state.view !== "platform") return;
   $("#services-table tbody").replaceChildren(...services.map((s) => el("tr", {},
     el("td", { text: s.service }),
     el("td", { class: `status-${s.status}`, text: s.status }),
     el("td", { text: String((s.instances || []).length) }),
     lagCell(s.consumer_lag || {}))));
+  // Dead letters are counted in Redis: while it is unreachable they are unknown, not none.
   const dead = Object.entries(status.dead_letters || {});
+  const noRows = status.dead_letters === undefined
+    ? el("td", { colspan: 2, class: "num-bad", text: `Unknown: ${status.redis?.error || "Redis is unreachable"}` })
+    : el("td", { colspan: 2, class: "muted", text: "No dead letters." });
   $("#dead-letters-table tbody").replaceChildren(...(dead.length ? dead.map(([channel, count]) => el("tr", {},
     el("td", { class: "mono", text: channel }), el("td", { class: count ? "num-bad" : "", text: formatNumber(count) })))
-    : [el("tr", {}, el("td", { colspan: 2, class: "muted", text: "No dead letters." }))]));
+    : [el("tr", {}, noRows)]));
   const rates = Object.entries(status.message_rates || {});
   $("#rates-table tbody").replaceChildren(...rates.map(([channel, rate]) => el("tr", {},
     el("td", { class: "mono", text: channel }), el("td", { text: formatNumber(rate) }))));
