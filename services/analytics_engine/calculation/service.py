@@ -49,7 +49,12 @@ class Settings(BaseServiceSettings):
         description="Fixed stream consumer name (one active replica per KPI set).",
     )
     checkpoint_key: str = Field(
-        default="ae:calc:checkpoint", pattern=r"^ae:", validation_alias="CALCULATION_CHECKPOINT_KEY"
+        default="ae:calc:checkpoint",
+        pattern=r"^ae:calc:[A-Za-z0-9_.:\-]+$",
+        validation_alias="CALCULATION_CHECKPOINT_KEY",
+        description="Redis key of the engine's checkpoint (its parts and recent-id log live "
+        "under `{key}:`). It must lie under `ae:calc:`, the only keys the engine's Redis ACL "
+        "user may write.",
     )
     checkpoint_interval_s: float = Field(
         default=1.0, gt=0, le=60, validation_alias="CALCULATION_CHECKPOINT_INTERVAL"
