@@ -12,6 +12,9 @@ Decision: our own translator over the IR that celpy's parser feeds (``_cel.py``)
 * dialect: we need jsonb access with *type-guarded* casts (``jsonb_typeof`` before
   ``::double precision``) so one odd event cannot abort the verify query with a cast error, and
   ``COLLATE "C"`` so string ordering is code point order like CEL.
+* types: declared attribute types only pick the SQL cast where one side is an expression; two
+  attributes are compared by the JSON types each event holds, as the evaluator does (declared
+  types are not enforced on events), and a JSON null compared with an erroring expression errors.
 * parameters: we emit ``$n`` placeholders from a caller-chosen offset (asyncpg style) with explicit
   casts so the server never has to guess parameter types.
 * licence/deps: no extra dependency; the grammar stays celpy's (Apache-2.0), already a dependency.
@@ -260,23 +263,53 @@ class _Builder:
             left, right = right, left
         if isinstance(right, Lit) and right.value is None:
             return self.compare_null(left, negate=node.op == "!=")
+        if isinstance(left, Name) and self.is_attribute(left) and self.is_attribute(right):
+            assert isinstance(right, Name)
+            return self.compare_attributes(left.name, right.name, node.op)
         lt, rt = infer_type(left, self.types), infer_type(right, self.types)
         common: CelType | None = lt if lt != "dyn" else (rt if rt != "dyn" else None)
         kind = self.type_of(left, common)
         lhs, rhs = self.emit(left, kind), self.emit(right, kind)
-        if node.op in ("==", "!="):
-            sql_op = "=" if node.op == "==" else "<>"
-            plain = f"({lhs} {sql_op} {rhs})"
-            nullable = [n for n in (left, right) if self.is_attribute(n)]
-            if not nullable:
-                return plain
-            checks = [self.is_json_null(n) for n in nullable]
-            both = "FALSE" if len(checks) == 1 else f"({checks[0]} AND {checks[1]})"
-            if node.op == "!=":
-                both = f"(NOT {both})"
-            return f"(CASE WHEN {' OR '.join(checks)} THEN {both} ELSE {plain} END)"
-        collate = ' COLLATE "C"' if kind == "string" else ""
-        return f"({lhs}{collate} {node.op} {rhs})"
+        if node.op not in ("==", "!="):
+            collate = ' COLLATE "C"' if kind == "string" else ""
+            return f"({lhs}{collate} {node.op} {rhs})"
+        sql_op = "=" if node.op == "==" else "<>"
+        plain = f"({lhs} {sql_op} {rhs})"
+        if self.is_attribute(left):
+            attribute, other, other_sql = left, right, rhs
+        elif self.is_attribute(right):
+            attribute, other, other_sql = right, left, lhs
+        else:
+            return plain
+        # A JSON null attribute equals nothing but null, yet the other side is still evaluated:
+        # when it errors (SQL NULL), so does the comparison. Literals and reserved names never do.
+        on_null = "TRUE" if node.op == "!=" else "FALSE"
+        if not isinstance(other, Lit | Name):
+            on_null = f"(CASE WHEN {other_sql} IS NULL THEN NULL ELSE {on_null} END)"
+        return f"(CASE WHEN {self.is_json_null(attribute)} THEN {on_null} ELSE {plain} END)"
+
+    def compare_attributes(self, left: str, right: str, op: str) -> str:
+        """Two attributes compared by the JSON types each event holds, as the evaluator does
+        (declared types are not enforced on events): missing -> error; null equals only null;
+        different types -> error; arrays and objects -> error."""
+        lhs, rhs = f"{self.col}->{_key(left)}", f"{self.col}->{_key(right)}"
+        ltext, rtext = f"{self.col}->>{_key(left)}", f"{self.col}->>{_key(right)}"
+        ltype, rtype = f"jsonb_typeof({lhs})", f"jsonb_typeof({rhs})"
+        sql_op = {"==": "=", "!=": "<>"}.get(op, op)
+        cases = [f"WHEN {lhs} IS NULL OR {rhs} IS NULL THEN NULL"]
+        if op in ("==", "!="):
+            both_null = f"({ltype} = 'null' AND {rtype} = 'null')"
+            if op == "!=":
+                both_null = f"(NOT {both_null})"
+            cases.append(f"WHEN {ltype} = 'null' OR {rtype} = 'null' THEN {both_null}")
+        cases += [
+            f"WHEN {ltype} <> {rtype} THEN NULL",
+            f"WHEN {ltype} = 'number' THEN "
+            f"(({ltext})::double precision {sql_op} ({rtext})::double precision)",
+            f"WHEN {ltype} = 'string' THEN (({ltext}) COLLATE \"C\" {sql_op} ({rtext}))",
+            f"WHEN {ltype} = 'boolean' THEN (({ltext})::boolean {sql_op} ({rtext})::boolean)",
+        ]
+        return f"(CASE {' '.join(cases)} END)"
 
     def compare_null(self, other: Node, *, negate: bool) -> str:
         if isinstance(other, Lit):
