@@ -52,7 +52,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import ValidationError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from analytics_engine.calculation.events import EntityEvent, InvalidEntityEvent, entity_event
 from analytics_engine.core import channels
@@ -77,6 +77,8 @@ DATABASE_GROUP: Final = "database_service"
 STORED_CHANNELS: Final = (channels.ENTITY_CREATED, channels.ENTITY_UPDATED)
 """The entity streams whose events a replay returns (deactivations never aggregate)."""
 READY_RETRY_S: Final = 2.0
+REPLAY_GROUP: Final = "calculation_engine"
+"""The consumer group (and consumer) the engine reads its replay streams through."""
 
 
 class BackfillFailed(Exception):
@@ -451,6 +453,11 @@ class BackfillManager:
         needed = needed_attributes(job.definition)
         entity_type = job.definition.entity_type
         events: list[EntityEvent] = []
+        # Read through a consumer group (NOACK: nothing pending): the database pauses a replay
+        # while the stream's readers lag by more than its bound, and a group's lag is what it
+        # has not read yet. Read without one, the lag was the stream's length, which only
+        # grows: a replay longer than the bound stalled for good.
+        await self._redis.xgroup_create(key, REPLAY_GROUP, id="0", mkstream=True)
         await self._publisher.publish(
             channels.STREAM_SUBSCRIBE,
             {
@@ -461,7 +468,6 @@ class BackfillManager:
                 "channel": channel,
             },
         )
-        cursor = b"0"
         last_data = last_heartbeat = time.monotonic()
         try:
             while True:
@@ -473,12 +479,18 @@ class BackfillManager:
                     )
                 if now - last_data > self.idle_timeout_s:
                     raise BackfillFailed("the database did not replay (no data, no end marker)")
-                reply: Any = await self._redis.xread({key: cursor}, count=1000, block=500)
+                try:
+                    reply: Any = await self._redis.xreadgroup(
+                        REPLAY_GROUP, REPLAY_GROUP, {key: ">"}, count=1000, block=500, noack=True
+                    )
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    raise BackfillFailed("the replay stream was lost (Redis restarted)") from exc
                 if not reply:
                     continue
                 last_data = time.monotonic()
-                for entry_id, fields in reply[0][1]:
-                    cursor = entry_id
+                for _, fields in reply[0][1]:
                     done = self._collect(fields.get(FIELD, b""), entity_type, needed, events)
                     if done:
                         return events

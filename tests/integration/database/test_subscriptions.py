@@ -10,9 +10,11 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
+from analytics_engine.calculation.backfill import BackfillManager, plan
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
 from analytics_engine.core.envelopes import Event
+from analytics_engine.kpi import VersionedKPIDefinition
 
 from .conftest import Start, count, entity_event, wait_for
 
@@ -200,3 +202,59 @@ async def test_invalid_subscriptions_are_dead_lettered(
 
     await wait_for(dead)
     assert await redis.xlen(channels.stream_key(channels.ENTITY_CREATED)) == 0
+
+
+async def test_a_backfill_replays_more_events_than_the_replay_lag_bound(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """The calculation engine's backfill reading a real replay: the database pauses a replay
+    while the target stream's readers lag by more than `replay_max_lag` entries, so the
+    subscriber's reading must count as progress. Read without a consumer group, the lag was
+    the stream's length, which only grows: any replay longer than the bound stalled, and the
+    backfill failed for want of data (then was abandoned)."""
+    await start_service(replay_page_rows=2, replay_max_lag=4)
+    history = [
+        entity_event(
+            publisher,
+            "created",
+            f"o-{i}",
+            1,
+            occurred_at=T0 + timedelta(seconds=i),
+            attributes={"amount": i, "region": "eu"},
+        )
+        for i in range(20)
+    ]
+    await publisher.publish_events(history)
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 20
+
+    await wait_for(stored)
+    definition = VersionedKPIDefinition.model_validate(
+        {
+            "code": "orders_count",
+            "display_name": "orders",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "1m"},
+            "version": 1,
+        }
+    )
+    job = plan(definition, T0 + timedelta(minutes=1), timedelta(minutes=5))
+
+    async def no_results(_: list[Any]) -> None:
+        return None
+
+    manager = BackfillManager(
+        redis,
+        EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000),
+        horizon=timedelta(minutes=5),
+        delay=timedelta(0),
+        max_events=1000,
+        idle_timeout_s=3.0,
+        heartbeat_s=0.5,
+        on_results=no_results,
+        watermark=lambda: None,
+    )
+    events = await asyncio.wait_for(manager.replay(job), timeout=20)
+    assert sorted(e.entity_id for e in events) == sorted(f"o-{i}" for i in range(20))
