@@ -289,6 +289,8 @@ def _commands_the_services_send() -> dict[str, list[tuple[str, ...]]]:
                     ("XPENDING", stored, DATABASE_GROUP),
                 )
             ),
+            # the replay streams an earlier life left (killed mid-backfill) are swept
+            ("SCAN", "0", "MATCH", f"{REPLAY_KEY}*", "COUNT", "1000"),
             # a backfill reads its replay stream through a group, then deletes it
             ("XGROUP", "CREATE", REPLAY_KEY, "calculation_engine", "0", "MKSTREAM"),
             (
