@@ -38,8 +38,9 @@ A fresh intent of another replica whose objects are not all written is never del
 replica may be between its PUTs and its step 4, and had it died there, what it wrote would be
 unknown to the ledger; such an intent is settled once all its objects exist, or once it is stale.
 
-While results wait in the buffer (and while S3 is down), their stream entries are kept "fresh"
-with `XCLAIM ... JUSTID` (which does not count a delivery), so the bus neither re-delivers them
+While results wait in the buffer (while S3 is down or slow, and while a flush holds them), their
+stream entries are kept "fresh" with `XCLAIM ... JUSTID` (which does not count a delivery), once
+the oldest has waited a third of `BUS_CLAIM_IDLE_MS`, so the bus neither re-delivers them
 nor dead-letters them after `BUS_MAX_DELIVERIES`, nor hands them to a peer replica. When the
 buffer is full and S3 is down the handler raises `TransientError`: consumption pauses (bounded
 memory) and resumes when S3 is back. Nothing is ever dead-lettered because of an outage; only
@@ -495,6 +496,12 @@ class KpiResultArchiver:
         tick = min(self._interval / 2, QUIET_FLUSH_S)
         while True:
             await asyncio.sleep(tick)
+            if self._held_long():
+                # a flush that takes long (a slow S3): left idle, what it holds would be
+                # claimed as abandoned, each claim a delivery, until dead-lettered and
+                # acknowledged while it is only in memory
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._keep_alive()
             if not self._due() or self._flushing_behind or self._lock.locked():
                 continue
             try:
@@ -506,6 +513,10 @@ class KpiResultArchiver:
                     await self._keep_alive()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _held_long(self) -> bool:
+        """Whether the buffer's oldest entry has waited a third of `BUS_CLAIM_IDLE_MS`."""
+        return self._oldest is not None and time.monotonic() - self._oldest >= self._claim_idle / 3
 
     async def _keep_alive(self) -> None:
         if self._consumer is None or not self._held:

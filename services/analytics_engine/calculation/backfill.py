@@ -52,7 +52,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import ValidationError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from analytics_engine.calculation.events import EntityEvent, InvalidEntityEvent, entity_event
 from analytics_engine.core import channels
@@ -77,6 +77,11 @@ DATABASE_GROUP: Final = "database_service"
 STORED_CHANNELS: Final = (channels.ENTITY_CREATED, channels.ENTITY_UPDATED)
 """The entity streams whose events a replay returns (deactivations never aggregate)."""
 READY_RETRY_S: Final = 2.0
+LEFTOVER_RECHECK_S: Final = 120.0
+"""A swept replay stream is deleted again this long after (past the database's heartbeat
+timeout, `DATABASE_SUBSCRIPTION_TIMEOUT`, 30 s by default, should the unsubscribe be lost)."""
+REPLAY_GROUP: Final = "calculation_engine"
+"""The consumer group (and consumer) the engine reads its replay streams through."""
 
 
 class BackfillFailed(Exception):
@@ -279,8 +284,12 @@ class BackfillManager:
         watermark: Callable[[], datetime | None],
         on_outcome: Callable[[str], None] = lambda _: None,
         ready_retry_s: float = READY_RETRY_S,
+        owner: str = "calculation-engine-0",
     ) -> None:
         self._redis = redis
+        self._owner = owner
+        """The engine's consumer name (one per KPI set): its replay streams are named after it,
+        so `sweep` deletes its own leftovers only, never a running engine's of another set."""
         self._publisher = publisher
         self.horizon = horizon
         self.delay = delay
@@ -296,6 +305,9 @@ class BackfillManager:
         """Where each KPI's current version begins (its backfill's `since`), kept after the
         job is done and dropped: `verify` expects no result of that version before it."""
         self._wake = asyncio.Event()
+        self.leftover_recheck_s = LEFTOVER_RECHECK_S
+        self._leftovers: dict[bytes, float] = {}
+        """Replay streams `sweep` deleted, to delete again (monotonic time when)."""
 
     # -- scheduling ------------------------------------------------------------------------
     def schedule(self, definition: VersionedKPIDefinition, cut: datetime) -> BackfillJob:
@@ -375,8 +387,12 @@ class BackfillManager:
 
     # -- running ---------------------------------------------------------------------------
     async def run(self) -> None:
+        with contextlib.suppress(*REDIS_ERRORS):  # else before the first replay
+            await self.sweep()
         while True:
             self._wake.clear()
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._delete_leftovers()
             await self._run_due()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -443,14 +459,61 @@ class BackfillManager:
             extra={"kpi": job.code, "events": len(events), "results": len(results)},
         )
 
+    async def sweep(self) -> int:
+        """End and delete the replays an earlier life of the engine left (killed in the middle
+        of a backfill, it neither unsubscribed nor deleted its stream, which the database may
+        not delete): each would hold up to `DATABASE_REPLAY_MAX_LAG` entries for good. One
+        active engine per KPI set, so no replay of ours is running while this runs. Returns
+        how many streams went."""
+        prefix = channels.stream_key(self._replay_channel(""))
+        keys: list[bytes] = [
+            key async for key in self._redis.scan_iter(match=f"{prefix}*", count=1000)
+        ]
+        if not keys:
+            return 0
+        sid_at = len(channels.stream_key(REPLAY_CHANNEL_PREFIX))  # the channel ends with it
+        stop = [
+            self._publisher.make_event(
+                channels.STREAM_UNSUBSCRIBE, {"subscription_id": key.decode()[sid_at:]}
+            )
+            for key in keys
+        ]
+        await self._publisher.publish_events(stop)
+        await self._redis.delete(*keys)
+        # the database may publish a page (or the end marker) before it reads the unsubscribe:
+        # delete them again once it surely has stopped
+        again = time.monotonic() + self.leftover_recheck_s
+        self._leftovers.update(dict.fromkeys(keys, again))
+        log.info("deleted replay streams of an earlier run", extra={"streams": len(keys)})
+        return len(keys)
+
+    def _replay_channel(self, suffix: str) -> str:
+        """`stream.replay.calculation_engine.{owner}:{suffix}`; the subscription id is what
+        follows `REPLAY_CHANNEL_PREFIX` (`{owner}:{uuid}`)."""
+        return f"{REPLAY_CHANNEL_PREFIX}{self._owner}:{suffix}"
+
+    async def _delete_leftovers(self) -> None:
+        now = time.monotonic()
+        due = [key for key, at in self._leftovers.items() if at <= now]
+        if due:
+            await self._redis.delete(*due)
+            for key in due:
+                del self._leftovers[key]
+
     async def replay(self, job: BackfillJob) -> list[EntityEvent]:
         """Ask the database to replay the job's history; collect the events it needs."""
-        subscription_id = str(uuid.uuid4())
-        channel = f"{REPLAY_CHANNEL_PREFIX}{subscription_id}"
+        await self.sweep()
+        subscription_id = f"{self._owner}:{uuid.uuid4()}"
+        channel = self._replay_channel(subscription_id.removeprefix(f"{self._owner}:"))
         key = channels.stream_key(channel)
         needed = needed_attributes(job.definition)
         entity_type = job.definition.entity_type
         events: list[EntityEvent] = []
+        # Read through a consumer group (NOACK: nothing pending): the database pauses a replay
+        # while the stream's readers lag by more than its bound, and a group's lag is what it
+        # has not read yet. Read without one, the lag was the stream's length, which only
+        # grows: a replay longer than the bound stalled for good.
+        await self._redis.xgroup_create(key, REPLAY_GROUP, id="0", mkstream=True)
         await self._publisher.publish(
             channels.STREAM_SUBSCRIBE,
             {
@@ -461,7 +524,6 @@ class BackfillManager:
                 "channel": channel,
             },
         )
-        cursor = b"0"
         last_data = last_heartbeat = time.monotonic()
         try:
             while True:
@@ -473,12 +535,18 @@ class BackfillManager:
                     )
                 if now - last_data > self.idle_timeout_s:
                     raise BackfillFailed("the database did not replay (no data, no end marker)")
-                reply: Any = await self._redis.xread({key: cursor}, count=1000, block=500)
+                try:
+                    reply: Any = await self._redis.xreadgroup(
+                        REPLAY_GROUP, REPLAY_GROUP, {key: ">"}, count=1000, block=500, noack=True
+                    )
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    raise BackfillFailed("the replay stream was lost (Redis restarted)") from exc
                 if not reply:
                     continue
                 last_data = time.monotonic()
-                for entry_id, fields in reply[0][1]:
-                    cursor = entry_id
+                for _, fields in reply[0][1]:
                     done = self._collect(fields.get(FIELD, b""), entity_type, needed, events)
                     if done:
                         return events

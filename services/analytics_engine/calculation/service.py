@@ -169,6 +169,7 @@ def build(settings: Settings) -> CalculationService:
         on_results=publish_backfill,
         watermark=lambda: processor.engine.watermark,
         on_outcome=lambda outcome: metrics.backfills.labels(outcome).inc(),
+        owner=settings.consumer_name,
     )
     processor.suppress = backfills.suppressed
     processor.extra_checkpoint = backfills.checkpoint_section

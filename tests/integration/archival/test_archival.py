@@ -458,3 +458,41 @@ async def test_a_backlog_s_tail_is_written_once_nothing_more_comes(
     await asyncio.sleep(1.5)
     assert await pending(h.redis, ARCHIVE_KPI_RESULTS) == 20  # held for the interval
     assert h.rows() == 150
+
+
+async def test_a_slow_s3_put_neither_dead_letters_nor_acknowledges_what_it_holds(
+    running: Start, h: Harness
+) -> None:
+    """A flush whose PUT hangs (a slow S3) for many `BUS_CLAIM_IDLE_MS`: the entries it holds
+    must stay fresh. Left idle, the consumer claimed them as abandoned, every time counting a
+    delivery, until after `BUS_MAX_DELIVERIES` it dead-lettered and acknowledged them while
+    the flush still held them only in memory (a crash then lost them from the lake)."""
+    gate = asyncio.Event()
+    puts: list[Sequence[str]] = []
+
+    async def before_put(keys: Sequence[str]) -> None:
+        puts.append(keys)
+        if len(puts) == 2:  # the first flush runs in the handler (recovery): hold the 2nd
+            await gate.wait()
+
+    runtime = create(
+        h.settings(
+            ARCHIVAL_BATCH_ROWS=100,
+            ARCHIVAL_READ_BATCH=50,
+            BUS_CLAIM_IDLE_MS=600,
+            BUS_MAX_DELIVERIES=3,
+        ),
+        hooks=ArchivalHooks(before_put=before_put),
+    )
+    await running(runtime)
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100)])
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100, 200)])
+    await eventually(lambda: asyncio.sleep(0, len(puts) == 2))
+    await asyncio.sleep(6)  # ten claim periods with the PUT hanging
+    assert await h.redis.exists(dead_letter_key(ARCHIVE_KPI_RESULTS)) == 0
+    assert await pending(h.redis, ARCHIVE_KPI_RESULTS) == 100
+    gate.set()
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    assert h.table("kpi_results/").num_rows == 200
+    assert await h.redis.exists(dead_letter_key(ARCHIVE_KPI_RESULTS)) == 0

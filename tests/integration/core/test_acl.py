@@ -289,8 +289,24 @@ def _commands_the_services_send() -> dict[str, list[tuple[str, ...]]]:
                     ("XPENDING", stored, DATABASE_GROUP),
                 )
             ),
-            # a backfill reads its replay stream, then deletes it
-            ("XREAD", "COUNT", "1000", "BLOCK", "500", "STREAMS", REPLAY_KEY, "0"),
+            # the replay streams an earlier life left (killed mid-backfill) are swept
+            ("SCAN", "0", "MATCH", f"{REPLAY_KEY}*", "COUNT", "1000"),
+            # a backfill reads its replay stream through a group, then deletes it
+            ("XGROUP", "CREATE", REPLAY_KEY, "calculation_engine", "0", "MKSTREAM"),
+            (
+                "XREADGROUP",
+                "GROUP",
+                "calculation_engine",
+                "calculation_engine",
+                "COUNT",
+                "1000",
+                "BLOCK",
+                "500",
+                "NOACK",
+                "STREAMS",
+                REPLAY_KEY,
+                ">",
+            ),
             ("DEL", REPLAY_KEY),
             claim_it,
         ],
@@ -378,7 +394,11 @@ async def test_the_engine_keeps_its_checkpoint_and_deletes_its_replay_stream_as_
         replay, {"subscription_id": "sub-acl", "done": True, "count": 0}
     )
     key = channels.stream_key(replay)
-    assert len(await calc.xread({key: b"0"}, count=10)) == 1
+    await calc.xgroup_create(key, "calculation_engine", id="0")
+    read = await calc.xreadgroup(
+        "calculation_engine", "calculation_engine", {key: ">"}, count=10, noack=True
+    )
+    assert len(read) == 1
     with pytest.raises(NoPermissionError):
         await database.delete(key)  # its producer does not delete it: its reader does
     assert await calc.delete(key) == 1

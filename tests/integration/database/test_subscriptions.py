@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,9 +11,11 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
+from analytics_engine.calculation.backfill import REPLAY_CHANNEL_PREFIX, BackfillManager, plan
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
 from analytics_engine.core.envelopes import Event
+from analytics_engine.kpi import VersionedKPIDefinition
 
 from .conftest import Start, count, entity_event, wait_for
 
@@ -200,3 +203,120 @@ async def test_invalid_subscriptions_are_dead_lettered(
 
     await wait_for(dead)
     assert await redis.xlen(channels.stream_key(channels.ENTITY_CREATED)) == 0
+
+
+async def test_a_backfill_replays_more_events_than_the_replay_lag_bound(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """The calculation engine's backfill reading a real replay: the database pauses a replay
+    while the target stream's readers lag by more than `replay_max_lag` entries, so the
+    subscriber's reading must count as progress. Read without a consumer group, the lag was
+    the stream's length, which only grows: any replay longer than the bound stalled, and the
+    backfill failed for want of data (then was abandoned)."""
+    await start_service(replay_page_rows=2, replay_max_lag=4)
+    history = [
+        entity_event(
+            publisher,
+            "created",
+            f"o-{i}",
+            1,
+            occurred_at=T0 + timedelta(seconds=i),
+            attributes={"amount": i, "region": "eu"},
+        )
+        for i in range(20)
+    ]
+    await publisher.publish_events(history)
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 20
+
+    await wait_for(stored)
+    definition = VersionedKPIDefinition.model_validate(
+        {
+            "code": "orders_count",
+            "display_name": "orders",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "1m"},
+            "version": 1,
+        }
+    )
+    job = plan(definition, T0 + timedelta(minutes=1), timedelta(minutes=5))
+
+    async def no_results(_: list[Any]) -> None:
+        return None
+
+    manager = BackfillManager(
+        redis,
+        EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000),
+        horizon=timedelta(minutes=5),
+        delay=timedelta(0),
+        max_events=1000,
+        idle_timeout_s=3.0,
+        heartbeat_s=0.5,
+        on_results=no_results,
+        watermark=lambda: None,
+    )
+    events = await asyncio.wait_for(manager.replay(job), timeout=20)
+    assert sorted(e.entity_id for e in events) == sorted(f"o-{i}" for i in range(20))
+
+
+async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_died_in(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """An engine killed mid-backfill neither unsubscribes nor deletes its replay stream (the
+    database may not delete it). Nothing else ever did: each such crash left a stream of up to
+    `replay_max_lag` entries, plus the end marker, in Redis for good. The next life of the
+    engine stops and deletes them."""
+    await start_service(
+        replay_page_rows=2, replay_max_lag=4, subscription_timeout=timedelta(seconds=1.5)
+    )
+    await publisher.publish_events(
+        [
+            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
+            for i in range(20)
+        ]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 20
+
+    await wait_for(stored)
+    # what the killed engine left: its subscription, and its stream with a group on it
+    dead = f"{REPLAY_CHANNEL_PREFIX}calc-a:dead-1"
+    key = channels.stream_key(dead)
+    await redis.xgroup_create(key, "calculation_engine", id="0", mkstream=True)
+    await subscribe(publisher, "calc-a:dead-1", channel=dead)
+
+    async def paused() -> bool:
+        return len(await replayed(redis, dead)) >= 4
+
+    await wait_for(paused)
+
+    async def no_results(_: list[Any]) -> None:
+        return None
+
+    manager = BackfillManager(
+        redis,
+        EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000),
+        horizon=timedelta(minutes=5),
+        delay=timedelta(0),
+        max_events=1000,
+        on_results=no_results,
+        watermark=lambda: None,
+        owner="calc-a",
+    )
+    # the replay of another KPI set's engine, running: not ours to end
+    other = channels.stream_key(f"{REPLAY_CHANNEL_PREFIX}calc-b:live-1")
+    await redis.xgroup_create(other, "calculation_engine", id="0", mkstream=True)
+    manager.leftover_recheck_s = 2.0
+    runner = asyncio.create_task(manager.run())
+    try:
+        await asyncio.sleep(3.5)  # past the subscription's timeout, had it not been ended
+        assert not await redis.exists(key)
+        assert await redis.hget("ae:db:sub:calc-a:dead-1", "status") == b"cancelled"
+        assert await redis.exists(other)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
