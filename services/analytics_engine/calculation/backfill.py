@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -82,6 +83,13 @@ LEFTOVER_RECHECK_S: Final = 120.0
 timeout, `DATABASE_SUBSCRIPTION_TIMEOUT`, 30 s by default, should the unsubscribe be lost)."""
 REPLAY_GROUP: Final = "calculation_engine"
 """The consumer group (and consumer) the engine reads its replay streams through."""
+
+
+def owner_tag(owner: str) -> str:
+    """A fixed-length tag of an engine's consumer name, which begins its subscription ids
+    (`{tag}-{uuid}`): no name is a prefix of another's tag, and the id stays within the 100
+    characters of `[A-Za-z0-9_.-]` that `stream.subscribe` allows, whatever the name."""
+    return hashlib.blake2b(owner.encode(), digest_size=6).hexdigest()
 
 
 class BackfillFailed(Exception):
@@ -287,8 +295,8 @@ class BackfillManager:
         owner: str = "calculation-engine-0",
     ) -> None:
         self._redis = redis
-        self._owner = owner
-        """The engine's consumer name (one per KPI set): its replay streams are named after it,
+        self._owner_tag = owner_tag(owner)
+        """Of the engine's consumer name (one per KPI set): its subscription ids begin with it,
         so `sweep` deletes its own leftovers only, never a running engine's of another set."""
         self._publisher = publisher
         self.horizon = horizon
@@ -465,13 +473,13 @@ class BackfillManager:
         not delete): each would hold up to `DATABASE_REPLAY_MAX_LAG` entries for good. One
         active engine per KPI set, so no replay of ours is running while this runs. Returns
         how many streams went."""
-        prefix = channels.stream_key(self._replay_channel(""))
+        prefix = channels.stream_key(f"{REPLAY_CHANNEL_PREFIX}{self._owner_tag}-")
         keys: list[bytes] = [
             key async for key in self._redis.scan_iter(match=f"{prefix}*", count=1000)
         ]
         if not keys:
             return 0
-        sid_at = len(channels.stream_key(REPLAY_CHANNEL_PREFIX))  # the channel ends with it
+        sid_at = len(channels.stream_key(REPLAY_CHANNEL_PREFIX))  # the channel ends with the id
         stop = [
             self._publisher.make_event(
                 channels.STREAM_UNSUBSCRIBE, {"subscription_id": key.decode()[sid_at:]}
@@ -487,11 +495,6 @@ class BackfillManager:
         log.info("deleted replay streams of an earlier run", extra={"streams": len(keys)})
         return len(keys)
 
-    def _replay_channel(self, suffix: str) -> str:
-        """`stream.replay.calculation_engine.{owner}:{suffix}`; the subscription id is what
-        follows `REPLAY_CHANNEL_PREFIX` (`{owner}:{uuid}`)."""
-        return f"{REPLAY_CHANNEL_PREFIX}{self._owner}:{suffix}"
-
     async def _delete_leftovers(self) -> None:
         now = time.monotonic()
         due = [key for key, at in self._leftovers.items() if at <= now]
@@ -503,8 +506,8 @@ class BackfillManager:
     async def replay(self, job: BackfillJob) -> list[EntityEvent]:
         """Ask the database to replay the job's history; collect the events it needs."""
         await self.sweep()
-        subscription_id = f"{self._owner}:{uuid.uuid4()}"
-        channel = self._replay_channel(subscription_id.removeprefix(f"{self._owner}:"))
+        subscription_id = f"{self._owner_tag}-{uuid.uuid4()}"
+        channel = f"{REPLAY_CHANNEL_PREFIX}{subscription_id}"
         key = channels.stream_key(channel)
         needed = needed_attributes(job.definition)
         entity_type = job.definition.entity_type

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +12,12 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
-from analytics_engine.calculation.backfill import REPLAY_CHANNEL_PREFIX, BackfillManager, plan
+from analytics_engine.calculation.backfill import (
+    REPLAY_CHANNEL_PREFIX,
+    BackfillManager,
+    owner_tag,
+    plan,
+)
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
 from analytics_engine.core.envelopes import Event
@@ -283,10 +289,11 @@ async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_d
 
     await wait_for(stored)
     # what the killed engine left: its subscription, and its stream with a group on it
-    dead = f"{REPLAY_CHANNEL_PREFIX}calc-a:dead-1"
+    dead_id = f"{owner_tag('calc-a')}-{uuid.uuid4()}"
+    dead = f"{REPLAY_CHANNEL_PREFIX}{dead_id}"
     key = channels.stream_key(dead)
     await redis.xgroup_create(key, "calculation_engine", id="0", mkstream=True)
-    await subscribe(publisher, "calc-a:dead-1", channel=dead)
+    await subscribe(publisher, dead_id, channel=dead)
 
     async def paused() -> bool:
         return len(await replayed(redis, dead)) >= 4
@@ -307,14 +314,14 @@ async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_d
         owner="calc-a",
     )
     # the replay of another KPI set's engine, running: not ours to end
-    other = channels.stream_key(f"{REPLAY_CHANNEL_PREFIX}calc-b:live-1")
+    other = channels.stream_key(f"{REPLAY_CHANNEL_PREFIX}{owner_tag('calc-b')}-{uuid.uuid4()}")
     await redis.xgroup_create(other, "calculation_engine", id="0", mkstream=True)
     manager.leftover_recheck_s = 2.0
     runner = asyncio.create_task(manager.run())
     try:
         await asyncio.sleep(3.5)  # past the subscription's timeout, had it not been ended
         assert not await redis.exists(key)
-        assert await redis.hget("ae:db:sub:calc-a:dead-1", "status") == b"cancelled"
+        assert await redis.hget(f"ae:db:sub:{dead_id}", "status") == b"cancelled"
         assert await redis.exists(other)
     finally:
         runner.cancel()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,13 +11,16 @@ import pytest
 
 from analytics_engine.calculation import backfill
 from analytics_engine.calculation.backfill import (
+    REPLAY_CHANNEL_PREFIX,
     STORED_CHANNELS,
     BackfillManager,
     GroupProgress,
+    owner_tag,
     stored_bound,
     unstored,
 )
 from analytics_engine.core import channels
+from analytics_engine.core.payloads import StreamSubscribe
 from analytics_engine.kpi import VersionedKPIDefinition
 
 CREATED, UPDATED = channels.ENTITY_CREATED, channels.ENTITY_UPDATED
@@ -137,3 +141,19 @@ async def test_a_due_backfill_waits_for_the_database_then_runs(
     assert replays == ["orders_count"]
     assert manager.status("orders_count") == "backfilled"
     assert job.waiting is None
+
+
+@pytest.mark.parametrize("owner", ["calculation-engine-0", "x.y", "a" * 300])
+def test_subscription_ids_are_valid_stream_subscribe_payloads(owner: str) -> None:
+    """Whatever the consumer name, the engine's subscription ids and replay channels satisfy
+    the published `stream.subscribe` schema (a `:` or a long name would not)."""
+    subscription_id = f"{owner_tag(owner)}-{uuid.uuid4()}"
+    StreamSubscribe.model_validate(
+        {
+            "subscription_id": subscription_id,
+            "entity_type": "order",
+            "since": "2026-12-03T00:00:00Z",
+            "channel": f"{REPLAY_CHANNEL_PREFIX}{subscription_id}",
+        }
+    )
+    assert owner_tag(owner) != owner_tag(owner + "0")
