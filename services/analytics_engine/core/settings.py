@@ -29,6 +29,7 @@ class BaseServiceSettings(BaseSettings):
     redis_url: RedisDsn = Field(
         default=RedisDsn("redis://localhost:6379"),
         validation_alias="REDIS_URL",
+        repr=False,  # holds the password
         description="Redis for pub/sub, streams and request/reply (spec default).",
     )
     instance_id: str = Field(
@@ -109,7 +110,7 @@ class BaseServiceSettings(BaseSettings):
 class DatabaseSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    database_url: PostgresDsn = Field(validation_alias="DATABASE_URL")
+    database_url: PostgresDsn = Field(validation_alias="DATABASE_URL", repr=False)  # password
 
 
 class S3Settings(BaseSettings):
