@@ -40,6 +40,14 @@ class BaseServiceSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.\-]+$",
         description="Instance id in `reply.{service}.{instance}` and stream consumer names.",
     )
+    http_host: str = Field(
+        default="0.0.0.0",
+        validation_alias="SERVICE_HOST",
+        min_length=1,
+        description="Address the service's HTTP server listens on. Every address in a pod (its "
+        "Service and NetworkPolicy decide who reaches it); the local stack keeps the business "
+        "services, whose HTTP APIs have no authentication of their own, on 127.0.0.1.",
+    )
     log_level: LogLevel = Field(
         default="INFO", validation_alias="LOG_LEVEL", description="JSON logs on stderr."
     )
