@@ -54,13 +54,13 @@ class ServiceRuntime:
         service: str,
         settings: BaseServiceSettings,
         port: int,
-        host: str = "0.0.0.0",
+        host: str | None = None,
         client_max_size: int = 1024 * 1024,
     ) -> None:
         self.service = service
         self.settings = settings
         self.instance = settings.instance_id
-        self.host = host
+        self.host = host if host is not None else settings.http_host
         self.port = port
         self.metrics = CoreMetrics()
         self._stop = asyncio.Event()

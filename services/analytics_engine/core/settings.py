@@ -29,6 +29,7 @@ class BaseServiceSettings(BaseSettings):
     redis_url: RedisDsn = Field(
         default=RedisDsn("redis://localhost:6379"),
         validation_alias="REDIS_URL",
+        repr=False,  # holds the password
         description="Redis for pub/sub, streams and request/reply (spec default).",
     )
     instance_id: str = Field(
@@ -38,6 +39,14 @@ class BaseServiceSettings(BaseSettings):
         max_length=100,
         pattern=r"^[A-Za-z0-9_.\-]+$",
         description="Instance id in `reply.{service}.{instance}` and stream consumer names.",
+    )
+    http_host: str = Field(
+        default="0.0.0.0",
+        validation_alias="SERVICE_HOST",
+        min_length=1,
+        description="Address the service's HTTP server listens on. Every address in a pod (its "
+        "Service and NetworkPolicy decide who reaches it); the local stack keeps the business "
+        "services, whose HTTP APIs have no authentication of their own, on 127.0.0.1.",
     )
     log_level: LogLevel = Field(
         default="INFO", validation_alias="LOG_LEVEL", description="JSON logs on stderr."
@@ -109,7 +118,7 @@ class BaseServiceSettings(BaseSettings):
 class DatabaseSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    database_url: PostgresDsn = Field(validation_alias="DATABASE_URL")
+    database_url: PostgresDsn = Field(validation_alias="DATABASE_URL", repr=False)  # password
 
 
 class S3Settings(BaseSettings):

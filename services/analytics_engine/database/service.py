@@ -39,6 +39,7 @@ class Settings(BaseServiceSettings, DatabaseSettings):
     database_readonly_url: PostgresDsn | None = Field(
         default=None,
         validation_alias="DATABASE_READONLY_URL",
+        repr=False,  # holds the password
         description="Role for execute_query (see database/roles.py); falls back to DATABASE_URL.",
     )
     query_timeout: Duration = Field(

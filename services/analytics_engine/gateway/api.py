@@ -23,11 +23,12 @@ from analytics_engine.core.envelopes import new_id
 from analytics_engine.core.errors import NoResponder, RemoteError, RequestError, RequestTimeout
 from analytics_engine.core.jsontext import contains_nul
 from analytics_engine.core.request_reply import RequestReplyClient
-from analytics_engine.gateway.auth import Principal, StreamTokens
+from analytics_engine.gateway.auth import ANONYMOUS_ID, Principal, StreamTokens
 from analytics_engine.gateway.errors import ApiError, json_response
 from analytics_engine.gateway.live import (
     LiveHub,
     LiveResult,
+    StreamSlots,
     parse_last_event_id,
     sse_comment,
     sse_retry,
@@ -115,6 +116,7 @@ class GatewayApi:
         hub: LiveHub,
         tokens: StreamTokens,
         metrics: GatewayMetrics,
+        slots: StreamSlots,
         bus_timeout_s: float,
         sse_heartbeat_s: float,
         sse_retry_ms: int,
@@ -128,6 +130,7 @@ class GatewayApi:
         self._hub = hub
         self._tokens = tokens
         self._metrics = metrics
+        self._slots = slots
         self._bus_timeout = bus_timeout_s
         self._heartbeat = sse_heartbeat_s
         self._retry_ms = sse_retry_ms
@@ -267,6 +270,30 @@ class GatewayApi:
         last_id = parse_last_event_id(
             request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
         )
+        owner = _stream_owner(request)
+        refused = self._slots.acquire(owner)
+        if refused == "key":
+            raise ApiError(
+                429,
+                f"this key already has {self._slots.max_per_key} streams open; close one first",
+                code="too_many_streams",
+                headers={"Retry-After": "5"},
+            )
+        if refused == "total":
+            raise ApiError(
+                503,
+                f"the gateway serves at most {self._slots.max_total} streams; try again later",
+                code="too_many_streams",
+                headers={"Retry-After": "5"},
+            )
+        try:
+            return await self._serve_stream(request, kpi_code, last_id)
+        finally:
+            self._slots.release(owner)
+
+    async def _serve_stream(
+        self, request: web.Request, kpi_code: str | None, last_id: int | None
+    ) -> web.StreamResponse:
         client = self._hub.connect(kpi_code)  # before replaying: nothing falls in between
         self._metrics.sse_clients.inc()
         response = web.StreamResponse(
@@ -510,7 +537,7 @@ class GatewayApi:
                 path_patterns=code,
                 query=stream_query,
                 request_headers=last_event_id,
-                responses={**sse_ok, **errors(401, 429)},
+                responses={**sse_ok, **errors(401, 429, 503)},
                 content_type="text/event-stream",
                 stream=True,
             ),
@@ -524,7 +551,7 @@ class GatewayApi:
                 self.stream_all,
                 query=stream_query,
                 request_headers=last_event_id,
-                responses={**sse_ok, **errors(401, 429)},
+                responses={**sse_ok, **errors(401, 429, 503)},
                 content_type="text/event-stream",
                 stream=True,
                 description="Each message: `id` (increasing), `event: kpi`, `data` = the "
@@ -647,6 +674,15 @@ def _query(
         "description": description,
         "schema": dict(schema),
     }
+
+
+def _stream_owner(request: web.Request) -> str:
+    """Whose share of the streams a request uses: its key (a token counts as the key that
+    issued it); keyless development requests, like the rate limit, per client address."""
+    who = principal(request)
+    if who is None or who.key_id == ANONYMOUS_ID:
+        return f"{ANONYMOUS_ID}:{request.remote}"
+    return who.key_id
 
 
 def _bus_unreachable() -> ApiError:

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 import orjson
 
@@ -139,6 +139,43 @@ class Client:
         default_factory=lambda: asyncio.Queue(maxsize=1000)
     )
     dropped: bool = False
+
+
+class StreamSlots:
+    """How many SSE streams are open, per key and in total, against their caps.
+
+    A stream holds a connection and a queue for as long as its client likes, so the rate limit
+    (which counts requests) does not bound them: one key could otherwise open streams until the
+    gateway runs out of memory or file descriptors. Pure: the handler acquires before it
+    connects a client and releases when the stream ends.
+    """
+
+    def __init__(self, *, max_total: int, max_per_key: int) -> None:
+        self.max_total = max_total
+        self.max_per_key = max_per_key
+        self._per_key: dict[str, int] = {}
+        self.in_use = 0
+
+    def acquire(self, owner: str) -> Literal["key", "total"] | None:
+        """Take a slot for `owner`; None on success, else which cap refused it."""
+        held = self._per_key.get(owner, 0)
+        if held >= self.max_per_key:
+            return "key"
+        if self.in_use >= self.max_total:
+            return "total"
+        self._per_key[owner] = held + 1
+        self.in_use += 1
+        return None
+
+    def release(self, owner: str) -> None:
+        held = self._per_key.get(owner, 0)
+        if held <= 0:
+            return
+        if held == 1:
+            del self._per_key[owner]
+        else:
+            self._per_key[owner] = held - 1
+        self.in_use -= 1
 
 
 class LiveHub:

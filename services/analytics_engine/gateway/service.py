@@ -11,8 +11,8 @@ Settings (environment variables):
   admin), GATEWAY_RATE_LIMIT (requests/s per key) and GATEWAY_RATE_BURST, GATEWAY_CORS_ORIGINS
   (comma-separated origins or `*`; none by default), GATEWAY_MAX_BODY_BYTES,
   GATEWAY_UPSTREAM_TIMEOUT / GATEWAY_UPSTREAM_CONNECT_TIMEOUT, GATEWAY_SSE_* (buffer, heartbeat,
-  retry, token TTL, per-client queue), METADATA_URL, CALCULATION_URL, SIMULATOR_URL,
-  OBSERVABILITY_URL.
+  retry, token TTL, per-client queue, streams open in total and per key), METADATA_URL,
+  CALCULATION_URL, SIMULATOR_URL, OBSERVABILITY_URL.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.gateway import ui
 from analytics_engine.gateway.api import GatewayApi
 from analytics_engine.gateway.auth import KeyRing, StreamTokens, parse_api_keys
-from analytics_engine.gateway.live import LiveHub
+from analytics_engine.gateway.live import LiveHub, StreamSlots
 from analytics_engine.gateway.metrics import GatewayMetrics
 from analytics_engine.gateway.middleware import Middlewares, parse_origins
 from analytics_engine.gateway.openapi import build_document, operational_routes
@@ -82,6 +82,20 @@ class Settings(BaseServiceSettings):
     )
     sse_client_queue: int = Field(
         default=1000, ge=10, le=100_000, validation_alias="GATEWAY_SSE_CLIENT_QUEUE"
+    )
+    sse_max_clients: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        validation_alias="GATEWAY_SSE_MAX_CLIENTS",
+        description="Streams this gateway serves at once; more get 503.",
+    )
+    sse_max_per_key: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000,
+        validation_alias="GATEWAY_SSE_MAX_PER_KEY",
+        description="Streams one key (with its tokens) holds open at once; more get 429.",
     )
     metadata_url: str = Field(
         default="http://localhost:8083", validation_alias="METADATA_URL", pattern=r"^https?://"
@@ -164,6 +178,7 @@ def build(settings: Settings) -> Gateway:
         hub=hub,
         tokens=tokens,
         metrics=metrics,
+        slots=StreamSlots(max_total=settings.sse_max_clients, max_per_key=settings.sse_max_per_key),
         bus_timeout_s=settings.upstream_timeout_s,
         sse_heartbeat_s=settings.sse_heartbeat_s,
         sse_retry_ms=settings.sse_retry_ms,

@@ -56,6 +56,7 @@ URL_VARIABLES = {
     "metadata": "METADATA_URL",
     "observability": "OBSERVABILITY_URL",
 }
+LOOPBACK = "127.0.0.1"
 CONNECTION_VARIABLES = (
     "REDIS_URL",
     "DATABASE_URL",
@@ -100,7 +101,8 @@ def service_env(
     rate: float | None,
 ) -> dict[str, dict[str, str]]:
     """Environment of each service: connections, its port, peers' URLs, a stable instance id
-    (a restarted process re-reads its own pending stream entries at once)."""
+    (a restarted process re-reads its own pending stream entries at once); every service but
+    the gateway listens on loopback only."""
     common = dict(connections)
     common["KPI_DEFINITIONS_DIR"] = str(kpi_dir)
     common.setdefault("LOG_LEVEL", os.environ.get("LOG_LEVEL", "INFO"))
@@ -109,7 +111,7 @@ def service_env(
             common[variable] = f"http://127.0.0.1:{ports[name]}"
     if rate is not None:
         common["SIMULATOR_RATE"] = str(rate)
-    return {
+    envs = {
         name: {
             **common,
             PORT_VARIABLES[name]: str(port),
@@ -117,6 +119,13 @@ def service_env(
         }
         for name, port in ports.items()
     }
+    for name, env in envs.items():
+        if name != "gateway":
+            # Only the gateway authenticates requests; the business services' HTTP APIs (KPI
+            # definitions, simulator control) answer anyone who reaches them, so they stay
+            # off the network (no NetworkPolicy guards a developer's machine).
+            env["SERVICE_HOST"] = LOOPBACK
+    return envs
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -50,8 +50,13 @@ IDLE_CLOSE = timedelta(seconds=30)
 class VerifySettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    database_url: str = Field(validation_alias="DATABASE_URL", pattern=r"^postgres(ql)?://")
-    redis_url: str | None = Field(default="redis://localhost:6379", validation_alias="REDIS_URL")
+    # The connection URLs hold passwords: out of the repr.
+    database_url: str = Field(
+        validation_alias="DATABASE_URL", pattern=r"^postgres(ql)?://", repr=False
+    )
+    redis_url: str | None = Field(
+        default="redis://localhost:6379", validation_alias="REDIS_URL", repr=False
+    )
     kpi_definitions_dir: str | None = Field(default=None, validation_alias="KPI_DEFINITIONS_DIR")
     s3_endpoint_url: str | None = Field(default=None, validation_alias="S3_ENDPOINT_URL")
     s3_bucket: str = Field(default="analytics-lakehouse", validation_alias="S3_BUCKET")

@@ -282,3 +282,43 @@ async def test_pipeline_simulator_to_dashboard_stream(stack: Stack) -> None:
     latest = await stack.call("GET", f"/api/v1/kpis/{code}/latest")
     assert latest.status == 200
     assert latest.body["items"]
+
+
+async def test_open_streams_are_capped_per_key_and_in_total(make_stack: StackFactory) -> None:
+    """One key (or a token of it) cannot hold an unbounded number of streams open: past its
+    share it gets 429 with a clear error, past the gateway's total everyone gets 503."""
+    stack = await make_stack(
+        services=(),
+        gateway={"sse_max_per_key": 2, "sse_max_clients": 3, "sse_heartbeat_s": 0.2},
+    )
+    held = [await open_stream(stack, "/api/v1/stream", key=READ_KEY) for _ in range(2)]
+    assert [r.status for r in held] == [200, 200]
+    refused = await open_stream(stack, "/api/v1/kpis/orders_count/stream", key=READ_KEY)
+    assert refused.status == 429
+    body = await refused.json()
+    assert body["error"]["code"] == "too_many_streams"
+    assert "Retry-After" in refused.headers
+    refused.close()
+    # a stream token counts against the key that issued it
+    token = (await stack.call("POST", "/api/v1/sse-token", key=READ_KEY)).body["token"]
+    refused = await open_stream(stack, f"/api/v1/stream?token={token}", key=None)
+    assert refused.status == 429
+    refused.close()
+    held.append(await open_stream(stack, "/api/v1/stream", key=ADMIN_KEY))
+    assert held[-1].status == 200
+    full = await open_stream(stack, "/api/v1/stream", key=ADMIN_KEY)
+    assert full.status == 503
+    assert (await full.json())["error"]["code"] == "too_many_streams"
+    full.close()
+    # a closed stream frees its slot (the gateway notices at its next write, a heartbeat)
+    held.pop(0).close()
+    async with asyncio.timeout(5):
+        while True:
+            again = await open_stream(stack, "/api/v1/stream", key=READ_KEY)
+            if again.status == 200:
+                break
+            again.close()
+            await asyncio.sleep(0.05)
+    held.append(again)
+    for resp in held:
+        resp.close()

@@ -11,6 +11,7 @@ from analytics_engine.gateway.live import (
     LiveHub,
     ResultRing,
     Resume,
+    StreamSlots,
     parse_last_event_id,
     sse_comment,
     sse_frame,
@@ -98,3 +99,22 @@ def test_hub_ignores_malformed_envelopes(payload: bytes) -> None:
     hub = LiveHub(ring_size=10)
     hub.on_message(b"kpi.calculated.a", payload)
     assert hub.invalid == 1 and len(hub.ring) == 0
+
+
+def test_stream_slots_cap_each_key_and_the_total() -> None:
+    slots = StreamSlots(max_total=3, max_per_key=2)
+    assert slots.acquire("a") is None
+    assert slots.acquire("a") is None
+    assert slots.acquire("a") == "key"  # this key has its share
+    assert slots.acquire("b") is None
+    assert slots.acquire("c") == "total"  # the gateway is full
+    assert slots.in_use == 3
+    slots.release("a")
+    assert slots.acquire("c") is None  # a freed slot is reusable, by anyone
+    slots.release("a")
+    slots.release("b")
+    slots.release("c")
+    assert slots.in_use == 0
+    slots.release("a")  # releasing what is not held changes nothing
+    assert slots.in_use == 0
+    assert slots.acquire("a") is None and slots.acquire("a") is None
