@@ -50,6 +50,7 @@ if os.environ.get("CI"):
 # every setting a fixture leaves unset (DATABASE_READONLY_URL, say).
 _STACK_SETTINGS = (
     "REDIS_URL",
+    "REDIS_ADMIN_URL",
     "DATABASE_URL",
     "DATABASE_READONLY_URL",
     "S3_ENDPOINT_URL",

@@ -85,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--only", default=None, help="comma-separated services to run (default: all)")
 
     verify = sub.add_parser("verify", help="prove the stored KPIs right by recomputing them")
-    verify.add_argument("--start", default=None, help="ISO time (default: earliest result)")
-    verify.add_argument("--end", default=None, help="ISO time (default: latest result)")
+    verify.add_argument(
+        "--start", default=None, help="ISO time (default: each KPI's first stored event or result)"
+    )
+    verify.add_argument(
+        "--end", default=None, help="ISO time (default: each KPI's last stored event or result)"
+    )
     verify.add_argument("--kpi", action="append", default=None, help="KPI code (repeatable)")
     verify.add_argument("--skip-lake", action="store_true", help="do not read the Parquet archive")
     verify.add_argument("--json", action="store_true", help="machine-readable output")

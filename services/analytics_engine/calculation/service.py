@@ -26,7 +26,8 @@ from analytics_engine.calculation.sync import DefinitionSync
 from analytics_engine.core import channels
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
-from analytics_engine.kpi import KPIResult, load_definitions_dir, parse_duration
+from analytics_engine.kpi import KPIDefinition, KPIResult, parse_duration
+from analytics_engine.kpi.loader import load_valid_definitions
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ class Settings(BaseServiceSettings):
         validation_alias="KPI_DEFINITIONS_DIR",
         description="YAML KPI definitions, read at every start; the metadata service's definitions "
         "win for a code both define. An edited file is a new version of its KPI at the next start "
-        "(windows reset, backfilled); a deleted one stops its KPI.",
+        "(windows reset, backfilled); a deleted one stops its KPI unless the metadata service "
+        "holds it (it upserts the same directory at its start under `analytics-engine up`: "
+        "delete the KPI through the API). An invalid file is logged and skipped.",
     )
     consumer_name: str = Field(
         default="calculation-engine-0",
@@ -123,6 +126,15 @@ class CalculationService:
     cache: LatestResults
 
 
+def directory_definitions(directory: str) -> list[KPIDefinition]:
+    """The definitions of `KPI_DEFINITIONS_DIR`. An invalid file is logged and left out, as
+    the metadata service does with the same directory: it never stops the engine."""
+    definitions, problems = load_valid_definitions(directory)
+    if problems is not None:
+        log.error("KPI definitions not loaded", extra={"error": str(problems)[:2000]})
+    return definitions
+
+
 def create(settings: Settings) -> ServiceRuntime:
     return build(settings).runtime
 
@@ -133,7 +145,7 @@ def build(settings: Settings) -> CalculationService:
     metrics = CalculationMetrics(runtime.metrics.registry)
     cache = LatestResults()
     seed = (
-        load_definitions_dir(settings.kpi_definitions_dir) if settings.kpi_definitions_dir else []
+        directory_definitions(settings.kpi_definitions_dir) if settings.kpi_definitions_dir else []
     )
     registry = DefinitionRegistry(seed)
     processor = StreamProcessor(

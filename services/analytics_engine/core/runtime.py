@@ -229,7 +229,8 @@ class ServiceRuntime:
                 asyncio.create_task(self._supervise(name, fn), name=name)
                 for name, fn in self._tasks
             ]
-            await _until_ready(self._consumers, consumer_tasks)
+            if not await _until_ready(self._consumers, consumer_tasks, self._stop):
+                return  # told to stop while starting (Redis unreachable): the finally stops us
             tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeat"))
             self._status = "running"
             self.ready.set()
@@ -380,11 +381,17 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[None]], *, attempts: int = 10
 
 
 async def _until_ready(
-    consumers: Sequence[DurableConsumer], tasks: Sequence[asyncio.Task[None]]
-) -> None:
-    """Wait until every consumer has joined its group; surface a consumer that crashed."""
+    consumers: Sequence[DurableConsumer],
+    tasks: Sequence[asyncio.Task[None]],
+    stop: asyncio.Event,
+) -> bool:
+    """Wait until every consumer has joined its group (True) or `stop` is set (False, so a
+    SIGTERM while Redis is unreachable is not ignored); surface a consumer that crashed."""
     while not all(c.ready.is_set() for c in consumers):
+        if stop.is_set():
+            return False
         for task in tasks:
             if task.done():
                 task.result()
         await asyncio.sleep(0.01)
+    return True

@@ -43,6 +43,7 @@ from analytics_engine.gateway.routes import (
 )
 from analytics_engine.gateway.upstream import Upstream
 from analytics_engine.kpi.history_query import (
+    DIMENSION_PREFIX,
     HISTORY_LIMIT,
     InvalidHistoryQuery,
     parse_history_query,
@@ -190,14 +191,12 @@ class GatewayApi:
     async def history(self, request: web.Request) -> web.Response:
         code = request.match_info["code"]
         try:  # at the edge: nothing out of range travels further
-            parse_history_query(request.query)
+            parsed = parse_history_query(request.query)
         except InvalidHistoryQuery as exc:
             raise ApiError(422, str(exc), code="validation_error", details=exc.problems) from None
-        query = {
-            k: v
-            for k, v in request.query.items()
-            if k in ("start", "end", "limit") or k.startswith("dimension.")
-        }
+        query = {k: v for k, v in request.query.items() if k in ("start", "end", "limit")}
+        # Either spelling of a dimension filter goes on as `dimension.<name>`.
+        query.update({f"{DIMENSION_PREFIX}{k}": v for k, v in parsed.dimensions.items()})
         return await self._calculation.call(
             "GET", f"/api/v1/kpis/{code}/history", query=query, request_id=request_id(request)
         )
@@ -384,7 +383,8 @@ class GatewayApi:
                 "required": False,
                 "style": "deepObject",
                 "explode": True,
-                "description": "Filter by dimension: `dimension.<name>=<value>` (repeatable).",
+                "description": "Filter by dimension: `dimension[<name>]=<value>` or "
+                "`dimension.<name>=<value>` (repeatable).",
                 "schema": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         ]

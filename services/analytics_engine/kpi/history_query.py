@@ -1,4 +1,5 @@
-"""The HTTP query of a KPI's history (`start`, `end`, `limit`, `dimension.<name>`), parsed and
+"""The HTTP query of a KPI's history (`start`, `end`, `limit`, `dimension.<name>` or
+`dimension[<name>]`), parsed and
 checked once for the gateway (the edge) and the calculation engine's API (pure: no I/O).
 
 Everything out of range is refused here with a field-level message, before a request is built:
@@ -86,8 +87,20 @@ def parse_history_query(query: Mapping[str, str]) -> HistoryQuery:
     if problems:
         raise InvalidHistoryQuery(problems)
     dimensions = {
-        name[len(DIMENSION_PREFIX) :]: value
+        dimension: value
         for name, value in query.items()
-        if name.startswith(DIMENSION_PREFIX) and len(name) > len(DIMENSION_PREFIX)
+        if (dimension := dimension_name(name)) is not None
     }
     return HistoryQuery(times["start"], times["end"], limit, dimensions)
+
+
+def dimension_name(parameter: str) -> str | None:
+    """The dimension a query parameter filters on: `dimension.<name>`, or `dimension[<name>]`
+    (OpenAPI's deepObject style, which the gateway's OpenAPI document declares); else None."""
+    if parameter.startswith(DIMENSION_PREFIX):
+        name = parameter[len(DIMENSION_PREFIX) :]
+    elif parameter.startswith("dimension[") and parameter.endswith("]"):
+        name = parameter[len("dimension[") : -1]
+    else:
+        return None
+    return name or None

@@ -17,7 +17,12 @@ import yaml
 
 from analytics_engine.kpi.definitions import FieldError, KPIDefinition, validation_errors
 
-__all__ = ["DefinitionLoadError", "load_definitions_dir", "load_definitions_file"]
+__all__ = [
+    "DefinitionLoadError",
+    "load_definitions_dir",
+    "load_definitions_file",
+    "load_valid_definitions",
+]
 
 CRD_KIND = "KPIDefinition"
 
@@ -132,3 +137,32 @@ def load_definitions_dir(path: str | Path) -> list[KPIDefinition]:
     if errors:
         raise DefinitionLoadError(errors)
     return definitions
+
+
+def load_valid_definitions(
+    path: str | Path,
+) -> tuple[list[KPIDefinition], DefinitionLoadError | None]:
+    """The definitions of every valid file in ``path``, and what was left out: a file with any
+    error, and a code already defined in an earlier file (the metadata service's seeding rule),
+    so that one bad file does not keep the good ones out."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return [], DefinitionLoadError([(directory, FieldError("", "not a directory"))])
+    errors: list[tuple[Path, FieldError]] = []
+    definitions: list[KPIDefinition] = []
+    origin: dict[str, Path] = {}
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    for file in files:
+        problems: list[tuple[Path, FieldError]] = []
+        found = _load_file(file, problems)
+        if problems:
+            errors.extend(problems)
+            continue
+        for definition in found:
+            if definition.code in origin:
+                message = f"KPI {definition.code!r} is already defined in {origin[definition.code]}"
+                errors.append((file, FieldError("code", message)))
+                continue
+            origin[definition.code] = file
+            definitions.append(definition)
+    return definitions, DefinitionLoadError(errors) if errors else None

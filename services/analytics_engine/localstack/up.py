@@ -318,13 +318,15 @@ def start_infra(data_dir: Path) -> InfraStack:
             name: redis_url_for(infra.redis.port, SERVICES[name].source, passwords)
             for name in LOCAL_SERVICES
         }
-        # Tools such as `analytics-engine verify` get the least-privileged `cli` user.
+        # Tools such as `analytics-engine verify` get the least-privileged `cli` user; the
+        # admin user (for `redis-cli SUBSCRIBE <event channel>` and the like, which `cli` may
+        # not do) goes to the same owner-only file under a name no service reads.
         connections["REDIS_URL"] = redis_url_for(infra.redis.port, "cli", passwords)
-        write_env_file(data_dir / "stack.env", connections)
+        admin_url = redis_url_for(infra.redis.port, "admin", {"admin": admin_password})
+        write_env_file(data_dir / "stack.env", {**connections, "REDIS_ADMIN_URL": admin_url})
     except BaseException:
         infra.stop()
         raise
-    admin_url = redis_url_for(infra.redis.port, "admin", {"admin": admin_password})
     return InfraStack(infra, connections, redis_urls, admin_url)
 
 

@@ -263,6 +263,10 @@ async def test_latest_history_and_status_pass_through(stack: Stack) -> None:
     assert reply.status == 200, reply.body
     assert reply.body["items"] == []
     assert reply.body["dimensions"] == {"region": "eu"}
+    # The OpenAPI document declares `dimension` as a deepObject: `dimension[region]=eu`.
+    reply = await stack.call("GET", url.replace("dimension.region", "dimension%5Bregion%5D"))
+    assert reply.status == 200, reply.body
+    assert reply.body["dimensions"] == {"region": "eu"}
     reply = await stack.call("GET", f"/api/v1/kpis/{code}/history?start=yesterday")
     assert reply.status == 422
     reply = await stack.call("GET", "/api/v1/status", key=READ_KEY)

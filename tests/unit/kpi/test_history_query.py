@@ -36,6 +36,15 @@ def test_a_valid_query_in_utc() -> None:
     assert plus_as_space.end == datetime(2024, 1, 1, 23, tzinfo=UTC)
 
 
+def test_dimensions_in_both_spellings() -> None:
+    """`dimension.<name>`, and `dimension[<name>]`: the deepObject style the OpenAPI document
+    declares, which generated clients and the docs page send."""
+    parsed = parse_history_query(
+        {**RANGE, "dimension[region]": "eu", "dimension.status": "completed", "dimension[]": "x"}
+    )
+    assert parsed.dimensions == {"region": "eu", "status": "completed"}
+
+
 @pytest.mark.parametrize(
     ("change", "field", "words"),
     [
