@@ -11,6 +11,14 @@ import orjson
 
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
+from analytics_engine.core.timestamps import parse_utc
+from analytics_engine.database.model import (
+    INT64_MAX,
+    MAX_NAME,
+    InvalidPayload,
+    parse_entity_fields,
+    uuid_match,
+)
 from analytics_engine.kpi import EntityEventView, EventFields, KPIResult
 from analytics_engine.kpi.windows import to_micros
 
@@ -29,19 +37,55 @@ def parse_time(value: Any) -> datetime:
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, str):
-        parsed = datetime.fromisoformat(value)
+        parsed = parse_utc(value)  # as the database service reads it: within years 1-9999 UTC
     else:
         raise InvalidEntityEvent(f"occurred_at must be an ISO 8601 string, got {value!r}")
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def check_storable(
+    channel: str, event_id: str, source: str, published_at: datetime, payload: dict[str, Any]
+) -> None:
+    """Raise `InvalidEntityEvent` for an event the database service does not store (it
+    dead-letters it: a non-UUID `event_id`, a NUL character, a name past 200 characters, a
+    negative version, no `attributes` object, ...). The engine aggregates exactly the stored
+    events, so every result is what `analytics-engine verify` recomputes from `entity_events`.
+
+    The common case is checked inline (every event passes here); anything else goes through
+    the database service's own parser, which decides. `test_calc_events` pins the two together.
+    """
+    entity_type = payload.get("entity_type")
+    entity_id = payload.get("entity_id")
+    version = payload.get("version")
+    attributes = payload.get("attributes")
+    if (
+        type(entity_type) is str
+        and 0 < len(entity_type) <= MAX_NAME
+        and "\x00" not in entity_type
+        and type(entity_id) is str
+        and 0 < len(entity_id) <= MAX_NAME
+        and "\x00" not in entity_id
+        and type(version) is int
+        and 0 <= version <= INT64_MAX
+        and "\x00" not in source
+        and type(attributes) is dict
+        and uuid_match(event_id) is not None
+        and b"\\u0000" not in orjson.dumps(attributes)
+    ):
+        return
+    try:
+        parse_entity_fields(channel, event_id, source, published_at, payload)
+    except InvalidPayload as exc:
+        raise InvalidEntityEvent(f"not storable: {exc}") from None
 
 
 def entity_event(event: Event, channel: str | None = None) -> EntityEvent:
     """The engine view of an envelope: `occurred_at` from the payload, `published_at` the
     envelope timestamp. Raises `InvalidEntityEvent`."""
     payload = event.payload
-    kind, entity_type, entity_id, version, attributes = _fields(
-        payload, channel or event.event_type
-    )
+    channel = channel or event.event_type
+    kind, entity_type, entity_id, version, attributes = _fields(payload, channel)
+    check_storable(channel, event.event_id, event.source, event.timestamp, payload)
     try:
         occurred = parse_time(payload.get("occurred_at"))
     except ValueError as exc:
@@ -96,6 +140,9 @@ class EntityEventDecoder:
         exactly where it does."""
         payload = envelope["payload"]
         kind, entity_type, entity_id, version, attributes = _fields(payload, channel)
+        check_storable(
+            channel, envelope["event_id"], envelope["source"], envelope["timestamp"], payload
+        )
         text = payload.get("occurred_at")
         if text is not None and text == self._occurred and type(text) is str:
             occurred = self._occurred_us

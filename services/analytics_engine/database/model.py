@@ -138,6 +138,8 @@ _new_row: Final = tuple.__new__  # builds the NamedTuple without its Python-leve
 # The event id is checked to be a UUID but kept as text: asyncpg encodes it in C, much faster
 # than building `uuid.UUID` objects on the hot path.
 _uuid_match: Final = _UUID.fullmatch
+uuid_match: Final = _uuid_match
+"""Whether a text is a UUID (as `entity_events.event_id` takes it)."""
 
 
 def parse_entity_event(channel: str, event: Event) -> EntityEventRow:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -74,7 +75,7 @@ def order(event_id: str, at: datetime, amount: float) -> Event:
         "attributes": {"amount": amount},
     }
     return Event(
-        event_id=event_id,
+        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, event_id)),  # entity events: UUIDs
         event_type=channels.ENTITY_CREATED,
         source="data_simulator",
         timestamp=at,

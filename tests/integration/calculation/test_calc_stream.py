@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -466,7 +467,7 @@ async def test_a_window_ready_to_close_does_not_wait_for_the_idle_tick(
             "attributes": {"amount": 1.0},
         }
         return Event(
-            event_id=event_id,
+            event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, event_id)),  # entity events: UUIDs
             event_type=channels.ENTITY_CREATED,
             source="data_simulator",
             timestamp=at,

@@ -19,6 +19,7 @@ from analytics_engine.calculation.events import (
 )
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import event_fields, parse_event
+from analytics_engine.database.model import InvalidPayload, parse_entity_fields
 from analytics_engine.kpi.windows import to_micros
 
 zones = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-7))])
@@ -109,7 +110,7 @@ def _reference(raw: bytes, channel: str) -> tuple[Any, ...] | str:
 def test_decoder_agrees_with_entity_event(events: list[tuple[str, datetime, Any]]) -> None:
     decoder = EntityEventDecoder()  # one decoder for the run: its cache carries over
     for n, (channel, stamp, payload) in enumerate(events):
-        raw = _wire(f"e{n}", channel, stamp, payload)
+        raw = _wire(f"00000000-0000-4000-8000-{n:012d}", channel, stamp, payload)
         expected = _reference(raw, channel)
         try:
             decoded = decoder.decode(event_fields(raw), channel)
@@ -129,3 +130,71 @@ def test_decoder_rejects_a_channel_the_engine_does_not_aggregate() -> None:
     )
     with pytest.raises(InvalidEntityEvent, match="not an aggregated channel"):
         EntityEventDecoder().decode(event_fields(raw), channels.ENTITY_DEACTIVATED)
+
+
+# What the database service refuses to store (it dead-letters the event), next to valid values.
+hostile_ids = st.sampled_from(
+    ["hand-evt-1", "7b2c8a9e-1f3d-4c5b-9a8e-0d1c2b3a4f5e", "7B2C8A9E1F3D4C5B9A8E0D1C2B3A4F5E"]
+)
+hostile_names = st.sampled_from(["order", "", "x" * 200, "x" * 201, "a\x00b"])
+hostile_versions = st.sampled_from([0, 1, -1, 2**63 - 1, 2**63])
+hostile_attributes = st.sampled_from(
+    [{"amount": 1.5}, {}, {"a\x00": 1}, {"a": "\x00"}, {"a": {"b": ["\x00"]}}, {"a": "\\u0000"}]
+)
+hostile_payloads = st.fixed_dictionaries(
+    {
+        "entity_type": hostile_names,
+        "entity_id": hostile_names,
+        "version": hostile_versions,
+        "occurred_at": st.sampled_from(
+            ["2026-01-01T00:00:00+00:00", "0001-01-01T00:00:00+14:00", "2026-01-01"]
+        ),
+        "attributes": hostile_attributes,
+    }
+).flatmap(
+    lambda p: st.sampled_from(["keep", "drop", "null"]).map(
+        lambda how: (
+            p
+            if how == "keep"
+            else {k: v for k, v in p.items() if k != "attributes"}
+            if how == "drop"
+            else {**p, "attributes": None}
+        )
+    )
+)
+
+
+@given(
+    hostile_ids,
+    st.sampled_from([channels.ENTITY_CREATED, channels.ENTITY_UPDATED]),
+    st.sampled_from(["data_simulator", "a\x00b"]),
+    hostile_payloads,
+)
+def test_the_engine_aggregates_exactly_the_events_the_database_stores(
+    event_id: str, channel: str, source: str, payload: dict[str, Any]
+) -> None:
+    """An event the database service dead-letters must not count in a KPI: `verify`
+    recomputes every KPI from the stored events, and it failed on a hand-published event with
+    the documented envelope whose `event_id` was no UUID (the engine had counted it)."""
+    raw = orjson.dumps(
+        {
+            "event_id": event_id,
+            "event_type": channel,
+            "source": source,
+            "timestamp": "2026-01-01T00:00:01+00:00",
+            "payload": payload,
+        }
+    )
+    event = parse_event(raw)
+    try:
+        parse_entity_fields(channel, event.event_id, event.source, event.timestamp, event.payload)
+        stored = True
+    except InvalidPayload:
+        stored = False
+    try:
+        EntityEventDecoder().decode(event_fields(raw), channel)
+        aggregated = True
+    except InvalidEntityEvent:
+        aggregated = False
+    assert aggregated == stored, (event_id, source, payload)
+    assert isinstance(_reference(raw, channel), tuple) == stored
