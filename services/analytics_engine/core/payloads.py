@@ -38,7 +38,10 @@ class EntityEvent(_OpenPayload):
     entity_id: str = Field(min_length=1, max_length=200)
     version: int = Field(ge=0, description="Increases with every event of one entity.")
     occurred_at: datetime = Field(description="Event time: when it happened at the source.")
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: dict[str, Any] = Field(
+        description="Required (`{}` when there are none): the database service dead-letters "
+        "an event without it, and the calculation engine does not count it."
+    )
 
 
 class EntityDeactivated(_OpenPayload):

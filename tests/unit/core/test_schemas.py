@@ -57,3 +57,17 @@ def test_schemas_accept_spec_documents_and_reject_broken_ones(
 ) -> None:
     validator = jsonschema.Draft202012Validator(json.loads((SCHEMAS / schema).read_text()))
     assert validator.is_valid(document) is valid
+
+
+def test_entity_event_payloads_require_the_fields_the_issue_lists() -> None:
+    """`simulation.entity.created|updated`: `{entity_type, entity_id, version, occurred_at,
+    attributes{...}}` (no field optional). An event without `attributes` is dead-lettered by
+    the database service, so the schema must not call it optional."""
+    schema = json.loads((SCHEMAS / "entity_event.schema.json").read_text())
+    assert set(schema["required"]) == {
+        "entity_type",
+        "entity_id",
+        "version",
+        "occurred_at",
+        "attributes",
+    }
