@@ -1,7 +1,7 @@
 """`python -m analytics_engine_operator.release`: delete a release's KPIDefinitions, and see
 that none is left hanging in `Terminating`.
 
-The Helm chart runs it as a pre-delete hook (templates/samples/job-cleanup.yaml), while the
+The Helm chart runs it as a pre-delete hook (templates/samples/cleanup-job.yaml), while the
 operator and the metadata service still run: `helm uninstall` would otherwise remove the
 operator together with the release's KPIDefinitions, whose finalizer
 (`analyticsengine.io/kpi-operator`) then has nobody left to release it.
