@@ -101,3 +101,49 @@ class KpiOperatorSettings(BaseSettings):
     def backoff_for(self, retry: int) -> float:
         """Delay before retry number `retry` (0-based): exponential, capped."""
         return float(min(self.retry_backoff_s * (2 ** min(retry, 30)), self.retry_backoff_max_s))
+
+
+class ReleaseSettings(BaseSettings):
+    """Settings of `python -m analytics_engine_operator.release` (the chart's pre-delete hook).
+
+    The selector is required and must not be empty: an empty selector would delete every
+    KPIDefinition of the namespace, including those of other releases or teams.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", validation_alias="LOG_LEVEL"
+    )
+    namespace: str = Field(
+        validation_alias="KPI_RELEASE_NAMESPACE",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="Namespace whose KPIDefinitions are released.",
+    )
+    label_selector: str = Field(
+        validation_alias="KPI_RELEASE_SELECTOR",
+        min_length=1,
+        pattern=r"\S",
+        description="Kubernetes label selector of the KPIDefinitions to release, e.g. "
+        "`app.kubernetes.io/instance=ae,app.kubernetes.io/component=samples`.",
+    )
+    timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        validation_alias="KPI_RELEASE_TIMEOUT",
+        description="How long the operator gets to delete the KPIs and release its finalizer; "
+        "after it the finalizer is removed without the operator (the KPIs may then remain in "
+        "the metadata database). Also how long an unreachable API server is retried.",
+    )
+    poll_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        validation_alias="KPI_RELEASE_POLL_INTERVAL",
+        description="Delay between two looks at what is left.",
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias="KPI_RELEASE_REQUEST_TIMEOUT",
+        description="Total timeout of one Kubernetes API request.",
+    )

@@ -416,6 +416,39 @@ the password is expanded in the pod, never rendered. Call with (dict "component"
 {{- end -}}
 {{- end -}}
 
+{{/*
+Whether the samples' pre-delete cleanup hook is rendered: only the release's own samples are
+released by it, and only when the release runs the operator that finalizes them.
+*/}}
+{{- define "analytics-engine.samples.cleanupEnabled" -}}
+{{- if and .Values.samples.enabled .Values.samples.cleanup.enabled .Values.operator.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The label selector of the release's samples (their selector labels), as KPI_RELEASE_SELECTOR. */}}
+{{- define "analytics-engine.samples.labelSelector" -}}
+{{- $terms := list -}}
+{{- range $key, $value := include "analytics-engine.selectorLabels" (dict "component" "samples" "context" .) | fromYaml -}}
+{{- $terms = append $terms (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $terms -}}
+{{- end -}}
+
+{{/*
+The annotations of a pre-delete hook object, commonAnnotations included. Lower weights are
+created first; by default the object is deleted once every hook succeeded, and a leftover of a
+failed attempt before the next one. Call with (dict "weight" -10 "context" $), optionally
+with "deletePolicy".
+*/}}
+{{- define "analytics-engine.preDeleteHookAnnotations" -}}
+annotations:
+  {{- with .context.Values.commonAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  helm.sh/hook: pre-delete
+  helm.sh/hook-weight: {{ .weight | quote }}
+  helm.sh/hook-delete-policy: {{ .deletePolicy | default "before-hook-creation,hook-succeeded" }}
+{{- end -}}
+
 {{/* Volumes and the checksum annotation every application pod shares. */}}
 {{- define "analytics-engine.configChecksum" -}}
 {{- include (print .Template.BasePath "/configmap.yaml") . | sha256sum -}}
@@ -739,6 +772,19 @@ spec:
 {{- include "analytics-engine.networkPolicy.egressTo" (dict "component" "minio" "inChart" .Values.minio.enabled "port" (ternary 9000 (.Values.externalS3.port | int) .Values.minio.enabled) "context" .) -}}
 {{- end -}}
 
+{{/* Egress to the Kubernetes API server (the operator, the samples' cleanup hook). */}}
+{{- define "analytics-engine.networkPolicy.kubeAPIServerEgress" -}}
+- to:
+    {{- range .Values.networkPolicy.kubeAPIServer.cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  ports:
+    {{- range .Values.networkPolicy.kubeAPIServer.ports }}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+{{- end -}}
+
 {{/* Ingress from Prometheus to the http port, when monitoring is enabled. */}}
 {{- define "analytics-engine.networkPolicy.metricsIngress" -}}
 {{- if .Values.monitoring.enabled }}
@@ -848,6 +894,9 @@ expansion cannot percent-encode them): only URL-safe ones can be parsed back. */
 {{- end -}}
 {{- if and $v.operator.clusterwide $v.operator.watchNamespaces -}}
 {{- $errors = append $errors "operator.clusterwide and operator.watchNamespaces are exclusive" -}}
+{{- end -}}
+{{- if lt (int $v.samples.cleanup.activeDeadlineSeconds) (add (int $v.samples.cleanup.timeoutSeconds) 30) -}}
+{{- $errors = append $errors "samples.cleanup.activeDeadlineSeconds must exceed samples.cleanup.timeoutSeconds by 30 s at least: the hook Job needs time to start and, after the timeout, to remove the finalizers" -}}
 {{- end -}}
 {{- if and $v.gateway.ingress.enabled (not $v.gateway.ingress.hostname) -}}
 {{- $errors = append $errors "gateway.ingress.enabled needs gateway.ingress.hostname" -}}

@@ -10,6 +10,8 @@ gaps matter for kopf, and this subclass (test-only; it hooks kmock's private `_h
   ones; its optimistic JSON-patch `test` on resourceVersion fails with 422 as on a real server.
 * `metadata.generateName` is honoured, so kopf's Events (all `generateName: kopf-event-`) do not
   collide with 409 Conflict.
+* A list's `labelSelector` is applied (equality-based: `k=v`, `k==v`, `k!=v`, `k`, `!k`), so a
+  client that selects by labels sees only what a real server would return.
 
 kmock still does not bump `metadata.generation` or validate against the CRD schema; the tests set
 `generation` themselves and tests/unit/k8s checks the schema.
@@ -26,6 +28,25 @@ import jsonpatch
 import kmock
 
 
+def selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    """An equality-based label selector (what the API server accepts, minus set-based terms)."""
+    for term in (part.strip() for part in selector.split(",")):
+        if "!=" in term:
+            key, value = (side.strip() for side in term.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = (side.strip() for side in term.replace("==", "=").split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term and term not in labels:
+            return False
+    return True
+
+
 class KubeEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         self._versions = itertools.count(1)
@@ -39,6 +60,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: Any) -> Any:
         listing = await super()._serve_list(request)
         listing["metadata"]["resourceVersion"] = str(self._last_version)
+        selector = request.params.get("labelSelector", "")
+        if selector:
+            listing["items"] = [
+                item
+                for item in listing["items"]
+                if selector_matches(selector, item.get("metadata", {}).get("labels") or {})
+            ]
         return listing
 
     async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:

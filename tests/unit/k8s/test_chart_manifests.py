@@ -97,6 +97,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metadata": {"kpiDefinitions": {"count.yaml": {"code": "orders_count"}}},
     },
     "operator-namespaces": {"operator": {"watchNamespaces": ["team-a", "team-b"]}},
+    # Samples with the namespaced operator: the samples' pre-delete cleanup hook renders.
+    "samples": {"samples": {"enabled": True}},
     "data-not-retained": {
         "timescaledb": {"persistence": {"whenDeleted": "Delete"}},
         "minio": {"persistence": {"enabled": False}},
@@ -119,6 +121,14 @@ RBAC_ALLOWED: dict[tuple[str, str], set[str]] = {
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
     ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
 }
+
+# What the samples' pre-delete cleanup hook may do (operator/RBAC.md), in the release namespace.
+CLEANUP_RBAC_ALLOWED: dict[tuple[str, str], set[str]] = {
+    ("analyticsengine.io", "kpidefinitions"): {"get", "list", "delete", "patch"},
+}
+CLEANUP = "samples-cleanup"
+# The pods that mount a service account token: the operator and the cleanup hook.
+TOKEN_COMPONENTS = {"operator", CLEANUP}
 
 # Every flow between the release's pods that the architecture has, and no other:
 # (source component, destination component, destination port).
@@ -417,7 +427,7 @@ def test_restricted_pod_security_profile(rendered: list[dict[str, Any]]) -> None
 
 def test_only_the_operator_mounts_a_service_account_token(rendered: list[dict[str, Any]]) -> None:
     for obj, template in pod_templates(rendered):
-        expected = component(template) == "operator"
+        expected = component(template) in TOKEN_COMPONENTS
         assert template["spec"].get("automountServiceAccountToken") is expected, name_of(obj)
     for sa in by_kind(rendered, "ServiceAccount"):
         assert sa.get("automountServiceAccountToken") is False
@@ -933,19 +943,25 @@ def test_prometheus_may_scrape_every_service_when_monitoring() -> None:
 
 
 def test_rbac_grants_nothing_beyond_the_operator_list(rendered: list[dict[str, Any]]) -> None:
+    """The operator's list, and the cleanup hook's, each to its own ServiceAccount."""
     for role in [*by_kind(rendered, "Role"), *by_kind(rendered, "ClusterRole")]:
+        owner = role["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert owner in TOKEN_COMPONENTS, name_of(role)
+        allowed_rules = CLEANUP_RBAC_ALLOWED if owner == CLEANUP else RBAC_ALLOWED
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], name_of(role)
             assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
-                    allowed = RBAC_ALLOWED.get((group, resource))
+                    allowed = allowed_rules.get((group, resource))
                     assert allowed is not None, f"{name_of(role)}: {group}/{resource}"
                     assert set(rule["verbs"]) <= allowed, f"{name_of(role)}: {group}/{resource}"
     bindings = [*by_kind(rendered, "RoleBinding"), *by_kind(rendered, "ClusterRoleBinding")]
     for binding in bindings:
+        owner = binding["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert owner in TOKEN_COMPONENTS, name_of(binding)
         assert [s["kind"] for s in binding["subjects"]] == ["ServiceAccount"]
-        assert binding["subjects"][0]["name"] == f"{RELEASE}-analytics-engine-operator"
+        assert binding["subjects"][0]["name"] == f"{RELEASE}-analytics-engine-{owner}"
 
 
 def test_rbac_scopes() -> None:
@@ -959,7 +975,9 @@ def test_rbac_scopes() -> None:
         "team-b",
     ]
     clusterwide = _render("operator-clusterwide")
-    assert not by_kind(clusterwide, "Role")
+    assert [name_of(r) for r in by_kind(clusterwide, "Role")] == [
+        f"Role/{RELEASE}-analytics-engine-{CLEANUP}"  # samples are on: the hook's own
+    ]
     (cluster_role,) = by_kind(clusterwide, "ClusterRole")
     resources = {res for r in cluster_role["rules"] for res in r["resources"]}
     assert {"namespaces", "kpidefinitions", "clusterkopfpeerings"} <= resources
@@ -971,6 +989,183 @@ def test_rbac_scopes() -> None:
         for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert "OPERATOR_NAMESPACES" not in env and env["OPERATOR_PEERING_NAME"] == "analytics-engine"
+
+
+# --------------------------------------------------------------------------- samples' cleanup hook
+
+HOOK_KINDS = ["ServiceAccount", "Role", "RoleBinding", "Job"]
+
+
+def _render_values(values: dict[str, Any]) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [helm(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", "/dev/stdin"],
+        input=json.dumps(values),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def cleanup_objects(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The cleanup hook's objects by kind (one each)."""
+    found = [
+        o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == CLEANUP
+    ]
+    by = {o["kind"]: o for o in found}
+    assert len(by) == len(found), [name_of(o) for o in found]
+    return by
+
+
+def test_samples_cleanup_hook_renders_only_for_the_release_samples_and_operator() -> None:
+    """The hook releases the release's own samples, which only its operator finalizes."""
+    expected = {*HOOK_KINDS, "NetworkPolicy"}
+    assert set(cleanup_objects(_render("samples"))) == expected
+    assert set(cleanup_objects(_render("operator-clusterwide"))) == expected
+    for value_set in ("default", "operator-namespaces", "minimal"):
+        assert not cleanup_objects(_render(value_set)), value_set
+    samples = {"enabled": True}
+    for values in (
+        {"samples": samples, "operator": {"enabled": False}},
+        {"samples": {**samples, "cleanup": {"enabled": False}}},
+    ):
+        assert not cleanup_objects(_render_values(values)), values
+    # Without NetworkPolicies the hook needs none of its own.
+    unfenced = _render_values({"samples": samples, "networkPolicy": {"enabled": False}})
+    assert set(cleanup_objects(unfenced)) == set(HOOK_KINDS)
+
+
+def test_samples_cleanup_hook_runs_before_delete_after_its_rbac() -> None:
+    hook = cleanup_objects(_render("samples"))
+    annotations = {kind: hook[kind]["metadata"]["annotations"] for kind in HOOK_KINDS}
+    for kind in HOOK_KINDS:
+        assert annotations[kind]["helm.sh/hook"] == "pre-delete", kind
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        # Created before the Job; gone once the hook succeeded (and before a retry).
+        assert int(annotations[kind]["helm.sh/hook-weight"]) < int(
+            annotations["Job"]["helm.sh/hook-weight"]
+        )
+        assert annotations[kind]["helm.sh/hook-delete-policy"] == (
+            "before-hook-creation,hook-succeeded"
+        )
+    # The Job's log is the record of KPIs left behind: it stays until its TTL, a failed one
+    # until the next attempt replaces it.
+    assert annotations["Job"]["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    assert 0 < hook["Job"]["spec"]["ttlSecondsAfterFinished"] <= 86400
+    # The NetworkPolicy is a release object: in place before any hook runs.
+    assert "helm.sh/hook" not in (hook["NetworkPolicy"]["metadata"].get("annotations") or {})
+
+
+def test_samples_cleanup_role_is_least_privilege() -> None:
+    hook = cleanup_objects(_render("samples"))
+    role, binding, account = hook["Role"], hook["RoleBinding"], hook["ServiceAccount"]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {
+            "apiGroups": ["analyticsengine.io"],
+            "resources": ["kpidefinitions"],
+            "verbs": ["list", "get", "delete", "patch"],
+        }
+    ]
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    assert account["automountServiceAccountToken"] is False
+    # Nothing cluster-scoped for the hook, whatever the operator's scope.
+    for value_set in ("samples", "operator-clusterwide"):
+        objects = _render(value_set)
+        for kind in ("ClusterRole", "ClusterRoleBinding"):
+            assert all(
+                o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+                for o in by_kind(objects, kind)
+            )
+
+
+def test_samples_cleanup_job_releases_exactly_the_samples() -> None:
+    objects = _render("samples")
+    hook = cleanup_objects(objects)
+    job, template = hook["Job"], hook["Job"]["spec"]["template"]
+    spec = template["spec"]
+    (container,) = spec["containers"]
+    assert container["command"] == ["python", "-m", "analytics_engine_operator.release"]
+    assert spec["serviceAccountName"] == hook["ServiceAccount"]["metadata"]["name"]
+    assert spec["automountServiceAccountToken"] is True
+    assert spec["restartPolicy"] == "Never"
+    assert 0 <= job["spec"]["backoffLimit"] <= 5
+    env = {e["name"]: e["value"] for e in container["env"]}
+    timeout = int(env["KPI_RELEASE_TIMEOUT"])
+    # Bounded, and long enough for the operator's time plus the finalizer removal.
+    assert timeout + 30 <= job["spec"]["activeDeadlineSeconds"] < 300  # helm's default --timeout
+    assert env["KPI_RELEASE_NAMESPACE"] == NAMESPACE
+    # The selector picks every sample of the release, and nothing else the chart renders.
+    terms = dict(term.split("=", 1) for term in env["KPI_RELEASE_SELECTOR"].split(","))
+    assert terms == {
+        "app.kubernetes.io/name": "analytics-engine",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "samples",
+    }
+    samples = by_kind(objects, "KPIDefinition")
+    assert len(samples) == 4
+    for obj in objects:
+        labels = obj["metadata"].get("labels") or {}
+        selected = all(labels.get(k) == v for k, v in terms.items())
+        assert selected == (obj["kind"] == "KPIDefinition"), name_of(obj)
+    # The application pods' restricted contexts and image.
+    [operator] = [d for d in by_kind(objects, "Deployment") if name_of(d).endswith("-operator")]
+    op_spec = operator["spec"]["template"]["spec"]
+    assert spec["securityContext"] == op_spec["securityContext"]
+    assert container["securityContext"] == op_spec["containers"][0]["securityContext"]
+    assert container["image"] == op_spec["containers"][0]["image"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_samples_cleanup_timeouts_come_from_the_values() -> None:
+    values = {
+        "samples": {
+            "enabled": True,
+            "cleanup": {"timeoutSeconds": 600, "activeDeadlineSeconds": 900, "backoffLimit": 0},
+        },
+        "operator": {"tolerations": [{"key": "dedicated", "operator": "Exists"}]},
+    }
+    job = cleanup_objects(_render_values(values))["Job"]
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KPI_RELEASE_TIMEOUT"] == "600"
+    assert job["spec"]["activeDeadlineSeconds"] == 900
+    assert job["spec"]["backoffLimit"] == 0
+    # It runs where the operator may run.
+    assert job["spec"]["template"]["spec"]["tolerations"] == values["operator"]["tolerations"]
+    result = _template_with(
+        {
+            "samples": {
+                "enabled": True,
+                "cleanup": {"timeoutSeconds": 300, "activeDeadlineSeconds": 310},
+            }
+        }
+    )
+    assert result.returncode != 0
+    assert "samples.cleanup.activeDeadlineSeconds must exceed" in result.stderr
+
+
+def test_samples_cleanup_may_reach_only_the_api_server() -> None:
+    objects = _render("samples")
+    hook = cleanup_objects(objects)
+    policy = hook["NetworkPolicy"]["spec"]
+    assert policy["ingress"] == []
+    [operator_policy] = [
+        p for p in by_kind(objects, "NetworkPolicy") if name_of(p).endswith("-operator")
+    ]
+    api_server = operator_policy["spec"]["egress"][-1]  # the operator's rule, reused
+    assert {"ipBlock": {"cidr": "0.0.0.0/0"}} in api_server["to"]
+    assert policy["egress"][1:] == [api_server]  # after DNS, which every pod gets
+    assert not [flow for flow in allowed_flows(objects) if CLEANUP in flow[:2]]
+    assert allowed_flows(objects) == EXPECTED_FLOWS
 
 
 # --------------------------------------------------------------------------- values
