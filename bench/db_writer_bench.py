@@ -4,7 +4,7 @@ baseline measured in the same run.
 Run: `.venv/bin/python bench/db_writer_bench.py [--events 100000] [--batch 4000] [--rounds 2]`
 
 The events are the simulator's own (as in `pipeline_bench.py --parts c`), parsed once up front;
-the parse cost (core `parse_event` + `model.parse_entity_event`) is printed per event. Then:
+the parse cost (core `parse_event` + `core.storable.parse_entity_event`) is printed per event. Then:
 
 - writer: `EntityEventWriter.write` over the events in `--batch` batches, serially, on one
   pooled connection: wall, Python CPU and the PostgreSQL backend's CPU per event;
@@ -34,11 +34,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from analytics_engine.core.envelopes import parse_event
+from analytics_engine.core.storable import EntityEventRow, parse_entity_event
 from analytics_engine.database import writer as writer_module
 from analytics_engine.database.db import create_pool
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import migrate
-from analytics_engine.database.model import EntityEventRow, parse_entity_event
 from analytics_engine.database.partitions import PartitionManager
 from analytics_engine.database.roles import ensure_writer_role
 from analytics_engine.database.writer import STAGING_SETUP, EntityEventWriter

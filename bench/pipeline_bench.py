@@ -66,7 +66,7 @@ from analytics_engine.archival.tables import KPI_RESULTS_SCHEMA, TS
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher, encode_event
 from analytics_engine.core.envelopes import parse_event, utcnow
-from analytics_engine.database.model import parse_entity_event
+from analytics_engine.core.storable import parse_entity_event
 from analytics_engine.database.writer import _EVENT_COLUMNS
 from analytics_engine.simulator import service as simulator_service
 from analytics_engine.simulator.generator import EventGenerator

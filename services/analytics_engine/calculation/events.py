@@ -11,14 +11,14 @@ import orjson
 
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
-from analytics_engine.core.timestamps import parse_utc
-from analytics_engine.database.model import (
+from analytics_engine.core.storable import (
     INT64_MAX,
     MAX_NAME,
     InvalidPayload,
     parse_entity_fields,
     uuid_match,
 )
+from analytics_engine.core.timestamps import parse_utc
 from analytics_engine.kpi import EntityEventView, EventFields, KPIResult
 from analytics_engine.kpi.windows import to_micros
 
@@ -52,7 +52,7 @@ def check_storable(
     events, so every result is what `analytics-engine verify` recomputes from `entity_events`.
 
     The common case is checked inline (every event passes here); anything else goes through
-    the database service's own parser, which decides. `test_calc_events` pins the two together.
+    the shared parser (`core.storable`), which decides. `test_calc_events` pins the two together.
     """
     entity_type = payload.get("entity_type")
     entity_id = payload.get("entity_id")

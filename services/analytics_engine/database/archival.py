@@ -22,9 +22,9 @@ from typing import Any, Final
 from analytics_engine.core import channels
 from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
 from analytics_engine.core.errors import TransientError
+from analytics_engine.core.storable import CHANNEL_BY_KIND, InvalidPayload
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import CHANNEL_BY_KIND, InvalidPayload
 from analytics_engine.database.partitions import PartitionManager
 from analytics_engine.database.simulation_data_consumer import dead_letter_invalid
 

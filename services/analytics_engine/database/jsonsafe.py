@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import orjson
 
-from analytics_engine.database.model import InvalidPayload, parse_timestamp
+from analytics_engine.core.storable import InvalidPayload, parse_timestamp
 
 _INT_TYPES: Final = frozenset({"int2", "int4", "int8", "oid"})
 _FLOAT_TYPES: Final = frozenset({"float4", "float8"})

@@ -27,9 +27,10 @@ import orjson
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
+from analytics_engine.core.storable import InvalidPayload
 from analytics_engine.database.db import TRANSIENT_ERRORS, transient_errors
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import InvalidPayload, KpiResultRow, parse_kpi_result
+from analytics_engine.database.model import KpiResultRow, parse_kpi_result
 from analytics_engine.database.simulation_data_consumer import dead_letter_invalid
 
 if TYPE_CHECKING:

@@ -1,10 +1,6 @@
-"""Validation of the payloads the database service stores (pure: no I/O).
-
-Each parser turns an `Event` into a typed row or raises `InvalidPayload` with a reason fit for
-the dead-letter stream. Checks cover everything PostgreSQL would reject for one row (NUL
-characters, non-UUID ids, out-of-range integers), so a bad event is caught here and never makes
-a whole batch's INSERT fail.
-"""
+"""Validation of the KPI results the database service stores, and the folding of entity
+events into entity state (pure: no I/O). Entity events are validated by `core.storable`, whose
+rules the calculation engine shares."""
 
 from __future__ import annotations
 
@@ -12,55 +8,22 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Final, Literal, NamedTuple
+from datetime import datetime
+from typing import Any, Final
 
 import orjson
 
-from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
-from analytics_engine.core.jsontext import contains_nul
-from analytics_engine.core.timestamps import BadTimestamp, parse_utc
-
-EventKind = Literal["created", "updated", "deactivated"]
-
-KIND_BY_CHANNEL: Final[dict[str, EventKind]] = {
-    channels.ENTITY_CREATED: "created",
-    channels.ENTITY_UPDATED: "updated",
-    channels.ENTITY_DEACTIVATED: "deactivated",
-}
-CHANNEL_BY_KIND: Final[dict[str, str]] = {kind: ch for ch, kind in KIND_BY_CHANNEL.items()}
+from analytics_engine.core.storable import (
+    EntityEventRow,
+    InvalidPayload,
+    int_field,
+    json_object_field,
+    parse_timestamp,
+)
 
 KPI_CODE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-INT64_MAX: Final = 2**63 - 1
 INT32_MAX: Final = 2**31 - 1
-MAX_NAME: Final = 200
-
-
-class InvalidPayload(ValueError):
-    """The event cannot be stored as it is; the message says why (goes to the dead letter)."""
-
-
-class EntityEventRow(NamedTuple):
-    """One row of `entity_events`, in column order.
-
-    A tuple, so it is its own COPY record: the batch goes to asyncpg without a copy per event
-    (the database service's hot path handles every entity event).
-    """
-
-    event_id: str  # a UUID, as text
-    event_kind: EventKind
-    entity_type: str
-    entity_id: str
-    version: int
-    occurred_at: datetime
-    published_at: datetime
-    attributes: str | None  # JSON text; None for deactivations
-    reason: str | None
-    source: str
-
-    def as_record(self) -> tuple[Any, ...]:
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,153 +41,6 @@ class KpiResultRow:
     @property
     def key(self) -> tuple[str, datetime, datetime, str]:
         return (self.kpi_code, self.window_start, self.window_end, self.dims_key)
-
-
-# -- field checks ---------------------------------------------------------------------------
-def _text(payload: dict[str, Any], name: str, *, max_len: int = MAX_NAME) -> str:
-    value = payload.get(name)
-    if not isinstance(value, str) or not value:
-        raise InvalidPayload(f"{name}: a non-empty string is required")
-    if len(value) > max_len:
-        raise InvalidPayload(f"{name}: longer than {max_len} characters")
-    if "\x00" in value:
-        raise InvalidPayload(f"{name}: contains a NUL character")
-    return value
-
-
-def _int(payload: dict[str, Any], name: str, *, maximum: int = INT64_MAX) -> int:
-    value = payload.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidPayload(f"{name}: an integer is required")
-    if not 0 <= value <= maximum:
-        raise InvalidPayload(f"{name}: must be between 0 and {maximum}")
-    return value
-
-
-def parse_timestamp(value: Any, name: str) -> datetime:
-    """An ISO-8601 timestamp, normalised to UTC; one without an offset is taken as UTC."""
-    if not isinstance(value, str):
-        raise InvalidPayload(f"{name}: an ISO-8601 timestamp string is required")
-    try:
-        return parse_utc(value)
-    except BadTimestamp as exc:
-        raise InvalidPayload(f"{name}: {exc.reason}: {value[:40]!r}") from None
-
-
-def _json_object(payload: dict[str, Any], name: str) -> tuple[dict[str, Any], str]:
-    value = payload.get(name)
-    if not isinstance(value, dict):
-        raise InvalidPayload(f"{name}: an object is required")
-    text = orjson.dumps(value).decode()
-    # jsonb rejects \u0000 escapes; text columns reject NUL bytes. The search in the text is
-    # fast but also finds an escaped backslash before "u0000" (legitimate): confirm on values.
-    if "\\u0000" in text and contains_nul(value):
-        raise InvalidPayload(f"{name}: contains a NUL character")
-    return value, text
-
-
-_UUID: Final = re.compile(
-    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
-)
-
-
-def _json_text(payload: dict[str, Any], name: str) -> str:
-    """A JSON object field as compact JSON text (what `entity_events.attributes` stores)."""
-    return _json_object(payload, name)[1]
-
-
-# -- parsers --------------------------------------------------------------------------------
-_new_row: Final = tuple.__new__  # builds the NamedTuple without its Python-level __new__
-# The event id is checked to be a UUID but kept as text: asyncpg encodes it in C, much faster
-# than building `uuid.UUID` objects on the hot path.
-_uuid_match: Final = _UUID.fullmatch
-uuid_match: Final = _uuid_match
-"""Whether a text is a UUID (as `entity_events.event_id` takes it)."""
-
-
-def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
-    """Validate a `simulation.entity.*` event into an `entity_events` row."""
-    return parse_entity_fields(
-        channel, event.event_id, event.source, event.timestamp, event.payload
-    )
-
-
-def parse_entity_fields(
-    channel: str,
-    event_id: str,
-    source: str,
-    published_at: datetime,
-    payload: dict[str, Any],
-    *,
-    times: dict[str, datetime] | None = None,
-) -> EntityEventRow:
-    """`parse_entity_event` from the envelope's fields (a lazy batch's `envelopes`, no `Event`).
-
-    Runs for every entity event, so the common case is checked inline, in one go: a field that
-    fails the inline check goes through its helper (`_text`, `_int`), which raises the reason
-    (or accepts it, e.g. a `str` subclass). The checks run in a fixed order, so an event with
-    several faults always gets the same reason; `test_model_properties` pins this function to
-    the field-by-field reference.
-
-    `times`: `occurred_at` texts parsed already (a batch's events often share one) -> their
-    value; a text parsed here is added.
-    """
-    kind = KIND_BY_CHANNEL.get(channel)
-    if kind is None:
-        raise InvalidPayload(f"not an entity channel: {channel}")
-    attributes: str | None = None
-    reason: str | None = None
-    if kind == "deactivated":
-        raw_reason = payload.get("reason")
-        if raw_reason is not None:
-            if not isinstance(raw_reason, str) or "\x00" in raw_reason:
-                raise InvalidPayload("reason: must be a string without NUL characters")
-            reason = raw_reason[:2000]
-    else:
-        attributes = _json_text(payload, "attributes")
-    if "\x00" in source:
-        raise InvalidPayload("source: contains a NUL character")
-    if published_at.tzinfo is None:
-        published_at = published_at.replace(tzinfo=UTC)
-    if not _uuid_match(event_id):
-        raise InvalidPayload("event_id: must be a UUID")
-    entity_type = payload.get("entity_type")
-    if (
-        type(entity_type) is not str
-        or not 0 < len(entity_type) <= MAX_NAME
-        or "\x00" in entity_type
-    ):
-        entity_type = _text(payload, "entity_type")
-    entity_id = payload.get("entity_id")
-    if type(entity_id) is not str or not 0 < len(entity_id) <= MAX_NAME or "\x00" in entity_id:
-        entity_id = _text(payload, "entity_id")
-    version = payload.get("version")
-    if type(version) is not int or not 0 <= version <= INT64_MAX:
-        version = _int(payload, "version")
-    raw_time = payload.get("occurred_at")
-    if times is None or type(raw_time) is not str:
-        occurred_at = parse_timestamp(raw_time, "occurred_at")
-    else:
-        known = times.get(raw_time)
-        if known is None:
-            occurred_at = times[raw_time] = parse_timestamp(raw_time, "occurred_at")
-        else:
-            occurred_at = known
-    return _new_row(
-        EntityEventRow,
-        (
-            event_id,
-            kind,
-            entity_type,
-            entity_id,
-            version,
-            occurred_at,
-            published_at,
-            attributes,
-            reason,
-            source,
-        ),
-    )
 
 
 def canonical_dimensions(dimensions: dict[str, Any]) -> str:
@@ -246,8 +62,7 @@ def parse_kpi_result(event: Event) -> KpiResultRow:
     if end <= start:
         raise InvalidPayload("window_end: must be after window_start")
     # absent means none, as the schema's default; null is no object, as the schema says
-    dimensions, text = _json_object({"dimensions": payload.get("dimensions", {})}, "dimensions")
-    del text
+    dimensions, _ = json_object_field({"dimensions": payload.get("dimensions", {})}, "dimensions")
     return KpiResultRow(
         kpi_code=code,
         window_start=start,
@@ -255,8 +70,8 @@ def parse_kpi_result(event: Event) -> KpiResultRow:
         dimensions=dimensions,
         dims_key=canonical_dimensions(dimensions),
         value=float(value),
-        sample_count=_int(payload, "sample_count"),
-        definition_version=_int(payload, "definition_version", maximum=INT32_MAX),
+        sample_count=int_field(payload, "sample_count"),
+        definition_version=int_field(payload, "definition_version", maximum=INT32_MAX),
         computed_at=parse_timestamp(payload.get("computed_at"), "computed_at"),
     )
 

@@ -32,14 +32,11 @@ import orjson
 from analytics_engine.core.durations import parse_duration
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.errors import HandlerError
+from analytics_engine.core.storable import InvalidPayload, parse_timestamp
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.jsonsafe import coerce_param, row_to_json, to_json_value
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import (
-    KPI_CODE,
-    InvalidPayload,
-    parse_timestamp,
-)
+from analytics_engine.database.model import KPI_CODE
 from analytics_engine.database.sqlguard import RejectedStatement, check_read_statement
 from analytics_engine.kpi.history_query import HISTORY_LIMIT
 

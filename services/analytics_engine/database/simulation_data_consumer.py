@@ -14,12 +14,8 @@ from analytics_engine.core.bus import (
     DurableConsumer,
     encode_event,
 )
+from analytics_engine.core.storable import EntityEventRow, InvalidPayload, parse_entity_fields
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import (
-    EntityEventRow,
-    InvalidPayload,
-    parse_entity_fields,
-)
 from analytics_engine.database.writer import EntityEventWriter
 
 if TYPE_CHECKING:

@@ -42,9 +42,9 @@ from analytics_engine.core.bus import (
 )
 from analytics_engine.core.envelopes import Event
 from analytics_engine.core.errors import TransientError
+from analytics_engine.core.storable import CHANNEL_BY_KIND, InvalidPayload, parse_timestamp
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import CHANNEL_BY_KIND, InvalidPayload, parse_timestamp
 from analytics_engine.database.simulation_data_consumer import dead_letter_invalid
 
 if TYPE_CHECKING:

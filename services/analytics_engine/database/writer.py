@@ -34,9 +34,10 @@ from typing import Any, Final
 
 import asyncpg
 
+from analytics_engine.core.storable import EntityEventRow
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.metrics import DatabaseMetrics
-from analytics_engine.database.model import EntityEventRow, fold_entity_events
+from analytics_engine.database.model import fold_entity_events
 from analytics_engine.database.partitions import PartitionManager
 
 log = logging.getLogger(__name__)

@@ -11,11 +11,11 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from analytics_engine.core.storable import EntityEventRow
 from analytics_engine.database import migrate as migrations
 from analytics_engine.database.db import create_pool
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import load_migrations, migrate
-from analytics_engine.database.model import EntityEventRow
 from analytics_engine.database.partitions import PartitionManager
 from analytics_engine.database.writer import STAGING_SETUP, EntityEventWriter
 

@@ -14,10 +14,10 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from analytics_engine.core.storable import EntityEventRow
 from analytics_engine.database.db import connect, create_pool
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.migrate import migrate
-from analytics_engine.database.model import EntityEventRow
 from analytics_engine.database.partitions import PartitionManager
 from analytics_engine.database.writer import (
     STAGING_SETUP,

@@ -14,7 +14,7 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analytics_engine.database.model import EntityEventRow
+from analytics_engine.core.storable import EntityEventRow
 from analytics_engine.database.writer import (
     _STAGE_COLUMNS,
     EVENT_STAGE,

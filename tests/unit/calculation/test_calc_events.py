@@ -19,7 +19,7 @@ from analytics_engine.calculation.events import (
 )
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import event_fields, parse_event
-from analytics_engine.database.model import InvalidPayload, parse_entity_fields
+from analytics_engine.core.storable import InvalidPayload, parse_entity_fields
 from analytics_engine.kpi.windows import to_micros
 
 zones = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-7))])

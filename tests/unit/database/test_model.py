@@ -9,14 +9,16 @@ import pytest
 
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
-from analytics_engine.database.model import (
+from analytics_engine.core.storable import (
     EntityEventRow,
     InvalidPayload,
+    parse_entity_event,
+    parse_timestamp,
+)
+from analytics_engine.database.model import (
     canonical_dimensions,
     fold_entity_events,
-    parse_entity_event,
     parse_kpi_result,
-    parse_timestamp,
 )
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

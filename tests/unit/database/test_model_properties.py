@@ -10,10 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analytics_engine.core import channels
+from analytics_engine.core import channels, storable
 from analytics_engine.core.envelopes import Event
-from analytics_engine.database import model
-from analytics_engine.database.model import (
+from analytics_engine.core.storable import (
     KIND_BY_CHANNEL,
     EntityEventRow,
     InvalidPayload,
@@ -37,22 +36,22 @@ def reference_parse(channel: str, event: Event) -> EntityEventRow:
                 raise InvalidPayload("reason: must be a string without NUL characters")
             reason = raw_reason[:2000]
     else:
-        attributes = model._json_text(payload, "attributes")
+        attributes = storable._json_text(payload, "attributes")
     source = event.source
     if "\x00" in source:
         raise InvalidPayload("source: contains a NUL character")
     published_at = event.timestamp
     if published_at.tzinfo is None:
         published_at = published_at.replace(tzinfo=UTC)
-    if not model._UUID.fullmatch(event.event_id):
+    if not storable._UUID.fullmatch(event.event_id):
         raise InvalidPayload("event_id: must be a UUID")
     return EntityEventRow(
         event.event_id,
         kind,
-        model._text(payload, "entity_type"),
-        model._text(payload, "entity_id"),
-        model._int(payload, "version"),
-        model.parse_timestamp(payload.get("occurred_at"), "occurred_at"),
+        storable.text_field(payload, "entity_type"),
+        storable.text_field(payload, "entity_id"),
+        storable.int_field(payload, "version"),
+        storable.parse_timestamp(payload.get("occurred_at"), "occurred_at"),
         published_at,
         attributes,
         reason,
@@ -213,4 +212,4 @@ def test_a_batchs_parsed_times_change_no_outcome(batch: list[tuple[str, Event]])
     for channel, event in doubled:
         assert _outcome(shared, channel, event) == _outcome(parse_entity_event, channel, event)
     for text, moment in times.items():
-        assert moment == model.parse_timestamp(text, "occurred_at")
+        assert moment == storable.parse_timestamp(text, "occurred_at")

@@ -9,9 +9,9 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from analytics_engine.core.durations import parse_duration
+from analytics_engine.core.storable import InvalidPayload
 from analytics_engine.database.jsonsafe import coerce_param, to_json_value
 from analytics_engine.database.migrate import load_migrations, plan
-from analytics_engine.database.model import InvalidPayload
 from analytics_engine.database.partitions import days_to_ensure
 from analytics_engine.database.sqlguard import (
     RejectedStatement,

@@ -9,7 +9,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from analytics_engine.database.model import EntityEventRow, fold_entity_events
+from analytics_engine.core.storable import EntityEventRow
+from analytics_engine.database.model import fold_entity_events
 from analytics_engine.database.writer import epoch_microseconds, stage_records
 
 _BERLIN = ZoneInfo("Europe/Berlin")
