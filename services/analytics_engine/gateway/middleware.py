@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER: Final = "X-Request-ID"
+API_PREFIX: Final = "/api/"
 _REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ALLOWED_HEADERS: Final = (
     "Authorization, X-API-Key, Content-Type, If-Match, If-None-Match, X-Request-ID, Last-Event-ID"
@@ -124,6 +125,12 @@ class Middlewares:
         rid = request.get(REQUEST_ID_KEY)
         if isinstance(rid, str):
             response.headers[REQUEST_ID_HEADER] = rid
+        if request.path.startswith(API_PREFIX):
+            # API answers are per key and change all the time: never stored by a cache; those
+            # with an entity tag may be kept privately and revalidated (If-None-Match -> 304).
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            cache = "private, no-cache" if "ETag" in response.headers else "no-store"
+            response.headers.setdefault("Cache-Control", cache)
         origin = request.headers.get("Origin")
         if self._cors.allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = (

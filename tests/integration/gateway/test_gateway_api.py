@@ -189,8 +189,14 @@ async def test_etag_and_if_match(stack: Stack) -> None:
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": '"²"'})
     assert reply.status == 412  # a Unicode digit is no version (was a 500 upstream, 502 here)
     assert_error(reply.body, "precondition_failed")
+    reply = await stack.call("GET", f"{DEFS}/{code}")
+    assert reply.headers["Cache-Control"] == "private, no-cache"  # kept only to revalidate
+    assert reply.headers["X-Content-Type-Options"] == "nosniff"
     reply = await stack.call("GET", f"{DEFS}/{code}", headers={"If-None-Match": etag})
     assert (reply.status, reply.headers["ETag"]) == (304, etag)
+    reply = await stack.call("GET", DEFS)
+    assert reply.headers["Cache-Control"] == "no-store"
+    assert reply.headers["X-Content-Type-Options"] == "nosniff"
     reply = await stack.call("PUT", f"{DEFS}/{code}", json=changed, headers={"If-Match": etag})
     assert reply.status == 200
     assert reply.headers["ETag"] == '"2"'
