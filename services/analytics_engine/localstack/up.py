@@ -263,6 +263,7 @@ async def serve(
 
 def run_up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    select_services(args.only)  # a typo in --only fails now, not after the servers started
     data_dir = Path(args.data_dir).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     if args.external:
