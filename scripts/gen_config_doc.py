@@ -13,6 +13,7 @@ from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
@@ -21,7 +22,8 @@ from pydantic_core import PydanticUndefined
 from analytics_engine.cli import SERVICES
 
 TARGET = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
-SECRET_WORDS = ("password", "secret", "key", "token")
+SECRET_WORDS = frozenset({"password", "passwords", "secret", "secrets", "token", "tokens"})
+DURATION_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
 
 
 def env_name(name: str, info: FieldInfo) -> str:
@@ -33,6 +35,30 @@ def env_name(name: str, info: FieldInfo) -> str:
     return name.upper()
 
 
+def is_secret(name: str, info: FieldInfo) -> bool:
+    """A field that may hold a credential: `repr=False` (how the Settings classes mark them) or
+    a name ending in a secret word. Not any substring: `CALCULATION_CHECKPOINT_KEY` names a
+    Redis key and `GATEWAY_SSE_TOKEN_TTL` a lifetime, neither a secret."""
+    return info.repr is False or name.lower().rsplit("_", 1)[-1] in SECRET_WORDS
+
+
+def holds_credential(value: Any) -> bool:
+    """Whether a secret field's default would show a credential: a URL only by its password."""
+    text = str(value)
+    if "://" in text:
+        return urlsplit(text).password is not None
+    return bool(text)
+
+
+def duration_text(value: timedelta) -> str:
+    """A duration as one writes it in the environment (`7d`, `1h`, `50ms`), in the largest
+    unit that represents it exactly."""
+    millis, rest = divmod(value, timedelta(milliseconds=1))
+    if rest or millis == 0:
+        return f"{value.total_seconds():g}s"
+    return next(f"{millis // size}{unit}" for unit, size in DURATION_UNITS if millis % size == 0)
+
+
 def default_text(name: str, info: FieldInfo) -> str:
     if info.is_required():
         return "**required**"
@@ -40,14 +66,21 @@ def default_text(name: str, info: FieldInfo) -> str:
         return "(computed)"
     value: Any = info.default
     if value is PydanticUndefined or value is None:
-        return ""
-    if any(word in name for word in SECRET_WORDS) and isinstance(value, str) and value:
+        return "(unset)"
+    if is_secret(name, info) and holds_credential(value):
         return "(set)"
     if isinstance(value, timedelta):
-        return f"{value.total_seconds():g}s"
+        return f"`{duration_text(value)}`"
     if isinstance(value, Enum):
         value = value.value
-    return f"`{value}`"
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif isinstance(value, tuple | list):
+        value = ",".join(str(item) for item in value)  # as the variable is written
+    elif isinstance(value, set | frozenset):
+        value = ",".join(sorted(str(item) for item in value))
+    text = str(value)
+    return f"`{text}`" if text else "(empty)"
 
 
 def render() -> str:

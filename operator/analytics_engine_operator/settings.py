@@ -20,7 +20,10 @@ class KpiOperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        default="INFO", validation_alias="LOG_LEVEL"
+        default="INFO",
+        validation_alias="LOG_LEVEL",
+        description="Least severe level logged (JSON logs on stderr under "
+        "`analytics-engine run operator`).",
     )
     metadata_url: str = Field(
         default="http://localhost:8083",
@@ -53,6 +56,8 @@ class KpiOperatorSettings(BaseSettings):
         default=300.0,
         gt=0,
         validation_alias="OPERATOR_RETRY_BACKOFF_MAX",
+        description="Longest retry delay while the metadata service is unavailable (the cap "
+        "of `OPERATOR_RETRY_BACKOFF`'s doubling).",
     )
     port: int = Field(
         default=8087,

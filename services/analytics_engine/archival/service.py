@@ -25,7 +25,14 @@ SERVICE = "archival_service"
 
 
 class Settings(BaseServiceSettings, S3Settings):
-    port: int = Field(default=8085, ge=0, le=65535, validation_alias="ARCHIVAL_PORT")
+    port: int = Field(
+        default=8085,
+        ge=0,
+        le=65535,
+        validation_alias="ARCHIVAL_PORT",
+        description="Port of the archival service's HTTP server (`/healthz`, `/readyz`, "
+        "`/metrics`).",
+    )
     batch_rows: int = Field(
         default=40_000,
         ge=1,
@@ -51,7 +58,14 @@ class Settings(BaseServiceSettings, S3Settings):
         description="How long (seconds) the fingerprints of a partition are kept in Redis after "
         "its last write: duplicates arriving later than that are not detected.",
     )
-    s3_concurrency: int = Field(default=8, ge=1, le=64, validation_alias="ARCHIVAL_S3_CONCURRENCY")
+    s3_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        validation_alias="ARCHIVAL_S3_CONCURRENCY",
+        description="S3 requests in flight at once (threads and connections): the files of one "
+        "flush, or of several entity-event batches, are uploaded in parallel up to this.",
+    )
     read_batch: int = Field(
         default=2000,
         ge=1,
@@ -69,7 +83,12 @@ class Settings(BaseServiceSettings, S3Settings):
         "archiving faster (measured with 5000-row batches).",
     )
     zstd_level: int | None = Field(
-        default=None, ge=1, le=22, validation_alias="ARCHIVAL_ZSTD_LEVEL"
+        default=None,
+        ge=1,
+        le=22,
+        validation_alias="ARCHIVAL_ZSTD_LEVEL",
+        description="zstd level (1-22) of the Parquet files; higher levels cost more CPU per "
+        "file for usually smaller files. Unset: pyarrow's default (1).",
     )
 
     @field_validator("flush_interval_s", mode="before")

@@ -35,7 +35,14 @@ SERVICE = "calculation_engine"
 
 
 class Settings(BaseServiceSettings):
-    calculation_port: int = Field(default=8082, ge=0, le=65535, validation_alias="CALCULATION_PORT")
+    calculation_port: int = Field(
+        default=8082,
+        ge=0,
+        le=65535,
+        validation_alias="CALCULATION_PORT",
+        description="Port of the engine's HTTP API (`/api/v1/kpis...`, `/healthz`, `/readyz`, "
+        "`/metrics`).",
+    )
     kpi_definitions_dir: str | None = Field(
         default=None,
         validation_alias="KPI_DEFINITIONS_DIR",
@@ -60,7 +67,13 @@ class Settings(BaseServiceSettings):
         "user may write.",
     )
     checkpoint_interval_s: float = Field(
-        default=1.0, gt=0, le=60, validation_alias="CALCULATION_CHECKPOINT_INTERVAL"
+        default=1.0,
+        gt=0,
+        le=60,
+        validation_alias="CALCULATION_CHECKPOINT_INTERVAL",
+        description="Seconds between checkpoints of the engine's state to Redis. After a crash "
+        "the events since the last checkpoint are read again: longer means more to replay, "
+        "shorter more Redis writes.",
     )
     checkpoint_part_bytes: int = Field(
         default=4 * 1024 * 1024,
@@ -72,13 +85,29 @@ class Settings(BaseServiceSettings):
         "value by dropping the connection.",
     )
     advance_interval_s: float = Field(
-        default=0.05, gt=0, le=5, validation_alias="CALCULATION_ADVANCE_INTERVAL"
+        default=0.05,
+        gt=0,
+        le=5,
+        validation_alias="CALCULATION_ADVANCE_INTERVAL",
+        description="Seconds between checks that close windows by the wall clock once the "
+        "streams are caught up, so a window's result comes even when no later event arrives "
+        "(a window due to close triggers one sooner).",
     )
     idle_close_grace: timedelta = Field(
-        default=timedelta(seconds=1), validation_alias="CALCULATION_IDLE_CLOSE_GRACE"
+        default=timedelta(seconds=1),
+        validation_alias="CALCULATION_IDLE_CLOSE_GRACE",
+        description="Closing by the wall clock moves the watermark to now minus this (covering "
+        "clock skew with Redis): such a window closes this long after its end + allowed "
+        "lateness, and an event published before that but read after it counts as late.",
     )
     dedupe_capacity: int = Field(
-        default=50_000, ge=0, le=10_000_000, validation_alias="CALCULATION_DEDUPE_CAPACITY"
+        default=50_000,
+        ge=0,
+        le=10_000_000,
+        validation_alias="CALCULATION_DEDUPE_CAPACITY",
+        description="Event ids remembered (the most recent ones) to drop duplicate events; 0 "
+        "turns deduplication off. More catches older duplicates, for memory and checkpoint "
+        "size.",
     )
     backfill_horizon: timedelta = Field(
         default=timedelta(hours=1),
@@ -92,22 +121,56 @@ class Settings(BaseServiceSettings):
         "results.",
     )
     backfill_delay: timedelta = Field(
-        default=timedelta(seconds=10), validation_alias="CALCULATION_BACKFILL_DELAY"
+        default=timedelta(seconds=10),
+        validation_alias="CALCULATION_BACKFILL_DELAY",
+        description="How long after the last window it covers has closed a backfill waits "
+        "before it replays, so the database has stored the events (also the clock skew "
+        "tolerated between the engine and Redis).",
     )
     backfill_max_events: int = Field(
-        default=1_000_000, ge=1, validation_alias="CALCULATION_BACKFILL_MAX_EVENTS"
+        default=1_000_000,
+        ge=1,
+        validation_alias="CALCULATION_BACKFILL_MAX_EVENTS",
+        description="Most stored events one backfill replays (it holds them in memory). One "
+        "that needs more fails, is retried, then abandoned: the windows open at the cut get no "
+        "result.",
     )
-    backfill_enabled: bool = Field(default=True, validation_alias="CALCULATION_BACKFILL")
+    backfill_enabled: bool = Field(
+        default=True,
+        validation_alias="CALCULATION_BACKFILL",
+        description="Backfill new and changed KPIs (see `CALCULATION_BACKFILL_HORIZON`). "
+        "false: their results begin at the cut, the windows open then computed from the later "
+        "events alone.",
+    )
     backfill_idle_timeout_s: float = Field(
-        default=30.0, gt=0, validation_alias="CALCULATION_BACKFILL_IDLE_TIMEOUT"
+        default=30.0,
+        gt=0,
+        validation_alias="CALCULATION_BACKFILL_IDLE_TIMEOUT",
+        description="Seconds a backfill waits for the database's replay to send anything (an "
+        "event or its end) before the attempt fails and is retried.",
     )
     metadata_timeout_s: float = Field(
-        default=5.0, gt=0, validation_alias="CALCULATION_METADATA_TIMEOUT"
+        default=5.0,
+        gt=0,
+        validation_alias="CALCULATION_METADATA_TIMEOUT",
+        description="Timeout (seconds) of each request for KPI definitions to the metadata "
+        "service; without an answer the definitions in force stay.",
     )
     resync_interval_s: float = Field(
-        default=60.0, gt=0, validation_alias="CALCULATION_RESYNC_INTERVAL"
+        default=60.0,
+        gt=0,
+        validation_alias="CALCULATION_RESYNC_INTERVAL",
+        description="Seconds between full re-reads of the metadata service's KPI definitions, "
+        "which heal a missed `metadata.changed` (changes are otherwise applied as announced).",
     )
-    query_timeout_s: float = Field(default=10.0, gt=0, validation_alias="CALCULATION_QUERY_TIMEOUT")
+    query_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias="CALCULATION_QUERY_TIMEOUT",
+        description="Timeout (seconds) of requests to the database service: query KPI runs "
+        "(one that times out publishes nothing for its slot) and the API's latest and history "
+        "reads (504).",
+    )
 
     @field_validator("idle_close_grace", "backfill_horizon", "backfill_delay", mode="before")
     @classmethod

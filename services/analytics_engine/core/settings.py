@@ -38,7 +38,8 @@ class BaseServiceSettings(BaseSettings):
         min_length=1,
         max_length=100,
         pattern=r"^[A-Za-z0-9_.\-]+$",
-        description="Instance id in `reply.{service}.{instance}` and stream consumer names.",
+        description="Instance id in `reply.{service}.{instance}` and stream consumer names; "
+        "by default `{hostname}-{pid}`.",
     )
     http_host: str = Field(
         default="0.0.0.0",
@@ -118,23 +119,46 @@ class BaseServiceSettings(BaseSettings):
 class DatabaseSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    database_url: PostgresDsn = Field(validation_alias="DATABASE_URL", repr=False)  # password
+    database_url: PostgresDsn = Field(
+        validation_alias="DATABASE_URL",
+        repr=False,  # holds the password
+        description="PostgreSQL URL (`postgresql://user:password@host:5432/db`); the service "
+        "applies its schema migrations through it at start.",
+    )
 
 
 class S3Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    s3_endpoint_url: str = Field(validation_alias="S3_ENDPOINT_URL", pattern=r"^https?://")
+    s3_endpoint_url: str = Field(
+        validation_alias="S3_ENDPOINT_URL",
+        pattern=r"^https?://",
+        description="URL of the S3-compatible object store the lake is written to (path-style "
+        "addressing, as MinIO and SeaweedFS need).",
+    )
     s3_bucket: str = Field(
         default="analytics-lakehouse",
         validation_alias="S3_BUCKET",
         pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+        description="Bucket of the lake; created at first use when it does not exist.",
     )
-    aws_access_key_id: str | None = Field(default=None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_access_key_id: str | None = Field(
+        default=None,
+        validation_alias="AWS_ACCESS_KEY_ID",
+        description="Access key id for S3. Unset: boto3 looks for credentials itself (its "
+        "shared credentials file, an instance or pod role).",
+    )
     aws_secret_access_key: str | None = Field(
-        default=None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False
+        default=None,
+        validation_alias="AWS_SECRET_ACCESS_KEY",
+        repr=False,
+        description="Secret access key for S3, with `AWS_ACCESS_KEY_ID`.",
     )
-    aws_region: str = Field(default="us-east-1", validation_alias="AWS_REGION")
+    aws_region: str = Field(
+        default="us-east-1",
+        validation_alias="AWS_REGION",
+        description="Region S3 requests are signed for; on AWS, the bucket's region.",
+    )
 
 
 S = TypeVar("S", bound=BaseSettings)

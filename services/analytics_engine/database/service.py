@@ -35,7 +35,14 @@ SERVICE = "database_service"
 
 
 class Settings(BaseServiceSettings, DatabaseSettings):
-    port: int = Field(default=8084, ge=0, le=65535, validation_alias="DATABASE_SERVICE_PORT")
+    port: int = Field(
+        default=8084,
+        ge=0,
+        le=65535,
+        validation_alias="DATABASE_SERVICE_PORT",
+        description="Port of the database service's HTTP server (`/healthz`, `/readyz`, "
+        "`/metrics`).",
+    )
     database_readonly_url: PostgresDsn | None = Field(
         default=None,
         validation_alias="DATABASE_READONLY_URL",
@@ -43,9 +50,19 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         description="Role for execute_query (see database/roles.py); falls back to DATABASE_URL.",
     )
     query_timeout: Duration = Field(
-        default=timedelta(seconds=5), validation_alias="DATABASE_QUERY_TIMEOUT"
+        default=timedelta(seconds=5),
+        validation_alias="DATABASE_QUERY_TIMEOUT",
+        description="Longest a `database.query` read may take (statement timeout and deadline, "
+        "waiting for a connection included); an `execute_query` past it is cancelled with "
+        "`query_timeout`.",
     )
-    query_max_rows: int = Field(default=10_000, ge=1, validation_alias="DATABASE_QUERY_MAX_ROWS")
+    query_max_rows: int = Field(
+        default=10_000,
+        ge=1,
+        validation_alias="DATABASE_QUERY_MAX_ROWS",
+        description="Most rows an `execute_query` reply carries (a request may ask for fewer); "
+        "longer results are cut (`truncated`).",
+    )
     query_max_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=1024,
@@ -54,14 +71,25 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         description="Cap on an `execute_query` reply's JSON size; bigger results are "
         "truncated. At most 6 MB: a reply must fit Redis's 8 MB message limit.",
     )
-    retention: Duration = Field(default=timedelta(days=7), validation_alias="DATABASE_RETENTION")
+    retention: Duration = Field(
+        default=timedelta(days=7),
+        validation_alias="DATABASE_RETENTION",
+        description="Entity events older than this (by `occurred_at`) are sent to the archival "
+        "service and deleted once it confirms; also `request_archival`'s default.",
+    )
     archival_interval: Duration = Field(
         default=timedelta(seconds=60),
         validation_alias="DATABASE_ARCHIVAL_INTERVAL",
         description="Time between retention passes; 0 turns archival off.",
     )
     archival_batch_rows: int = Field(
-        default=5000, ge=1, le=100_000, validation_alias="DATABASE_ARCHIVAL_BATCH_ROWS"
+        default=5000,
+        ge=1,
+        le=100_000,
+        validation_alias="DATABASE_ARCHIVAL_BATCH_ROWS",
+        description="Most rows of one archival batch (one entity type and UTC day, sent as one "
+        "`archival.events` message, ~2 MB at the default). Keep a batch well under Redis's "
+        "proto-max-bulk-len (8mb in the chart).",
     )
     archival_confirm_timeout: Duration = Field(
         default=timedelta(minutes=5),
@@ -69,13 +97,27 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         description="An unconfirmed archival batch is re-sent after this long.",
     )
     archival_max_inflight: int = Field(
-        default=8, ge=1, validation_alias="DATABASE_ARCHIVAL_MAX_INFLIGHT"
+        default=8,
+        ge=1,
+        validation_alias="DATABASE_ARCHIVAL_MAX_INFLIGHT",
+        description="Archival batches sent and not yet confirmed at most; a pass creates new "
+        "ones only below this (it bounds the rows awaiting deletion and the messages in "
+        "flight).",
     )
     subscription_timeout: Duration = Field(
-        default=timedelta(seconds=30), validation_alias="DATABASE_SUBSCRIPTION_TIMEOUT"
+        default=timedelta(seconds=30),
+        validation_alias="DATABASE_SUBSCRIPTION_TIMEOUT",
+        description="A replay subscription (`stream.subscribe`) without a heartbeat for this "
+        "long is ended; keep it well above its subscribers' heartbeat interval (5 s for the "
+        "calculation engine's backfills).",
     )
     replay_page_rows: int = Field(
-        default=1000, ge=1, le=50_000, validation_alias="DATABASE_REPLAY_PAGE_ROWS"
+        default=1000,
+        ge=1,
+        le=50_000,
+        validation_alias="DATABASE_REPLAY_PAGE_ROWS",
+        description="Stored events a replay reads and publishes per page (one MULTI with the "
+        "subscription's cursor).",
     )
     replay_max_lag: int = Field(
         default=50_000,
@@ -105,12 +147,26 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         "overlaps its PostgreSQL work (and commit) with the others' parsing; measured on 2 "
         "cores, a backlog drained ~10% faster with 3 than with 2, and no faster with 4.",
     )
-    pool_size: int = Field(default=8, ge=2, validation_alias="DATABASE_POOL_SIZE")
+    pool_size: int = Field(
+        default=8,
+        ge=2,
+        validation_alias="DATABASE_POOL_SIZE",
+        description="Most PostgreSQL connections of each of the instance's two pools (writer, "
+        "and reader for queries): up to twice this per instance.",
+    )
     timescale: Literal["auto", "on", "off"] = Field(
-        default="auto", validation_alias="DATABASE_TIMESCALE"
+        default="auto",
+        validation_alias="DATABASE_TIMESCALE",
+        description="Schema flavour, chosen when the schema is first created (later changes "
+        "have no effect): `auto` TimescaleDB when its extension can be created, `on` requires "
+        "it, `off` plain PostgreSQL with daily partitions.",
     )
     partition_days_ahead: int = Field(
-        default=3, ge=0, validation_alias="DATABASE_PARTITION_DAYS_AHEAD"
+        default=3,
+        ge=0,
+        validation_alias="DATABASE_PARTITION_DAYS_AHEAD",
+        description="On plain PostgreSQL, days of `entity_events` partitions created ahead of "
+        "today (at start, then hourly); a day an event needs is otherwise created on demand.",
     )
 
 

@@ -43,7 +43,14 @@ SERVICE: Final = "api_gateway"
 
 
 class Settings(BaseServiceSettings):
-    gateway_port: int = Field(default=8080, ge=0, le=65535, validation_alias="GATEWAY_PORT")
+    gateway_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        validation_alias="GATEWAY_PORT",
+        description="Port of the gateway's HTTP server: the API under `/api/v1`, the UI at `/`, "
+        "`/healthz`, `/readyz` and `/metrics`.",
+    )
     allow_anonymous: bool = Field(
         default=False,
         validation_alias="GATEWAY_ALLOW_ANONYMOUS",
@@ -56,32 +63,88 @@ class Settings(BaseServiceSettings):
         validate_default=True,
         description="Comma-separated `key:scope` pairs; scope `read` or `admin`.",
     )
-    rate_limit: float = Field(default=50.0, gt=0, validation_alias="GATEWAY_RATE_LIMIT")
-    rate_burst: int = Field(default=100, ge=1, validation_alias="GATEWAY_RATE_BURST")
-    cors_origins: str = Field(default="", validation_alias="GATEWAY_CORS_ORIGINS")
+    rate_limit: float = Field(
+        default=50.0,
+        gt=0,
+        validation_alias="GATEWAY_RATE_LIMIT",
+        description="Requests per second one API key may make, on average (a token bucket per "
+        "key; keyless requests, when allowed, per client address). Past it: 429 with "
+        "`Retry-After`.",
+    )
+    rate_burst: int = Field(
+        default=100,
+        ge=1,
+        validation_alias="GATEWAY_RATE_BURST",
+        description="Size of each key's token bucket: requests a key that has been idle may "
+        "make at once before `GATEWAY_RATE_LIMIT` paces it.",
+    )
+    cors_origins: str = Field(
+        default="",
+        validation_alias="GATEWAY_CORS_ORIGINS",
+        description="Comma-separated browser origins allowed to call the API cross-origin "
+        "(`*`: any). Empty: none, so only pages the gateway serves itself (the UI) can.",
+    )
     max_body_bytes: int = Field(
-        default=256 * 1024, ge=1024, validation_alias="GATEWAY_MAX_BODY_BYTES"
+        default=256 * 1024,
+        ge=1024,
+        validation_alias="GATEWAY_MAX_BODY_BYTES",
+        description="Largest accepted request body, bytes; larger ones get 413.",
     )
     upstream_timeout_s: float = Field(
-        default=10.0, gt=0, le=300, validation_alias="GATEWAY_UPSTREAM_TIMEOUT"
+        default=10.0,
+        gt=0,
+        le=300,
+        validation_alias="GATEWAY_UPSTREAM_TIMEOUT",
+        description="Seconds a call to a business service (HTTP, or `get_entity` to the "
+        "database service over the bus) may take in all; then the client gets 504.",
     )
     upstream_connect_timeout_s: float = Field(
-        default=2.0, gt=0, le=60, validation_alias="GATEWAY_UPSTREAM_CONNECT_TIMEOUT"
+        default=2.0,
+        gt=0,
+        le=60,
+        validation_alias="GATEWAY_UPSTREAM_CONNECT_TIMEOUT",
+        description="Seconds to open a connection to a business service's HTTP API (504 past "
+        "it); a refused connection is 503 at once.",
     )
     sse_buffer: int = Field(
-        default=2000, ge=10, le=1_000_000, validation_alias="GATEWAY_SSE_BUFFER"
+        default=2000,
+        ge=10,
+        le=1_000_000,
+        validation_alias="GATEWAY_SSE_BUFFER",
+        description="Recent KPI results kept for SSE clients reconnecting with "
+        "`Last-Event-ID`; one that missed more than these gets a `gap` event.",
     )
     sse_heartbeat_s: float = Field(
-        default=15.0, gt=0, le=300, validation_alias="GATEWAY_SSE_HEARTBEAT"
+        default=15.0,
+        gt=0,
+        le=300,
+        validation_alias="GATEWAY_SSE_HEARTBEAT",
+        description="Seconds without a result after which an SSE stream gets a `: ping` "
+        "comment, so proxies and clients keep the idle connection open.",
     )
     sse_retry_ms: int = Field(
-        default=3000, ge=100, le=600_000, validation_alias="GATEWAY_SSE_RETRY_MS"
+        default=3000,
+        ge=100,
+        le=600_000,
+        validation_alias="GATEWAY_SSE_RETRY_MS",
+        description="Reconnection delay (milliseconds) sent to SSE clients as `retry:`: how "
+        "long a browser waits before reconnecting a dropped stream.",
     )
     sse_token_ttl_s: float = Field(
-        default=300.0, ge=10, le=86_400, validation_alias="GATEWAY_SSE_TOKEN_TTL"
+        default=300.0,
+        ge=10,
+        le=86_400,
+        validation_alias="GATEWAY_SSE_TOKEN_TTL",
+        description="Lifetime (seconds) of the read-only stream tokens `POST /api/v1/sse-token` "
+        "issues for the SSE routes' `?token=`.",
     )
     sse_client_queue: int = Field(
-        default=1000, ge=10, le=100_000, validation_alias="GATEWAY_SSE_CLIENT_QUEUE"
+        default=1000,
+        ge=10,
+        le=100_000,
+        validation_alias="GATEWAY_SSE_CLIENT_QUEUE",
+        description="KPI results queued per SSE client; a client this far behind is "
+        "disconnected (it reconnects and catches up from `GATEWAY_SSE_BUFFER`).",
     )
     sse_max_clients: int = Field(
         default=1000,
@@ -98,18 +161,30 @@ class Settings(BaseServiceSettings):
         description="Streams one key (with its tokens) holds open at once; more get 429.",
     )
     metadata_url: str = Field(
-        default="http://localhost:8083", validation_alias="METADATA_URL", pattern=r"^https?://"
+        default="http://localhost:8083",
+        validation_alias="METADATA_URL",
+        pattern=r"^https?://",
+        description="Base URL of the metadata service's HTTP API (KPI definitions and entity "
+        "types are proxied there).",
     )
     calculation_url: str = Field(
-        default="http://localhost:8082", validation_alias="CALCULATION_URL", pattern=r"^https?://"
+        default="http://localhost:8082",
+        validation_alias="CALCULATION_URL",
+        pattern=r"^https?://",
+        description="Base URL of the calculation engine's HTTP API (KPI list, latest values, "
+        "history).",
     )
     simulator_url: str = Field(
-        default="http://localhost:8081", validation_alias="SIMULATOR_URL", pattern=r"^https?://"
+        default="http://localhost:8081",
+        validation_alias="SIMULATOR_URL",
+        pattern=r"^https?://",
+        description="Base URL of the simulator's HTTP API (its status, start, stop and rate).",
     )
     observability_url: str = Field(
         default="http://localhost:8086",
         validation_alias="OBSERVABILITY_URL",
         pattern=r"^https?://",
+        description="Base URL of the observability service's HTTP API (`/api/v1/status`).",
     )
 
     @field_validator("api_keys")

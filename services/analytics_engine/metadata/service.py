@@ -33,7 +33,14 @@ SERVICE = "metadata_service"
 
 
 class Settings(BaseServiceSettings, DatabaseSettings):
-    port: int = Field(default=8083, ge=0, le=65535, validation_alias="METADATA_PORT")
+    port: int = Field(
+        default=8083,
+        ge=0,
+        le=65535,
+        validation_alias="METADATA_PORT",
+        description="Port of the metadata service's HTTP API (and `/healthz`, `/readyz`, "
+        "`/metrics`).",
+    )
     kpi_definitions_dir: Path | None = Field(
         default=None,
         validation_alias="KPI_DEFINITIONS_DIR",
@@ -45,7 +52,13 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         validation_alias="METADATA_MAX_BODY_BYTES",
         description="Largest accepted request body; larger ones get 413.",
     )
-    db_pool_size: int = Field(default=10, ge=1, le=200, validation_alias="METADATA_DB_POOL_SIZE")
+    db_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=200,
+        validation_alias="METADATA_DB_POOL_SIZE",
+        description="Most PostgreSQL connections this instance holds at once.",
+    )
     outbox_poll_interval_s: float = Field(
         default=1.0,
         gt=0,

@@ -42,7 +42,14 @@ def absent_services(text: str) -> frozenset[str]:
 
 
 class Settings(BaseServiceSettings):
-    port: int = Field(default=8086, validation_alias="OBSERVABILITY_PORT", ge=0, le=65535)
+    port: int = Field(
+        default=8086,
+        validation_alias="OBSERVABILITY_PORT",
+        ge=0,
+        le=65535,
+        description="Port of the observability service's HTTP API (`/api/v1/status`, "
+        "`/healthz`, `/readyz`, `/metrics`).",
+    )
     missing_after_s: float = Field(
         default=15.0,
         gt=0,

@@ -45,11 +45,34 @@ METADATA_RESYNC_S = 300.0
 
 
 class Settings(BaseServiceSettings):
-    simulator_port: int = Field(default=8081, ge=0, le=65535, validation_alias="SIMULATOR_PORT")
-    seed: int = Field(default=42, validation_alias="SIMULATOR_SEED")
-    rate: float = Field(default=100.0, gt=0, le=MAX_RATE, validation_alias="SIMULATOR_RATE")
+    simulator_port: int = Field(
+        default=8081,
+        ge=0,
+        le=65535,
+        validation_alias="SIMULATOR_PORT",
+        description="Port of the simulator's HTTP control API (and `/healthz`, `/readyz`, "
+        "`/metrics`).",
+    )
+    seed: int = Field(
+        default=42,
+        validation_alias="SIMULATOR_SEED",
+        description="Seed of the generator: the same seed and entity definitions give the same "
+        "events but for their timestamps (the same event ids also need `SIMULATOR_RUN_ID`).",
+    )
+    rate: float = Field(
+        default=100.0,
+        gt=0,
+        le=MAX_RATE,
+        validation_alias="SIMULATOR_RATE",
+        description="Events generated per second (at most 100000) at start; "
+        "`PUT /api/v1/simulator/rate` changes it while running.",
+    )
     mix: str = Field(
-        default="created=0.5,updated=0.45,deactivated=0.05", validation_alias="SIMULATOR_MIX"
+        default="created=0.5,updated=0.45,deactivated=0.05",
+        validation_alias="SIMULATOR_MIX",
+        description="Share of created, updated and deactivated events, as `kind=weight` pairs "
+        "(normalised). An update or deactivation with no live entity to act on is generated "
+        "as a creation.",
     )
     entity_types: str = Field(
         default="order=0.6,sensor=0.4",
@@ -58,23 +81,73 @@ class Settings(BaseServiceSettings):
         "built-in model are ignored).",
     )
     out_of_order_ratio: float = Field(
-        default=0.02, ge=0, le=1, validation_alias="SIMULATOR_OUT_OF_ORDER_RATIO"
+        default=0.02,
+        ge=0,
+        le=1,
+        validation_alias="SIMULATOR_OUT_OF_ORDER_RATIO",
+        description="Share of events whose `occurred_at` is back-dated by up to 2 s (out of "
+        "order, usually still within a window's allowed lateness).",
     )
-    late_ratio: float = Field(default=0.005, ge=0, le=1, validation_alias="SIMULATOR_LATE_RATIO")
+    late_ratio: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        validation_alias="SIMULATOR_LATE_RATIO",
+        description="Share of events back-dated by between half and all of "
+        "`SIMULATOR_MAX_LATENESS`, to exercise late-event handling. With "
+        "`SIMULATOR_OUT_OF_ORDER_RATIO`, at most 1.",
+    )
     max_lateness: timedelta = Field(
-        default=timedelta(seconds=120), validation_alias="SIMULATOR_MAX_LATENESS"
+        default=timedelta(seconds=120),
+        validation_alias="SIMULATOR_MAX_LATENESS",
+        description="How far back a late event (`SIMULATOR_LATE_RATIO`) is dated at most "
+        "(e.g. '120s', '5m').",
     )
     tick_interval_s: float = Field(
-        default=1.0, gt=0, le=3600, validation_alias="SIMULATOR_TICK_INTERVAL"
+        default=1.0,
+        gt=0,
+        le=3600,
+        validation_alias="SIMULATOR_TICK_INTERVAL",
+        description="Seconds between `simulation.tick` events (events emitted, measured rate) "
+        "while the simulator runs.",
     )
-    max_events: int | None = Field(default=None, ge=1, validation_alias="SIMULATOR_MAX_EVENTS")
-    autostart: bool = Field(default=True, validation_alias="SIMULATOR_AUTOSTART")
-    run_id: str = Field(default="", max_length=100, validation_alias="SIMULATOR_RUN_ID")
+    max_events: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias="SIMULATOR_MAX_EVENTS",
+        description="Stop after this many events in all (a finite run; a later start is "
+        "refused). Unset: no limit.",
+    )
+    autostart: bool = Field(
+        default=True,
+        validation_alias="SIMULATOR_AUTOSTART",
+        description="Start generating when the service starts (once its first request for the "
+        "metadata service's entity types has an outcome, at most `SIMULATOR_METADATA_TIMEOUT` + "
+        "1 s); false waits for `POST /api/v1/simulator/start`.",
+    )
+    run_id: str = Field(
+        default="",
+        max_length=100,
+        validation_alias="SIMULATOR_RUN_ID",
+        description="Salt of the event ids. Empty: a random one per process, so a restart never "
+        "re-sends ids consumers have already seen; set it (with the seed) to reproduce a run's "
+        "ids.",
+    )
     max_live_entities: int = Field(
-        default=50_000, ge=1, le=10_000_000, validation_alias="SIMULATOR_MAX_LIVE_ENTITIES"
+        default=50_000,
+        ge=1,
+        le=10_000_000,
+        validation_alias="SIMULATOR_MAX_LIVE_ENTITIES",
+        description="Live entities remembered per entity type (bounds memory); a new entity "
+        "takes the oldest one's place, and that one gets no further events.",
     )
     metadata_timeout_s: float = Field(
-        default=2.0, gt=0, validation_alias="SIMULATOR_METADATA_TIMEOUT"
+        default=2.0,
+        gt=0,
+        validation_alias="SIMULATOR_METADATA_TIMEOUT",
+        description="Timeout (seconds) of the request for entity types to the metadata "
+        "service; without an answer the built-in `order` and `sensor` are used (asked again "
+        "every 30 s).",
     )
 
     @field_validator("max_lateness", mode="before")
