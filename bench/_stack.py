@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +172,22 @@ async def group_state(redis: Redis, chans: Sequence[str], group: str) -> GroupSt
             elif lag is not None:
                 lag += int(info["lag"])
     return GroupState(lag, pending, read)
+
+
+def exit_on_sigterm(cleanup: Callable[[], object]) -> None:
+    """On SIGTERM (`timeout`, a CI stop) run `cleanup` (stop the stack) and exit at once: the
+    stack's servers and services run in sessions of their own and would outlive us, busy, for
+    good; unwinding through `asyncio.run` instead can wait for ever on a task that does not
+    cancel."""
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            cleanup()
+        finally:
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def rss_mb(pid: int) -> float | None:

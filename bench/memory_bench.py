@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _stack import Stack, group_state, kpi_files, rss_mb, slope, uptime_line
+from _stack import Stack, exit_on_sigterm, group_state, kpi_files, rss_mb, slope, uptime_line
 from analytics_engine.cli import SERVICES
 from analytics_engine.core import channels
 
@@ -85,6 +85,7 @@ def main() -> None:
         print(f"load before: {uptime_line()}", flush=True)
         stack.start_infra()
         cleanup.callback(stack.stop_all)
+        exit_on_sigterm(cleanup.close)
         for name in stack.services:
             stack.start(name)
         asyncio.run(stack.wait_ready(stack.services))

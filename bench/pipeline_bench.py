@@ -55,6 +55,7 @@ from _stack import (
     GroupState,
     Stack,
     cpu_seconds,
+    exit_on_sigterm,
     group_state,
     kpi_files,
     percentile,
@@ -1032,6 +1033,7 @@ def main() -> None:
         print(f"load before start: {uptime_line()}", flush=True)
         infra_s = stack.start_infra()
         cleanup.callback(stack.stop_all)
+        exit_on_sigterm(cleanup.close)
         if not args.backfill:
             stack.envs["calculation"]["CALCULATION_BACKFILL"] = "false"
         log(f"servers up in {infra_s:.1f}s; starting services")

@@ -22,7 +22,15 @@ from typing import Any
 import aiohttp
 
 from _profile import record, summarise
-from _stack import Stack, cpu_seconds, group_state, kpi_files, percentile, uptime_line
+from _stack import (
+    Stack,
+    cpu_seconds,
+    exit_on_sigterm,
+    group_state,
+    kpi_files,
+    percentile,
+    uptime_line,
+)
 from pipeline_bench import CALC_CHANNELS, CALC_GROUP, FRESH_KPIS, Freshness, listen
 
 SERVICES = ("calculation", "simulator")
@@ -139,6 +147,7 @@ def main() -> None:
             rate=1000,
             extra_env={"SIMULATOR_AUTOSTART": "false", "CALCULATION_BACKFILL": "false"},
         )
+        exit_on_sigterm(stack.stop_all)
         print(f"load before start: {uptime_line()}", flush=True)
         try:
             stack.start_infra()
