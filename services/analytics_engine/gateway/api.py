@@ -45,6 +45,7 @@ from analytics_engine.gateway.upstream import Upstream
 from analytics_engine.kpi.history_query import (
     DIMENSION_PREFIX,
     HISTORY_LIMIT,
+    HISTORY_PARAMETERS,
     InvalidHistoryQuery,
     parse_history_query,
 )
@@ -194,7 +195,7 @@ class GatewayApi:
             parsed = parse_history_query(request.query)
         except InvalidHistoryQuery as exc:
             raise ApiError(422, str(exc), code="validation_error", details=exc.problems) from None
-        query = {k: v for k, v in request.query.items() if k in ("start", "end", "limit")}
+        query = {k: v for k, v in request.query.items() if k in HISTORY_PARAMETERS}
         # Either spelling of a dimension filter goes on as `dimension.<name>`.
         query.update({f"{DIMENSION_PREFIX}{k}": v for k, v in parsed.dimensions.items()})
         return await self._calculation.call(
@@ -384,7 +385,7 @@ class GatewayApi:
                 "style": "deepObject",
                 "explode": True,
                 "description": "Filter by dimension: `dimension[<name>]=<value>` or "
-                "`dimension.<name>=<value>` (repeatable).",
+                "`dimension.<name>=<value>` (repeatable). Any other parameter is a 422.",
                 "schema": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         ]

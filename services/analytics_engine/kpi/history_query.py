@@ -1,6 +1,6 @@
 """The HTTP query of a KPI's history (`start`, `end`, `limit`, `dimension.<name>` or
-`dimension[<name>]`), parsed and
-checked once for the gateway (the edge) and the calculation engine's API (pure: no I/O).
+`dimension[<name>]`, nothing else), parsed and checked once for the gateway (the edge) and the
+calculation engine's API (pure: no I/O).
 
 Everything out of range is refused here with a field-level message, before a request is built:
 a `limit` past 64 bits cannot even be encoded on the bus, and a timestamp whose UTC time falls
@@ -19,6 +19,11 @@ from analytics_engine.core.timestamps import BadTimestamp, parse_utc
 HISTORY_LIMIT: Final = 10_000
 """Most rows one history request returns (the database service's `kpi_history` cap too)."""
 DIMENSION_PREFIX: Final = "dimension."
+HISTORY_PARAMETERS: Final = frozenset({"start", "end", "limit"})
+UNKNOWN_PARAMETER: Final = (
+    "unknown parameter (a typo would silently filter nothing): expected start, end, limit, "
+    "dimension.<name> or dimension[<name>]"
+)
 _LIMIT_DIGITS: Final = 6
 
 
@@ -84,6 +89,11 @@ def parse_history_query(query: Mapping[str, str]) -> HistoryQuery:
             problems.extend(exc.problems)
     if len(times) == 2 and times["end"] < times["start"]:
         problems.append({"field": "end", "message": "must not be before start"})
+    problems.extend(
+        {"field": name, "message": UNKNOWN_PARAMETER}
+        for name in query
+        if name not in HISTORY_PARAMETERS and dimension_name(name) is None
+    )
     if problems:
         raise InvalidHistoryQuery(problems)
     dimensions = {

@@ -290,6 +290,7 @@ async def test_history_parameters_out_of_range_are_422_and_unknown_kpis_404(
         ("&limit=99999999999999999999999", "limit"),  # cannot even be encoded on the bus
         ("&limit=0", "limit"),
         ("&limit=10001", "limit"),
+        ("&dimensions.region=eu", "dimensions.region"),  # a typo must not answer every group
     ]:
         reply = await stack.call("GET", base + query)
         assert reply.status == 422, (query, reply.body)

@@ -40,7 +40,7 @@ def test_dimensions_in_both_spellings() -> None:
     """`dimension.<name>`, and `dimension[<name>]`: the deepObject style the OpenAPI document
     declares, which generated clients and the docs page send."""
     parsed = parse_history_query(
-        {**RANGE, "dimension[region]": "eu", "dimension.status": "completed", "dimension[]": "x"}
+        {**RANGE, "dimension[region]": "eu", "dimension.status": "completed"}
     )
     assert parsed.dimensions == {"region": "eu", "status": "completed"}
 
@@ -59,6 +59,11 @@ def test_dimensions_in_both_spellings() -> None:
         ({"start": "yesterday"}, "start", "not an ISO 8601 timestamp"),
         ({"start": ""}, "start", "required"),
         ({"end": "2023-12-31T23:59:59Z"}, "end", "must not be before start"),
+        # a misspelt filter would otherwise answer every group as if it had matched
+        ({"dimensions.region": "eu"}, "dimensions.region", "unknown parameter"),
+        ({"region": "eu"}, "region", "unknown parameter"),
+        ({"dimension[]": "eu"}, "dimension[]", "unknown parameter"),
+        ({"dimension.": "eu"}, "dimension.", "unknown parameter"),
     ],
 )
 def test_out_of_range_parameters_are_field_problems(
