@@ -92,16 +92,32 @@ def render() -> str:
         "missing value stops the service at start with one line naming the variable.",
         "",
     ]
-    for name, entry in SERVICES.items():
-        settings = importlib.import_module(entry.module).Settings
-        lines += [f"## `{name}` ({entry.source})", "", "| variable | default | meaning |"]
-        lines.append("|---|---|---|")
+    sections = [
+        (f"`{name}` ({entry.source})", importlib.import_module(entry.module).Settings)
+        for name, entry in SERVICES.items()
+    ]
+    sections += [
+        (title, getattr(importlib.import_module(module), cls)) for title, module, cls in TOOLS
+    ]
+    for title, settings in sections:
+        lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
         for field_name, info in settings.model_fields.items():
             meaning = " ".join((info.description or "").split())
             row = f"| `{env_name(field_name, info)}` | {default_text(field_name, info)} | "
             lines.append(row + meaning.replace("|", "\\|") + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+TOOLS = (
+    ("`analytics-engine verify`", "analytics_engine.verify.cli", "VerifySettings"),
+    (
+        "`python -m analytics_engine_operator.release` (the chart's pre-delete hook)",
+        "analytics_engine_operator.settings",
+        "ReleaseSettings",
+    ),
+)
+"""Settings classes of the commands that are not services (title, module, class)."""
 
 
 def main() -> int:

@@ -118,7 +118,7 @@ class ReleaseSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        default="INFO", validation_alias="LOG_LEVEL"
+        default="INFO", validation_alias="LOG_LEVEL", description="Least severe level logged."
     )
     namespace: str = Field(
         validation_alias="KPI_RELEASE_NAMESPACE",

@@ -52,22 +52,52 @@ class VerifySettings(BaseSettings):
 
     # The connection URLs hold passwords: out of the repr.
     database_url: str = Field(
-        validation_alias="DATABASE_URL", pattern=r"^postgres(ql)?://", repr=False
+        validation_alias="DATABASE_URL",
+        pattern=r"^postgres(ql)?://",
+        repr=False,
+        description="PostgreSQL holding `entity_events` and `kpi_results` (a read-only role "
+        "is enough).",
     )
     redis_url: str | None = Field(
-        default="redis://localhost:6379", validation_alias="REDIS_URL", repr=False
+        default="redis://localhost:6379",
+        validation_alias="REDIS_URL",
+        repr=False,
+        description="Where to ask the metadata service for the KPI definitions "
+        "(`metadata.lookup`); `KPI_DEFINITIONS_DIR` is read when none answers.",
     )
-    kpi_definitions_dir: str | None = Field(default=None, validation_alias="KPI_DEFINITIONS_DIR")
-    s3_endpoint_url: str | None = Field(default=None, validation_alias="S3_ENDPOINT_URL")
-    s3_bucket: str = Field(default="analytics-lakehouse", validation_alias="S3_BUCKET")
-    aws_access_key_id: str | None = Field(default=None, validation_alias="AWS_ACCESS_KEY_ID")
+    kpi_definitions_dir: str | None = Field(
+        default=None,
+        validation_alias="KPI_DEFINITIONS_DIR",
+        description="YAML KPI definitions, used when no metadata service answers.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias="S3_ENDPOINT_URL",
+        description="The lake's S3 endpoint; unset, the Parquet archive is not checked.",
+    )
+    s3_bucket: str = Field(
+        default="analytics-lakehouse",
+        validation_alias="S3_BUCKET",
+        description="The lake's bucket.",
+    )
+    aws_access_key_id: str | None = Field(
+        default=None, validation_alias="AWS_ACCESS_KEY_ID", description="S3 access key."
+    )
     aws_secret_access_key: str | None = Field(
-        default=None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False
+        default=None,
+        validation_alias="AWS_SECRET_ACCESS_KEY",
+        repr=False,
+        description="S3 secret key.",
     )
-    aws_region: str = Field(default="us-east-1", validation_alias="AWS_REGION")
-    # The calculation engine's HTTP API: which windows await a backfill (pending, not missing).
+    aws_region: str = Field(
+        default="us-east-1", validation_alias="AWS_REGION", description="S3 region."
+    )
     calculation_url: str | None = Field(
-        default=None, validation_alias="CALCULATION_URL", pattern=r"^https?://"
+        default=None,
+        validation_alias="CALCULATION_URL",
+        pattern=r"^https?://",
+        description="The calculation engine's HTTP API, asked which windows await a backfill "
+        "and where each KPI version's results begin; unset, those windows count as missing.",
     )
 
 
