@@ -96,6 +96,11 @@ class BackfillFailed(Exception):
     pass
 
 
+class BackfillTooLarge(BackfillFailed):
+    """More events to replay than `CALCULATION_BACKFILL_MAX_EVENTS`: another attempt would
+    replay the same history again (up to that many events through Redis) to the same end."""
+
+
 @dataclass
 class BackfillJob:
     definition: VersionedKPIDefinition
@@ -446,7 +451,7 @@ class BackfillManager:
             events = await self.replay(job)
             results = compute(job, events)
         except (BackfillFailed, *REDIS_ERRORS) as exc:
-            if job.attempts >= MAX_ATTEMPTS:
+            if job.attempts >= MAX_ATTEMPTS or isinstance(exc, BackfillTooLarge):
                 log.error("backfill abandoned", extra={"kpi": job.code, "error": str(exc)[:300]})
                 self._on_outcome("failed")
                 if self.jobs.get(job.code) is job:
@@ -554,7 +559,7 @@ class BackfillManager:
                     if done:
                         return events
                     if len(events) > self.max_events:
-                        raise BackfillFailed(
+                        raise BackfillTooLarge(
                             f"more than {self.max_events} events to replay "
                             "(CALCULATION_BACKFILL_MAX_EVENTS)"
                         )

@@ -132,8 +132,8 @@ class Settings(BaseServiceSettings):
         ge=1,
         validation_alias="CALCULATION_BACKFILL_MAX_EVENTS",
         description="Most stored events one backfill replays (it holds them in memory). One "
-        "that needs more fails, is retried, then abandoned: the windows open at the cut get no "
-        "result.",
+        "that needs more is abandoned at once (a retry would replay the same history): the "
+        "windows open at the cut get no result.",
     )
     backfill_enabled: bool = Field(
         default=True,

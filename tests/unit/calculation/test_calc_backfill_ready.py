@@ -143,6 +143,55 @@ async def test_a_due_backfill_waits_for_the_database_then_runs(
     assert job.waiting is None
 
 
+async def test_a_backfill_too_large_is_abandoned_at_its_first_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retrying would replay the same oversized history again (up to
+    CALCULATION_BACKFILL_MAX_EVENTS events each time) to the same end."""
+
+    async def read(_redis: Any) -> dict[str, GroupProgress]:
+        return both(DONE)
+
+    monkeypatch.setattr(backfill, "database_progress", read)
+    replays: list[str] = []
+
+    async def replay(job: backfill.BackfillJob) -> list[Any]:
+        replays.append(job.code)
+        raise backfill.BackfillTooLarge("more than 1000 events to replay")
+
+    async def on_results(_results: Any) -> None:
+        return None
+
+    outcomes: list[str] = []
+    manager = BackfillManager(
+        redis=None,  # type: ignore[arg-type]
+        publisher=_Publisher(),  # type: ignore[arg-type]
+        horizon=timedelta(minutes=1),
+        delay=timedelta(0),
+        max_events=1000,
+        on_results=on_results,
+        watermark=lambda: None,
+        on_outcome=outcomes.append,
+        ready_retry_s=0.0,
+    )
+    monkeypatch.setattr(manager, "replay", replay)
+    definition = VersionedKPIDefinition.model_validate(
+        {
+            "code": "orders_count",
+            "display_name": "orders",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "2s", "allowed_lateness": "0s"},
+            "version": 1,
+        }
+    )
+    manager.schedule(definition, datetime.now(UTC) - timedelta(minutes=5))
+    for _ in range(3):
+        await manager._run_due()
+    assert (replays, outcomes) == (["orders_count"], ["failed"])
+    assert "orders_count" not in manager.jobs
+
+
 @pytest.mark.parametrize("owner", ["calculation-engine-0", "x.y", "a" * 300])
 def test_subscription_ids_are_valid_stream_subscribe_payloads(owner: str) -> None:
     """Whatever the consumer name, the engine's subscription ids and replay channels satisfy
