@@ -62,7 +62,8 @@ class GeneratorConfig:
     customer_pool: int = 10_000
     sensor_count: int = 500
     run_id: str = ""
-    """Salt of the event ids; empty keeps ids a function of the seed and sequence alone."""
+    """Salt of the event ids; empty keeps ids a function of the seed and sequence alone (the
+    service never leaves it empty: `SIMULATOR_RUN_ID`, or a random one per process)."""
 
     def resolved_mix(self) -> dict[str, float]:
         mix = dict(self.mix or {"created": 0.5, "updated": 0.45, "deactivated": 0.05})

@@ -6,9 +6,10 @@ spec Example 3) when it answers, else the built-in `order` and `sensor`; a `meta
 event about an entity type triggers a re-fetch. Changing the definitions changes what is
 generated from then on (determinism holds for a given seed *and* sequence of definitions).
 
-Determinism caveat: event ids are a function of `SIMULATOR_SEED`, `SIMULATOR_RUN_ID` and the
-sequence number, so restarting the process with the same seed re-sends the same ids; set
-`SIMULATOR_RUN_ID` (any string) per run when the receiving side deduplicates by event id.
+Event ids are a function of `SIMULATOR_SEED`, the run id and the sequence number. Unset,
+`SIMULATOR_RUN_ID` is random per process, so a restarted simulator never re-sends ids that
+consumers have already seen (they deduplicate by event id and would drop the new events); set it,
+with the seed, to reproduce a run's ids exactly.
 """
 
 from __future__ import annotations
