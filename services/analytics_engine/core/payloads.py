@@ -34,7 +34,7 @@ class _OpenPayload(BaseModel):
 class EntityEvent(_OpenPayload):
     """`simulation.entity.created` and `simulation.entity.updated`."""
 
-    entity_type: str = Field(min_length=1, max_length=100)
+    entity_type: str = Field(min_length=1, max_length=200)
     entity_id: str = Field(min_length=1, max_length=200)
     version: int = Field(ge=0, description="Increases with every event of one entity.")
     occurred_at: datetime = Field(description="Event time: when it happened at the source.")
@@ -47,7 +47,7 @@ class EntityEvent(_OpenPayload):
 class EntityDeactivated(_OpenPayload):
     """`simulation.entity.deactivated`."""
 
-    entity_type: str = Field(min_length=1, max_length=100)
+    entity_type: str = Field(min_length=1, max_length=200)
     entity_id: str = Field(min_length=1, max_length=200)
     version: int = Field(ge=0)
     occurred_at: datetime

@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from analytics_engine.core.schemas import all_schemas, render
+from analytics_engine.core.storable import MAX_NAME
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "docs" / "schemas"
 
@@ -71,3 +72,11 @@ def test_entity_event_payloads_require_the_fields_the_issue_lists() -> None:
         "occurred_at",
         "attributes",
     }
+
+
+@pytest.mark.parametrize("name", ["entity_event.schema.json", "entity_deactivated.schema.json"])
+def test_entity_names_have_the_length_the_database_stores(name: str) -> None:
+    """The published schema allows exactly the names `core.storable` accepts (and stores)."""
+    properties = json.loads((SCHEMAS / name).read_text())["properties"]
+    for field in ("entity_type", "entity_id"):
+        assert properties[field]["maxLength"] == MAX_NAME, field
