@@ -11,13 +11,7 @@ import orjson
 
 from analytics_engine.core import channels
 from analytics_engine.core.envelopes import Event
-from analytics_engine.core.storable import (
-    INT64_MAX,
-    MAX_NAME,
-    InvalidPayload,
-    parse_entity_fields,
-    uuid_match,
-)
+from analytics_engine.core.storable import InvalidPayload, check_entity_fields
 from analytics_engine.core.timestamps import parse_utc
 from analytics_engine.kpi import EntityEventView, EventFields, KPIResult
 from analytics_engine.kpi.windows import to_micros
@@ -50,31 +44,9 @@ def check_storable(
     dead-letters it: a non-UUID `event_id`, a NUL character, a name past 200 characters, a
     negative version, no `attributes` object, ...). The engine aggregates exactly the stored
     events, so every result is what `analytics-engine verify` recomputes from `entity_events`.
-
-    The common case is checked inline (every event passes here); anything else goes through
-    the shared parser (`core.storable`), which decides. `test_calc_events` pins the two together.
     """
-    entity_type = payload.get("entity_type")
-    entity_id = payload.get("entity_id")
-    version = payload.get("version")
-    attributes = payload.get("attributes")
-    if (
-        type(entity_type) is str
-        and 0 < len(entity_type) <= MAX_NAME
-        and "\x00" not in entity_type
-        and type(entity_id) is str
-        and 0 < len(entity_id) <= MAX_NAME
-        and "\x00" not in entity_id
-        and type(version) is int
-        and 0 <= version <= INT64_MAX
-        and "\x00" not in source
-        and type(attributes) is dict
-        and uuid_match(event_id) is not None
-        and b"\\u0000" not in orjson.dumps(attributes)
-    ):
-        return
     try:
-        parse_entity_fields(channel, event_id, source, published_at, payload)
+        check_entity_fields(channel, event_id, source, published_at, payload)
     except InvalidPayload as exc:
         raise InvalidEntityEvent(f"not storable: {exc}") from None
 

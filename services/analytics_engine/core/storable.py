@@ -118,8 +118,6 @@ _new_row: Final = tuple.__new__  # builds the NamedTuple without its Python-leve
 # The event id is checked to be a UUID but kept as text: asyncpg encodes it in C, much faster
 # than building `uuid.UUID` objects on the hot path.
 _uuid_match: Final = _UUID.fullmatch
-uuid_match: Final = _uuid_match
-"""Whether a text is a UUID (as `entity_events.event_id` takes it)."""
 
 
 def parse_entity_event(channel: str, event: Event) -> EntityEventRow:
@@ -205,3 +203,32 @@ def parse_entity_fields(
             source,
         ),
     )
+
+
+def check_entity_fields(
+    channel: str, event_id: str, source: str, published_at: datetime, payload: dict[str, Any]
+) -> None:
+    """Raise `InvalidPayload` for an event `parse_entity_fields` refuses, without building its
+    row (the calculation engine aggregates exactly the stored events). The common case is
+    checked inline, as there; anything else goes through `parse_entity_fields`, which decides
+    and names the reason. `test_calc_events` pins the two together."""
+    entity_type = payload.get("entity_type")
+    entity_id = payload.get("entity_id")
+    version = payload.get("version")
+    attributes = payload.get("attributes")
+    if (
+        type(entity_type) is str
+        and 0 < len(entity_type) <= MAX_NAME
+        and "\x00" not in entity_type
+        and type(entity_id) is str
+        and 0 < len(entity_id) <= MAX_NAME
+        and "\x00" not in entity_id
+        and type(version) is int
+        and 0 <= version <= INT64_MAX
+        and "\x00" not in source
+        and type(attributes) is dict
+        and _uuid_match(event_id) is not None
+        and b"\\u0000" not in orjson.dumps(attributes)
+    ):
+        return
+    parse_entity_fields(channel, event_id, source, published_at, payload)
