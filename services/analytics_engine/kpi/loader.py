@@ -111,31 +111,9 @@ def load_definitions_dir(path: str | Path) -> list[KPIDefinition]:
 
     Raises :class:`DefinitionLoadError` listing every invalid file/field, and for codes defined
     more than once."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise DefinitionLoadError([(directory, FieldError("", "not a directory"))])
-    errors: list[tuple[Path, FieldError]] = []
-    definitions: list[KPIDefinition] = []
-    origin: dict[str, Path] = {}
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-    for file in files:
-        for definition in _load_file(file, errors):
-            if definition.code in origin:
-                errors.append(
-                    (
-                        file,
-                        FieldError(
-                            "code",
-                            f"KPI {definition.code!r} is already "
-                            f"defined in {origin[definition.code]}",
-                        ),
-                    )
-                )
-                continue
-            origin[definition.code] = file
-            definitions.append(definition)
-    if errors:
-        raise DefinitionLoadError(errors)
+    definitions, problems = load_valid_definitions(path)
+    if problems is not None:
+        raise problems
     return definitions
 
 

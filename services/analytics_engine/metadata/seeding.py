@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from analytics_engine.kpi.definitions import EntityTypeDefinition, KPIDefinition
-from analytics_engine.kpi.loader import DefinitionLoadError, load_definitions_file
+from analytics_engine.kpi.definitions import EntityTypeDefinition, FieldError, KPIDefinition
+from analytics_engine.kpi.loader import DefinitionLoadError, load_valid_definitions
 from analytics_engine.metadata.errors import Conflict, Invalid
 
 if TYPE_CHECKING:
@@ -58,33 +58,16 @@ class SeedReport:
     errors: list[str] = field(default_factory=list)
 
 
-def definition_files(directory: Path) -> list[Path]:
-    """The `*.yaml` / `*.yml` files directly in `directory`, by name."""
-    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-
-
 def load_directory(directory: Path, report: SeedReport) -> list[KPIDefinition]:
-    """Definitions of every valid file; invalid files and duplicate codes are reported and
-    skipped, so one bad file does not keep the good ones out."""
-    if not directory.is_dir():
-        report.errors.append(f"{directory}: not a directory")
-        return []
-    found: dict[str, tuple[Path, KPIDefinition]] = {}
-    for path in definition_files(directory):
-        try:
-            definitions = load_definitions_file(path)
-        except DefinitionLoadError as exc:
-            report.errors.append(str(exc))
-            continue
-        for definition in definitions:
-            if definition.code in found:
-                report.errors.append(
-                    f"{path}: KPI {definition.code!r} is already defined in "
-                    f"{found[definition.code][0]}; ignored"
-                )
-                continue
-            found[definition.code] = (path, definition)
-    return [definition for _, definition in found.values()]
+    """Definitions of every valid file; invalid files and duplicate codes are reported (one
+    entry per file) and skipped, so one bad file does not keep the good ones out."""
+    definitions, problems = load_valid_definitions(directory)
+    if problems is not None:
+        by_file: dict[Path, list[tuple[Path, FieldError]]] = {}
+        for path, error in problems.errors:
+            by_file.setdefault(path, []).append((path, error))
+        report.errors.extend(str(DefinitionLoadError(errors)) for errors in by_file.values())
+    return definitions
 
 
 async def seed(store: MetadataStore, kpi_dir: Path | None) -> SeedReport:
