@@ -211,9 +211,12 @@ class ServiceRuntime:
         self.bound_port = _bound_port(runner) or self.port
         tasks: list[asyncio.Task[None]] = []
         consumer_tasks: list[asyncio.Task[None]] = []
+        started = False
         try:
             for hook in self._startup:
-                await hook()
+                if not await _unless_stopped(hook, self._stop):
+                    return  # told to stop while starting (e.g. waiting for a database)
+            started = True
             tune_gc(self.settings.gc_threshold)  # what startup built lives as long as we do
             for server in self._servers:
                 await server.start()
@@ -266,11 +269,15 @@ class ServiceRuntime:
             # there), and let requests in flight finish within the grace, while what they use
             # (the request/reply client, Redis, what the shutdown hooks close) is still open.
             await runner.cleanup()
-            for hook in reversed(self._shutdown):
+            # A shutdown hook may rely on the startup having run: the calculation engine's
+            # final checkpoint, written over a state that was never loaded, would erase it.
+            for hook in reversed(self._shutdown if started else ()):
                 try:
                     await hook()
                 except Exception:
                     log.exception("shutdown hook failed")
+            if not started and self._shutdown:
+                log.info("startup did not complete: shutdown hooks skipped")
             if self._client is not None:
                 await self._client.close()
             await self.redis.aclose()
@@ -378,6 +385,30 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[None]], *, attempts: int = 10
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+async def _unless_stopped(hook: Hook, stop: asyncio.Event) -> bool:
+    """Run a startup hook unless `stop` is set first (True when it completed). A hook that waits
+    for a dependency (a database not up yet) is cancelled by the stop, so a SIGTERM at start is
+    obeyed at once, not after the pod's grace period."""
+    if stop.is_set():
+        return False
+    work = asyncio.ensure_future(hook())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if not work.cancelled() and (error := work.exception()) is not None:
+        if stop.is_set():  # it failed while being stopped: the stop wins
+            log.info("startup hook failed while stopping", extra={"error": str(error)[:200]})
+            return False
+        raise error
+    return not work.cancelled()
 
 
 async def _until_ready(

@@ -237,3 +237,63 @@ async def test_stop_cancels_http_requests_past_the_grace(redis_url: str) -> None
         assert asyncio.get_running_loop().time() - started < 5
         with contextlib.suppress(aiohttp.ClientError):
             (await page).close()
+
+
+async def test_a_stop_during_startup_cancels_the_hook_and_skips_the_shutdown_hooks(
+    redis_url: str,
+) -> None:
+    """A startup hook still waiting (for a database not up yet) is cancelled by a stop, and the
+    shutdown hooks, which may rely on a completed startup, do not run."""
+    rt = runtime(redis_url)
+    waiting = asyncio.Event()
+    calls: list[str] = []
+
+    async def wait_for_a_database() -> None:
+        waiting.set()
+        try:
+            await asyncio.Event().wait()  # never up
+        except asyncio.CancelledError:
+            calls.append("startup cancelled")
+            raise
+
+    async def final_checkpoint() -> None:
+        calls.append("shutdown hook")
+
+    rt.on_startup(wait_for_a_database)
+    rt.on_shutdown(final_checkpoint)
+    task = asyncio.create_task(rt.run())
+    await asyncio.wait_for(waiting.wait(), 5)
+    rt.stop()
+    await asyncio.wait_for(task, 5)
+    assert calls == ["startup cancelled"]
+    assert not rt.ready.is_set()
+
+
+async def test_shutdown_hooks_run_after_a_complete_startup(redis_url: str) -> None:
+    rt = runtime(redis_url)
+    calls: list[str] = []
+
+    async def startup() -> None:
+        calls.append("startup")
+
+    async def shutdown() -> None:
+        calls.append("shutdown")
+
+    rt.on_startup(startup)
+    rt.on_shutdown(shutdown)
+    task = asyncio.create_task(rt.run())
+    await asyncio.wait_for(rt.ready.wait(), 10)
+    rt.stop()
+    await asyncio.wait_for(task, 10)
+    assert calls == ["startup", "shutdown"]
+
+
+async def test_a_startup_hook_that_fails_still_fails_the_service(redis_url: str) -> None:
+    rt = runtime(redis_url)
+
+    async def broken() -> None:
+        raise RuntimeError("bad configuration")
+
+    rt.on_startup(broken)
+    with pytest.raises(RuntimeError, match="bad configuration"):
+        await asyncio.wait_for(rt.run(), 10)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,8 +19,9 @@ from redis.asyncio import Redis
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
+from analytics_engine.database.service import create
 
-from .conftest import Start, count, entity_event, wait_for
+from .conftest import Start, count, entity_event, make_settings, wait_for
 
 
 class ServiceProcess:
@@ -202,3 +204,22 @@ async def test_a_postgresql_outage_mid_stream_loses_nothing_and_dead_letters_not
     finally:
         await conn.close()
     await no_dead_letters(redis)
+
+
+async def test_a_stop_while_waiting_for_postgresql_at_start_is_obeyed(
+    redis_url: str, unused_tcp_port: int
+) -> None:
+    """PostgreSQL not up: the service retries its migrations, and a SIGTERM meanwhile ends it
+    at once instead of after the pod's grace period."""
+    settings = make_settings(
+        redis_url, f"postgresql://nobody:secret@127.0.0.1:{unused_tcp_port}/analytics"
+    )
+    service = create(settings)
+    task = asyncio.create_task(service.run())
+    await asyncio.sleep(1.0)  # a few connection attempts
+    assert not task.done()
+    started = time.monotonic()
+    service.stop()
+    await asyncio.wait_for(task, 5)
+    assert time.monotonic() - started < 2.0
+    assert not service.ready.is_set()
