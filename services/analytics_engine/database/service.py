@@ -80,7 +80,9 @@ class Settings(BaseServiceSettings, DatabaseSettings):
     archival_interval: Duration = Field(
         default=timedelta(seconds=60),
         validation_alias="DATABASE_ARCHIVAL_INTERVAL",
-        description="Time between retention passes; 0 turns archival off.",
+        description="Time between retention passes, which also re-send batches whose "
+        "confirmation is overdue. 0 turns the periodic passes off: old events stay until a "
+        "`request_archival` command runs a pass.",
     )
     archival_batch_rows: int = Field(
         default=5000,
