@@ -1,6 +1,7 @@
 """Retention: old entity events go to the archival service, and are deleted once it confirms.
 
-A batch is one entity type and one UTC day, at most `batch_rows` rows, recorded in
+A batch is one entity type and one UTC day, at most `batch_rows` rows and about `batch_bytes`
+(a Redis message has a size limit: `proto-max-bulk-len`), recorded in
 `archival_batches` with the keys `(occurred_at, event_id)` of its rows before it is sent on
 `archival.events`. Re-sends (after `confirm_timeout` without `archival.confirmed`) carry the
 same batch id and the same rows; the archival service writes a batch to a deterministic object
@@ -73,15 +74,32 @@ ORDER BY c.occurred_at, c.event_id
 LIMIT 1
 """
 
+# About the bytes a row takes in the `archival.events` message (`archived_row` as JSON: the
+# field names, the id and the two timestamps are ~260 bytes; escaping can add to the texts).
+_ROW_BYTES: Final = (
+    "(300 + octet_length(e.entity_type) + octet_length(e.entity_id)"
+    " + coalesce(octet_length(e.attributes::text), 4) + coalesce(octet_length(e.reason), 4)"
+    " + octet_length(e.source))"
+)
+
+# A batch: the oldest rows of one entity type and day, at most $5 of them and about $7 bytes
+# (always at least one row: a single event fitted in a bus message when it was published).
 CREATE_BATCH: Final = f"""
 WITH {_OPEN_KEYS},
-picked AS (
-    SELECT e.occurred_at, e.event_id FROM entity_events e
+candidates AS (
+    SELECT e.occurred_at, e.event_id, {_ROW_BYTES} AS row_bytes FROM entity_events e
     WHERE e.entity_type = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4
       AND {_NOT_IN_OPEN_BATCH}
     ORDER BY e.occurred_at, e.event_id
     LIMIT $5
-)
+),
+sized AS (
+    SELECT occurred_at, event_id,
+           sum(row_bytes) OVER (ORDER BY occurred_at, event_id ROWS UNBOUNDED PRECEDING) AS upto,
+           row_number() OVER (ORDER BY occurred_at, event_id) AS n
+    FROM candidates
+),
+picked AS (SELECT occurred_at, event_id FROM sized WHERE upto <= $7 OR n = 1)
 INSERT INTO archival_batches (batch_id, entity_type, day, status, row_count, occurred_ats,
                               event_ids)
 SELECT $1, $2, $6, 'pending', count(*),
@@ -179,6 +197,7 @@ class Archiver:
         retention: timedelta,
         interval: timedelta,
         batch_rows: int,
+        batch_bytes: int,
         confirm_timeout: timedelta,
         max_inflight: int,
     ) -> None:
@@ -190,6 +209,7 @@ class Archiver:
         self.retention = retention
         self.interval = interval
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
         self.confirm_timeout = confirm_timeout
         self.max_inflight = max_inflight
         self._wake = asyncio.Event()
@@ -281,6 +301,7 @@ class Archiver:
             min(end, cutoff),
             self.batch_rows,
             day,
+            self.batch_bytes,
         )
         return await conn.fetchrow(
             "SELECT batch_id, entity_type, day, occurred_ats, event_ids, status"

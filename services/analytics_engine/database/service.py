@@ -90,8 +90,17 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         le=100_000,
         validation_alias="DATABASE_ARCHIVAL_BATCH_ROWS",
         description="Most rows of one archival batch (one entity type and UTC day, sent as one "
-        "`archival.events` message, ~2 MB at the default). Keep a batch well under Redis's "
-        "proto-max-bulk-len (8mb in the chart).",
+        "`archival.events` message, ~2 MB at the default with small attributes).",
+    )
+    archival_batch_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 1024,
+        le=256 * 1024 * 1024,
+        validation_alias="DATABASE_ARCHIVAL_BATCH_BYTES",
+        description="About the most bytes of one archival batch's message (estimated from the "
+        "rows' sizes; a batch holds at least one row). Keep it well under Redis's "
+        "proto-max-bulk-len (8mb in the chart): a larger message is refused by Redis, and the "
+        "batch would be retried forever. Large attributes make batches of fewer rows.",
     )
     archival_confirm_timeout: Duration = Field(
         default=timedelta(minutes=5),
@@ -284,6 +293,7 @@ def create(settings: Settings) -> ServiceRuntime:
         retention=settings.retention,
         interval=settings.archival_interval,
         batch_rows=settings.archival_batch_rows,
+        batch_bytes=settings.archival_batch_bytes,
         confirm_timeout=settings.archival_confirm_timeout,
         max_inflight=settings.archival_max_inflight,
     )

@@ -183,3 +183,42 @@ async def test_request_archival_command_archives_now(
         await client.close()
     assert out["rows"] == 13
     assert out["batches"] == len(await sent_batches(redis)) == 4  # (type, day) groups
+
+
+async def test_batches_of_large_events_stay_under_redis_message_limit(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """Events with large attributes make batches of fewer rows: a batch of `batch_rows` of them
+    would exceed Redis's `proto-max-bulk-len`, be refused on every send, and wedge retention."""
+    old = datetime.now(UTC) - timedelta(days=10)
+    big = {"blob": "x" * 100_000}
+    events = [
+        entity_event(publisher, "created", f"big-{i}", 1, occurred_at=old + timedelta(seconds=i))
+        for i in range(30)
+    ]
+    for event in events:
+        event.payload["attributes"] = big
+        await publisher.publish_events([event])
+    limit = (await redis.config_get("proto-max-bulk-len"))["proto-max-bulk-len"]
+    await redis.config_set("proto-max-bulk-len", 1024 * 1024)  # 1mb, the least Redis takes
+    try:
+        await start_service(archival_interval=timedelta(0), archival_batch_bytes=512 * 1024)
+
+        async def stored() -> bool:
+            return await count(pg, "SELECT count(*) FROM entity_events") == 30
+
+        await wait_for(stored)
+        client = RequestReplyClient(redis, service="tester", instance="t3")
+        try:
+            out = await client.request(
+                channels.DATABASE_COMMAND, "request_archival", {"older_than": "0s"}, timeout=30
+            )
+        finally:
+            await client.close()
+    finally:
+        await redis.config_set("proto-max-bulk-len", limit)
+    batches = await sent_batches(redis)
+    assert out["rows"] == 30
+    assert sum(len(b["rows"]) for b in batches) == 30
+    assert {r["entity_id"] for b in batches for r in b["rows"]} == {f"big-{i}" for i in range(30)}
+    assert all(1 <= len(b["rows"]) <= 5 for b in batches)  # ~100 KB each, 512 KiB a batch
