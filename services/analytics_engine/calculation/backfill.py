@@ -21,9 +21,10 @@ once every such window has closed (`until` = the last one's close) and the datab
 `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
 since, until, channel}` makes the database replay stored events into `channel`
 (`{event: envelope}` items, then `{subscription_id, done: true, count}`), kept alive with
-`stream.heartbeat`, ended with `stream.unsubscribe`. Replayed events are sorted by publication
-time (the engine's watermark needs it; the database replays in event-time order) and fed to a
-separate `KPIEngine` holding only this KPI, so the live state is never touched.
+`stream.heartbeat`, ended with `stream.unsubscribe`. Replayed events are fed in publication order
+(the engine's watermark needs it; the database replays in event-time order: see
+`backfill_compute`) to a separate `KPIEngine` holding only this KPI, so the live state is never
+touched.
 
 Before it replays, a due backfill checks that the database has stored every entity event
 published up to `until` (`unstored`): the replay reads the database, and a database that lags
@@ -47,7 +48,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -55,12 +56,13 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import ValidationError
 from redis.exceptions import RedisError, ResponseError
 
+from analytics_engine.calculation.backfill_compute import BackfillComputation
 from analytics_engine.calculation.events import EntityEvent, InvalidEntityEvent, entity_event
 from analytics_engine.core import channels
 from analytics_engine.core.bus import FIELD, REDIS_ERRORS
 from analytics_engine.core.channels import StreamId, parse_stream_id
 from analytics_engine.core.envelopes import Event, utcnow
-from analytics_engine.kpi import KPIEngine, KPIResult, VersionedKPIDefinition, referenced_names
+from analytics_engine.kpi import KPIResult, VersionedKPIDefinition, referenced_names
 from analytics_engine.kpi.definitions import Window
 from analytics_engine.kpi.windows import from_micros, to_micros
 
@@ -97,8 +99,9 @@ class BackfillFailed(Exception):
 
 
 class BackfillTooLarge(BackfillFailed):
-    """More events to replay than `CALCULATION_BACKFILL_MAX_EVENTS`: another attempt would
-    replay the same history again (up to that many events through Redis) to the same end."""
+    """More replayed events held at once than `CALCULATION_BACKFILL_MAX_EVENTS` (waiting to be
+    fed in publication order): another attempt would replay the same history again to the same
+    end."""
 
 
 @dataclass
@@ -192,15 +195,20 @@ def needed_attributes(definition: VersionedKPIDefinition) -> frozenset[str]:
     return frozenset(names)
 
 
-def compute(job: BackfillJob, events: list[EntityEvent]) -> list[KPIResult]:
-    """The job's results from replayed events (pure): windows starting in [since, cut)."""
-    engine = KPIEngine(clock=utcnow, idle_close_grace=timedelta(0), dedupe_capacity=len(events))
-    engine.set_definitions([job.definition])
-    events.sort(key=lambda e: (e.published_at, e.occurred_at, e.event_id))
-    for event in events:
-        engine.process(event)
-    engine.advance(job.until + timedelta(days=3650))
-    return [r for r in engine.drain_results() if job.since <= r.window_start < job.cut]
+def computation(job: BackfillJob, *, skew: timedelta = timedelta(0)) -> BackfillComputation:
+    """The job's computation: results of the windows starting in [since, cut)."""
+    return BackfillComputation(
+        job.definition, since=job.since, cut=job.cut, until=job.until, skew=skew
+    )
+
+
+def compute(job: BackfillJob, events: Iterable[EntityEvent]) -> list[KPIResult]:
+    """The job's results from replayed events in any order (pure; sorts them as the database
+    replays them)."""
+    work = computation(job)
+    for event in sorted(events, key=lambda e: (e.occurred_at, e.published_at, e.event_id)):
+        work.add(event)
+    return work.finish()
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,9 +455,10 @@ class BackfillManager:
 
     async def _attempt(self, job: BackfillJob) -> None:
         job.attempts += 1
+        work = computation(job, skew=self.delay)
         try:
-            events = await self.replay(job)
-            results = compute(job, events)
+            await self.replay(job, work)
+            results = work.finish()
         except (BackfillFailed, *REDIS_ERRORS) as exc:
             if job.attempts >= MAX_ATTEMPTS or isinstance(exc, BackfillTooLarge):
                 log.error("backfill abandoned", extra={"kpi": job.code, "error": str(exc)[:300]})
@@ -469,8 +478,15 @@ class BackfillManager:
         self._on_outcome("completed")
         log.info(
             "backfill completed",
-            extra={"kpi": job.code, "events": len(events), "results": len(results)},
+            extra={"kpi": job.code, "events": work.events, "results": len(results)},
         )
+        if work.out_of_order:
+            log.warning(
+                "backfill fed events out of publication order (occurred after they were "
+                "published, by more than CALCULATION_BACKFILL_DELAY): its results may count "
+                "them late where the live engine did not",
+                extra={"kpi": job.code, "events": work.out_of_order},
+            )
 
     async def sweep(self) -> int:
         """End and delete the replays an earlier life of the engine left (killed in the middle
@@ -508,15 +524,15 @@ class BackfillManager:
             for key in due:
                 del self._leftovers[key]
 
-    async def replay(self, job: BackfillJob) -> list[EntityEvent]:
-        """Ask the database to replay the job's history; collect the events it needs."""
+    async def replay(self, job: BackfillJob, work: BackfillComputation) -> None:
+        """Ask the database to replay the job's history; feed the events it needs to `work`
+        as they come."""
         await self.sweep()
         subscription_id = f"{self._owner_tag}-{uuid.uuid4()}"
         channel = f"{REPLAY_CHANNEL_PREFIX}{subscription_id}"
         key = channels.stream_key(channel)
         needed = needed_attributes(job.definition)
         entity_type = job.definition.entity_type
-        events: list[EntityEvent] = []
         # Read through a consumer group (NOACK: nothing pending): the database pauses a replay
         # while the stream's readers lag by more than its bound, and a group's lag is what it
         # has not read yet. Read without one, the lag was the stream's length, which only
@@ -555,13 +571,12 @@ class BackfillManager:
                     continue
                 last_data = time.monotonic()
                 for _, fields in reply[0][1]:
-                    done = self._collect(fields.get(FIELD, b""), entity_type, needed, events)
-                    if done:
-                        return events
-                    if len(events) > self.max_events:
+                    if self._collect(fields.get(FIELD, b""), entity_type, needed, work.add):
+                        return
+                    if work.held > self.max_events:
                         raise BackfillTooLarge(
-                            f"more than {self.max_events} events to replay "
-                            "(CALCULATION_BACKFILL_MAX_EVENTS)"
+                            f"more than {self.max_events} replayed events waiting for their "
+                            "turn in publication order (CALCULATION_BACKFILL_MAX_EVENTS)"
                         )
         finally:
             with contextlib.suppress(*REDIS_ERRORS):
@@ -572,9 +587,9 @@ class BackfillManager:
 
     @staticmethod
     def _collect(
-        raw: bytes, entity_type: str, needed: frozenset[str], events: list[EntityEvent]
+        raw: bytes, entity_type: str, needed: frozenset[str], add: Callable[[EntityEvent], None]
     ) -> bool:
-        """Add one replayed item to `events`; True at the end marker."""
+        """Pass one replayed item's event to `add`; True at the end marker."""
         try:
             envelope = Event.model_validate_json(raw)
         except ValidationError:
@@ -593,7 +608,7 @@ class BackfillManager:
         if view.entity_type != entity_type:
             return False
         attrs = {k: v for k, v in view.attributes.items() if k in needed}
-        events.append(
+        add(
             EntityEvent(
                 view.event_id,
                 view.event_kind,

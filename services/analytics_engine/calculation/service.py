@@ -116,24 +116,27 @@ class Settings(BaseServiceSettings):
         "recomputed under the new definition (from its stored events). The backfill always "
         "reaches back further when needed to cover every window still open at the cut "
         "(about size + allowed_lateness back), however long the window: those are published "
-        "by the backfill alone (so long windows replay more events: see "
-        "CALCULATION_BACKFILL_MAX_EVENTS). Windows starting earlier keep their old version's "
-        "results.",
+        "by the backfill alone (so long windows replay more events). Windows starting "
+        "earlier keep their old version's results.",
     )
     backfill_delay: timedelta = Field(
         default=timedelta(seconds=10),
         validation_alias="CALCULATION_BACKFILL_DELAY",
         description="How long after the last window it covers has closed a backfill waits "
         "before it replays, so the database has stored the events (also the clock skew "
-        "tolerated between the engine and Redis).",
+        "tolerated between the engine and Redis, and between producers' `occurred_at` and "
+        "their envelopes' timestamps when a backfill orders the replay).",
     )
     backfill_max_events: int = Field(
-        default=1_000_000,
+        default=250_000,
         ge=1,
         validation_alias="CALCULATION_BACKFILL_MAX_EVENTS",
-        description="Most stored events one backfill replays (it holds them in memory). One "
-        "that needs more is abandoned at once (a retry would replay the same history): the "
-        "windows open at the cut get no result.",
+        description="Most replayed events one backfill holds in memory at once (~0.8 KB each). "
+        "A backfill is computed as the replay arrives and holds only the events waiting for "
+        "their turn in publication order: those published later than events that occurred "
+        "after them, usually a few seconds' worth; a producer that publishes old history all "
+        "at once makes it hold that history. One that needs more is abandoned at once (a "
+        "retry would replay the same history): the windows open at the cut get no result.",
     )
     backfill_enabled: bool = Field(
         default=True,

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from analytics_engine.calculation.backfill import (
     REPLAY_CHANNEL_PREFIX,
     BackfillManager,
+    computation,
     owner_tag,
     plan,
 )
@@ -263,8 +264,13 @@ async def test_a_backfill_replays_more_events_than_the_replay_lag_bound(
         on_results=no_results,
         watermark=lambda: None,
     )
-    events = await asyncio.wait_for(manager.replay(job), timeout=20)
-    assert sorted(e.entity_id for e in events) == sorted(f"o-{i}" for i in range(20))
+    work = computation(job)
+    fed: list[Any] = []
+    add = work.add
+    work.add = lambda event: (fed.append(event), add(event))[1]  # type: ignore[method-assign]
+    await asyncio.wait_for(manager.replay(job, work), timeout=20)
+    assert sorted(e.entity_id for e in fed) == sorted(f"o-{i}" for i in range(20))
+    assert work.events == 20
 
 
 async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_died_in(

@@ -99,9 +99,8 @@ async def test_a_due_backfill_waits_for_the_database_then_runs(
     monkeypatch.setattr(backfill, "database_progress", read)
     replays: list[str] = []
 
-    async def replay(job: backfill.BackfillJob) -> list[Any]:
+    async def replay(job: backfill.BackfillJob, _work: Any) -> None:
         replays.append(job.code)
-        return []
 
     async def on_results(_results: Any) -> None:
         return None
@@ -155,9 +154,9 @@ async def test_a_backfill_too_large_is_abandoned_at_its_first_attempt(
     monkeypatch.setattr(backfill, "database_progress", read)
     replays: list[str] = []
 
-    async def replay(job: backfill.BackfillJob) -> list[Any]:
+    async def replay(job: backfill.BackfillJob, _work: Any) -> None:
         replays.append(job.code)
-        raise backfill.BackfillTooLarge("more than 1000 events to replay")
+        raise backfill.BackfillTooLarge("more than 1000 events held")
 
     async def on_results(_results: Any) -> None:
         return None
