@@ -227,3 +227,24 @@ def _event_bytes(publisher: EventPublisher, channel: str) -> bytes:
     from analytics_engine.core.bus import encode_event
 
     return encode_event(publisher.make_event(channel, {"i": 1}))
+
+
+async def test_the_redis_functions_command_loads_the_library_as_admin_only(
+    acl_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analytics_engine.cli import main
+
+    admin = connect(ADMIN.format(port=acl_redis.port))
+    await admin.function_delete(LIBRARY)
+    try:
+        monkeypatch.setenv("REDIS_ADMIN_URL", url(acl_redis, "data_simulator"))
+        assert main(["redis-functions"]) == 1  # a service's user may not load it
+        assert "permission" in capsys.readouterr().err.lower()
+        assert await admin.function_list() == []
+        monkeypatch.setenv("REDIS_ADMIN_URL", ADMIN.format(port=acl_redis.port))
+        assert main(["redis-functions"]) == 0
+        assert main(["redis-functions"]) == 0  # idempotent
+    finally:
+        await admin.function_load(LIBRARY_CODE, replace=True)
+    assert await admin.fcall(PUBLISH_FUNCTION, 0, FIELD) == []
+    await admin.aclose()
