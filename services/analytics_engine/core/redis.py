@@ -85,7 +85,7 @@ class HiredisPacking(AbstractConnection):
     """Packs commands with hiredis (C) instead of redis-py's Python packer.
 
     redis-py's asyncio connections pack in Python even when hiredis is installed (its sync
-    client does not); measured here, a 200-event publish script costs 6.4 us per event to pack
+    client does not); measured here, a 200-event publish call costs 6.4 us per event to pack
     that way and 1.0 us with hiredis, and stream consumers pack thousands of entry ids per
     XACK. Mixed in ahead of the connection class the URL selects (TCP, TLS or Unix socket).
     """
