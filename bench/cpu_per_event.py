@@ -10,7 +10,7 @@ packing redis-py does) or left out:
 simulator
   generate   `EventGenerator.next_batch` in batches of rate/100 (the controller's batch)
   envelope   the batch's wire bytes (ids, `EventPublisher.encode_batch`), as the controller
-  encode     the publish script's arguments + packing the EVALSHA (the services' packer)
+  encode     the publish function's arguments + packing the FCALL (the services' packer)
   total      the above together
 calculation (the `StreamProcessor` with the sample KPIs plus the two 1 s freshness KPIs of
 `pipeline_bench.py`, fed what the simulator produced, in XREADGROUP-sized batches)
@@ -41,6 +41,7 @@ from analytics_engine.calculation.metrics import CalculationMetrics
 from analytics_engine.calculation.processor import StreamProcessor
 from analytics_engine.core.bus import (
     FIELD,
+    PUBLISH_FUNCTION,
     Delivery,
     EncodedEvent,
     EventPublisher,
@@ -76,8 +77,8 @@ SECOND_KPIS = [
 
 
 class _NoRedisPublisher(EventPublisher):
-    """The core publisher with the script call replaced by the packing of it (by the services'
-    connection class: `core.redis.connect`'s)."""
+    """The core publisher with the function call replaced by the packing of it (by the
+    services' connection class: `core.redis.connect`'s)."""
 
     def __init__(self, source: str) -> None:
         super().__init__(Redis(), source=source, stream_maxlen=1_000_000)
@@ -85,8 +86,8 @@ class _NoRedisPublisher(EventPublisher):
 
     async def publish_encoded(self, events: Sequence[EncodedEvent]) -> None:
         if events:
-            keys, args = self._script_arguments(events)
-            self._conn.pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            keys, args = self._call_arguments(events)
+            self._conn.pack_command("FCALL", PUBLISH_FUNCTION, len(keys), *keys, *args)
 
 
 # -- simulator --------------------------------------------------------------------------------
@@ -114,8 +115,8 @@ def simulator(args: argparse.Namespace) -> dict[str, float]:
             ids = [gen.event_id(first + j) for j in range(len(items))]
             encoded = publisher.encode_batch(items, ids, now)
             t2 = time.process_time()
-            keys, arguments = publisher._script_arguments(encoded)
-            publisher._conn.pack_command("EVALSHA", "x", len(keys), *keys, *arguments)
+            keys, arguments = publisher._call_arguments(encoded)
+            publisher._conn.pack_command("FCALL", PUBLISH_FUNCTION, len(keys), *keys, *arguments)
             t3 = time.process_time()
             cpu["generate"] += t1 - t0
             cpu["envelope"] += t2 - t1

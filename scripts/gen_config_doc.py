@@ -112,6 +112,11 @@ def render() -> str:
 TOOLS = (
     ("`analytics-engine verify`", "analytics_engine.verify.cli", "VerifySettings"),
     (
+        "`analytics-engine redis-functions`",
+        "analytics_engine.redis_functions",
+        "RedisFunctionsSettings",
+    ),
+    (
         "`python -m analytics_engine_operator.release` (the chart's pre-delete hook)",
         "analytics_engine_operator.settings",
         "ReleaseSettings",

@@ -2,7 +2,8 @@
 """Regenerate everything derived from the Helm chart; `--check` fails on drift (CI).
 
 1. `charts/analytics-engine/crds/` and `files/samples/` from `k8s/` (scripts/sync_crds.py), and
-   `files/redis-acl-rules.txt` from `analytics_engine.core.acl` (scripts/render_redis_acl.py).
+   `files/redis-acl-rules.txt` from `analytics_engine.core.acl` and `files/redis-functions.lua`
+   from `analytics_engine.core.bus.functions` (scripts/render_redis_acl.py).
 2. `values.schema.json` and the README's values table from the `## @param` comments of
    `values.yaml` (every value must be documented; the schema rejects unknown keys).
 3. `k8s/base/`: the chart rendered with `helm template` for users without Helm - a kustomize
@@ -248,7 +249,9 @@ kubectl apply -k k8s/        # the CRD (k8s/crds) and this base
 Redis runs with one ACL user per service (`analytics_engine.core.acl`); `redis-password` is
 the `admin` user's, `redis-password-<user>` each service's own (the pod of a service gets only
 its key) and `redis-password-healthcheck` the probes'. The Redis pod's init container joins
-them with the rules of the ConfigMap `{RELEASE}-redis-acl-rules` into its ACL file.
+them with the rules of the ConfigMap `{RELEASE}-redis-acl-rules` into its ACL file. At each
+start its postStart hook loads, as `admin`, the Redis function library every service publishes
+through (ConfigMap `{RELEASE}-redis-functions`; services may call it, not load it).
 
 The Job `{RELEASE}-minio-setup-r1` (in the chart, one per release revision) creates the bucket
 and the application's MinIO user; it is idempotent and removes itself an hour after it finished
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     drift = sync_crds.main(["--check"] if args.check else [])
-    # The ACL rules before `helm template`, which reads them.
+    # The ACL rules and the function library before `helm template`, which reads them.
     drift |= render_redis_acl.main(["--check"] if args.check else [])
     # The docs first: values.schema.json takes part in `helm template`.
     for renderer in (render_docs, render_base):

@@ -4,7 +4,8 @@ Session fixtures (started on first use, stopped at the end of the session):
   `redis_server`, `postgres_server`, `s3_server`: private servers from
   `analytics_engine.localstack` on free loopback ports, data under pytest's tmp dir.
 Per-test fixtures built on them:
-  `redis_url`     the Redis URL, with the data flushed before the test
+  `redis_url`     the Redis URL, with the data flushed before the test (the Redis functions
+                  publishing calls stay loaded: `RedisServer` loads them at start)
   `database_url`  a fresh database `test_<uuid>` (dropped after the test)
   `s3_bucket`     a fresh, empty bucket name (bucket created; emptied and deleted after)
 
@@ -34,6 +35,7 @@ import redis
 from botocore.config import Config
 from hypothesis import settings as hypothesis_settings
 
+from analytics_engine.core.bus.functions import load_library_sync
 from analytics_engine.localstack import PostgresServer, RedisServer, S3Server
 
 # CI runs the same examples every time: a red build must be reproducible, not a dice roll.
@@ -156,6 +158,7 @@ def redis_url(
         url = redis_server.url_for_db(next(_redis_db_numbers))
         with redis.Redis.from_url(url) as client:
             client.flushdb()
+            load_library_sync(client)  # what services publish with (FLUSHDB keeps functions)
     yield url
 
 

@@ -1,4 +1,5 @@
-"""`analytics-engine`: run one service, the whole local stack, or the correctness proof."""
+"""`analytics-engine`: run one service, the whole local stack, the correctness proof, or load
+the Redis functions into a Redis of your own."""
 
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--rate", type=float, default=None, help="simulator events/s")
     up.add_argument("--only", default=None, help="comma-separated services to run (default: all)")
 
+    sub.add_parser(
+        "redis-functions",
+        help="load the Redis functions services publish through (REDIS_ADMIN_URL: an admin user)",
+    )
+
     verify = sub.add_parser("verify", help="prove the stored KPIs right by recomputing them")
     verify.add_argument(
         "--start", default=None, help="ISO time (default: each KPI's first stored event or result)"
@@ -117,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from analytics_engine.localstack.up import run_up
 
         return run_up(args)
+    if args.command == "redis-functions":
+        from analytics_engine.redis_functions import run_redis_functions
+
+        return run_redis_functions()
     if args.command == "verify":
         from analytics_engine.verify.cli import run_verify
 

@@ -117,10 +117,11 @@ BASE_COMMANDS = (
     "+psubscribe",
     "+unsubscribe",
     "+punsubscribe",
-    "+script|load",
-    "+script|exists",
-    "+evalsha",  # publishing is a script; what it may touch is checked call by call inside
-    "+eval",
+    # Publishing calls the publish function (`core.bus.functions`), which only the admin user
+    # loads: what it may touch is checked call by call inside, with this user's permissions.
+    # No EVAL, EVALSHA, SCRIPT or FUNCTION: a service cannot run Lua of its own (a busy loop
+    # would freeze Redis) nor replace the function.
+    "+fcall",
 )
 # Reading a stream through a consumer group (all of these write the group's state).
 CONSUMER_COMMANDS = (
@@ -196,10 +197,10 @@ def acl_rules(service: str, access: ServiceAccess) -> list[str]:
         rules.append(f"(+xtrim ~{ch.stream_key('*')})")
     dead_letters = [ch.dead_letter_key(c) for c in (*access.consumes, *access.serves)]
     if durable_published:
-        # Publishing runs a script (EVALSHA declares the streams it appends to, XADD inside);
-        # XLEN: the script and the publisher's backpressure look at how full they are.
+        # Publishing calls a function (FCALL declares the streams it appends to, XADD inside);
+        # XLEN: the function and the publisher's backpressure look at how full they are.
         keys = " ".join(f"~{k}" for k in _stream_keys(durable_published))
-        rules.append(f"(+evalsha +eval +xadd +xlen {keys})")
+        rules.append(f"(+fcall +xadd +xlen {keys})")
     if dead_letters:
         rules.append("(+xadd " + " ".join(f"%W~{k}" for k in dead_letters) + ")")
     # Key management only on keys the service owns: never on the streams it reads (with the

@@ -26,11 +26,15 @@ class LocalInfra(Started):
         region: str = "us-east-1",
         redis_password: str | None = None,
         redis_acl_file: Path | None = None,
+        redis_admin_password: str | None = None,
     ) -> None:
         self.base_dir: Path = Path(base_dir).absolute()
         self.bucket: str = bucket
         self.redis: RedisServer = RedisServer(
-            self.base_dir / "redis", password=redis_password, acl_file=redis_acl_file
+            self.base_dir / "redis",
+            password=redis_password,
+            acl_file=redis_acl_file,
+            admin_password=redis_admin_password,
         )
         self.postgres: PostgresServer = PostgresServer(self.base_dir / "postgres")
         self.s3: S3Server = S3Server(self.base_dir / "s3", region=region, buckets=[bucket])

@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
 
+import redis
+
+from analytics_engine.core.bus.functions import load_library_sync
 from analytics_engine.localstack.ports import free_ports
 from analytics_engine.localstack.process import (
     ProcessServer,
@@ -48,6 +51,10 @@ class RedisServer(ProcessServer):
     `base_dir/data`, the generated config in `base_dir/redis.conf`, the log in
     `base_dir/redis.log`. `acl_file` is passed as `aclfile` (its users replace `password`,
     so the two are exclusive).
+
+    Once it answers, the platform's Redis functions are loaded (`core.bus.functions`; services
+    may only call them): by the default user, or with an ACL file by its `admin` user, whose
+    password `admin_password` gives (without it they are not loaded).
     """
 
     name = "redis"
@@ -59,6 +66,7 @@ class RedisServer(ProcessServer):
         port: int | None = None,
         password: str | None = None,
         acl_file: Path | None = None,
+        admin_password: str | None = None,
         appendonly: bool = True,
         appendfsync: str = "everysec",
         extra_config: Mapping[str, str] | None = None,
@@ -77,6 +85,7 @@ class RedisServer(ProcessServer):
         self._port: int = port if port is not None else free_ports(1)[0]
         self.password: str | None = password
         self.acl_file: Path | None = Path(acl_file).absolute() if acl_file is not None else None
+        self.admin_password: str | None = admin_password
         self.appendonly: bool = appendonly
         self.appendfsync: str = appendfsync
         self.extra_config: dict[str, str] = dict(extra_config or {})
@@ -132,6 +141,19 @@ class RedisServer(ProcessServer):
 
     def _command(self) -> list[str]:
         return [str(self.binary), str(self.config_path)]
+
+    def _after_ready(self) -> None:
+        """Load the functions services call (idempotent: `FUNCTION LOAD REPLACE`)."""
+        if self.acl_file is None:
+            username, password = None, self.password
+        elif self.admin_password is not None:
+            username, password = "admin", self.admin_password
+        else:
+            return  # no one here may load them
+        with redis.Redis(
+            host=self.host, port=self._port, username=username, password=password
+        ) as client:
+            load_library_sync(client)
 
     def _probe(self) -> bool:
         with socket.create_connection((self.host, self._port), timeout=2.0) as sock:

@@ -310,7 +310,8 @@ def start_infra(data_dir: Path) -> InfraStack:
     admin_password = secrets.token_urlsafe(24)
     acl_path = data_dir / "redis-users.acl"
     _write_private(acl_path, acl_file(passwords, admin_password=admin_password))
-    infra = LocalInfra(data_dir, redis_acl_file=acl_path)
+    # the admin user loads the Redis functions services call (they may not load any)
+    infra = LocalInfra(data_dir, redis_acl_file=acl_path, redis_admin_password=admin_password)
     infra.start()
     try:
         connections = infra.env()

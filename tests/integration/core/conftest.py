@@ -16,5 +16,5 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
     base = tmp_path_factory.mktemp("acl-redis")
     path = base / "users.acl"
     path.write_text(acl_file({s: f"pw-{s}" for s in SERVICE_ACCESS}, admin_password="admin-pw"))
-    with RedisServer(base / "redis", acl_file=Path(path)) as server:
+    with RedisServer(base / "redis", acl_file=Path(path), admin_password="admin-pw") as server:
         yield server

@@ -24,7 +24,14 @@ from analytics_engine.calculation.checkpoint_store import CheckpointStore, delet
 from analytics_engine.calculation.recent_ids_log import chunk_key
 from analytics_engine.core import channels
 from analytics_engine.core.acl import REPLAY, SERVICE_ACCESS
-from analytics_engine.core.bus import DeadLetters, Delivery, DurableConsumer, EventPublisher
+from analytics_engine.core.bus import (
+    FIELD,
+    PUBLISH_FUNCTION,
+    DeadLetters,
+    Delivery,
+    DurableConsumer,
+    EventPublisher,
+)
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.redis import connect
 from analytics_engine.core.request_reply import RequestReplyClient, RequestReplyServer
@@ -214,7 +221,7 @@ async def test_no_service_may_delete_rename_expire_or_overwrite_streams_it_does_
     await admin.aclose()
 
 
-async def test_consumers_cannot_delete_what_they_read_even_through_a_script(
+async def test_consumers_cannot_delete_nor_append_to_what_they_read_even_through_lua(
     acl_redis: RedisServer,
 ) -> None:
     admin = connect(ADMIN.format(port=acl_redis.port))
@@ -236,8 +243,11 @@ async def test_consumers_cannot_delete_what_they_read_even_through_a_script(
             await reader.expire(key, 1)
         with pytest.raises(NoPermissionError):
             await reader.set(key, b"x")
-        with pytest.raises(ResponseError, match=r"(?i)permission|can't access"):
+        with pytest.raises(NoPermissionError):  # no Lua of its own
             await reader.eval("return redis.call('DEL', KEYS[1])", 1, key)
+        # the publish function runs with the caller's permissions: no XADD on what it reads
+        with pytest.raises(ResponseError, match=r"(?i)permission|can't access"):
+            await reader.fcall(PUBLISH_FUNCTION, 1, key, FIELD, 100, 0, 1, "x", b"{}")
     with pytest.raises(NoPermissionError):
         await database.delete(channels.stream_key(channels.KPI_CALCULATED))
     with pytest.raises(NoPermissionError):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from analytics_engine.core.bus import FIELD, LIBRARY, LIBRARY_CODE, PUBLISH_FUNCTION
 from analytics_engine.localstack.up import start_infra
 
 
@@ -32,5 +33,26 @@ def test_stack_env_has_an_admin_url_that_can_watch_the_event_channels(tmp_path: 
             subscription.subscribe("simulation.entity.created")
             assert subscription.get_message(timeout=5)["type"] == "subscribe"
             subscription.close()
+    finally:
+        stack.infra.stop()
+
+
+def test_the_local_stack_loads_the_publish_function_its_services_call(tmp_path: Path) -> None:
+    """`analytics-engine up`'s Redis: the admin user loaded the library (the services' users
+    may not), each service publishes through it, and a restart keeps it (AOF)."""
+    stack = start_infra(tmp_path)
+    try:
+        with redis.Redis.from_url(stack.redis_urls["simulator"]) as simulator:
+            assert simulator.fcall(PUBLISH_FUNCTION, 0, FIELD) == []
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                simulator.function_load(LIBRARY_CODE, replace=True)
+        with redis.Redis.from_url(stack.admin_redis_url) as admin:
+            (library,) = admin.function_list()  # RESP2: [name, value, name, value, ...]
+            assert dict(zip(library[::2], library[1::2], strict=True))[b"library_name"] == (
+                LIBRARY.encode()
+            )
+        stack.infra.redis.restart()
+        with redis.Redis.from_url(stack.redis_urls["calculation"]) as calculation:
+            assert calculation.fcall(PUBLISH_FUNCTION, 0, FIELD) == []
     finally:
         stack.infra.stop()

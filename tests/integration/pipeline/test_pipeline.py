@@ -170,7 +170,7 @@ def acl_stack(stack: Stack, tmp_path: Path) -> Iterator[Stack]:
     its own least-privilege user, as deployed; the test's own reads run as `admin`."""
     users = tmp_path / "users.acl"
     users.write_text(acl_file({s: f"pw-{s}" for s in SERVICE_ACCESS}, admin_password="admin-pw"))
-    with RedisServer(tmp_path / "acl-redis", acl_file=users) as server:
+    with RedisServer(tmp_path / "acl-redis", acl_file=users, admin_password="admin-pw") as server:
         base = f"127.0.0.1:{server.port}/0"
         stack.env["REDIS_URL"] = f"redis://admin:admin-pw@{base}"
         stack.redis_urls = {n: f"redis://{u}:pw-{u}@{base}" for n, u in ACL_USERS.items()}

@@ -26,8 +26,8 @@ def test_request_channels_have_a_responder_and_a_caller() -> None:
 
 def test_xadd_is_confined_to_produced_streams_and_dead_letters() -> None:
     rules = acl_rules("data_simulator", SERVICE_ACCESS["data_simulator"])
-    publish, dead_letters = [r for r in rules if r.startswith(("(+evalsha", "(+xadd"))]
-    assert publish.startswith("(+evalsha +eval +xadd ")
+    publish, dead_letters = [r for r in rules if r.startswith(("(+fcall", "(+xadd"))]
+    assert publish.startswith("(+fcall +xadd ")
     assert f"~{channels.stream_key(channels.ENTITY_CREATED)}" in publish
     assert dead_letters.startswith("(+xadd ") and "%W~ae:dlq:" in dead_letters
     assert channels.stream_key(channels.KPI_CALCULATED) not in " ".join(rules)
@@ -40,6 +40,20 @@ def test_acl_file_disables_the_default_user_and_never_grants_all_to_services() -
     assert lines[0].startswith("user default off ")  # off: nobody can log in as it
     for line in lines[2:]:
         assert "+@all" not in line and " ~* " not in line and "&*" not in line
+
+
+# Lua of a service's own (EVAL "while true do end" 0 freezes Redis), or replacing the code
+# others call: services call the admin's functions (FCALL) and nothing else of scripting.
+SCRIPTING = ("eval", "evalsha", "eval_ro", "evalsha_ro", "script", "function", "@scripting")
+
+
+def test_no_service_may_run_or_load_lua() -> None:
+    for service, access in SERVICE_ACCESS.items():
+        grants = " ".join(acl_rules(service, access)).replace("(", " ").replace(")", " ").split()
+        granted = {g[1:].split("|")[0] for g in grants if g.startswith("+")}
+        assert not granted & set(SCRIPTING), service
+        assert "fcall" in granted, service  # heartbeats: every service publishes
+        assert "fcall_ro" not in granted, service
 
 
 # Grants that touch any key whatever its type: delete, rename, expire or overwrite it.

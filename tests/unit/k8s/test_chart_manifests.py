@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+import redis as redis_sync
 import yaml
 
 from analytics_engine.cli import SERVICES
 from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
+from analytics_engine.core.bus import FIELD, LIBRARY_CODE, PUBLISH_FUNCTION
 from analytics_engine.database.roles import LARGE_OBJECT_CREATORS
+from analytics_engine.localstack import RedisServer
 from analytics_engine.observability import service as observability
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -732,6 +737,82 @@ def test_existing_secret_acl_file_is_assembled_in_the_pod(tmp_path: Path) -> Non
     # A missing password fails the pod instead of writing a user without one.
     (tmp_path / "pw" / "cli").write_text("")
     assert subprocess.run([sh, "-c", script], capture_output=True, check=False).returncode != 0
+
+
+def _redis_functions(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The Redis container, and the function library of the ConfigMap it mounts."""
+    spec = _redis_statefulset(objects)["spec"]["template"]["spec"]
+    (redis,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (cm,) = [
+        c
+        for c in by_kind(objects, "ConfigMap")
+        if c["metadata"]["name"] == volumes["functions"]["configMap"]["name"]
+    ]
+    return redis, cm["data"]["library.lua"]
+
+
+@pytest.mark.parametrize("value_set", ["default", "redis-existing-secret"])
+def test_redis_loads_the_publish_functions_as_admin_and_rolls_when_they_change(
+    value_set: str,
+) -> None:
+    objects = _render(value_set)
+    sts = _redis_statefulset(objects)
+    redis, library = _redis_functions(objects)
+    assert library == LIBRARY_CODE, "run: python scripts/render_redis_acl.py"
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    digest = hashlib.sha256((CHART / "files" / "redis-functions.lua").read_bytes()).hexdigest()
+    assert annotations["checksum/functions"] == digest
+    spec = sts["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["admin-password"]["secret"]["items"] == [
+        {"key": "redis-password", "path": "password"}
+    ]
+    mounts = {m["mountPath"]: m["name"] for m in redis["volumeMounts"]}
+    assert mounts["/etc/redis/functions"] == "functions"
+    assert mounts["/run/redis-admin"] == "admin-password"
+    hook = redis["lifecycle"]["postStart"]["exec"]["command"][-1]
+    assert "--user admin" in hook and "FUNCTION LOAD REPLACE" in hook
+
+
+def test_the_redis_post_start_hook_waits_for_redis_then_loads_the_library(
+    default_objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Run the hook against a real Redis with the platform's ACL users, started after the
+    hook (it must wait), then call the function as a service; a wrong admin password fails."""
+    sh, cli = shutil.which("sh"), shutil.which("redis-cli")
+    if not sh or not cli:
+        pytest.skip("no sh or redis-cli to run the hook")
+    redis, library = _redis_functions(default_objects)
+    (tmp_path / "functions").mkdir()
+    (tmp_path / "functions" / "library.lua").write_text(library)
+    (tmp_path / "admin").mkdir()
+    (tmp_path / "admin" / "password").write_text("admin-pw\n")
+    users = tmp_path / "users.acl"
+    users.write_text(acl_file({s: f"pw-{s}" for s in SERVICE_ACCESS}, admin_password="admin-pw"))
+    server = RedisServer(tmp_path / "redis", acl_file=users)  # loads nothing itself
+    hook = redis["lifecycle"]["postStart"]["exec"]["command"][-1]
+    hook = hook.replace("/etc/redis/functions", str(tmp_path / "functions"))
+    hook = hook.replace("/run/redis-admin", str(tmp_path / "admin"))
+    hook = hook.replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {server.port}")
+    waiting = subprocess.Popen([sh, "-c", hook], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert waiting.poll() is None, waiting.stderr.read() if waiting.stderr else ""
+        with server:
+            assert waiting.wait(timeout=30) == 0
+            simulator = f"redis://data_simulator:pw-data_simulator@127.0.0.1:{server.port}/0"
+            with redis_sync.Redis.from_url(simulator) as client:
+                assert client.fcall(PUBLISH_FUNCTION, 0, FIELD) == []
+            (tmp_path / "admin" / "password").write_text("wrong\n")
+            failed = subprocess.run(
+                [sh, "-c", hook], check=False, capture_output=True, text=True, timeout=30
+            )
+            assert failed.returncode != 0 and "WRONGPASS" in failed.stderr
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
 
 
 # --------------------------------------------------------------------------- selectors

@@ -4,7 +4,8 @@ service reads through its own consumer group (at-least-once, survives consumer d
 
 All Redis I/O of events lives in this package, one module per job:
 
-- `publisher`: `EventPublisher` (PUBLISH + XADD in one script call, backpressure);
+- `publisher`: `EventPublisher` (PUBLISH + XADD in one function call, backpressure);
+- `functions`: the Redis Function library publishing calls (`FCALL`), loaded by the admin user;
 - `consumer`: `DurableConsumer` (consumer groups, retries, claims, acknowledgements);
 - `deliveries`: what a handler receives (`Delivery`, `DeliveryBatch`) and the decoding of entries;
 - `dead_letters`: `DeadLetters`, the `ae:dlq:{channel}` streams;
@@ -22,9 +23,14 @@ from analytics_engine.core.bus.deliveries import (
     decode_entries,
     decode_lazily,
 )
+from analytics_engine.core.bus.functions import (
+    LIBRARY,
+    LIBRARY_CODE,
+    PUBLISH_FUNCTION,
+    FunctionMissing,
+)
 from analytics_engine.core.bus.live import LiveSubscription
 from analytics_engine.core.bus.publisher import (
-    PUBLISH_SCRIPT,
     EncodedEvent,
     EventPublisher,
     encode_event,
@@ -41,7 +47,9 @@ from analytics_engine.core.bus.streams import (
 __all__ = [
     "DEAD_LETTER_MAXLEN",
     "FIELD",
-    "PUBLISH_SCRIPT",
+    "LIBRARY",
+    "LIBRARY_CODE",
+    "PUBLISH_FUNCTION",
     "REDIS_ERRORS",
     "BatchHandler",
     "DeadLetters",
@@ -51,6 +59,7 @@ __all__ = [
     "EncodedEvent",
     "Entry",
     "EventPublisher",
+    "FunctionMissing",
     "LiveSubscription",
     "Rejected",
     "decode_entries",

@@ -1,5 +1,6 @@
 """Publishing: every event is PUBLISHed on its channel and, on durable channels, appended to its
-stream in the same atomic script call, with backpressure on streams whose readers lag."""
+stream in the same atomic call of a Redis function (`functions`), with backpressure on streams
+whose readers lag."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
+from redis.exceptions import ResponseError
 
+from analytics_engine.core.bus.functions import (
+    PUBLISH_FUNCTION,
+    FunctionMissing,
+    is_function_missing,
+)
 from analytics_engine.core.bus.streams import FIELD, REDIS_ERRORS
 from analytics_engine.core.channels import channel_of_stream, channel_spec, stream_key
 from analytics_engine.core.envelopes import (
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from analytics_engine.core.metrics import CoreMetrics
+    from analytics_engine.core.redis import CheckedPipeline
 
 log = logging.getLogger(__name__)
 
@@ -41,52 +49,18 @@ EncodedEvent = tuple[str, bytes]
 """(channel, the event's wire bytes)."""
 
 
-# One call per batch: for each event, XADD to its stream (durable channels) and PUBLISH the same
-# bytes. A script runs atomically like MULTI/EXEC, so a durable consumer never misses what a live
-# subscriber saw; and it costs redis-py one command to pack instead of two per event, which is
-# what limits a Python publisher (measured: ~6k events/s with per-event commands, > 20k/s so).
-# ARGV: the field name; per KEYS, its length cap; per KEYS, 1 if it applies backpressure (never
-# trimmed here) or 0 (trimmed to its cap); then per event: KEYS index or 0, channel, data.
-# Returns the KEYS indexes of backpressure streams now at or over their cap. The lengths are
-# read before anything is written, so that a refused read (an ACL without XLEN) writes nothing.
-PUBLISH_SCRIPT = """
-local field = ARGV[1]
-local n = #KEYS
-local length = {}
-for k = 1, n do
-  if ARGV[1 + n + k] == '1' then
-    length[k] = redis.call('XLEN', KEYS[k])
-  end
-end
-for i = 2 * n + 2, #ARGV, 3 do
-  local k = tonumber(ARGV[i])
-  if k > 0 then
-    if length[k] then
-      redis.call('XADD', KEYS[k], '*', field, ARGV[i + 2])
-      length[k] = length[k] + 1
-    else
-      redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1 + k], '*', field, ARGV[i + 2])
-    end
-  end
-  redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2])
-end
-local full = {}
-for k = 1, n do
-  if length[k] and length[k] >= tonumber(ARGV[1 + k]) then
-    full[#full + 1] = k
-  end
-end
-return full
-"""
-
 _ROOM_POLL_S: Final = (0.05, 1.0)
 """How often a publisher waiting for room looks again: first, and at most (doubling)."""
 _ROOM_LOG_EVERY_S: Final = 30.0
+_MISSING_LOG_EVERY_S: Final = 30.0
 
 
 class EventPublisher:
     """Publishes events: PUBLISH for live subscribers plus XADD for durable consumers, both in
-    one atomic script call per batch."""
+    one atomic call of the publish function (`FCALL`) per batch.
+
+    Redis without the function (`FunctionMissing`, a `ConnectionError`) publishes nothing: the
+    caller backs off and retries as for a Redis outage; a log line names the fix."""
 
     def __init__(
         self,
@@ -102,7 +76,7 @@ class EventPublisher:
         self._maxlen = stream_maxlen
         self._metrics = metrics
         self._stopping = stopping if stopping is not None else asyncio.Event()
-        self._script = redis.register_script(PUBLISH_SCRIPT)
+        self._missing_logged: float | None = None  # when a missing function was last logged
         self._waiting: collections.Counter[str] = collections.Counter()
 
     @property
@@ -190,8 +164,13 @@ class EventPublisher:
         stream with backpressure that this batch filled makes the call wait
         (`wait_for_room`)."""
         if events:
-            keys, args = self._script_arguments(events)
-            full = await self._script(keys=keys, args=args)
+            keys, args = self._call_arguments(events)
+            try:
+                full = await self._redis.fcall(PUBLISH_FUNCTION, len(keys), *keys, *args)
+            except ResponseError as exc:
+                if not is_function_missing(exc):
+                    raise
+                raise self._missing() from exc
             self._count(events)
             if full:
                 await self.wait_for_room(channel_of_stream(keys[int(k) - 1]) for k in full)
@@ -199,13 +178,44 @@ class EventPublisher:
     def add_to_pipeline(self, pipe: Pipeline, events: Sequence[Event]) -> None:
         """Queue the publishing of `events` on a caller's pipeline (to publish and acknowledge
         in one transaction). The caller applies backpressure: `wait_for_room` after the
-        transaction, before its next one."""
+        transaction, before its next one.
+
+        `pipe` must come from `core.redis.connect`'s client (a `CheckedPipeline`): before its
+        MULTI it checks that the function is there, as redis-py loads a pipeline's scripts,
+        since in a transaction a missing function would fail alone while the acknowledgement
+        beside it went through."""
         if events:
+            before = getattr(pipe, "before", None)
+            if before is None:
+                raise TypeError("add_to_pipeline needs a pipeline of core.redis.connect's client")
             encoded = [(e.event_type, encode_event(e)) for e in events]
-            keys, args = self._script_arguments(encoded)
-            pipe.scripts.add(self._script)  # type: ignore[arg-type]  # loaded first if missing
-            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            keys, args = self._call_arguments(encoded)
+            before[PUBLISH_FUNCTION] = self._check_function
+            pipe.execute_command("FCALL", PUBLISH_FUNCTION, len(keys), *keys, *args)
             self._count(encoded)
+
+    async def _check_function(self, pipe: CheckedPipeline) -> None:
+        """Raise `FunctionMissing` unless Redis has the publish function: it publishes nothing
+        when called without events (`FCALL` on the pipeline's connection, before its MULTI)."""
+        try:
+            await pipe.immediate_execute_command("FCALL", PUBLISH_FUNCTION, 0, FIELD)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            if not is_function_missing(exc):
+                raise
+            raise self._missing() from exc
+
+    def _missing(self) -> FunctionMissing:
+        """The error for Redis's reply that it has no publish function, logged (at most every
+        30 s) with what to do about it."""
+        error = FunctionMissing()
+        now = time.monotonic()
+        if self._missing_logged is None or now - self._missing_logged >= _MISSING_LOG_EVERY_S:
+            self._missing_logged = now
+            log.error(
+                "cannot publish: the Redis function is not loaded, retrying",
+                extra={"function": PUBLISH_FUNCTION, "fix": str(error)},
+            )
+        return error
 
     async def wait_for_room(self, channels: Iterable[str]) -> None:
         """Wait until the stream of every backpressure channel among `channels` holds fewer
@@ -262,7 +272,7 @@ class EventPublisher:
         spec = channel_spec(channel)
         return min(self._maxlen, spec.maxlen or self._maxlen)
 
-    def _script_arguments(self, events: Sequence[EncodedEvent]) -> tuple[list[str], list[Any]]:
+    def _call_arguments(self, events: Sequence[EncodedEvent]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []  # the batch's streams (one per durable channel)
         caps: list[int] = []  # each one's length cap
         waits: list[int] = []  # each one: 1 if it applies backpressure, 0 if trimmed at its cap
