@@ -27,7 +27,7 @@ from analytics_engine.archival.layout import (
     result_fingerprint,
 )
 from analytics_engine.core.envelopes import validation_summary
-from analytics_engine.core.payloads import KPIResult
+from analytics_engine.core.payloads import KPIResult, scalar_dimensions
 
 TS: Final = pa.timestamp("us", tz="UTC")
 MAX_KPI_CODE: Final = 63  # as `KPIResult.kpi_code`
@@ -176,7 +176,7 @@ def parse_kpi_result(payload: Mapping[str, Any]) -> KpiRow:
     dims = payload.get("dimensions") or {}
     if not isinstance(dims, dict):
         raise PayloadError("dimensions: expected an object")
-    if any(v is not None and not isinstance(v, str | int | float | bool) for v in dims.values()):
+    if not scalar_dimensions(dims):
         raise PayloadError("dimensions: values must be strings, numbers, booleans or null")
     raw_count = payload["sample_count"]
     sample_count = raw_count if type(raw_count) is int else _int(raw_count, "sample_count")

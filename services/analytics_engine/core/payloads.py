@@ -7,6 +7,7 @@ Services validate what they receive with these models, so the documentation is w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Any, Literal
 
@@ -18,6 +19,12 @@ from analytics_engine.core.errors import InvalidEvent
 
 Identifier = str
 DimensionValue = str | int | float | bool | None
+
+
+def scalar_dimensions(dimensions: Mapping[str, object]) -> bool:
+    """Whether every value of a result's `dimensions` is a `DimensionValue` (no object, no
+    list): the database and the archive accept the same results."""
+    return all(v is None or isinstance(v, str | int | float) for v in dimensions.values())
 
 
 class _Payload(BaseModel):

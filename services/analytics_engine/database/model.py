@@ -14,6 +14,7 @@ from typing import Any, Final
 import orjson
 
 from analytics_engine.core.envelopes import Event
+from analytics_engine.core.payloads import scalar_dimensions
 from analytics_engine.core.storable import (
     EntityEventRow,
     InvalidPayload,
@@ -63,6 +64,8 @@ def parse_kpi_result(event: Event) -> KpiResultRow:
         raise InvalidPayload("window_end: must be after window_start")
     # absent means none, as the schema's default; null is no object, as the schema says
     dimensions, _ = json_object_field({"dimensions": payload.get("dimensions", {})}, "dimensions")
+    if not scalar_dimensions(dimensions):  # the archive could never take it
+        raise InvalidPayload("dimensions: values must be strings, numbers, booleans or null")
     return KpiResultRow(
         kpi_code=code,
         window_start=start,

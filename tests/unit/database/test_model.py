@@ -116,6 +116,9 @@ def test_kpi_results_get_a_canonical_dims_key() -> None:
         ({"window_end": "2024-01-01T00:00:00Z"}, "window_end"),
         ({"dimensions": [1]}, "dimensions"),
         ({"dimensions": None}, "dimensions"),  # the schema's dimensions is an object
+        # values are scalars, as the archive requires (stored here, it was never archived)
+        ({"dimensions": {"": []}}, "dimensions"),
+        ({"dimensions": {"region": {"nested": "x"}}}, "dimensions"),
         ({"sample_count": -1}, "sample_count"),
         ({"definition_version": 2**31}, "definition_version"),
     ],
