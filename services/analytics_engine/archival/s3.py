@@ -141,12 +141,17 @@ class ObjectStore:
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
         await self.ensure_bucket()
+
+        def fetch() -> bytes:
+            # request and body in one thread call: the connection is back in the pool before
+            # the next request starts (many GETs at once, as a compaction does, overflowed it)
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            return bytes(response["Body"].read())
+
         try:
-            response = await self._run(self._client.get_object, Bucket=self.bucket, Key=key)
+            return await self._run(fetch)
         except ClientError:
             return None
-        body = response["Body"]
-        return bytes(await self._run(body.read))
 
     async def exists(self, key: str) -> bool:
         await self.ensure_bucket()
