@@ -13,9 +13,10 @@ What is merged:
 * partitions whose day ended at least `ARCHIVAL_COMPACTION_MIN_AGE` ago (late results, e.g.
   from a backfill, still land afterwards as new small files: a later pass merges them too) and
   that hold at least `ARCHIVAL_COMPACTION_MIN_FILES` small files;
-* at most `ARCHIVAL_COMPACTION_MAX_BYTES` of objects per merge (memory: Arrow holds ~5-7x the
-  Parquet bytes, twice while sorting), so a big partition is merged in several groups; a file
-  of half that size or more is left as it is (merging it again would only rewrite it);
+* at most `ARCHIVAL_COMPACTION_MAX_BYTES` of objects per merge (memory: well-compressed files
+  take ~7x their size as Arrow, ~17x while merged and sorted), so a big partition is merged in
+  several groups; a file of half that size or more is left as it is (merging it again would
+  only rewrite it);
 * never an object named by an open flush intent (`Ledger.intents()`), nor by an open
   compaction intent: a crashed flush is resolved by reading its objects back, and had one been
   merged and deleted, resolution would think its PUT never landed and the re-delivered entries
@@ -192,7 +193,7 @@ def may_drop_unlanded(
 
 
 def merged_parquet(tables: Sequence[pa.Table], *, compression_level: int | None) -> bytes:
-    """The rows of `tables` as one Parquet file, in lake order (as a flush writes them)."""
+    """The rows of `tables` as one Parquet file, in lake order, as a flush writes them."""
     merged = pa.concat_tables(
         [t.select(KPI_RESULTS_SCHEMA.names).cast(KPI_RESULTS_SCHEMA) for t in tables]
     )

@@ -261,7 +261,9 @@ class Compactor:
     async def _merge(self, group: CompactionGroup, lock: CompactionLock, out: PassOutcome) -> None:
         tables = await self._read(group.keys)
         if tables is None:
-            log.warning("a file to compact vanished; skipped", extra={"partition": group.partition})
+            log.warning(
+                "a file to compact vanished; skipped", extra={"partition": group.partition.prefix}
+            )
             return
         rows = sum(t.num_rows for t in tables)
         body = await asyncio.to_thread(merged_parquet, tables, compression_level=self._level)

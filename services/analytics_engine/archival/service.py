@@ -118,12 +118,15 @@ class Settings(BaseServiceSettings, S3Settings):
         description="A partition is compacted once it holds at least this many small files.",
     )
     compaction_max_bytes: int = Field(
-        default=64 * 1024 * 1024,
+        default=32 * 1024 * 1024,
         ge=1024,
         validation_alias="ARCHIVAL_COMPACTION_MAX_BYTES",
         description="Parquet bytes merged into one object at most (a bigger partition is merged "
         "in several objects; files of half this size or more are left as they are). Bounds the "
-        "memory of a merge: Arrow holds ~5-7x the Parquet bytes, twice while sorting.",
+        "memory of a merge: well-compressed files (large flushes) take ~7x their size as Arrow "
+        "and ~17x while merged and sorted (measured: 33 MiB of files, +600 MiB resident); "
+        "tiny files (~3.5 KB each, mostly footer) take far less. A day of 5 s flushes of one KPI "
+        "is ~60 MB of tiny files: two objects.",
     )
 
     @field_validator(
