@@ -19,8 +19,10 @@ listed before 4 can fail to GET an old object (it retries): documented, not prev
 
 The lock (`ae:archival:compaction:lock`, SET NX PX with a token, renewed and released by its
 holder only, through WATCH/MULTI: the service's Redis user may not run scripts on its keys)
-keeps two replicas from merging the same files into two objects. S3 or Redis down: the pass is
-logged as failed and retried soon after; the service never stops for it.
+keeps two replicas from merging the same files into two objects. A replica killed while holding
+it holds it for up to `LOCK_TTL_S` more: passes (and the resolution of what it left) wait that
+long. S3 or Redis down: the pass is logged as failed and retried soon after (`RETRY_S`); the
+service never stops for it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pytest
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from analytics_engine.archival.compaction import CompactionIntent
@@ -29,6 +30,7 @@ from analytics_engine.archival.layout import (
     new_batch_name,
 )
 from analytics_engine.archival.ledger import Intent, Ledger, PlannedObject
+from analytics_engine.archival.metrics import CompactionMetrics
 from analytics_engine.archival.s3 import ObjectStore
 from analytics_engine.archival.service import SERVICE, Settings, create
 from analytics_engine.archival.tables import (
@@ -318,7 +320,7 @@ async def settled(redis: Redis) -> bool:
 async def test_the_service_compacts_and_a_redelivered_result_is_still_dropped(
     lake: Lake, running: Start
 ) -> None:
-    await running(
+    runtime = await running(
         create(
             lake.settings(
                 ARCHIVAL_BATCH_ROWS=10,
@@ -339,6 +341,11 @@ async def test_the_service_compacts_and_a_redelivered_result_is_still_dropped(
         return len(keys) == 1 and "/compacted-" in keys[0]
 
     await eventually(compacted, timeout=30)
+    metric = runtime.metrics.registry.get_sample_value
+    assert (metric("analytics_archival_compaction_objects_written_total") or 0) >= 1
+    assert (metric("analytics_archival_compaction_files_total") or 0) >= 4
+    assert (metric("analytics_archival_compaction_rows_total") or 0) >= 200
+    assert (metric("analytics_archival_compaction_passes_total") or 0) >= 1
     expected = sorted(r.fingerprint for r in rows_of(payloads))
     assert lake.fingerprints(OLD_PARTITION) == expected
 
@@ -348,3 +355,38 @@ async def test_the_service_compacts_and_a_redelivered_result_is_still_dropped(
     await asyncio.sleep(0.5)
     assert lake.fingerprints(OLD_PARTITION) == expected
     assert await lake.redis.hlen(intents_key()) == 0
+
+
+async def test_s3_down_is_logged_and_counted_never_raised(lake: Lake) -> None:
+    """S3 unreachable (nothing listens on the port): the start-up resolution fails, is counted,
+    and the task returns normally (interval 0: no passes); the intent waits for the next try."""
+    intent = CompactionIntent("n-1", "kpi_results/x/compacted-n-1.parquet", ("a",), "peer", 1.0)
+    await lake.redis.hset(compactions_key(), intent.name, intent.encode())
+    down = ObjectStore(
+        endpoint_url="http://127.0.0.1:9",
+        bucket=lake.bucket,
+        access_key="x",
+        secret_key="y",
+        region="us-east-1",
+        connect_timeout=0.5,
+    )
+    registry = CollectorRegistry()
+    metrics = CompactionMetrics(registry)
+    compactor = Compactor(
+        store=down,
+        redis=lake.redis,
+        ledger=Ledger(lake.redis, ttl_s=3600),
+        owner="compactor-test",
+        interval_s=0,
+        min_age_s=0,
+        min_files=2,
+        max_bytes=1024 * 1024,
+        metrics=metrics,
+    )
+    try:
+        await asyncio.wait_for(compactor.run(), 30)
+    finally:
+        down.close()
+    assert registry.get_sample_value("analytics_archival_compaction_failures_total") == 1
+    assert await lake.redis.hkeys(compactions_key()) == [b"n-1"]
+    assert not await lake.redis.exists(compaction_lock_key())  # released after the failure
