@@ -49,6 +49,13 @@ payloads that can never be archived (no kpi_code, bad times) are.
 Residual race (documented, not handled): two replicas could both write a result if one claims
 entries another still holds, which the keep-alive above prevents unless a replica stalls for
 longer than `BUS_CLAIM_IDLE_MS` in the middle of a flush.
+
+Compaction (`compaction.py`, `compactor.py`) later merges the small files of old partitions
+into `compacted-<uuid>.parquet` objects. It leaves alone every object an open intent names (its
+resolution reads them back), and the ledger holds fingerprints, not object keys, so merging
+changes nothing above: a result re-delivered after its file was merged is still dropped.
+Between a merged object's PUT and the deletion of the files it replaces (milliseconds) a reader
+listing the partition can see those rows twice.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Lake layout (Hive-partitioned, readable by pyarrow.dataset and DuckDB `hive_partitioning`):
 
     kpi_results/kpi_code=<code>/date=YYYY-MM-DD/<batch>.parquet        date of window_start (UTC)
+    kpi_results/kpi_code=<code>/date=YYYY-MM-DD/compacted-<uuid>.parquet   merged (compaction.py)
     entity_events/entity_type=<type>/date=YYYY-MM-DD/batch-<batch_id>.parquet
 
 The entity-events key is a pure function of the batch, so a re-sent batch overwrites itself. KPI
@@ -117,3 +118,13 @@ def seen_key(kpi_code: str, day: str) -> str:
 def intents_key() -> str:
     """Hash of write-ahead intents: batch name -> JSON {owner, created_at, objects}."""
     return f"{KEY_PREFIX}archival:intents"
+
+
+def compactions_key() -> str:
+    """Hash of compaction intents: name -> JSON {new_key, old_keys, owner, created_at}."""
+    return f"{KEY_PREFIX}archival:compactions"
+
+
+def compaction_lock_key() -> str:
+    """One compaction pass at a time over all replicas: SET NX PX, value = the holder's token."""
+    return f"{KEY_PREFIX}archival:compaction:lock"

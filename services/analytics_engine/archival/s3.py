@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+DELETE_BATCH = 1000
+"""Keys per DeleteObjects request (the S3 maximum)."""
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 
 
@@ -139,12 +141,17 @@ class ObjectStore:
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
         await self.ensure_bucket()
+
+        def fetch() -> bytes:
+            # request and body in one thread call: the connection is back in the pool before
+            # the next request starts (many GETs at once, as a compaction does, overflowed it)
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            return bytes(response["Body"].read())
+
         try:
-            response = await self._run(self._client.get_object, Bucket=self.bucket, Key=key)
+            return await self._run(fetch)
         except ClientError:
             return None
-        body = response["Body"]
-        return bytes(await self._run(body.read))
 
     async def exists(self, key: str) -> bool:
         await self.ensure_bucket()
@@ -153,6 +160,46 @@ class ObjectStore:
         except ClientError:
             return False
         return True
+
+    async def list_objects(self, prefix: str) -> list[tuple[str, int]]:
+        """Every object under `prefix`: (key, size in bytes), in key order."""
+        await self.ensure_bucket()
+
+        def listing() -> list[tuple[str, int]]:
+            found: list[tuple[str, int]] = []
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                found.extend((str(o["Key"]), int(o["Size"])) for o in page.get("Contents", []))
+            return found
+
+        try:
+            return await self._run(listing)
+        except ClientError as exc:  # NoSuchBucket: deleted under us; recreate next time
+            self._bucket_ready = False
+            raise TransientError(f"S3 bucket missing: {exc}") from exc
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete objects (1000 per request, the S3 maximum); a key already gone is no error.
+        Raises `TransientError` if any could not be deleted."""
+        for first in range(0, len(keys), DELETE_BATCH):
+            chunk = keys[first : first + DELETE_BATCH]
+            try:
+                response = await self._run(
+                    self._client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+                )
+            except ClientError as exc:
+                raise TransientError(f"S3 delete failed: {exc}") from exc
+            errors = response.get("Errors") or []
+            if errors:
+                first_error = errors[0]
+                raise TransientError(
+                    f"S3 could not delete {len(errors)} objects, e.g. {first_error.get('Key')}: "
+                    f"{first_error.get('Code')}"
+                )
 
     async def reachable(self) -> bool:
         """For /readyz: the bucket answers."""

@@ -2,7 +2,8 @@
 
 `analytics-engine run archival`. Reads `archive.kpi_results` (batched, exactly once in the lake,
 see `kpi_results.py`) and `archival.events` (one object per batch, confirmed on
-`archival.confirmed`, see `entity_events.py`).
+`archival.confirmed`, see `entity_events.py`). In the background, merges the small
+`kpi_results/` files of old partitions (`compaction.py`, `compactor.py`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from analytics_engine.archival.compactor import CompactionHooks, Compactor
 from analytics_engine.archival.entity_events import EntityEventArchiver
 from analytics_engine.archival.kpi_results import ArchivalHooks, KpiResultArchiver
 from analytics_engine.archival.ledger import Ledger
+from analytics_engine.archival.metrics import CompactionMetrics
 from analytics_engine.archival.s3 import ObjectStore
 from analytics_engine.core.channels import ARCHIVAL_EVENTS, ARCHIVE_KPI_RESULTS
 from analytics_engine.core.durations import parse_duration
@@ -91,7 +94,44 @@ class Settings(BaseServiceSettings, S3Settings):
         "file for usually smaller files. Unset: pyarrow's default (1).",
     )
 
-    @field_validator("flush_interval_s", mode="before")
+    compaction_interval_s: float = Field(
+        default=3600.0,
+        ge=0,
+        validation_alias="ARCHIVAL_COMPACTION_INTERVAL",
+        description="How often the small `kpi_results/` files of old partitions are merged into "
+        "`compacted-<uuid>.parquet` objects (seconds, or '1h', '30m'); one replica at a time "
+        "(a Redis lock). 0 turns compaction off (what a crashed pass left is still settled at "
+        "start).",
+    )
+    compaction_min_age_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        validation_alias="ARCHIVAL_COMPACTION_MIN_AGE",
+        description="A partition is compacted once its day (UTC) ended at least this long ago "
+        "(seconds, or '1d', '6h'). Results arriving later (a backfill) land as new small files "
+        "that a later pass merges again.",
+    )
+    compaction_min_files: int = Field(
+        default=16,
+        ge=2,
+        validation_alias="ARCHIVAL_COMPACTION_MIN_FILES",
+        description="A partition is compacted once it holds at least this many small files.",
+    )
+    compaction_max_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        validation_alias="ARCHIVAL_COMPACTION_MAX_BYTES",
+        description="Parquet bytes merged into one object at most (a bigger partition is merged "
+        "in several objects; files of half this size or more are left as they are). Bounds the "
+        "memory of a merge: well-compressed files (large flushes) take ~7x their size as Arrow "
+        "and ~17x while merged and sorted (measured: 33 MiB of files, +600 MiB resident); "
+        "tiny files (~3.5 KB each, mostly footer) take far less. A day of 5 s flushes of one KPI "
+        "is ~60 MB of tiny files: two objects.",
+    )
+
+    @field_validator(
+        "flush_interval_s", "compaction_interval_s", "compaction_min_age_s", mode="before"
+    )
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip() and not value.strip()[-1].isdigit():
@@ -99,8 +139,14 @@ class Settings(BaseServiceSettings, S3Settings):
         return value
 
 
-def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> ServiceRuntime:
-    """Compose the service. `hooks` are test seams into the KPI-results flush."""
+def create(
+    settings: Settings,
+    *,
+    hooks: ArchivalHooks | None = None,
+    compaction_hooks: CompactionHooks | None = None,
+) -> ServiceRuntime:
+    """Compose the service. `hooks` and `compaction_hooks` are test seams into the KPI-results
+    flush and the lake compaction."""
     runtime = ServiceRuntime(service=SERVICE, settings=settings, port=settings.port)
     store = ObjectStore(
         endpoint_url=settings.s3_endpoint_url,
@@ -110,9 +156,10 @@ def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> Service
         region=settings.aws_region,
         concurrency=settings.s3_concurrency,
     )
+    ledger = Ledger(runtime.redis, ttl_s=settings.dedup_ttl_s)
     kpis = KpiResultArchiver(
         store=store,
-        ledger=Ledger(runtime.redis, ttl_s=settings.dedup_ttl_s),
+        ledger=ledger,
         dead_letters=runtime.dead_letters,
         channel=ARCHIVE_KPI_RESULTS,
         group=SERVICE,
@@ -147,6 +194,20 @@ def create(settings: Settings, *, hooks: ArchivalHooks | None = None) -> Service
         )
     )
     runtime.add_task("archive-flush", kpis.run_timer)
+    compactor = Compactor(
+        store=store,
+        redis=runtime.redis,
+        ledger=ledger,
+        owner=settings.instance_id,
+        interval_s=settings.compaction_interval_s,
+        min_age_s=settings.compaction_min_age_s,
+        min_files=settings.compaction_min_files,
+        max_bytes=settings.compaction_max_bytes,
+        compression_level=settings.zstd_level,
+        metrics=CompactionMetrics(runtime.metrics.registry),
+        hooks=compaction_hooks,
+    )
+    runtime.add_task("lake-compaction", compactor.run)
 
     async def startup() -> None:
         # Arrow's default allocator (mimalloc) keeps freed pages: ~12 MB more resident memory

@@ -13,7 +13,13 @@ from acl_users import url
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from analytics_engine.archival.layout import intents_key, seen_key
+from analytics_engine.archival.compactor import CompactionLock, LockLost
+from analytics_engine.archival.layout import (
+    compaction_lock_key,
+    compactions_key,
+    intents_key,
+    seen_key,
+)
 from analytics_engine.archival.ledger import Intent, Ledger
 from analytics_engine.calculation.backfill import (
     DATABASE_GROUP,
@@ -344,6 +350,15 @@ def _commands_the_services_send() -> dict[str, list[tuple[str, ...]]]:
             ("HSET", intents_key(), "batch-1", "{}"),
             ("HDEL", intents_key(), "batch-1"),
             ("HGETALL", intents_key()),
+            # lake compaction: its lock (renewed and released through WATCH/MULTI) and intents
+            ("SET", compaction_lock_key(), "token", "NX", "PX", "600000"),
+            ("WATCH", compaction_lock_key()),
+            ("GET", compaction_lock_key()),
+            ("PEXPIRE", compaction_lock_key(), "600000"),
+            ("DEL", compaction_lock_key()),
+            ("HSET", compactions_key(), "n-1", "{}"),
+            ("HDEL", compactions_key(), "n-1"),
+            ("HGETALL", compactions_key()),
         ],
         "observability_service": [
             ("SCAN", "0", "MATCH", channels.stream_key("*"), "COUNT", "500"),
@@ -428,6 +443,25 @@ async def test_the_archiver_keeps_its_ledger_as_its_user(acl_redis: RedisServer)
     assert await ledger.intents() == []
     with pytest.raises(NoPermissionError):  # what it reads is not its own
         await archival.delete(channels.stream_key(channels.ARCHIVE_KPI_RESULTS))
+    await archival.aclose()
+
+
+async def test_the_archiver_takes_and_releases_its_compaction_lock_as_its_user(
+    acl_redis: RedisServer,
+) -> None:
+    archival = connect(url(acl_redis, "archival_service"))
+    mine = CompactionLock(archival, owner="a-0", ttl_s=60)
+    peer = CompactionLock(archival, owner="a-1", ttl_s=60)
+    assert await mine.acquire()
+    assert not await peer.acquire()
+    await mine.renew()
+    with pytest.raises(LockLost):
+        await peer.renew()
+    await peer.release()  # not its lock: nothing happens
+    assert await archival.exists(compaction_lock_key())
+    await mine.release()
+    assert not await archival.exists(compaction_lock_key())
+    assert await peer.acquire()
     await archival.aclose()
 
 

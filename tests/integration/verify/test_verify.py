@@ -22,8 +22,12 @@ import pytest
 import yaml
 from aiohttp import web
 
-from analytics_engine.archival.layout import kpi_object_key
+from analytics_engine.archival.compactor import Compactor
+from analytics_engine.archival.layout import KPI_RESULTS_PREFIX, kpi_object_key
+from analytics_engine.archival.ledger import Ledger
+from analytics_engine.archival.s3 import ObjectStore
 from analytics_engine.archival.tables import kpi_table, parse_kpi_result, to_parquet
+from analytics_engine.core.redis import connect
 from analytics_engine.database.migrate import migrate
 from analytics_engine.kpi.definitions import VersionedKPIDefinition
 from analytics_engine.kpi.engine import EntityEventView, KPIEngine, KPIResult
@@ -285,6 +289,66 @@ async def test_clean_data_verifies(world: World) -> None:
     assert compared == len(world.results)
     assert sum(k.matched for k in report.kpis) == compared
     assert sum(k.open_windows_skipped for k in report.kpis) == 0
+    assert report.lake["results_checked"] == len(world.results)
+
+
+async def test_the_lake_still_verifies_after_compaction(world: World) -> None:
+    """The results archived as many small files (one flush every few results), then merged by
+    the archival service's compaction: verify reads every result once, as before."""
+    client = world.s3.client()
+    prefix = f"{KPI_RESULTS_PREFIX}/"
+
+    def keys() -> list[str]:
+        found: list[str] = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=world.bucket, Prefix=prefix
+        ):
+            found.extend(item["Key"] for item in page.get("Contents", []))
+        return found
+
+    for key in keys():
+        client.delete_object(Bucket=world.bucket, Key=key)
+    for first in range(0, len(world.results), 5):
+        world.put_lake(world.results[first : first + 5], batch=f"b{first:05d}")
+    small = keys()
+    partitions = {k.rsplit("/", 1)[0] for k in small}
+    assert len(small) > 2 * len(partitions)
+
+    store = ObjectStore(
+        endpoint_url=world.s3.endpoint_url,
+        bucket=world.bucket,
+        access_key=world.s3.access_key,
+        secret_key=world.s3.secret_key,
+        region=world.s3.region,
+    )
+    redis = connect(world.redis_url)
+    try:
+        outcome = await Compactor(
+            store=store,
+            redis=redis,
+            ledger=Ledger(redis, ttl_s=3600),
+            owner="verify-test",
+            interval_s=3600,
+            min_age_s=86_400,
+            min_files=2,
+            max_bytes=64 * 1024 * 1024,
+            clock=lambda: datetime(2100, 1, 1, tzinfo=UTC),
+        ).run_pass()
+    finally:
+        store.close()
+        await redis.aclose()
+    files = {p: [k for k in small if k.rsplit("/", 1)[0] == p] for p in partitions}
+    single = {p for p, found in files.items() if len(found) == 1}  # nothing to merge there
+    assert outcome is not None
+    assert outcome.files == len(small) - len(single)
+    merged = keys()
+    assert len(merged) == len(partitions)
+    assert {k.rsplit("/", 1)[0] for k in merged} == partitions
+    assert all("/compacted-" in k for k in merged if k.rsplit("/", 1)[0] not in single)
+
+    report = await verify(world.settings(), OPTIONS)
+    assert report.mismatches == []
+    assert report.ok
     assert report.lake["results_checked"] == len(world.results)
 
 
