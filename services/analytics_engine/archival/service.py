@@ -37,14 +37,15 @@ class Settings(BaseServiceSettings, S3Settings):
         "`/metrics`).",
     )
     batch_rows: int = Field(
-        default=40_000,
+        default=20_000,
         ge=1,
         le=1_000_000,
         validation_alias="ARCHIVAL_BATCH_ROWS",
         description="KPI results per flush (at most; a flush writes one file per partition). "
-        "Flushes run one at a time, each a few round trips to Redis and S3, so with a backlog "
-        "the rows per flush bound the rate (measured: ~110 ms per 10k-row flush, ~200 ms per "
-        "40k); fewer, larger files are better for the lake too.",
+        "Flushes run one at a time, in the background while the next results are read, each a "
+        "few round trips to Redis and S3. Draining a backlog (bench/pipeline_bench.py --parts "
+        "d), 20k rows per flush archived ~5% more rows/s than 40k, 10k about as many, 80k "
+        "fewer; compaction merges the files of past days (ARCHIVAL_COMPACTION_*).",
     )
     flush_interval_s: float = Field(
         default=5.0,
