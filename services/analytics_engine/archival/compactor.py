@@ -54,7 +54,7 @@ from analytics_engine.archival.layout import (
     compactions_key,
 )
 from analytics_engine.archival.tables import from_parquet
-from analytics_engine.core.bus import REDIS_ERRORS
+from analytics_engine.core.bus import redis_outage_is_transient
 from analytics_engine.core.errors import TransientError, describe_error
 
 if TYPE_CHECKING:
@@ -109,12 +109,10 @@ class CompactionLock:
         self._token = f"{owner}:{uuid.uuid4().hex}".encode()
 
     async def acquire(self) -> bool:
-        try:
+        with redis_outage_is_transient():
             return bool(
                 await self._redis.set(compaction_lock_key(), self._token, nx=True, px=self._ttl_ms)
             )
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
 
     async def renew(self) -> None:
         """Extend the lock; raises `LockLost` when it is no longer ours."""
@@ -126,19 +124,18 @@ class CompactionLock:
 
     async def _if_held(self, then: Callable[[Pipeline], object]) -> bool:
         key = compaction_lock_key()
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(key)
-                if await pipe.get(key) != self._token:
-                    return False  # leaving the block resets the pipeline (UNWATCH)
-                pipe.multi()  # type: ignore[no-untyped-call]
-                then(pipe)
-                await pipe.execute()
-                return True
-        except WatchError:
-            return False
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
+        with redis_outage_is_transient():
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    if await pipe.get(key) != self._token:
+                        return False  # leaving the block resets the pipeline (UNWATCH)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    then(pipe)
+                    await pipe.execute()
+                    return True
+            except WatchError:
+                return False
 
 
 class Compactor:
@@ -333,26 +330,20 @@ class Compactor:
         return busy
 
     async def _intents(self) -> list[CompactionIntent]:
-        try:
+        with redis_outage_is_transient():
             raw = await self._redis.hgetall(compactions_key())
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
         return [
             CompactionIntent.decode(_text(k), v if isinstance(v, bytes) else v.encode())
             for k, v in raw.items()
         ]
 
     async def _write_intent(self, intent: CompactionIntent) -> None:
-        try:
+        with redis_outage_is_transient():
             await self._redis.hset(compactions_key(), intent.name, intent.encode())
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
 
     async def _drop_intent(self, name: str) -> None:
-        try:
+        with redis_outage_is_transient():
             await self._redis.hdel(compactions_key(), name)
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
 
 
 def _text(value: bytes | str) -> str:

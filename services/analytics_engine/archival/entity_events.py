@@ -21,7 +21,7 @@ from analytics_engine.archival.tables import (
     parse_event_batch,
     to_parquet,
 )
-from analytics_engine.core.bus import REDIS_ERRORS, encode_event
+from analytics_engine.core.bus import encode_event, redis_outage_is_transient
 from analytics_engine.core.channels import ARCHIVAL_CONFIRMED
 from analytics_engine.core.errors import TransientError
 
@@ -99,12 +99,10 @@ class EntityEventArchiver:
 
         if self._consumer is None:
             raise RuntimeError("EntityEventArchiver.attach(consumer) was not called")
-        try:
+        with redis_outage_is_transient():
             await self._consumer.ack(deliveries, also=also)
             if confirmations:
                 await self._publisher.wait_for_room([ARCHIVAL_CONFIRMED])
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
         if bad:
             log.warning("dead-lettered unarchivable event batches", extra={"count": len(bad)})
         self.batches_written += len(good)

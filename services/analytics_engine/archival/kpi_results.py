@@ -86,6 +86,7 @@ from analytics_engine.core.bus import (
     DeliveryBatch,
     encode_event,
     ids_by_channel,
+    redis_outage_is_transient,
 )
 from analytics_engine.core.errors import TransientError, describe_error
 
@@ -352,10 +353,8 @@ class KpiResultArchiver:
     ) -> None:
         if self._consumer is None:
             raise RuntimeError("KpiResultArchiver.attach(consumer) was not called")
-        try:
+        with redis_outage_is_transient():
             await self._consumer.ack_ids(ids, also=also)
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
 
     # -- flushing ----------------------------------------------------------------------------
     async def flush(self) -> None:

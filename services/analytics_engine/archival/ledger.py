@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Final
 import orjson
 
 from analytics_engine.archival.layout import intents_key, seen_key
-from analytics_engine.core.bus import REDIS_ERRORS
-from analytics_engine.core.errors import TransientError
+from analytics_engine.core.bus import redis_outage_is_transient
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -90,13 +89,11 @@ class Ledger:
         ]
         if not lookups:
             return set()
-        try:
+        with redis_outage_is_transient():
             pipe = self._redis.pipeline(transaction=False)
             for fps, key in lookups:
                 pipe.execute_command("HMGET", key, *fps)
             replies = await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
         found: set[bytes] = set()
         for (fps, _), values in zip(lookups, replies, strict=True):
             found.update(fp for fp, value in zip(fps, values, strict=True) if value is not None)
@@ -116,19 +113,15 @@ class Ledger:
         pipe.expire(key, self._ttl)
 
     async def write_intent(self, intent: Intent) -> None:
-        try:
+        with redis_outage_is_transient():
             await self._redis.hset(intents_key(), intent.batch, intent.encode())
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
 
     def drop_intent(self, pipe: Pipeline, batch: str) -> None:
         pipe.hdel(intents_key(), batch)
 
     async def intents(self) -> list[Intent]:
-        try:
+        with redis_outage_is_transient():
             raw = await self._redis.hgetall(intents_key())
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
         return [
             Intent.decode(k.decode() if isinstance(k, bytes) else k, _bytes(v))
             for k, v in raw.items()
@@ -148,10 +141,8 @@ class Ledger:
             self.record(pipe, partition, fps)
         if drop:
             self.drop_intent(pipe, intent.batch)
-        try:
+        with redis_outage_is_transient():
             await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
 
 
 def _bytes(value: bytes | str) -> bytes:

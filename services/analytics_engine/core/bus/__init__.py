@@ -42,6 +42,7 @@ from analytics_engine.core.bus.streams import (
     ids_by_channel,
     raw_entries,
     read_group,
+    redis_outage_is_transient,
 )
 
 __all__ = [
@@ -68,4 +69,5 @@ __all__ = [
     "ids_by_channel",
     "raw_entries",
     "read_group",
+    "redis_outage_is_transient",
 ]

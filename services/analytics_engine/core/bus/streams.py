@@ -3,14 +3,28 @@ is unreachable, and XREADGROUP read the cheap way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from analytics_engine.core.errors import TransientError
+
 FIELD = b"m"  # the one stream field: the event's JSON, byte-identical to what was PUBLISHed
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+@contextlib.contextmanager
+def redis_outage_is_transient() -> Iterator[None]:
+    """Raise Redis being unreachable as a `TransientError` (the bus retries the work in hand
+    with backoff, without counting a delivery)."""
+    try:
+        yield
+    except REDIS_ERRORS as exc:
+        raise TransientError(f"redis unavailable: {exc}") from exc
+
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 """(entry id, fields) of one stream entry."""
