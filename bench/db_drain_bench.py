@@ -179,9 +179,17 @@ def main() -> None:
     parser.add_argument(
         "--gc-threshold", type=int, default=BaseServiceSettings.model_fields["gc_threshold"].default
     )
+    parser.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL server setting for this run (repeatable), e.g. shared_buffers=256MB",
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="db-drain-bench-"))
     pg = PostgresServer(base / "postgres")
+    pg.settings.update(item.split("=", 1) for item in args.pg_setting)
     rd = RedisServer(base / "redis")
     pg.start()
     rd.start()
