@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# KPICounters fields exported as `analytics_kpi_event_issues_total{issue=...}`
+EVENT_ISSUES = {
+    "evaluation_errors": "filter_error",
+    "invalid_values": "invalid_value",
+    "invalid_dimensions": "invalid_dimension",
+}
+
 FRESHNESS_BUCKETS = (
     0.001,
     0.0025,
@@ -37,6 +44,15 @@ class CalculationMetrics:
             "analytics_kpi_late_events",
             "Events that missed at least one of their windows (published after its close)",
             ["kpi_code"],
+            registry=r,
+        )
+        self.event_issues = Counter(
+            "analytics_kpi_event_issues",
+            "Events of a KPI's entity type it could not use as they are, by issue: "
+            "filter_error (the filter failed to evaluate: no match), invalid_value (the field "
+            "is not a number: value ignored), invalid_dimension (a group_by attribute holds a "
+            "list or an object: event left out)",
+            ["kpi_code", "issue"],
             registry=r,
         )
         self.results = Counter(

@@ -53,7 +53,7 @@ from analytics_engine.calculation.events import (
     InvalidEntityEvent,
     result_events,
 )
-from analytics_engine.calculation.metrics import CalculationMetrics
+from analytics_engine.calculation.metrics import EVENT_ISSUES, CalculationMetrics
 from analytics_engine.calculation.ordering import StreamMerger
 from analytics_engine.calculation.recent_ids_log import RecentIdsLog, RingManifest, RingWrite
 from analytics_engine.core import channels
@@ -134,7 +134,7 @@ class StreamProcessor:
         self._unpublished: list[tuple[KPIResult, list[Event], str]] = []
         self._dirty = False
         self._close_pending = asyncio.Event()
-        self._late_seen: dict[str, int] = {}
+        self._exported: dict[tuple[str, str], int] = {}  # (kpi_code, counter): count exported
         self.suppress: ResultFilter = lambda _: False
         """Set by the backfill manager: live results it will produce itself."""
         self.extra_checkpoint: Callable[[], dict[str, Any]] = dict
@@ -329,18 +329,28 @@ class StreamProcessor:
         while True:
             await asyncio.sleep(self._checkpoint_interval)
             try:
-                self.update_late_counters()
+                self.update_kpi_counters()
                 await self.checkpoint()
             except REDIS_ERRORS as exc:
                 log.warning("redis unavailable for a checkpoint", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
 
-    def update_late_counters(self) -> None:
+    def update_kpi_counters(self) -> None:
+        """Export the engine's per-KPI counters (monotonic since the engine started) as
+        Prometheus counters: what they gained since the last export."""
+        metrics = self._metrics
         for code, counters in self.engine.stats().kpis.items():
-            seen = self._late_seen.get(code, 0)
-            if counters.late_events > seen:
-                self._metrics.late_events.labels(code).inc(counters.late_events - seen)
-                self._late_seen[code] = counters.late_events
+            late = metrics.late_events.labels(code)
+            self._export(code, "late_events", counters.late_events, late)
+            for counter, issue in EVENT_ISSUES.items():
+                count = getattr(counters, counter)
+                self._export(code, counter, count, metrics.event_issues.labels(code, issue))
+
+    def _export(self, code: str, counter: str, count: int, metric: Any) -> None:
+        seen = self._exported.get((code, counter), 0)
+        if count > seen:
+            metric.inc(count - seen)
+            self._exported[code, counter] = count
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_data(self) -> tuple[bytes, RingWrite]:

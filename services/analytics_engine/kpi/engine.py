@@ -9,7 +9,8 @@ Semantics (docs/architecture.md, "KPI semantics"):
   already includes the event's own ``published_at``); otherwise the event is *late* for ``W``:
   counted per KPI, never mixed in;
 * ``W`` is emitted exactly once, as soon as the watermark reaches ``W.end + allowed_lateness``;
-* state is per (window, group); ``group_by`` values become ``dimensions`` (missing -> ``None``);
+* state is per (window, group); ``group_by`` values become ``dimensions`` (missing -> ``None``;
+  an event with a list or an object there is left out of the KPI and counted);
 * duplicates (same ``event_id`` within the last ``dedupe_capacity`` events) are dropped.
 
 Hot path design: definitions are compiled once into ``_KPIState`` objects (no pydantic per event),
@@ -25,7 +26,7 @@ import itertools
 import json
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -133,6 +134,9 @@ class KPICounters:
     """Filter evaluations that errored (missing attribute, wrong type): treated as no match."""
     invalid_values: int = 0
     """Matched events whose ``field`` was not a number for sum/avg/min/max (value ignored)."""
+    invalid_dimensions: int = 0
+    """Matched events with a list or an object in a ``group_by`` attribute: no dimension value
+    (results carry scalars only), so the event is left out of this KPI."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +156,16 @@ def _micros(value: datetime) -> int:
     return (value - EPOCH) // _US
 
 
+class _NotADimension(Exception):
+    """A ``group_by`` attribute holds a list or an object."""
+
+
 def _dim_key(value: Any) -> Hashable:
     """Group identity of a dimension value (``True`` must not merge with ``1``)."""
-    return value if type(value) is str else distinct_key(value)
+    kind = type(value)
+    if kind is list or kind is dict:
+        raise _NotADimension
+    return value if kind is str else distinct_key(value)
 
 
 def _fingerprint(definition: VersionedKPIDefinition) -> str:
@@ -268,15 +279,19 @@ def _compile_apply(k: _KPIState) -> _Apply:
                 elif vt is not float:
                     usable = False
                     counters.invalid_values += 1
-        if single is not None:
-            v = attrs.get(single)
-            dims: tuple[Any, ...] = (v,)
-            key: Hashable = dims if type(v) is str else (_dim_key(v),)
-        elif group_by:
-            dims = tuple([attrs.get(name) for name in group_by])
-            key = tuple([v if type(v) is str else _dim_key(v) for v in dims])
-        else:
-            dims = key = ()
+        try:
+            if single is not None:
+                v = attrs.get(single)
+                dims: tuple[Any, ...] = (v,)
+                key: Hashable = dims if type(v) is str else (_dim_key(v),)
+            elif group_by:
+                dims = tuple([attrs.get(name) for name in group_by])
+                key = tuple([v if type(v) is str else _dim_key(v) for v in dims])
+            else:
+                dims = key = ()
+        except _NotADimension:
+            counters.invalid_dimensions += 1
+            return _INF
         opened = _INF
         if slide is None:
             start = occurred - occurred % size
@@ -524,12 +539,7 @@ class KPIEngine:
             results_emitted=self._emitted,
             open_windows=sum(len(k.windows) for k in self._kpis.values()),
             watermark=self.watermark,
-            kpis={
-                code: KPICounters(
-                    c.late_events, c.filtered_out, c.evaluation_errors, c.invalid_values
-                )
-                for code, c in self._counters.items()
-            },
+            kpis={code: replace(c) for code, c in self._counters.items()},
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -613,6 +623,9 @@ class KPIEngine:
                 window = k.open_window(int(start))
                 for dims, n, acc in groups:
                     values = tuple(dims)
-                    key = tuple(_dim_key(v) for v in values)
+                    try:
+                        key = tuple(_dim_key(v) for v in values)
+                    except _NotADimension:
+                        continue  # grouped by an earlier release: a result nothing would store
                     window[key] = _Group(values, accumulator_from_state(acc), int(n))
         self._refresh_next_close()

@@ -28,7 +28,7 @@ because CEL identifiers match ``[_a-zA-Z][_a-zA-Z0-9]*``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from analytics_engine.kpi._cel import (
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_RESERVED_COLUMNS",
     "aggregate_sql",
     "dimension_sql",
+    "dimensions_scalar_sql",
     "filter_to_sql",
     "number_sql",
 ]
@@ -128,6 +129,17 @@ def dimension_sql(name: str, *, attributes_column: str = "attributes") -> str:
     groups them together as ``null``)."""
     col = _column(attributes_column)
     return f"NULLIF({col}->{_key(name)}, 'null'::jsonb)"
+
+
+def dimensions_scalar_sql(names: Sequence[str], *, attributes_column: str = "attributes") -> str:
+    """True when no ``group_by`` attribute holds an array or an object: the engine leaves such
+    events out of the KPI (a dimension value is a scalar)."""
+    col = _column(attributes_column)
+    checks = [
+        f"coalesce(jsonb_typeof({col}->{_key(name)}), 'null') NOT IN ('array', 'object')"
+        for name in names
+    ]
+    return " AND ".join(checks) or "TRUE"
 
 
 def aggregate_sql(

@@ -7,7 +7,8 @@ It implements docs/architecture.md "KPI semantics" literally:
 * event-time windows on `occurred_at`, aligned to the epoch, in integer microseconds: window
   starts `k * slide` for every k with `k*slide <= t < k*slide + size` (tumbling: slide = size);
 * an event counts for window W iff `published_at < W.end + allowed_lateness`;
-* `group_by` attributes as jsonb (missing and JSON null both NULL), aggregates from
+* `group_by` attributes as jsonb (missing and JSON null both NULL; events with an array or an
+  object there are left out, as the engine leaves them), aggregates from
   `analytics_engine.kpi.sql.aggregate_sql` (exact `numeric` for sum/avg), `sample_count` is the
   number of matching events; groups whose value is NULL (avg/min/max of no number) are dropped.
 
@@ -23,7 +24,12 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from analytics_engine.kpi.definitions import KPIDefinition
-from analytics_engine.kpi.sql import aggregate_sql, dimension_sql, filter_to_sql
+from analytics_engine.kpi.sql import (
+    aggregate_sql,
+    dimension_sql,
+    dimensions_scalar_sql,
+    filter_to_sql,
+)
 from analytics_engine.kpi.windows import to_micros
 
 AGGREGATED_KINDS: Final = ("created", "updated")
@@ -76,6 +82,7 @@ WITH ev AS (
       AND occurred_at >= $2 AND occurred_at < $3
       AND event_kind = ANY($4::text[])
       AND ({filter_sql})
+      AND {dimensions_scalar_sql(definition.group_by)}
 ), win AS (
     SELECT ev.*, k * {slide}::bigint AS ws_us
     FROM ev CROSS JOIN LATERAL generate_series(

@@ -485,3 +485,45 @@ async def test_a_window_ready_to_close_does_not_wait_for_the_idle_tick(
     assert elapsed < 2.5, elapsed  # the next idle tick is ~5 s after the first event's
     results = await published_results(redis)
     assert [(r["kpi_code"], r["value"]) for r in results] == [("fast_count", 1.0)]
+
+
+async def test_a_list_or_object_dimension_is_left_out_and_shows_in_the_metrics(
+    redis: Redis, redis_url: str, running: Start, tmp_path: Path
+) -> None:
+    """Results carry scalar dimensions only: events whose group_by attribute is a list or an
+    object are left out of that KPI (never published as a result the database would refuse)
+    and counted in `analytics_kpi_event_issues_total{issue="invalid_dimension"}`."""
+    by_tag = kpi("count_by_tag", "order", "count", tumbling("1s", "0s"), group_by=["tag"])
+    service = build(settings(redis_url, write_kpi_dir(tmp_path, [by_tag])))
+    await running(service.runtime)
+    start = utcnow().replace(microsecond=0) - timedelta(seconds=5)
+    tags: list[Any] = ["a", ["a"], {"k": "a"}, "a"]
+    events = [
+        Event(
+            event_id=str(uuid.uuid4()),
+            event_type=channels.ENTITY_CREATED,
+            source="data_simulator",
+            timestamp=start + timedelta(milliseconds=100 * i),
+            payload={
+                "entity_type": "order",
+                "entity_id": f"o{i}",
+                "version": 1,
+                "occurred_at": (start + timedelta(milliseconds=100 * i)).isoformat(),
+                "attributes": {"tag": tag},
+            },
+        )
+        for i, tag in enumerate(tags)
+    ]
+    await publish(redis, events)
+    results = await settled(redis)
+    assert [(r["dimensions"], r["value"], r["sample_count"]) for r in results] == [
+        ({"tag": "a"}, 2.0, 2)
+    ]
+    metrics = f"http://127.0.0.1:{service.runtime.bound_port}/metrics"
+    series = 'analytics_kpi_event_issues_total{issue="invalid_dimension",kpi_code="count_by_tag"}'
+
+    async def counted() -> bool:
+        async with aiohttp.ClientSession() as http, http.get(metrics) as r:
+            return f"{series} 2.0" in await r.text()
+
+    await wait_for(counted, timeout=10)  # exported with the next checkpoint (~1 s)

@@ -109,6 +109,8 @@ def make_events(n: int = 900) -> list[Event]:
             attrs["region"] = rnd.choice(["eu", "us", "apac"])
         if rnd.random() > 0.3:
             attrs["channel"] = rnd.choice(["web", "app"])
+        if rnd.random() < 0.04:  # no dimension value: the engine and the SQL leave them out
+            attrs[rnd.choice(["region", "channel"])] = rnd.choice([["eu"], {"r": "eu"}, []])
         roll = rnd.random()
         if roll > 0.05:
             attrs["amount"] = round(rnd.uniform(-5, 200), 2) if roll > 0.2 else rnd.randint(1, 9)

@@ -222,6 +222,29 @@ def test_dimensions_missing_null_and_typed() -> None:
     ]
 
 
+def test_list_or_object_dimension_leaves_the_event_out_and_is_counted() -> None:
+    """Results carry scalar dimension values only (the protocol), so an event with a list or
+    an object in a group_by attribute has no group: it is left out of that KPI, counted, and
+    still counts for the KPIs that do not group by it."""
+    by_tag = kpi("by_tag", aggregation="count", field=None, group_by=["tag"])
+    by_two = kpi("by_two", aggregation="count", field=None, group_by=["region", "tag"])
+    total = kpi("total", aggregation="count", field=None)
+    e = engine(by_tag, by_two, total)
+    for i, tag in enumerate(["a", ["a"], {"k": 1}, None, "a"]):
+        e.process(ev(i, 1, region="eu", tag=tag))
+    e.advance(NOW)
+    assert sorted((r.kpi_code, json.dumps(r.dimensions), r.value) for r in e.drain_results()) == [
+        ("by_tag", '{"tag": "a"}', 2.0),
+        ("by_tag", '{"tag": null}', 1.0),
+        ("by_two", '{"region": "eu", "tag": "a"}', 2.0),
+        ("by_two", '{"region": "eu", "tag": null}', 1.0),
+        ("total", "{}", 5.0),
+    ]
+    stats = e.stats().kpis
+    assert (stats["by_tag"].invalid_dimensions, stats["by_two"].invalid_dimensions) == (2, 2)
+    assert stats["total"].invalid_dimensions == 0
+
+
 def test_hot_reload() -> None:
     e = engine(kpi("a"), kpi("b"), kpi("c"))
     for i in range(3):
