@@ -15,14 +15,15 @@
   than `older_than` (a duration, default `DATABASE_RETENTION`).
 
 Errors are `HandlerError` codes: `invalid_query`, `read_only_violation`, `query_timeout`,
-`invalid_request`; an outage is `TransientError` (reply code `unavailable`).
+`invalid_request`, `forbidden` (`execute_query` from a service not in
+`DATABASE_EXECUTE_QUERY_CALLERS`); an outage is `TransientError` (reply code `unavailable`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Final
 
@@ -32,6 +33,7 @@ import orjson
 from analytics_engine.core.durations import parse_duration
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.errors import HandlerError
+from analytics_engine.core.request_reply import REPLY_PREFIX
 from analytics_engine.core.storable import InvalidPayload, parse_timestamp
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.jsonsafe import coerce_param, row_to_json, to_json_value
@@ -103,6 +105,7 @@ class QueryRequestHandler:
         query_timeout: timedelta,
         max_rows: int,
         max_bytes: int = 4 * 1024 * 1024,
+        execute_query_callers: Collection[str] = ("*",),
         metrics: DatabaseMetrics,
         request_archival: Callable[[timedelta | None], Awaitable[dict[str, int]]],
     ) -> None:
@@ -111,6 +114,7 @@ class QueryRequestHandler:
         self._timeout = query_timeout.total_seconds()
         self._max_rows = max_rows
         self._max_bytes = max_bytes
+        self._sql_callers = frozenset(execute_query_callers)
         self._metrics = metrics
         self._request_archival = request_archival
 
@@ -130,6 +134,7 @@ class QueryRequestHandler:
 
     # -- execute_query -----------------------------------------------------------------------
     async def execute_query(self, request: Request) -> dict[str, Any]:
+        self._check_sql_caller(request.reply_to)
         payload = request.payload
         sql = payload.get("sql")
         if not isinstance(sql, str) or not sql.strip():
@@ -153,6 +158,21 @@ class QueryRequestHandler:
             return await self._run_read(sql, params, max_rows)
         finally:
             self._metrics.queries.labels("execute_query").observe(time.perf_counter() - started)
+
+    def _check_sql_caller(self, reply_to: str) -> None:
+        """Only the listed services get answers to arbitrary SQL. The caller is the service
+        of `reply_to` (`reply.{service}.{instance}`), which no other service's ACL user may
+        subscribe to: naming another service's channel gets the answer sent where it cannot
+        read it."""
+        if "*" in self._sql_callers:
+            return
+        service = reply_to.removeprefix(REPLY_PREFIX).split(".", 1)[0]
+        if service not in self._sql_callers:
+            raise HandlerError(
+                f"execute_query is not allowed for {service!r}: only "
+                f"{', '.join(sorted(self._sql_callers))} (DATABASE_EXECUTE_QUERY_CALLERS)",
+                code="forbidden",
+            )
 
     async def _run_read(self, sql: str, params: list[Any], max_rows: int) -> dict[str, Any]:
         timeout_ms = max(1, int(self._timeout * 1000))

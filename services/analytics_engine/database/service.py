@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PostgresDsn
+from pydantic import Field, PostgresDsn, field_validator
+from pydantic_settings import NoDecode
 
 from analytics_engine.core import channels
 from analytics_engine.core.durations import Duration
@@ -32,6 +34,7 @@ from analytics_engine.database.writer import STAGING_SETUP, EntityEventWriter
 log = logging.getLogger(__name__)
 
 SERVICE = "database_service"
+_CALLER = re.compile(r"[a-z0-9_-]+|\*")
 
 
 class Settings(BaseServiceSettings, DatabaseSettings):
@@ -56,6 +59,26 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         "waiting for a connection included); an `execute_query` past it is cancelled with "
         "`query_timeout`.",
     )
+    execute_query_callers: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("calculation_engine", "cli"),
+        validation_alias="DATABASE_EXECUTE_QUERY_CALLERS",
+        description="Services that may run `execute_query` (arbitrary read SQL), "
+        "comma-separated; `*` lets every caller. A caller is known by its request's "
+        "`reply_to`, `reply.{service}.{instance}`: Redis's ACL lets only that service's user "
+        "listen there, so another credential cannot read the answer. Other callers get a "
+        "`forbidden` error reply: the API gateway's credential, say, has no use for SQL.",
+    )
+
+    @field_validator("execute_query_callers", mode="before")
+    @classmethod
+    def _callers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        for name in value:
+            if not _CALLER.fullmatch(name):
+                raise ValueError(f"{name!r}: a service name ([a-z0-9_-]) or *")
+        return value
+
     query_max_rows: int = Field(
         default=10_000,
         ge=1,
@@ -342,6 +365,7 @@ def create(settings: Settings) -> ServiceRuntime:
         query_timeout=settings.query_timeout,
         max_rows=settings.query_max_rows,
         max_bytes=settings.query_max_bytes,
+        execute_query_callers=settings.execute_query_callers,
         metrics=metrics,
         request_archival=archiver.request,
     )

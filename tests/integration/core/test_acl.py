@@ -501,3 +501,22 @@ async def test_the_engine_reads_how_far_the_database_has_stored_as_its_user(
     assert unstored(await database_progress(calc), bound) is None
     for client in (admin, producer, calc, database):
         await client.aclose()
+
+
+async def test_only_a_service_s_own_user_may_listen_on_its_reply_channels(
+    acl_redis: RedisServer,
+) -> None:
+    """What `DATABASE_EXECUTE_QUERY_CALLERS` rests on: a caller sending `execute_query` with
+    another service's `reply_to` cannot read the answer. Only the responders (which publish
+    every reply, and channel rules do not tell publishing from listening) and the admin may
+    listen on every reply channel; none of them may send `database.query`."""
+    admin = connect(ADMIN.format(port=acl_redis.port))
+    responders = {s for s, access in SERVICE_ACCESS.items() if access.serves}
+    for service, access in SERVICE_ACCESS.items():
+        for owner in SERVICE_ACCESS:
+            verdict = await _dryrun(admin, service, ("SUBSCRIBE", f"reply.{owner}.x"))
+            may = service == owner or service in responders
+            assert (verdict == "OK") == may, (service, owner, verdict)
+        if service in responders:
+            assert channels.DATABASE_QUERY not in access.requests
+    await admin.aclose()

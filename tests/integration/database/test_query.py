@@ -27,7 +27,7 @@ async def reader_url(database_url: str) -> str:
 
 @pytest.fixture
 async def client(redis: Redis) -> AsyncIterator[RequestReplyClient]:
-    c = RequestReplyClient(redis, service="tester", instance="t1", default_timeout=15)
+    c = RequestReplyClient(redis, service="cli", instance="t1", default_timeout=15)
     yield c
     await c.close()
 
@@ -75,6 +75,29 @@ async def test_execute_query_returns_json_safe_rows(client: RequestReplyClient) 
     assert out["columns"] == ["kpi_code", "window_start", "value", "dimensions", "n", "ok"]
     assert out["row_count"] == 3 and out["truncated"] is False
     assert out["rows"][0] == ["rev", "2024-01-01T00:00:00+00:00", 1.5, {"r": "eu"}, 1.25, True]
+
+
+@pytest.mark.usefixtures("service")
+async def test_execute_query_answers_only_the_services_allowed_sql(redis: Redis) -> None:
+    """`DATABASE_EXECUTE_QUERY_CALLERS` (default: the engine and the cli): the API gateway's
+    credential may ask for KPI history and entities, not run SQL."""
+    gateway = RequestReplyClient(redis, service="api_gateway", instance="g1", default_timeout=15)
+    engine = RequestReplyClient(redis, service="calculation_engine", instance="c1")
+    try:
+        with pytest.raises(RemoteError) as info:
+            await query(gateway, "SELECT 1 AS x")
+        assert info.value.code == "forbidden"
+        assert "DATABASE_EXECUTE_QUERY_CALLERS" in str(info.value)
+        history = await gateway.request(
+            channels.DATABASE_QUERY,
+            "kpi_history",
+            {"kpi_code": "rev", "start": "2024-01-01T00:00Z", "end": "2024-01-02T00:00Z"},
+        )
+        assert len(history["rows"]) == 3
+        assert (await query(engine, "SELECT 1 AS x"))["rows"] == [[1]]
+    finally:
+        await gateway.close()
+        await engine.close()
 
 
 @pytest.mark.usefixtures("service")

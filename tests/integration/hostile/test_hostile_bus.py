@@ -282,9 +282,7 @@ class GoodTraffic:
 
 @pytest.fixture
 async def probe_client(platform: Platform) -> Any:
-    client = RequestReplyClient(
-        platform.redis, service="hostile_probe", instance="p1", default_timeout=10
-    )
+    client = RequestReplyClient(platform.redis, service="cli", instance="p1", default_timeout=10)
     yield client
     await client.close()
 

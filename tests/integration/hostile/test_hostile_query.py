@@ -76,7 +76,7 @@ async def service(
 
 @pytest.fixture
 async def client(redis: Redis) -> AsyncIterator[RequestReplyClient]:
-    c = RequestReplyClient(redis, service="hostile_sql", instance="q1", default_timeout=15)
+    c = RequestReplyClient(redis, service="cli", instance="q1", default_timeout=15)
     yield c
     await c.close()
 

@@ -70,6 +70,15 @@ window: {type: tumbling, size: 4s, allowed_lateness: 0s}
 }
 
 
+QUERY_KPI = """
+code: stored_orders
+display_name: Stored orders
+entity_type: order
+query: {sql: "SELECT count(*) FROM entity_events WHERE entity_type = $1", params: [order],
+        schedule: 1s}
+"""
+
+
 @dataclass
 class Stack:
     env: dict[str, Any]
@@ -331,6 +340,9 @@ async def test_the_services_do_their_jobs_as_their_own_redis_acl_users(acl_stack
     hold), the archiver's ledger, the observability service's trimming."""
     events = 6000
     acl_stack.env |= {"OBSERVABILITY_TRIM_INTERVAL": "300ms"}
+    # a query KPI: `execute_query` through the database service, which answers the engine's
+    # user (DATABASE_EXECUTE_QUERY_CALLERS)
+    (Path(acl_stack.env["KPI_DEFINITIONS_DIR"]) / "stored_orders.yaml").write_text(QUERY_KPI)
     for name in ("observability", "database", "calculation", "archival"):
         await acl_stack.start(name)
     await acl_stack.start(
@@ -343,6 +355,17 @@ async def test_the_services_do_their_jobs_as_their_own_redis_acl_users(acl_stack
     await check_everything(acl_stack, events=events)
     registry = calc.metrics.registry
     assert registry.get_sample_value("analytics_calc_checkpoint_duration_seconds_count")
+    conn = await asyncpg.connect(acl_stack.database_url)
+    try:
+        stored = await conn.fetchval(
+            "SELECT max(value) FROM kpi_results WHERE kpi_code = 'stored_orders'"
+        )
+        orders = await conn.fetchval(
+            "SELECT count(*) FROM entity_events WHERE entity_type = 'order'"
+        )
+    finally:
+        await conn.close()
+    assert stored is not None and 0 < stored <= orders
     observability_runtime, _ = acl_stack.runtimes["observability"]
     trimmed = observability_runtime.metrics.registry.get_sample_value(
         "analytics_stream_entries_trimmed_total", {"channel": channels.ENTITY_CREATED}
