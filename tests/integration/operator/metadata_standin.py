@@ -43,6 +43,8 @@ class MetadataStandIn:
         self._definitions: dict[str, dict[str, Any]] = {}
         self._versions: dict[str, int] = {}
         self.requests: list[tuple[str, str]] = []
+        # Seconds a PUT waits between its arrival (recorded) and its write: a slow service.
+        self.put_delay_s = 0.0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -143,6 +145,8 @@ class MetadataStandIn:
             body = await request.json()
         except ValueError:
             return _error(400, "bad_request", "body is not JSON", [])
+        if self.put_delay_s:
+            await asyncio.sleep(self.put_delay_s)
         details = self._validate(code, body)
         if details:
             return _error(422, "validation_error", INVALID_MESSAGE, details)

@@ -219,6 +219,35 @@ async def test_delete_when_the_kpi_is_already_gone(k8s: Any, metadata: MetadataS
     assert metadata.count("DELETE", REVENUE_CODE) == 1
 
 
+async def test_delete_during_a_slow_resync_leaves_no_kpi_behind(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    """kopf runs a deleted object's timer and its delete handler concurrently: a resync PUT
+    still in flight must not land after the DELETE and re-create a KPI that no CR owns.
+    (kopf keeps the finalizer until the timer has exited and then runs the delete handler
+    again, which covers it; this guards that behaviour across kopf upgrades.)"""
+    async with running_operator(operator_settings(metadata, resync_interval_s=0.3)):
+        await create(k8s, load_sample(REVENUE))
+
+        async def synced() -> bool:
+            return is_synced(await fetch(k8s, REVENUE), version=1)
+
+        await eventually(synced, what="Synced=True")
+        metadata.put_delay_s = 1.0
+        puts = metadata.count("PUT", REVENUE_CODE)
+        await eventually(
+            lambda: metadata.count("PUT", REVENUE_CODE) > puts, what="a resync PUT in flight"
+        )
+        await delete(k8s, REVENUE)
+
+        async def gone() -> bool:
+            return await fetch(k8s, REVENUE) is None
+
+        await eventually(gone, what="the CR to be gone")
+        await asyncio.sleep(1.5)  # any PUT still in flight has landed by now
+    assert metadata.get(REVENUE_CODE) is None
+
+
 async def test_resync_heals_a_restored_metadata_database(
     k8s: Any, metadata: MetadataStandIn
 ) -> None:
