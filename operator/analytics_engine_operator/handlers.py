@@ -8,17 +8,22 @@ module-level state and several operators (e.g. tests) can coexist in one process
 * delete               -> DELETE the code; 404 means "already gone" and releases the finalizer.
 * timer (resync)       -> PUT again every OPERATOR_RESYNC_INTERVAL, healing drift such as a
                           restored metadata database; the status is only patched on change.
+* index (by code)      -> which KPIDefinition owns a code that several declare (ownership.py):
+                          only the owner writes, and a delete leaves a KPI that another
+                          KPIDefinition still declares.
 
 Errors: a rejected spec is a `kopf.PermanentError` (no retry until the spec changes) with
 `Synced=False/Invalid`; an unreachable service is a `kopf.TemporaryError` with exponential
-backoff and `Synced=False/Unavailable`. Status is written through kopf's patch, which kopf
-applies even when the handler raises, so the status is truthful in both cases.
+backoff and `Synced=False/Unavailable`; a code owned by another KPIDefinition is a
+`kopf.TemporaryError` too (it takes over when the owner goes) with `Synced=False/Conflict`.
+Status is written through kopf's patch, which kopf applies even when the handler raises, so the
+status is truthful in every case.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +45,14 @@ from analytics_engine_operator.metadata_client import (
     MetadataClient,
     MetadataInvalid,
     MetadataUnavailable,
+)
+from analytics_engine_operator.ownership import (
+    INDEX_ID,
+    CodeConflict,
+    Declaration,
+    index_entry,
+    other_declarations,
+    rival_owner,
 )
 from analytics_engine_operator.settings import KpiOperatorSettings
 
@@ -75,12 +88,16 @@ class _Runtime:
             self.client = None
 
 
+SyncError = MetadataInvalid | MetadataUnavailable | CodeConflict
+CodeIndex = Mapping[str, Iterable[Declaration]]
+
+
 @dataclass(frozen=True)
 class SyncOutcome:
     """Result of pushing one spec: the status to write and the error to raise, if any."""
 
     status_patch: dict[str, Any]
-    error: MetadataInvalid | MetadataUnavailable | None = None
+    error: SyncError | None = None
 
 
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: KpiOperatorSettings) -> None:
@@ -109,13 +126,23 @@ async def push_spec(
     generation: int | None,
     current_status: Mapping[str, Any] | None,
     now: datetime,
+    owners: CodeIndex | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> SyncOutcome:
-    """PUT the spec into the metadata service and describe the outcome as a status patch."""
+    """PUT the spec into the metadata service and describe the outcome as a status patch.
+
+    With `owners` (the kopf index of declarations by code) and the resource's `meta`, nothing
+    is written when another KPIDefinition owns the code: the outcome is a `CodeConflict`.
+    """
     try:
         code = code_of(spec)
     except SpecError as exc:
         error = MetadataInvalid(str(exc))
         return SyncOutcome(_failed(current_status, error, generation, now), error)
+    owner = rival_owner(owners, code, meta) if owners is not None and meta is not None else None
+    if owner is not None:
+        conflict = CodeConflict(code, owner)
+        return SyncOutcome(_failed(current_status, conflict, generation, now), conflict)
     try:
         stored = await client.put_definition(code, definition_from_spec(spec))
     except (MetadataInvalid, MetadataUnavailable) as exc:
@@ -128,12 +155,14 @@ async def push_spec(
 
 def _failed(
     current_status: Mapping[str, Any] | None,
-    error: MetadataInvalid | MetadataUnavailable,
+    error: SyncError,
     generation: int | None,
     now: datetime,
 ) -> dict[str, Any]:
     if isinstance(error, MetadataInvalid):
         reason, message = status_mod.Reason.INVALID, error.describe()
+    elif isinstance(error, CodeConflict):
+        reason, message = status_mod.Reason.CONFLICT, str(error)
     else:
         reason, message = status_mod.Reason.UNAVAILABLE, str(error)
     return status_mod.failed_status(
@@ -144,7 +173,7 @@ def _failed(
 def _raise_for(outcome: SyncOutcome, settings: KpiOperatorSettings, retry: int) -> None:
     if isinstance(outcome.error, MetadataInvalid):
         raise kopf.PermanentError(outcome.error.describe())
-    if isinstance(outcome.error, MetadataUnavailable):
+    if isinstance(outcome.error, MetadataUnavailable | CodeConflict):
         raise kopf.TemporaryError(str(outcome.error), delay=settings.backoff_for(retry))
 
 
@@ -185,6 +214,11 @@ def build_registry(
     async def cleanup(**_: Any) -> None:
         await runtime.stop()
 
+    @kopf.index(*resource, registry=registry, id=INDEX_ID)
+    def declarations(*, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str, Declaration]:
+        """KPI code -> the KPIDefinitions declaring it (injected as the kwarg `INDEX_ID`)."""
+        return index_entry(spec, meta)
+
     @kopf.on.resume(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff)
     @kopf.on.create(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff)
     @kopf.on.update(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff, field="spec")
@@ -198,7 +232,7 @@ def build_registry(
         retry: int,
         old: Any,
         logger: kopf.Logger,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
         outcome = await push_spec(
             runtime.metadata(),
@@ -206,6 +240,8 @@ def build_registry(
             generation=_generation(meta),
             current_status=status,
             now=_now(),
+            owners=kwargs[INDEX_ID],
+            meta=meta,
         )
         patch.status.update(outcome.status_patch)
         _announce(body, status, outcome.status_patch)
@@ -222,12 +258,19 @@ def build_registry(
         patch: kopf.Patch,
         retry: int,
         logger: kopf.Logger,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
         try:
             code = code_of(spec)
         except SpecError:
             logger.info("No valid spec.code: nothing can be stored, releasing the finalizer")
+            return
+        others = other_declarations(kwargs[INDEX_ID], code, meta)
+        if others:
+            # Not ours to delete: the KPI stays for the next owner, whose sync (retrying in
+            # Conflict) or resync writes its own spec.
+            names = ", ".join(other.describe() for other in others)
+            logger.info("KPI %s kept in the metadata service: still declared by %s", code, names)
             return
         try:
             existed = await runtime.metadata().delete_definition(code)
@@ -262,7 +305,7 @@ def build_registry(
         status: kopf.Status,
         patch: kopf.Patch,
         logger: kopf.Logger,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
         """Re-assert the spec; errors are only reported (the next tick retries)."""
         outcome = await push_spec(
@@ -271,6 +314,8 @@ def build_registry(
             generation=_generation(meta),
             current_status=status,
             now=_now(),
+            owners=kwargs[INDEX_ID],
+            meta=meta,
         )
         changes = status_mod.status_changes(status, outcome.status_patch)
         if changes:

@@ -248,6 +248,80 @@ async def test_delete_during_a_slow_resync_leaves_no_kpi_behind(
     assert metadata.get(REVENUE_CODE) is None
 
 
+def copy_of(sample: dict[str, Any], name: str, **spec: Any) -> dict[str, Any]:
+    """The same KPI code under another resource name (and optionally another spec)."""
+    return {
+        **sample,
+        "metadata": {**sample["metadata"], "name": name},
+        "spec": {**sample["spec"], **spec},
+    }
+
+
+async def test_a_second_cr_with_the_same_code_is_a_conflict_and_changes_nothing(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    """One code, one owner (the CRD says so): a later CR declaring the code must neither
+    overwrite the owner's KPI nor delete it when it goes, and it says why on its status."""
+    sample = load_sample(REVENUE)
+    copy = copy_of(sample, "revenue-copy", filter="status == 'cancelled'")
+    async with running_operator(operator_settings(metadata)):
+        await create(k8s, sample)
+
+        async def owner_synced() -> bool:
+            return is_synced(await fetch(k8s, REVENUE), version=1)
+
+        await eventually(owner_synced, what="the owner synced")
+        await create(k8s, copy)
+
+        async def conflict() -> bool:
+            return synced_condition(await fetch(k8s, "revenue-copy")).get("reason") == "Conflict"
+
+        await eventually(conflict, what="Synced=False/Conflict on the copy")
+        obj = await fetch(k8s, "revenue-copy")
+        assert obj is not None and obj["status"]["phase"] == "Conflict"
+        assert f"default/{REVENUE}" in synced_condition(obj)["message"]
+        await eventually(
+            lambda: has_event(k8s, "revenue-copy", "Warning", "Conflict"), what="event"
+        )
+        assert metadata.get(REVENUE_CODE) == {**sample["spec"], "version": 1}
+
+        await delete(k8s, "revenue-copy")
+
+        async def copy_gone() -> bool:
+            return await fetch(k8s, "revenue-copy") is None
+
+        await eventually(copy_gone, what="the copy to be gone")
+        assert await owner_synced()
+    assert metadata.get(REVENUE_CODE) == {**sample["spec"], "version": 1}
+    assert metadata.count("DELETE", REVENUE_CODE) == 0
+
+
+async def test_the_next_cr_with_the_code_takes_over_when_the_owner_goes(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    sample = load_sample(REVENUE)
+    copy = copy_of(sample, "revenue-copy", filter="status == 'cancelled'")
+    async with running_operator(operator_settings(metadata)):
+        await create(k8s, sample)
+        await eventually(lambda: metadata.get(REVENUE_CODE) is not None, what="PUT")
+        await create(k8s, copy)
+
+        async def conflict() -> bool:
+            return synced_condition(await fetch(k8s, "revenue-copy")).get("reason") == "Conflict"
+
+        await eventually(conflict, what="Synced=False/Conflict on the copy")
+        await delete(k8s, REVENUE)
+
+        async def copy_synced() -> bool:
+            return is_synced(await fetch(k8s, "revenue-copy"))
+
+        await eventually(copy_synced, what="the copy to take over")
+        stored = metadata.get(REVENUE_CODE)
+        assert stored is not None and stored["filter"] == "status == 'cancelled'"
+        assert await fetch(k8s, REVENUE) is None
+    assert metadata.count("DELETE", REVENUE_CODE) == 0  # handed over, never absent
+
+
 async def test_resync_heals_a_restored_metadata_database(
     k8s: Any, metadata: MetadataStandIn
 ) -> None:

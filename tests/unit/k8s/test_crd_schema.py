@@ -32,6 +32,7 @@ from analytics_engine.kpi.definitions import (
     validation_errors,
 )
 from analytics_engine_operator import kpidefinition
+from analytics_engine_operator import status as operator_status
 
 ROOT = Path(__file__).resolve().parents[3]
 CRD_PATH = ROOT / "k8s" / "crds" / "kpidefinitions.analyticsengine.io.yaml"
@@ -221,6 +222,8 @@ def test_status_schema_has_what_the_operator_writes() -> None:
     )
     condition = status["properties"]["conditions"]["items"]["properties"]
     assert {"type", "status", "reason", "message", "lastTransitionTime"} <= set(condition)
+    # A status patch with a phase outside the enum is refused by the API server.
+    assert set(status["properties"]["phase"]["enum"]) == {p.value for p in operator_status.Phase}
 
 
 def test_spec_covers_every_field_of_the_kpi_model() -> None:
