@@ -418,3 +418,52 @@ async def test_run_operator_serves_liveness_and_syncs(k8s: Any, metadata: Metada
 )
 def test_operator_on_a_real_cluster() -> None:
     """Placeholder so the gap is visible in every test report."""
+
+
+async def test_a_change_pending_while_metadata_is_down_survives_an_operator_restart(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    """Create and edit while the metadata service is down, restart the operator, then the
+    service comes back: the latest spec is applied (kopf's progress lives on the resource)."""
+    metadata.stop()
+    async with running_operator(operator_settings(metadata)):
+        await create(k8s, load_sample(REVENUE))
+
+        async def unavailable() -> bool:
+            return synced_condition(await fetch(k8s, REVENUE)).get("reason") == "Unavailable"
+
+        await eventually(unavailable, what="Synced=False/Unavailable")
+    await patch_spec(k8s, REVENUE, {"filter": "status == 'completed'"}, generation=2)
+    metadata.start()
+    async with running_operator(operator_settings(metadata)):
+
+        async def synced() -> bool:
+            obj = await fetch(k8s, REVENUE)
+            return is_synced(obj) and obj is not None and obj["status"]["observedGeneration"] == 2
+
+        await eventually(synced, what="Synced=True for generation 2 after the restart")
+    stored = metadata.get(REVENUE_CODE)
+    assert stored is not None and stored["filter"] == "status == 'completed'"
+    assert stored["version"] == 1  # one PUT of the latest spec, nothing lost or doubled
+
+
+async def test_a_delete_while_the_operator_is_down_is_handled_at_its_start(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    async with running_operator(operator_settings(metadata)):
+        await create(k8s, load_sample(REVENUE))
+
+        async def synced() -> bool:
+            return is_synced(await fetch(k8s, REVENUE))
+
+        await eventually(synced, what="Synced=True")
+    await delete(k8s, REVENUE)  # held by the finalizer: the operator is not running
+    obj = await fetch(k8s, REVENUE)
+    assert obj is not None and obj["metadata"].get("deletionTimestamp")
+    async with running_operator(operator_settings(metadata)):
+
+        async def gone() -> bool:
+            return await fetch(k8s, REVENUE) is None
+
+        await eventually(gone, what="the CR to be gone")
+    assert metadata.get(REVENUE_CODE) is None

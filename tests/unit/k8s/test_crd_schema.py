@@ -420,6 +420,10 @@ def test_code_is_immutable() -> None:
     ]
 
 
+# 40 placeholders for 40 params of 8 KiB: valid, and past the metadata service's body limit.
+LARGE_QUERY_SQL = "SELECT " + ", ".join(f"${i}::text" for i in range(1, 41))
+
+
 @pytest.mark.parametrize(
     "spec_changes",
     [
@@ -440,6 +444,16 @@ def test_code_is_immutable() -> None:
                 "schedule": 60,
             },
         },
+        {
+            # Past the metadata service's 256 KiB body limit (it answers 413, which the
+            # operator reports as Invalid): the CRD does not bound a param's size.
+            "aggregation": None,
+            "field": None,
+            "window": None,
+            "group_by": None,
+            "filter": None,
+            "query": {"sql": LARGE_QUERY_SQL, "params": ["x" * 8192] * 40, "schedule": 60},
+        },
     ],
     ids=[
         "count-without-field",
@@ -448,6 +462,7 @@ def test_code_is_immutable() -> None:
         "equal-thresholds",
         "default-direction",
         "query",
+        "query-past-the-metadata-body-limit",
     ],
 )
 def test_other_valid_specs(spec_changes: dict[str, Any]) -> None:
