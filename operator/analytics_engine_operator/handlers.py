@@ -22,7 +22,9 @@ status is truthful in every case.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +61,7 @@ from analytics_engine_operator.settings import KpiOperatorSettings
 SYNC_HANDLER_ID = "sync"
 DELETE_HANDLER_ID = "remove"
 RESYNC_HANDLER_ID = "resync"
+TIMER_EXIT_POLL_S = 1.0
 
 
 def _now() -> datetime:
@@ -67,10 +70,29 @@ def _now() -> datetime:
 
 @dataclass
 class _Runtime:
-    """What the handlers share: settings and the metadata client (opened at startup)."""
+    """What the handlers share: settings, the metadata client (opened at startup) and one lock
+    per KPIDefinition.
+
+    kopf runs a resource's resync timer concurrently with its change handlers. Without the
+    lock, a resync PUT of the old spec that the metadata service is slow to apply can land
+    after an edit's PUT (the old spec live again, under a status that says the edit is synced)
+    or after the delete's DELETE (a KPI left behind). Under the lock every write reads the spec
+    when it starts, and kopf's bodies are live, so the last write is the latest spec. The locks
+    are weak values: one lives only while a handler holds or awaits it.
+    """
 
     settings: KpiOperatorSettings
     client: MetadataClient | None = field(default=None)
+    _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+
+    def lock_for(self, meta: Mapping[str, Any]) -> asyncio.Lock:
+        key = str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     def metadata(self) -> MetadataClient:
         if self.client is None:
@@ -112,6 +134,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: KpiOperatorSe
     kopf_settings.watching.server_timeout = settings.watch_server_timeout_s
     kopf_settings.watching.client_timeout = settings.watch_server_timeout_s + 30
     kopf_settings.posting.level = logging.INFO
+    # A resource deleted while its resync timer runs keeps its finalizer until the timer has
+    # exited; kopf looks again after this many seconds (default 60) unless an event comes first.
+    kopf_settings.background.cancellation_polling = TIMER_EXIT_POLL_S
     if settings.peering_name:
         kopf_settings.peering.name = settings.peering_name
         kopf_settings.peering.standalone = False
@@ -234,15 +259,16 @@ def build_registry(
         logger: kopf.Logger,
         **kwargs: Any,
     ) -> None:
-        outcome = await push_spec(
-            runtime.metadata(),
-            spec,
-            generation=_generation(meta),
-            current_status=status,
-            now=_now(),
-            owners=kwargs[INDEX_ID],
-            meta=meta,
-        )
+        async with runtime.lock_for(meta):
+            outcome = await push_spec(
+                runtime.metadata(),
+                spec,
+                generation=_generation(meta),
+                current_status=status,
+                now=_now(),
+                owners=kwargs[INDEX_ID],
+                meta=meta,
+            )
         patch.status.update(outcome.status_patch)
         _announce(body, status, outcome.status_patch)
         _raise_for(outcome, runtime.settings, retry)
@@ -273,7 +299,8 @@ def build_registry(
             logger.info("KPI %s kept in the metadata service: still declared by %s", code, names)
             return
         try:
-            existed = await runtime.metadata().delete_definition(code)
+            async with runtime.lock_for(meta):
+                existed = await runtime.metadata().delete_definition(code)
         except MetadataUnavailable as exc:
             patch.status.update(
                 status_mod.failed_status(
@@ -308,15 +335,18 @@ def build_registry(
         **kwargs: Any,
     ) -> None:
         """Re-assert the spec; errors are only reported (the next tick retries)."""
-        outcome = await push_spec(
-            runtime.metadata(),
-            spec,
-            generation=_generation(meta),
-            current_status=status,
-            now=_now(),
-            owners=kwargs[INDEX_ID],
-            meta=meta,
-        )
+        async with runtime.lock_for(meta):
+            if kwargs["stopped"]:  # being deleted: the delete handler decides what remains
+                return
+            outcome = await push_spec(
+                runtime.metadata(),
+                spec,
+                generation=_generation(meta),
+                current_status=status,
+                now=_now(),
+                owners=kwargs[INDEX_ID],
+                meta=meta,
+            )
         changes = status_mod.status_changes(status, outcome.status_patch)
         if changes:
             patch.status.update(changes)

@@ -467,3 +467,37 @@ async def test_a_delete_while_the_operator_is_down_is_handled_at_its_start(
 
         await eventually(gone, what="the CR to be gone")
     assert metadata.get(REVENUE_CODE) is None
+
+
+async def test_a_slow_resync_cannot_overwrite_a_newer_edit(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    """kopf runs the resync timer concurrently with the update handler. A resync PUT of the
+    old spec, slowed down in the metadata service, must not land after the edit's PUT: that
+    would make the old spec live again (a new version) while the status says the edit is
+    synced, until the next resync."""
+    sample = load_sample(REVENUE)
+    async with running_operator(operator_settings(metadata, resync_interval_s=0.5)):
+        await create(k8s, sample)
+
+        async def synced(generation: int) -> bool:
+            obj = await fetch(k8s, REVENUE)
+            return (
+                is_synced(obj)
+                and obj is not None
+                and obj["status"]["observedGeneration"] == (generation)
+            )
+
+        await eventually(lambda: synced(1), what="Synced=True")
+        metadata.next_put_delay_s = 1.5
+        puts = metadata.count("PUT", REVENUE_CODE)
+        await eventually(
+            lambda: metadata.count("PUT", REVENUE_CODE) > puts, what="a resync PUT in flight"
+        )
+        await patch_spec(k8s, REVENUE, {"filter": "status == 'completed'"}, generation=2)
+        await eventually(lambda: synced(2), what="the edit synced")
+        await asyncio.sleep(2.0)  # the slow PUT has landed, and the next resyncs ran
+    filters = [spec.get("filter") for code, _, spec in metadata.writes if code == REVENUE_CODE]
+    assert filters == [sample["spec"]["filter"], "status == 'completed'"]
+    stored = metadata.get(REVENUE_CODE)
+    assert stored is not None and stored["version"] == 2
