@@ -21,6 +21,7 @@ from operator_harness import (
     fast_kopf_settings,
     fetch,
     load_sample,
+    object_url,
     operator_settings,
     patch_spec,
     running_operator,
@@ -501,3 +502,48 @@ async def test_a_slow_resync_cannot_overwrite_a_newer_edit(
     assert filters == [sample["spec"]["filter"], "status == 'completed'"]
     stored = metadata.get(REVENUE_CODE)
     assert stored is not None and stored["version"] == 2
+
+
+async def test_a_label_change_writes_no_new_version(k8s: Any, metadata: MetadataStandIn) -> None:
+    async with running_operator(operator_settings(metadata)):
+        await create(k8s, load_sample(REVENUE))
+
+        async def synced() -> bool:
+            return is_synced(await fetch(k8s, REVENUE), version=1)
+
+        await eventually(synced, what="Synced=True")
+        puts = metadata.count("PUT", REVENUE_CODE)
+        response = await k8s.patch(
+            object_url(REVENUE),
+            json={"metadata": {"labels": {"team": "sales"}, "annotations": {"note": "x"}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        assert response.status == 200
+        await asyncio.sleep(1.0)
+        assert metadata.count("PUT", REVENUE_CODE) == puts
+        assert await synced()
+    assert [v for code, v, _ in metadata.writes if code == REVENUE_CODE] == [1]
+
+
+async def test_deleted_and_created_again_with_the_same_name(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    sample = load_sample(REVENUE)
+    async with running_operator(operator_settings(metadata)):
+        await create(k8s, sample)
+        await eventually(lambda: metadata.get(REVENUE_CODE) is not None, what="PUT")
+
+        async def gone() -> bool:
+            return await fetch(k8s, REVENUE) is None
+
+        await delete(k8s, REVENUE)
+        await eventually(gone, what="the CR to be gone")
+        assert metadata.get(REVENUE_CODE) is None
+        await create(k8s, copy_of(sample, REVENUE, filter="status == 'completed'"))
+
+        async def synced_again() -> bool:
+            return is_synced(await fetch(k8s, REVENUE), version=2)
+
+        await eventually(synced_again, what="the new CR synced")
+    stored = metadata.get(REVENUE_CODE)
+    assert stored is not None and stored["filter"] == "status == 'completed'"
