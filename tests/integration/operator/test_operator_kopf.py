@@ -225,8 +225,8 @@ async def test_delete_during_a_slow_resync_leaves_no_kpi_behind(
 ) -> None:
     """kopf runs a deleted object's timer and its delete handler concurrently: a resync PUT
     still in flight must not land after the DELETE and re-create a KPI that no CR owns.
-    (kopf keeps the finalizer until the timer has exited and then runs the delete handler
-    again, which covers it; this guards that behaviour across kopf upgrades.)"""
+    (The per-resource lock in handlers.py orders them; before it, kopf happened to run the
+    delete handler a second time once the timer had exited.)"""
     async with running_operator(operator_settings(metadata, resync_interval_s=0.3)):
         await create(k8s, load_sample(REVENUE))
 
