@@ -547,3 +547,21 @@ async def test_deleted_and_created_again_with_the_same_name(
         await eventually(synced_again, what="the new CR synced")
     stored = metadata.get(REVENUE_CODE)
     assert stored is not None and stored["filter"] == "status == 'completed'"
+
+
+async def test_duplicates_found_at_start_write_only_the_owners_spec(
+    k8s: Any, metadata: MetadataStandIn
+) -> None:
+    """kopf fills the index from its first listing before any handler runs, so at start-up
+    the copy never writes, even if its resume handler ran first."""
+    sample = load_sample(REVENUE)
+    await create(k8s, copy_of(sample, "revenue-copy", filter="status == 'cancelled'"))
+    await create(k8s, sample)  # same creationTimestamp: the namespace/name order decides
+    async with running_operator(operator_settings(metadata)):
+
+        async def settled() -> bool:
+            owner, copy = await fetch(k8s, REVENUE), await fetch(k8s, "revenue-copy")
+            return is_synced(owner) and synced_condition(copy).get("reason") == "Conflict"
+
+        await eventually(settled, what="the owner synced and the copy in conflict")
+    assert [spec.get("filter") for _, _, spec in metadata.writes] == [sample["spec"]["filter"]]
