@@ -8,17 +8,24 @@ module-level state and several operators (e.g. tests) can coexist in one process
 * delete               -> DELETE the code; 404 means "already gone" and releases the finalizer.
 * timer (resync)       -> PUT again every OPERATOR_RESYNC_INTERVAL, healing drift such as a
                           restored metadata database; the status is only patched on change.
+* index (by code)      -> which KPIDefinition owns a code that several declare (ownership.py):
+                          only the owner writes, and a delete leaves a KPI that another
+                          KPIDefinition still declares.
 
 Errors: a rejected spec is a `kopf.PermanentError` (no retry until the spec changes) with
 `Synced=False/Invalid`; an unreachable service is a `kopf.TemporaryError` with exponential
-backoff and `Synced=False/Unavailable`. Status is written through kopf's patch, which kopf
-applies even when the handler raises, so the status is truthful in both cases.
+backoff and `Synced=False/Unavailable`; a code owned by another KPIDefinition is a
+`kopf.TemporaryError` too (it takes over when the owner goes) with `Synced=False/Conflict`.
+Status is written through kopf's patch, which kopf applies even when the handler raises, so the
+status is truthful in every case.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,11 +48,20 @@ from analytics_engine_operator.metadata_client import (
     MetadataInvalid,
     MetadataUnavailable,
 )
+from analytics_engine_operator.ownership import (
+    INDEX_ID,
+    CodeConflict,
+    Declaration,
+    index_entry,
+    other_declarations,
+    rival_owner,
+)
 from analytics_engine_operator.settings import KpiOperatorSettings
 
 SYNC_HANDLER_ID = "sync"
 DELETE_HANDLER_ID = "remove"
 RESYNC_HANDLER_ID = "resync"
+TIMER_EXIT_POLL_S = 1.0
 
 
 def _now() -> datetime:
@@ -54,10 +70,29 @@ def _now() -> datetime:
 
 @dataclass
 class _Runtime:
-    """What the handlers share: settings and the metadata client (opened at startup)."""
+    """What the handlers share: settings, the metadata client (opened at startup) and one lock
+    per KPIDefinition.
+
+    kopf runs a resource's resync timer concurrently with its change handlers. Without the
+    lock, a resync PUT of the old spec that the metadata service is slow to apply can land
+    after an edit's PUT (the old spec live again, under a status that says the edit is synced)
+    or after the delete's DELETE (a KPI left behind). Under the lock every write reads the spec
+    when it starts, and kopf's bodies are live, so the last write is the latest spec. The locks
+    are weak values: one lives only while a handler holds or awaits it.
+    """
 
     settings: KpiOperatorSettings
     client: MetadataClient | None = field(default=None)
+    _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+
+    def lock_for(self, meta: Mapping[str, Any]) -> asyncio.Lock:
+        key = str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     def metadata(self) -> MetadataClient:
         if self.client is None:
@@ -75,12 +110,16 @@ class _Runtime:
             self.client = None
 
 
+SyncError = MetadataInvalid | MetadataUnavailable | CodeConflict
+CodeIndex = Mapping[str, Iterable[Declaration]]
+
+
 @dataclass(frozen=True)
 class SyncOutcome:
     """Result of pushing one spec: the status to write and the error to raise, if any."""
 
     status_patch: dict[str, Any]
-    error: MetadataInvalid | MetadataUnavailable | None = None
+    error: SyncError | None = None
 
 
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: KpiOperatorSettings) -> None:
@@ -95,6 +134,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: KpiOperatorSe
     kopf_settings.watching.server_timeout = settings.watch_server_timeout_s
     kopf_settings.watching.client_timeout = settings.watch_server_timeout_s + 30
     kopf_settings.posting.level = logging.INFO
+    # A resource deleted while its resync timer runs keeps its finalizer until the timer has
+    # exited; kopf looks again after this many seconds (default 60) unless an event comes first.
+    kopf_settings.background.cancellation_polling = TIMER_EXIT_POLL_S
     if settings.peering_name:
         kopf_settings.peering.name = settings.peering_name
         kopf_settings.peering.standalone = False
@@ -109,13 +151,23 @@ async def push_spec(
     generation: int | None,
     current_status: Mapping[str, Any] | None,
     now: datetime,
+    owners: CodeIndex | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> SyncOutcome:
-    """PUT the spec into the metadata service and describe the outcome as a status patch."""
+    """PUT the spec into the metadata service and describe the outcome as a status patch.
+
+    With `owners` (the kopf index of declarations by code) and the resource's `meta`, nothing
+    is written when another KPIDefinition owns the code: the outcome is a `CodeConflict`.
+    """
     try:
         code = code_of(spec)
     except SpecError as exc:
         error = MetadataInvalid(str(exc))
         return SyncOutcome(_failed(current_status, error, generation, now), error)
+    owner = rival_owner(owners, code, meta) if owners is not None and meta is not None else None
+    if owner is not None:
+        conflict = CodeConflict(code, owner)
+        return SyncOutcome(_failed(current_status, conflict, generation, now), conflict)
     try:
         stored = await client.put_definition(code, definition_from_spec(spec))
     except (MetadataInvalid, MetadataUnavailable) as exc:
@@ -128,12 +180,14 @@ async def push_spec(
 
 def _failed(
     current_status: Mapping[str, Any] | None,
-    error: MetadataInvalid | MetadataUnavailable,
+    error: SyncError,
     generation: int | None,
     now: datetime,
 ) -> dict[str, Any]:
     if isinstance(error, MetadataInvalid):
         reason, message = status_mod.Reason.INVALID, error.describe()
+    elif isinstance(error, CodeConflict):
+        reason, message = status_mod.Reason.CONFLICT, str(error)
     else:
         reason, message = status_mod.Reason.UNAVAILABLE, str(error)
     return status_mod.failed_status(
@@ -144,7 +198,7 @@ def _failed(
 def _raise_for(outcome: SyncOutcome, settings: KpiOperatorSettings, retry: int) -> None:
     if isinstance(outcome.error, MetadataInvalid):
         raise kopf.PermanentError(outcome.error.describe())
-    if isinstance(outcome.error, MetadataUnavailable):
+    if isinstance(outcome.error, MetadataUnavailable | CodeConflict):
         raise kopf.TemporaryError(str(outcome.error), delay=settings.backoff_for(retry))
 
 
@@ -185,6 +239,11 @@ def build_registry(
     async def cleanup(**_: Any) -> None:
         await runtime.stop()
 
+    @kopf.index(*resource, registry=registry, id=INDEX_ID)
+    def declarations(*, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str, Declaration]:
+        """KPI code -> the KPIDefinitions declaring it (injected as the kwarg `INDEX_ID`)."""
+        return index_entry(spec, meta)
+
     @kopf.on.resume(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff)
     @kopf.on.create(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff)
     @kopf.on.update(*resource, registry=registry, id=SYNC_HANDLER_ID, backoff=backoff, field="spec")
@@ -198,15 +257,18 @@ def build_registry(
         retry: int,
         old: Any,
         logger: kopf.Logger,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
-        outcome = await push_spec(
-            runtime.metadata(),
-            spec,
-            generation=_generation(meta),
-            current_status=status,
-            now=_now(),
-        )
+        async with runtime.lock_for(meta):
+            outcome = await push_spec(
+                runtime.metadata(),
+                spec,
+                generation=_generation(meta),
+                current_status=status,
+                now=_now(),
+                owners=kwargs[INDEX_ID],
+                meta=meta,
+            )
         patch.status.update(outcome.status_patch)
         _announce(body, status, outcome.status_patch)
         _raise_for(outcome, runtime.settings, retry)
@@ -222,15 +284,23 @@ def build_registry(
         patch: kopf.Patch,
         retry: int,
         logger: kopf.Logger,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
         try:
             code = code_of(spec)
         except SpecError:
             logger.info("No valid spec.code: nothing can be stored, releasing the finalizer")
             return
+        others = other_declarations(kwargs[INDEX_ID], code, meta)
+        if others:
+            # Not ours to delete: the KPI stays for the next owner, whose sync (retrying in
+            # Conflict) or resync writes its own spec.
+            names = ", ".join(other.describe() for other in others)
+            logger.info("KPI %s kept in the metadata service: still declared by %s", code, names)
+            return
         try:
-            existed = await runtime.metadata().delete_definition(code)
+            async with runtime.lock_for(meta):
+                existed = await runtime.metadata().delete_definition(code)
         except MetadataUnavailable as exc:
             patch.status.update(
                 status_mod.failed_status(
@@ -262,16 +332,21 @@ def build_registry(
         status: kopf.Status,
         patch: kopf.Patch,
         logger: kopf.Logger,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
         """Re-assert the spec; errors are only reported (the next tick retries)."""
-        outcome = await push_spec(
-            runtime.metadata(),
-            spec,
-            generation=_generation(meta),
-            current_status=status,
-            now=_now(),
-        )
+        async with runtime.lock_for(meta):
+            if kwargs["stopped"]:  # being deleted: the delete handler decides what remains
+                return
+            outcome = await push_spec(
+                runtime.metadata(),
+                spec,
+                generation=_generation(meta),
+                current_status=status,
+                now=_now(),
+                owners=kwargs[INDEX_ID],
+                meta=meta,
+            )
         changes = status_mod.status_changes(status, outcome.status_patch)
         if changes:
             patch.status.update(changes)

@@ -4,8 +4,9 @@ The operator only needs to tell three outcomes apart, so every failure maps to o
 typed errors:
 
 * `MetadataInvalid` - the service understood the request and rejected the definition
-  (400/422 with `{error: {code, message, details: [{field, message}]}}`). Retrying cannot
-  help; only a spec change can.
+  (400/422 with `{error: {code, message, details: [{field, message}]}}`, or 413 for a body past
+  its METADATA_MAX_BODY_BYTES, which a spec the CRD accepts can reach through large query
+  params). Retrying cannot help; only a spec change can.
 * `MetadataUnavailable` - anything else that went wrong: connection refused/reset, DNS,
   timeouts, 5xx, and unexpected statuses (e.g. 401/404 from a misrouted URL). Retrying with a
   backoff is the safe reaction to all of them.
@@ -26,6 +27,7 @@ import yarl
 
 KPI_DEFINITIONS_PATH = "api/v1/kpi-definitions"
 _BODY_SNIPPET = 300
+_REJECTED = frozenset({400, 413, 422})  # the request itself is refused: retrying cannot help
 
 Version = int | str
 
@@ -41,7 +43,7 @@ class FieldError:
 
 
 class MetadataInvalid(MetadataError):
-    """The metadata service rejected the definition (HTTP 400/422)."""
+    """The metadata service rejected the definition (HTTP 400/413/422)."""
 
     def __init__(self, message: str, details: tuple[FieldError, ...] = ()) -> None:
         self.message = message
@@ -170,7 +172,7 @@ def _version_of(body: Mapping[str, Any], headers: Mapping[str, str]) -> Version 
 
 
 def _error_for(status: int, body: Any, what: str) -> MetadataError:
-    if status in (400, 422):
+    if status in _REJECTED:
         return _invalid_from(body, status)
     snippet = body if isinstance(body, str) else json.dumps(body)
     return MetadataUnavailable(

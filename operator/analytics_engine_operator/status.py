@@ -7,6 +7,8 @@ The status says what is true in the metadata service, not what the operator trie
   message); retried only when the spec changes;
 * `Synced=False`, reason `Unavailable`: the metadata service could not be reached; retried with
   backoff. `syncedVersion` keeps the last version known to be stored.
+* `Synced=False`, reason `Conflict`: an older KPIDefinition declares the same `spec.code` and
+  owns the KPI (ownership.py); nothing is written, retried with backoff.
 
 Conditions follow the `metav1.Condition` shape. `lastTransitionTime` changes only when the
 condition's status flips, so a resync that finds everything in order does not churn it.
@@ -27,18 +29,21 @@ class Reason(StrEnum):
     SYNCED = "Synced"
     INVALID = "Invalid"
     UNAVAILABLE = "Unavailable"
+    CONFLICT = "Conflict"
 
 
 class Phase(StrEnum):
     SYNCED = "Synced"
     INVALID = "Invalid"
     UNAVAILABLE = "Unavailable"
+    CONFLICT = "Conflict"
 
 
 _PHASE_FOR_REASON = {
     Reason.SYNCED: Phase.SYNCED,
     Reason.INVALID: Phase.INVALID,
     Reason.UNAVAILABLE: Phase.UNAVAILABLE,
+    Reason.CONFLICT: Phase.CONFLICT,
 }
 
 
@@ -114,7 +119,7 @@ def failed_status(
 ) -> dict[str, Any]:
     """Status patch after a failed sync; `syncedVersion` is left as it was."""
     if reason is Reason.SYNCED:
-        raise ValueError("a failure needs the Invalid or Unavailable reason")
+        raise ValueError("a failure needs the Invalid, Unavailable or Conflict reason")
     return _status(previous, reason=reason, message=message, generation=generation, now=now)
 
 

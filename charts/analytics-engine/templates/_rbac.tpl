@@ -4,33 +4,32 @@
 - apiGroups: ["analyticsengine.io"]
   resources: ["kpidefinitions"]
   verbs: ["get", "list", "watch", "patch"]
-# The operator reports Synced/Ready conditions on the status subresource.
+# The operator reports the Synced condition on the status subresource (patch only).
 - apiGroups: ["analyticsengine.io"]
   resources: ["kpidefinitions/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # kopf posts events about handler outcomes on the objects.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if .Values.operator.peering.enabled }}
-# kopf peering (only when peering is enabled; needs kopf's KopfPeering CRD).
+{{- if and .Values.operator.peering.enabled (not .Values.operator.clusterwide) }}
+# kopf peering (only when peering is enabled; needs kopf's KopfPeering CRD). A clusterwide
+# operator peers through clusterkopfpeerings instead (below).
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end -}}
 
-{{/* The cluster-scoped rules: kopf scans CRDs; clusterwide operators also list namespaces. */}}
+{{/* The cluster-scoped rules: kopf scans CRDs; clusterwide operators also get the namespaced
+rules cluster-wide. No `namespaces`: a clusterwide kopf never reads them, and one serving listed
+namespaces falls back to the exact names on 403 (operator/RBAC.md). */}}
 {{- define "analytics-engine.operator.rbac.clusterRules" -}}
-# kopf checks that the CRD exists and reads its versions.
+# kopf lists and watches CRDs to notice ours being installed, upgraded or removed.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
-{{- if .Values.operator.clusterwide }}
-# A clusterwide kopf watches namespaces to follow new ones.
-- apiGroups: [""]
-  resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- if .Values.operator.clusterwide }}
 {{ include "analytics-engine.operator.rbac.namespacedRules" . }}
 {{- if .Values.operator.peering.enabled }}
 - apiGroups: ["kopf.dev"]

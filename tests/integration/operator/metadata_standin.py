@@ -43,6 +43,12 @@ class MetadataStandIn:
         self._definitions: dict[str, dict[str, Any]] = {}
         self._versions: dict[str, int] = {}
         self.requests: list[tuple[str, str]] = []
+        # Seconds a PUT waits between its arrival (recorded) and its write: a slow service.
+        self.put_delay_s = 0.0
+        # The same for the next PUT only (then reset): one request overtaken by later ones.
+        self.next_put_delay_s = 0.0
+        # (code, version, spec) of every write, in order.
+        self.writes: list[tuple[str, int, dict[str, Any]]] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -143,6 +149,10 @@ class MetadataStandIn:
             body = await request.json()
         except ValueError:
             return _error(400, "bad_request", "body is not JSON", [])
+        with self._lock:
+            delay, self.next_put_delay_s = self.put_delay_s + self.next_put_delay_s, 0.0
+        if delay:
+            await asyncio.sleep(delay)
         details = self._validate(code, body)
         if details:
             return _error(422, "validation_error", INVALID_MESSAGE, details)
@@ -160,6 +170,7 @@ class MetadataStandIn:
                 stored = {**spec, "version": version}
                 status = 200 if current is not None else 201
                 self._definitions[code] = stored
+                self.writes.append((code, version, json.loads(json.dumps(spec))))
             reply = json.loads(json.dumps(stored))
         return web.json_response(reply, status=status, headers={"ETag": f'"{reply["version"]}"'})
 

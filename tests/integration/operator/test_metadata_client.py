@@ -92,8 +92,18 @@ async def _serve(handler: Handler) -> TestServer:
             MetadataInvalid,
             "^bad$",
         ),
+        (
+            # The metadata service's answer to a body past METADATA_MAX_BODY_BYTES (a spec the
+            # CRD accepts, e.g. large query params): only a smaller spec can help.
+            web.json_response(
+                {"error": {"code": "payload_too_large", "message": "request body too large"}},
+                status=413,
+            ),
+            MetadataInvalid,
+            "^request body too large$",
+        ),
     ],
-    ids=["5xx", "unexpected-4xx", "400-text", "422-without-details"],
+    ids=["5xx", "unexpected-4xx", "400-text", "422-without-details", "413-too-large"],
 )
 async def test_status_classification(
     response: web.Response, error: type[Exception], match: str

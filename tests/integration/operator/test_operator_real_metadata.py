@@ -301,6 +301,35 @@ async def test_invalid_spec_carries_the_services_field_message(
         assert await real_metadata.stored(REVENUE_CODE) == stored_form(sample["spec"], 1)
 
 
+async def test_a_spec_past_the_services_body_limit_is_invalid_not_unavailable(
+    k8s: Any, real_metadata: RealMetadata
+) -> None:
+    """The CRD bounds `query.params` to 64 items of any size, so a CR the API server accepts can
+    exceed METADATA_MAX_BODY_BYTES (256 KiB): the service answers 413. Only a smaller spec can
+    help, so it is Invalid (no retry), not Unavailable (retried forever, service blamed)."""
+    sample = load_sample(REVENUE)
+    spec = {
+        "code": REVENUE_CODE,
+        "entity_type": "order",
+        "query": {
+            "sql": "SELECT " + ", ".join(f"${i}::text" for i in range(1, 41)),
+            "params": ["x" * 8192] * 40,
+            "schedule": "1m",
+        },
+    }
+    async with running_operator(settings_for(real_metadata)):
+        await create(k8s, {**sample, "spec": spec})
+
+        async def invalid() -> bool:
+            return await reason_of(k8s, REVENUE) == "Invalid"
+
+        await eventually(invalid, what="Synced=False/Invalid")
+        obj = await fetch(k8s, REVENUE)
+        assert obj is not None and obj["status"]["phase"] == "Invalid"
+        assert "request body size" in synced_condition(obj)["message"]
+        assert await real_metadata.stored(REVENUE_CODE) is None
+
+
 async def test_metadata_down_is_unavailable_then_recovers_on_the_same_port(
     k8s: Any, real_metadata: RealMetadata
 ) -> None:

@@ -32,6 +32,7 @@ from analytics_engine.kpi.definitions import (
     validation_errors,
 )
 from analytics_engine_operator import kpidefinition
+from analytics_engine_operator import status as operator_status
 
 ROOT = Path(__file__).resolve().parents[3]
 CRD_PATH = ROOT / "k8s" / "crds" / "kpidefinitions.analyticsengine.io.yaml"
@@ -221,6 +222,8 @@ def test_status_schema_has_what_the_operator_writes() -> None:
     )
     condition = status["properties"]["conditions"]["items"]["properties"]
     assert {"type", "status", "reason", "message", "lastTransitionTime"} <= set(condition)
+    # A status patch with a phase outside the enum is refused by the API server.
+    assert set(status["properties"]["phase"]["enum"]) == {p.value for p in operator_status.Phase}
 
 
 def test_spec_covers_every_field_of_the_kpi_model() -> None:
@@ -417,6 +420,10 @@ def test_code_is_immutable() -> None:
     ]
 
 
+# 40 placeholders for 40 params of 8 KiB: valid, and past the metadata service's body limit.
+LARGE_QUERY_SQL = "SELECT " + ", ".join(f"${i}::text" for i in range(1, 41))
+
+
 @pytest.mark.parametrize(
     "spec_changes",
     [
@@ -437,6 +444,16 @@ def test_code_is_immutable() -> None:
                 "schedule": 60,
             },
         },
+        {
+            # Past the metadata service's 256 KiB body limit (it answers 413, which the
+            # operator reports as Invalid): the CRD does not bound a param's size.
+            "aggregation": None,
+            "field": None,
+            "window": None,
+            "group_by": None,
+            "filter": None,
+            "query": {"sql": LARGE_QUERY_SQL, "params": ["x" * 8192] * 40, "schedule": 60},
+        },
     ],
     ids=[
         "count-without-field",
@@ -445,6 +462,7 @@ def test_code_is_immutable() -> None:
         "equal-thresholds",
         "default-direction",
         "query",
+        "query-past-the-metadata-body-limit",
     ],
 )
 def test_other_valid_specs(spec_changes: dict[str, Any]) -> None:
