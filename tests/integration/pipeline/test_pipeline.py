@@ -272,7 +272,9 @@ async def check_everything(stack: Stack, *, events: int) -> None:
         "avg_temperature",
         "distinct_customers",
     }
-    assert report.lake and report.lake["results_checked"] == results
+    # every result stored before verify ran was checked in the lake (a query KPI may have
+    # stored more since)
+    assert report.lake and report.lake["results_checked"] >= results
 
 
 async def test_every_event_persisted_every_kpi_right_every_result_archived_once(
