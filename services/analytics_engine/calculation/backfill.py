@@ -1,13 +1,14 @@
 """Backfill of a new or changed streaming KPI over stored history (database stream replay).
 
-Cut-over rule (one number per job, the *cut* = the live engine's watermark when the definition
-took effect):
+Cut-over rule (one number per job, the *cut* = just after the live engine's watermark when the
+definition took effect, `cut_after`):
 
 * windows starting before the cut come from the backfill (the live engine missed the events
   it processed before the change); the live engine's results for them are suppressed;
 * windows starting at or after the cut come from the live engine alone: all their events
-  occurred, hence were published, after the cut, so the live engine saw every one of them
-  (this assumes `occurred_at <= published_at`, which the simulator guarantees).
+  occurred at or after the cut, hence were published after the watermark, so the new
+  version's live state sees every one of them (this assumes `occurred_at <= published_at`,
+  which the simulator guarantees).
 
 The backfill covers windows starting in `[since, cut)`, `since` being the earlier of
 `cut - horizon` aligned down to the window grid (closed windows recomputed under the new
@@ -173,6 +174,15 @@ class Coverage:
         return cls(int(data["definition_version"]), datetime.fromisoformat(data["since"]))
 
 
+def cut_after(watermark: datetime) -> datetime:
+    """The cut of a definition that takes effect at the live engine's `watermark`: the instant
+    just after it (engine times are whole microseconds), so a window starting at the watermark
+    itself comes from the backfill. The live engine may already have taken in events that
+    occurred at the watermark (published then too: producers stamping whole seconds or
+    milliseconds), which the new version's empty state never sees."""
+    return watermark + timedelta(microseconds=1)
+
+
 def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) -> BackfillJob:
     """The job for a definition that took effect at `cut` (pure)."""
     window = definition.window
@@ -331,14 +341,16 @@ class BackfillManager:
         """Replay streams `sweep` deleted, to delete again (monotonic time when)."""
 
     # -- scheduling ------------------------------------------------------------------------
-    def schedule(self, definition: VersionedKPIDefinition, cut: datetime) -> BackfillJob:
-        job = plan(definition, cut, self.horizon)
+    def schedule(self, definition: VersionedKPIDefinition, watermark: datetime) -> BackfillJob:
+        """The backfill of a definition that took effect when the live engine's watermark was
+        `watermark` (see `cut_after`)."""
+        job = plan(definition, cut_after(watermark), self.horizon)
         self.jobs[definition.code] = job
         self.coverage[definition.code] = Coverage(definition.version, job.since)
         self._wake.set()
         log.info(
             "backfill scheduled",
-            extra={"kpi": job.code, "since": job.since.isoformat(), "cut": cut.isoformat()},
+            extra={"kpi": job.code, "since": job.since.isoformat(), "cut": job.cut.isoformat()},
         )
         return job
 

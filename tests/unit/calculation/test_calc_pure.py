@@ -90,9 +90,8 @@ def cut_over(
     live.drain_results()
     live.set_definitions([v2])
     assert live.watermark is not None
-    job = plan(v2, live.watermark, horizon)
-    manager = BackfillManager.__new__(BackfillManager)
-    manager.jobs = {job.code: job}
+    manager = backfill_manager(horizon)
+    job = manager.schedule(v2, live.watermark)
     for e in events[cut_after:]:
         live.process(e)
     live.advance(T0 + timedelta(days=30))
@@ -142,14 +141,34 @@ def test_no_window_open_at_a_definition_change_is_lost(
     assert published == {s: v for s, v in reference.items() if s >= job.since}
 
 
-def manager() -> BackfillManager:
+def test_an_event_at_the_watermark_on_the_window_grid_is_counted_once() -> None:
+    """The change comes right after the live engine took in an event that occurred and was
+    published at a window's start (producers stamping whole seconds or milliseconds). The
+    window starting there must come from the backfill: the new version's live state never saw
+    that event (before the fix the cut was the watermark itself, the window was left to the
+    live engine and published without the event)."""
+    definition: dict[str, object] = {
+        "code": "orders",
+        "display_name": "Orders",
+        "entity_type": "order",
+        "aggregation": "count",
+        "window": {"type": "tumbling", "size": "5m", "allowed_lateness": "1m"},
+    }
+    job, published, reference = cut_over(definition, 3 * 60, 60 + 1, timedelta(hours=1))
+    on_grid = T0 + timedelta(hours=1)  # the last event before the change, a window's start
+    assert published[on_grid] == reference[on_grid] == 5
+    assert job.cut > on_grid
+    assert published == {s: v for s, v in reference.items() if s >= job.since}
+
+
+def backfill_manager(horizon: timedelta = timedelta(seconds=60)) -> BackfillManager:
     async def ignore(_: list[KPIResult]) -> None:
         return None
 
     return BackfillManager(
         None,  # type: ignore[arg-type]  # no I/O in these calls
         None,  # type: ignore[arg-type]
-        horizon=timedelta(seconds=60),
+        horizon=horizon,
         delay=timedelta(seconds=1),
         max_events=10,
         on_results=ignore,
@@ -160,24 +179,24 @@ def manager() -> BackfillManager:
 def test_coverage_outlives_the_job_and_the_checkpoint() -> None:
     """What `verify` learns through the KPI list: where the current version's results begin,
     after its backfill is done and dropped, and across a restart."""
-    backfills = manager()
+    backfills = backfill_manager()
     backfills.schedule(revenue(version=3), T0 + timedelta(seconds=125))
     covered = {"definition_version": 3, "since": (T0 + timedelta(seconds=60)).isoformat()}
     assert backfills.coverage_of("revenue") == covered
     backfills.jobs.clear()  # done, then dropped once its windows can no longer appear live
     assert backfills.pending("revenue") is None
     assert backfills.coverage_of("revenue") == covered
-    restarted = manager()
+    restarted = backfill_manager()
     restarted.restore(backfills.checkpoint_section())
     assert restarted.coverage_of("revenue") == covered
     restarted.cancel("revenue")  # removed, or changed with no backfill to follow
     assert restarted.coverage_of("revenue") is None
     # a checkpoint from before coverage was recorded: its pending jobs say where they start
-    older = manager()
+    older = backfill_manager()
     older.schedule(revenue(version=4), T0 + timedelta(seconds=125))
     section = older.checkpoint_section()
     del section["backfill_coverage"]
-    restored = manager()
+    restored = backfill_manager()
     restored.restore(section)
     assert restored.coverage["revenue"] == Coverage(4, T0 + timedelta(seconds=60))
 
