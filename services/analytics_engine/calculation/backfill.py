@@ -183,14 +183,25 @@ def cut_after(watermark: datetime) -> datetime:
     return watermark + timedelta(microseconds=1)
 
 
-def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) -> BackfillJob:
-    """The job for a definition that took effect at `cut` (pure)."""
+def plan(
+    definition: VersionedKPIDefinition,
+    cut: datetime,
+    horizon: timedelta,
+    *,
+    reach: datetime | None = None,
+) -> BackfillJob:
+    """The job for a definition that took effect at `cut` (pure). `reach`: it starts no later
+    than the window (on its grid) holding that instant: where the job it supersedes began,
+    when that one never ran (see `BackfillManager.schedule`)."""
     window = definition.window
     assert window is not None
     size = to_micros(window.size)
     step = to_micros(window.slide) if window.slide is not None else size
     cut_us = to_micros(cut)
     since_us = backfill_since(window, cut_us, to_micros(horizon))
+    if reach is not None:
+        reach_us = to_micros(reach)
+        since_us = min(since_us, reach_us - reach_us % step)
     last_start = (cut_us - 1) - (cut_us - 1) % step
     until_us = last_start + size + to_micros(window.allowed_lateness)
     return BackfillJob(definition, cut, from_micros(since_us), from_micros(until_us))
@@ -343,8 +354,16 @@ class BackfillManager:
     # -- scheduling ------------------------------------------------------------------------
     def schedule(self, definition: VersionedKPIDefinition, watermark: datetime) -> BackfillJob:
         """The backfill of a definition that took effect when the live engine's watermark was
-        `watermark` (see `cut_after`)."""
-        job = plan(definition, cut_after(watermark), self.horizon)
+        `watermark` (see `cut_after`); it replaces the code's job, if any.
+
+        A replaced job that has not completed (changed again before its backfill ran, or while
+        the engine was down) published nothing, and the live results of the windows it was to
+        publish were suppressed: its windows still open at its cut have no result of any
+        version. The new job therefore reaches back to where the replaced one began, however
+        far that is behind its own horizon."""
+        superseded = self.jobs.get(definition.code)
+        reach = superseded.since if superseded is not None and not superseded.done else None
+        job = plan(definition, cut_after(watermark), self.horizon, reach=reach)
         self.jobs[definition.code] = job
         self.coverage[definition.code] = Coverage(definition.version, job.since)
         self._wake.set()
@@ -355,7 +374,7 @@ class BackfillManager:
         return job
 
     def cancel(self, code: str) -> None:
-        """Forget the KPI's job and coverage (removed, or changed again)."""
+        """Forget the KPI's job and coverage (removed, or changed with no backfill to follow)."""
         self.jobs.pop(code, None)
         self.coverage.pop(code, None)
 

@@ -264,9 +264,10 @@ def build(settings: Settings) -> CalculationService:
         watermark = processor.engine.watermark
         active = processor.engine.definitions
         for code in changed:
-            backfills.cancel(code)
             if settings.backfill_enabled and watermark is not None:
-                backfills.schedule(active[code], watermark)
+                backfills.schedule(active[code], watermark)  # replaces the code's job
+            else:
+                backfills.cancel(code)
 
     sync = DefinitionSync(
         registry,

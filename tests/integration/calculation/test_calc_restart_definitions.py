@@ -145,6 +145,16 @@ async def test_directory_edits_and_deletions_take_effect_at_a_restart(
         assert third.processor.engine.definitions == {"big_orders": edited}
         assert third.backfills.jobs["big_orders"].cut == job.cut
 
+    # edited again while its backfill is still pending: the new one reaches back to where the
+    # pending one began (nothing published the windows it was to publish)
+    (tmp_path / "big_orders.yaml").write_text(yaml.safe_dump({**BIG, "filter": "amount > 700"}))
+    async with serving(s) as fourth:
+        assert fourth.processor.engine.definitions["big_orders"].version == 2
+        again = fourth.backfills.jobs["big_orders"]
+        assert again.definition.version == 2
+        assert again.cut >= job.cut
+        assert again.since == job.since
+
 
 @pytest.mark.parametrize("legacy", [False, True])
 async def test_metadata_definitions_stand_in_until_the_metadata_service_answers(

@@ -161,6 +161,63 @@ def test_an_event_at_the_watermark_on_the_window_grid_is_counted_once() -> None:
     assert published == {s: v for s, v in reference.items() if s >= job.since}
 
 
+def test_a_change_before_the_previous_backfill_ran_loses_no_window() -> None:
+    """Two changes in quick succession (or one while the engine was down with a backfill
+    pending): the first version's backfill never runs, and its live results for windows
+    starting before its cut were suppressed, so the second backfill must reach back to where
+    the first one began. Before the fix it began at its own `since`: a window open at the
+    first cut and closed by the second one (here [01:10, 03:10), 2 h windows sliding by 5 min,
+    the second change 5 min after the first) got no result from any version."""
+    window = {"type": "sliding", "size": "2h", "slide": "5m"}
+    versions = [
+        VersionedKPIDefinition.model_validate(
+            {
+                "code": "orders",
+                "display_name": f"Orders v{v}",
+                "entity_type": "order",
+                "aggregation": "count",
+                "window": window,
+                "version": v,
+            }
+        )
+        for v in (1, 2, 3)
+    ]
+    events = [ev(i, i * 60, i * 60, n=1) for i in range(6 * 60)]
+    backfills = backfill_manager(timedelta(hours=1))
+    live = KPIEngine(clock=lambda: T0)
+    published: dict[datetime, float] = {}
+
+    def run(upto: int, start: int) -> None:
+        for e in events[start:upto]:
+            live.process(e)
+        published.update(
+            (r.window_start, r.value) for r in live.drain_results() if not backfills.suppressed(r)
+        )
+
+    live.set_definitions(versions[:1])
+    run(187, 0)
+    for v, (start, upto) in zip(versions[1:], [(187, 192), (192, len(events))], strict=True):
+        live.set_definitions([v])
+        assert live.watermark is not None
+        job = backfills.schedule(v, live.watermark)
+        run(upto, start)
+    live.advance(T0 + timedelta(days=30))
+    published.update((r.window_start, r.value) for r in live.drain_results())
+    backfilled = compute(job, events)
+    published.update((r.window_start, r.value) for r in backfilled)
+
+    reference = KPIEngine(clock=lambda: T0)
+    reference.set_definitions(versions[-1:])
+    for e in events:
+        reference.process(e)
+    reference.advance(T0 + timedelta(days=30))
+    expected = {r.window_start: r.value for r in reference.drain_results()}
+    lost = sorted(s for s in expected if s not in published)
+    assert lost == []
+    assert published == expected
+    assert job.since == backfills.coverage["orders"].since == T0 + timedelta(hours=1, minutes=10)
+
+
 def backfill_manager(horizon: timedelta = timedelta(seconds=60)) -> BackfillManager:
     async def ignore(_: list[KPIResult]) -> None:
         return None
