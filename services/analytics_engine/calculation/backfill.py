@@ -113,6 +113,8 @@ class BackfillJob:
     until: datetime
     attempts: int = 0
     done: bool = False
+    failed: bool = False
+    """Abandoned (`done` too): it published nothing, and its windows get no result."""
     not_before: float = field(default=0.0, compare=False)
     waiting: str | None = field(default=None, compare=False)
     """Why a due job waits for the database (`unstored`), None when it does not."""
@@ -129,6 +131,7 @@ class BackfillJob:
             "until": self.until.isoformat(),
             "attempts": self.attempts,
             "done": self.done,
+            "failed": self.failed,
         }
 
     @classmethod
@@ -140,6 +143,7 @@ class BackfillJob:
             until=datetime.fromisoformat(data["until"]),
             attempts=int(data.get("attempts", 0)),
             done=bool(data.get("done", False)),
+            failed=bool(data.get("failed", False)),
         )
 
 
@@ -412,6 +416,8 @@ class BackfillManager:
         job = self.jobs.get(code)
         if job is None:
             return None
+        if job.failed:
+            return "backfill_failed"
         return "backfilled" if job.done else "backfill_pending"
 
     def pending(self, code: str) -> dict[str, Any] | None:
@@ -494,8 +500,11 @@ class BackfillManager:
             if job.attempts >= MAX_ATTEMPTS or isinstance(exc, BackfillTooLarge):
                 log.error("backfill abandoned", extra={"kpi": job.code, "error": str(exc)[:300]})
                 self._on_outcome("failed")
-                if self.jobs.get(job.code) is job:
-                    self.jobs.pop(job.code)
+                # kept as a completed job until the live engine's watermark passes its end, as
+                # one that succeeded: the live engine (lagging, reading a backlog) may still
+                # hold its windows open at the cut, with only the events after it, and
+                # publish them unless they stay suppressed
+                job.done = job.failed = True
             else:
                 log.warning(
                     "backfill failed, will retry", extra={"kpi": job.code, "error": str(exc)[:300]}
