@@ -457,19 +457,24 @@ class BackfillManager:
 
     async def _run_due(self) -> None:
         now = utcnow()
-        watermark = self._watermark()
         for code, job in list(self.jobs.items()):
+            # the jobs may have changed while an earlier one waited or replayed: a definition
+            # changed (its job replaced) or removed; act on the code's current job only
+            if self.jobs.get(code) is not job:
+                continue
             if job.done:
                 # live results for windows before the cut can no longer appear: drop the job
+                watermark = self._watermark()
                 if watermark is not None and watermark >= job.until:
-                    self.jobs.pop(code, None)
+                    del self.jobs[code]
                 continue
             if now < job.until + self.delay or time.monotonic() < job.not_before:
                 continue
             if not await self._stored(job):
                 job.not_before = time.monotonic() + self.ready_retry_s
                 continue
-            await self._attempt(job)
+            if self.jobs.get(code) is job:
+                await self._attempt(job)
 
     async def _stored(self, job: BackfillJob) -> bool:
         """Whether the database has stored everything the job replays (`unstored`); logs once

@@ -258,6 +258,60 @@ async def test_an_abandoned_backfill_still_suppresses_the_live_results_of_its_wi
     assert manager.suppressed(partial)
 
 
+def count_kpi(code: str, version: int) -> VersionedKPIDefinition:
+    return VersionedKPIDefinition.model_validate(
+        {
+            "code": code,
+            "display_name": code,
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "2s", "allowed_lateness": "0s"},
+            "version": version,
+        }
+    )
+
+
+async def test_a_job_scheduled_while_another_replays_is_not_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KPI b's completed job is due to be dropped, and b changes while the run loop waits on
+    a's replay. Before the fix the loop, reaching b's completed job in the list it started
+    from, dropped the code's job, which was b's new one by then: the new version was never
+    backfilled and its live results before the cut were no longer suppressed."""
+
+    async def read(_redis: Any) -> dict[str, GroupProgress]:
+        return both(DONE)
+
+    monkeypatch.setattr(backfill, "database_progress", read)
+    cut_at = datetime.now(UTC) - timedelta(minutes=5)
+
+    async def on_results(_results: Any) -> None:
+        return None
+
+    manager = BackfillManager(
+        redis=None,  # type: ignore[arg-type]
+        publisher=_Publisher(),  # type: ignore[arg-type]
+        horizon=timedelta(minutes=1),
+        delay=timedelta(0),
+        max_events=1000,
+        on_results=on_results,
+        watermark=lambda: cut_at + timedelta(minutes=1),  # past both jobs' ends
+        ready_retry_s=0.0,
+    )
+    changed: list[backfill.BackfillJob] = []
+
+    async def replay(job: backfill.BackfillJob, _work: Any) -> None:
+        if job.code == "a":  # b is redefined meanwhile
+            changed.append(manager.schedule(count_kpi("b", 2), cut_at + timedelta(seconds=30)))
+
+    monkeypatch.setattr(manager, "replay", replay)
+    manager.schedule(count_kpi("a", 1), cut_at)
+    manager.schedule(count_kpi("b", 1), cut_at).done = True
+    await manager._run_due()
+    assert manager.jobs["b"] is changed[0]
+    assert manager.status("b") == "backfill_pending"
+
+
 @pytest.mark.parametrize("owner", ["calculation-engine-0", "x.y", "a" * 300])
 def test_subscription_ids_are_valid_stream_subscribe_payloads(owner: str) -> None:
     """Whatever the consumer name, the engine's subscription ids and replay channels satisfy
