@@ -22,7 +22,7 @@ from the directory (or once the checkpoint is deleted).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal, TypeGuard, get_args
 
 from pydantic import ValidationError
@@ -99,13 +99,20 @@ class DefinitionRegistry:
         self._remote: dict[str, VersionedKPIDefinition] = {}
         self.remote_synced = False
 
-    def replace_remote(self, items: Iterable[Mapping[str, Any]]) -> None:
-        """The full list from `list_kpi_definitions`."""
+    def replace_remote(
+        self, items: Iterable[Mapping[str, Any]], keep: Collection[str] = ()
+    ) -> None:
+        """The full list from `list_kpi_definitions`; the codes in `keep` stay as they are
+        (present or not): changes applied while the list was on its way, which it may predate
+        (see `sync.DefinitionSync.full_sync`)."""
         remote: dict[str, VersionedKPIDefinition] = {}
         for item in items:
             definition = parse_definition(item)
-            if definition is not None:
+            if definition is not None and definition.code not in keep:
                 remote[definition.code] = definition
+        for code in keep:
+            if code in self._remote:
+                remote[code] = self._remote[code]
         self._remote = remote
         self.remote_synced = True
 
