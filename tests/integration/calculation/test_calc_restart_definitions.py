@@ -156,6 +156,47 @@ async def test_directory_edits_and_deletions_take_effect_at_a_restart(
         assert again.since == job.since
 
 
+async def test_a_directory_definition_deleted_or_disabled_keeps_counting_its_versions(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A file deleted and re-created, or disabled and enabled again, across restarts: each
+    different definition is a new version. Before the fix the checkpoint held the versions of
+    the running definitions only, so a code the directory stopped or disabled started again
+    from version 0, a number its earlier results already carried for another definition."""
+    s = settings(redis_url, write_kpi_dir(tmp_path, [BIG]))
+    path = tmp_path / "big_orders.yaml"
+    seen: list[tuple[int, str | None, bool]] = []
+
+    async def restart() -> None:
+        async with serving(s) as service:
+            running = service.processor.engine.definitions.get("big_orders")
+            definition = service.registry.effective().get("big_orders")
+            if definition is not None:
+                assert running in (None, definition)
+                seen.append((definition.version, definition.filter, definition.enabled))
+
+    await restart()  # v0
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 200"}))
+    await restart()  # v1
+    path.unlink()
+    await restart()  # stopped
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 300"}))
+    await restart()  # re-created: v2
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 300", "enabled": False}))
+    await restart()  # disabled: v3
+    await restart()  # still disabled: v3
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 400"}))
+    await restart()  # enabled again: v4
+    assert seen == [
+        (0, "amount > 100", True),
+        (1, "amount > 200", True),
+        (2, "amount > 300", True),
+        (3, "amount > 300", False),
+        (3, "amount > 300", False),
+        (4, "amount > 400", True),
+    ]
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 async def test_metadata_definitions_stand_in_until_the_metadata_service_answers(
     redis: Redis, redis_url: str, tmp_path: Path, legacy: bool
