@@ -65,7 +65,7 @@ class DefinitionSync:
             )
             return False
         finally:
-            self._listing.remove(touched)
+            self._listing = [t for t in self._listing if t is not touched]  # not by equality
         items = reply.get("items", [])
         self._registry.replace_remote((i for i in items if isinstance(i, dict)), keep=touched)
         self.syncs += 1
