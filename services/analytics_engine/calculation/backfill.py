@@ -13,10 +13,11 @@ definition took effect, `cut_after`):
 The backfill covers windows starting in `[since, cut)`, `since` being the earlier of
 `cut - horizon` aligned down to the window grid (closed windows recomputed under the new
 definition: the horizon) and the first window still open at the cut (`start + size +
-allowed_lateness > cut`). Every window starting before the cut that is still open at it is
-suppressed live, so the backfill must reach back to the first of them however long the windows
-are; otherwise a sliding window longer than horizon + slide, or a tumbling one whose size +
-allowed lateness exceeds the horizon, would never be published. `since` is also where the
+allowed_lateness >= cut`: closing after the watermark). Every window starting before the cut
+that is still open at it is suppressed live, so the backfill must reach back to the first of
+them however long the windows are; otherwise a sliding window longer than horizon + slide,
+or a tumbling one whose size + allowed lateness exceeds the horizon, would never be
+published. `since` is also where the
 definition version's results begin: `coverage` records it for `verify`. The backfill runs
 once every such window has closed (`until` = the last one's close) and the database had
 `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
@@ -151,14 +152,15 @@ def backfill_since(window: Window, cut_us: int, horizon_us: int) -> int:
     """The first window start a backfill at `cut_us` covers (pure, epoch microseconds).
 
     The earlier of `cut - horizon` aligned down to the grid and the first window still open
-    at the cut: the engine closes `W` once its watermark reaches `W.start + size +
-    allowed_lateness`, so the open windows are those starting after `cut - size -
-    allowed_lateness`, and the first of them is the next grid point after that instant."""
+    when the definition took effect, at the watermark (`cut - 1`, see `cut_after`): the engine
+    closes `W` once its watermark reaches `W.start + size + allowed_lateness`, so the open
+    windows are those starting after `watermark - size - allowed_lateness`, and the first of
+    them is the next grid point after that instant."""
     size = to_micros(window.size)
     step = to_micros(window.slide) if window.slide is not None else size
     by_horizon = cut_us - horizon_us
     by_horizon -= by_horizon % step
-    still_open_after = cut_us - size - to_micros(window.allowed_lateness)
+    still_open_after = cut_us - 1 - size - to_micros(window.allowed_lateness)
     first_open = still_open_after - still_open_after % step + step
     return min(by_horizon, first_open)
 

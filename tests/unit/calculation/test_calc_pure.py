@@ -65,13 +65,13 @@ def test_plan_reaches_back_to_the_first_window_still_open_at_the_cut() -> None:
     late = revenue(window={"type": "tumbling", "size": "30m", "allowed_lateness": "5h"})
     job = plan(late, T0 + 8 * hour + 6 * minute, hour)  # horizon alone: 07:00
     assert job.since == T0 + 3 * hour  # [03:00, 03:30) closes at 08:30
-    # a window closing exactly at the cut is closed: the first open one is the next
-    cut = to_micros(T0 + timedelta(seconds=132))
+    # a window closing exactly at the watermark is closed: the first open one is the next
+    watermark = to_micros(T0 + timedelta(seconds=132))
     window = revenue().definition().window
     assert window is not None
-    assert backfill_since(window, cut, 0) == to_micros(T0 + timedelta(seconds=130))
-    assert backfill_since(window, cut + 1, 0) == to_micros(T0 + timedelta(seconds=130))
-    assert backfill_since(window, cut - 1, 0) == to_micros(T0 + timedelta(seconds=120))
+    assert backfill_since(window, watermark + 1, 0) == to_micros(T0 + timedelta(seconds=130))
+    assert backfill_since(window, watermark + 2, 0) == to_micros(T0 + timedelta(seconds=130))
+    assert backfill_since(window, watermark, 0) == to_micros(T0 + timedelta(seconds=120))
 
 
 def cut_over(
@@ -159,6 +159,37 @@ def test_an_event_at_the_watermark_on_the_window_grid_is_counted_once() -> None:
     assert published[on_grid] == reference[on_grid] == 5
     assert job.cut > on_grid
     assert published == {s: v for s, v in reference.items() if s >= job.since}
+
+
+def test_a_window_closing_just_after_the_watermark_is_backfilled() -> None:
+    """The last event before the change was published 1 µs before a window's close: the
+    window is still open at the watermark (dropped with the old version's state, suppressed
+    live), so it is the backfill's, though it closes exactly at the cut (the watermark + 1
+    µs). Before the fix the first open window was computed as for a cut at the watermark:
+    with a horizon short of it that window got no result."""
+    v1, v2 = (revenue(version=v, window={"type": "tumbling", "size": "10s"}) for v in (1, 2))
+    order = {"amount": 1, "region": "eu", "status": "new"}
+    events = [ev(i, 2 * i, 2 * i, **order) for i in range(1, 5)]
+    events.append(ev(5, 9.999999, 9.999999, **order))
+    assert events[-1].published_at == T0 + timedelta(seconds=10, microseconds=-1)
+    later = [ev(i, 2 * i, 2 * i, **order) for i in range(6, 15)]
+    live = KPIEngine(clock=lambda: T0)
+    live.set_definitions([v1])
+    for e in events:
+        live.process(e)
+    assert live.drain_results() == []  # [0, 10) open at the watermark
+    live.set_definitions([v2])
+    assert live.watermark is not None
+    backfills = backfill_manager(timedelta(0))
+    job = backfills.schedule(v2, live.watermark)
+    for e in later:
+        live.process(e)
+    live.advance(T0 + timedelta(days=1))
+    published = {
+        r.window_start: r.value for r in live.drain_results() if not backfills.suppressed(r)
+    }
+    published |= {r.window_start: r.value for r in compute(job, events + later)}
+    assert published == {T0: 5.0, T0 + timedelta(seconds=10): 4.0, T0 + timedelta(seconds=20): 5.0}
 
 
 def test_a_change_before_the_previous_backfill_ran_loses_no_window() -> None:
