@@ -1,21 +1,23 @@
 """Backfill of a new or changed streaming KPI over stored history (database stream replay).
 
-Cut-over rule (one number per job, the *cut* = the live engine's watermark when the definition
-took effect):
+Cut-over rule (one number per job, the *cut* = just after the live engine's watermark when the
+definition took effect, `cut_after`):
 
 * windows starting before the cut come from the backfill (the live engine missed the events
   it processed before the change); the live engine's results for them are suppressed;
 * windows starting at or after the cut come from the live engine alone: all their events
-  occurred, hence were published, after the cut, so the live engine saw every one of them
-  (this assumes `occurred_at <= published_at`, which the simulator guarantees).
+  occurred at or after the cut, hence were published after the watermark, so the new
+  version's live state sees every one of them (this assumes `occurred_at <= published_at`,
+  which the simulator guarantees).
 
 The backfill covers windows starting in `[since, cut)`, `since` being the earlier of
 `cut - horizon` aligned down to the window grid (closed windows recomputed under the new
 definition: the horizon) and the first window still open at the cut (`start + size +
-allowed_lateness > cut`). Every window starting before the cut that is still open at it is
-suppressed live, so the backfill must reach back to the first of them however long the windows
-are; otherwise a sliding window longer than horizon + slide, or a tumbling one whose size +
-allowed lateness exceeds the horizon, would never be published. `since` is also where the
+allowed_lateness >= cut`: closing after the watermark). Every window starting before the cut
+that is still open at it is suppressed live, so the backfill must reach back to the first of
+them however long the windows are; otherwise a sliding window longer than horizon + slide,
+or a tumbling one whose size + allowed lateness exceeds the horizon, would never be
+published. `since` is also where the
 definition version's results begin: `coverage` records it for `verify`. The backfill runs
 once every such window has closed (`until` = the last one's close) and the database had
 `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
@@ -112,6 +114,8 @@ class BackfillJob:
     until: datetime
     attempts: int = 0
     done: bool = False
+    failed: bool = False
+    """Abandoned (`done` too): it published nothing, and its windows get no result."""
     not_before: float = field(default=0.0, compare=False)
     waiting: str | None = field(default=None, compare=False)
     """Why a due job waits for the database (`unstored`), None when it does not."""
@@ -128,6 +132,7 @@ class BackfillJob:
             "until": self.until.isoformat(),
             "attempts": self.attempts,
             "done": self.done,
+            "failed": self.failed,
         }
 
     @classmethod
@@ -139,6 +144,7 @@ class BackfillJob:
             until=datetime.fromisoformat(data["until"]),
             attempts=int(data.get("attempts", 0)),
             done=bool(data.get("done", False)),
+            failed=bool(data.get("failed", False)),
         )
 
 
@@ -146,14 +152,15 @@ def backfill_since(window: Window, cut_us: int, horizon_us: int) -> int:
     """The first window start a backfill at `cut_us` covers (pure, epoch microseconds).
 
     The earlier of `cut - horizon` aligned down to the grid and the first window still open
-    at the cut: the engine closes `W` once its watermark reaches `W.start + size +
-    allowed_lateness`, so the open windows are those starting after `cut - size -
-    allowed_lateness`, and the first of them is the next grid point after that instant."""
+    when the definition took effect, at the watermark (`cut - 1`, see `cut_after`): the engine
+    closes `W` once its watermark reaches `W.start + size + allowed_lateness`, so the open
+    windows are those starting after `watermark - size - allowed_lateness`, and the first of
+    them is the next grid point after that instant."""
     size = to_micros(window.size)
     step = to_micros(window.slide) if window.slide is not None else size
     by_horizon = cut_us - horizon_us
     by_horizon -= by_horizon % step
-    still_open_after = cut_us - size - to_micros(window.allowed_lateness)
+    still_open_after = cut_us - 1 - size - to_micros(window.allowed_lateness)
     first_open = still_open_after - still_open_after % step + step
     return min(by_horizon, first_open)
 
@@ -173,14 +180,34 @@ class Coverage:
         return cls(int(data["definition_version"]), datetime.fromisoformat(data["since"]))
 
 
-def plan(definition: VersionedKPIDefinition, cut: datetime, horizon: timedelta) -> BackfillJob:
-    """The job for a definition that took effect at `cut` (pure)."""
+def cut_after(watermark: datetime) -> datetime:
+    """The cut of a definition that takes effect at the live engine's `watermark`: the instant
+    just after it (engine times are whole microseconds), so a window starting at the watermark
+    itself comes from the backfill. The live engine may already have taken in events that
+    occurred at the watermark (published then too: producers stamping whole seconds or
+    milliseconds), which the new version's empty state never sees."""
+    return watermark + timedelta(microseconds=1)
+
+
+def plan(
+    definition: VersionedKPIDefinition,
+    cut: datetime,
+    horizon: timedelta,
+    *,
+    reach: datetime | None = None,
+) -> BackfillJob:
+    """The job for a definition that took effect at `cut` (pure). `reach`: it starts no later
+    than the window (on its grid) holding that instant: where the job it supersedes began,
+    when that one never ran (see `BackfillManager.schedule`)."""
     window = definition.window
     assert window is not None
     size = to_micros(window.size)
     step = to_micros(window.slide) if window.slide is not None else size
     cut_us = to_micros(cut)
     since_us = backfill_since(window, cut_us, to_micros(horizon))
+    if reach is not None:
+        reach_us = to_micros(reach)
+        since_us = min(since_us, reach_us - reach_us % step)
     last_start = (cut_us - 1) - (cut_us - 1) % step
     until_us = last_start + size + to_micros(window.allowed_lateness)
     return BackfillJob(definition, cut, from_micros(since_us), from_micros(until_us))
@@ -331,19 +358,29 @@ class BackfillManager:
         """Replay streams `sweep` deleted, to delete again (monotonic time when)."""
 
     # -- scheduling ------------------------------------------------------------------------
-    def schedule(self, definition: VersionedKPIDefinition, cut: datetime) -> BackfillJob:
-        job = plan(definition, cut, self.horizon)
+    def schedule(self, definition: VersionedKPIDefinition, watermark: datetime) -> BackfillJob:
+        """The backfill of a definition that took effect when the live engine's watermark was
+        `watermark` (see `cut_after`); it replaces the code's job, if any.
+
+        A replaced job that has not completed (changed again before its backfill ran, or while
+        the engine was down) published nothing, and the live results of the windows it was to
+        publish were suppressed: its windows still open at its cut have no result of any
+        version. The new job therefore reaches back to where the replaced one began, however
+        far that is behind its own horizon."""
+        superseded = self.jobs.get(definition.code)
+        reach = superseded.since if superseded is not None and not superseded.done else None
+        job = plan(definition, cut_after(watermark), self.horizon, reach=reach)
         self.jobs[definition.code] = job
         self.coverage[definition.code] = Coverage(definition.version, job.since)
         self._wake.set()
         log.info(
             "backfill scheduled",
-            extra={"kpi": job.code, "since": job.since.isoformat(), "cut": cut.isoformat()},
+            extra={"kpi": job.code, "since": job.since.isoformat(), "cut": job.cut.isoformat()},
         )
         return job
 
     def cancel(self, code: str) -> None:
-        """Forget the KPI's job and coverage (removed, or changed again)."""
+        """Forget the KPI's job and coverage (removed, or changed with no backfill to follow)."""
         self.jobs.pop(code, None)
         self.coverage.pop(code, None)
 
@@ -381,6 +418,8 @@ class BackfillManager:
         job = self.jobs.get(code)
         if job is None:
             return None
+        if job.failed:
+            return "backfill_failed"
         return "backfilled" if job.done else "backfill_pending"
 
     def pending(self, code: str) -> dict[str, Any] | None:
@@ -420,19 +459,24 @@ class BackfillManager:
 
     async def _run_due(self) -> None:
         now = utcnow()
-        watermark = self._watermark()
         for code, job in list(self.jobs.items()):
+            # the jobs may have changed while an earlier one waited or replayed: a definition
+            # changed (its job replaced) or removed; act on the code's current job only
+            if self.jobs.get(code) is not job:
+                continue
             if job.done:
                 # live results for windows before the cut can no longer appear: drop the job
+                watermark = self._watermark()
                 if watermark is not None and watermark >= job.until:
-                    self.jobs.pop(code, None)
+                    del self.jobs[code]
                 continue
             if now < job.until + self.delay or time.monotonic() < job.not_before:
                 continue
             if not await self._stored(job):
                 job.not_before = time.monotonic() + self.ready_retry_s
                 continue
-            await self._attempt(job)
+            if self.jobs.get(code) is job:
+                await self._attempt(job)
 
     async def _stored(self, job: BackfillJob) -> bool:
         """Whether the database has stored everything the job replays (`unstored`); logs once
@@ -463,8 +507,11 @@ class BackfillManager:
             if job.attempts >= MAX_ATTEMPTS or isinstance(exc, BackfillTooLarge):
                 log.error("backfill abandoned", extra={"kpi": job.code, "error": str(exc)[:300]})
                 self._on_outcome("failed")
-                if self.jobs.get(job.code) is job:
-                    self.jobs.pop(job.code)
+                # kept as a completed job until the live engine's watermark passes its end, as
+                # one that succeeded: the live engine (lagging, reading a backlog) may still
+                # hold its windows open at the cut, with only the events after it, and
+                # publish them unless they stay suppressed
+                job.done = job.failed = True
             else:
                 log.warning(
                     "backfill failed, will retry", extra={"kpi": job.code, "error": str(exc)[:300]}

@@ -173,6 +173,11 @@ class StreamProcessor:
             log.info("definitions applied", extra={"changed": changed, "removed": removed})
         return changed, removed
 
+    def mark_dirty(self) -> None:
+        """Have the next checkpoint written although the engine's state did not change (what
+        `extra_checkpoint` returns did)."""
+        self._dirty = True
+
     # -- events ----------------------------------------------------------------------------
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         merger = self.merger

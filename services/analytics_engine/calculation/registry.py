@@ -15,14 +15,17 @@ engine's checkpoint. At a restart (`DefinitionRegistry.restore`) the two differ:
   change, as a new metadata version is: fresh windows, a backfill, results told apart by
   `definition_version`); deleted, it stops.
 
-The directory's versions therefore live in the checkpoint: 0 for a code the engine never ran
-from the directory (or once the checkpoint is deleted).
+The directory's versions therefore live in the checkpoint (`directory_record`): every
+definition the directory numbered, running or not (disabled, query KPIs, a metadata
+definition's code, and files since deleted, so a code re-created or enabled again goes on
+from its last version instead of reusing a number its earlier results carry for another
+definition); 0 for a code the directory never defined (or once the checkpoint is deleted).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal, TypeGuard, get_args
 
 from pydantic import ValidationError
@@ -93,19 +96,41 @@ def split_by_origin(
     return split
 
 
+def recorded_directory(checkpoint: Mapping[str, Any] | None) -> list[VersionedKPIDefinition]:
+    """The `directory_record` a checkpoint holds (none: written before it was recorded);
+    an unreadable entry is logged and left out."""
+    recorded = (checkpoint or {}).get("directory_definitions")
+    definitions: list[VersionedKPIDefinition] = []
+    for item in recorded if isinstance(recorded, list) else []:
+        try:
+            definitions.append(VersionedKPIDefinition.model_validate(item))
+        except ValidationError:
+            log.warning("dropping an unreadable directory definition from the checkpoint")
+    return definitions
+
+
 class DefinitionRegistry:
     def __init__(self, seed: Iterable[KPIDefinition] = ()) -> None:
         self._seed: dict[str, VersionedKPIDefinition] = {d.code: versioned(d) for d in seed}
+        self._retired: dict[str, VersionedKPIDefinition] = {}
+        """The directory's last definitions of codes it no longer has (files deleted)."""
         self._remote: dict[str, VersionedKPIDefinition] = {}
         self.remote_synced = False
 
-    def replace_remote(self, items: Iterable[Mapping[str, Any]]) -> None:
-        """The full list from `list_kpi_definitions`."""
+    def replace_remote(
+        self, items: Iterable[Mapping[str, Any]], keep: Collection[str] = ()
+    ) -> None:
+        """The full list from `list_kpi_definitions`; the codes in `keep` stay as they are
+        (present or not): changes applied while the list was on its way, which it may predate
+        (see `sync.DefinitionSync.full_sync`)."""
         remote: dict[str, VersionedKPIDefinition] = {}
         for item in items:
             definition = parse_definition(item)
-            if definition is not None:
+            if definition is not None and definition.code not in keep:
                 remote[definition.code] = definition
+        for code in keep:
+            if code in self._remote:
+                remote[code] = self._remote[code]
         self._remote = remote
         self.remote_synced = True
 
@@ -113,17 +138,27 @@ class DefinitionRegistry:
         self,
         definitions: Iterable[VersionedKPIDefinition],
         origins: Mapping[str, object],
+        directory: Iterable[VersionedKPIDefinition] = (),
     ) -> None:
-        """Take in what a checkpoint ran with (`origins`: code -> origin as it recorded them):
-        its metadata definitions stand in for the metadata service's list until it answers;
-        its directory definitions only carry their versions over to the directory's current
-        ones (see the module docstring), and those the directory no longer has are dropped."""
+        """Take in what a checkpoint ran with (`origins`: code -> origin as it recorded them)
+        and its `directory_record` (`directory`; empty in a checkpoint written before it was
+        recorded, which knows the versions of its running directory definitions only): its
+        metadata definitions stand in for the metadata service's list until it answers; its
+        directory definitions only carry their versions over to the directory's current ones
+        (see the module docstring), and those the directory no longer has stop."""
         split = split_by_origin(definitions, origins)
         self._remote = split["metadata"]
+        numbered = {**split["directory"], **{d.code: d for d in directory}}
         self._seed = {
-            code: directory_definition(definition, split["directory"].get(code))
+            code: directory_definition(definition, numbered.get(code))
             for code, definition in self._seed.items()
         }
+        self._retired = {c: d for c, d in numbered.items() if c not in self._seed}
+
+    def directory_record(self) -> list[VersionedKPIDefinition]:
+        """Every definition the directory numbered, current and retired, for the checkpoint
+        (`restore` takes it back)."""
+        return [d for _, d in sorted({**self._retired, **self._seed}.items())]
 
     def upsert_remote(self, item: Mapping[str, Any]) -> bool:
         """One definition from `get_kpi_definition`; False when an older version is offered."""

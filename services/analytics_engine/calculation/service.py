@@ -21,7 +21,7 @@ from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.metrics import CalculationMetrics
 from analytics_engine.calculation.processor import StreamProcessor
 from analytics_engine.calculation.queries import QueryRunner
-from analytics_engine.calculation.registry import DefinitionRegistry
+from analytics_engine.calculation.registry import DefinitionRegistry, recorded_directory
 from analytics_engine.calculation.sync import DefinitionSync
 from analytics_engine.core import channels
 from analytics_engine.core.runtime import ServiceRuntime
@@ -250,7 +250,12 @@ def build(settings: Settings) -> CalculationService:
         owner=settings.consumer_name,
     )
     processor.suppress = backfills.suppressed
-    processor.extra_checkpoint = backfills.checkpoint_section
+
+    def checkpoint_section() -> dict[str, Any]:
+        directory = [d.model_dump(mode="json") for d in registry.directory_record()]
+        return {**backfills.checkpoint_section(), "directory_definitions": directory}
+
+    processor.extra_checkpoint = checkpoint_section
     queries = QueryRunner(
         lambda: runtime.requests, on_results=publish_query, timeout_s=settings.query_timeout_s
     )
@@ -264,9 +269,10 @@ def build(settings: Settings) -> CalculationService:
         watermark = processor.engine.watermark
         active = processor.engine.definitions
         for code in changed:
-            backfills.cancel(code)
             if settings.backfill_enabled and watermark is not None:
-                backfills.schedule(active[code], watermark)
+                backfills.schedule(active[code], watermark)  # replaces the code's job
+            else:
+                backfills.cancel(code)
 
     sync = DefinitionSync(
         registry,
@@ -282,7 +288,10 @@ def build(settings: Settings) -> CalculationService:
         #    to the directory as it is now (an edit is a new version, a deletion stops the KPI)
         extra = await processor.load_checkpoint()
         backfills.restore(extra)
-        registry.restore(processor.engine.definitions.values(), processor.origins)
+        recorded = recorded_directory(extra)
+        registry.restore(processor.engine.definitions.values(), processor.origins, recorded)
+        if registry.directory_record() != recorded:
+            processor.mark_dirty()  # checkpoint the directory's versions, even if no KPI changed
         # 2. today's definitions (the metadata service, else the checkpoint's and the
         #    directory's): changes since the checkpoint are hot reloads, with backfills
         if not await sync.full_sync():

@@ -38,6 +38,8 @@ class DefinitionSync:
         self._timeout = timeout_s
         self._resync = resync_interval_s
         self._wake = asyncio.Event()
+        self._listing: list[set[str]] = []
+        """Per list request in flight, the codes `on_changed` has touched since it was sent."""
         self.syncs = 0
 
     async def _lookup(self, request_type: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +48,14 @@ class DefinitionSync:
         )
 
     async def full_sync(self) -> bool:
+        """Replace the metadata service's definitions with its full list. A code `on_changed`
+        handled while the list was on its way keeps what the handler made of it: the list may
+        predate that change (the service answered the list before the change, the handler's
+        lookup after it), and taking it would undo the change until the next resync (a
+        redefinition back to the old version, its windows reset, and forward again). A change
+        the handler's lookup predates is announced after it, so the handler takes it next."""
+        touched: set[str] = set()
+        self._listing.append(touched)
         try:
             reply = await self._lookup("list_kpi_definitions", {})
         except RequestError as exc:
@@ -54,8 +64,10 @@ class DefinitionSync:
                 extra={"reason": type(exc).__name__},
             )
             return False
+        finally:
+            self._listing = [t for t in self._listing if t is not touched]  # not by equality
         items = reply.get("items", [])
-        self._registry.replace_remote(i for i in items if isinstance(i, dict))
+        self._registry.replace_remote((i for i in items if isinstance(i, dict)), keep=touched)
         self.syncs += 1
         self._apply()
         return True
@@ -75,6 +87,8 @@ class DefinitionSync:
             if change.kind != "kpi_definition":
                 continue
             code = change.code
+            for touched in self._listing:
+                touched.add(code)
             if change.action == "deleted":
                 self._registry.delete_remote(code)
                 changed = True

@@ -20,6 +20,7 @@ import yaml
 from calc_helpers import StandInMetadata, kpi, published_results, tumbling, wait_for, write_kpi_dir
 from redis.asyncio import Redis
 
+from analytics_engine.calculation.backfill import cut_after
 from analytics_engine.calculation.service import CalculationService, Settings, build
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
@@ -126,7 +127,7 @@ async def test_directory_edits_and_deletions_take_effect_at_a_restart(
         # a definition change: backfilled from where the checkpoint's state ended
         job = second.backfills.jobs["big_orders"]
         assert job.definition == edited
-        assert job.cut == second.processor.engine.watermark
+        assert job.cut == cut_after(second.processor.engine.watermark)
         # and counted with the file's filter from then on
         later = max(utcnow(), job.cut + timedelta(seconds=1))
         await publish(redis, [order("e-2", later, 300.0), order("e-3", later, 600.0)])
@@ -143,6 +144,57 @@ async def test_directory_edits_and_deletions_take_effect_at_a_restart(
     async with serving(s) as third:
         assert third.processor.engine.definitions == {"big_orders": edited}
         assert third.backfills.jobs["big_orders"].cut == job.cut
+
+    # edited again while its backfill is still pending: the new one reaches back to where the
+    # pending one began (nothing published the windows it was to publish)
+    (tmp_path / "big_orders.yaml").write_text(yaml.safe_dump({**BIG, "filter": "amount > 700"}))
+    async with serving(s) as fourth:
+        assert fourth.processor.engine.definitions["big_orders"].version == 2
+        again = fourth.backfills.jobs["big_orders"]
+        assert again.definition.version == 2
+        assert again.cut >= job.cut
+        assert again.since == job.since
+
+
+async def test_a_directory_definition_deleted_or_disabled_keeps_counting_its_versions(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A file deleted and re-created, or disabled and enabled again, across restarts: each
+    different definition is a new version. Before the fix the checkpoint held the versions of
+    the running definitions only, so a code the directory stopped or disabled started again
+    from version 0, a number its earlier results already carried for another definition."""
+    s = settings(redis_url, write_kpi_dir(tmp_path, [BIG]))
+    path = tmp_path / "big_orders.yaml"
+    seen: list[tuple[int, str | None, bool]] = []
+
+    async def restart() -> None:
+        async with serving(s) as service:
+            running = service.processor.engine.definitions.get("big_orders")
+            definition = service.registry.effective().get("big_orders")
+            if definition is not None:
+                assert running in (None, definition)
+                seen.append((definition.version, definition.filter, definition.enabled))
+
+    await restart()  # v0
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 200"}))
+    await restart()  # v1
+    path.unlink()
+    await restart()  # stopped
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 300"}))
+    await restart()  # re-created: v2
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 300", "enabled": False}))
+    await restart()  # disabled: v3
+    await restart()  # still disabled: v3
+    path.write_text(yaml.safe_dump({**BIG, "filter": "amount > 400"}))
+    await restart()  # enabled again: v4
+    assert seen == [
+        (0, "amount > 100", True),
+        (1, "amount > 200", True),
+        (2, "amount > 300", True),
+        (3, "amount > 300", False),
+        (3, "amount > 300", False),
+        (4, "amount > 400", True),
+    ]
 
 
 @pytest.mark.parametrize("legacy", [False, True])

@@ -21,7 +21,7 @@ from analytics_engine.calculation.backfill import (
 )
 from analytics_engine.core import channels
 from analytics_engine.core.payloads import StreamSubscribe
-from analytics_engine.kpi import VersionedKPIDefinition
+from analytics_engine.kpi import KPIResult, VersionedKPIDefinition
 
 CREATED, UPDATED = channels.ENTITY_CREATED, channels.ENTITY_UPDATED
 BOUND = (1000, 0)  # entries of ms 0..999 must be stored
@@ -162,6 +162,7 @@ async def test_a_backfill_too_large_is_abandoned_at_its_first_attempt(
         return None
 
     outcomes: list[str] = []
+    live_watermark: list[datetime | None] = [None]
     manager = BackfillManager(
         redis=None,  # type: ignore[arg-type]
         publisher=_Publisher(),  # type: ignore[arg-type]
@@ -169,7 +170,7 @@ async def test_a_backfill_too_large_is_abandoned_at_its_first_attempt(
         delay=timedelta(0),
         max_events=1000,
         on_results=on_results,
-        watermark=lambda: None,
+        watermark=lambda: live_watermark[0],
         on_outcome=outcomes.append,
         ready_retry_s=0.0,
     )
@@ -184,11 +185,131 @@ async def test_a_backfill_too_large_is_abandoned_at_its_first_attempt(
             "version": 1,
         }
     )
-    manager.schedule(definition, datetime.now(UTC) - timedelta(minutes=5))
+    job = manager.schedule(definition, datetime.now(UTC) - timedelta(minutes=5))
     for _ in range(3):
         await manager._run_due()
     assert (replays, outcomes) == (["orders_count"], ["failed"])
+    assert manager.status("orders_count") == "backfill_failed"
+    assert manager.pending("orders_count") is None
+    # kept (so the live engine's results for its windows stay suppressed) until those
+    # windows can no longer close live: the watermark is past its end
+    live_watermark[0] = job.until
+    await manager._run_due()
     assert "orders_count" not in manager.jobs
+
+
+async def test_an_abandoned_backfill_still_suppresses_the_live_results_of_its_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The live engine lags (a backlog after a restart) when the backfill is abandoned: the
+    new version's live state holds the windows open at the cut with only the events after it.
+    Before the fix the job was dropped at once, and those windows were published with the
+    partial values (stored as the new version's results, which `verify` reports wrong): an
+    abandoned backfill's windows get no result."""
+
+    async def read(_redis: Any) -> dict[str, GroupProgress]:
+        return both(DONE)
+
+    monkeypatch.setattr(backfill, "database_progress", read)
+
+    async def replay(_job: backfill.BackfillJob, _work: Any) -> None:
+        raise backfill.BackfillTooLarge("more than 1000 events held")
+
+    async def on_results(_results: Any) -> None:
+        return None
+
+    definition = VersionedKPIDefinition.model_validate(
+        {
+            "code": "orders_count",
+            "display_name": "orders",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "2s", "allowed_lateness": "0s"},
+            "version": 1,
+        }
+    )
+    cut_at = datetime.now(UTC) - timedelta(minutes=5)
+    lagging = cut_at + timedelta(seconds=1)  # the live engine, reading its backlog
+    manager = BackfillManager(
+        redis=None,  # type: ignore[arg-type]
+        publisher=_Publisher(),  # type: ignore[arg-type]
+        horizon=timedelta(minutes=1),
+        delay=timedelta(0),
+        max_events=1000,
+        on_results=on_results,
+        watermark=lambda: lagging,
+        ready_retry_s=0.0,
+    )
+    monkeypatch.setattr(manager, "replay", replay)
+    job = manager.schedule(definition, cut_at)
+    await manager._run_due()
+    start = job.until - timedelta(seconds=2)  # the last window before the cut, open at it
+    assert start < job.cut < job.until
+    partial = KPIResult(
+        kpi_code="orders_count",
+        value=1.0,
+        window_start=start,
+        window_end=start + timedelta(seconds=2),
+        dimensions={},
+        sample_count=1,
+        definition_version=1,
+        computed_at=datetime.now(UTC),
+    )
+    assert manager.suppressed(partial)
+
+
+def count_kpi(code: str, version: int) -> VersionedKPIDefinition:
+    return VersionedKPIDefinition.model_validate(
+        {
+            "code": code,
+            "display_name": code,
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "2s", "allowed_lateness": "0s"},
+            "version": version,
+        }
+    )
+
+
+async def test_a_job_scheduled_while_another_replays_is_not_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KPI b's completed job is due to be dropped, and b changes while the run loop waits on
+    a's replay. Before the fix the loop, reaching b's completed job in the list it started
+    from, dropped the code's job, which was b's new one by then: the new version was never
+    backfilled and its live results before the cut were no longer suppressed."""
+
+    async def read(_redis: Any) -> dict[str, GroupProgress]:
+        return both(DONE)
+
+    monkeypatch.setattr(backfill, "database_progress", read)
+    cut_at = datetime.now(UTC) - timedelta(minutes=5)
+
+    async def on_results(_results: Any) -> None:
+        return None
+
+    manager = BackfillManager(
+        redis=None,  # type: ignore[arg-type]
+        publisher=_Publisher(),  # type: ignore[arg-type]
+        horizon=timedelta(minutes=1),
+        delay=timedelta(0),
+        max_events=1000,
+        on_results=on_results,
+        watermark=lambda: cut_at + timedelta(minutes=1),  # past both jobs' ends
+        ready_retry_s=0.0,
+    )
+    changed: list[backfill.BackfillJob] = []
+
+    async def replay(job: backfill.BackfillJob, _work: Any) -> None:
+        if job.code == "a":  # b is redefined meanwhile
+            changed.append(manager.schedule(count_kpi("b", 2), cut_at + timedelta(seconds=30)))
+
+    monkeypatch.setattr(manager, "replay", replay)
+    manager.schedule(count_kpi("a", 1), cut_at)
+    manager.schedule(count_kpi("b", 1), cut_at).done = True
+    await manager._run_due()
+    assert manager.jobs["b"] is changed[0]
+    assert manager.status("b") == "backfill_pending"
 
 
 @pytest.mark.parametrize("owner", ["calculation-engine-0", "x.y", "a" * 300])

@@ -65,13 +65,13 @@ def test_plan_reaches_back_to_the_first_window_still_open_at_the_cut() -> None:
     late = revenue(window={"type": "tumbling", "size": "30m", "allowed_lateness": "5h"})
     job = plan(late, T0 + 8 * hour + 6 * minute, hour)  # horizon alone: 07:00
     assert job.since == T0 + 3 * hour  # [03:00, 03:30) closes at 08:30
-    # a window closing exactly at the cut is closed: the first open one is the next
-    cut = to_micros(T0 + timedelta(seconds=132))
+    # a window closing exactly at the watermark is closed: the first open one is the next
+    watermark = to_micros(T0 + timedelta(seconds=132))
     window = revenue().definition().window
     assert window is not None
-    assert backfill_since(window, cut, 0) == to_micros(T0 + timedelta(seconds=130))
-    assert backfill_since(window, cut + 1, 0) == to_micros(T0 + timedelta(seconds=130))
-    assert backfill_since(window, cut - 1, 0) == to_micros(T0 + timedelta(seconds=120))
+    assert backfill_since(window, watermark + 1, 0) == to_micros(T0 + timedelta(seconds=130))
+    assert backfill_since(window, watermark + 2, 0) == to_micros(T0 + timedelta(seconds=130))
+    assert backfill_since(window, watermark, 0) == to_micros(T0 + timedelta(seconds=120))
 
 
 def cut_over(
@@ -90,9 +90,8 @@ def cut_over(
     live.drain_results()
     live.set_definitions([v2])
     assert live.watermark is not None
-    job = plan(v2, live.watermark, horizon)
-    manager = BackfillManager.__new__(BackfillManager)
-    manager.jobs = {job.code: job}
+    manager = backfill_manager(horizon)
+    job = manager.schedule(v2, live.watermark)
     for e in events[cut_after:]:
         live.process(e)
     live.advance(T0 + timedelta(days=30))
@@ -142,14 +141,122 @@ def test_no_window_open_at_a_definition_change_is_lost(
     assert published == {s: v for s, v in reference.items() if s >= job.since}
 
 
-def manager() -> BackfillManager:
+def test_an_event_at_the_watermark_on_the_window_grid_is_counted_once() -> None:
+    """The change comes right after the live engine took in an event that occurred and was
+    published at a window's start (producers stamping whole seconds or milliseconds). The
+    window starting there must come from the backfill: the new version's live state never saw
+    that event (before the fix the cut was the watermark itself, the window was left to the
+    live engine and published without the event)."""
+    definition: dict[str, object] = {
+        "code": "orders",
+        "display_name": "Orders",
+        "entity_type": "order",
+        "aggregation": "count",
+        "window": {"type": "tumbling", "size": "5m", "allowed_lateness": "1m"},
+    }
+    job, published, reference = cut_over(definition, 3 * 60, 60 + 1, timedelta(hours=1))
+    on_grid = T0 + timedelta(hours=1)  # the last event before the change, a window's start
+    assert published[on_grid] == reference[on_grid] == 5
+    assert job.cut > on_grid
+    assert published == {s: v for s, v in reference.items() if s >= job.since}
+
+
+def test_a_window_closing_just_after_the_watermark_is_backfilled() -> None:
+    """The last event before the change was published 1 µs before a window's close: the
+    window is still open at the watermark (dropped with the old version's state, suppressed
+    live), so it is the backfill's, though it closes exactly at the cut (the watermark + 1
+    µs). Before the fix the first open window was computed as for a cut at the watermark:
+    with a horizon short of it that window got no result."""
+    v1, v2 = (revenue(version=v, window={"type": "tumbling", "size": "10s"}) for v in (1, 2))
+    order = {"amount": 1, "region": "eu", "status": "new"}
+    events = [ev(i, 2 * i, 2 * i, **order) for i in range(1, 5)]
+    events.append(ev(5, 9.999999, 9.999999, **order))
+    assert events[-1].published_at == T0 + timedelta(seconds=10, microseconds=-1)
+    later = [ev(i, 2 * i, 2 * i, **order) for i in range(6, 15)]
+    live = KPIEngine(clock=lambda: T0)
+    live.set_definitions([v1])
+    for e in events:
+        live.process(e)
+    assert live.drain_results() == []  # [0, 10) open at the watermark
+    live.set_definitions([v2])
+    assert live.watermark is not None
+    backfills = backfill_manager(timedelta(0))
+    job = backfills.schedule(v2, live.watermark)
+    for e in later:
+        live.process(e)
+    live.advance(T0 + timedelta(days=1))
+    published = {
+        r.window_start: r.value for r in live.drain_results() if not backfills.suppressed(r)
+    }
+    published |= {r.window_start: r.value for r in compute(job, events + later)}
+    assert published == {T0: 5.0, T0 + timedelta(seconds=10): 4.0, T0 + timedelta(seconds=20): 5.0}
+
+
+def test_a_change_before_the_previous_backfill_ran_loses_no_window() -> None:
+    """Two changes in quick succession (or one while the engine was down with a backfill
+    pending): the first version's backfill never runs, and its live results for windows
+    starting before its cut were suppressed, so the second backfill must reach back to where
+    the first one began. Before the fix it began at its own `since`: a window open at the
+    first cut and closed by the second one (here [01:10, 03:10), 2 h windows sliding by 5 min,
+    the second change 5 min after the first) got no result from any version."""
+    window = {"type": "sliding", "size": "2h", "slide": "5m"}
+    versions = [
+        VersionedKPIDefinition.model_validate(
+            {
+                "code": "orders",
+                "display_name": f"Orders v{v}",
+                "entity_type": "order",
+                "aggregation": "count",
+                "window": window,
+                "version": v,
+            }
+        )
+        for v in (1, 2, 3)
+    ]
+    events = [ev(i, i * 60, i * 60, n=1) for i in range(6 * 60)]
+    backfills = backfill_manager(timedelta(hours=1))
+    live = KPIEngine(clock=lambda: T0)
+    published: dict[datetime, float] = {}
+
+    def run(upto: int, start: int) -> None:
+        for e in events[start:upto]:
+            live.process(e)
+        published.update(
+            (r.window_start, r.value) for r in live.drain_results() if not backfills.suppressed(r)
+        )
+
+    live.set_definitions(versions[:1])
+    run(187, 0)
+    for v, (start, upto) in zip(versions[1:], [(187, 192), (192, len(events))], strict=True):
+        live.set_definitions([v])
+        assert live.watermark is not None
+        job = backfills.schedule(v, live.watermark)
+        run(upto, start)
+    live.advance(T0 + timedelta(days=30))
+    published.update((r.window_start, r.value) for r in live.drain_results())
+    backfilled = compute(job, events)
+    published.update((r.window_start, r.value) for r in backfilled)
+
+    reference = KPIEngine(clock=lambda: T0)
+    reference.set_definitions(versions[-1:])
+    for e in events:
+        reference.process(e)
+    reference.advance(T0 + timedelta(days=30))
+    expected = {r.window_start: r.value for r in reference.drain_results()}
+    lost = sorted(s for s in expected if s not in published)
+    assert lost == []
+    assert published == expected
+    assert job.since == backfills.coverage["orders"].since == T0 + timedelta(hours=1, minutes=10)
+
+
+def backfill_manager(horizon: timedelta = timedelta(seconds=60)) -> BackfillManager:
     async def ignore(_: list[KPIResult]) -> None:
         return None
 
     return BackfillManager(
         None,  # type: ignore[arg-type]  # no I/O in these calls
         None,  # type: ignore[arg-type]
-        horizon=timedelta(seconds=60),
+        horizon=horizon,
         delay=timedelta(seconds=1),
         max_events=10,
         on_results=ignore,
@@ -160,24 +267,24 @@ def manager() -> BackfillManager:
 def test_coverage_outlives_the_job_and_the_checkpoint() -> None:
     """What `verify` learns through the KPI list: where the current version's results begin,
     after its backfill is done and dropped, and across a restart."""
-    backfills = manager()
+    backfills = backfill_manager()
     backfills.schedule(revenue(version=3), T0 + timedelta(seconds=125))
     covered = {"definition_version": 3, "since": (T0 + timedelta(seconds=60)).isoformat()}
     assert backfills.coverage_of("revenue") == covered
     backfills.jobs.clear()  # done, then dropped once its windows can no longer appear live
     assert backfills.pending("revenue") is None
     assert backfills.coverage_of("revenue") == covered
-    restarted = manager()
+    restarted = backfill_manager()
     restarted.restore(backfills.checkpoint_section())
     assert restarted.coverage_of("revenue") == covered
     restarted.cancel("revenue")  # removed, or changed with no backfill to follow
     assert restarted.coverage_of("revenue") is None
     # a checkpoint from before coverage was recorded: its pending jobs say where they start
-    older = manager()
+    older = backfill_manager()
     older.schedule(revenue(version=4), T0 + timedelta(seconds=125))
     section = older.checkpoint_section()
     del section["backfill_coverage"]
-    restored = manager()
+    restored = backfill_manager()
     restored.restore(section)
     assert restored.coverage["revenue"] == Coverage(4, T0 + timedelta(seconds=60))
 

@@ -112,3 +112,21 @@ def test_every_edit_is_a_new_version_even_back_to_an_earlier_text() -> None:
     assert (second.version, third.version) == (1, 2)
     assert third.definition() == big_orders()
     assert directory_definition(big_orders(), third) is third
+
+
+def test_the_directory_record_numbers_a_code_across_its_absences() -> None:
+    """What the checkpoint records of the directory (`directory_record`) keeps a deleted or
+    disabled code's version, so its next definition takes the version after it."""
+    first = DefinitionRegistry([big_orders(**EDITED)])
+    first.restore([], {}, [versioned(big_orders(), 4)])
+    assert first.effective()["big_orders"].version == 5
+    deleted = DefinitionRegistry([])
+    deleted.restore([], {}, first.directory_record())
+    assert deleted.effective() == {}
+    assert deleted.directory_record() == [versioned(big_orders(**EDITED), 5)]
+    recreated = DefinitionRegistry([big_orders(filter="amount > 900")])
+    recreated.restore([], {}, deleted.directory_record())
+    assert recreated.effective()["big_orders"].version == 6
+    disabled = DefinitionRegistry([big_orders(filter="amount > 900", enabled=False)])
+    disabled.restore([], {}, recreated.directory_record())  # not running: absent from `[]`
+    assert disabled.effective()["big_orders"].version == 7
