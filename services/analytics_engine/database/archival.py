@@ -4,8 +4,9 @@ A batch is one entity type and one UTC day, at most `batch_rows` rows and about 
 (a Redis message has a size limit: `proto-max-bulk-len`), recorded in
 `archival_batches` with the keys `(occurred_at, event_id)` of its rows before it is sent on
 `archival.events`. Re-sends (after `confirm_timeout` without `archival.confirmed`) carry the
-same batch id and the same rows; the archival service writes a batch to a deterministic object
-key, so re-sending never duplicates. Rows are deleted in the transaction that records the
+same batch id and the same rows (read only while the batch is still open: once confirmed, its
+rows are gone and a re-send would empty its object); the archival service writes a batch to a
+deterministic object key, so re-sending never duplicates. Rows are deleted in the transaction that records the
 confirmation. Crashes on either side at any point leave a batch pending or sent: it is re-sent,
 never lost. One replica at a time runs a pass (advisory lock).
 """
@@ -144,6 +145,10 @@ def batch_keys(batch: Any) -> tuple[Any, ...]:
     )
 
 
+LOCK_OPEN_BATCH: Final = """
+SELECT true FROM archival_batches WHERE batch_id = $1 AND status IN ('pending', 'sent') FOR SHARE
+"""
+
 MARK_SENT: Final = """
 UPDATE archival_batches SET status = 'sent', sent_at = now(), send_count = send_count + 1
 WHERE batch_id = $1 AND status IN ('pending', 'sent')
@@ -259,6 +264,8 @@ class Archiver:
                 try:
                     for batch in await conn.fetch(DUE_BATCHES, self.confirm_timeout, 1000):
                         n = await self._send(conn, batch)
+                        if n is None:
+                            continue  # confirmed since it was picked
                         if batch["status"] == "sent":
                             resent += 1
                             self._metrics.archival_batches.labels("resent").inc()
@@ -270,7 +277,7 @@ class Archiver:
                         if created is None:
                             self._requested_cutoff = None  # caught up
                             break
-                        rows += await self._send(conn, created)
+                        rows += await self._send(conn, created) or 0
                         sent += 1
                     await self._partitions.drop_empty_before(conn, cutoff)
                 finally:
@@ -309,8 +316,17 @@ class Archiver:
             batch_id,
         )
 
-    async def _send(self, conn: Any, batch: Any) -> int:
-        records = await conn.fetch(BATCH_ROWS, *batch_keys(batch))
+    async def _send(self, conn: Any, batch: Any) -> int | None:
+        """Publish a batch with its rows; None (nothing sent) when it is no longer open.
+
+        A pass picks its due batches first and sends them one by one: a confirmation handled
+        meanwhile has deleted a batch's rows, and that batch re-sent without them would overwrite
+        its archived object (same key) with an empty one. So its rows are read in a transaction
+        that holds the batch open (FOR SHARE: a confirmation waits for the read)."""
+        async with conn.transaction():
+            if not await conn.fetchval(LOCK_OPEN_BATCH, batch["batch_id"]):
+                return None
+            records = await conn.fetch(BATCH_ROWS, *batch_keys(batch))
         payload = {
             "batch_id": str(batch["batch_id"]),
             "entity_type": batch["entity_type"],
