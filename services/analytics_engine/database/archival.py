@@ -5,10 +5,12 @@ A batch is one entity type and one UTC day, at most `batch_rows` rows and about 
 `archival_batches` with the keys `(occurred_at, event_id)` of its rows before it is sent on
 `archival.events`. Re-sends (after `confirm_timeout` without `archival.confirmed`) carry the
 same batch id and the same rows (read only while the batch is still open: once confirmed, its
-rows are gone and a re-send would empty its object); the archival service writes a batch to a
-deterministic object key, so re-sending never duplicates. Rows are deleted in the transaction that records the
-confirmation. Crashes on either side at any point leave a batch pending or sent: it is re-sent,
-never lost. One replica at a time runs a pass (advisory lock).
+rows are gone, and a re-send without them would empty its object); the archival service writes
+a batch to a deterministic object key, so re-sending never duplicates. Rows are deleted in the
+transaction that records the confirmation. Crashes on either side at any point leave a batch
+pending or sent: it is re-sent, never lost. An event stored again after its archival (a
+redelivery) is deleted, not archived twice (`REDELIVERY_WINDOW`). One replica at a time runs a
+pass (advisory lock).
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ candidates AS (
     SELECT e.occurred_at, e.event_id, {_ROW_BYTES} AS row_bytes FROM entity_events e
     WHERE e.entity_type = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4
       AND {_NOT_IN_OPEN_BATCH}
+      AND NOT EXISTS (SELECT 1 FROM archived_event_keys a
+                      WHERE a.entity_type = $2 AND a.occurred_at = e.occurred_at
+                        AND a.event_id = e.event_id)
     ORDER BY e.occurred_at, e.event_id
     LIMIT $5
 ),
@@ -132,7 +137,49 @@ FROM entity_events e JOIN {_BATCH_KEYS} ON {_OF_BATCH}
 ORDER BY e.occurred_at, e.event_id
 """
 
-DELETE_BATCH_ROWS: Final = f"DELETE FROM entity_events e USING {_BATCH_KEYS} WHERE {_OF_BATCH}"
+# Deletes a confirmed batch's rows and returns how many; the keys of those stored within the
+# redelivery window ($6) are remembered (`archived_event_keys`, migration 0006).
+DELETE_BATCH_ROWS: Final = f"""
+WITH gone AS (
+    DELETE FROM entity_events e USING {_BATCH_KEYS} WHERE {_OF_BATCH}
+    RETURNING e.entity_type, e.occurred_at, e.event_id, e.stored_at
+),
+remembered AS (
+    INSERT INTO archived_event_keys (entity_type, occurred_at, event_id)
+    SELECT entity_type, occurred_at, event_id FROM gone WHERE stored_at > now() - $6::interval
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM gone
+"""
+
+# Candidates of a new batch ($1 type, $2/$3 the day's bounds, $4 rows) that were archived
+# already: stored again after their archival (a redelivery), deleted rather than archived twice.
+DELETE_ARCHIVED_AGAIN: Final = f"""
+WITH {_OPEN_KEYS},
+candidates AS (
+    SELECT e.occurred_at, e.event_id FROM entity_events e
+    WHERE e.entity_type = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3
+      AND {_NOT_IN_OPEN_BATCH}
+    ORDER BY e.occurred_at, e.event_id
+    LIMIT $4
+)
+DELETE FROM entity_events e USING candidates c, archived_event_keys a
+WHERE e.entity_type = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3
+  AND e.occurred_at = c.occurred_at AND e.event_id = c.event_id
+  AND a.entity_type = $1 AND a.occurred_at = c.occurred_at AND a.event_id = c.event_id
+"""
+
+ANY_ARCHIVED_KEYS: Final = "SELECT EXISTS (SELECT 1 FROM archived_event_keys)"
+PRUNE_ARCHIVED_KEYS: Final = (
+    "DELETE FROM archived_event_keys WHERE archived_at < now() - $1::interval"
+)
+
+REDELIVERY_WINDOW: Final = timedelta(days=1)
+"""How long after it was stored an event may be stored again: a writer's unacknowledged batch
+is re-delivered after `BUS_CLAIM_IDLE_MS` (a peer claims it) or when its pod is back, and a
+publisher's retry follows its first try. Events archived within this of being stored have
+their keys remembered as long (`archived_event_keys`), so a second copy is not archived twice.
+"""
 
 
 def batch_keys(batch: Any) -> tuple[Any, ...]:
@@ -272,6 +319,7 @@ class Archiver:
                         else:
                             sent += 1
                             rows += n
+                    await conn.execute(PRUNE_ARCHIVED_KEYS, REDELIVERY_WINDOW)
                     while await self._open_batches(conn) < self.max_inflight:
                         created = await self._create(conn, cutoff)
                         if created is None:
@@ -294,11 +342,27 @@ class Archiver:
         )
 
     async def _create(self, conn: Any, cutoff: datetime) -> Any | None:
-        oldest = await conn.fetchrow(OLDEST_CANDIDATE, cutoff)
-        if oldest is None:
-            return None
-        day = oldest["occurred_at"].astimezone(UTC).date()
-        start, end = day_bounds(day)
+        """A new batch of the oldest candidates, or None when there are none. Candidates
+        archived already (stored again since) are deleted first, and never put in a batch."""
+        while True:
+            oldest = await conn.fetchrow(OLDEST_CANDIDATE, cutoff)
+            if oldest is None:
+                return None
+            day = oldest["occurred_at"].astimezone(UTC).date()
+            start, end = day_bounds(day)
+            if not await conn.fetchval(ANY_ARCHIVED_KEYS):
+                break  # the steady state
+            status = await conn.execute(
+                DELETE_ARCHIVED_AGAIN,
+                oldest["entity_type"],
+                start,
+                min(end, cutoff),
+                self.batch_rows,
+            )
+            gone = int(status.rsplit(" ", 1)[-1])
+            if not gone:
+                break
+            log.info("deleted events stored again after their archival", extra={"rows": gone})
         batch_id = uuid.uuid4()
         await conn.fetchval(
             CREATE_BATCH,
@@ -367,7 +431,9 @@ class Archiver:
                     raise InvalidPayload(
                         f"row_count {row_count} does not match the batch's {batch['row_count']}"
                     )
-                status = await conn.execute(DELETE_BATCH_ROWS, *batch_keys(batch))
+                deleted = int(
+                    await conn.fetchval(DELETE_BATCH_ROWS, *batch_keys(batch), REDELIVERY_WINDOW)
+                )
                 await conn.execute(
                     "UPDATE archival_batches SET status = 'deleted', confirmed_at = now(),"
                     " object_key = $2, occurred_ats = NULL, event_ids = NULL"
@@ -375,6 +441,5 @@ class Archiver:
                     batch_id,
                     object_key,
                 )
-        deleted = int(status.rsplit(" ", 1)[-1])
         self._metrics.archival_batches.labels("deleted").inc()
         self._metrics.archived_rows.inc(deleted)

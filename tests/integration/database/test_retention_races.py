@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -17,7 +17,7 @@ from analytics_engine.database.archival import Archiver
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.partitions import PartitionManager
 
-from .conftest import Start
+from .conftest import Start, count, entity_event, wait_for
 from .test_retention import all_stored, seed
 
 
@@ -90,3 +90,43 @@ async def test_a_batch_confirmed_during_a_re_send_pass_is_not_re_sent_without_it
         "SELECT status FROM archival_batches WHERE batch_id = $1", uuid.UUID(second["batch_id"])
     )
     assert status == "deleted"
+
+
+async def test_an_event_stored_again_after_it_was_archived_is_not_archived_twice(
+    start_service: Start,
+    publisher: EventPublisher,
+    pg: asyncpg.Connection,
+    redis: Redis,
+    pool: asyncpg.Pool,
+) -> None:
+    """A writer that committed a batch of old events (a backlog, a late source) and died before
+    acknowledging it has them re-delivered; if a retention pass archived and deleted them
+    meanwhile, they were stored again, archived again in a new batch (another object), and the
+    lake held them twice."""
+    old = datetime.now(UTC) - timedelta(days=10)
+    events = [
+        entity_event(publisher, "created", f"r-{i}", 1, occurred_at=old + timedelta(seconds=i))
+        for i in range(3)
+    ]
+    await publisher.publish_events(events)
+    await start_service()
+
+    async def stored(n: int) -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == n
+
+    await wait_for(lambda: stored(3))
+    recorder = RecordingPublisher()
+    archiver = make_archiver(pool, recorder, redis)
+    await archiver.run_pass()
+    (batch,) = recorder.published
+    assert len(batch["rows"]) == 3
+    key = f"entity_events/batch-{batch['batch_id']}.parquet"
+    await archiver._confirm(uuid.UUID(batch["batch_id"]), key, 3)
+    assert await stored(0)
+
+    await publisher.publish_events(events)  # the same events, delivered again
+    await wait_for(lambda: stored(3))
+    await archiver.run_pass()
+    again = [r["event_id"] for b in recorder.published[1:] for r in b["rows"]]
+    assert again == [], "archived a second time"
+    assert await stored(0)  # already in the lake: deleted, not kept forever
