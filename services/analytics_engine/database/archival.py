@@ -174,12 +174,14 @@ PRUNE_ARCHIVED_KEYS: Final = (
     "DELETE FROM archived_event_keys WHERE archived_at < now() - $1::interval"
 )
 
-REDELIVERY_WINDOW: Final = timedelta(days=1)
-"""How long after it was stored an event may be stored again: a writer's unacknowledged batch
-is re-delivered after `BUS_CLAIM_IDLE_MS` (a peer claims it) or when its pod is back, and a
-publisher's retry follows its first try. Events archived within this of being stored have
-their keys remembered as long (`archived_event_keys`), so a second copy is not archived twice.
-"""
+REDELIVERY_WINDOW: Final = timedelta(hours=1)
+"""How long after it was stored an event may come again: a writer acknowledges a batch right
+after its commit, and one that died in between has it re-delivered after `BUS_CLAIM_IDLE_MS`
+(a peer claims it) or when its pod is back; a publisher's retry follows its first try. Events
+archived within this of being stored have their keys remembered as long
+(`archived_event_keys`), so a second copy is not archived twice. Short on purpose: with a short
+`DATABASE_RETENTION` most events are archived soon after they were stored, and each would cost
+a remembered key."""
 
 
 def batch_keys(batch: Any) -> tuple[Any, ...]:
