@@ -534,3 +534,34 @@ async def test_a_replica_whose_clock_runs_ahead_leaves_a_peer_s_fresh_intent_alo
     await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
     assert await h.redis.hlen(intents_key()) == 0
     assert h.rows() == 100
+
+
+async def test_an_empty_re_send_never_replaces_an_archived_batch(
+    running: Start, h: Harness
+) -> None:
+    """A database service before the fix of its re-send race could re-send a batch it had just
+    seen confirmed, with its rows already deleted: an empty batch under the same id, whose PUT
+    replaced the archived object with an empty file. A batch without rows writes nothing."""
+    await running(create(h.settings()))
+    rows = [
+        {
+            "event_id": f"e-{i}",
+            "event_kind": "created",
+            "entity_type": "order",
+            "entity_id": f"o-{i}",
+            "version": 1,
+            "occurred_at": (BASE + timedelta(seconds=i)).isoformat(),
+            "published_at": (BASE + timedelta(seconds=i)).isoformat(),
+            "attributes": {"i": i},
+            "reason": None,
+            "source": "data_simulator",
+        }
+        for i in range(20)
+    ]
+    batch = {"batch_id": "b-1", "entity_type": "order", "date": "2024-03-01", "rows": rows}
+    await publish(h.publisher, ARCHIVAL_EVENTS, [batch])
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS))
+    await publish(h.publisher, ARCHIVAL_EVENTS, [{**batch, "rows": []}])
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS))
+    assert len(await h.redis.xrange(stream_key(ARCHIVAL_CONFIRMED))) == 2
+    assert h.table("entity_events/").num_rows == 20
