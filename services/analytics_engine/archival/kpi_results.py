@@ -33,7 +33,8 @@ re-delivered copies are dropped at step 2) or it did not (the re-delivered entri
 again). Because step 4 is atomic, a crash anywhere leaves one of: nothing written (entries
 pending, intent maybe present: resolved to nothing), objects written but unacknowledged (intent
 present: resolved into the ledger), or everything committed. On start the service resolves its
-own intents and those older than `BUS_CLAIM_IDLE_MS` (their owner is gone), before consuming.
+own intents and those older than `BUS_CLAIM_IDLE_MS` (their owner is gone), before consuming;
+intents are dated and judged by Redis's clock (`Ledger.now`), not by the replicas' own.
 A fresh intent of another replica whose objects are not all written is never deleted: that
 replica may be between its PUTs and its step 4, and had it died there, what it wrote would be
 unknown to the ledger; such an intent is settled once all its objects exist, or once it is stale.
