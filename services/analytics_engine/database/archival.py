@@ -174,14 +174,15 @@ PRUNE_ARCHIVED_KEYS: Final = (
     "DELETE FROM archived_event_keys WHERE archived_at < now() - $1::interval"
 )
 
-REDELIVERY_WINDOW: Final = timedelta(hours=1)
-"""How long after it was stored an event may come again: a writer acknowledges a batch right
-after its commit, and one that died in between has it re-delivered after `BUS_CLAIM_IDLE_MS`
-(a peer claims it) or when its pod is back; a publisher's retry follows its first try. Events
-archived within this of being stored have their keys remembered as long
-(`archived_event_keys`), so a second copy is not archived twice. Short on purpose: with a short
-`DATABASE_RETENTION` most events are archived soon after they were stored, and each would cost
-a remembered key."""
+REDELIVERY_WINDOW: Final = timedelta(minutes=10)
+"""How long after it was stored an event may come again. A writer acknowledges a batch right
+after its commit; one that dies in between has the batch re-delivered to a peer after
+`BUS_CLAIM_IDLE_MS` (30 s by default), and only a peer can have archived the events meanwhile
+(a lone replica that died right after its commit archived nothing since). A publisher's retry
+follows its first try. Events archived within this of being stored have their keys remembered
+as long (`archived_event_keys`), so a second copy is not archived twice. Short on purpose: it
+costs a remembered key per event archived soon after it was stored (a backlog of old events,
+a short `DATABASE_RETENTION`)."""
 
 
 def batch_keys(batch: Any) -> tuple[Any, ...]:
