@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -273,7 +272,7 @@ class Compactor:
             new_key=compacted_key(group.partition, name),
             old_keys=group.keys,
             owner=self._owner,
-            created_at=time.time(),
+            created_at=await self._ledger.now(),  # one clock for all replicas
         )
         await lock.renew()  # the merge itself may have taken a while
         await self._write_intent(intent)
@@ -310,7 +309,7 @@ class Compactor:
             if await self._store.exists(intent.new_key):
                 await self._store.delete_many(intent.old_keys)
             elif not may_drop_unlanded(
-                intent, owner=self._owner, now=time.time(), in_flight_s=self._lock_ttl
+                intent, owner=self._owner, now=await self._ledger.now(), in_flight_s=self._lock_ttl
             ):
                 continue
             await self._drop_intent(intent.name)

@@ -5,6 +5,7 @@ a key derived from the batch alone (`entity_events/entity_type=<t>/date=<d>/batc
 so a re-delivered or re-sent batch overwrites its own object: the lake never holds an event twice.
 The confirmation `{batch_id, object_key, row_count}` is published in the same MULTI/EXEC as the
 XACK, only after S3 acknowledged the PUT: the database deletes rows only once they are durable.
+A batch without rows is confirmed without a PUT, so it can never empty an archived object.
 """
 
 from __future__ import annotations
@@ -64,10 +65,14 @@ class EntityEventArchiver:
             except PayloadError as exc:
                 bad.append((delivery, str(exc)))
         keys = [entity_events_object_key(b.entity_type, b.day, b.batch_id) for _, b in good]
+        # A batch without rows writes nothing: the database never makes one, but a re-send of a
+        # batch whose rows it had already deleted (confirmed meanwhile) would otherwise replace
+        # the archived object with an empty file. Its confirmation names nothing to delete.
         results = await asyncio.gather(
             *(
                 self._store.put(key, to_parquet(batch.table, compression_level=self._level))
                 for key, (_, batch) in zip(keys, good, strict=True)
+                if batch.table.num_rows
             ),
             return_exceptions=True,
         )

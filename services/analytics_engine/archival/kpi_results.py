@@ -33,7 +33,8 @@ re-delivered copies are dropped at step 2) or it did not (the re-delivered entri
 again). Because step 4 is atomic, a crash anywhere leaves one of: nothing written (entries
 pending, intent maybe present: resolved to nothing), objects written but unacknowledged (intent
 present: resolved into the ledger), or everything committed. On start the service resolves its
-own intents and those older than `BUS_CLAIM_IDLE_MS` (their owner is gone), before consuming.
+own intents and those older than `BUS_CLAIM_IDLE_MS` (their owner is gone), before consuming;
+intents are dated and judged by Redis's clock (`Ledger.now`), not by the replicas' own.
 A fresh intent of another replica whose objects are not all written is never deleted: that
 replica may be between its PUTs and its step 4, and had it died there, what it wrote would be
 unknown to the ledger; such an intent is settled once all its objects exist, or once it is stale.
@@ -73,7 +74,7 @@ import pyarrow as pa
 
 from analytics_engine.archival.kpi_columns import KpiChunk, parse_kpi_results
 from analytics_engine.archival.layout import kpi_object_key, new_batch_name
-from analytics_engine.archival.ledger import Intent, Ledger, PlannedObject, now
+from analytics_engine.archival.ledger import Intent, Ledger, PlannedObject
 from analytics_engine.archival.tables import (
     KpiRow,
     fingerprints_of,
@@ -410,7 +411,10 @@ class KpiResultArchiver:
             for part, positions in plan.partitions.items()
         }
         keys = [o.object_key for o in objects.values()]
-        await self._ledger.write_intent(Intent(batch, self._owner, now(), tuple(objects.values())))
+        created_at = await self._ledger.now()
+        await self._ledger.write_intent(
+            Intent(batch, self._owner, created_at, tuple(objects.values()))
+        )
         if self._hooks.before_put is not None:
             await self._hooks.before_put(keys)
         results = await asyncio.gather(
@@ -459,7 +463,7 @@ class KpiResultArchiver:
         the ledger if that peer then died before acknowledging. Returns how many were dropped.
         """
         settled = 0
-        cutoff = now() - self._claim_idle
+        cutoff = await self._ledger.now() - self._claim_idle
         for intent in await self._ledger.intents():
             ours_or_stale = intent.owner == self._owner or intent.created_at < cutoff
             if not (everything or ours_or_stale):

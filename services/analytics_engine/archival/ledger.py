@@ -6,7 +6,6 @@ All Redis I/O of the archival protocol lives here; `kpi_results.py` describes th
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -112,6 +111,14 @@ class Ledger:
             pipe.execute_command("HSET", key, *pairs)
         pipe.expire(key, self._ttl)
 
+    async def now(self) -> float:
+        """Redis's clock (epoch seconds): what dates an intent and what judges it stale. The
+        replicas' own clocks may disagree; one running ahead by more than `BUS_CLAIM_IDLE_MS`
+        took a peer's fresh intent for one whose owner is gone."""
+        with redis_outage_is_transient():
+            seconds, micros = await self._redis.time()
+        return seconds + micros / 1_000_000
+
     async def write_intent(self, intent: Intent) -> None:
         with redis_outage_is_transient():
             await self._redis.hset(intents_key(), intent.batch, intent.encode())
@@ -147,7 +154,3 @@ class Ledger:
 
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
-
-
-def now() -> float:
-    return time.time()

@@ -28,11 +28,12 @@ from analytics_engine.archival.layout import (
 )
 from analytics_engine.core.envelopes import validation_summary
 from analytics_engine.core.payloads import KPIResult, scalar_dimensions
+from analytics_engine.core.storable import MAX_NAME
 
 TS: Final = pa.timestamp("us", tz="UTC")
 MAX_KPI_CODE: Final = 63  # as `KPIResult.kpi_code`
 MAX_BATCH_ID: Final = 100  # as `ArchivalBatch.batch_id` in core/payloads.py
-MAX_ENTITY_TYPE: Final = 100  # as the entity events' `entity_type`
+MAX_ENTITY_TYPE: Final = MAX_NAME  # as the entity events' `entity_type` the database stores
 MAX_S3_KEY_BYTES: Final = 1024
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 

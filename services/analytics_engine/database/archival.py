@@ -4,10 +4,13 @@ A batch is one entity type and one UTC day, at most `batch_rows` rows and about 
 (a Redis message has a size limit: `proto-max-bulk-len`), recorded in
 `archival_batches` with the keys `(occurred_at, event_id)` of its rows before it is sent on
 `archival.events`. Re-sends (after `confirm_timeout` without `archival.confirmed`) carry the
-same batch id and the same rows; the archival service writes a batch to a deterministic object
-key, so re-sending never duplicates. Rows are deleted in the transaction that records the
-confirmation. Crashes on either side at any point leave a batch pending or sent: it is re-sent,
-never lost. One replica at a time runs a pass (advisory lock).
+same batch id and the same rows (read only while the batch is still open: once confirmed, its
+rows are gone, and a re-send without them would empty its object); the archival service writes
+a batch to a deterministic object key, so re-sending never duplicates. Rows are deleted in the
+transaction that records the confirmation. Crashes on either side at any point leave a batch
+pending or sent: it is re-sent, never lost. An event stored again after its archival (a
+redelivery) is deleted, not archived twice (`REDELIVERY_WINDOW`). One replica at a time runs a
+pass (advisory lock).
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ candidates AS (
     SELECT e.occurred_at, e.event_id, {_ROW_BYTES} AS row_bytes FROM entity_events e
     WHERE e.entity_type = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4
       AND {_NOT_IN_OPEN_BATCH}
+      AND NOT EXISTS (SELECT 1 FROM archived_event_keys a
+                      WHERE a.entity_type = $2 AND a.occurred_at = e.occurred_at
+                        AND a.event_id = e.event_id)
     ORDER BY e.occurred_at, e.event_id
     LIMIT $5
 ),
@@ -131,7 +137,52 @@ FROM entity_events e JOIN {_BATCH_KEYS} ON {_OF_BATCH}
 ORDER BY e.occurred_at, e.event_id
 """
 
-DELETE_BATCH_ROWS: Final = f"DELETE FROM entity_events e USING {_BATCH_KEYS} WHERE {_OF_BATCH}"
+# Deletes a confirmed batch's rows and returns how many; the keys of those stored within the
+# redelivery window ($6) are remembered (`archived_event_keys`, migration 0006).
+DELETE_BATCH_ROWS: Final = f"""
+WITH gone AS (
+    DELETE FROM entity_events e USING {_BATCH_KEYS} WHERE {_OF_BATCH}
+    RETURNING e.entity_type, e.occurred_at, e.event_id, e.stored_at
+),
+remembered AS (
+    INSERT INTO archived_event_keys (entity_type, occurred_at, event_id)
+    SELECT entity_type, occurred_at, event_id FROM gone WHERE stored_at > now() - $6::interval
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM gone
+"""
+
+# Candidates of a new batch ($1 type, $2/$3 the day's bounds, $4 rows) that were archived
+# already: stored again after their archival (a redelivery), deleted rather than archived twice.
+DELETE_ARCHIVED_AGAIN: Final = f"""
+WITH {_OPEN_KEYS},
+candidates AS (
+    SELECT e.occurred_at, e.event_id FROM entity_events e
+    WHERE e.entity_type = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3
+      AND {_NOT_IN_OPEN_BATCH}
+    ORDER BY e.occurred_at, e.event_id
+    LIMIT $4
+)
+DELETE FROM entity_events e USING candidates c, archived_event_keys a
+WHERE e.entity_type = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3
+  AND e.occurred_at = c.occurred_at AND e.event_id = c.event_id
+  AND a.entity_type = $1 AND a.occurred_at = c.occurred_at AND a.event_id = c.event_id
+"""
+
+ANY_ARCHIVED_KEYS: Final = "SELECT EXISTS (SELECT 1 FROM archived_event_keys)"
+PRUNE_ARCHIVED_KEYS: Final = (
+    "DELETE FROM archived_event_keys WHERE archived_at < now() - $1::interval"
+)
+
+REDELIVERY_WINDOW: Final = timedelta(minutes=10)
+"""How long after it was stored an event may come again. A writer acknowledges a batch right
+after its commit; one that dies in between has the batch re-delivered to a peer after
+`BUS_CLAIM_IDLE_MS` (30 s by default), and only a peer can have archived the events meanwhile
+(a lone replica that died right after its commit archived nothing since). A publisher's retry
+follows its first try. Events archived within this of being stored have their keys remembered
+as long (`archived_event_keys`), so a second copy is not archived twice. Short on purpose: it
+costs a remembered key per event archived soon after it was stored (a backlog of old events,
+a short `DATABASE_RETENTION`)."""
 
 
 def batch_keys(batch: Any) -> tuple[Any, ...]:
@@ -143,6 +194,10 @@ def batch_keys(batch: Any) -> tuple[Any, ...]:
         *day_bounds(batch["day"]),
     )
 
+
+LOCK_OPEN_BATCH: Final = """
+SELECT true FROM archival_batches WHERE batch_id = $1 AND status IN ('pending', 'sent') FOR SHARE
+"""
 
 MARK_SENT: Final = """
 UPDATE archival_batches SET status = 'sent', sent_at = now(), send_count = send_count + 1
@@ -259,18 +314,21 @@ class Archiver:
                 try:
                     for batch in await conn.fetch(DUE_BATCHES, self.confirm_timeout, 1000):
                         n = await self._send(conn, batch)
+                        if n is None:
+                            continue  # confirmed since it was picked
                         if batch["status"] == "sent":
                             resent += 1
                             self._metrics.archival_batches.labels("resent").inc()
                         else:
                             sent += 1
                             rows += n
+                    await conn.execute(PRUNE_ARCHIVED_KEYS, REDELIVERY_WINDOW)
                     while await self._open_batches(conn) < self.max_inflight:
                         created = await self._create(conn, cutoff)
                         if created is None:
                             self._requested_cutoff = None  # caught up
                             break
-                        rows += await self._send(conn, created)
+                        rows += await self._send(conn, created) or 0
                         sent += 1
                     await self._partitions.drop_empty_before(conn, cutoff)
                 finally:
@@ -287,11 +345,27 @@ class Archiver:
         )
 
     async def _create(self, conn: Any, cutoff: datetime) -> Any | None:
-        oldest = await conn.fetchrow(OLDEST_CANDIDATE, cutoff)
-        if oldest is None:
-            return None
-        day = oldest["occurred_at"].astimezone(UTC).date()
-        start, end = day_bounds(day)
+        """A new batch of the oldest candidates, or None when there are none. Candidates
+        archived already (stored again since) are deleted first, and never put in a batch."""
+        while True:
+            oldest = await conn.fetchrow(OLDEST_CANDIDATE, cutoff)
+            if oldest is None:
+                return None
+            day = oldest["occurred_at"].astimezone(UTC).date()
+            start, end = day_bounds(day)
+            if not await conn.fetchval(ANY_ARCHIVED_KEYS):
+                break  # the steady state
+            status = await conn.execute(
+                DELETE_ARCHIVED_AGAIN,
+                oldest["entity_type"],
+                start,
+                min(end, cutoff),
+                self.batch_rows,
+            )
+            gone = int(status.rsplit(" ", 1)[-1])
+            if not gone:
+                break
+            log.info("deleted events stored again after their archival", extra={"rows": gone})
         batch_id = uuid.uuid4()
         await conn.fetchval(
             CREATE_BATCH,
@@ -309,8 +383,17 @@ class Archiver:
             batch_id,
         )
 
-    async def _send(self, conn: Any, batch: Any) -> int:
-        records = await conn.fetch(BATCH_ROWS, *batch_keys(batch))
+    async def _send(self, conn: Any, batch: Any) -> int | None:
+        """Publish a batch with its rows; None (nothing sent) when it is no longer open.
+
+        A pass picks its due batches first and sends them one by one: a confirmation handled
+        meanwhile has deleted a batch's rows, and that batch re-sent without them would overwrite
+        its archived object (same key) with an empty one. So its rows are read in a transaction
+        that holds the batch open (FOR SHARE: a confirmation waits for the read)."""
+        async with conn.transaction():
+            if not await conn.fetchval(LOCK_OPEN_BATCH, batch["batch_id"]):
+                return None
+            records = await conn.fetch(BATCH_ROWS, *batch_keys(batch))
         payload = {
             "batch_id": str(batch["batch_id"]),
             "entity_type": batch["entity_type"],
@@ -351,7 +434,9 @@ class Archiver:
                     raise InvalidPayload(
                         f"row_count {row_count} does not match the batch's {batch['row_count']}"
                     )
-                status = await conn.execute(DELETE_BATCH_ROWS, *batch_keys(batch))
+                deleted = int(
+                    await conn.fetchval(DELETE_BATCH_ROWS, *batch_keys(batch), REDELIVERY_WINDOW)
+                )
                 await conn.execute(
                     "UPDATE archival_batches SET status = 'deleted', confirmed_at = now(),"
                     " object_key = $2, occurred_ats = NULL, event_ids = NULL"
@@ -359,6 +444,5 @@ class Archiver:
                     batch_id,
                     object_key,
                 )
-        deleted = int(status.rsplit(" ", 1)[-1])
         self._metrics.archival_batches.labels("deleted").inc()
         self._metrics.archived_rows.inc(deleted)

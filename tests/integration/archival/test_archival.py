@@ -496,3 +496,72 @@ async def test_a_slow_s3_put_neither_dead_letters_nor_acknowledges_what_it_holds
     await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
     assert h.table("kpi_results/").num_rows == 200
     assert await h.redis.exists(dead_letter_key(ARCHIVE_KPI_RESULTS)) == 0
+
+
+async def test_a_replica_whose_clock_runs_ahead_leaves_a_peer_s_fresh_intent_alone(
+    running: Start, h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a peer's intent is stale (its owner gone) was judged by comparing the owner's
+    wall clock, written into the intent, with the reader's: replica B whose clock ran ahead
+    by more than `BUS_CLAIM_IDLE_MS` dropped replica A's intent while A was between it and its
+    PUT, and had A died before acknowledging, what it wrote was unknown to the ledger
+    (re-delivered, written twice). One clock, Redis's, dates and judges intents."""
+    gate = asyncio.Event()
+    a_holding = asyncio.Event()
+
+    async def hold_a(keys: Sequence[str]) -> None:
+        a_holding.set()
+        await gate.wait()
+
+    a = create(
+        h.settings(SERVICE_INSTANCE_ID="archival-a", ARCHIVAL_BATCH_ROWS=100),
+        hooks=ArchivalHooks(before_put=hold_a),
+    )
+    await running(a)
+    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100)])
+    await asyncio.wait_for(a_holding.wait(), 20)
+    [a_batch] = [k.decode() for k in await h.redis.hkeys(intents_key())]
+
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 60)  # B's clock: a minute ahead
+    b = create(h.settings(SERVICE_INSTANCE_ID="archival-b", ARCHIVAL_BATCH_ROWS=100))
+    await running(b)  # resolves stale intents at start
+    await asyncio.sleep(0.5)
+    assert await h.redis.hexists(intents_key(), a_batch)
+    monkeypatch.setattr(time, "time", wall)
+
+    gate.set()
+    await eventually(lambda: settled(h.redis, ARCHIVE_KPI_RESULTS))
+    assert await h.redis.hlen(intents_key()) == 0
+    assert h.rows() == 100
+
+
+async def test_an_empty_re_send_never_replaces_an_archived_batch(
+    running: Start, h: Harness
+) -> None:
+    """A database service before the fix of its re-send race could re-send a batch it had just
+    seen confirmed, with its rows already deleted: an empty batch under the same id, whose PUT
+    replaced the archived object with an empty file. A batch without rows writes nothing."""
+    await running(create(h.settings()))
+    rows = [
+        {
+            "event_id": f"e-{i}",
+            "event_kind": "created",
+            "entity_type": "order",
+            "entity_id": f"o-{i}",
+            "version": 1,
+            "occurred_at": (BASE + timedelta(seconds=i)).isoformat(),
+            "published_at": (BASE + timedelta(seconds=i)).isoformat(),
+            "attributes": {"i": i},
+            "reason": None,
+            "source": "data_simulator",
+        }
+        for i in range(20)
+    ]
+    batch = {"batch_id": "b-1", "entity_type": "order", "date": "2024-03-01", "rows": rows}
+    await publish(h.publisher, ARCHIVAL_EVENTS, [batch])
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS))
+    await publish(h.publisher, ARCHIVAL_EVENTS, [{**batch, "rows": []}])
+    await eventually(lambda: settled(h.redis, ARCHIVAL_EVENTS))
+    assert len(await h.redis.xrange(stream_key(ARCHIVAL_CONFIRMED))) == 2
+    assert h.table("entity_events/").num_rows == 20

@@ -350,6 +350,7 @@ def _commands_the_services_send() -> dict[str, list[tuple[str, ...]]]:
             ("HSET", intents_key(), "batch-1", "{}"),
             ("HDEL", intents_key(), "batch-1"),
             ("HGETALL", intents_key()),
+            ("TIME",),  # the clock that dates and judges intents (Ledger.now)
             # lake compaction: its lock (renewed and released through WATCH/MULTI) and intents
             ("SET", compaction_lock_key(), "token", "NX", "PX", "600000"),
             ("WATCH", compaction_lock_key()),

@@ -29,6 +29,7 @@ from analytics_engine.archival.tables import (
     parse_kpi_result,
     to_parquet,
 )
+from analytics_engine.core.storable import MAX_NAME
 
 
 def payload(**over: Any) -> dict[str, Any]:
@@ -170,3 +171,31 @@ def test_new_positions_skips_held_and_repeated_ids(ids: list[bytes], held: list[
             seen.add(entry_id)
             expected.append(position)
     assert list(new_positions(ids, dict.fromkeys(held, "ch"))) == expected
+
+
+def test_every_entity_type_the_database_stores_is_archivable() -> None:
+    """The database stores entity types of up to `MAX_NAME` (200) characters and sends their
+    old events here: a batch of a longer type than this service took was dead-lettered on
+    every re-send, never confirmed, and held one of the database's in-flight slots forever."""
+    entity_type = "t" * MAX_NAME
+    row = {
+        "event_id": "e1",
+        "event_kind": "created",
+        "entity_type": entity_type,
+        "entity_id": "o",
+        "version": 1,
+        "occurred_at": "2024-03-01T10:00:00+00:00",
+        "published_at": "2024-03-01T10:00:01+00:00",
+        "attributes": "{}",
+        "reason": None,
+        "source": "sim",
+    }
+    batch = parse_event_batch(
+        {
+            "batch_id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+            "entity_type": entity_type,
+            "date": "2024-03-01",
+            "rows": [row],
+        }
+    )
+    assert batch.entity_type == entity_type and batch.table.num_rows == 1
