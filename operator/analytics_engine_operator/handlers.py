@@ -195,6 +195,25 @@ def _failed(
     )
 
 
+async def _push(
+    runtime: _Runtime,
+    spec: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    status: Mapping[str, Any] | None,
+    owners: CodeIndex,
+) -> SyncOutcome:
+    """`push_spec` of a KPIDefinition as the handlers call it (under its lock, see `_Runtime`)."""
+    return await push_spec(
+        runtime.metadata(),
+        spec,
+        generation=_generation(meta),
+        current_status=status,
+        now=_now(),
+        owners=owners,
+        meta=meta,
+    )
+
+
 def _raise_for(outcome: SyncOutcome, settings: KpiOperatorSettings, retry: int) -> None:
     if isinstance(outcome.error, MetadataInvalid):
         raise kopf.PermanentError(outcome.error.describe())
@@ -260,15 +279,7 @@ def build_registry(
         **kwargs: Any,
     ) -> None:
         async with runtime.lock_for(meta):
-            outcome = await push_spec(
-                runtime.metadata(),
-                spec,
-                generation=_generation(meta),
-                current_status=status,
-                now=_now(),
-                owners=kwargs[INDEX_ID],
-                meta=meta,
-            )
+            outcome = await _push(runtime, spec, meta, status, kwargs[INDEX_ID])
         patch.status.update(outcome.status_patch)
         _announce(body, status, outcome.status_patch)
         _raise_for(outcome, runtime.settings, retry)
@@ -338,15 +349,7 @@ def build_registry(
         async with runtime.lock_for(meta):
             if kwargs["stopped"]:  # being deleted: the delete handler decides what remains
                 return
-            outcome = await push_spec(
-                runtime.metadata(),
-                spec,
-                generation=_generation(meta),
-                current_status=status,
-                now=_now(),
-                owners=kwargs[INDEX_ID],
-                meta=meta,
-            )
+            outcome = await _push(runtime, spec, meta, status, kwargs[INDEX_ID])
         changes = status_mod.status_changes(status, outcome.status_patch)
         if changes:
             patch.status.update(changes)

@@ -392,12 +392,9 @@ async def test_reading_goes_on_during_a_flush_and_only_durable_entries_are_ackno
     assert len({(r["window_start"], r["dims_key"], r["value"]) for r in table.to_pylist()}) == 250
 
 
-async def test_a_replica_leaves_a_peer_s_flush_in_progress_alone(
-    running: Start, h: Harness
-) -> None:
-    """Replica B starts (its first flush resolves every intent) while replica A is between
-    writing its intent and its PUT: B must keep A's intent, or what A then writes would be
-    unknown to the ledger should A die before acknowledging (re-delivered, written twice)."""
+async def _replica_a_held_before_its_put(running: Start, h: Harness) -> asyncio.Event:
+    """Replica `archival-a` flushing 100 results, held between its intent and its PUT until
+    the returned event is set."""
     gate = asyncio.Event()
     a_holding = asyncio.Event()
 
@@ -412,6 +409,16 @@ async def test_a_replica_leaves_a_peer_s_flush_in_progress_alone(
     await running(a)
     await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100)])
     await asyncio.wait_for(a_holding.wait(), 20)
+    return gate
+
+
+async def test_a_replica_leaves_a_peer_s_flush_in_progress_alone(
+    running: Start, h: Harness
+) -> None:
+    """Replica B starts (its first flush resolves every intent) while replica A is between
+    writing its intent and its PUT: B must keep A's intent, or what A then writes would be
+    unknown to the ledger should A die before acknowledging (re-delivered, written twice)."""
+    gate = await _replica_a_held_before_its_put(running, h)
 
     async def intents() -> dict[str, str]:
         raw = await h.redis.hgetall(intents_key())
@@ -506,20 +513,7 @@ async def test_a_replica_whose_clock_runs_ahead_leaves_a_peer_s_fresh_intent_alo
     by more than `BUS_CLAIM_IDLE_MS` dropped replica A's intent while A was between it and its
     PUT, and had A died before acknowledging, what it wrote was unknown to the ledger
     (re-delivered, written twice). One clock, Redis's, dates and judges intents."""
-    gate = asyncio.Event()
-    a_holding = asyncio.Event()
-
-    async def hold_a(keys: Sequence[str]) -> None:
-        a_holding.set()
-        await gate.wait()
-
-    a = create(
-        h.settings(SERVICE_INSTANCE_ID="archival-a", ARCHIVAL_BATCH_ROWS=100),
-        hooks=ArchivalHooks(before_put=hold_a),
-    )
-    await running(a)
-    await publish(h.publisher, ARCHIVE_KPI_RESULTS, [result(i) for i in range(100)])
-    await asyncio.wait_for(a_holding.wait(), 20)
+    gate = await _replica_a_held_before_its_put(running, h)
     [a_batch] = [k.decode() for k in await h.redis.hkeys(intents_key())]
 
     wall = time.time

@@ -88,6 +88,21 @@ class _Publisher:
         self.published.append((channel, payload))
 
 
+def _manager(on_results: Any, *, watermark: Any, **extra: Any) -> BackfillManager:
+    """A manager with no Redis (tests replace `replay`), a 1-minute horizon and no delay."""
+    return BackfillManager(
+        redis=None,  # type: ignore[arg-type]
+        publisher=_Publisher(),  # type: ignore[arg-type]
+        horizon=timedelta(minutes=1),
+        delay=timedelta(0),
+        max_events=1000,
+        on_results=on_results,
+        watermark=watermark,
+        ready_retry_s=0.0,
+        **extra,
+    )
+
+
 async def test_a_due_backfill_waits_for_the_database_then_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -105,16 +120,7 @@ async def test_a_due_backfill_waits_for_the_database_then_runs(
     async def on_results(_results: Any) -> None:
         return None
 
-    manager = BackfillManager(
-        redis=None,  # type: ignore[arg-type]
-        publisher=_Publisher(),  # type: ignore[arg-type]
-        horizon=timedelta(minutes=1),
-        delay=timedelta(0),
-        max_events=1000,
-        on_results=on_results,
-        watermark=lambda: None,
-        ready_retry_s=0.0,
-    )
+    manager = _manager(on_results, watermark=lambda: None)
     monkeypatch.setattr(manager, "replay", replay)
     definition = VersionedKPIDefinition.model_validate(
         {
@@ -163,17 +169,7 @@ async def test_a_backfill_too_large_is_abandoned_at_its_first_attempt(
 
     outcomes: list[str] = []
     live_watermark: list[datetime | None] = [None]
-    manager = BackfillManager(
-        redis=None,  # type: ignore[arg-type]
-        publisher=_Publisher(),  # type: ignore[arg-type]
-        horizon=timedelta(minutes=1),
-        delay=timedelta(0),
-        max_events=1000,
-        on_results=on_results,
-        watermark=lambda: live_watermark[0],
-        on_outcome=outcomes.append,
-        ready_retry_s=0.0,
-    )
+    manager = _manager(on_results, watermark=lambda: live_watermark[0], on_outcome=outcomes.append)
     monkeypatch.setattr(manager, "replay", replay)
     definition = VersionedKPIDefinition.model_validate(
         {
@@ -230,16 +226,7 @@ async def test_an_abandoned_backfill_still_suppresses_the_live_results_of_its_wi
     )
     cut_at = datetime.now(UTC) - timedelta(minutes=5)
     lagging = cut_at + timedelta(seconds=1)  # the live engine, reading its backlog
-    manager = BackfillManager(
-        redis=None,  # type: ignore[arg-type]
-        publisher=_Publisher(),  # type: ignore[arg-type]
-        horizon=timedelta(minutes=1),
-        delay=timedelta(0),
-        max_events=1000,
-        on_results=on_results,
-        watermark=lambda: lagging,
-        ready_retry_s=0.0,
-    )
+    manager = _manager(on_results, watermark=lambda: lagging)
     monkeypatch.setattr(manager, "replay", replay)
     job = manager.schedule(definition, cut_at)
     await manager._run_due()
@@ -288,16 +275,8 @@ async def test_a_job_scheduled_while_another_replays_is_not_dropped(
     async def on_results(_results: Any) -> None:
         return None
 
-    manager = BackfillManager(
-        redis=None,  # type: ignore[arg-type]
-        publisher=_Publisher(),  # type: ignore[arg-type]
-        horizon=timedelta(minutes=1),
-        delay=timedelta(0),
-        max_events=1000,
-        on_results=on_results,
-        watermark=lambda: cut_at + timedelta(minutes=1),  # past both jobs' ends
-        ready_retry_s=0.0,
-    )
+    # the live watermark is past both jobs' ends
+    manager = _manager(on_results, watermark=lambda: cut_at + timedelta(minutes=1))
     changed: list[backfill.BackfillJob] = []
 
     async def replay(job: backfill.BackfillJob, _work: Any) -> None:
