@@ -105,7 +105,7 @@ class QueryRequestHandler:
         query_timeout: timedelta,
         max_rows: int,
         max_bytes: int = 4 * 1024 * 1024,
-        execute_query_callers: Collection[str] = ("*",),
+        execute_query_callers: Collection[str],
         metrics: DatabaseMetrics,
         request_archival: Callable[[timedelta | None], Awaitable[dict[str, int]]],
     ) -> None:
