@@ -11,6 +11,11 @@ does) and times the drain until the group's lag and pending are 0. Prints events
 per event of this process (the service's Python), PostgreSQL (all backends) and Redis, and
 checks every event is stored exactly once. A quicker, quieter loop than
 `pipeline_bench.py --parts c` (no other services), for A/B of the writer and consumer.
+
+Baseline, in the same round: the raw floor of any drain on this machine. The same events, in
+streams of their own, are read by as many raw XREADGROUP loops as there are writers, each batch
+COPied as (entry id, bytes) into a plain table in one transaction and then XACKed: reading,
+storing durably and acknowledging, with no parsing, validation, deduplication or entity state.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from _stack import cpu_seconds, group_state
 from analytics_engine.core import channels, eventloop
 from analytics_engine.core.bus import DeadLetters, DurableConsumer
+from analytics_engine.core.bus.streams import FIELD, read_group
 from analytics_engine.core.heap import tune_gc
 from analytics_engine.core.redis import connect
 from analytics_engine.core.settings import BaseServiceSettings
@@ -46,12 +52,81 @@ from analytics_engine.localstack import PostgresServer, RedisServer
 from pipeline_bench import generate, publish
 
 GROUP = "database"
+FLOOR_GROUP = "floor"
+FLOOR_SUFFIX = ":floor"  # the floor's own streams: the service's group never sees them
+
+
+async def raw_floor(
+    redis_url: str,
+    dsn: str,
+    pids: dict[str, int],
+    items: list[tuple[str, bytes]],
+    *,
+    workers: int,
+    batch: int,
+) -> tuple[float, dict[str, float]]:
+    """(events/s, CPU us per event by process) of the raw drain (module docstring) of `items`,
+    published first."""
+    redis = connect(redis_url)
+    keys = [channels.stream_key(c) + FLOOR_SUFFIX for c in channels.ENTITY_CHANNELS]
+    for key in keys:
+        await redis.delete(key)
+        await redis.xgroup_create(key, FLOOR_GROUP, id="0", mkstream=True)
+    await publish(redis, [(c + FLOOR_SUFFIX, data) for c, data in items])
+    pool = await create_pool(dsn, max_size=workers)
+    async with pool.acquire() as conn:
+        await conn.execute("DROP TABLE IF EXISTS floor_events")
+        await conn.execute("CREATE TABLE floor_events (entry_id text, data bytea)")
+    n = len(items)
+    done = 0
+    streams = {key.encode(): b">" for key in keys}
+
+    async def drain(worker: int) -> None:
+        nonlocal done
+        while done < n:
+            entries = await read_group(
+                redis, FLOOR_GROUP, f"f{worker}", streams, count=batch, block_ms=100
+            )
+            if not entries:
+                continue
+            records = [(entry_id.decode(), fields[FIELD]) for _, (entry_id, fields) in entries]
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.copy_records_to_table(
+                    "floor_events", records=records, columns=("entry_id", "data")
+                )
+            by_key: dict[bytes, list[bytes]] = {}
+            for key, (entry_id, _) in entries:
+                by_key.setdefault(key, []).append(entry_id)
+            pipe = redis.pipeline(transaction=True)
+            for key, ids in by_key.items():
+                pipe.xack(key, FLOOR_GROUP, *ids)
+            await pipe.execute()
+            done += len(entries)
+
+    cpu0 = cpu_seconds(pids)
+    own0 = time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(drain(i) for i in range(workers)))
+    wall = time.perf_counter() - t0
+    cpu1 = cpu_seconds(pids)
+    per_event = {k: 1e6 * (cpu1[k] - cpu0[k]) / n for k in pids}
+    per_event["database"] = 1e6 * (time.process_time() - own0) / n
+    async with pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT count(*) FROM floor_events")
+        await conn.execute("DROP TABLE floor_events")
+    await pool.close()
+    for key in keys:
+        await redis.delete(key)
+    await redis.aclose()
+    if stored != n:
+        raise AssertionError(f"raw floor stored {stored} of {n} events")
+    return n / wall, per_event
 
 
 async def one_round(
     redis_url: str, dsn: str, pids: dict[str, int], args: argparse.Namespace, round_no: int
-) -> tuple[float, dict[str, float]]:
-    """(events/s, CPU us per event by process) of one drain."""
+) -> tuple[float, float, dict[str, float]]:
+    """(events/s, raw floor events/s, CPU us per event by process) of one drain."""
     n = args.events
     redis = connect(redis_url)
     tag = uuid.uuid4().hex[:8]
@@ -60,6 +135,15 @@ async def one_round(
         (channel, data.replace(b'"entity_id":"', b'"entity_id":"' + tag.encode() + b"-"))
         for channel, data in generate(n, seed=4242 + round_no, run_id=f"drain-{tag}")
     ]
+    floor, floor_cpu = await raw_floor(
+        redis_url, dsn, pids, items, workers=args.writers, batch=args.batch
+    )
+    print(
+        f"  raw floor {floor:.0f} events/s; CPU us/event "
+        + "  ".join(f"{k} {v:.1f}" for k, v in floor_cpu.items())
+        + f"  | total {sum(floor_cpu.values()):.1f}",
+        flush=True,
+    )
     await publish(redis, items)
     del items  # a service holds no backlog in memory
     tune_gc(args.gc_threshold)  # as the service's runtime does after startup
@@ -120,7 +204,7 @@ async def one_round(
     print(f"  wall {wall:.2f}s, in writer.write (summed over writers) {write_s:.2f}s", flush=True)
     per_event = {k: 1e6 * (cpu1[k] - cpu0[k]) / n for k in pids}
     per_event["database"] = 1e6 * own / n  # the servers are this process's children
-    return n / wall, per_event
+    return n / wall, floor, per_event
 
 
 async def bench(redis_url: str, dsn: str, pids: dict[str, int], args: argparse.Namespace) -> None:
@@ -133,20 +217,26 @@ async def bench(redis_url: str, dsn: str, pids: dict[str, int], args: argparse.N
         await redis.xgroup_create(channels.stream_key(channel), GROUP, id="0", mkstream=True)
     await redis.aclose()
     rates: list[float] = []
+    floors: list[float] = []
     cpus: list[dict[str, float]] = []
     for r in range(args.rounds):
-        rate, cpu = await one_round(redis_url, dsn, pids, args, r)
+        rate, floor, cpu = await one_round(redis_url, dsn, pids, args, r)
         rates.append(rate)
+        floors.append(floor)
         cpus.append(cpu)
         print(
-            f"round {r + 1}: {rate:8.0f} events/s; CPU us/event "
+            f"round {r + 1}: {rate:8.0f} events/s (raw floor {floor:.0f},"
+            f" ratio {rate / floor:.2f});"
+            " CPU us/event "
             + "  ".join(f"{k} {v:.1f}" for k, v in cpu.items())
             + f"  | total {sum(cpu.values()):.1f}",
             flush=True,
         )
     med = {k: statistics.median(c[k] for c in cpus) for k in pids}
+    rate, floor = statistics.median(rates), statistics.median(floors)
     print(
-        f"median: {statistics.median(rates):.0f} events/s; CPU us/event "
+        f"median: {rate:.0f} events/s, raw floor {floor:.0f} (ratio {rate / floor:.2f});"
+        " CPU us/event "
         + "  ".join(f"{k} {v:.1f}" for k, v in med.items())
         + f"  | total {sum(med.values()):.1f}"
     )
