@@ -4,8 +4,8 @@ Forwarding is crash-safe without a separate outbox table: `kpi_results.forwarded
 outbox flag. Per batch:
 1. one transaction upserts the results (a row changes only if its value, sample count or
    definition version changed, and only for a computation at least as new as the stored one;
-   a change clears `forwarded` and bumps `revision`) and reads back the batch's rows that are
-   not forwarded yet;
+   a change clears `forwarded` and bumps `revision`), records where each definition version
+   begins (`kpi_result_versions`), and reads back the batch's rows that are not forwarded yet;
 2. those rows are published on `archive.kpi_results` in the same Redis MULTI that acknowledges
    the batch (and dead-letters its invalid events);
 3. the rows are marked forwarded if their revision is still the one published.
@@ -62,6 +62,20 @@ ON CONFLICT (kpi_code, window_start, window_end, dims_key) DO UPDATE SET
 WHERE EXCLUDED.computed_at >= cur.computed_at
   AND (cur.value, cur.sample_count, cur.definition_version)
       IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.sample_count, EXCLUDED.definition_version)
+"""
+
+# `kpi_result_versions` (migration 0007): each (code, version) of the batch begins no later
+# than its earliest window. ON CONFLICT DO UPDATE (not a separate UPDATE) so two replicas
+# storing a new version's first results at once both see the row the other inserted.
+RECORD_VERSIONS: Final = """
+INSERT INTO kpi_result_versions AS cur (kpi_code, definition_version, since)
+SELECT b.kpi_code, b.definition_version, min(b.window_start)
+FROM unnest($1::text[], $2::int4[], $3::timestamptz[])
+     AS b(kpi_code, definition_version, window_start)
+GROUP BY 1, 2
+ORDER BY 1, 2
+ON CONFLICT (kpi_code, definition_version) DO UPDATE SET since = EXCLUDED.since
+WHERE EXCLUDED.since < cur.since
 """
 
 UNFORWARDED: Final = """
@@ -193,6 +207,7 @@ class KPIResultConsumer:
         with transient_errors("storing KPI results"):
             async with self._pool.acquire() as conn, conn.transaction():
                 status = await conn.execute(UPSERT_RESULTS, *cols)
+                await conn.execute(RECORD_VERSIONS, cols[0], cols[7], cols[1])
                 pending = list(await conn.fetch(UNFORWARDED, *keys))
         self._metrics.write_seconds.labels("kpi_results").observe(time.perf_counter() - started)
         self._metrics.batch_size.labels("kpi_results").observe(len(rows))

@@ -4,9 +4,11 @@
 - `execute_query {sql, params?, max_rows?}` -> `{columns, rows, row_count, truncated}`
 - `kpi_history {kpi_code, start, end, dimensions?, limit?}` -> `{rows: [result...], truncated}`:
   results with `start <= window_start < end`, oldest first; `dimensions` filters by containment
-  (`{"region": "eu"}` matches every group whose region is eu).
+  (`{"region": "eu"}` matches every group whose region is eu). A result superseded by a newer
+  definition version (one beginning at or before its window) is left out.
 - `latest_kpi_values {kpi_code?}` -> `{rows: [result...], truncated}`: the latest window per KPI
-  and group. Both stop at about 4 MB of JSON (`truncated`), so a reply always fits a message.
+  and group, of the KPI's newest definition version that has results. Both stop at about 4 MB
+  of JSON (`truncated`), so a reply always fits a message.
 - `get_entity {entity_type, entity_id}` -> `{entity: {...} | null}`.
 
 `database.command` (writer role):
@@ -48,6 +50,20 @@ MAX_PARAMS: Final = 1000
 _RESULT_COLUMNS: Final = (
     "kpi_code, window_start, window_end, dimensions, value, sample_count, definition_version,"
     " computed_at, stored_at"
+)
+
+# A result `r` of an older definition version than one that begins at or before its window
+# (`kpi_result_versions`): the KPI was recomputed from there under the newer definition, whose
+# windows and groups may differ from the old ones, so both would be history for the same time.
+_NOT_SUPERSEDED: Final = (
+    "NOT EXISTS (SELECT 1 FROM kpi_result_versions v WHERE v.kpi_code = r.kpi_code"
+    " AND v.definition_version > r.definition_version AND v.since <= r.window_start)"
+)
+# A result `r` of its KPI's newest definition version that has results: the latest values are
+# the current definition's, not those of groups an earlier one had (another `group_by`).
+_OF_NEWEST_VERSION: Final = (
+    "NOT EXISTS (SELECT 1 FROM kpi_result_versions v WHERE v.kpi_code = r.kpi_code"
+    " AND v.definition_version > r.definition_version)"
 )
 
 # SQLSTATEs that mean "you tried to write" (read-only transaction, missing privilege).
@@ -274,9 +290,10 @@ class QueryRequestHandler:
         if dims is not None and not isinstance(dims, dict):
             raise HandlerError("dimensions: an object is required", code="invalid_request")
         sql = (
-            f"SELECT {_RESULT_COLUMNS} FROM kpi_results WHERE kpi_code = $1"
+            f"SELECT {_RESULT_COLUMNS} FROM kpi_results r WHERE kpi_code = $1"
             " AND window_start >= $2 AND window_start < $3"
             " AND ($4::jsonb IS NULL OR dimensions @> $4::jsonb)"
+            f" AND {_NOT_SUPERSEDED}"
             " ORDER BY window_start, window_end, dims_key LIMIT $5"
         )
         dims_json = None if dims is None else orjson.dumps(dims).decode()
@@ -286,8 +303,8 @@ class QueryRequestHandler:
     async def latest_kpi_values(self, request: Request) -> dict[str, Any]:
         code = self._kpi_code(request.payload, required=False)
         sql = (
-            f"SELECT DISTINCT ON (kpi_code, dims_key) {_RESULT_COLUMNS} FROM kpi_results"
-            " WHERE ($1::text IS NULL OR kpi_code = $1)"
+            f"SELECT DISTINCT ON (kpi_code, dims_key) {_RESULT_COLUMNS} FROM kpi_results r"
+            f" WHERE ($1::text IS NULL OR kpi_code = $1) AND {_OF_NEWEST_VERSION}"
             " ORDER BY kpi_code, dims_key, window_end DESC, window_start DESC"
         )
         records = await self._fetch("latest_kpi_values", sql, code)
@@ -314,8 +331,9 @@ class QueryRequestHandler:
     async def purge_kpi_results(self, request: Request) -> dict[str, Any]:
         code = self._kpi_code(request.payload, required=True)
         with transient_errors("purge_kpi_results"):
-            async with self._writer().acquire(timeout=self._timeout) as conn:
+            async with self._writer().acquire(timeout=self._timeout) as conn, conn.transaction():
                 status = await conn.execute("DELETE FROM kpi_results WHERE kpi_code = $1", code)
+                await conn.execute("DELETE FROM kpi_result_versions WHERE kpi_code = $1", code)
         return {"kpi_code": code, "deleted": int(status.rsplit(" ", 1)[-1])}
 
     async def request_archival(self, request: Request) -> dict[str, Any]:

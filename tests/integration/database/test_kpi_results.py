@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
+from analytics_engine.core.request_reply import RequestReplyClient
 
 from .conftest import Start, count, wait_for
 
@@ -109,6 +111,91 @@ async def test_invalid_results_are_dead_lettered_and_valid_ones_in_the_batch_sto
     reasons = " ".join(f[b"reason"].decode() for _, f in dlq)
     assert "kpi_code" in reasons and "window_end" in reasons
     assert await count(pg, "SELECT count(*) FROM kpi_results") == 2
+
+
+def _window(start_minute: int, minutes: int, version: int, **dimensions: str) -> dict[str, Any]:
+    start = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(minutes=start_minute)
+    return {
+        "kpi_code": "orders_revenue",
+        "value": float(start_minute),
+        "window_start": start.isoformat(),
+        "window_end": (start + timedelta(minutes=minutes)).isoformat(),
+        "dimensions": dimensions,
+        "sample_count": 1,
+        "definition_version": version,
+        "computed_at": "2024-01-02T00:00:00Z",
+    }
+
+
+async def test_history_and_latest_values_leave_out_what_a_newer_version_recomputed(
+    start_service: Start, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    """Version 1: one-minute windows by region. Version 2 (five-minute windows by currency)
+    first publishes a live window from minute 10, then its backfill from minute 5: the history
+    holds, for each moment, the results of the version that covers it, and the latest values
+    only version 2's groups."""
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    client = RequestReplyClient(redis, service="cli", instance="t1", default_timeout=15)
+    await start_service()
+
+    async def history() -> list[tuple[int, str, int]]:
+        reply = await client.request(
+            channels.DATABASE_QUERY,
+            "kpi_history",
+            {"kpi_code": "orders_revenue", "start": "2024-01-01T00:00Z", "end": "2024-01-02"},
+        )
+        return [
+            (int(r["value"]), next(iter(r["dimensions"].values())), r["definition_version"])
+            for r in reply["rows"]
+        ]
+
+    async def latest() -> set[tuple[str, int]]:
+        reply = await client.request(
+            channels.DATABASE_QUERY, "latest_kpi_values", {"kpi_code": "orders_revenue"}
+        )
+        return {
+            (next(iter(r["dimensions"].values())), r["definition_version"]) for r in reply["rows"]
+        }
+
+    try:
+        await publisher.publish_many(
+            [
+                (channels.KPI_CALCULATED, _window(minute, 1, 1, region=region))
+                for minute in range(10)
+                for region in ("eu", "us")
+            ]
+        )
+        await wait_for(lambda: _n_forwarded(redis, 20))
+        assert len(await history()) == 20
+        assert await latest() == {("eu", 1), ("us", 1)}
+
+        await publisher.publish(channels.KPI_CALCULATED, _window(10, 5, 2, currency="EUR"))
+        await wait_for(lambda: _n_forwarded(redis, 21))
+        assert len(await history()) == 21  # no version 1 window starts at minute 10 or later
+        assert await latest() == {("EUR", 2)}
+
+        await publisher.publish(channels.KPI_CALCULATED, _window(5, 5, 2, currency="EUR"))
+        await wait_for(lambda: _n_forwarded(redis, 22))
+        assert await history() == [
+            *((minute, region, 1) for minute in range(5) for region in ("eu", "us")),
+            (5, "EUR", 2),
+            (10, "EUR", 2),
+        ]
+        # the superseded results stay stored (and archived), with their version
+        assert await count(pg, "SELECT count(*) FROM kpi_results") == 22
+
+        # a late version 1 result (a lagging engine) does not come back into the history
+        await publisher.publish(channels.KPI_CALCULATED, _window(7, 1, 1, region="asia"))
+        await wait_for(lambda: _n_forwarded(redis, 23))
+        assert ("asia" in {region for _, region, _ in await history()}) is False
+
+        deleted = await client.request(
+            channels.DATABASE_COMMAND, "purge_kpi_results", {"kpi_code": "orders_revenue"}
+        )
+        assert deleted["deleted"] == 23
+        assert await count(pg, "SELECT count(*) FROM kpi_result_versions") == 0
+    finally:
+        await client.close()
 
 
 async def _n_forwarded(redis: Redis, n: int) -> bool:

@@ -107,6 +107,30 @@ async def test_attributes_version_is_backfilled_from_each_rows_version(
         await pool.close()
 
 
+async def test_kpi_result_versions_begin_at_each_versions_earliest_stored_window(
+    pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    everything = load_migrations()
+    monkeypatch.setattr(
+        migrations, "load_migrations", lambda: [m for m in everything if m.version < 7]
+    )
+    await migrate(pg, timescale="off")
+    await pg.execute(
+        "INSERT INTO kpi_results (kpi_code, window_start, window_end, dimensions, dims_key,"
+        " value, sample_count, definition_version, computed_at)"
+        " SELECT 'k', $1::timestamptz + m * interval '1 minute',"
+        " $1::timestamptz + (m + 1) * interval '1 minute', '{}', '{}', m, 1, 1 + (m >= 30)::int,"
+        " now() FROM generate_series(0, 59) m",
+        DAY,
+    )
+    monkeypatch.setattr(migrations, "load_migrations", lambda: everything)
+
+    await migrate(pg, timescale="off")
+
+    rows = await pg.fetch("SELECT * FROM kpi_result_versions ORDER BY definition_version")
+    assert [tuple(r) for r in rows] == [("k", 1, DAY), ("k", 2, DAY + timedelta(minutes=30))]
+
+
 def _update(entity_id: str, version: int, attributes: dict[str, Any]) -> EntityEventRow:
     return EntityEventRow(
         str(uuid.uuid4()),
