@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 KindName = Literal["kpi_definition", "entity_type"]
 Action = Literal["created", "updated", "deleted"]
 
+OUTBOX_LOCK_KEY: Final = 0x6D65_7461_6F75_7462  # "metaoutb": one outbox drainer at a time
+
 UNSTORABLE_TEXT: Final = (
     asyncpg.exceptions.CharacterNotInRepertoireError,  # NUL in a text parameter
     asyncpg.exceptions.UntranslatableCharacterError,  # \u0000 in a jsonb parameter
@@ -450,14 +452,19 @@ class MetadataStore:
     ) -> int:
         """Publish the oldest pending change events and delete them, in one transaction.
 
-        Rows are locked with SKIP LOCKED so replicas drain in parallel without publishing a row
-        twice; if `publish` fails the rows stay for the next attempt. A crash after publishing
-        but before commit republishes with the same `event_id` (at-least-once).
+        One replica drains at a time (a transaction-level advisory lock; the others return 0
+        and leave the rows to it or to their next poll): replicas taking rows side by side
+        (SKIP LOCKED) published a code's later change before its earlier one whenever the
+        earlier one's batch was still in flight. A code's changes get outbox ids in commit order
+        (its row is locked before the outbox insert), so publishing by id keeps their order.
+        If `publish` fails the rows stay for the next attempt. A crash after publishing but
+        before commit republishes with the same `event_id` (at-least-once).
         """
         async with self._transaction() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", OUTBOX_LOCK_KEY):
+                return 0  # another replica is draining
             rows = await conn.fetch(
-                "SELECT id, event_id, payload FROM metadata_outbox ORDER BY id "
-                "LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "SELECT id, event_id, payload FROM metadata_outbox ORDER BY id LIMIT $1",
                 limit,
             )
             if not rows:
