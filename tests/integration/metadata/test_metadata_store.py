@@ -132,9 +132,13 @@ async def test_replicas_draining_at_once_publish_a_codes_changes_in_commit_order
         first = asyncio.create_task(store.drain_outbox(slow))
         await asyncio.wait_for(in_publish.wait(), 5)
         await store.delete(KPI, "orders_revenue")  # version 4, committed while 3 is in flight
-        await other.drain_outbox(fast)
+        assert await other.drain_outbox(fast) == 0  # waited for the lock, then left it
+        assert published == []
+        second = asyncio.create_task(other.drain_outbox(fast))
+        await asyncio.sleep(0.3)
         release.set()
         await first
+        await second
         while await other.drain_outbox(fast) or await store.drain_outbox(fast):
             pass
     finally:
