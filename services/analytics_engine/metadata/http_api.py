@@ -123,9 +123,16 @@ def _nul_in_url(request: web.Request) -> bool:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON; 400 when it is not JSON or holds a NUL character (413 past
-    the size limit)."""
-    raw = await request.read()
+    """The request body as JSON; 400 when it is not JSON, does not decode as its
+    `Content-Encoding` says, or holds a NUL character (413 past the size limit)."""
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError:
+        # aiohttp inflates gzip/deflate bodies while reading; this one is not what it claims
+        encoding = request.headers.get("Content-Encoding", "")[:50]
+        raise _bad_request(
+            f"the request body cannot be decoded as its Content-Encoding ({encoding!r}) says"
+        ) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

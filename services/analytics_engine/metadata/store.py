@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 KindName = Literal["kpi_definition", "entity_type"]
 Action = Literal["created", "updated", "deleted"]
 
+OUTBOX_LOCK_KEY: Final = 0x6D65_7461_6F75_7462  # "metaoutb": one outbox drainer at a time
+OUTBOX_LOCK_WAIT: Final = "2s"
+
 UNSTORABLE_TEXT: Final = (
     asyncpg.exceptions.CharacterNotInRepertoireError,  # NUL in a text parameter
     asyncpg.exceptions.UntranslatableCharacterError,  # \u0000 in a jsonb parameter
@@ -450,24 +453,39 @@ class MetadataStore:
     ) -> int:
         """Publish the oldest pending change events and delete them, in one transaction.
 
-        Rows are locked with SKIP LOCKED so replicas drain in parallel without publishing a row
-        twice; if `publish` fails the rows stay for the next attempt. A crash after publishing
-        but before commit republishes with the same `event_id` (at-least-once).
+        One replica drains at a time (a transaction-level advisory lock, waited for up to
+        `OUTBOX_LOCK_WAIT`, then 0 is returned and the rows are left to the holder or to the
+        next poll): replicas taking rows side by side (SKIP LOCKED) published a code's later
+        change before its earlier one whenever the earlier one's batch was still in flight. A
+        code's changes get outbox ids in commit order (its row is locked before the outbox
+        insert), so publishing by id keeps their order. If `publish` fails the rows stay for the
+        next attempt. A crash after publishing but before commit republishes with the same
+        `event_id` (at-least-once).
         """
-        async with self._transaction() as conn:
-            rows = await conn.fetch(
-                "SELECT id, event_id, payload FROM metadata_outbox ORDER BY id "
-                "LIMIT $1 FOR UPDATE SKIP LOCKED",
-                limit,
-            )
-            if not rows:
-                return 0
-            entries = [OutboxEntry(r["id"], str(r["event_id"]), r["payload"]) for r in rows]
-            await publish(entries)
-            await conn.execute(
-                "DELETE FROM metadata_outbox WHERE id = ANY($1::bigint[])",
-                [e.id for e in entries],
-            )
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(f"SET LOCAL lock_timeout = '{OUTBOX_LOCK_WAIT}'")
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK_KEY)
+                return await self._drain_locked(conn, publish, limit)
+        except asyncpg.exceptions.LockNotAvailableError:
+            return 0  # another replica is draining (held up by a Redis outage or backpressure)
+
+    async def _drain_locked(
+        self,
+        conn: asyncpg.Connection,
+        publish: Callable[[Sequence[OutboxEntry]], Awaitable[None]],
+        limit: int,
+    ) -> int:
+        rows = await conn.fetch(
+            "SELECT id, event_id, payload FROM metadata_outbox ORDER BY id LIMIT $1", limit
+        )
+        if not rows:
+            return 0
+        entries = [OutboxEntry(r["id"], str(r["event_id"]), r["payload"]) for r in rows]
+        await publish(entries)
+        await conn.execute(
+            "DELETE FROM metadata_outbox WHERE id = ANY($1::bigint[])", [e.id for e in entries]
+        )
         return len(entries)
 
 

@@ -333,3 +333,71 @@ async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_d
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+async def test_a_subscription_cannot_make_the_database_write_outside_the_replay_channels(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """Only `stream.replay.*` may be named (the StreamSubscribe schema, and the only streams
+    the database service's Redis user may append to). Any other name outside a short deny
+    list was accepted: the database wrote stored events into a stream of the subscriber's
+    choosing (under its ACL user the publish failed forever instead, and the subscription was
+    never ended, taking a replay slot for good)."""
+    await start_service()
+    await publisher.publish_events(
+        [entity_event(publisher, "created", "o-1", 1, occurred_at=T0 + timedelta(seconds=1))]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 1
+
+    await wait_for(stored)
+    for i, target in enumerate(["observability.alerts", "metadata.lookupx", "ae:db:subs"]):
+        await subscribe(publisher, f"evil{i}", channel=target)
+
+    async def dead() -> bool:
+        return await redis.xlen(channels.dead_letter_key(channels.STREAM_SUBSCRIBE)) == 3
+
+    await wait_for(dead)
+    channel = await subscribe(publisher, "fine")
+
+    async def ended() -> bool:
+        events = await replayed(redis, channel)
+        return bool(events) and events[-1]["payload"].get("done") is True
+
+    await wait_for(ended)
+    for target in ["observability.alerts", "metadata.lookupx", "ae:db:subs"]:
+        assert not await redis.exists(channels.stream_key(target))
+    assert not await redis.smembers("ae:db:subs")
+
+
+async def test_a_subscription_id_cannot_name_another_subscriptions_keys(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """Subscription ids are `[A-Za-z0-9_.-]` (the StreamSubscribe schema). With `:` allowed,
+    a heartbeat for `s9:lease` wrote a hash at `ae:db:sub:s9:lease`, the lease key of `s9`,
+    whose replay then could never take its lease (WRONGTYPE), and stopped every other replay
+    of the instance with it."""
+    await start_service()
+    await publisher.publish_events(
+        [entity_event(publisher, "created", "o-1", 1, occurred_at=T0 + timedelta(seconds=1))]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 1
+
+    await wait_for(stored)
+    await publisher.publish(channels.STREAM_HEARTBEAT, {"subscription_id": "s9:lease"})
+
+    async def dead() -> bool:
+        return await redis.xlen(channels.dead_letter_key(channels.STREAM_HEARTBEAT)) == 1
+
+    await wait_for(dead)
+    channel = await subscribe(publisher, "s9")
+
+    async def ended() -> bool:
+        events = await replayed(redis, channel)
+        return bool(events) and events[-1]["payload"].get("done") is True
+
+    await wait_for(ended)
+    assert (await replayed(redis, channel))[-1]["payload"]["count"] == 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
+import orjson
 import pytest
 from metadata_helpers import MetadataHarness, revenue_kpi
 
@@ -11,6 +13,7 @@ pytestmark = pytest.mark.asyncio
 
 KPIS = "/api/v1/kpi-definitions"
 ENTITIES = "/api/v1/entity-types"
+GZIP = {"Content-Encoding": "gzip"}
 
 
 async def test_builtin_entity_types_are_seeded(metadata: MetadataHarness) -> None:
@@ -266,6 +269,28 @@ async def test_malformed_and_oversized_bodies(metadata: MetadataHarness) -> None
     status, error, _ = await metadata.call("GET", "/api/v1/nothing-here")
     assert status == 404
     assert error["error"]["code"] == "not_found"
+
+
+async def test_a_body_that_does_not_decompress_is_a_client_error(
+    metadata: MetadataHarness,
+) -> None:
+    """aiohttp inflates `Content-Encoding: gzip`/`deflate` bodies itself; one that is not what
+    it says failed inside `request.read()` with RequestPayloadError, which was answered 500."""
+    body = orjson.dumps(revenue_kpi())
+    status, _, _ = await metadata.call(
+        "PUT", f"{KPIS}/orders_revenue", data=gzip.compress(body), headers=GZIP
+    )
+    assert status == 201  # a well-formed compressed body is fine
+    for encoding in ("gzip", "deflate"):
+        status, error, _ = await metadata.call(
+            "PUT",
+            f"{KPIS}/orders_revenue",
+            data=b"not compressed",
+            headers={"Content-Encoding": encoding},
+        )
+        assert status == 400, error
+        assert error["error"]["code"] == "bad_request"
+        assert encoding in error["error"]["message"]
 
 
 async def test_delete_then_404_and_recreate_continues_versions(

@@ -4,7 +4,7 @@ writers, and the outbox rows every change leaves."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -14,7 +14,7 @@ from analytics_engine.metadata.errors import BadInput, PreconditionFailed
 from analytics_engine.metadata.migrate import MIGRATIONS_TABLE, packaged_migrations
 from analytics_engine.metadata.preconditions import Precondition
 from analytics_engine.metadata.seeding import BUILTIN_ENTITY_TYPES
-from analytics_engine.metadata.store import KPI, MetadataStore
+from analytics_engine.metadata.store import KPI, MetadataStore, OutboxEntry
 from analytics_engine.metadata.validation import parse_kpi
 
 pytestmark = pytest.mark.asyncio
@@ -94,3 +94,54 @@ async def test_nul_reaching_the_store_is_bad_input_not_a_crash(store: MetadataSt
     assert caught.value.code == "bad_request"
     with pytest.raises(BadInput):
         await store.list_all(KPI, entity_type="order\x00")
+
+
+async def test_replicas_draining_at_once_publish_a_codes_changes_in_commit_order(
+    store: MetadataStore, database_url: str
+) -> None:
+    """Two replicas' relays draining at the same time. With SKIP LOCKED each took the rows the
+    other had not locked, so a later change could be published before an earlier one of the
+    same code: `deleted` after the re-creation's `upserted` made the calculation engine drop a
+    live KPI (it drops on `deleted` without looking at versions) until its next resync."""
+    await store.migrate()
+    await store.ensure_entity_type(BUILTIN_ENTITY_TYPES[0])
+    await store.put_kpi(parse_kpi(revenue_kpi()))
+    await store.delete(KPI, "orders_revenue")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DELETE FROM metadata_outbox")  # start from the deletion's successor
+    finally:
+        await conn.close()
+    other = MetadataStore(database_url)
+    await other.open()
+    await other.migrate()
+    published: list[tuple[str, int]] = []
+    in_publish = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(entries: Sequence[OutboxEntry]) -> None:
+        in_publish.set()
+        await release.wait()
+        published.extend((e.payload["action"], e.payload["version"]) for e in entries)
+
+    async def fast(entries: Sequence[OutboxEntry]) -> None:
+        published.extend((e.payload["action"], e.payload["version"]) for e in entries)
+
+    try:
+        await store.put_kpi(parse_kpi(revenue_kpi()))  # version 3, re-created
+        first = asyncio.create_task(store.drain_outbox(slow))
+        await asyncio.wait_for(in_publish.wait(), 5)
+        await store.delete(KPI, "orders_revenue")  # version 4, committed while 3 is in flight
+        assert await other.drain_outbox(fast) == 0  # waited for the lock, then left it
+        assert published == []
+        second = asyncio.create_task(other.drain_outbox(fast))
+        await asyncio.sleep(0.3)
+        release.set()
+        await first
+        await second
+        while await other.drain_outbox(fast) or await store.drain_outbox(fast):
+            pass
+    finally:
+        release.set()
+        await other.close()
+    assert published == [("upserted", 3), ("deleted", 4)]
