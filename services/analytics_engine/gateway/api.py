@@ -102,6 +102,10 @@ async def read_json_body(request: web.Request) -> bytes:
     return raw
 
 
+class _Stalled(Exception):
+    """An SSE client stopped reading: a write did not complete within the heartbeat interval."""
+
+
 def _passthrough_headers(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
     return {name: request.headers[name] for name in names if name in request.headers}
 
@@ -316,16 +320,34 @@ class GatewayApi:
             for item in self._hub.ring.after(resume.after, kpi_code):
                 head.append(item.frame)
                 sent = item.id
-            await response.write(b"".join(head))
+            await self._write(response, b"".join(head))
             await self._pump(response, client.queue, sent)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the client went away (or we are shutting down)
+        except _Stalled:
+            # Its socket buffers are full and stay full: a write would wait forever, holding
+            # the connection and the stream slot. Drop the connection; nothing more to send.
+            log.info("cut off an SSE client that stopped reading")
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            # The client went away (a write blocked on a full buffer fails with a plain
+            # ConnectionError "Connection lost", not a reset), or we are shutting down.
+            pass
         finally:
             self._hub.disconnect(client)
             self._metrics.sse_clients.dec()
-        with contextlib.suppress(ConnectionResetError, RuntimeError):
+        with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write_eof()
         return response
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        """Write to a stream; `_Stalled` when the client does not take it within a heartbeat
+        interval (a write waits while the socket's buffers are full)."""
+        try:
+            async with asyncio.timeout(self._heartbeat):
+                await response.write(data)
+        except TimeoutError:
+            raise _Stalled from None
 
     async def _pump(
         self, response: web.StreamResponse, queue: asyncio.Queue[LiveResult | None], sent: int
@@ -335,7 +357,7 @@ class GatewayApi:
                 async with asyncio.timeout(self._heartbeat):
                     item = await queue.get()
             except TimeoutError:
-                await response.write(sse_comment("ping"))
+                await self._write(response, sse_comment("ping"))
                 continue
             frames: list[bytes] = []
             while item is not None:
@@ -346,7 +368,7 @@ class GatewayApi:
                     break
                 item = queue.get_nowait()
             if frames:
-                await response.write(b"".join(frames))
+                await self._write(response, b"".join(frames))
             if item is None:
                 return  # dropped (too slow) or shutting down: the client reconnects
 

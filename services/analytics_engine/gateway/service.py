@@ -120,7 +120,8 @@ class Settings(BaseServiceSettings):
         le=300,
         validation_alias="GATEWAY_SSE_HEARTBEAT",
         description="Seconds without a result after which an SSE stream gets a `: ping` "
-        "comment, so proxies and clients keep the idle connection open.",
+        "comment, so proxies and clients keep the idle connection open; also how long a write "
+        "to a stream may wait for a client that stopped reading before it is disconnected.",
     )
     sse_retry_ms: int = Field(
         default=3000,
