@@ -74,6 +74,25 @@ async def test_auth_no_key_401_read_key_403_on_writes_admin_ok(stack: Stack) -> 
     assert READ_KEY not in str(reply.body)
 
 
+async def test_a_key_that_is_not_utf8_is_401_not_500(make_stack: StackFactory) -> None:
+    """Header bytes that are not UTF-8 (aiohttp hands them on as lone surrogates) in either
+    key header: an unknown key, 401, never an 'internal error'."""
+    stack = await make_stack(services=())
+    port = stack.gateway.runtime.bound_port
+    for header in (b"X-API-Key: \xff\xfe", b"Authorization: Bearer \xff\xfe"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /api/v1/me HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+            + header
+            + b"0123456789abcdefghij\r\n\r\n"
+        )
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert b'"code":"unauthorized"' in answer
+
+
 async def test_open_routes_need_no_key(stack: Stack) -> None:
     for path in (
         "/healthz",
