@@ -179,8 +179,11 @@ class Middlewares:
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every failure becomes the JSON error shape; nothing escapes as a stack trace."""
         try:
-            if "\x00" in request.path or any("\x00" in v for v in request.query.values()):
-                # No service stores NUL characters (PostgreSQL text cannot): refuse at the door.
+            if "\x00" in request.path or any(
+                "\x00" in name or "\x00" in value for name, value in request.query.items()
+            ):
+                # No service stores NUL characters (PostgreSQL text cannot): refuse at the door,
+                # in names too (`dimension.<name>` becomes a jsonb key).
                 raise ApiError(400, "NUL characters are not accepted", code="bad_request")
             return await handler(request)
         except ApiError as exc:
