@@ -393,7 +393,7 @@ class GatewayApi:
         code = {"code": KPI_CODE_REGEX}
         history_query = [
             _query("start", "Window start, inclusive (ISO 8601)", {"type": "string"}, True),
-            _query("end", "Window start, exclusive (ISO 8601)", {"type": "string"}, True),
+            _query("end", "Window end, exclusive (ISO 8601)", {"type": "string"}, True),
             _query(
                 "limit",
                 "Most rows",
