@@ -68,8 +68,8 @@ class Settings(BaseServiceSettings):
         gt=0,
         validation_alias="GATEWAY_RATE_LIMIT",
         description="Requests per second one API key may make, on average (a token bucket per "
-        "key; keyless requests, when allowed, per client address). Past it: 429 with "
-        "`Retry-After`.",
+        "key; keyless requests, when allowed, and requests refused with 401, per client "
+        "address). Past it: 429 with `Retry-After`.",
     )
     rate_burst: int = Field(
         default=100,

@@ -396,6 +396,24 @@ async def test_rate_limit_429_with_retry_after(make_stack: StackFactory) -> None
     assert (await stack.call("GET", "/healthz", key=None)).status == 200
 
 
+async def test_refused_keys_are_rate_limited_per_address(make_stack: StackFactory) -> None:
+    """Requests refused for a missing or unknown key count against their address's bucket, so
+    keys cannot be tried (nor the log flooded) as fast as the gateway answers; a valid key
+    from the same address is not affected."""
+    stack = await make_stack(services=(), gateway={"rate_limit": 0.5, "rate_burst": 3})
+    guesses = [f"guess-{i:02d}-0123456789abcdef" for i in range(3)]
+    statuses = [(await stack.call("GET", "/api/v1/me", key=g)).status for g in guesses]
+    assert statuses == [401, 401, 401]
+    reply = await stack.call("GET", "/api/v1/me", key="guess-99-0123456789abcdef")
+    assert reply.status == 429
+    assert_error(reply.body, "rate_limited")
+    assert int(reply.headers["Retry-After"]) >= 1
+    assert (await stack.call("GET", "/api/v1/me", key=None)).status == 429  # no key: the same
+    assert (await stack.call("GET", "/api/v1/me", key=READ_KEY)).status == 200
+    metrics = (await stack.call("GET", "/metrics", key=None)).body
+    assert 'analytics_gateway_rate_limited_total{key_id="unauthenticated"} 2.0' in metrics
+
+
 async def test_metrics_count_requests_by_route(stack: Stack) -> None:
     await stack.call("GET", f"{DEFS}/absent_kpi")
     reply = await stack.call("GET", "/metrics", key=None)
