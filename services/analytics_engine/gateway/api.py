@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import REDIS_ERRORS
@@ -88,7 +89,16 @@ def principal(request: web.Request) -> Principal | None:
 
 async def read_json_body(request: web.Request) -> bytes:
     """The raw body after checking that it is JSON (400 otherwise; 413 past the size limit)."""
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:
+        # The body's framing or `Content-Encoding` is broken (gzip that is not gzip, a cut
+        # chunk): the client's fault, not an internal error.
+        cause = exc.__cause__
+        reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        raise ApiError(
+            400, f"the body cannot be read: {reason.strip() or 'malformed'}", code="bad_request"
+        ) from None
     if not raw.strip():
         raise ApiError(400, "a JSON body is required", code="bad_request")
     try:

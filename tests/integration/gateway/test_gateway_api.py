@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -144,6 +145,25 @@ async def test_validation_errors_are_passed_through_with_field_details(stack: St
 
     reply = await stack.call("PUT", f"{DEFS}/orders_bad", data=b"")
     assert reply.status == 400
+
+    # a body whose Content-Encoding does not decode is the client's fault: 400, not a 500
+    for encoding in ("gzip", "deflate"):
+        reply = await stack.call(
+            "PUT",
+            "/api/v1/simulator/rate",
+            data=b"this is not compressed",
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        )
+        assert reply.status == 400, (encoding, reply.body)
+        assert_error(reply.body, "bad_request")
+        assert encoding in reply.body["error"]["message"]
+    reply = await stack.call(  # ...and one that does is read as usual
+        "PUT",
+        "/api/v1/simulator/rate",
+        data=gzip.compress(b'{"rate": 3}'),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert (reply.status, reply.body["rate"]) == (200, 3)
 
     reply = await stack.call(
         "PUT", f"{DEFS}/orders_bad", json=kpi_definition("orders_bad", display_name="nul\u0000")
