@@ -48,6 +48,7 @@ from analytics_engine.kpi.history_query import (
     HISTORY_LIMIT,
     HISTORY_PARAMETERS,
     InvalidHistoryQuery,
+    dimension_name,
     parse_history_query,
 )
 
@@ -114,6 +115,22 @@ async def read_json_body(request: web.Request) -> bytes:
 
 class _Stalled(Exception):
     """An SSE client stopped reading: a write did not complete within the heartbeat interval."""
+
+
+def _refuse_repeated(query: Mapping[str, str]) -> None:
+    """A history parameter (or dimension, in either spelling) given more than once is ambiguous:
+    the checks read the first value, the engine would get the last. Raises
+    `InvalidHistoryQuery`."""
+    seen: set[str] = set()
+    problems: list[dict[str, str]] = []
+    for name, _ in query.items():  # a MultiDict's items repeat a name; iterating it does not
+        dimension = dimension_name(name)
+        field = name if dimension is None else f"{DIMENSION_PREFIX}{dimension}"
+        if field in seen and not any(p["field"] == field for p in problems):
+            problems.append({"field": field, "message": "given more than once"})
+        seen.add(field)
+    if problems:
+        raise InvalidHistoryQuery(problems)
 
 
 def _passthrough_headers(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
@@ -206,6 +223,7 @@ class GatewayApi:
     async def history(self, request: web.Request) -> web.Response:
         code = request.match_info["code"]
         try:  # at the edge: nothing out of range travels further
+            _refuse_repeated(request.query)
             parsed = parse_history_query(request.query)
         except InvalidHistoryQuery as exc:
             raise ApiError(422, str(exc), code="validation_error", details=exc.problems) from None
@@ -417,7 +435,8 @@ class GatewayApi:
                 "style": "deepObject",
                 "explode": True,
                 "description": "Filter by dimension: `dimension[<name>]=<value>` or "
-                "`dimension.<name>=<value>` (repeatable). Any other parameter is a 422.",
+                "`dimension.<name>=<value>` (repeatable, one value per name). Any other "
+                "parameter, or one given twice, is a 422.",
                 "schema": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         ]

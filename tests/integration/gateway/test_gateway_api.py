@@ -314,6 +314,18 @@ async def test_latest_history_and_status_pass_through(stack: Stack) -> None:
     assert reply.body["dimensions"] == {"region": "eu"}
     reply = await stack.call("GET", f"/api/v1/kpis/{code}/history?start=yesterday")
     assert reply.status == 422
+    # a parameter given twice is ambiguous: the gateway checked the first value and passed the
+    # last one on (`limit=1&limit=10000` was served 10000 rows); now it says so
+    for repeated, field in [
+        ("&limit=1&limit=10000", "limit"),
+        ("&start=2024-01-01T12:00:00Z", "start"),
+        ("&dimension.region=us", "dimension.region"),
+        ("&dimension%5Bregion%5D=us", "dimension.region"),  # the other spelling of the same
+    ]:
+        reply = await stack.call("GET", url + repeated)
+        assert reply.status == 422, (repeated, reply.body)
+        assert_error(reply.body, "validation_error")
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field], reply.body
     # NUL in a parameter's name (a dimension's), not only in its value, is refused at the door:
     # PostgreSQL cannot hold it, so it came back as a 502 from the calculation engine
     for name in ("dimension.a%00b", "dimension%5Ba%00b%5D"):
