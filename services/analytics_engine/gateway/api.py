@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import REDIS_ERRORS
@@ -47,6 +48,7 @@ from analytics_engine.kpi.history_query import (
     HISTORY_LIMIT,
     HISTORY_PARAMETERS,
     InvalidHistoryQuery,
+    dimension_name,
     parse_history_query,
 )
 
@@ -88,7 +90,16 @@ def principal(request: web.Request) -> Principal | None:
 
 async def read_json_body(request: web.Request) -> bytes:
     """The raw body after checking that it is JSON (400 otherwise; 413 past the size limit)."""
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:
+        # The body's framing or `Content-Encoding` is broken (gzip that is not gzip, a cut
+        # chunk): the client's fault, not an internal error.
+        cause = exc.__cause__
+        reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        raise ApiError(
+            400, f"the body cannot be read: {reason.strip() or 'malformed'}", code="bad_request"
+        ) from None
     if not raw.strip():
         raise ApiError(400, "a JSON body is required", code="bad_request")
     try:
@@ -100,6 +111,26 @@ async def read_json_body(request: web.Request) -> bytes:
         # The decoded values, not the bytes: `"\\\\u0000"` is a backslash and "u0000".
         raise ApiError(400, "NUL characters (\\u0000) are not accepted", code="bad_request")
     return raw
+
+
+class _Stalled(Exception):
+    """An SSE client stopped reading: a write did not complete within the heartbeat interval."""
+
+
+def _refuse_repeated(query: Mapping[str, str]) -> None:
+    """A history parameter (or dimension, in either spelling) given more than once is ambiguous:
+    the checks read the first value, the engine would get the last. Raises
+    `InvalidHistoryQuery`."""
+    seen: set[str] = set()
+    problems: list[dict[str, str]] = []
+    for name, _ in query.items():  # a MultiDict's items repeat a name; iterating it does not
+        dimension = dimension_name(name)
+        field = name if dimension is None else f"{DIMENSION_PREFIX}{dimension}"
+        if field in seen and not any(p["field"] == field for p in problems):
+            problems.append({"field": field, "message": "given more than once"})
+        seen.add(field)
+    if problems:
+        raise InvalidHistoryQuery(problems)
 
 
 def _passthrough_headers(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
@@ -192,6 +223,7 @@ class GatewayApi:
     async def history(self, request: web.Request) -> web.Response:
         code = request.match_info["code"]
         try:  # at the edge: nothing out of range travels further
+            _refuse_repeated(request.query)
             parsed = parse_history_query(request.query)
         except InvalidHistoryQuery as exc:
             raise ApiError(422, str(exc), code="validation_error", details=exc.problems) from None
@@ -316,16 +348,34 @@ class GatewayApi:
             for item in self._hub.ring.after(resume.after, kpi_code):
                 head.append(item.frame)
                 sent = item.id
-            await response.write(b"".join(head))
+            await self._write(response, b"".join(head))
             await self._pump(response, client.queue, sent)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the client went away (or we are shutting down)
+        except _Stalled:
+            # Its socket buffers are full and stay full: a write would wait forever, holding
+            # the connection and the stream slot. Drop the connection; nothing more to send.
+            log.info("cut off an SSE client that stopped reading")
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            # The client went away (a write blocked on a full buffer fails with a plain
+            # ConnectionError "Connection lost", not a reset), or we are shutting down.
+            pass
         finally:
             self._hub.disconnect(client)
             self._metrics.sse_clients.dec()
-        with contextlib.suppress(ConnectionResetError, RuntimeError):
+        with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write_eof()
         return response
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        """Write to a stream; `_Stalled` when the client does not take it within a heartbeat
+        interval (a write waits while the socket's buffers are full)."""
+        try:
+            async with asyncio.timeout(self._heartbeat):
+                await response.write(data)
+        except TimeoutError:
+            raise _Stalled from None
 
     async def _pump(
         self, response: web.StreamResponse, queue: asyncio.Queue[LiveResult | None], sent: int
@@ -335,7 +385,7 @@ class GatewayApi:
                 async with asyncio.timeout(self._heartbeat):
                     item = await queue.get()
             except TimeoutError:
-                await response.write(sse_comment("ping"))
+                await self._write(response, sse_comment("ping"))
                 continue
             frames: list[bytes] = []
             while item is not None:
@@ -346,7 +396,7 @@ class GatewayApi:
                     break
                 item = queue.get_nowait()
             if frames:
-                await response.write(b"".join(frames))
+                await self._write(response, b"".join(frames))
             if item is None:
                 return  # dropped (too slow) or shutting down: the client reconnects
 
@@ -371,7 +421,7 @@ class GatewayApi:
         code = {"code": KPI_CODE_REGEX}
         history_query = [
             _query("start", "Window start, inclusive (ISO 8601)", {"type": "string"}, True),
-            _query("end", "Window start, exclusive (ISO 8601)", {"type": "string"}, True),
+            _query("end", "Window end, exclusive (ISO 8601)", {"type": "string"}, True),
             _query(
                 "limit",
                 "Most rows",
@@ -385,7 +435,8 @@ class GatewayApi:
                 "style": "deepObject",
                 "explode": True,
                 "description": "Filter by dimension: `dimension[<name>]=<value>` or "
-                "`dimension.<name>=<value>` (repeatable). Any other parameter is a 422.",
+                "`dimension.<name>=<value>` (repeatable, one value per name). Any other "
+                "parameter, or one given twice, is a 422.",
                 "schema": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         ]

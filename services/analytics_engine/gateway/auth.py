@@ -93,7 +93,9 @@ class KeyRing:
         return len(self._keys)
 
     def authenticate(self, presented: str) -> Principal | None:
-        candidate = presented.encode()
+        # Header bytes that are not UTF-8 reach us as lone surrogates: encode them back to the
+        # bytes sent (an unknown key) rather than fail with UnicodeEncodeError (a 500).
+        candidate = presented.encode("utf-8", "surrogateescape")
         found: Principal | None = None
         for secret, principal in self._keys:  # no early exit: timing does not reveal position
             if hmac.compare_digest(secret, candidate):

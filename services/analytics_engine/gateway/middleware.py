@@ -45,6 +45,8 @@ ALLOWED_HEADERS: Final = (
 )
 EXPOSED_HEADERS: Final = "X-Request-ID, ETag, Retry-After"
 SPEC_KEY: Final = web.RequestKey("gateway.spec", RouteSpec)
+UNAUTHENTICATED_ID: Final = "unauthenticated"
+"""Rate-limit bucket (per client address) and metric label of requests refused with 401."""
 
 
 def route_template(request: web.Request) -> str | None:
@@ -179,8 +181,11 @@ class Middlewares:
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every failure becomes the JSON error shape; nothing escapes as a stack trace."""
         try:
-            if "\x00" in request.path or any("\x00" in v for v in request.query.values()):
-                # No service stores NUL characters (PostgreSQL text cannot): refuse at the door.
+            if "\x00" in request.path or any(
+                "\x00" in name or "\x00" in value for name, value in request.query.items()
+            ):
+                # No service stores NUL characters (PostgreSQL text cannot): refuse at the door,
+                # in names too (`dimension.<name>` becomes a jsonb key).
                 raise ApiError(400, "NUL characters are not accepted", code="bad_request")
             return await handler(request)
         except ApiError as exc:
@@ -212,6 +217,9 @@ class Middlewares:
         request[SPEC_KEY] = spec
         who = self._identify(request, spec)
         if who is None:
+            # Refusals are rate-limited too, per client address: otherwise anyone could try
+            # keys (or flood the log with "unknown API key") as fast as the gateway answers.
+            self._limit(UNAUTHENTICATED_ID, f"{UNAUTHENTICATED_ID}:{request.remote}")
             raise ApiError(
                 401,
                 "an API key is required: Authorization: Bearer <key> or X-API-Key: <key>",
@@ -246,13 +254,17 @@ class Middlewares:
         bucket = who.key_id
         if who.key_id == ANONYMOUS_ID:
             bucket = f"{ANONYMOUS_ID}:{request.remote}"
+        self._limit(who.key_id, bucket)
+        return await handler(request)
+
+    def _limit(self, key_id: str, bucket: str) -> None:
+        """Take a token from `bucket`; 429 with `Retry-After` when it is empty."""
         wait = self._limiter.acquire(bucket, now=time.monotonic())
         if wait > 0:
-            self._metrics.rate_limited.labels(who.key_id).inc()
+            self._metrics.rate_limited.labels(key_id).inc()
             raise ApiError(
                 429,
                 f"rate limit of {self._limiter.rate:g} requests/s exceeded",
                 code="rate_limited",
                 headers={"Retry-After": retry_after_header(wait)},
             )
-        return await handler(request)

@@ -26,9 +26,10 @@ Keys have the scope `read` or `admin`; every write needs `admin` (403 otherwise)
 401. Browsers' `EventSource` cannot send headers: get a short-lived read-only token from
 `POST /api/v1/sse-token` and pass it as `?token=` to the stream routes (only they accept it).
 
-**Errors** are `{"error": {"code", "message", "details"}}`. Requests are rate-limited per key
-(429 with `Retry-After`). Every response carries `X-Request-ID` (yours, or a generated one),
-passed on to the services as their correlation id.
+**Errors** are `{"error": {"code", "message", "details"}}`. Requests are rate-limited per key,
+and those refused with 401 per client address (429 with `Retry-After`). Every response
+carries `X-Request-ID` (yours, or a generated one), passed on to the services as their
+correlation id.
 """
 
 

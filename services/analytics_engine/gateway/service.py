@@ -68,8 +68,8 @@ class Settings(BaseServiceSettings):
         gt=0,
         validation_alias="GATEWAY_RATE_LIMIT",
         description="Requests per second one API key may make, on average (a token bucket per "
-        "key; keyless requests, when allowed, per client address). Past it: 429 with "
-        "`Retry-After`.",
+        "key; keyless requests, when allowed, and requests refused with 401, per client "
+        "address). Past it: 429 with `Retry-After`.",
     )
     rate_burst: int = Field(
         default=100,
@@ -120,7 +120,8 @@ class Settings(BaseServiceSettings):
         le=300,
         validation_alias="GATEWAY_SSE_HEARTBEAT",
         description="Seconds without a result after which an SSE stream gets a `: ping` "
-        "comment, so proxies and clients keep the idle connection open.",
+        "comment, so proxies and clients keep the idle connection open; also how long a write "
+        "to a stream may wait for a client that stopped reading before it is disconnected.",
     )
     sse_retry_ms: int = Field(
         default=3000,

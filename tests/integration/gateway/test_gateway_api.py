@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -74,6 +75,25 @@ async def test_auth_no_key_401_read_key_403_on_writes_admin_ok(stack: Stack) -> 
     assert READ_KEY not in str(reply.body)
 
 
+async def test_a_key_that_is_not_utf8_is_401_not_500(make_stack: StackFactory) -> None:
+    """Header bytes that are not UTF-8 (aiohttp hands them on as lone surrogates) in either
+    key header: an unknown key, 401, never an 'internal error'."""
+    stack = await make_stack(services=())
+    port = stack.gateway.runtime.bound_port
+    for header in (b"X-API-Key: \xff\xfe", b"Authorization: Bearer \xff\xfe"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /api/v1/me HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+            + header
+            + b"0123456789abcdefghij\r\n\r\n"
+        )
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert b'"code":"unauthorized"' in answer
+
+
 async def test_open_routes_need_no_key(stack: Stack) -> None:
     for path in (
         "/healthz",
@@ -125,6 +145,25 @@ async def test_validation_errors_are_passed_through_with_field_details(stack: St
 
     reply = await stack.call("PUT", f"{DEFS}/orders_bad", data=b"")
     assert reply.status == 400
+
+    # a body whose Content-Encoding does not decode is the client's fault: 400, not a 500
+    for encoding in ("gzip", "deflate"):
+        reply = await stack.call(
+            "PUT",
+            "/api/v1/simulator/rate",
+            data=b"this is not compressed",
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        )
+        assert reply.status == 400, (encoding, reply.body)
+        assert_error(reply.body, "bad_request")
+        assert encoding in reply.body["error"]["message"]
+    reply = await stack.call(  # ...and one that does is read as usual
+        "PUT",
+        "/api/v1/simulator/rate",
+        data=gzip.compress(b'{"rate": 3}'),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert (reply.status, reply.body["rate"]) == (200, 3)
 
     reply = await stack.call(
         "PUT", f"{DEFS}/orders_bad", json=kpi_definition("orders_bad", display_name="nul\u0000")
@@ -275,6 +314,24 @@ async def test_latest_history_and_status_pass_through(stack: Stack) -> None:
     assert reply.body["dimensions"] == {"region": "eu"}
     reply = await stack.call("GET", f"/api/v1/kpis/{code}/history?start=yesterday")
     assert reply.status == 422
+    # a parameter given twice is ambiguous: the gateway checked the first value and passed the
+    # last one on (`limit=1&limit=10000` was served 10000 rows); now it says so
+    for repeated, field in [
+        ("&limit=1&limit=10000", "limit"),
+        ("&start=2024-01-01T12:00:00Z", "start"),
+        ("&dimension.region=us", "dimension.region"),
+        ("&dimension%5Bregion%5D=us", "dimension.region"),  # the other spelling of the same
+    ]:
+        reply = await stack.call("GET", url + repeated)
+        assert reply.status == 422, (repeated, reply.body)
+        assert_error(reply.body, "validation_error")
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field], reply.body
+    # NUL in a parameter's name (a dimension's), not only in its value, is refused at the door:
+    # PostgreSQL cannot hold it, so it came back as a 502 from the calculation engine
+    for name in ("dimension.a%00b", "dimension%5Ba%00b%5D"):
+        reply = await stack.call("GET", url.replace("dimension.region", name))
+        assert reply.status == 400, (name, reply.body)
+        assert reply.body["error"]["code"] == "bad_request"
     reply = await stack.call("GET", "/api/v1/status", key=READ_KEY)
     assert reply.status == 200
     statuses = {s["service"]: s["status"] for s in reply.body["services"]}
@@ -369,6 +426,24 @@ async def test_rate_limit_429_with_retry_after(make_stack: StackFactory) -> None
     assert (await stack.call("GET", "/api/v1/me", key=ADMIN_KEY)).status == 200
     # open routes are never limited
     assert (await stack.call("GET", "/healthz", key=None)).status == 200
+
+
+async def test_refused_keys_are_rate_limited_per_address(make_stack: StackFactory) -> None:
+    """Requests refused for a missing or unknown key count against their address's bucket, so
+    keys cannot be tried (nor the log flooded) as fast as the gateway answers; a valid key
+    from the same address is not affected."""
+    stack = await make_stack(services=(), gateway={"rate_limit": 0.5, "rate_burst": 3})
+    guesses = [f"guess-{i:02d}-0123456789abcdef" for i in range(3)]
+    statuses = [(await stack.call("GET", "/api/v1/me", key=g)).status for g in guesses]
+    assert statuses == [401, 401, 401]
+    reply = await stack.call("GET", "/api/v1/me", key="guess-99-0123456789abcdef")
+    assert reply.status == 429
+    assert_error(reply.body, "rate_limited")
+    assert int(reply.headers["Retry-After"]) >= 1
+    assert (await stack.call("GET", "/api/v1/me", key=None)).status == 429  # no key: the same
+    assert (await stack.call("GET", "/api/v1/me", key=READ_KEY)).status == 200
+    metrics = (await stack.call("GET", "/metrics", key=None)).body
+    assert 'analytics_gateway_rate_limited_total{key_id="unauthenticated"} 2.0' in metrics
 
 
 async def test_metrics_count_requests_by_route(stack: Stack) -> None:

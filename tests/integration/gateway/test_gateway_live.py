@@ -5,6 +5,8 @@ delivery latency, Last-Event-ID replay, gaps, stream tokens, heartbeats, and the
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -322,3 +324,76 @@ async def test_open_streams_are_capped_per_key_and_in_total(make_stack: StackFac
     held.append(again)
     for resp in held:
         resp.close()
+
+
+async def stalled_stream(stack: Stack) -> socket.socket:
+    """A raw connection that opens `/api/v1/stream` and never reads, with the gateway's
+    writes to it blocked: ~13 MB of results sent, more than the socket buffers hold."""
+    port = stack.gateway.runtime.bound_port
+    assert port is not None
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = (
+        f"GET /api/v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {READ_KEY}\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    async with asyncio.timeout(5):
+        while True:
+            if stack.gateway.hub.clients:
+                break
+            await asyncio.sleep(0.01)
+    big = orjson.dumps(result("orders_count", 1.0, 0, padding="x" * 64_000))
+    for _ in range(200):
+        stack.gateway.hub.publish("orders_count", big)
+        await asyncio.sleep(0)
+    return sock
+
+
+async def test_a_client_that_stops_reading_frees_its_stream_slot(make_stack: StackFactory) -> None:
+    """A client that opens a stream and never reads (a hung browser tab, a slow-loris) fills
+    the socket buffers until the gateway's writes block. It must still be cut off and its
+    slot freed, not hold a connection and a slot for good."""
+    stack = await make_stack(
+        services=(),
+        gateway={"sse_max_per_key": 1, "sse_heartbeat_s": 0.5, "sse_client_queue": 10},
+    )
+    sock = await stalled_stream(stack)
+    try:
+        assert stack.gateway.hub.clients == 0  # the hub gave up on the client...
+        # ...and the stream ends, so the key can open another one
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            again = await open_stream(stack, "/api/v1/stream", key=READ_KEY)
+            if again.status == 200 or asyncio.get_running_loop().time() > deadline:
+                break
+            again.close()
+            await asyncio.sleep(0.1)
+        assert again.status == 200, "the stalled stream still holds the key's only slot"
+        again.close()
+    finally:
+        sock.close()
+
+
+async def test_a_client_gone_while_a_write_waits_is_no_server_error(
+    make_stack: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that disconnects while the gateway waits to write to it (its buffers full)
+    is a client going away like any other: no 'unhandled error' with a traceback, no 500."""
+    stack = await make_stack(services=(), gateway={"sse_heartbeat_s": 30.0})
+    sock = await stalled_stream(stack)
+    assert stack.gateway.hub.clients == 1  # still connected, its handler waiting to write
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset
+    async with asyncio.timeout(5):  # the request ends: counted with its status
+        while True:
+            metrics = (await stack.call("GET", "/metrics", key=None)).body
+            if 'route="/api/v1/stream",status=' in metrics:
+                break
+            await asyncio.sleep(0.05)
+    assert 'route="/api/v1/stream",status="500"' not in metrics
+    assert 'route="/api/v1/stream",status="200"' in metrics
+    assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]

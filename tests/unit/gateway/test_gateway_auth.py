@@ -48,6 +48,14 @@ def test_keyring_authenticates_and_scopes_order() -> None:
     assert ring.authenticate(READ) == Principal(key_id(READ), "read")
     assert ring.authenticate(ADMIN + "x") is None
     assert ring.authenticate("") is None
+
+
+def test_keyring_refuses_a_key_that_is_not_utf8() -> None:
+    """aiohttp decodes header bytes that are not UTF-8 as lone surrogates ("\\udcff"): such a
+    key is unknown (a 401), not a UnicodeEncodeError (a 500)."""
+    ring = KeyRing(parse_api_keys(f"{ADMIN}:admin"))
+    assert ring.authenticate("\udcff\udcfe" + ADMIN) is None
+    assert ring.authenticate(ADMIN.encode().decode("utf-8", "surrogateescape")) is not None
     assert allows("admin", "read") and allows("admin", "admin") and allows("read", "read")
     assert not allows("read", "admin")
     assert len(key_id(ADMIN)) == 12 and key_id(ADMIN) != key_id(READ)

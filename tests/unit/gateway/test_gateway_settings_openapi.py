@@ -37,6 +37,13 @@ def test_document_covers_every_route_with_security_and_schemas() -> None:
     assert code["schema"]["pattern"] == "^[a-z][a-z0-9_]{0,62}$"
     ids = [op["operationId"] for item in paths.values() for op in item.values()]
     assert len(ids) == len(set(ids))
+    history = {
+        p["name"]: p["description"]
+        for p in paths["/api/v1/kpis/{code}/history"]["get"]["parameters"]
+        if p["in"] == "query"
+    }
+    assert history["start"].startswith("Window start, inclusive")
+    assert history["end"].startswith("Window end, exclusive")  # was "Window start, exclusive"
 
 
 def test_cors_origins_and_request_ids() -> None:
