@@ -379,6 +379,18 @@ the password is expanded in the pod, never rendered. Call with (dict "component"
       key: {{ ternary "secret-access-key" .Values.externalS3.existingSecretSecretAccessKeyKey .Values.minio.enabled }}
 {{- end -}}
 
+{{/*
+Checksum of the S3 credentials given through the values (the archival service reads them at
+start only): MinIO's auth block, or the external S3 keys. Generated ones never change (lookup).
+*/}}
+{{- define "analytics-engine.s3.credentialsChecksum" -}}
+{{- if .Values.minio.enabled -}}
+{{- toJson .Values.minio.auth | sha256sum -}}
+{{- else -}}
+{{- toJson (omit .Values.externalS3 "endpoint" "port") | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- Services */}}
 
 {{/* Port environment variable of each component (docs/architecture.md). */}}
@@ -456,7 +468,9 @@ annotations:
 
 {{/*
 The Deployment of one application component. Call with
-(dict "component" "gateway" "env" (include "analytics-engine.gateway.env" $) "volumes" "" "volumeMounts" "" "context" $).
+(dict "component" "gateway" "env" (include "analytics-engine.gateway.env" $) "volumes" "" "volumeMounts" "" "context" $),
+optionally with "checksums" (dict "name" "sha256"): pod annotations `checksum/<name>` that roll
+the pods when what the component reads at start only changes.
 */}}
 {{- define "analytics-engine.deployment" -}}
 {{- $ctx := .context -}}
@@ -501,6 +515,10 @@ spec:
         # the API keys are read at start: rotating them through the values rolls the gateways
         # (generated keys never change: lookup keeps them)
         checksum/api-keys: {{ toJson $ctx.Values.gateway.auth | sha256sum }}
+        {{- end }}
+        {{- /* what else the component reads at start only (its own files, credentials) */}}
+        {{- range $name, $sum := .checksums }}
+        checksum/{{ $name }}: {{ $sum }}
         {{- end }}
         {{- with $values.podAnnotations }}
         {{- toYaml . | nindent 8 }}

@@ -328,6 +328,46 @@ def test_credentials_changed_through_the_values_roll_their_pods() -> None:
         assert checksums[0] == checksums[1] != checksums[2]
 
 
+def _pod_annotations(objects: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, str]:
+    [obj] = [o for o in by_kind(objects, kind) if name_of(o).endswith(suffix)]
+    return dict(obj["spec"]["template"]["metadata"].get("annotations") or {})
+
+
+def test_kpi_definitions_changed_through_the_values_roll_the_metadata_service() -> None:
+    """The metadata service reads `KPI_DEFINITIONS_DIR` at start only (`seed` in bootstrap):
+    an upgrade that edits `metadata.kpiDefinitions` must restart it, or the edit only lands in
+    the ConfigMap."""
+
+    def metadata_pod(definition: str) -> dict[str, str]:
+        values = {"metadata": {"kpiDefinitions": {"count.yaml": definition}}}
+        return _pod_annotations(_render_values(values), "Deployment", "-metadata")
+
+    before, again = metadata_pod("code: orders_count\n"), metadata_pod("code: orders_count\n")
+    edited = metadata_pod("code: orders_count\nname: Orders\n")
+    assert before == again != edited
+
+
+def test_s3_credentials_changed_through_the_values_roll_minio_and_the_archival_service() -> None:
+    """MinIO reads its root credentials, and the archival service its S3 keys, at start only;
+    the bucket Job of the upgrade sets the application user's new secret key at once, so an
+    archival pod left running would be refused by S3 from then on (and a MinIO pod left
+    running would refuse the Job's new root credentials)."""
+    default = _render_values({})
+    rotated_root = _render_values({"minio": {"auth": {"rootPassword": "new-root-pw"}}})
+    rotated_app = _render_values({"minio": {"auth": {"secretAccessKey": "new-app-key"}}})
+    minio = [_pod_annotations(o, "StatefulSet", "-minio") for o in (default, rotated_root)]
+    archival = [_pod_annotations(o, "Deployment", "-archival") for o in (default, rotated_app)]
+    assert minio[0] != minio[1]
+    assert archival[0] != archival[1]
+    assert _pod_annotations(_render_values({}), "Deployment", "-archival") == archival[0]
+    # external S3: a key rotated through the values rolls the archival service too
+    external = {k: EXTERNAL[k] for k in ("minio", "externalS3")}
+    rotated = {**external, "externalS3": {**EXTERNAL["externalS3"], "secretAccessKey": "y"}}
+    assert _pod_annotations(
+        _render_values(external), "Deployment", "-archival"
+    ) != _pod_annotations(_render_values(rotated), "Deployment", "-archival")
+
+
 def test_helm_lint_strict() -> None:
     result = subprocess.run(
         [helm(), "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False
