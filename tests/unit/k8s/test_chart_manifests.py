@@ -31,6 +31,7 @@ from analytics_engine.core.bus import FIELD, LIBRARY_CODE, PUBLISH_FUNCTION
 from analytics_engine.database.roles import LARGE_OBJECT_CREATORS
 from analytics_engine.localstack import RedisServer
 from analytics_engine.observability import service as observability
+from analytics_engine.simulator import service as simulator_service
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "analytics-engine"
@@ -1337,6 +1338,37 @@ def test_schema_rejects_unknown_values() -> None:
         check=False,
     )
     assert result.returncode != 0 and "replicas" in result.stderr
+
+
+def test_schema_accepts_what_the_services_and_kubernetes_accept() -> None:
+    """`SIMULATOR_RATE` is a float (events per second, e.g. 0.5) and a PodDisruptionBudget's
+    maxUnavailable may be a percentage: the schema must not refuse either."""
+    values: dict[str, Any] = {
+        c: {"pdb": {"maxUnavailable": "50%"}} for c in (*APP_COMPONENTS, "operator")
+    }
+    values["simulator"]["rate"] = 0.5
+    result = _template_with(values)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    [simulator] = [t for _o, t in pod_templates(objects) if component(t) == "simulator"]
+    env = {e["name"]: e["value"] for e in containers(simulator)[0]["env"] if "value" in e}
+    settings = simulator_service.Settings.model_validate({"SIMULATOR_RATE": env["SIMULATOR_RATE"]})
+    assert settings.rate == 0.5
+    pdbs = by_kind(objects, "PodDisruptionBudget")
+    assert len(pdbs) == len(APP_COMPONENTS) + 1
+    assert {p["spec"]["maxUnavailable"] for p in pdbs} == {"50%"}
+    # ... and still refuses what Kubernetes would
+    result = _template_with({"gateway": {"pdb": {"maxUnavailable": "half"}}})
+    assert result.returncode != 0 and "maxUnavailable" in result.stderr
+
+
+def test_schema_refuses_a_stream_length_the_services_refuse() -> None:
+    """Every service refuses `BUS_STREAM_MAXLEN` below 1000 (a configuration error at start,
+    crash-looping every pod): `helm install` must refuse it instead."""
+    minimum = simulator_service.Settings.model_fields["stream_maxlen"].metadata[0].ge
+    assert _template_with({"config": {"streamMaxlen": minimum}}).returncode == 0
+    result = _template_with({"config": {"streamMaxlen": minimum - 1}})
+    assert result.returncode != 0 and "streamMaxlen" in result.stderr
 
 
 # --------------------------------------------------------------------------- drift
