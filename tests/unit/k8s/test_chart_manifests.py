@@ -1051,6 +1051,23 @@ def test_gateway_ingress_restricted_to_ingress_controller() -> None:
     ]
 
 
+def test_gateway_ingress_from_anywhere_includes_pods_of_the_cluster() -> None:
+    """`networkPolicy.allowExternal` means any source. Whether an `ipBlock` matches the IP of a
+    pod is up to the network plugin (Kubernetes leaves it undefined; Cilium never matches pods
+    by CIDR): an in-cluster ingress controller must be let in by a selector, or the chart's own
+    Ingress answers 503 on such clusters."""
+    (policy,) = [
+        p
+        for p in by_kind(_render("default"), "NetworkPolicy")
+        if p["metadata"]["name"].endswith("-gateway")
+    ]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "http"}]
+    assert {"namespaceSelector": {}} in rule["from"]  # every pod of every namespace
+    assert {"ipBlock": {"cidr": "0.0.0.0/0"}} in rule["from"]
+    assert {"ipBlock": {"cidr": "::/0"}} in rule["from"]
+
+
 def test_prometheus_may_scrape_every_service_when_monitoring() -> None:
     objects = _render("monitoring")
     for p in by_kind(objects, "NetworkPolicy"):
