@@ -887,6 +887,9 @@ spec:
 {{- if and (not $v.timescaledb.enabled) (not $v.externalDatabase.existingSecret) (not $v.externalDatabase.password) -}}
 {{- $errors = append $errors "timescaledb.enabled=false needs externalDatabase.existingSecret or externalDatabase.password" -}}
 {{- end -}}
+{{- if and (not $v.timescaledb.enabled) $v.externalDatabase.readonlyUsername (not $v.externalDatabase.existingSecret) (not $v.externalDatabase.readonlyPassword) -}}
+{{- $errors = append $errors "externalDatabase.readonlyUsername needs externalDatabase.readonlyPassword (or externalDatabase.existingSecret holding it): the database service reads that key" -}}
+{{- end -}}
 {{- if and (not $v.minio.enabled) (not $v.externalS3.endpoint) -}}
 {{- $errors = append $errors "minio.enabled=false needs externalS3.endpoint" -}}
 {{- end -}}

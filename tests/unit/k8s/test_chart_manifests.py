@@ -518,6 +518,47 @@ def test_no_secret_value_is_rendered_into_env_or_configmaps(rendered: list[dict[
             ), key
 
 
+def _secret_refs(objects: list[dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
+    """(workload, Secret name, key) of every secretKeyRef and Secret volume item."""
+    for obj, template in pod_templates(objects):
+        for c in containers(template):
+            for env in c.get("env", []):
+                if ref := (env.get("valueFrom") or {}).get("secretKeyRef"):
+                    yield name_of(obj), ref["name"], ref["key"]
+        for volume in template["spec"].get("volumes", []):
+            if secret := volume.get("secret"):
+                for item in secret.get("items", []):
+                    yield name_of(obj), secret["secretName"], item["key"]
+
+
+def test_every_key_read_from_a_chart_secret_is_in_it(rendered: list[dict[str, Any]]) -> None:
+    """A missing key keeps the pod in CreateContainerConfigError."""
+    secrets = {s["metadata"]["name"]: set(s.get("data") or {}) for s in by_kind(rendered, "Secret")}
+    for where, name, key in _secret_refs(rendered):
+        if name in secrets:  # not an existingSecret
+            assert key in secrets[name], f"{where} reads {key!r} of Secret {name}"
+
+
+def test_an_external_read_only_role_needs_its_password() -> None:
+    """`externalDatabase.readonlyUsername` makes the database service read the read-only
+    password from the Secret: without `readonlyPassword` (or an existingSecret) the chart's
+    Secret has no such key and the database pods never start."""
+    external = {
+        "timescaledb": {"enabled": False},
+        "externalDatabase": {"host": "pg.example.com", "password": "pw", "readonlyUsername": "ro"},
+    }
+    result = _template_with(external)
+    assert result.returncode != 0
+    assert "externalDatabase.readonlyUsername needs externalDatabase.readonlyPassword" in (
+        result.stderr
+    )
+    external["externalDatabase"]["readonlyPassword"] = "ropw"
+    assert _template_with(external).returncode == 0
+    external["externalDatabase"] = {"host": "pg.example.com", "existingSecret": "pg-creds"}
+    external["externalDatabase"]["readonlyUsername"] = "ro"
+    assert _template_with(external).returncode == 0
+
+
 def test_service_settings_env(default_objects: list[dict[str, Any]]) -> None:
     env: dict[str, set[str]] = {}
     for _obj, template in pod_templates(default_objects):
