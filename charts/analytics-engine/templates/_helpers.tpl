@@ -913,6 +913,21 @@ expansion cannot percent-encode them): only URL-safe ones can be parsed back. */
 {{- $errors = append $errors (printf "%s must be URL-safe (letters, digits, . _ ~ -): it is embedded in a connection URL" $path) -}}
 {{- end -}}
 {{- end -}}
+{{- /* GATEWAY_API_KEYS as the gateway parses it (analytics_engine.gateway.auth.parse_api_keys),
+or it stops at start; pairs are named by position only (the keys are secrets). */ -}}
+{{- $seenKeys := dict -}}
+{{- range $i, $pair := splitList "," (toString $v.gateway.auth.apiKeys) -}}
+{{- $pair = trim $pair -}}
+{{- if and $pair (not (regexMatch "^\\S{16,}:(read|admin)$" $pair)) -}}
+{{- $errors = append $errors (printf "gateway.auth.apiKeys: pair %d is not key:scope with a key of 16 characters at least (no whitespace) and scope read or admin" (add1 $i)) -}}
+{{- else if $pair -}}
+{{- $key := regexReplaceAll ":(read|admin)$" $pair "" | sha256sum -}}
+{{- if hasKey $seenKeys $key -}}
+{{- $errors = append $errors (printf "gateway.auth.apiKeys: pair %d repeats a key" (add1 $i)) -}}
+{{- end -}}
+{{- $_ := set $seenKeys $key true -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.operator.clusterwide $v.operator.watchNamespaces -}}
 {{- $errors = append $errors "operator.clusterwide and operator.watchNamespaces are exclusive" -}}
 {{- end -}}

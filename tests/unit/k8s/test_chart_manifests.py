@@ -29,6 +29,7 @@ from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
 from analytics_engine.core.bus import FIELD, LIBRARY_CODE, PUBLISH_FUNCTION
 from analytics_engine.database.roles import LARGE_OBJECT_CREATORS
+from analytics_engine.gateway.auth import parse_api_keys
 from analytics_engine.localstack import RedisServer
 from analytics_engine.observability import service as observability
 from analytics_engine.simulator import service as simulator_service
@@ -316,7 +317,10 @@ def test_credentials_changed_through_the_values_roll_their_pods() -> None:
 
     before, again = render({}), render({})
     rotated = render(
-        {"gateway": {"auth": {"apiKeys": "k1:admin"}}, "redis": {"auth": {"password": "p1"}}}
+        {
+            "gateway": {"auth": {"apiKeys": "rotated-key-0123456789:admin"}},
+            "redis": {"auth": {"password": "p1"}},
+        }
     )
     gateway = [
         annotations(o, "Deployment", "-gateway")["checksum/api-keys"]
@@ -1386,6 +1390,34 @@ def test_passwords_that_a_connection_url_cannot_carry_are_refused() -> None:
     assert result.returncode != 0
     assert "timescaledb.auth.password must be URL-safe" in result.stderr
     assert "readonlyPassword" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "api_keys",
+    [
+        "k1:admin",  # too short a key
+        "0123456789abcdef",  # no scope
+        "0123456789abcdef:write",  # no such scope
+        "0123456789 abcdef:read",  # whitespace in the key
+        "0123456789abcdef:admin, :read",  # no key
+        "0123456789abcdef:admin, fedcba9876543210:read",
+        "0123456789abcdef:admin,0123456789abcdef:read",  # a key twice
+        "a:b:0123456789abcdef:read,",  # the scope follows the last colon; empty pairs skipped
+    ],
+)
+def test_gateway_api_keys_the_gateway_refuses_are_refused(api_keys: str) -> None:
+    """A `GATEWAY_API_KEYS` the gateway cannot parse crash-loops it (configuration error at
+    start): `helm install` refuses it instead, without echoing the secret."""
+    try:
+        parse_api_keys(api_keys)
+        valid = True
+    except ValueError:
+        valid = False
+    result = _template_with({"gateway": {"auth": {"apiKeys": api_keys}}})
+    assert (result.returncode == 0) is valid, result.stderr
+    if not valid:
+        assert "gateway.auth.apiKeys" in result.stderr
+        assert api_keys.split(":", maxsplit=1)[0] not in result.stderr
 
 
 def test_schema_rejects_unknown_values() -> None:
