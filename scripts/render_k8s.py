@@ -65,6 +65,8 @@ def parse_params(text: str) -> list[Param]:
             section = m["title"].strip()
         elif m := PARAM.match(line):
             param = Param(m["path"], m["desc"].strip(), section)
+            if param.description.startswith("["):  # modifiers cannot hold a `]`
+                raise SystemExit(f"values.yaml: unparsable modifiers on {param.path}")
             mods = (m["mods"] or "").strip()
             if mods.startswith("enum:"):
                 param.enum = mods[len("enum:") :].split(",")

@@ -1420,6 +1420,20 @@ def test_gateway_api_keys_the_gateway_refuses_are_refused(api_keys: str) -> None
         assert api_keys.split(":", maxsplit=1)[0] not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("size", "valid"),
+    [
+        # redis.conf: "1k => 1000 bytes, 1kb => 1024 bytes, 1m, 1mb, 1g, 1gb ... units are
+        # case insensitive so 1GB 1Gb 1gB are all the same"
+        *((s, True) for s in ("1073741824", "900m", "2G", "1GB", "1Gb", "512MB", "64k", "2b")),
+        *((s, False) for s in ("1GiB", "1.5gb", "2 gb", "gb", "1t")),
+    ],
+)
+def test_redis_sizes_are_checked_as_redis_reads_them(size: str, valid: bool) -> None:
+    result = _template_with({"redis": {"maxmemory": size, "aofRewriteMinSize": size}})
+    assert (result.returncode == 0) is valid, result.stderr
+
+
 def test_schema_rejects_unknown_values() -> None:
     result = subprocess.run(
         [helm(), "template", RELEASE, str(CHART), "--set", "gateway.replicas=2"],
