@@ -54,6 +54,7 @@ class Param:
     nullable: bool = False
     enum: list[str] | None = None
     pattern: str | None = None
+    minimum: int | None = None
 
 
 def parse_params(text: str) -> list[Param]:
@@ -64,17 +65,22 @@ def parse_params(text: str) -> list[Param]:
             section = m["title"].strip()
         elif m := PARAM.match(line):
             param = Param(m["path"], m["desc"].strip(), section)
+            if param.description.startswith("["):  # modifiers cannot hold a `]`
+                raise SystemExit(f"values.yaml: unparsable modifiers on {param.path}")
             mods = (m["mods"] or "").strip()
             if mods.startswith("enum:"):
                 param.enum = mods[len("enum:") :].split(",")
-            elif mods.startswith("pattern:"):
-                param.pattern = mods[len("pattern:") :]
             elif mods:
-                for mod in (x.strip() for x in mods.split(",")):
+                # `pattern:` comes last (a pattern may hold commas); it constrains strings only
+                mods, _, pattern = mods.partition("pattern:")
+                param.pattern = pattern or None
+                for mod in (x.strip() for x in mods.split(",") if x.strip()):
                     if mod == "nullable":
                         param.nullable = True
                     elif mod in TYPES:
                         param.types.append(mod)
+                    elif mod.startswith("minimum:"):
+                        param.minimum = int(mod[len("minimum:") :])
                     else:
                         raise SystemExit(f"values.yaml: unknown modifier [{mod}] on {param.path}")
             params.append(param)
@@ -154,6 +160,8 @@ def build_schema(params: list[Param], values: dict[str, Any]) -> dict[str, Any]:
             leaf["enum"] = param.enum
         if param.pattern is not None:
             leaf["pattern"] = param.pattern
+        if param.minimum is not None:
+            leaf["minimum"] = param.minimum
         if "integer" in types and "port" in keys[-1].lower():
             leaf.update(minimum=1, maximum=65535)
         node["properties"][keys[-1]] = leaf

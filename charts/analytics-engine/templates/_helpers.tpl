@@ -379,6 +379,18 @@ the password is expanded in the pod, never rendered. Call with (dict "component"
       key: {{ ternary "secret-access-key" .Values.externalS3.existingSecretSecretAccessKeyKey .Values.minio.enabled }}
 {{- end -}}
 
+{{/*
+Checksum of the S3 credentials given through the values (the archival service reads them at
+start only): MinIO's auth block, or the external S3 keys. Generated ones never change (lookup).
+*/}}
+{{- define "analytics-engine.s3.credentialsChecksum" -}}
+{{- if .Values.minio.enabled -}}
+{{- toJson .Values.minio.auth | sha256sum -}}
+{{- else -}}
+{{- toJson (omit .Values.externalS3 "endpoint" "port") | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- Services */}}
 
 {{/* Port environment variable of each component (docs/architecture.md). */}}
@@ -456,7 +468,9 @@ annotations:
 
 {{/*
 The Deployment of one application component. Call with
-(dict "component" "gateway" "env" (include "analytics-engine.gateway.env" $) "volumes" "" "volumeMounts" "" "context" $).
+(dict "component" "gateway" "env" (include "analytics-engine.gateway.env" $) "volumes" "" "volumeMounts" "" "context" $),
+optionally with "checksums" (dict "name" "sha256"): pod annotations `checksum/<name>` that roll
+the pods when what the component reads at start only changes.
 */}}
 {{- define "analytics-engine.deployment" -}}
 {{- $ctx := .context -}}
@@ -501,6 +515,10 @@ spec:
         # the API keys are read at start: rotating them through the values rolls the gateways
         # (generated keys never change: lookup keeps them)
         checksum/api-keys: {{ toJson $ctx.Values.gateway.auth | sha256sum }}
+        {{- end }}
+        {{- /* what else the component reads at start only (its own files, credentials) */}}
+        {{- range $name, $sum := .checksums }}
+        checksum/{{ $name }}: {{ $sum }}
         {{- end }}
         {{- with $values.podAnnotations }}
         {{- toYaml . | nindent 8 }}
@@ -869,6 +887,9 @@ spec:
 {{- if and (not $v.timescaledb.enabled) (not $v.externalDatabase.existingSecret) (not $v.externalDatabase.password) -}}
 {{- $errors = append $errors "timescaledb.enabled=false needs externalDatabase.existingSecret or externalDatabase.password" -}}
 {{- end -}}
+{{- if and (not $v.timescaledb.enabled) $v.externalDatabase.readonlyUsername (not $v.externalDatabase.existingSecret) (not $v.externalDatabase.readonlyPassword) -}}
+{{- $errors = append $errors "externalDatabase.readonlyUsername needs externalDatabase.readonlyPassword (or externalDatabase.existingSecret holding it): the database service reads that key" -}}
+{{- end -}}
 {{- if and (not $v.minio.enabled) (not $v.externalS3.endpoint) -}}
 {{- $errors = append $errors "minio.enabled=false needs externalS3.endpoint" -}}
 {{- end -}}
@@ -890,6 +911,21 @@ expansion cannot percent-encode them): only URL-safe ones can be parsed back. */
 {{- range $key := splitList "." $path -}}{{- $value = index $value $key -}}{{- end -}}
 {{- if and $value (not (regexMatch "^[A-Za-z0-9._~-]+$" (toString $value))) -}}
 {{- $errors = append $errors (printf "%s must be URL-safe (letters, digits, . _ ~ -): it is embedded in a connection URL" $path) -}}
+{{- end -}}
+{{- end -}}
+{{- /* GATEWAY_API_KEYS as the gateway parses it (analytics_engine.gateway.auth.parse_api_keys),
+or it stops at start; pairs are named by position only (the keys are secrets). */ -}}
+{{- $seenKeys := dict -}}
+{{- range $i, $pair := splitList "," (toString $v.gateway.auth.apiKeys) -}}
+{{- $pair = trim $pair -}}
+{{- if and $pair (not (regexMatch "^\\S{16,}:(read|admin)$" $pair)) -}}
+{{- $errors = append $errors (printf "gateway.auth.apiKeys: pair %d is not key:scope with a key of 16 characters at least (no whitespace) and scope read or admin" (add1 $i)) -}}
+{{- else if $pair -}}
+{{- $key := regexReplaceAll ":(read|admin)$" $pair "" | sha256sum -}}
+{{- if hasKey $seenKeys $key -}}
+{{- $errors = append $errors (printf "gateway.auth.apiKeys: pair %d repeats a key" (add1 $i)) -}}
+{{- end -}}
+{{- $_ := set $seenKeys $key true -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.operator.clusterwide $v.operator.watchNamespaces -}}

@@ -29,8 +29,10 @@ from analytics_engine.core import channels
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file, acl_rules
 from analytics_engine.core.bus import FIELD, LIBRARY_CODE, PUBLISH_FUNCTION
 from analytics_engine.database.roles import LARGE_OBJECT_CREATORS
+from analytics_engine.gateway.auth import parse_api_keys
 from analytics_engine.localstack import RedisServer
 from analytics_engine.observability import service as observability
+from analytics_engine.simulator import service as simulator_service
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "analytics-engine"
@@ -315,7 +317,10 @@ def test_credentials_changed_through_the_values_roll_their_pods() -> None:
 
     before, again = render({}), render({})
     rotated = render(
-        {"gateway": {"auth": {"apiKeys": "k1:admin"}}, "redis": {"auth": {"password": "p1"}}}
+        {
+            "gateway": {"auth": {"apiKeys": "rotated-key-0123456789:admin"}},
+            "redis": {"auth": {"password": "p1"}},
+        }
     )
     gateway = [
         annotations(o, "Deployment", "-gateway")["checksum/api-keys"]
@@ -326,6 +331,46 @@ def test_credentials_changed_through_the_values_roll_their_pods() -> None:
     ]
     for checksums in (gateway, redis):
         assert checksums[0] == checksums[1] != checksums[2]
+
+
+def _pod_annotations(objects: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, str]:
+    [obj] = [o for o in by_kind(objects, kind) if name_of(o).endswith(suffix)]
+    return dict(obj["spec"]["template"]["metadata"].get("annotations") or {})
+
+
+def test_kpi_definitions_changed_through_the_values_roll_the_metadata_service() -> None:
+    """The metadata service reads `KPI_DEFINITIONS_DIR` at start only (`seed` in bootstrap):
+    an upgrade that edits `metadata.kpiDefinitions` must restart it, or the edit only lands in
+    the ConfigMap."""
+
+    def metadata_pod(definition: str) -> dict[str, str]:
+        values = {"metadata": {"kpiDefinitions": {"count.yaml": definition}}}
+        return _pod_annotations(_render_values(values), "Deployment", "-metadata")
+
+    before, again = metadata_pod("code: orders_count\n"), metadata_pod("code: orders_count\n")
+    edited = metadata_pod("code: orders_count\nname: Orders\n")
+    assert before == again != edited
+
+
+def test_s3_credentials_changed_through_the_values_roll_minio_and_the_archival_service() -> None:
+    """MinIO reads its root credentials, and the archival service its S3 keys, at start only;
+    the bucket Job of the upgrade sets the application user's new secret key at once, so an
+    archival pod left running would be refused by S3 from then on (and a MinIO pod left
+    running would refuse the Job's new root credentials)."""
+    default = _render_values({})
+    rotated_root = _render_values({"minio": {"auth": {"rootPassword": "new-root-pw"}}})
+    rotated_app = _render_values({"minio": {"auth": {"secretAccessKey": "new-app-key"}}})
+    minio = [_pod_annotations(o, "StatefulSet", "-minio") for o in (default, rotated_root)]
+    archival = [_pod_annotations(o, "Deployment", "-archival") for o in (default, rotated_app)]
+    assert minio[0] != minio[1]
+    assert archival[0] != archival[1]
+    assert _pod_annotations(_render_values({}), "Deployment", "-archival") == archival[0]
+    # external S3: a key rotated through the values rolls the archival service too
+    external = {k: EXTERNAL[k] for k in ("minio", "externalS3")}
+    rotated = {**external, "externalS3": {**EXTERNAL["externalS3"], "secretAccessKey": "y"}}
+    assert _pod_annotations(
+        _render_values(external), "Deployment", "-archival"
+    ) != _pod_annotations(_render_values(rotated), "Deployment", "-archival")
 
 
 def test_helm_lint_strict() -> None:
@@ -475,6 +520,47 @@ def test_no_secret_value_is_rendered_into_env_or_configmaps(rendered: list[dict[
             assert not re.search(r"(?i)(password|secret)\s*[:=]\s*\w", value) or key.endswith(
                 ".sh"
             ), key
+
+
+def _secret_refs(objects: list[dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
+    """(workload, Secret name, key) of every secretKeyRef and Secret volume item."""
+    for obj, template in pod_templates(objects):
+        for c in containers(template):
+            for env in c.get("env", []):
+                if ref := (env.get("valueFrom") or {}).get("secretKeyRef"):
+                    yield name_of(obj), ref["name"], ref["key"]
+        for volume in template["spec"].get("volumes", []):
+            if secret := volume.get("secret"):
+                for item in secret.get("items", []):
+                    yield name_of(obj), secret["secretName"], item["key"]
+
+
+def test_every_key_read_from_a_chart_secret_is_in_it(rendered: list[dict[str, Any]]) -> None:
+    """A missing key keeps the pod in CreateContainerConfigError."""
+    secrets = {s["metadata"]["name"]: set(s.get("data") or {}) for s in by_kind(rendered, "Secret")}
+    for where, name, key in _secret_refs(rendered):
+        if name in secrets:  # not an existingSecret
+            assert key in secrets[name], f"{where} reads {key!r} of Secret {name}"
+
+
+def test_an_external_read_only_role_needs_its_password() -> None:
+    """`externalDatabase.readonlyUsername` makes the database service read the read-only
+    password from the Secret: without `readonlyPassword` (or an existingSecret) the chart's
+    Secret has no such key and the database pods never start."""
+    external = {
+        "timescaledb": {"enabled": False},
+        "externalDatabase": {"host": "pg.example.com", "password": "pw", "readonlyUsername": "ro"},
+    }
+    result = _template_with(external)
+    assert result.returncode != 0
+    assert "externalDatabase.readonlyUsername needs externalDatabase.readonlyPassword" in (
+        result.stderr
+    )
+    external["externalDatabase"]["readonlyPassword"] = "ropw"
+    assert _template_with(external).returncode == 0
+    external["externalDatabase"] = {"host": "pg.example.com", "existingSecret": "pg-creds"}
+    external["externalDatabase"]["readonlyUsername"] = "ro"
+    assert _template_with(external).returncode == 0
 
 
 def test_service_settings_env(default_objects: list[dict[str, Any]]) -> None:
@@ -1010,6 +1096,23 @@ def test_gateway_ingress_restricted_to_ingress_controller() -> None:
     ]
 
 
+def test_gateway_ingress_from_anywhere_includes_pods_of_the_cluster() -> None:
+    """`networkPolicy.allowExternal` means any source. Whether an `ipBlock` matches the IP of a
+    pod is up to the network plugin (Kubernetes leaves it undefined; Cilium never matches pods
+    by CIDR): an in-cluster ingress controller must be let in by a selector, or the chart's own
+    Ingress answers 503 on such clusters."""
+    (policy,) = [
+        p
+        for p in by_kind(_render("default"), "NetworkPolicy")
+        if p["metadata"]["name"].endswith("-gateway")
+    ]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "http"}]
+    assert {"namespaceSelector": {}} in rule["from"]  # every pod of every namespace
+    assert {"ipBlock": {"cidr": "0.0.0.0/0"}} in rule["from"]
+    assert {"ipBlock": {"cidr": "::/0"}} in rule["from"]
+
+
 def test_prometheus_may_scrape_every_service_when_monitoring() -> None:
     objects = _render("monitoring")
     for p in by_kind(objects, "NetworkPolicy"):
@@ -1289,6 +1392,48 @@ def test_passwords_that_a_connection_url_cannot_carry_are_refused() -> None:
     assert "readonlyPassword" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "api_keys",
+    [
+        "k1:admin",  # too short a key
+        "0123456789abcdef",  # no scope
+        "0123456789abcdef:write",  # no such scope
+        "0123456789 abcdef:read",  # whitespace in the key
+        "0123456789abcdef:admin, :read",  # no key
+        "0123456789abcdef:admin, fedcba9876543210:read",
+        "0123456789abcdef:admin,0123456789abcdef:read",  # a key twice
+        "a:b:0123456789abcdef:read,",  # the scope follows the last colon; empty pairs skipped
+    ],
+)
+def test_gateway_api_keys_the_gateway_refuses_are_refused(api_keys: str) -> None:
+    """A `GATEWAY_API_KEYS` the gateway cannot parse crash-loops it (configuration error at
+    start): `helm install` refuses it instead, without echoing the secret."""
+    try:
+        parse_api_keys(api_keys)
+        valid = True
+    except ValueError:
+        valid = False
+    result = _template_with({"gateway": {"auth": {"apiKeys": api_keys}}})
+    assert (result.returncode == 0) is valid, result.stderr
+    if not valid:
+        assert "gateway.auth.apiKeys" in result.stderr
+        assert api_keys.split(":", maxsplit=1)[0] not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("size", "valid"),
+    [
+        # redis.conf: "1k => 1000 bytes, 1kb => 1024 bytes, 1m, 1mb, 1g, 1gb ... units are
+        # case insensitive so 1GB 1Gb 1gB are all the same"
+        *((s, True) for s in ("1073741824", "900m", "2G", "1GB", "1Gb", "512MB", "64k", "2b")),
+        *((s, False) for s in ("1GiB", "1.5gb", "2 gb", "gb", "1t")),
+    ],
+)
+def test_redis_sizes_are_checked_as_redis_reads_them(size: str, valid: bool) -> None:
+    result = _template_with({"redis": {"maxmemory": size, "aofRewriteMinSize": size}})
+    assert (result.returncode == 0) is valid, result.stderr
+
+
 def test_schema_rejects_unknown_values() -> None:
     result = subprocess.run(
         [helm(), "template", RELEASE, str(CHART), "--set", "gateway.replicas=2"],
@@ -1297,6 +1442,37 @@ def test_schema_rejects_unknown_values() -> None:
         check=False,
     )
     assert result.returncode != 0 and "replicas" in result.stderr
+
+
+def test_schema_accepts_what_the_services_and_kubernetes_accept() -> None:
+    """`SIMULATOR_RATE` is a float (events per second, e.g. 0.5) and a PodDisruptionBudget's
+    maxUnavailable may be a percentage: the schema must not refuse either."""
+    values: dict[str, Any] = {
+        c: {"pdb": {"maxUnavailable": "50%"}} for c in (*APP_COMPONENTS, "operator")
+    }
+    values["simulator"]["rate"] = 0.5
+    result = _template_with(values)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    [simulator] = [t for _o, t in pod_templates(objects) if component(t) == "simulator"]
+    env = {e["name"]: e["value"] for e in containers(simulator)[0]["env"] if "value" in e}
+    settings = simulator_service.Settings.model_validate({"SIMULATOR_RATE": env["SIMULATOR_RATE"]})
+    assert settings.rate == 0.5
+    pdbs = by_kind(objects, "PodDisruptionBudget")
+    assert len(pdbs) == len(APP_COMPONENTS) + 1
+    assert {p["spec"]["maxUnavailable"] for p in pdbs} == {"50%"}
+    # ... and still refuses what Kubernetes would
+    result = _template_with({"gateway": {"pdb": {"maxUnavailable": "half"}}})
+    assert result.returncode != 0 and "maxUnavailable" in result.stderr
+
+
+def test_schema_refuses_a_stream_length_the_services_refuse() -> None:
+    """Every service refuses `BUS_STREAM_MAXLEN` below 1000 (a configuration error at start,
+    crash-looping every pod): `helm install` must refuse it instead."""
+    minimum = simulator_service.Settings.model_fields["stream_maxlen"].metadata[0].ge
+    assert _template_with({"config": {"streamMaxlen": minimum}}).returncode == 0
+    result = _template_with({"config": {"streamMaxlen": minimum - 1}})
+    assert result.returncode != 0 and "streamMaxlen" in result.stderr
 
 
 # --------------------------------------------------------------------------- drift
