@@ -765,6 +765,8 @@ def _bus_error(exc: RequestError, service: str) -> ApiError:
             return ApiError(
                 503, exc.message, code="upstream_unavailable", headers={"Retry-After": "2"}
             )
+        if exc.code == "query_timeout":  # the database's statement timeout: slow, not broken
+            return ApiError(504, exc.message, code="upstream_timeout")
     log.warning("bus request failed", extra={"service": service, "error": str(exc)[:200]})
     return ApiError(502, f"the {service} service failed", code="bad_gateway")
 
