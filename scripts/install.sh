@@ -71,7 +71,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 log "installing the project into $VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+# The runtime dependencies at the versions the image ships (requirements.lock), so the tests run
+# exactly those; the dev tools resolve freely around them.
+"$VENV/bin/python" -m pip install --quiet -e '.[dev]' -c requirements.lock
 
 if [ -f scripts/install_k8s_tools.py ]; then
   log "installing helm and kubectl"

@@ -1,15 +1,17 @@
 """Static checks of the delivery files: Chart.yaml and skaffold.yaml against their JSON
-schemas (copies in ../shared/schemas), hadolint on the Dockerfile, and the helm/kubectl
-installer's extraction logic."""
+schemas (copies in ../shared/schemas), hadolint on the Dockerfile, the image's dependency
+lock, and the helm/kubectl installer's extraction logic."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import io
 import json
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[3]
 SCHEMAS = ROOT.parent / "shared" / "schemas"
@@ -89,6 +93,46 @@ def test_dockerfile_conventions() -> None:
     assert 'ENTRYPOINT ["analytics-engine"]' in final
     for compiler in ("gcc", "build-essential", "apt-get install"):
         assert compiler not in final
+
+
+def _lock() -> dict[str, str]:
+    """requirements.lock as {canonical name: version}."""
+    pins: dict[str, str] = {}
+    for raw in (ROOT / "requirements.lock").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock: {line!r} is not pinned with =="
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_the_lock_pins_every_runtime_dependency_within_pyproject() -> None:
+    """The image installs requirements.lock (the Dockerfile's dependency layer): every
+    [project] dependency is pinned there, at a version its specifier allows."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _lock()
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"requirements.lock pins {name}=={pins[name]}, outside {requirement.specifier}"
+        )
+
+
+def test_the_tests_run_the_locked_versions() -> None:
+    """scripts/install.sh installs with `-c requirements.lock`, so what the tests exercise is
+    what the image ships."""
+    drift = {}
+    for name, version in _lock().items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a platform-conditional dependency this machine does not need
+        if installed != version:
+            drift[name] = (version, installed)
+    assert not drift, f"(locked, installed) differ, run scripts/install.sh: {drift}"
 
 
 def _installer() -> Any:
