@@ -30,20 +30,28 @@ FROM generate_series(1, $2::int) i
 """
 
 
+async def _migrate_before(
+    pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    """The schema as it was before migration `version` (`monkeypatch.undo()` brings the rest
+    back for the upgrade under test)."""
+    everything = load_migrations()
+    monkeypatch.setattr(
+        migrations, "load_migrations", lambda: [m for m in everything if m.version < version]
+    )
+    await migrate(pg, timescale="off")
+
+
 async def test_the_type_key_migration_keeps_rows_and_still_rejects_a_stored_event(
     pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    everything = load_migrations()
-    monkeypatch.setattr(
-        migrations, "load_migrations", lambda: [m for m in everything if m.version < 3]
-    )
-    await migrate(pg, timescale="off")
+    await _migrate_before(pg, monkeypatch, 3)
     await PartitionManager(enabled=True).ensure(
         pg, {(DAY - timedelta(days=d)).date() for d in range(3)}
     )
     await pg.execute(INSERT, DAY, 3000)  # two days of rows, in their day partitions
     before = await pg.fetch("SELECT * FROM entity_events ORDER BY event_id")
-    monkeypatch.setattr(migrations, "load_migrations", lambda: everything)
+    monkeypatch.undo()
 
     await migrate(pg, timescale="off")
 
@@ -76,11 +84,7 @@ async def test_attributes_version_is_backfilled_from_each_rows_version(
     """An active row holds its version's attributes; a deactivated row's version is the
     newest its attributes can be, so an older update arriving after the upgrade leaves them
     (as before), while a newer one sets them."""
-    everything = load_migrations()
-    monkeypatch.setattr(
-        migrations, "load_migrations", lambda: [m for m in everything if m.version < 4]
-    )
-    await migrate(pg, timescale="off")
+    await _migrate_before(pg, monkeypatch, 4)
     await pg.execute(
         "INSERT INTO entities (entity_type, entity_id, version, attributes, active, created_at,"
         " updated_at, last_event_id) VALUES"
@@ -88,7 +92,7 @@ async def test_attributes_version_is_backfilled_from_each_rows_version(
         " ('order', 'gone', 6, '{\"v\": 2}', false, $1, $1, gen_random_uuid())",
         DAY,
     )
-    monkeypatch.setattr(migrations, "load_migrations", lambda: everything)
+    monkeypatch.undo()
 
     await migrate(pg, timescale="off")
 
@@ -110,11 +114,7 @@ async def test_attributes_version_is_backfilled_from_each_rows_version(
 async def test_kpi_result_versions_begin_at_each_versions_earliest_stored_window(
     pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    everything = load_migrations()
-    monkeypatch.setattr(
-        migrations, "load_migrations", lambda: [m for m in everything if m.version < 7]
-    )
-    await migrate(pg, timescale="off")
+    await _migrate_before(pg, monkeypatch, 7)
     await pg.execute(
         "INSERT INTO kpi_results (kpi_code, window_start, window_end, dimensions, dims_key,"
         " value, sample_count, definition_version, computed_at)"
@@ -123,7 +123,7 @@ async def test_kpi_result_versions_begin_at_each_versions_earliest_stored_window
         " now() FROM generate_series(0, 59) m",
         DAY,
     )
-    monkeypatch.setattr(migrations, "load_migrations", lambda: everything)
+    monkeypatch.undo()
 
     await migrate(pg, timescale="off")
 

@@ -34,6 +34,19 @@ async def replayed(redis: Redis, channel: str) -> list[dict[str, Any]]:
     return [orjson.loads(f[b"m"]) for _, f in entries]
 
 
+async def _replayed_to_the_end(
+    redis: Redis, channel: str, timeout: float = 15.0
+) -> list[dict[str, Any]]:
+    """The replay's events once it has said it is done."""
+
+    async def ended() -> bool:
+        events = await replayed(redis, channel)
+        return bool(events) and events[-1]["payload"].get("done") is True
+
+    await wait_for(ended, timeout=timeout)
+    return await replayed(redis, channel)
+
+
 def envelope(event: Event) -> dict[str, Any]:
     """The envelope as published, with `occurred_at` normalised like the stored copy."""
     data: dict[str, Any] = orjson.loads(
@@ -111,13 +124,7 @@ async def test_replays_the_matching_events_in_time_order_then_ends(
 
     await wait_for(stored)
     channel = await subscribe(publisher, "s1")
-
-    async def ended() -> bool:
-        events = await replayed(redis, channel)
-        return bool(events) and events[-1]["payload"].get("done") is True
-
-    await wait_for(ended)
-    events = await replayed(redis, channel)
+    events = await _replayed_to_the_end(redis, channel)
     expected = [inside[0], late, inside[1], deact, *inside[2:]]
     assert [e["payload"]["event"] for e in events[:-1]] == [envelope(x) for x in expected]
     assert events[-1]["payload"] == {"subscription_id": "s1", "done": True, "count": 9}
@@ -153,12 +160,7 @@ async def test_backpressure_then_heartbeat_timeout_ends_the_subscription(
     assert 4 <= len(held) <= 6  # paused at max_lag (plus at most one page)
     assert not any(e["payload"].get("done") for e in held)
 
-    async def timed_out() -> bool:
-        events = await replayed(redis, channel)
-        return bool(events) and events[-1]["payload"].get("done") is True
-
-    await wait_for(timed_out, timeout=10)
-    last = (await replayed(redis, channel))[-1]["payload"]
+    last = (await _replayed_to_the_end(redis, channel, timeout=10))[-1]["payload"]
     assert last == {"subscription_id": "s2", "done": True, "count": len(held), "reason": "timeout"}
 
 
@@ -335,14 +337,9 @@ async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_d
             await runner
 
 
-async def test_a_subscription_cannot_make_the_database_write_outside_the_replay_channels(
-    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+async def _one_event_stored(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection
 ) -> None:
-    """Only `stream.replay.*` may be named (the StreamSubscribe schema, and the only streams
-    the database service's Redis user may append to). Any other name outside a short deny
-    list was accepted: the database wrote stored events into a stream of the subscriber's
-    choosing (under its ACL user the publish failed forever instead, and the subscription was
-    never ended, taking a replay slot for good)."""
     await start_service()
     await publisher.publish_events(
         [entity_event(publisher, "created", "o-1", 1, occurred_at=T0 + timedelta(seconds=1))]
@@ -352,6 +349,17 @@ async def test_a_subscription_cannot_make_the_database_write_outside_the_replay_
         return await count(pg, "SELECT count(*) FROM entity_events") == 1
 
     await wait_for(stored)
+
+
+async def test_a_subscription_cannot_make_the_database_write_outside_the_replay_channels(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """Only `stream.replay.*` may be named (the StreamSubscribe schema, and the only streams
+    the database service's Redis user may append to). Any other name outside a short deny
+    list was accepted: the database wrote stored events into a stream of the subscriber's
+    choosing (under its ACL user the publish failed forever instead, and the subscription was
+    never ended, taking a replay slot for good)."""
+    await _one_event_stored(start_service, publisher, pg)
     for i, target in enumerate(["observability.alerts", "metadata.lookupx", "ae:db:subs"]):
         await subscribe(publisher, f"evil{i}", channel=target)
 
@@ -359,13 +367,7 @@ async def test_a_subscription_cannot_make_the_database_write_outside_the_replay_
         return await redis.xlen(channels.dead_letter_key(channels.STREAM_SUBSCRIBE)) == 3
 
     await wait_for(dead)
-    channel = await subscribe(publisher, "fine")
-
-    async def ended() -> bool:
-        events = await replayed(redis, channel)
-        return bool(events) and events[-1]["payload"].get("done") is True
-
-    await wait_for(ended)
+    await _replayed_to_the_end(redis, await subscribe(publisher, "fine"))
     for target in ["observability.alerts", "metadata.lookupx", "ae:db:subs"]:
         assert not await redis.exists(channels.stream_key(target))
     assert not await redis.smembers("ae:db:subs")
@@ -378,26 +380,12 @@ async def test_a_subscription_id_cannot_name_another_subscriptions_keys(
     a heartbeat for `s9:lease` wrote a hash at `ae:db:sub:s9:lease`, the lease key of `s9`,
     whose replay then could never take its lease (WRONGTYPE), and stopped every other replay
     of the instance with it."""
-    await start_service()
-    await publisher.publish_events(
-        [entity_event(publisher, "created", "o-1", 1, occurred_at=T0 + timedelta(seconds=1))]
-    )
-
-    async def stored() -> bool:
-        return await count(pg, "SELECT count(*) FROM entity_events") == 1
-
-    await wait_for(stored)
+    await _one_event_stored(start_service, publisher, pg)
     await publisher.publish(channels.STREAM_HEARTBEAT, {"subscription_id": "s9:lease"})
 
     async def dead() -> bool:
         return await redis.xlen(channels.dead_letter_key(channels.STREAM_HEARTBEAT)) == 1
 
     await wait_for(dead)
-    channel = await subscribe(publisher, "s9")
-
-    async def ended() -> bool:
-        events = await replayed(redis, channel)
-        return bool(events) and events[-1]["payload"].get("done") is True
-
-    await wait_for(ended)
-    assert (await replayed(redis, channel))[-1]["payload"]["count"] == 1
+    events = await _replayed_to_the_end(redis, await subscribe(publisher, "s9"))
+    assert events[-1]["payload"]["count"] == 1
