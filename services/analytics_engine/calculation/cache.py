@@ -1,4 +1,8 @@
-"""The latest result per KPI and group, for `GET /api/v1/kpis/{code}/latest` (pure)."""
+"""The latest result per KPI and group, for `GET /api/v1/kpis/{code}/latest` (pure).
+
+Only the newest definition version's groups: once a changed KPI publishes its first result, the
+groups of the earlier definition (another `group_by`, another window) are no longer current,
+as the database's `latest_kpi_values` has it."""
 
 from __future__ import annotations
 
@@ -12,9 +16,18 @@ from analytics_engine.kpi import KPIResult
 class LatestResults:
     def __init__(self) -> None:
         self._by_kpi: dict[str, dict[bytes, KPIResult]] = {}
+        self._versions: dict[str, int] = {}
+        """The definition version of each KPI's groups."""
 
     def add(self, result: KPIResult) -> None:
-        groups = self._by_kpi.setdefault(result.kpi_code, {})
+        code, version = result.kpi_code, result.definition_version
+        held = self._versions.get(code)
+        if held is not None and version < held:
+            return
+        if held is None or version > held:
+            self._by_kpi[code] = {}
+            self._versions[code] = version
+        groups = self._by_kpi[code]
         key = orjson.dumps(result.dimensions, option=orjson.OPT_SORT_KEYS)
         current = groups.get(key)
         if current is None or (result.window_end, result.window_start) >= (
@@ -35,3 +48,4 @@ class LatestResults:
 
     def forget(self, code: str) -> None:
         self._by_kpi.pop(code, None)
+        self._versions.pop(code, None)

@@ -372,3 +372,22 @@ def test_latest_cache_keeps_the_latest_window_per_group() -> None:
     cache.add(KPIResult("k", 9.0, T0, T0 + timedelta(seconds=10), {"region": "eu"}, 1, 1, T0))
     latest = {r["dimensions"]["region"]: r["value"] for r in cache.latest("k")}
     assert latest == {"eu": 1.0, "us": 0.0}
+
+
+def test_latest_cache_holds_the_newest_definition_versions_groups_only() -> None:
+    """A changed KPI (here `group_by` region -> currency) replaces the earlier definition's
+    groups with its first result; a late result of the earlier version changes nothing."""
+    cache = LatestResults()
+
+    def add(version: int, start_s: int, **dimensions: str) -> None:
+        start = T0 + timedelta(seconds=start_s)
+        end = start + timedelta(seconds=10)
+        cache.add(KPIResult("k", float(start_s), start, end, dimensions, 1, version, T0))
+
+    add(1, 0, region="eu")
+    add(1, 0, region="us")
+    add(2, 10, currency="EUR")
+    add(1, 20, region="eu")
+    assert [(r["definition_version"], r["dimensions"]) for r in cache.latest("k")] == [
+        (2, {"currency": "EUR"})
+    ]
