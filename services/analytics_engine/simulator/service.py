@@ -6,10 +6,12 @@ spec Example 3) when it answers, else the built-in `order` and `sensor`; a `meta
 event about an entity type triggers a re-fetch. Changing the definitions changes what is
 generated from then on (determinism holds for a given seed *and* sequence of definitions).
 
-Event ids are a function of `SIMULATOR_SEED`, the run id and the sequence number. Unset,
-`SIMULATOR_RUN_ID` is random per process, so a restarted simulator never re-sends ids that
-consumers have already seen (they deduplicate by event id and would drop the new events); set it,
-with the seed, to reproduce a run's ids exactly.
+Event ids are a function of `SIMULATOR_SEED`, the run id and the sequence number, and entity ids
+carry a tag of the seed and run id. Unset, `SIMULATOR_RUN_ID` is random per process, so a
+restarted simulator never re-sends event ids that consumers have already seen (they deduplicate
+by event id and would drop the new events), nor restarts at version 1 an entity id the last run
+took further (consumers keep each entity's highest version); set it, with the seed, to reproduce
+a run's ids exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class Settings(BaseServiceSettings):
         default=42,
         validation_alias="SIMULATOR_SEED",
         description="Seed of the generator: the same seed and entity definitions give the same "
-        "events but for their timestamps (the same event ids also need `SIMULATOR_RUN_ID`).",
+        "events but for their timestamps (the same event and entity ids also need "
+        "`SIMULATOR_RUN_ID`).",
     )
     rate: float = Field(
         default=100.0,
@@ -130,9 +133,9 @@ class Settings(BaseServiceSettings):
         default="",
         max_length=100,
         validation_alias="SIMULATOR_RUN_ID",
-        description="Salt of the event ids. Empty: a random one per process, so a restart never "
-        "re-sends ids consumers have already seen; set it (with the seed) to reproduce a run's "
-        "ids.",
+        description="Salt of the event and entity ids. Empty: a random one per process, so a "
+        "restart never re-sends ids consumers have already seen, nor starts an entity of the last "
+        "run at version 1 again; set it (with the seed) to reproduce a run's ids.",
     )
     max_live_entities: int = Field(
         default=50_000,
