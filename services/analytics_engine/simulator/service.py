@@ -127,7 +127,8 @@ class Settings(BaseServiceSettings):
         validation_alias="SIMULATOR_AUTOSTART",
         description="Start generating when the service starts (once its first request for the "
         "metadata service's entity types has an outcome, at most `SIMULATOR_METADATA_TIMEOUT` + "
-        "1 s); false waits for `POST /api/v1/simulator/start`.",
+        "1 s), unless `POST /api/v1/simulator/stop` (or `start`) came first; false waits for "
+        "`POST /api/v1/simulator/start`.",
     )
     run_id: str = Field(
         default="",
@@ -274,8 +275,7 @@ def build(settings: Settings) -> SimulatorService:
         # Start with the metadata service's entity types when it answers (Example 3).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sync.first_attempt.wait(), settings.metadata_timeout_s + 1)
-        if not controller.finished:
-            controller.start()
+        controller.autostart()  # not over a start or stop requested meanwhile
 
     runtime.consume([channels.METADATA_CHANGED], sync.on_changed)
     runtime.add_task("metadata-sync", sync.run)
