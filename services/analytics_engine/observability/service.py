@@ -57,7 +57,9 @@ class Settings(BaseServiceSettings):
         gt=0,
         validation_alias="OBSERVABILITY_MISSING_AFTER",
         description="Seconds without a heartbeat before an instance is reported missing "
-        "(three missed heartbeats at the default interval of 5 s).",
+        "(three missed heartbeats at the default interval of 5 s). An instance silent for an "
+        "hour is forgotten (each pod restart is a new one); a deployed service with none left "
+        "is still reported missing.",
     )
     trim_interval: Duration = Field(
         default=timedelta(seconds=2),
@@ -121,6 +123,8 @@ class Observability:
             ["channel"],
             registry=r,
         )
+        self._up_services: set[str] = set()
+        """The services `services_up` has a sample of."""
         self._dead_letter_channels: set[str] = set()
         """The channels `dead_letters` has a sample of (removed when their stream goes)."""
         self.freshness = Gauge(
@@ -214,8 +218,14 @@ class Observability:
                     self.trimmed.labels(channel).inc(count)
 
     def set_services_up(self, services: Sequence[dict[str, Any]]) -> None:
+        """The service-up gauge as `services`: a service no longer listed (forgotten by the
+        registry, not deployed) loses its sample."""
+        listed = {str(entry["service"]) for entry in services}
+        for service in self._up_services - listed:
+            self.services_up.remove(service)
         for entry in services:
             self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
+        self._up_services = listed
 
     def set_dead_letters(self, counts: dict[str, int]) -> None:
         """The dead-letter gauge as `counts`: a stream deleted (its letters handled) loses its
