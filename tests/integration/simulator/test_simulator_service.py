@@ -147,6 +147,9 @@ async def test_http_control_api(redis_url: str, running: Start) -> None:
             assert body["error"]["message"] and body["error"]["details"]
         async with http.put(f"{base}/rate", data=b"{nope") as r:
             assert r.status == 400
+        async with http.put(f"{base}/rate", data=b"[" * 100_000) as r:  # too deep to parse
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "invalid_json"
         assert service.controller.rate == 1500.5
         async with http.post(f"{base}/stop") as r:
             assert r.status == 200 and (await r.json())["running"] is False
