@@ -117,7 +117,10 @@ async def trim_consumed(redis: Any, channel: str, absent: Collection[str] = ()) 
             continue
         oldest = None
         if int(info["pending"]):
-            oldest = _text((await redis.xpending(key, name))["min"])
+            # None when the reader acknowledged them all since XINFO GROUPS: then it has
+            # consumed everything up to the last delivered entry that XINFO reported
+            smallest = (await redis.xpending(key, name))["min"]
+            oldest = None if smallest is None else _text(smallest)
         groups[name] = GroupPosition(_text(info["last-delivered-id"]), oldest)
     raw_holds = await redis.hgetall(stream_hold_key(channel))
     holds = {_text(k): _text(v) for k, v in raw_holds.items()}

@@ -9,7 +9,10 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
+
+FORGET_AFTER_S: Final = 3600.0
+"""An instance silent this long is forgotten (each pod restart is a new instance)."""
 
 
 @dataclass
@@ -66,19 +69,34 @@ class Registry:
         missing_after_s: float,
         expected: Collection[str] = (),
         started: float | None = None,
+        forget_after_s: float = FORGET_AFTER_S,
     ) -> None:
         """`expected`: the services deployed; one never heard from is reported missing once
         the registry has listened for `missing_after_s` since `started` (monotonic; None: not
         listening yet), so that a service down since before an observability restart still
-        shows."""
+        shows. An instance silent for `forget_after_s` is forgotten: the registry holds the
+        instances of the last hour, not every pod that ever ran, and a service no longer run
+        stops being listed (an expected one is still reported missing)."""
         self.missing_after_s = missing_after_s
+        self.forget_after_s = max(forget_after_s, missing_after_s)
+        self._forgotten_at: float | None = None
         self.expected = frozenset(expected)
         self.started = started
         self.instances: dict[tuple[str, str], InstanceState] = {}
         self.kpis: dict[str, KPIState] = {}
         self.rates: dict[str, RateMeter] = {}
 
+    def _forget(self, now: float) -> None:
+        """Drop the instances silent for `forget_after_s` (a scan at most once a second)."""
+        if self._forgotten_at is not None and now - self._forgotten_at < 1.0:
+            return
+        self._forgotten_at = now
+        gone = [k for k, s in self.instances.items() if now - s.last_seen > self.forget_after_s]
+        for key in gone:
+            del self.instances[key]
+
     def heartbeat(self, payload: dict[str, Any], *, now: float) -> None:
+        self._forget(now)
         key = (str(payload["service"]), str(payload["instance"]))
         self.instances[key] = InstanceState(
             service=key[0],
@@ -115,6 +133,7 @@ class Registry:
 
     def services(self, *, now: float) -> list[dict[str, Any]]:
         """One entry per service: up when any instance is up, with each instance's detail."""
+        self._forget(now)
         by_service: dict[str, list[InstanceState]] = {}
         for state in self.instances.values():
             by_service.setdefault(state.service, []).append(state)

@@ -32,6 +32,8 @@ _LAST_TICKS = 10
 """The newest `simulation.tick` entries searched for a valid one (the status's last tick)."""
 _STATUS_REDIS_TIMEOUT_S = 3.0
 """How long the status waits for what it reads from Redis before reporting it unreachable."""
+_GAUGE_INTERVAL_S = 2.0
+"""How often the gauges (services up, dead letters) are brought up to date for /metrics."""
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,9 @@ class Settings(BaseServiceSettings):
         gt=0,
         validation_alias="OBSERVABILITY_MISSING_AFTER",
         description="Seconds without a heartbeat before an instance is reported missing "
-        "(three missed heartbeats at the default interval of 5 s).",
+        "(three missed heartbeats at the default interval of 5 s). An instance silent for an "
+        "hour is forgotten (each pod restart is a new one); a deployed service with none left "
+        "is still reported missing.",
     )
     trim_interval: Duration = Field(
         default=timedelta(seconds=2),
@@ -119,6 +123,10 @@ class Observability:
             ["channel"],
             registry=r,
         )
+        self._up_services: set[str] = set()
+        """The services `services_up` has a sample of."""
+        self._dead_letter_channels: set[str] = set()
+        """The channels `dead_letters` has a sample of (removed when their stream goes)."""
         self.freshness = Gauge(
             "analytics_kpi_freshness_seconds",
             "Window end to result received, for the last result of each KPI",
@@ -209,6 +217,38 @@ class Observability:
                 if count:
                     self.trimmed.labels(channel).inc(count)
 
+    def set_services_up(self, services: Sequence[dict[str, Any]]) -> None:
+        """The service-up gauge as `services`: a service no longer listed (forgotten by the
+        registry, not deployed) loses its sample."""
+        listed = {str(entry["service"]) for entry in services}
+        for service in self._up_services - listed:
+            self.services_up.remove(service)
+        for entry in services:
+            self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
+        self._up_services = listed
+
+    def set_dead_letters(self, counts: dict[str, int]) -> None:
+        """The dead-letter gauge as `counts`: a stream deleted (its letters handled) loses its
+        sample, instead of reporting its last count for good."""
+        for channel in self._dead_letter_channels - counts.keys():
+            self.dead_letters.remove(channel)
+        for channel, count in counts.items():
+            self.dead_letters.labels(channel).set(count)
+        self._dead_letter_channels = set(counts)
+
+    async def refresh_gauges(self) -> None:
+        """Every few seconds, the gauges from the registry and Redis: Prometheus scrapes
+        /metrics and never asks for the status, whose reads would otherwise be their only
+        update (an alert on them would never fire, or never clear)."""
+        while True:
+            self.set_services_up(self.registry.services(now=time.monotonic()))
+            try:
+                async with asyncio.timeout(_STATUS_REDIS_TIMEOUT_S):
+                    self.set_dead_letters(await self.dead_letter_counts())
+            except (TimeoutError, *REDIS_ERRORS) as exc:
+                log.warning("dead-letter counts not read", extra={"error": str(exc)[:200]})
+            await asyncio.sleep(_GAUGE_INTERVAL_S)
+
     async def dead_letter_counts(self) -> dict[str, int]:
         prefix = channels.dead_letter_key("")
         counts: dict[str, int] = {}
@@ -247,8 +287,7 @@ class Observability:
         dead = await self.dead_letter_counts()
         full = await self.full_streams()
         tick, tick_age = await self.last_tick()
-        for channel, count in dead.items():
-            self.dead_letters.labels(channel).set(count)
+        self.set_dead_letters(dead)
         return {
             "full_streams": full,
             "dead_letters": dead,
@@ -261,8 +300,7 @@ class Observability:
         `redis.reachable` false, and the parts read from Redis left out (unknown)."""
         now = time.monotonic()
         services = self.registry.services(now=now)
-        for entry in services:
-            self.services_up.labels(entry["service"]).set(1 if entry["status"] == "up" else 0)
+        self.set_services_up(services)
         redis: dict[str, Any] = {"reachable": True}
         stored: dict[str, Any] = {}
         try:
@@ -300,6 +338,7 @@ def create(settings: Settings) -> ServiceRuntime:
     runtime.add_task("listening", functools.partial(observability.listening, live))
     runtime.consume([channels.SIMULATION_TICK], observability.on_ticks)
     runtime.add_task("sample-streams", observability.sample_streams)
+    runtime.add_task("gauges", observability.refresh_gauges)
     interval = settings.trim_interval.total_seconds()
     if interval > 0:
         trim = functools.partial(observability.trim_streams, interval)

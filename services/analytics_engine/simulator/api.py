@@ -45,7 +45,8 @@ def add_routes(app: web.Application, controller: SimulatorController) -> None:
     async def set_rate(request: web.Request) -> web.Response:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            # RecursionError: nested too deep for the parser (`[[[[...`), not a server fault
             return error_response(400, "invalid_json", "the request body is not valid JSON")
         rate = body.get("rate") if isinstance(body, dict) else None
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:

@@ -50,6 +50,8 @@ class SimulatorController:
         self.batches_published = 0
         self.started_at: datetime | None = None
         self._running = asyncio.Event()
+        self._commanded = False
+        """Started or stopped on request: the autostart leaves the simulator as it was told."""
         self._pending: list[EncodedEvent] = []
         self._pending_batch: tuple[list[tuple[str, dict[str, Any]]], list[str]] = ([], [])
         self._tick = 0
@@ -73,6 +75,18 @@ class SimulatorController:
     def start(self) -> None:
         if self.finished:
             raise MaxEventsReached(f"all {self.max_events} events were emitted")
+        self._commanded = True
+        self._start()
+
+    def autostart(self) -> bool:
+        """Start unless already started or stopped on request (a `stop` sent while the service
+        waited for the metadata service holds) or finished; True when it started."""
+        if self._commanded or self.finished:
+            return False
+        self._start()
+        return True
+
+    def _start(self) -> None:
         if not self.running:
             self._bucket.reset(self._clock())
             self.started_at = utcnow()
@@ -82,6 +96,7 @@ class SimulatorController:
             log.info("simulation started", extra={"rate": self.rate})
 
     def stop(self) -> None:
+        self._commanded = True
         if self.running:
             self._running.clear()
             log.info("simulation stopped", extra={"events_emitted": self.events_emitted})

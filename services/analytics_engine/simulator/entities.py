@@ -39,7 +39,10 @@ class EntityShape:
 class EntityModel(Protocol):
     entity_type: str
 
-    def entity_id(self, n: int) -> str: ...
+    def entity_id(self, n: int, run: str = "") -> str:
+        """The id of the type's `n`th entity (1-based) of the run tagged `run` (a prefix of
+        the number: ids of different runs never meet)."""
+        ...
 
     def create(self, rng: random.Random, now: datetime) -> Attributes: ...
 
@@ -97,8 +100,8 @@ class OrderModel:
         )
         self._customers = _Zipf(customer_pool)
 
-    def entity_id(self, n: int) -> str:
-        return f"order-{n:08d}"
+    def entity_id(self, n: int, run: str = "") -> str:
+        return f"order-{run}{n:08d}"
 
     def create(self, rng: random.Random, now: datetime) -> Attributes:
         return {
@@ -154,8 +157,8 @@ class SensorModel:
         self._cycle_at: datetime | None = None
         self._cycle = 0.0
 
-    def entity_id(self, n: int) -> str:
-        return f"sensor-{n:06d}"
+    def entity_id(self, n: int, run: str = "") -> str:
+        return f"sensor-{run}{n:06d}"
 
     def _daily_cycle(self, now: datetime) -> float:
         """The temperature offset of the time of day (remembered: a batch shares its `now`
@@ -213,8 +216,8 @@ class GenericModel:
         self.entity_type = shape.entity_type
         self._attributes = shape.attributes
 
-    def entity_id(self, n: int) -> str:
-        return f"{self.entity_type}-{n:08d}"
+    def entity_id(self, n: int, run: str = "") -> str:
+        return f"{self.entity_type}-{run}{n:08d}"
 
     def create(self, rng: random.Random, now: datetime) -> Attributes:
         return {a.name: draw_value(rng, a, now) for a in self._attributes}

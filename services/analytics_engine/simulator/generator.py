@@ -3,7 +3,9 @@
 `next_batch(n, now)` returns `n` `(channel, payload)` pairs. Everything is drawn from one
 `random.Random(seed)` in a fixed order, so the same seed, entity definitions and sequence of
 `now` arguments yield the same payloads; only `occurred_at` depends on `now` (it must follow the
-wall clock for event-time windows to close). Event ids are `uuid5(seed, run_id, sequence)`.
+wall clock for event-time windows to close). Event ids are `uuid5(seed, run_id, sequence)`;
+entity ids carry a tag of `(seed, run_id)` too (none for an empty run id), so that a new run's
+entities, which start at version 1, never take the ids of an earlier run's.
 
 Entities live in a fixed ring of `max_live_entities` slots per type: a created entity takes the
 next slot and forgets whatever lived there (bounded memory at any rate). Updates and
@@ -102,6 +104,13 @@ class EventGenerator:
         self._kind_cum = tuple(itertools.accumulate(mix[k] for k in EVENT_KINDS))
         self.sequence = 0
         self._id_prefix = str(uuid.uuid5(_NAMESPACE, f"{config.seed}:{config.run_id}"))[:24]
+        # Entity ids carry the run too (`order-1a2b3c4d-00000001`): a restarted simulator starts
+        # its entities at version 1 again, and consumers keep each entity's highest version, so
+        # the ids of the last run's entities must not come back. Unsalted for an empty run id.
+        self._entity_run = f"{self._id_prefix[:8]}-" if config.run_id else ""
+        self._entities_issued: dict[str, int] = {}
+        """Entities created per type: numbering outlives a type's population (replaced when
+        the definitions change its model, dropped with the type), so no id comes back."""
         self.counts: dict[str, dict[str, int]] = {}
         self.set_entity_definitions(shapes)
 
@@ -223,7 +232,9 @@ class EventGenerator:
                     payload["reason"] = reason
                 return payload, kind
         population.created += 1
-        entity_id = model.entity_id(population.created)
+        number = self._entities_issued.get(population.entity_type, 0) + 1
+        self._entities_issued[population.entity_type] = number
+        entity_id = model.entity_id(number, self._entity_run)
         attributes = model.create(rng, occurred)
         slot = (population.created - 1) % population.capacity
         population.entity_ids[slot] = entity_id
@@ -272,8 +283,8 @@ class _Extended:
         self._extra = GenericModel(extra)
         self.entity_type = base.entity_type
 
-    def entity_id(self, n: int) -> str:
-        return self._base.entity_id(n)
+    def entity_id(self, n: int, run: str = "") -> str:
+        return self._base.entity_id(n, run)
 
     def create(self, rng: random.Random, now: datetime) -> Attributes:
         return {**self._base.create(rng, now), **self._extra.create(rng, now)}

@@ -6,10 +6,12 @@ spec Example 3) when it answers, else the built-in `order` and `sensor`; a `meta
 event about an entity type triggers a re-fetch. Changing the definitions changes what is
 generated from then on (determinism holds for a given seed *and* sequence of definitions).
 
-Event ids are a function of `SIMULATOR_SEED`, the run id and the sequence number. Unset,
-`SIMULATOR_RUN_ID` is random per process, so a restarted simulator never re-sends ids that
-consumers have already seen (they deduplicate by event id and would drop the new events); set it,
-with the seed, to reproduce a run's ids exactly.
+Event ids are a function of `SIMULATOR_SEED`, the run id and the sequence number, and entity ids
+carry a tag of the seed and run id. Unset, `SIMULATOR_RUN_ID` is random per process, so a
+restarted simulator never re-sends event ids that consumers have already seen (they deduplicate
+by event id and would drop the new events), nor restarts at version 1 an entity id the last run
+took further (consumers keep each entity's highest version); set it, with the seed, to reproduce
+a run's ids exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class Settings(BaseServiceSettings):
         default=42,
         validation_alias="SIMULATOR_SEED",
         description="Seed of the generator: the same seed and entity definitions give the same "
-        "events but for their timestamps (the same event ids also need `SIMULATOR_RUN_ID`).",
+        "events but for their timestamps (the same event and entity ids also need "
+        "`SIMULATOR_RUN_ID`).",
     )
     rate: float = Field(
         default=100.0,
@@ -124,15 +127,16 @@ class Settings(BaseServiceSettings):
         validation_alias="SIMULATOR_AUTOSTART",
         description="Start generating when the service starts (once its first request for the "
         "metadata service's entity types has an outcome, at most `SIMULATOR_METADATA_TIMEOUT` + "
-        "1 s); false waits for `POST /api/v1/simulator/start`.",
+        "1 s), unless `POST /api/v1/simulator/stop` (or `start`) came first; false waits for "
+        "`POST /api/v1/simulator/start`.",
     )
     run_id: str = Field(
         default="",
         max_length=100,
         validation_alias="SIMULATOR_RUN_ID",
-        description="Salt of the event ids. Empty: a random one per process, so a restart never "
-        "re-sends ids consumers have already seen; set it (with the seed) to reproduce a run's "
-        "ids.",
+        description="Salt of the event and entity ids. Empty: a random one per process, so a "
+        "restart never re-sends ids consumers have already seen, nor starts an entity of the last "
+        "run at version 1 again; set it (with the seed) to reproduce a run's ids.",
     )
     max_live_entities: int = Field(
         default=50_000,
@@ -271,8 +275,7 @@ def build(settings: Settings) -> SimulatorService:
         # Start with the metadata service's entity types when it answers (Example 3).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sync.first_attempt.wait(), settings.metadata_timeout_s + 1)
-        if not controller.finished:
-            controller.start()
+        controller.autostart()  # not over a start or stop requested meanwhile
 
     runtime.consume([channels.METADATA_CHANGED], sync.on_changed)
     runtime.add_task("metadata-sync", sync.run)

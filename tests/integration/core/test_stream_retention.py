@@ -3,6 +3,9 @@ observability service trims, readers keep what they still need."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import pytest
 from acl_users import url
 from redis.exceptions import NoPermissionError
@@ -112,4 +115,51 @@ async def test_readers_not_deployed_and_groups_nobody_declared_hold_nothing(
     removed = await trim_consumed(observability, channel, absent={"data_simulator"})
     assert removed >= 900 and await observability.xlen(key) == 1000 - removed
     for client in (metadata, calculation, observability, admin):
+        await client.aclose()
+
+
+class _AcksRightAfterInfo:
+    """The observability service's client, with the reader acknowledging its last pending
+    entries between the trimmer's XINFO GROUPS and its XPENDING (a race that recurs at every
+    batch a reader acknowledges while the trimmer looks)."""
+
+    def __init__(self, client: Any, ack: Callable[[], Awaitable[None]]) -> None:
+        self._client = client
+        self._ack = ack
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def xinfo_groups(self, key: str) -> Any:
+        infos = await self._client.xinfo_groups(key)
+        await self._ack()
+        return infos
+
+
+async def test_pending_entries_acknowledged_while_the_trimmer_looks(
+    acl_redis: RedisServer,
+) -> None:
+    """XINFO GROUPS counted pending entries, all acknowledged by the XPENDING that follows: the
+    trim goes on below what was delivered (not a crash, nor an invalid id sent to Redis)."""
+    channel = channels.ENTITY_UPDATED
+    key = channels.stream_key(channel)
+    simulator = connect(url(acl_redis, "data_simulator"))
+    database = connect(url(acl_redis, DB))
+    calculation = connect(url(acl_redis, CALC))
+    observability = connect(url(acl_redis, "observability_service"))
+    publisher = EventPublisher(simulator, source="data_simulator", stream_maxlen=100_000)
+    await publisher.publish_many((channel, {"i": i}) for i in range(600))
+    ids = [entry_id for entry_id, _ in await observability.xrange(key)]
+    await database.xgroup_create(key, DB, id="0")
+    await calculation.xgroup_create(key, CALC, id="0")
+    read = await read_group(database, DB, "db-1", {key.encode(): b">"}, count=400)
+    await calculation.hset(channels.stream_hold_key(channel), CALC, ids[500])
+
+    async def ack() -> None:
+        await database.xack(key, DB, *[entry_id for _, (entry_id, _) in read])
+
+    removed = await trim_consumed(_AcksRightAfterInfo(observability, ack), channel)
+    kept = [entry_id for entry_id, _ in await observability.xrange(key)]
+    assert 0 < removed <= 399 and kept == ids[removed:]  # below the last delivered (#399)
+    for client in (simulator, database, calculation, observability):
         await client.aclose()

@@ -324,3 +324,55 @@ async def test_status_during_a_redis_outage_is_a_degraded_report(
         assert "message_rates" in body and "kpi_freshness" in body
         assert "dead_letters" not in body and "simulation" not in body  # unknown, not empty
         server.start()
+
+
+async def _metrics(rt: ServiceRuntime) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{rt.bound_port}/metrics") as resp:
+            assert resp.status == 200
+            return await resp.text()
+
+
+async def test_gauges_follow_the_platform_without_anyone_reading_the_status(
+    redis_url: str, running: Start
+) -> None:
+    """Prometheus scrapes /metrics, never /api/v1/status: `analytics_service_up` and
+    `analytics_dead_letters` must rise and fall from the bus alone, else an alert on them
+    never fires (nobody opened the status page) or never clears (a dead-letter stream the
+    operator deleted keeps its last count)."""
+    obs = create(
+        Settings.model_validate(
+            {"REDIS_URL": redis_url, "OBSERVABILITY_PORT": 0, "OBSERVABILITY_MISSING_AFTER": 0.6}
+        )
+    )
+    await running(obs)
+    worker = ServiceRuntime(
+        service="database_service",
+        settings=BaseServiceSettings.model_validate(
+            {"REDIS_URL": redis_url, "SERVICE_INSTANCE_ID": "w1", "HEARTBEAT_INTERVAL": 0.1}
+        ),
+        port=0,
+    )
+    task = asyncio.create_task(worker.run())
+    up = 'analytics_service_up{service="database_service"} 1.0'
+    down = 'analytics_service_up{service="database_service"} 0.0'
+    await eventually(lambda: _contains(_metrics(obs), up))
+    task.cancel()  # killed: no goodbye
+    await asyncio.gather(task, return_exceptions=True)
+    await eventually(lambda: _contains(_metrics(obs), down))
+
+    await obs.dead_letters.add(
+        channel=channels.KPI_CALCULATED, reason="test", original=b"{}", kind="event"
+    )
+    counted = 'analytics_dead_letters{channel="kpi.calculated"} 1.0'
+    await eventually(lambda: _contains(_metrics(obs), counted))
+    await obs.redis.delete(channels.dead_letter_key(channels.KPI_CALCULATED))  # handled
+    await eventually(lambda: _lacks(_metrics(obs), counted))
+
+
+async def _contains(text: Awaitable[str], needle: str) -> bool:
+    return needle in await text
+
+
+async def _lacks(text: Awaitable[str], needle: str) -> bool:
+    return needle not in await text

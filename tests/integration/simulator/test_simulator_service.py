@@ -147,6 +147,9 @@ async def test_http_control_api(redis_url: str, running: Start) -> None:
             assert body["error"]["message"] and body["error"]["details"]
         async with http.put(f"{base}/rate", data=b"{nope") as r:
             assert r.status == 400
+        async with http.put(f"{base}/rate", data=b"[" * 100_000) as r:  # too deep to parse
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "invalid_json"
         assert service.controller.rate == 1500.5
         async with http.post(f"{base}/stop") as r:
             assert r.status == 200 and (await r.json())["running"] is False
@@ -273,3 +276,38 @@ async def test_a_batch_retried_over_a_redis_outage_is_stamped_when_published(
         assert max(skews) < 500  # ms between an event's stamp and its append
     finally:
         server.stop()
+
+
+async def test_a_stop_before_the_autostart_is_not_overridden(
+    redis: Redis, redis_url: str, running: Start
+) -> None:
+    """The autostart waits for the metadata service's first answer (here a slow one: it waits
+    out the timeout). An operator's `stop` meanwhile must hold: the autostart must not start the
+    simulator behind their back once the wait is over."""
+
+    async def slow(_: Request) -> dict[str, Any]:
+        await asyncio.sleep(8)  # beyond the timeout
+        return {"items": []}
+
+    stand_in = RequestReplyServer(
+        redis,
+        channel=channels.METADATA_LOOKUP,
+        source="metadata_stand_in",
+        instance="t",
+        handlers={"list_entity_definitions": slow},
+        dead_letters=DeadLetters(redis, service="metadata_stand_in"),
+    )
+    await stand_in.start()
+    try:
+        service = build(settings(redis_url, rate=1000, metadata_timeout_s=3.0))
+        await running(service.runtime)
+        base = f"http://127.0.0.1:{service.runtime.bound_port}/api/v1/simulator"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/stop") as r:
+                assert r.status == 200 and (await r.json())["running"] is False
+        await asyncio.wait_for(service.sync.first_attempt.wait(), 20)
+        await asyncio.sleep(0.5)  # the autostart runs right after the first attempt
+        assert not service.controller.running
+        assert service.controller.events_emitted == 0
+    finally:
+        await stand_in.stop()

@@ -102,3 +102,21 @@ def test_rate_meter_counts_the_last_interval_only() -> None:
     assert meter.rate(105.5) == 10.0
     assert meter.rate(110.5) == 5.0
     assert meter.rate(200.0) == 0.0
+
+
+def test_instances_long_gone_are_forgotten() -> None:
+    """Every pod restart is a new instance: those silent for an hour leave the registry
+    (bounded memory, a status that does not list every pod that ever ran), and a service nobody
+    runs any more stops being reported missing (degrading the status for good); a deployed one
+    still is, from the list of expected services."""
+    registry = Registry(missing_after_s=5, expected={"calculation_engine"}, started=0.0)
+    for i in range(1000):  # a restart a minute
+        registry.heartbeat(beat("calculation_engine", f"pod-{i}"), now=60.0 * i)
+    registry.heartbeat(beat("one_off_job", "x"), now=59_000.0)
+    assert len(registry.instances) <= 62
+    [calc] = [e for e in registry.services(now=59_941.0) if e["service"] == "calculation_engine"]
+    assert calc["status"] == "up" and len(calc["instances"]) <= 61
+    entries = {e["service"]: e for e in registry.services(now=70_000.0)}
+    assert set(entries) == {"calculation_engine"}
+    assert entries["calculation_engine"]["status"] == "missing"
+    assert registry.instances == {}
