@@ -546,3 +546,44 @@ async def test_a_filter_postgresql_cannot_evaluate_is_unverifiable(world: World)
     assert "NumericValueOutOfRangeError" in report.mismatches[0].detail
     assert {k.kpi_code for k in report.kpis} == {d["code"] for d in DEFINITIONS}
     assert sum(k.matched for k in report.kpis) == len(world.results)
+
+
+async def test_an_explicit_range_stops_where_the_events_were_archived_and_deleted(
+    world: World,
+) -> None:
+    """The database archived and deleted the events of 2024-05-01 (retention): the windows of
+    that day cannot be recomputed from PostgreSQL, whatever range is asked for. An explicit
+    `--start` before it must not turn their (correct) stored results into mismatches."""
+    day_end = datetime(2024, 5, 2, tzinfo=UTC)
+    conn = await asyncpg.connect(world.database_url)
+    try:
+        await conn.execute(
+            "DELETE FROM entity_events WHERE entity_type = 'order' AND occurred_at < $1", day_end
+        )
+        await conn.execute(
+            "INSERT INTO archival_batches (batch_id, entity_type, day, status, row_count)"
+            " VALUES ($1, 'order', '2024-05-01', 'deleted', 1)",
+            uuid.uuid4(),
+        )
+    finally:
+        await conn.close()
+    before = [r for r in world.results if r.window_start < day_end]
+    assert before and len(before) < len(world.results)
+
+    report = await verify(world.settings(), OPTIONS)  # the default range already stops there
+    assert report.mismatches == []
+
+    explicit = Options(
+        start=BASE - timedelta(hours=1),
+        end=BASE + timedelta(hours=2),
+        kpis=None,
+        skip_lake=False,
+        json=False,
+        idle_close=NO_IDLE_CLOSE,
+    )
+    report = await verify(world.settings(), explicit)
+    assert report.mismatches == []
+    assert report.ok
+    compared = sum(k.compared for k in report.kpis)
+    assert compared == len(world.results) - len(before)
+    assert any("archived and deleted" in n for n in report.notes)
