@@ -248,11 +248,12 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                         "computes from there on: not expected"
                     )
         if options.kpis is None:
-            # Query KPIs cannot be recomputed (each result read the database as it was then),
-            # but their results are archived like any other: the lake check covers them.
-            for code in sorted(d.code for d in catalog.definitions if d.query is not None):
-                span = data.results.get(code)
-                if span is not None:
+            # Every stored result is archived, whatever its KPI is now: a query KPI (which
+            # cannot be recomputed: each result read the database as it was then), a disabled
+            # one, one no longer defined. The lake check covers their results too.
+            for code in sorted(data.results):
+                if code not in stored_in_range:
+                    span = data.results[code]
                     stored_in_range[code] = (options.start or span[0], options.end or span[1])
         if options.skip_lake:
             report.notes.append("lake not checked (--skip-lake)")

@@ -587,3 +587,31 @@ async def test_an_explicit_range_stops_where_the_events_were_archived_and_delete
     compared = sum(k.compared for k in report.kpis)
     assert compared == len(world.results) - len(before)
     assert any("archived and deleted" in n for n in report.notes)
+
+
+async def test_the_lake_check_covers_the_results_of_disabled_and_removed_kpis(
+    world: World,
+) -> None:
+    """Every stored result is archived, whatever became of its KPI since: one disabled and one
+    removed from the definitions still have their stored results checked against the lake."""
+    disabled = {**DEFINITIONS[3], "enabled": False}  # max_amount
+    kept = [d for d in DEFINITIONS if d["code"] not in ("max_amount", "customers")]
+    (world.definitions_dir / "kpis.yaml").write_text(yaml.safe_dump([*kept, disabled]))
+    client = world.s3.client()
+    for code in ("max_amount", "customers"):
+        listing = client.list_objects_v2(
+            Bucket=world.bucket, Prefix=f"{KPI_RESULTS_PREFIX}/kpi_code={code}/"
+        )
+        for item in listing.get("Contents", []):
+            client.delete_object(Bucket=world.bucket, Key=item["Key"])
+    report = await verify(world.settings(), OPTIONS)
+    lost = {
+        (m.problem, m.kpi_code)
+        for m in report.mismatches
+        if m.kpi_code in ("max_amount", "customers")
+    }
+    assert lost == {("missing_in_lake", "max_amount"), ("missing_in_lake", "customers")}
+    gone = [r for r in world.results if r.kpi_code in ("max_amount", "customers")]
+    assert len(report.mismatches) == len(gone)
+    assert report.lake["results_checked"] == len(world.results)
+    assert not report.ok
