@@ -295,7 +295,11 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
                     detail=f"archived {len(same)} times",
                 )
             )
-        elif archived:
+        elif versioned := [
+            r
+            for r in archived
+            if row.definition_version is None or r.definition_version == row.definition_version
+        ]:
             mismatches.append(
                 Mismatch(
                     "lake_value_mismatch",
@@ -304,11 +308,12 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
                     k[2],
                     k[3],
                     row.value,
-                    archived[-1].value,
+                    versioned[-1].value,
                     detail="archived with another value",
                 )
             )
         else:
+            others = sorted({str(r.definition_version) for r in archived})
             mismatches.append(
                 Mismatch(
                     "missing_in_lake",
@@ -317,7 +322,13 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
                     k[2],
                     k[3],
                     expected=row.value,
-                    detail="stored but not archived",
+                    detail="stored but not archived"
+                    + (
+                        f" (definition version {row.definition_version}; archived only under "
+                        f"version {', '.join(others)})"
+                        if others
+                        else ""
+                    ),
                 )
             )
     reported = {(m.kpi_code, m.window_start, m.window_end, m.dims) for m in mismatches}

@@ -376,3 +376,15 @@ def test_a_window_recomputed_under_a_new_version_is_not_a_lake_duplicate() -> No
     assert compare_lake([new], [old, new]) == []
     problems = {m.problem for m in compare_lake([new], [old, new, new])}
     assert problems == {"duplicate_in_lake"}
+
+
+def test_a_result_archived_only_under_another_version_is_missing_in_the_lake() -> None:
+    """v2's result was never archived, only v1's (same value): the lake lacks it. Reporting a
+    value mismatch between two equal values would send the reader the wrong way."""
+    old, new = row(0, 5.0, version=1), row(0, 5.0, version=2)
+    [problem] = compare_lake([new], [old])
+    assert problem.problem == "missing_in_lake"
+    assert "archived only under version 1" in problem.detail
+    # the same version archived with another value is a value mismatch, as before
+    [problem] = compare_lake([new], [old, row(0, 6.0, version=2)])
+    assert (problem.problem, problem.expected, problem.stored) == ("lake_value_mismatch", 5.0, 6.0)
