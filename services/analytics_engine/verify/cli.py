@@ -376,6 +376,10 @@ async def _check_lake(
         raise VerifyError(f"cannot read the lake: {exc}") from None
     report.mismatches.extend(compare_lake(stored, archived))
     report.mismatches.extend(duplicate_events(event_ids))
+    report.mismatches.extend(
+        Mismatch("unverifiable", "-", detail=f"lake object {key} cannot be read: {why}")
+        for key, why in lake.unreadable
+    )
     report.lake = {
         "results_checked": len(stored),
         "results_archived": len(archived),

@@ -18,6 +18,8 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from aiohttp import web
@@ -613,5 +615,38 @@ async def test_the_lake_check_covers_the_results_of_disabled_and_removed_kpis(
     assert lost == {("missing_in_lake", "max_amount"), ("missing_in_lake", "customers")}
     gone = [r for r in world.results if r.kpi_code in ("max_amount", "customers")]
     assert len(report.mismatches) == len(gone)
+    assert report.lake["results_checked"] == len(world.results)
+    assert not report.ok
+
+
+async def test_an_unreadable_lake_object_is_reported_and_the_rest_still_checked(
+    world: World,
+) -> None:
+    """A foreign or damaged object in the lake (not Parquet, or not the archive's columns):
+    verify names it as unverifiable and still checks everything else (it raised a traceback)."""
+    client = world.s3.client()
+    partition = f"{KPI_RESULTS_PREFIX}/kpi_code=max_amount/date=2024-05-01"
+    client.put_object(Bucket=world.bucket, Key=f"{partition}/junk.parquet", Body=b"not parquet")
+    other = pa.table({"something": [1, 2]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(other, sink)
+    client.put_object(
+        Bucket=world.bucket,
+        Key=f"{partition}/foreign.parquet",
+        Body=sink.getvalue().to_pybytes(),
+    )
+    client.put_object(
+        Bucket=world.bucket,
+        Key="entity_events/entity_type=order/date=2024-05-01/batch-x.parquet",
+        Body=b"",
+    )
+    report = await verify(world.settings(), OPTIONS)
+    unreadable = sorted(m.detail.split()[2] for m in report.mismatches)
+    assert [m.problem for m in report.mismatches] == ["unverifiable"] * 3
+    assert unreadable == [
+        "entity_events/entity_type=order/date=2024-05-01/batch-x.parquet",
+        f"{partition}/foreign.parquet",
+        f"{partition}/junk.parquet",
+    ]
     assert report.lake["results_checked"] == len(world.results)
     assert not report.ok
