@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="prove the stored KPIs right by recomputing them")
     verify.add_argument(
-        "--start", default=None, help="ISO time (default: each KPI's first stored event or result)"
+        "--start",
+        default=None,
+        help="ISO time (default: each KPI's first stored event or result; never before the end "
+        "of a day whose events were archived and deleted from PostgreSQL)",
     )
     verify.add_argument(
         "--end", default=None, help="ISO time (default: each KPI's last stored event or result)"

@@ -192,9 +192,13 @@ def may_drop_unlanded(
     return intent.owner == owner or now - intent.created_at >= in_flight_s
 
 
+def archive_table(table: pa.Table) -> pa.Table:
+    """A file's table in the archive's schema; raises (KeyError, `pa.ArrowException`) when it
+    does not hold the archive's columns."""
+    return table.select(KPI_RESULTS_SCHEMA.names).cast(KPI_RESULTS_SCHEMA)
+
+
 def merged_parquet(tables: Sequence[pa.Table], *, compression_level: int | None) -> bytes:
     """The rows of `tables` as one Parquet file, in lake order, as a flush writes them."""
-    merged = pa.concat_tables(
-        [t.select(KPI_RESULTS_SCHEMA.names).cast(KPI_RESULTS_SCHEMA) for t in tables]
-    )
+    merged = pa.concat_tables([archive_table(t) for t in tables])
     return to_parquet(lake_order(merged), compression_level=compression_level)

@@ -32,16 +32,18 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
+import pyarrow as pa
 from redis.exceptions import WatchError
 
 from analytics_engine.archival.compaction import (
     CompactionGroup,
     CompactionIntent,
     LakeObject,
+    archive_table,
     compacted_key,
     may_drop_unlanded,
     merged_parquet,
@@ -57,7 +59,6 @@ from analytics_engine.core.bus import redis_outage_is_transient
 from analytics_engine.core.errors import TransientError, describe_error
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
@@ -257,12 +258,25 @@ class Compactor:
 
     # -- one merge ---------------------------------------------------------------------------
     async def _merge(self, group: CompactionGroup, lock: CompactionLock, out: PassOutcome) -> None:
-        tables = await self._read(group.keys)
-        if tables is None:
+        read = await self._read(group.keys)
+        if read is None:
             log.warning(
                 "a file to compact vanished; skipped", extra={"partition": group.partition.prefix}
             )
             return
+        # An object that is no archive file (not Parquet, damaged, other columns: written by
+        # something else) is left where it is, so it cannot stop the merge of the others, nor
+        # every later pass (the plan would put it first again).
+        unreadable = [key for key, table in read.items() if table is None]
+        if unreadable:
+            log.warning(
+                "lake objects that are no archive files are left out of compaction",
+                extra={"partition": group.partition.prefix, "keys": unreadable[:10]},
+            )
+        tables = [table for table in read.values() if table is not None]
+        if len(tables) < 2:
+            return
+        group = replace(group, keys=tuple(key for key, t in read.items() if t is not None))
         rows = sum(t.num_rows for t in tables)
         body = await asyncio.to_thread(merged_parquet, tables, compression_level=self._level)
         del tables
@@ -289,17 +303,26 @@ class Compactor:
             self._metrics.files_compacted.inc(len(group.keys))
             self._metrics.rows.inc(rows)
 
-    async def _read(self, keys: Sequence[str]) -> list[pa.Table] | None:
-        """The files' tables (None if one no longer exists: the listing is out of date)."""
+    async def _read(self, keys: Sequence[str]) -> dict[str, pa.Table | None] | None:
+        """The files' tables by key, None for a file that is no readable archive file; None
+        altogether if one no longer exists (the listing is out of date)."""
+        gone = object()
 
-        async def load(key: str) -> pa.Table | None:
+        async def load(key: str) -> pa.Table | object | None:
             data = await self._store.get(key)
-            return None if data is None else from_parquet(data)
+            if data is None:
+                return gone
+            try:
+                return archive_table(from_parquet(data))
+            except (pa.ArrowException, OSError, KeyError, ValueError):
+                return None
 
         tables = await asyncio.gather(*(load(k) for k in keys))
-        if any(t is None for t in tables):
+        if any(t is gone for t in tables):
             return None
-        return [t for t in tables if t is not None]
+        return {
+            k: t if isinstance(t, pa.Table) else None for k, t in zip(keys, tables, strict=True)
+        }
 
     # -- resolution --------------------------------------------------------------------------
     async def _resolve(self) -> int:

@@ -186,8 +186,12 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
         )
         for definition in definitions:
             span = _range(definition, data, options)
+            deleted = _deleted_note(definition, data, options)
+            if deleted is not None:
+                report.notes.append(deleted)
             if span is None:
-                report.notes.append(f"{definition.code}: no events and no results")
+                if deleted is None:
+                    report.notes.append(f"{definition.code}: no events and no results")
                 continue
             start, end = span
             stored_in_range[definition.code] = span
@@ -244,11 +248,12 @@ async def verify(settings: VerifySettings, options: Options) -> Report:
                         "computes from there on: not expected"
                     )
         if options.kpis is None:
-            # Query KPIs cannot be recomputed (each result read the database as it was then),
-            # but their results are archived like any other: the lake check covers them.
-            for code in sorted(d.code for d in catalog.definitions if d.query is not None):
-                span = data.results.get(code)
-                if span is not None:
+            # Every stored result is archived, whatever its KPI is now: a query KPI (which
+            # cannot be recomputed: each result read the database as it was then), a disabled
+            # one, one no longer defined. The lake check covers their results too.
+            for code in sorted(data.results):
+                if code not in stored_in_range:
+                    span = data.results[code]
                     stored_in_range[code] = (options.start or span[0], options.end or span[1])
         if options.skip_lake:
             report.notes.append("lake not checked (--skip-lake)")
@@ -308,12 +313,32 @@ def _version_start(
 def _range(
     definition: KPIDefinition, data: db.Bounds, options: Options
 ) -> tuple[datetime, datetime] | None:
+    """The windows to check: the requested range, completed by the default one, but never
+    reaching into a day whose events were archived and deleted from PostgreSQL (their windows
+    cannot be recomputed from it: their stored results would all look wrong); None when
+    nothing is left."""
     default = db.default_range(definition, data)
     if options.start is not None and options.end is not None:
-        return options.start, options.end
-    if default is None:
+        start, end = options.start, options.end
+    elif default is None:
         return None
-    return options.start or default[0], options.end or default[1]
+    else:
+        start, end = options.start or default[0], options.end or default[1]
+    floor = data.deleted_until.get(definition.entity_type)
+    if floor is not None and start < floor:
+        start = floor
+    return (start, end) if start < end else None
+
+
+def _deleted_note(definition: KPIDefinition, data: db.Bounds, options: Options) -> str | None:
+    """Why a requested range was cut at its start, if it was."""
+    floor = data.deleted_until.get(definition.entity_type)
+    if floor is None or options.start is None or options.start >= floor:
+        return None
+    return (
+        f"{definition.code}: windows starting before {floor.isoformat()} not checked: the "
+        f"{definition.entity_type} events before then were archived and deleted from PostgreSQL"
+    )
 
 
 async def _check_lake(
@@ -351,6 +376,10 @@ async def _check_lake(
         raise VerifyError(f"cannot read the lake: {exc}") from None
     report.mismatches.extend(compare_lake(stored, archived))
     report.mismatches.extend(duplicate_events(event_ids))
+    report.mismatches.extend(
+        Mismatch("unverifiable", "-", detail=f"lake object {key} cannot be read: {why}")
+        for key, why in lake.unreadable
+    )
     report.lake = {
         "results_checked": len(stored),
         "results_archived": len(archived),

@@ -136,7 +136,9 @@ def compare_kpi(
 
     Open windows are skipped on both sides. Stored results computed with another definition
     version than the current one are skipped (their definition may have differed), and so is the
-    expected window they stand for. `pending(window_start)`: the window awaits the engine's
+    expected window they stand for, except from `version_since` on: there the current version's
+    result replaces an older one of the same key, so a window holding only an older version's
+    result is missing. `pending(window_start)`: the window awaits the engine's
     backfill, so its absence is counted as pending, not reported missing. `version_since`: the
     engine publishes the current version's windows from there on (where its backfill started
     when the version took effect), so an earlier window without a stored result was never
@@ -170,6 +172,7 @@ def compare_kpi(
                     detail=f"{len(rows)} stored rows for one window",
                 )
             )
+    superseded: dict[tuple[str, datetime, datetime, str], int] = {}
     for key, rows in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][3])):
         row = rows[0]
         if (
@@ -178,6 +181,13 @@ def compare_kpi(
             and row.definition_version != definition_version
         ):
             summary.other_version_skipped += 1
+            if version_since is not None and key[1] >= version_since and key in wanted:
+                # The current version computes this window (it starts at or after the
+                # version's `since`) and its result would have replaced the older one (same
+                # key): only the older version's result stored means the current one's is
+                # missing (unless it awaits the backfill, decided below).
+                superseded[key] = row.definition_version
+                continue
             wanted.pop(key, None)
             continue
         want = wanted.pop(key, None)
@@ -229,6 +239,7 @@ def compare_kpi(
             summary.before_version_skipped += 1
             continue
         summary.compared += 1
+        older = superseded.get(key)
         out.mismatches.append(
             Mismatch(
                 "missing_window",
@@ -237,7 +248,13 @@ def compare_kpi(
                 key[2],
                 key[3],
                 expected=want.value,
-                detail=f"{want.sample_count} events, no stored result",
+                detail=f"{want.sample_count} events, no stored result"
+                + (
+                    ""
+                    if older is None
+                    else f" of definition version {definition_version} (only one of version "
+                    f"{older})"
+                ),
             )
         )
     summary.mismatches = len(out.mismatches)
@@ -278,7 +295,11 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
                     detail=f"archived {len(same)} times",
                 )
             )
-        elif archived:
+        elif versioned := [
+            r
+            for r in archived
+            if row.definition_version is None or r.definition_version == row.definition_version
+        ]:
             mismatches.append(
                 Mismatch(
                     "lake_value_mismatch",
@@ -287,11 +308,12 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
                     k[2],
                     k[3],
                     row.value,
-                    archived[-1].value,
+                    versioned[-1].value,
                     detail="archived with another value",
                 )
             )
         else:
+            others = sorted({str(r.definition_version) for r in archived})
             mismatches.append(
                 Mismatch(
                     "missing_in_lake",
@@ -300,7 +322,13 @@ def compare_lake(stored: Sequence[ResultRow], lake: Sequence[ResultRow]) -> list
                     k[2],
                     k[3],
                     expected=row.value,
-                    detail="stored but not archived",
+                    detail="stored but not archived"
+                    + (
+                        f" (definition version {row.definition_version}; archived only under "
+                        f"version {', '.join(others)})"
+                        if others
+                        else ""
+                    ),
                 )
             )
     reported = {(m.kpi_code, m.window_start, m.window_end, m.dims) for m in mismatches}

@@ -11,11 +11,22 @@ from typing import Any
 from urllib.parse import unquote
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analytics_engine.archival.layout import ENTITY_EVENTS_PREFIX, KPI_RESULTS_PREFIX
 from analytics_engine.archival.s3 import make_client
 from analytics_engine.verify.compare import ResultRow, canonical_dims
+
+_KPI_COLUMNS = (
+    "kpi_code",
+    "window_start",
+    "window_end",
+    "dims_key",
+    "value",
+    "sample_count",
+    "definition_version",
+)
 
 
 class Lake:
@@ -29,6 +40,8 @@ class Lake:
         region: str,
     ) -> None:
         self.bucket = bucket
+        self.unreadable: list[tuple[str, str]] = []
+        """(key, why) of each object that could not be read as a lake file."""
         self._client: Any = make_client(
             endpoint_url=endpoint_url,
             access_key=access_key,
@@ -49,7 +62,13 @@ class Lake:
 
     def _read(self, key: str, columns: Sequence[str] | None = None) -> Any:
         body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        return pq.read_table(io.BytesIO(body), columns=list(columns) if columns else None)
+        try:
+            return pq.read_table(io.BytesIO(body), columns=list(columns) if columns else None)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            # not Parquet, truncated, or without the columns the archival service writes:
+            # the rest of the lake can still be checked
+            self.unreadable.append((key, f"{type(exc).__name__}: {str(exc)[:200]}"))
+            return None
 
     def kpi_results(
         self, codes: Sequence[str], *, start: datetime, end: datetime
@@ -63,7 +82,9 @@ class Lake:
                 day = _partition_date(key)
                 if day is not None and not first <= day <= last:
                     continue
-                table = self._read(key)
+                table = self._read(key, _KPI_COLUMNS)
+                if table is None:
+                    continue
                 for r in table.to_pylist():
                     if r["window_start"] < start or r["window_end"] > end:
                         continue
@@ -86,7 +107,9 @@ class Lake:
             day = _partition_date(key)
             if day is not None and not start <= day <= end:
                 continue
-            yield from self._read(key, ["event_id"]).column("event_id").to_pylist()
+            table = self._read(key, ["event_id"])
+            if table is not None:
+                yield from table.column("event_id").to_pylist()
 
 
 def _partition_date(key: str) -> date | None:

@@ -390,3 +390,35 @@ async def test_s3_down_is_logged_and_counted_never_raised(lake: Lake) -> None:
     assert registry.get_sample_value("analytics_archival_compaction_failures_total") == 1
     assert await lake.redis.hkeys(compactions_key()) == [b"n-1"]
     assert not await lake.redis.exists(compaction_lock_key())  # released after the failure
+
+
+async def test_an_object_that_is_no_archive_file_does_not_stop_compaction(lake: Lake) -> None:
+    """Something else wrote into the lake (a damaged object, a file of other columns): the
+    other small files of its partition, and every other partition, are still merged; the
+    foreign objects are left as they are. (The pass raised, and every later one again.)"""
+    old = rows_of([result(i) for i in range(100)])
+    keys = lake.write_files(old, per_file=5)  # 20 files
+    other = rows_of([result(i, code="revenue") for i in range(60)])
+    lake.write_files(other, per_file=3)  # 20 files of a partition planned after it
+    client = lake.s3.client()
+    junk = f"{OLD_PARTITION}000-junk.parquet"
+    foreign = f"{OLD_PARTITION}001-foreign.parquet"
+    client.put_object(Bucket=lake.bucket, Key=junk, Body=b"not parquet")
+    client.put_object(
+        Bucket=lake.bucket, Key=foreign, Body=to_parquet(pa.table({"something": [1, 2]}))
+    )
+
+    outcome = await lake.compactor().run_pass()
+
+    assert outcome is not None
+    assert (outcome.merged, outcome.files, outcome.rows) == (2, len(keys) + 20, 160)
+    remaining = lake.keys(OLD_PARTITION)
+    assert [k for k in remaining if "compacted-" not in k] == [junk, foreign]
+    [merged] = [k for k in remaining if "compacted-" in k]
+    client_body = client.get_object(Bucket=lake.bucket, Key=merged)["Body"].read()
+    assert sorted(fingerprints_of(from_parquet(client_body))) == sorted(r.fingerprint for r in old)
+    revenue = "kpi_results/kpi_code=revenue/date=2024-03-01/"
+    [merged_revenue] = lake.keys(revenue)
+    assert "compacted-" in merged_revenue
+    assert lake.fingerprints(revenue) == sorted(r.fingerprint for r in other)
+    assert await lake.redis.hlen(compactions_key()) == 0

@@ -18,6 +18,8 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from aiohttp import web
@@ -546,3 +548,105 @@ async def test_a_filter_postgresql_cannot_evaluate_is_unverifiable(world: World)
     assert "NumericValueOutOfRangeError" in report.mismatches[0].detail
     assert {k.kpi_code for k in report.kpis} == {d["code"] for d in DEFINITIONS}
     assert sum(k.matched for k in report.kpis) == len(world.results)
+
+
+async def test_an_explicit_range_stops_where_the_events_were_archived_and_deleted(
+    world: World,
+) -> None:
+    """The database archived and deleted the events of 2024-05-01 (retention): the windows of
+    that day cannot be recomputed from PostgreSQL, whatever range is asked for. An explicit
+    `--start` before it must not turn their (correct) stored results into mismatches."""
+    day_end = datetime(2024, 5, 2, tzinfo=UTC)
+    conn = await asyncpg.connect(world.database_url)
+    try:
+        await conn.execute(
+            "DELETE FROM entity_events WHERE entity_type = 'order' AND occurred_at < $1", day_end
+        )
+        await conn.execute(
+            "INSERT INTO archival_batches (batch_id, entity_type, day, status, row_count)"
+            " VALUES ($1, 'order', '2024-05-01', 'deleted', 1)",
+            uuid.uuid4(),
+        )
+    finally:
+        await conn.close()
+    before = [r for r in world.results if r.window_start < day_end]
+    assert before and len(before) < len(world.results)
+
+    report = await verify(world.settings(), OPTIONS)  # the default range already stops there
+    assert report.mismatches == []
+
+    explicit = Options(
+        start=BASE - timedelta(hours=1),
+        end=BASE + timedelta(hours=2),
+        kpis=None,
+        skip_lake=False,
+        json=False,
+        idle_close=NO_IDLE_CLOSE,
+    )
+    report = await verify(world.settings(), explicit)
+    assert report.mismatches == []
+    assert report.ok
+    compared = sum(k.compared for k in report.kpis)
+    assert compared == len(world.results) - len(before)
+    assert any("archived and deleted" in n for n in report.notes)
+
+
+async def test_the_lake_check_covers_the_results_of_disabled_and_removed_kpis(
+    world: World,
+) -> None:
+    """Every stored result is archived, whatever became of its KPI since: one disabled and one
+    removed from the definitions still have their stored results checked against the lake."""
+    disabled = {**DEFINITIONS[3], "enabled": False}  # max_amount
+    kept = [d for d in DEFINITIONS if d["code"] not in ("max_amount", "customers")]
+    (world.definitions_dir / "kpis.yaml").write_text(yaml.safe_dump([*kept, disabled]))
+    client = world.s3.client()
+    for code in ("max_amount", "customers"):
+        listing = client.list_objects_v2(
+            Bucket=world.bucket, Prefix=f"{KPI_RESULTS_PREFIX}/kpi_code={code}/"
+        )
+        for item in listing.get("Contents", []):
+            client.delete_object(Bucket=world.bucket, Key=item["Key"])
+    report = await verify(world.settings(), OPTIONS)
+    lost = {
+        (m.problem, m.kpi_code)
+        for m in report.mismatches
+        if m.kpi_code in ("max_amount", "customers")
+    }
+    assert lost == {("missing_in_lake", "max_amount"), ("missing_in_lake", "customers")}
+    gone = [r for r in world.results if r.kpi_code in ("max_amount", "customers")]
+    assert len(report.mismatches) == len(gone)
+    assert report.lake["results_checked"] == len(world.results)
+    assert not report.ok
+
+
+async def test_an_unreadable_lake_object_is_reported_and_the_rest_still_checked(
+    world: World,
+) -> None:
+    """A foreign or damaged object in the lake (not Parquet, or not the archive's columns):
+    verify names it as unverifiable and still checks everything else (it raised a traceback)."""
+    client = world.s3.client()
+    partition = f"{KPI_RESULTS_PREFIX}/kpi_code=max_amount/date=2024-05-01"
+    client.put_object(Bucket=world.bucket, Key=f"{partition}/junk.parquet", Body=b"not parquet")
+    other = pa.table({"something": [1, 2]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(other, sink)
+    client.put_object(
+        Bucket=world.bucket,
+        Key=f"{partition}/foreign.parquet",
+        Body=sink.getvalue().to_pybytes(),
+    )
+    client.put_object(
+        Bucket=world.bucket,
+        Key="entity_events/entity_type=order/date=2024-05-01/batch-x.parquet",
+        Body=b"",
+    )
+    report = await verify(world.settings(), OPTIONS)
+    unreadable = sorted(m.detail.split()[2] for m in report.mismatches)
+    assert [m.problem for m in report.mismatches] == ["unverifiable"] * 3
+    assert unreadable == [
+        "entity_events/entity_type=order/date=2024-05-01/batch-x.parquet",
+        f"{partition}/foreign.parquet",
+        f"{partition}/junk.parquet",
+    ]
+    assert report.lake["results_checked"] == len(world.results)
+    assert not report.ok

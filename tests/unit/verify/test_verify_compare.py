@@ -190,6 +190,50 @@ def test_from_the_version_s_start_on_every_problem_is_still_reported() -> None:
     assert result.summary is not None and result.summary.before_version_skipped == 1
 
 
+def test_a_window_holding_only_an_older_version_s_result_is_missing_from_the_start_on() -> None:
+    """From the version's `since` on, the engine computes every window under the current
+    version, whose result replaces an older one of the same key. A window still holding only
+    v1's result lacks v2's: missing, not skipped (a backfill that lost windows went unseen).
+    Before `since`, and where v2 has nothing to say (no matching event), v1's rows stay."""
+    expected = [row(0, 2.0), row(3, 2.0), row(4, 2.0)]
+    stored = [
+        row(0, 1.0, version=1),  # before since: the older version's, kept
+        row(3, 1.0, version=1),  # v2's result never arrived
+        row(4, 2.0, version=2),
+        row(5, 1.0, version=1),  # v2 has no result for it: a stale row, not v2's problem
+    ]
+    result = compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=T0 + 10 * MIN,
+        definition_version=2,
+        version_since=T0 + 2 * MIN,
+    )
+    assert [(m.problem, m.window_start) for m in result.mismatches] == [
+        ("missing_window", T0 + 3 * MIN)
+    ]
+    assert "version 1" in result.mismatches[0].detail
+    assert result.summary is not None and result.summary.matched == 1
+    # still awaiting the engine's backfill: pending, not missing
+    backfill = PendingBackfill(
+        definition_version=2, since=T0 + 2 * MIN, cut=T0 + 4 * MIN, due=T0 + 9 * MIN
+    )
+    pending = compare_kpi(
+        "k",
+        expected,
+        stored,
+        lateness=timedelta(0),
+        watermark=T0 + 10 * MIN,
+        definition_version=2,
+        version_since=T0 + 2 * MIN,
+        pending=backfill.covers,
+    )
+    assert pending.mismatches == []
+    assert pending.summary is not None and pending.summary.pending_backfill == 1
+
+
 def test_a_new_kpi_backfilled_by_the_engine_verifies_clean() -> None:
     """The reviewer's case: six hours of orders, then a new 5-minute KPI. The engine publishes
     its windows from the backfill's `since` on; verify's default range starts at the oldest
@@ -332,3 +376,15 @@ def test_a_window_recomputed_under_a_new_version_is_not_a_lake_duplicate() -> No
     assert compare_lake([new], [old, new]) == []
     problems = {m.problem for m in compare_lake([new], [old, new, new])}
     assert problems == {"duplicate_in_lake"}
+
+
+def test_a_result_archived_only_under_another_version_is_missing_in_the_lake() -> None:
+    """v2's result was never archived, only v1's (same value): the lake lacks it. Reporting a
+    value mismatch between two equal values would send the reader the wrong way."""
+    old, new = row(0, 5.0, version=1), row(0, 5.0, version=2)
+    [problem] = compare_lake([new], [old])
+    assert problem.problem == "missing_in_lake"
+    assert "archived only under version 1" in problem.detail
+    # the same version archived with another value is a value mismatch, as before
+    [problem] = compare_lake([new], [old, row(0, 6.0, version=2)])
+    assert (problem.problem, problem.expected, problem.stored) == ("lake_value_mismatch", 5.0, 6.0)
