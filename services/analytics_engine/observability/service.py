@@ -127,8 +127,10 @@ class Observability:
         """The services `services_up` has a sample of."""
         self._dead_letter_channels: set[str] = set()
         """The channels `dead_letters` has a sample of (removed when their stream goes)."""
+        # Not `analytics_kpi_freshness_seconds`: that name is the calculation engine's
+        # histogram (window close to published); one name, one type across the platform.
         self.freshness = Gauge(
-            "analytics_kpi_freshness_seconds",
+            "analytics_kpi_result_delay_seconds",
             "Window end to result received, for the last result of each KPI",
             ["kpi_code"],
             registry=r,

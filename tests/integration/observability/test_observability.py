@@ -116,7 +116,7 @@ async def test_reports_dead_letters_kpi_freshness_and_ticks(redis_url: str, runn
         async with http.get(f"http://127.0.0.1:{obs.bound_port}/metrics") as resp:
             text = await resp.text()
     assert 'analytics_dead_letters{channel="kpi.calculated"} 1.0' in text
-    assert 'analytics_kpi_freshness_seconds{kpi_code="orders_count"}' in text
+    assert 'analytics_kpi_result_delay_seconds{kpi_code="orders_count"}' in text
 
 
 async def test_trims_a_stream_once_its_readers_consumed_it(redis_url: str, running: Start) -> None:
