@@ -187,7 +187,8 @@ class MaxAccumulator(MinAccumulator):
 
 def distinct_key(value: Any) -> Hashable:
     """Hashable identity of a JSON value matching jsonb equality: ``1 == 1.0``, ``true != 1``,
-    ``"1" != 1``; arrays/objects compare structurally (canonical JSON)."""
+    ``"1" != 1``; arrays/objects compare structurally (canonical JSON, in which a whole float
+    is written as the integer it equals, so ``{"a": 1.0}`` is ``{"a": 1}`` as in jsonb)."""
     kind = type(value)
     if kind is str:
         return str(value)
@@ -197,7 +198,19 @@ def distinct_key(value: Any) -> Hashable:
         return ("n", value)
     if value is None:
         return None
-    return ("j", json.dumps(value, sort_keys=True, separators=(",", ":")))
+    return ("j", json.dumps(_whole_floats_as_ints(value), sort_keys=True, separators=(",", ":")))
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    """`value` with every float that equals an integer replaced by that integer (exactly:
+    ``1e16`` -> ``10000000000000000``), at any depth."""
+    if type(value) is float:
+        return int(value) if value.is_integer() else value
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
+    return value
 
 
 def _encode_key(key: Hashable) -> Any:

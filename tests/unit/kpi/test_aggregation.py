@@ -124,6 +124,26 @@ def test_distinct_keeps_true_and_1_apart_but_1_and_1_0_together() -> None:
     assert acc.result() == 5
 
 
+def test_distinct_arrays_and_objects_compare_their_numbers_as_jsonb_does() -> None:
+    """jsonb: `{"a": 1} = {"a": 1.0}` and `[1e16] = [10000000000000000]` (numeric equality at
+    any depth), but `[10000000000000001]` differs from `[1e16]` and `[true]` from `[1]`."""
+    acc = new_accumulator("count_distinct")
+    for v in (
+        {"a": 1},
+        {"a": 1.0},
+        [1e16],
+        [10_000_000_000_000_000],
+        [10_000_000_000_000_001],
+        [True],
+        [1],
+        [{"b": [2.0]}],
+        [{"b": [2]}],
+        [1.5],
+    ):
+        acc.add(v)
+    assert acc.result() == 7
+
+
 def test_empty_results_and_errors() -> None:
     assert new_accumulator("sum").result() == 0.0
     assert new_accumulator("count").result() == 0.0
