@@ -42,8 +42,10 @@ class RateMeter:
 
     interval_s: int = 10
     _buckets: deque[list[float]] = field(default_factory=deque)  # [second, count]
+    last_added: float = 0.0
 
     def add(self, now: float, count: int = 1) -> None:
+        self.last_added = now
         second = float(int(now))
         if self._buckets and self._buckets[-1][0] == second:
             self._buckets[-1][1] += count
@@ -187,4 +189,9 @@ class Registry:
         ]
 
     def message_rates(self, *, now: float) -> dict[str, float]:
+        """Per channel; a channel without a message for `forget_after_s` is forgotten (each
+        backfill replays into a channel of its own)."""
+        gone = [c for c, m in self.rates.items() if now - m.last_added > self.forget_after_s]
+        for channel in gone:
+            del self.rates[channel]
         return {channel: round(m.rate(now), 2) for channel, m in sorted(self.rates.items())}

@@ -197,13 +197,15 @@ class Observability:
         while True:
             now = time.monotonic()
             match = channels.stream_key("*")
+            seen: dict[str, int] = {}  # the streams of this pass only: deleted ones are dropped
             async for key in self.runtime.redis.scan_iter(match=match, count=500):
                 name = channels.channel_of_stream(key.decode() if isinstance(key, bytes) else key)
                 info = await self.runtime.redis.xinfo_stream(key)
                 added = int(info.get("entries-added", info.get("length", 0)))
                 if name in previous and added >= previous[name]:
                     self.registry.count(name, now=now, n=added - previous[name])
-                previous[name] = added
+                seen[name] = added
+            previous = seen
             await asyncio.sleep(2.0)
 
     async def trim_streams(self, interval_s: float) -> None:

@@ -120,3 +120,17 @@ def test_instances_long_gone_are_forgotten() -> None:
     assert set(entries) == {"calculation_engine"}
     assert entries["calculation_engine"]["status"] == "missing"
     assert registry.instances == {}
+
+
+def test_message_rates_of_channels_long_quiet_are_forgotten() -> None:
+    """Every backfill replays into a channel of its own: a channel without a message for an
+    hour leaves the rates (bounded memory); one still in use keeps its rate."""
+    registry = Registry(missing_after_s=5)
+    for i in range(100):
+        registry.count(f"stream.replay.calculation_engine.job-{i}", now=60.0 * i, n=10)
+    registry.count("simulation.entity.created", now=5_995.0, n=20)
+    rates = registry.message_rates(now=6_000.0)
+    assert len(rates) <= 62
+    assert rates["simulation.entity.created"] == 2.0
+    assert "stream.replay.calculation_engine.job-0" not in rates
+    assert "stream.replay.calculation_engine.job-99" in rates
