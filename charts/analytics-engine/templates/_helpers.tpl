@@ -262,6 +262,9 @@ the password is expanded in the pod, never rendered. Call with (dict "component"
 {{- $scheme := ternary "rediss" "redis" (and (not $ctx.Values.redis.enabled) $ctx.Values.externalRedis.tls) -}}
 {{- $db := ternary 0 $ctx.Values.externalRedis.db $ctx.Values.redis.enabled -}}
 {{- $endpoint := printf "%s:%v/%v" (include "analytics-engine.redis.host" $ctx) (include "analytics-engine.redis.port" $ctx) $db -}}
+{{- with include "analytics-engine.redis.caFile" $ctx -}}
+{{- $endpoint = printf "%s?ssl_ca_certs=%s" $endpoint . -}}
+{{- end -}}
 {{- $secret := include "analytics-engine.redis.secretName" $ctx -}}
 {{- if include "analytics-engine.redis.aclUsers" $ctx }}
 {{- $user := include "analytics-engine.redis.user" .component }}
@@ -283,6 +286,54 @@ the password is expanded in the pod, never rendered. Call with (dict "component"
 {{- else }}
 - name: REDIS_URL
   value: {{ printf "%s://%s" $scheme $endpoint | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* ------------------------------------------------------- CAs of external servers */}}
+
+{{- define "analytics-engine.caDir" -}}/etc/analytics-engine/ca{{- end -}}
+
+{{/* Path of the external Redis's CA certificate in the pods, if one is given. */}}
+{{- define "analytics-engine.redis.caFile" -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.tls .Values.externalRedis.caSecret -}}
+{{- printf "%s/redis/%s" (include "analytics-engine.caDir" .) .Values.externalRedis.caSecretKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Path of the external database's CA certificate in the pods, if one is given. */}}
+{{- define "analytics-engine.database.caFile" -}}
+{{- if and (not .Values.timescaledb.enabled) .Values.externalDatabase.caSecret -}}
+{{- printf "%s/database/%s" (include "analytics-engine.caDir" .) .Values.externalDatabase.caSecretKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+volumeMounts (with "mounts" true) or volumes of the CA certificates one component reads: the
+external Redis's (every component but the operator) and the external database's (the services
+that connect to it). Call with (dict "component" "database" "mounts" true "context" $).
+*/}}
+{{- define "analytics-engine.caVolumes" -}}
+{{- $v := .context.Values -}}
+{{- $cas := list -}}
+{{- if and (ne .component "operator") (include "analytics-engine.redis.caFile" .context) -}}
+{{- $cas = append $cas (list "redis" $v.externalRedis.caSecret $v.externalRedis.caSecretKey) -}}
+{{- end -}}
+{{- if and (has .component (list "database" "metadata")) (include "analytics-engine.database.caFile" .context) -}}
+{{- $cas = append $cas (list "database" $v.externalDatabase.caSecret $v.externalDatabase.caSecretKey) -}}
+{{- end -}}
+{{- range $cas }}
+{{- if $.mounts }}
+- name: {{ index . 0 }}-ca
+  mountPath: {{ include "analytics-engine.caDir" $.context }}/{{ index . 0 }}
+  readOnly: true
+{{- else }}
+- name: {{ index . 0 }}-ca
+  secret:
+    secretName: {{ index . 1 }}
+    items:
+      - key: {{ index . 2 }}
+        path: {{ index . 2 }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -323,8 +374,15 @@ the password is expanded in the pod, never rendered. Call with (dict "component"
 {{- $pwKey := ternary $v.timescaledb.auth.secretKeys.passwordKey $v.externalDatabase.existingSecretPasswordKey $v.timescaledb.enabled -}}
 {{- $roKey := ternary $v.timescaledb.auth.secretKeys.readonlyPasswordKey $v.externalDatabase.existingSecretReadonlyPasswordKey $v.timescaledb.enabled -}}
 {{- $query := "" -}}
+{{- $params := list -}}
 {{- if and (not $v.timescaledb.enabled) $v.externalDatabase.sslmode -}}
-{{- $query = printf "?sslmode=%s" $v.externalDatabase.sslmode -}}
+{{- $params = append $params (printf "sslmode=%s" $v.externalDatabase.sslmode) -}}
+{{- end -}}
+{{- with include "analytics-engine.database.caFile" .context -}}
+{{- $params = append $params (printf "sslrootcert=%s" .) -}}
+{{- end -}}
+{{- if $params -}}
+{{- $query = printf "?%s" (join "&" $params) -}}
 {{- end }}
 - name: DATABASE_PASSWORD
   valueFrom:
@@ -616,6 +674,7 @@ spec:
             {{- with .volumeMounts }}
             {{- . | nindent 12 }}
             {{- end }}
+            {{- include "analytics-engine.caVolumes" (dict "component" .component "mounts" true "context" $ctx) | nindent 12 }}
       volumes:
         # The root filesystem is read-only; /tmp is the only writable path (boto3, pyarrow, kopf).
         - name: tmp
@@ -624,6 +683,7 @@ spec:
         {{- with .volumes }}
         {{- . | nindent 8 }}
         {{- end }}
+        {{- include "analytics-engine.caVolumes" (dict "component" .component "mounts" false "context" $ctx) | nindent 8 }}
 {{- end -}}
 
 {{/* The ClusterIP Service of one application component. Call with (dict "component" "gateway" "context" $). */}}

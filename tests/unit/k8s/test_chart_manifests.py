@@ -655,6 +655,54 @@ def test_external_endpoints_replace_in_chart_infrastructure() -> None:
     )
 
 
+def test_private_cas_of_external_servers_are_mounted_and_named_in_the_urls() -> None:
+    """A managed Redis or database signed by a CA of its own (not in the image's system CAs)
+    is verified against the CA certificate of a given Secret: mounted read-only in the pods
+    that connect to it, and named in their URLs (`ssl_ca_certs`, `sslrootcert`)."""
+    values = json.loads(json.dumps(EXTERNAL))
+    values["externalRedis"]["caSecret"] = "redis-ca"
+    values["externalDatabase"].update(caSecret="db-ca", caSecretKey="root.pem")
+    values["externalDatabase"]["sslmode"] = "verify-full"
+    result = _template_with(values)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    redis_ca = "/etc/analytics-engine/ca/redis/ca.crt"
+    database_ca = "/etc/analytics-engine/ca/database/root.pem"
+    for _obj, template in pod_templates(objects):
+        name = component(template)
+        if name not in APP_COMPONENTS:
+            continue
+        (container,) = containers(template)
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        secrets = {v["name"]: v["secret"] for v in template["spec"]["volumes"] if "secret" in v}
+        if name == "operator":  # talks to Kubernetes and the metadata service only
+            assert not secrets
+            continue
+        assert env["REDIS_URL"].endswith(f"/0?ssl_ca_certs={redis_ca}"), name
+        assert mounts["/etc/analytics-engine/ca/redis"]["readOnly"] is True
+        assert secrets["redis-ca"] == {
+            "secretName": "redis-ca",
+            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+        }
+        if name in ("database", "metadata"):
+            assert env["DATABASE_URL"].endswith(
+                f"?sslmode=verify-full&sslrootcert={database_ca}"
+            ), name
+            assert secrets["database-ca"]["secretName"] == "db-ca"
+            assert mounts["/etc/analytics-engine/ca/database"]["readOnly"] is True
+        else:
+            assert "database-ca" not in secrets, name
+    # without a CA Secret nothing changes (the external value set above)
+    plain = _render("external")
+    assert not any(
+        "ssl_ca_certs" in (e.get("value") or "")
+        for _o, t in pod_templates(plain)
+        for c in containers(t)
+        for e in c.get("env", [])
+    )
+
+
 # --------------------------------------------------------------------------- Redis ACL users
 
 # Value sets whose services connect as their own ACL user (all but the shared-password fallback).
