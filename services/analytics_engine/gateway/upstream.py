@@ -31,9 +31,9 @@ class Upstreams:
     def __init__(
         self, *, timeout_s: float, connect_timeout_s: float, max_connections: int = 200
     ) -> None:
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeout_s, sock_connect=connect_timeout_s, connect=connect_timeout_s
-        )
+        # `sock_connect`, not `connect`: aiohttp's `connect` also counts the wait for a free
+        # pooled connection, so a busy gateway would answer 504 while the service is healthy
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
