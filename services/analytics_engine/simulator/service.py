@@ -60,8 +60,8 @@ class Settings(BaseServiceSettings):
         default=42,
         validation_alias="SIMULATOR_SEED",
         description="Seed of the generator: the same seed and entity definitions give the same "
-        "events but for their timestamps (the same event and entity ids also need "
-        "`SIMULATOR_RUN_ID`).",
+        "events but for their timestamps and the sensor readings (which follow the time of day); "
+        "the same event and entity ids also need `SIMULATOR_RUN_ID`.",
     )
     rate: float = Field(
         default=100.0,
