@@ -24,6 +24,8 @@ from analytics_engine.calculation.queries import QueryRunner
 from analytics_engine.calculation.registry import DefinitionRegistry, recorded_directory
 from analytics_engine.calculation.sync import DefinitionSync
 from analytics_engine.core import channels
+from analytics_engine.core.bus import REDIS_ERRORS
+from analytics_engine.core.retry import until_reachable
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.kpi import KPIDefinition, KPIResult, parse_duration
@@ -286,7 +288,7 @@ def build(settings: Settings) -> CalculationService:
         # 1. the checkpointed state, under the definitions it was computed with; those from
         #    the metadata service stand in until it answers, those from the directory give way
         #    to the directory as it is now (an edit is a new version, a deletion stops the KPI)
-        extra = await processor.load_checkpoint()
+        extra = await until_reachable(processor.load_checkpoint, errors=REDIS_ERRORS, what="redis")
         backfills.restore(extra)
         recorded = recorded_directory(extra)
         registry.restore(processor.engine.definitions.values(), processor.origins, recorded)

@@ -218,12 +218,8 @@ class ServiceRuntime:
                     return  # told to stop while starting (e.g. waiting for a database)
             started = True
             tune_gc(self.settings.gc_threshold)  # what startup built lives as long as we do
-            for server in self._servers:
-                await server.start()
-            for subscription in self._subscriptions:
-                await subscription.start()
-            if self._client is not None:
-                await self._client.start()
+            if not await _unless_stopped(self._subscribe, self._stop):
+                return  # told to stop while Redis is unreachable: the finally stops us
             consumer_tasks = [
                 asyncio.create_task(c.run(), name=f"consume:{','.join(c.channels)}")
                 for c in self._consumers
@@ -283,6 +279,16 @@ class ServiceRuntime:
             await self.redis.aclose()
             await self._stream_redis.aclose()
             log.info("service stopped")
+
+    async def _subscribe(self) -> None:
+        """Subscribe the responders, live subscriptions and the reply channel (each waits
+        until Redis answers)."""
+        for server in self._servers:
+            await server.start()
+        for subscription in self._subscriptions:
+            await subscription.start()
+        if self._client is not None:
+            await self._client.start()
 
     async def _supervise(self, name: str, fn: Hook) -> None:
         backoff = 0.5

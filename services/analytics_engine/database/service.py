@@ -18,6 +18,7 @@ from pydantic_settings import NoDecode
 
 from analytics_engine.core import channels
 from analytics_engine.core.durations import Duration
+from analytics_engine.core.retry import until_reachable
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings, DatabaseSettings
 from analytics_engine.database.archival import Archiver
@@ -234,18 +235,15 @@ class _LazyPool:
 
 async def _migrate_until_done(settings: Settings) -> str:
     """Apply migrations, waiting for PostgreSQL if it is not up yet."""
-    delay = 0.2
-    while True:
+
+    async def attempt() -> str:
+        conn = await connect(str(settings.database_url))
         try:
-            conn = await connect(str(settings.database_url))
-            try:
-                return await migrate(conn, timescale=settings.timescale)
-            finally:
-                await conn.close()
-        except TRANSIENT_ERRORS as exc:
-            log.warning("database not reachable, retrying", extra={"error": str(exc)[:200]})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            return await migrate(conn, timescale=settings.timescale)
+        finally:
+            await conn.close()
+
+    return await until_reachable(attempt, errors=TRANSIENT_ERRORS, what="database")
 
 
 def create(settings: Settings) -> ServiceRuntime:
