@@ -23,7 +23,9 @@ once every such window has closed (`until` = the last one's close) and the datab
 `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
 since, until, channel}` makes the database replay stored events into `channel`
 (`{event: envelope}` items, then `{subscription_id, done: true, count}`), kept alive with
-`stream.heartbeat`, ended with `stream.unsubscribe`. Replayed events are fed in publication order
+`stream.heartbeat`, ended with `stream.unsubscribe` (an end marker with a `reason`, e.g.
+`timeout` when the database missed the heartbeats, fails the attempt: it is retried with a new
+subscription). Replayed events are fed in publication order
 (the engine's watermark needs it; the database replays in event-time order: see
 `backfill_compute`) to a separate `KPIEngine` holding only this KPI, so the live state is never
 touched.
@@ -636,13 +638,22 @@ class BackfillManager:
     def _collect(
         raw: bytes, entity_type: str, needed: frozenset[str], add: Callable[[EntityEvent], None]
     ) -> bool:
-        """Pass one replayed item's event to `add`; True at the end marker."""
+        """Pass one replayed item's event to `add`; True at the end marker. An end marker with
+        a `reason` (`timeout`: the database missed our heartbeats) ends the replay before the
+        end of its history: `BackfillFailed`, so the attempt is retried, not completed with
+        part of the events."""
         try:
             envelope = Event.model_validate_json(raw)
         except ValidationError:
             return False
         payload = envelope.payload
         if payload.get("done") is True:
+            reason = payload.get("reason")
+            if reason is not None:
+                raise BackfillFailed(
+                    f"the database ended the replay early ({str(reason)[:100]}) after "
+                    f"{payload.get('count')} events"
+                )
             return True
         inner = payload.get("event")
         if not isinstance(inner, dict):

@@ -72,3 +72,11 @@ class DatabaseMetrics:
             "Stored events replayed to stream subscriptions",
             registry=r,
         )
+        self.subscription_controls_ignored = Counter(
+            "analytics_db_subscription_controls_ignored",
+            "stream.heartbeat / stream.unsubscribe naming a subscription that is not live, by "
+            "channel and reason (unknown: never subscribed or its state expired; ended: a "
+            "heartbeat after the subscription ended)",
+            ["channel", "reason"],
+            registry=r,
+        )

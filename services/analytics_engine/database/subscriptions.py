@@ -6,7 +6,11 @@ subscription; a replay worker then publishes the events with `since <= occurred_
 event_id), as events `{event: <original envelope>}` on `channel`, then one end marker
 `{subscription_id, done: true, count}`. `stream.heartbeat {subscription_id}` keeps it alive;
 `stream.unsubscribe {subscription_id}` or no heartbeat for `timeout` ends it (a timed-out
-subscription gets an end marker with `done: true, reason: "timeout"`).
+subscription gets an end marker with `done: true, reason: "timeout"`). These are events, not
+requests: a heartbeat or unsubscribe naming a subscription that is not live gets no answer; it
+is counted in `analytics_db_subscription_controls_ignored_total{channel, reason}` (`unknown`:
+never subscribed or its state expired; `ended`: a heartbeat after the end) and logged once per
+id at info.
 
 State lives in Redis (`ae:db:sub:{id}` hash, `ae:db:subs` set of live ids). Each page is
 published in the same MULTI/EXEC that advances the subscription's cursor, and the MULTI is
@@ -63,6 +67,8 @@ _ID: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 # for a subscriber, and no subscriber can make it write into anyone else's stream.
 _CHANNEL: Final = re.compile(rf"^{re.escape(channels.REPLAY_PREFIX)}[A-Za-z0-9_.\-]+$")
 _CHANNEL_MAX: Final = 200
+_NOTED_MAX: Final = 1000
+"""Subscription ids whose control events for a subscription that is not live were logged."""
 
 PAGE_FIRST: Final = """
 SELECT event_id, event_kind, entity_type, entity_id, version, occurred_at, published_at,
@@ -213,6 +219,8 @@ class StreamSubscriptions:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._consumer: DurableConsumer | None = None
         self._wake = asyncio.Event()
+        self._noted: dict[str, None] = {}
+        """Ids logged by `_note_not_live` (insertion-ordered, the oldest dropped first)."""
 
     def bind(self, consumer: DurableConsumer) -> None:
         self._consumer = consumer
@@ -234,6 +242,7 @@ class StreamSubscriptions:
             except InvalidPayload as exc:
                 invalid.append((d, str(exc)))
         dead = dead_letter_invalid(self._dead, invalid)
+        await self._note_not_live(ops)
         now = str(time.time()).encode()
 
         def also(pipe: Pipeline) -> None:
@@ -259,6 +268,47 @@ class StreamSubscriptions:
         await self._consumer.ack(deliveries, also=also)
         if any(kind == "subscribe" for kind, _ in ops):
             self._wake.set()
+
+    async def _note_not_live(self, ops: Sequence[tuple[str, Any]]) -> None:
+        """Count (and log once per id) heartbeats and unsubscribes naming a subscription that
+        is not live. They are events, with no reply: the subscriber learns of the end from its
+        channel's end marker, or, for an id unknown here (never subscribed, or its state
+        expired), from the replay's silence. An unsubscribe after the end is the subscriber's
+        normal cleanup and is not counted. Diagnostics only: a Redis error skips them."""
+        named = [(kind, arg) for kind, arg in ops if kind != "subscribe"]
+        if not named:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for _, sid in named:
+                pipe.hget(state_key(sid), "status")
+            statuses: list[bytes | None] = await pipe.execute()
+        except REDIS_ERRORS:
+            return
+        for (kind, sid), status in zip(named, statuses, strict=True):
+            if status is None:
+                reason = "unknown"
+            elif status != b"active" and kind == "heartbeat":
+                reason = "ended"
+            else:
+                continue
+            channel = (
+                channels.STREAM_HEARTBEAT if kind == "heartbeat" else channels.STREAM_UNSUBSCRIBE
+            )
+            self._metrics.subscription_controls_ignored.labels(channel, reason).inc()
+            if sid not in self._noted:
+                if len(self._noted) >= _NOTED_MAX:
+                    self._noted.pop(next(iter(self._noted)))
+                self._noted[sid] = None
+                log.info(
+                    "control event for a subscription that is not live",
+                    extra={
+                        "subscription": sid,
+                        "channel": channel,
+                        "reason": reason,
+                        "status": status.decode(errors="replace") if status else None,
+                    },
+                )
 
     # -- replay workers ----------------------------------------------------------------------
     async def run(self) -> None:

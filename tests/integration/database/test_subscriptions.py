@@ -10,10 +10,12 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from analytics_engine.calculation.backfill import (
     REPLAY_CHANNEL_PREFIX,
+    BackfillFailed,
     BackfillManager,
     computation,
     owner_tag,
@@ -389,3 +391,120 @@ async def test_a_subscription_id_cannot_name_another_subscriptions_keys(
     await wait_for(dead)
     events = await _replayed_to_the_end(redis, await subscribe(publisher, "s9"))
     assert events[-1]["payload"]["count"] == 1
+
+
+async def test_a_heartbeat_or_unsubscribe_for_a_subscription_it_does_not_know_is_counted(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """`stream.heartbeat` and `stream.unsubscribe` are events (no reply): one naming a
+    subscription the database does not know (never subscribed, or its state expired) was
+    ignored without a trace. It is counted, by channel, and a heartbeat for one that has ended
+    (timed out) too; an unsubscribe after the end is the subscriber's normal cleanup, not."""
+    runtime = await start_service(subscription_timeout=timedelta(seconds=1))
+    await publisher.publish_events(
+        [entity_event(publisher, "created", "o-1", 1, occurred_at=T0 + timedelta(seconds=1))]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 1
+
+    await wait_for(stored)
+
+    def ignored(channel: str, reason: str) -> float:
+        value = runtime.metrics.registry.get_sample_value(
+            "analytics_db_subscription_controls_ignored_total",
+            {"channel": channel, "reason": reason},
+        )
+        return value or 0.0
+
+    await publisher.publish(channels.STREAM_HEARTBEAT, {"subscription_id": "ghost"})
+    await publisher.publish(channels.STREAM_UNSUBSCRIBE, {"subscription_id": "ghost2"})
+
+    async def counted() -> bool:
+        return (
+            ignored(channels.STREAM_HEARTBEAT, "unknown") == 1
+            and ignored(channels.STREAM_UNSUBSCRIBE, "unknown") == 1
+        )
+
+    await wait_for(counted, timeout=5)
+    # a heartbeat to a live subscription is not counted; after its end (done) it is
+    channel = await subscribe(publisher, "known")
+    await publisher.publish(channels.STREAM_HEARTBEAT, {"subscription_id": "known"})
+    await _replayed_to_the_end(redis, channel)
+    await asyncio.sleep(0.3)
+    assert ignored(channels.STREAM_HEARTBEAT, "unknown") == 1
+    assert ignored(channels.STREAM_HEARTBEAT, "ended") == 0
+    await publisher.publish(channels.STREAM_HEARTBEAT, {"subscription_id": "known"})
+    await publisher.publish(channels.STREAM_UNSUBSCRIBE, {"subscription_id": "known"})
+
+    async def ended() -> bool:
+        return ignored(channels.STREAM_HEARTBEAT, "ended") == 1
+
+    await wait_for(ended, timeout=5)
+    await asyncio.sleep(0.3)
+    assert ignored(channels.STREAM_UNSUBSCRIBE, "ended") == 0
+    assert ignored(channels.STREAM_UNSUBSCRIBE, "unknown") == 1
+
+
+async def test_a_backfill_whose_subscription_timed_out_fails_rather_than_completes(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """The database ends a subscription without heartbeats with an end marker saying
+    `reason: timeout` after only part of the history. The backfill took any end marker for the
+    end of its history: it completed with the results of what it had read, and published them
+    as final. It fails instead (and is retried with a new subscription)."""
+    await start_service(
+        replay_page_rows=2, replay_max_lag=4, subscription_timeout=timedelta(seconds=1)
+    )
+    await publisher.publish_events(
+        [
+            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
+            for i in range(20)
+        ]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == 20
+
+    await wait_for(stored)
+    definition = VersionedKPIDefinition.model_validate(
+        {
+            "code": "orders_count",
+            "display_name": "orders",
+            "entity_type": "order",
+            "aggregation": "count",
+            "window": {"type": "tumbling", "size": "1m"},
+            "version": 1,
+        }
+    )
+    job = plan(definition, T0 + timedelta(minutes=1), timedelta(minutes=5))
+
+    async def no_results(_: list[Any]) -> None:
+        return None
+
+    manager = BackfillManager(
+        redis,
+        EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000),
+        horizon=timedelta(minutes=5),
+        delay=timedelta(0),
+        max_events=1000,
+        idle_timeout_s=10.0,
+        heartbeat_s=60.0,  # never in time: the database times the subscription out
+        on_results=no_results,
+        watermark=lambda: None,
+    )
+    work = computation(job)
+    # a subscriber that does not read (its group lags): the replay pauses at the lag bound
+    real_xreadgroup = redis.xreadgroup
+
+    async def slow_xreadgroup(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(2.0)
+        return await real_xreadgroup(*args, **kwargs)
+
+    redis.xreadgroup = slow_xreadgroup  # type: ignore[method-assign]
+    try:
+        with pytest.raises(BackfillFailed, match="timeout"):
+            await asyncio.wait_for(manager.replay(job, work), timeout=20)
+    finally:
+        del redis.xreadgroup
+    assert work.events < 20
