@@ -54,6 +54,8 @@ class SimulatorController:
         """Started or stopped on request: the autostart leaves the simulator as it was told."""
         self._pending: list[EncodedEvent] = []
         self._pending_batch: tuple[list[tuple[str, dict[str, Any]]], list[str]] = ([], [])
+        self._pending_now: datetime | None = None
+        """The `now` the pending batch was generated at (its `occurred_at` follow it)."""
         self._tick = 0
         self._last_tick_count = 0
         self._last_tick_time = clock()
@@ -90,6 +92,8 @@ class SimulatorController:
         if not self.running:
             self._bucket.reset(self._clock())
             self.started_at = utcnow()
+            if self._pending:
+                self._redate_pending(self.started_at)
             self._last_tick_time = self._clock()
             self._last_tick_count = self.events_emitted
             self._running.set()
@@ -168,6 +172,7 @@ class SimulatorController:
         batch = self.generator.next_batch(n, wall)
         event_id = self.generator.event_id
         self._pending_batch = (batch, [event_id(first + i) for i in range(len(batch))])
+        self._pending_now = wall
         self._stamp_pending(wall)
         # published by `run` next, retried there until Redis takes it (no gap in the sequence)
 
@@ -179,12 +184,31 @@ class SimulatorController:
         batch, ids = self._pending_batch
         self._pending = self._publisher.encode_batch(batch, ids, published_at)
 
+    def _redate_pending(self, now: datetime) -> None:
+        """Move the pending batch to `now`: its `occurred_at` by as much as `now` is after the
+        batch's generation, keeping each event's lateness (the same payloads otherwise, for a
+        given seed). A batch held while the simulator was stopped (its publish failed, Redis
+        down, and the simulator was stopped before a retry went through) would otherwise be
+        published at the next start as events of the moment it stopped, late for every window
+        by the length of the pause. Timestamp attributes drawn at generation keep their value.
+        """
+        generated = self._pending_now
+        if generated is None or now <= generated:
+            return
+        shift = now - generated
+        for _, payload in self._pending_batch[0]:
+            occurred = datetime.fromisoformat(payload["occurred_at"])
+            payload["occurred_at"] = (occurred + shift).isoformat()
+        self._pending_now = now
+        self._stamp_pending(now)
+
     async def _publish_pending(self) -> None:
         await self._publisher.publish_encoded(self._pending)
         self.events_emitted += len(self._pending)
         self.batches_published += 1
         self._pending = []
         self._pending_batch = ([], [])
+        self._pending_now = None
 
     async def tick_loop(self) -> None:
         """`simulation.tick` every `tick_interval_s` while running."""
