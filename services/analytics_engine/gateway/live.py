@@ -82,6 +82,8 @@ class ResultRing:
         self._items: deque[LiveResult] = deque(maxlen=capacity)
         self._clock = clock
         self._last_id = 0
+        self._evicted: int | None = None
+        """The newest evicted result's id (None: none evicted yet)."""
 
     def next_id(self) -> int:
         self._last_id = max(self._last_id + 1, int(self._clock() * 1_000_000))
@@ -90,6 +92,8 @@ class ResultRing:
     def append(self, kpi_code: str, data: bytes) -> LiveResult:
         event_id = self.next_id()
         result = LiveResult(event_id, kpi_code, sse_frame(event_id, EVENT_NAME, data))
+        if self._items and len(self._items) == self._items.maxlen:
+            self._evicted = self._items[0].id  # the append evicts it
         self._items.append(result)
         return result
 
@@ -108,9 +112,14 @@ class ResultRing:
                 yield item
 
     def missed(self, last_id: int) -> bool:
-        """True when results after `last_id` were already evicted (the client lost some)."""
+        """True when results after `last_id` were already evicted (the client lost some), or
+        `last_id` is older than anything this ring issued (a previous process's: what came
+        between is unknown). Ids follow the clock, not one another: the newest evicted id,
+        not `oldest - 1`, is the last a client may have seen without losing any."""
         oldest = self.oldest_id
-        return oldest is not None and last_id < oldest - 1 and last_id < self._last_id
+        if oldest is None or last_id >= self._last_id:
+            return False
+        return last_id < (self._evicted if self._evicted is not None else oldest)
 
     def resume(self, last_id: int | None) -> Resume:
         """Where a client sending `last_id` (None: a first connection) resumes.

@@ -118,3 +118,19 @@ def test_stream_slots_cap_each_key_and_the_total() -> None:
     slots.release("a")  # releasing what is not held changes nothing
     assert slots.in_use == 0
     assert slots.acquire("a") is None and slots.acquire("a") is None
+
+
+def test_no_gap_for_a_client_that_saw_the_last_evicted_result() -> None:
+    """Ids follow the clock, so consecutive ones differ by more than 1. The ring took any id
+    below `oldest - 1` for one followed by evicted results: a client whose last id was the
+    newest evicted result, which lost nothing, was sent a `gap`."""
+    ticks = iter(1000.0 + i / 1000 for i in range(10))  # a result each millisecond
+    ring = ResultRing(3, clock=ticks.__next__)
+    ids = [ring.append("a", b"{}").id for _ in range(5)]  # ids[0], ids[1] evicted
+    assert ring.resume(ids[1]) == Resume(ids[1], gap=False)
+    assert ring.resume(ids[0]) == Resume(ids[0], gap=True)  # ids[1] lost
+    assert ring.resume(ids[0] - 1) == Resume(ids[0] - 1, gap=True)
+    assert ring.resume(ids[2]) == Resume(ids[2], gap=False)
+    fresh = ResultRing(3, clock=iter(1000.0 + i / 1000 for i in range(10)).__next__)
+    first = fresh.append("a", b"{}").id
+    assert fresh.resume(first - 1000) == Resume(first - 1000, gap=True)  # a previous process's
