@@ -146,12 +146,22 @@ def _write_private(path: Path, text: str) -> None:
 
 def private_data_dir(path: Path) -> None:
     """Create `path` owner-only (it holds passwords, keys and the databases' files), or make it
-    so when an earlier version created it readable by others."""
+    so when an earlier `up` created it readable by others. A directory that is not an earlier
+    `up`'s (`--data-dir /tmp`, a home directory) keeps its mode: only a warning."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
+    if not mode & 0o077:
+        return
+    if (path / "stack.env").exists():
         log.info("making %s owner-only (was %o)", path, mode)
         path.chmod(mode & 0o700)
+    else:
+        log.warning(
+            "%s is open to other users (mode %o): the servers' directories in it are "
+            "owner-only, but give up a --data-dir of its own to keep its logs private",
+            path,
+            mode,
+        )
 
 
 def lock_data_dir(data_dir: Path) -> int:

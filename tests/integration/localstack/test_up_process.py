@@ -205,6 +205,7 @@ def test_the_data_dir_is_private(workdir: Path) -> None:
     data_dir = workdir / "run"
     data_dir.mkdir(mode=0o755)  # as an earlier version created it
     data_dir.chmod(0o755)
+    (data_dir / "stack.env").touch(mode=0o600)
     up = Up(data_dir)
     up.wait_for(READY_LINE)
 
@@ -215,5 +216,21 @@ def test_the_data_dir_is_private(workdir: Path) -> None:
     for path in data_dir.iterdir():
         if path.is_file():
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+    up.process.send_signal(signal.SIGINT)
+    assert up.exit_code() == 0
+
+
+def test_a_data_dir_that_is_no_earlier_ups_keeps_its_mode(workdir: Path) -> None:
+    """`--data-dir` naming a shared directory (/tmp, a home directory) must not lock others
+    out of it: only the servers' directories in it are made owner-only."""
+    data_dir = workdir / "shared"
+    data_dir.mkdir()
+    data_dir.chmod(0o1777)
+    up = Up(data_dir)
+    up.wait_for(READY_LINE)
+
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o1777
+    for server in ("redis", "postgres", "s3"):
+        assert stat.S_IMODE((data_dir / server).stat().st_mode) & 0o076 == 0, server
     up.process.send_signal(signal.SIGINT)
     assert up.exit_code() == 0
