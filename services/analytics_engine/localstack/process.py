@@ -74,10 +74,59 @@ class Started(abc.ABC):
         self.stop()
 
 
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), None if it is gone or a zombie:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """Record process `pid` in `path` (with its start time) for `stop_leftover`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, f"{pid} {_start_time(pid) or ''}\n")
+
+
+def stop_leftover(
+    pid_file: Path, name: str, *, stop_signal: int = signal.SIGTERM, timeout: float = 20.0
+) -> int | None:
+    """Stop the process `pid_file` names if it still runs, left by an earlier run that was
+    killed before it could stop its children: `stop_signal`, then SIGKILL of its process group
+    after `timeout` seconds. Returns its pid, None when nothing was running."""
+    try:
+        pid_text, started = pid_file.read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return None
+    if _start_time(pid) != started:  # gone (or the pid now names another process)
+        pid_file.unlink(missing_ok=True)
+        return None
+    logger.warning("%s: stopping pid %d, left running by an earlier run", name, pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, stop_signal)
+    deadline = time.monotonic() + timeout
+    while _start_time(pid) == started and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # it leads its own group: whatever is left of it
+    while _start_time(pid) == started and time.monotonic() < deadline + 5:
+        time.sleep(POLL_INTERVAL)
+    pid_file.unlink(missing_ok=True)
+    return pid
+
+
 class ProcessServer(Started):
-    """A server run as one child process in its own process group."""
+    """A server run as one child process in its own process group, its pid in
+    `base_dir/<name>.pid` while it runs: `start()` first stops a server an earlier run left
+    running on the same data (killed before it could stop it)."""
 
     name: ClassVar[str] = "server"
+    stop_signal: ClassVar[int] = signal.SIGTERM
+    """What stops the server gracefully when it is not our child (a leftover)."""
 
     def __init__(
         self,
@@ -89,6 +138,7 @@ class ProcessServer(Started):
     ) -> None:
         self.base_dir: Path = Path(base_dir).absolute()
         self.log_path: Path = self.base_dir / f"{self.name}.log"
+        self.pid_path: Path = self.base_dir / f"{self.name}.pid"
         self.startup_timeout: float = startup_timeout
         self.stop_timeout: float = stop_timeout
         self.startup_seconds: float | None = None
@@ -143,7 +193,10 @@ class ProcessServer(Started):
         """Start the server and wait until it answers; a no-op when it is running."""
         if self.running:
             return
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stop_leftover(
+            self.pid_path, self.name, stop_signal=self.stop_signal, timeout=self.stop_timeout
+        )
         retry_on_port_clash = not self._ports_fixed and not self._started_once
         try:
             self._start_once()
@@ -171,12 +224,14 @@ class ProcessServer(Started):
                 **self._popen_kwargs(),
             )
         self._proc = proc
+        write_pid_file(self.pid_path, proc.pid)
         logger.debug("%s: started pid %d: %s", self.name, proc.pid, command[0])
         deadline = started + self.startup_timeout
         while True:
             code = proc.poll()
             if code is not None:
                 self._proc = None
+                self.pid_path.unlink(missing_ok=True)
                 self._fail(f"exited with code {code} before answering", offset)
             try:
                 if self._probe():
@@ -248,11 +303,11 @@ class ProcessServer(Started):
         self.stop()
         self.start()
 
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        self.pid_path.unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analytics_engine.localstack.process import stop_leftover, write_pid_file
+
 log = logging.getLogger(__name__)
 
 
@@ -82,8 +84,7 @@ class Supervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop children in order
             )
-        self._pid_dir.mkdir(parents=True, exist_ok=True)
-        (self._pid_dir / f"{spec.name}.pid").write_text(str(process.pid))
+        write_pid_file(self._pid_dir / f"{spec.name}.pid", process.pid)
         return process
 
     async def _keep_running(self, child: _Supervised) -> None:
@@ -134,6 +135,14 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+
+def stop_leftover_services(pid_dir: Path, *, timeout: float = 20.0) -> list[int]:
+    """Stop the services an earlier supervisor, killed before it could stop them, left running
+    (their pids in `pid_dir`); returns their pids."""
+    pid_files = sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else []
+    stopped = [stop_leftover(path, path.stem, timeout=timeout) for path in pid_files]
+    return [pid for pid in stopped if pid is not None]
 
 
 def service_argv(service: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 Starts Redis, PostgreSQL and an S3 store (SeaweedFS) on free loopback ports with data under one
 directory (default `.run/`), then every service as a supervised child process, prints the URLs
-and runs until Ctrl-C or SIGTERM, then stops everything in order.
+and runs until Ctrl-C, SIGTERM or SIGHUP, then stops everything in order. One `up` at a time
+runs on a data directory (`up.lock`); it stops what a killed one left running there.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -26,7 +28,12 @@ from analytics_engine.cli import SERVICES
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file
 from analytics_engine.localstack.infra import LocalInfra
 from analytics_engine.localstack.ports import free_ports
-from analytics_engine.localstack.supervisor import ProcessSpec, Supervisor, service_argv
+from analytics_engine.localstack.supervisor import (
+    ProcessSpec,
+    Supervisor,
+    service_argv,
+    stop_leftover_services,
+)
 
 log = logging.getLogger("analytics_engine.up")
 
@@ -57,6 +64,8 @@ URL_VARIABLES = {
     "observability": "OBSERVABILITY_URL",
 }
 LOOPBACK = "127.0.0.1"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, `kill`, and a closed terminal: each stops services, then servers, in order."""
 CONNECTION_VARIABLES = (
     "REDIS_URL",
     "DATABASE_URL",
@@ -133,6 +142,44 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
+
+
+def private_data_dir(path: Path) -> None:
+    """Create `path` owner-only (it holds passwords, keys and the databases' files), or make it
+    so when an earlier `up` created it readable by others. A directory that is not an earlier
+    `up`'s (`--data-dir /tmp`, a home directory) keeps its mode: only a warning."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if not mode & 0o077:
+        return
+    if (path / "stack.env").exists():
+        log.info("making %s owner-only (was %o)", path, mode)
+        path.chmod(mode & 0o700)
+    else:
+        log.warning(
+            "%s is open to other users (mode %o): the servers' directories in it are "
+            "owner-only, but give up a --data-dir of its own to keep its logs private",
+            path,
+            mode,
+        )
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold `data_dir/up.lock` (an exclusive lock) while this process lives; exit with a
+    one-line error when another `up` holds it. Returns the lock's file descriptor."""
+    fd = os.open(data_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(
+            f"analytics-engine up is already running on {data_dir} (pid {holder}): "
+            "stop it first, or give another --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd  # not inherited by children (PEP 446): a leftover server never holds it
 
 
 def write_env_file(path: Path, connections: dict[str, str]) -> None:
@@ -225,13 +272,17 @@ async def serve(
     data_dir: Path,
     *,
     redis_urls: dict[str, str] | None = None,
+    stop_requested: list[int] | None = None,
 ) -> None:
+    """Run the services until a stop signal (or one already in `stop_requested`)."""
     services = select_services(args.only)
     kpi_dir = Path(args.kpi_dir) if args.kpi_dir else repo_root() / "k8s" / "samples"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    if stop_requested:
+        stop.set()
     started = time.monotonic()
     local = start_services(
         services,
@@ -243,7 +294,17 @@ async def serve(
         redis_urls=redis_urls,
     )
     ports, admin_key, supervisor = local.ports, local.admin_key, local.supervisor
-    ready = await wait_ready(ports)
+    waiting = asyncio.create_task(wait_ready(ports))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():  # stopped before every service was ready
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        print("stopping services...", flush=True)
+        await supervisor.stop_all()
+        return
+    ready = waiting.result()
     print(f"\nAnalyticsEngine is up ({time.monotonic() - started:.1f}s):")
     for name in services:
         state = "ready" if ready[name] else "NOT READY (see log)"
@@ -256,7 +317,7 @@ async def serve(
     print(f"  Logs:       {data_dir / 'logs'}/<service>.log")
     print(f"  Settings:   {data_dir / 'stack.env'} (for analytics-engine verify)")
     print("Press Ctrl-C to stop.", flush=True)
-    await stop.wait()
+    await stopping
     print("stopping services...", flush=True)
     await supervisor.stop_all()
 
@@ -265,7 +326,9 @@ def run_up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     select_services(args.only)  # a typo in --only fails now, not after the servers started
     data_dir = Path(args.data_dir).absolute()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_data_dir(data_dir)
+    lock_data_dir(data_dir)  # held until this process exits
+    stop_leftover_services(data_dir / "pids")
     if args.external:
         connections = {k: os.environ[k] for k in CONNECTION_VARIABLES if k in os.environ}
         missing = {"REDIS_URL", "DATABASE_URL", "S3_ENDPOINT_URL"} - set(connections)
@@ -276,16 +339,38 @@ def run_up(args: argparse.Namespace) -> int:
         asyncio.run(serve(args, connections, data_dir))
         return 0
     print(f"starting Redis, PostgreSQL and S3 under {data_dir} ...", flush=True)
+    # A stop signal while the servers start is obeyed once they have (stopping a server
+    # halfway through its start would leave it running).
+    stop_requested: list[int] = []
+
+    def request_stop(signum: int, frame: object) -> None:
+        if not stop_requested:  # os.write: print() may be what the signal interrupted
+            os.write(sys.stdout.fileno(), b"stopping once the servers have started...\n")
+        stop_requested.append(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
     stack = start_infra(data_dir)
     infra, connections, redis_urls = stack.infra, stack.connections, stack.redis_urls
     try:
         print(f"  redis     127.0.0.1:{infra.redis.port}")
         print(f"  postgres  127.0.0.1:{infra.postgres.port}")
         print(f"  s3        {infra.s3.endpoint_url} (bucket {infra.bucket})", flush=True)
-        asyncio.run(serve(args, connections, data_dir, redis_urls=redis_urls))
+        if not stop_requested:
+            asyncio.run(
+                serve(
+                    args,
+                    connections,
+                    data_dir,
+                    redis_urls=redis_urls,
+                    stop_requested=stop_requested,
+                )
+            )
     except KeyboardInterrupt:
         pass
     finally:
+        for sig in STOP_SIGNALS:  # already stopping: a second Ctrl-C must not cut it short
+            signal.signal(sig, signal.SIG_IGN)
         print("stopping servers...", flush=True)
         infra.stop()
     return 0
