@@ -439,6 +439,13 @@ class BackfillManager:
             "waiting_for_database": job.waiting,
         }
 
+    def version_since(self, result: KPIResult) -> datetime | None:
+        """Where `result`'s definition version begins, if a backfill reached back for it."""
+        coverage = self.coverage.get(result.kpi_code)
+        if coverage is None or coverage.definition_version != result.definition_version:
+            return None
+        return coverage.since
+
     def coverage_of(self, code: str) -> dict[str, Any] | None:
         """Where the KPI's current definition version begins (`{definition_version, since}`):
         the engine publishes that version's windows starting at or after `since`, none

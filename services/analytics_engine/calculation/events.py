@@ -152,13 +152,18 @@ def result_key(result: KPIResult) -> str:
     )
 
 
-def result_events(result: KPIResult, *, source: str, now: datetime) -> list[Event]:
-    """The result on `kpi.calculated` and on `kpi.calculated.{kpi_code}`.
+def result_events(
+    result: KPIResult, *, source: str, now: datetime, version_since: datetime | None = None
+) -> list[Event]:
+    """The result on `kpi.calculated` and on `kpi.calculated.{kpi_code}`, with `version_since`
+    (where its definition version begins) when given.
 
     Event ids derive from the window's identity, so a window re-emitted after a crash carries
     the same ids (and the same value): consumers can drop the repeat.
     """
     payload = result.to_dict()
+    if version_since is not None:
+        payload["version_since"] = version_since.isoformat().replace("+00:00", "Z")
     key = result_key(result)
     return [
         Event.model_construct(

@@ -231,13 +231,22 @@ class StreamProcessor:
         if results:
             self.queue_results(results, origin="live")
 
-    def queue_results(self, results: Iterable[KPIResult], *, origin: str) -> None:
+    def queue_results(
+        self,
+        results: Iterable[KPIResult],
+        *,
+        origin: str,
+        version_since: Callable[[KPIResult], datetime | None] | None = None,
+    ) -> None:
+        """Queue results for publishing; `version_since` tells where a result's definition
+        version begins (a backfill's results carry it)."""
         now = utcnow()
         for result in results:
             if origin == "live" and self.suppress(result):
                 continue
             self._cache.add(result)
-            events = result_events(result, source=self._source, now=now)
+            since = None if version_since is None else version_since(result)
+            events = result_events(result, source=self._source, now=now, version_since=since)
             self._unpublished.append((result, events, origin))
         self._dirty = True
 

@@ -9,8 +9,9 @@ lives in that one process and its checkpoint (`ae:calc:checkpoint`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -229,12 +230,18 @@ def build(settings: Settings) -> CalculationService:
         cache=cache,
     )
 
-    async def publish_now(results: list[KPIResult], origin: str) -> None:
-        processor.queue_results(results, origin=origin)
+    async def publish_now(
+        results: list[KPIResult],
+        origin: str,
+        version_since: Callable[[KPIResult], datetime | None] | None = None,
+    ) -> None:
+        processor.queue_results(results, origin=origin, version_since=version_since)
         await processor.flush_results()
 
     async def publish_backfill(results: list[KPIResult]) -> None:
-        await publish_now(results, "backfill")
+        # where the version begins: the database then hides older versions' results from
+        # there on, also in windows this version found empty (none of its results says so)
+        await publish_now(results, "backfill", backfills.version_since)
 
     async def publish_query(results: list[KPIResult]) -> None:
         await publish_now(results, "query")

@@ -79,6 +79,12 @@ class KPIResult(_OpenPayload):
     sample_count: int = Field(ge=0)
     definition_version: int = Field(ge=0)
     computed_at: datetime
+    version_since: datetime | None = Field(
+        default=None,
+        description="Where this definition version's results begin (its backfill's since), "
+        "when the engine knows it: the database hides older versions' results from there on, "
+        "also in windows this version computed and found empty.",
+    )
 
 
 class ArchivedEventRow(_OpenPayload):

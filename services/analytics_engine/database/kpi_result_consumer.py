@@ -69,9 +69,9 @@ WHERE EXCLUDED.computed_at >= cur.computed_at
 # storing a new version's first results at once both see the row the other inserted.
 RECORD_VERSIONS: Final = """
 INSERT INTO kpi_result_versions AS cur (kpi_code, definition_version, since)
-SELECT b.kpi_code, b.definition_version, min(b.window_start)
+SELECT b.kpi_code, b.definition_version, min(b.begins)
 FROM unnest($1::text[], $2::int4[], $3::timestamptz[])
-     AS b(kpi_code, definition_version, window_start)
+     AS b(kpi_code, definition_version, begins)
 GROUP BY 1, 2
 ORDER BY 1, 2
 ON CONFLICT (kpi_code, definition_version) DO UPDATE SET since = EXCLUDED.since
@@ -207,7 +207,7 @@ class KPIResultConsumer:
         with transient_errors("storing KPI results"):
             async with self._pool.acquire() as conn, conn.transaction():
                 status = await conn.execute(UPSERT_RESULTS, *cols)
-                await conn.execute(RECORD_VERSIONS, cols[0], cols[7], cols[1])
+                await conn.execute(RECORD_VERSIONS, cols[0], cols[7], [r.begins for r in rows])
                 pending = list(await conn.fetch(UNFORWARDED, *keys))
         self._metrics.write_seconds.labels("kpi_results").observe(time.perf_counter() - started)
         self._metrics.batch_size.labels("kpi_results").observe(len(rows))

@@ -38,6 +38,15 @@ class KpiResultRow:
     sample_count: int
     definition_version: int
     computed_at: datetime
+    version_since: datetime | None = None
+    """Where the result's definition version begins, when its publisher says (a backfill)."""
+
+    @property
+    def begins(self) -> datetime:
+        """Where the result's definition version begins at the latest (`kpi_result_versions`)."""
+        if self.version_since is None:
+            return self.window_start
+        return min(self.window_start, self.version_since)
 
     @property
     def key(self) -> tuple[str, datetime, datetime, str]:
@@ -76,6 +85,11 @@ def parse_kpi_result(event: Event) -> KpiResultRow:
         sample_count=int_field(payload, "sample_count"),
         definition_version=int_field(payload, "definition_version", maximum=INT32_MAX),
         computed_at=parse_timestamp(payload.get("computed_at"), "computed_at"),
+        version_since=(
+            None
+            if payload.get("version_since") is None
+            else parse_timestamp(payload["version_since"], "version_since")
+        ),
     )
 
 

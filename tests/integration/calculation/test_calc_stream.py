@@ -353,6 +353,12 @@ async def test_new_definition_is_backfilled_over_stored_history(
     assert cut is not None
     compare(revenue_results, expected, allow_duplicates=False)
     assert len(revenue_results) > 20
+    # the backfill's results say where the version begins (the database hides older
+    # versions' results from there on); the live engine's do not
+    backfilled = [r for r in revenue_results if datetime.fromisoformat(r["window_start"]) < job.cut]
+    assert backfilled
+    assert {datetime.fromisoformat(r["version_since"]) for r in backfilled} == {job.since}
+    assert all("version_since" not in r for r in revenue_results if r not in backfilled)
 
 
 async def test_http_api_with_a_stand_in_database(

@@ -139,15 +139,7 @@ async def test_history_and_latest_values_leave_out_what_a_newer_version_recomput
     await start_service()
 
     async def history() -> list[tuple[int, str, int]]:
-        reply = await client.request(
-            channels.DATABASE_QUERY,
-            "kpi_history",
-            {"kpi_code": "orders_revenue", "start": "2024-01-01T00:00Z", "end": "2024-01-02"},
-        )
-        return [
-            (int(r["value"]), next(iter(r["dimensions"].values())), r["definition_version"])
-            for r in reply["rows"]
-        ]
+        return await _history(client)
 
     async def latest() -> set[tuple[str, int]]:
         reply = await client.request(
@@ -196,6 +188,47 @@ async def test_history_and_latest_values_leave_out_what_a_newer_version_recomput
         assert await count(pg, "SELECT count(*) FROM kpi_result_versions") == 0
     finally:
         await client.close()
+
+
+async def test_a_version_begins_where_its_publisher_says(
+    start_service: Start, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    """Version 2's backfill reached back to minute 2 but found results only from minute 7 (a
+    filter matching nothing before): its results say where it begins (`version_since`), so
+    the history leaves out version 1's results from minute 2 on, not only from minute 7."""
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    client = RequestReplyClient(redis, service="cli", instance="t1", default_timeout=15)
+    await start_service()
+    try:
+        await publisher.publish_many(
+            [(channels.KPI_CALCULATED, _window(minute, 1, 1, region="eu")) for minute in range(10)]
+        )
+        await wait_for(lambda: _n_forwarded(redis, 10))
+        since = datetime(2024, 1, 1, 0, 2, tzinfo=UTC).isoformat()
+        await publisher.publish(
+            channels.KPI_CALCULATED, {**_window(7, 1, 2, region="eu"), "version_since": since}
+        )
+        await wait_for(lambda: _n_forwarded(redis, 11))
+        assert await _history(client) == [(0, "eu", 1), (1, "eu", 1), (7, "eu", 2)]
+        # a later result of the version without it (a live one) does not move it forward
+        await publisher.publish(channels.KPI_CALCULATED, _window(8, 1, 2, region="eu"))
+        await wait_for(lambda: _n_forwarded(redis, 12))
+        assert await _history(client) == [(0, "eu", 1), (1, "eu", 1), (7, "eu", 2), (8, "eu", 2)]
+    finally:
+        await client.close()
+
+
+async def _history(client: RequestReplyClient) -> list[tuple[int, str, int]]:
+    """`orders_revenue`'s history on 2024-01-01: (value, the dimension's value, version)."""
+    reply = await client.request(
+        channels.DATABASE_QUERY,
+        "kpi_history",
+        {"kpi_code": "orders_revenue", "start": "2024-01-01T00:00Z", "end": "2024-01-02"},
+    )
+    return [
+        (int(r["value"]), next(iter(r["dimensions"].values())), r["definition_version"])
+        for r in reply["rows"]
+    ]
 
 
 async def _n_forwarded(redis: Redis, n: int) -> bool:
