@@ -265,7 +265,8 @@ def test_bind_window_appends_two_placeholders(
     found = errors(body)
     if message is None:
         assert found == {}
-        assert KPIDefinition.model_validate(body).query.bind_window is True  # type: ignore[union-attr]
+        query = KPIDefinition.model_validate(body).query
+        assert query is not None and query.bind_window is True
     else:
         assert message in found.get("query.params", ""), found
 
