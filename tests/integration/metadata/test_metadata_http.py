@@ -253,6 +253,33 @@ async def test_valid_query_kpi_is_accepted(metadata: MetadataHarness) -> None:
     status, stored, _ = await metadata.call("PUT", f"{KPIS}/open_orders", body)
     assert status == 201, stored
     assert stored["query"]["schedule"] == "30s"
+    assert stored["query"]["bind_window"] is False
+
+
+async def test_query_kpi_with_bind_window(metadata: MetadataHarness) -> None:
+    """`bind_window` adds the slot's start and end as the last two placeholders: the SQL must use
+    them with the flag, and is refused without it (nothing would bind $2, $3)."""
+    query = {
+        "sql": "SELECT count(*) FROM entity_events"
+        " WHERE entity_type = $1 AND occurred_at >= $2 AND occurred_at < $3",
+        "params": ["order"],
+        "schedule": "1m",
+    }
+    body = {"code": "orders_per_minute", "display_name": "Orders", "entity_type": "order"}
+    status, error, _ = await metadata.call(
+        "PUT", f"{KPIS}/orders_per_minute", {**body, "query": query}
+    )
+    assert status == 422, error
+    details = error["error"]["details"]
+    assert [d["field"] for d in details] == ["query.params"]
+    assert "3 placeholder(s)" in details[0]["message"]
+    status, stored, _ = await metadata.call(
+        "PUT", f"{KPIS}/orders_per_minute", {**body, "query": {**query, "bind_window": True}}
+    )
+    assert status == 201, stored
+    assert stored["query"]["bind_window"] is True
+    status, fetched, _ = await metadata.call("GET", f"{KPIS}/orders_per_minute")
+    assert status == 200 and fetched["query"]["bind_window"] is True
 
 
 async def test_malformed_and_oversized_bodies(metadata: MetadataHarness) -> None:
