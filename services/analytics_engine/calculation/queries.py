@@ -6,6 +6,12 @@ and its result has `window_start/end` = the slot, `value` = the first column of 
 (no row or a NULL/non-numeric value: nothing is published for that slot), `sample_count` = the
 number of rows. A slot missed while the engine was down is not re-run (the query reads the
 database as it is now, so a late run would not describe that slot anyway).
+
+With `query.bind_window` the run binds its slot after `params`: `$len(params)+1` = window_start,
+`$len(params)+2` = window_end, as ISO-8601 UTC text (`slot_params`), which the database service
+coerces to the `timestamptz` PostgreSQL infers for `occurred_at >= $n` (elsewhere, cast:
+`$n::timestamptz`). So (no params) `... WHERE occurred_at >= $1 AND occurred_at < $2` is exactly the
+slot the result claims; events not yet stored when the slot ends are not in it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from analytics_engine.core import channels
@@ -53,6 +59,20 @@ def first_value(reply: Mapping[str, Any]) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def slot_params(definition: VersionedKPIDefinition, start: int, end: int) -> list[Any]:
+    """The params of the run for slot `[start, end)` (epoch microseconds): `query.params`, then
+    with `bind_window` the slot's bounds as ISO-8601 UTC timestamps."""
+    assert definition.query is not None
+    params: list[Any] = list(definition.query.params)
+    if definition.query.bind_window:
+        params += [iso_utc(from_micros(start)), iso_utc(from_micros(end))]
+    return params
+
+
+def iso_utc(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def slot_of(now: datetime, schedule_us: int) -> tuple[int, int]:
@@ -112,7 +132,7 @@ class QueryRunner:
             reply = await self._requests().request(
                 channels.DATABASE_QUERY,
                 "execute_query",
-                {"sql": definition.query.sql, "params": list(definition.query.params)},
+                {"sql": definition.query.sql, "params": slot_params(definition, start, end)},
                 timeout=self._timeout,
             )
         except RequestError as exc:

@@ -55,6 +55,9 @@ CODE_PATTERN: Final = r"^[a-z][a-z0-9_]{0,62}$"
 ATTRIBUTE_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 """Attribute names must be CEL identifiers so filters can reference them."""
 
+WINDOW_PARAMS: Final = 2
+"""Parameters a query KPI with ``bind_window`` gets after its ``params``: the slot's start, end."""
+
 MIN_WINDOW: Final = timedelta(seconds=1)
 MAX_WINDOW: Final = timedelta(days=31)
 MAX_WINDOWS_PER_EVENT: Final = 100
@@ -252,13 +255,16 @@ def sql_placeholders(sql: str) -> frozenset[int]:
     return frozenset(int(n) for n in _SQL_PARAM.findall(body))
 
 
-def placeholder_errors(placeholders: frozenset[int], params: int) -> str | None:
+def placeholder_errors(
+    placeholders: frozenset[int], params: int, *, bind_window: bool = False
+) -> str | None:
     """Why `params` values cannot run a statement using `placeholders` (None: they can).
 
     The engine prepares the statement and PostgreSQL counts its parameters as the highest
     ``$n``; it refuses a statement whose ``$1..$n`` has a hole (the type of the missing one cannot
     be determined), and the database service refuses a params list of any other length. So the
-    placeholders must be exactly ``$1..$len(params)``.
+    placeholders must be exactly ``$1..$len(params)``, or with `bind_window` (the engine appends
+    the slot's start and end) exactly ``$1..$len(params)+2``.
     """
     highest = max(placeholders, default=0)
     if 0 in placeholders:
@@ -269,21 +275,34 @@ def placeholder_errors(placeholders: frozenset[int], params: int) -> str | None:
             f"the query uses ${highest} but not ${holes[0]}: placeholders must be $1..$n "
             "without holes"
         )
-    if highest != params:
+    bound = params + (WINDOW_PARAMS if bind_window else 0)
+    if highest != bound:
+        given = (
+            f"{params} params are given and bind_window adds ${params + 1} (window_start) "
+            f"and ${params + 2} (window_end); use both"
+            if bind_window
+            else f"{params} params are given; give exactly one param per placeholder"
+        )
         return (
             f"the query uses {highest} placeholder(s) ($1..${highest})"
             if highest
             else "the query uses no placeholder"
-        ) + f" but {params} params are given; give exactly one param per placeholder"
+        ) + f" but {given}"
     return None
 
 
 class QuerySpec(_Model):
-    """A query KPI: ``sql`` runs every ``schedule`` on the read-only role."""
+    """A query KPI: ``sql`` runs every ``schedule`` on the read-only role.
+
+    With ``bind_window``, each run binds its slot ``[window_start, window_end)`` after
+    ``params``: ``$len(params)+1`` is the start and ``$len(params)+2`` the end, as ISO-8601
+    UTC timestamps (the database service binds them to ``timestamptz`` parameters).
+    """
 
     sql: str = Field(min_length=1)
     params: list[JsonScalar] = Field(default_factory=list)
     schedule: Duration = Field(default=timedelta(seconds=60), json_schema_extra={"default": "60s"})
+    bind_window: bool = False
 
     @field_validator("sql")
     @classmethod
@@ -294,7 +313,9 @@ class QuerySpec(_Model):
     @model_validator(mode="after")
     def _check(self) -> Self:
         errors: list[tuple[tuple[str | int, ...], str, Any]] = []
-        mismatch = placeholder_errors(sql_placeholders(self.sql), len(self.params))
+        mismatch = placeholder_errors(
+            sql_placeholders(self.sql), len(self.params), bind_window=self.bind_window
+        )
         if mismatch is not None:
             errors.append((("params",), mismatch, self.params))
         if self.schedule < MIN_WINDOW:

@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 
 import asyncpg
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from analytics_engine.kpi.definitions import EntityTypeDefinition, KPIDefinition
 from analytics_engine.metadata.errors import (
@@ -74,13 +74,35 @@ class Kind:
     history: str
     key: str
     label: str
+    model: type[BaseModel]
+
+    def same(self, stored: dict[str, Any], spec: dict[str, Any]) -> bool:
+        """Whether a stored spec means `spec`. A spec stored by an earlier release lacks the
+        fields added since (their defaults): re-read through today's model it is compared as
+        written today, so re-asserting an unchanged definition makes no new version."""
+        if stored == spec:
+            return True
+        try:
+            return canonical(self.model.model_validate(stored)) == spec
+        except ValidationError:
+            return False
 
 
 KPI: Final = Kind(
-    "kpi_definition", "kpi_definitions", "kpi_definition_history", "code", "KPI definition"
+    "kpi_definition",
+    "kpi_definitions",
+    "kpi_definition_history",
+    "code",
+    "KPI definition",
+    KPIDefinition,
 )
 ENTITY_TYPE: Final = Kind(
-    "entity_type", "entity_types", "entity_type_history", "entity_type", "entity type"
+    "entity_type",
+    "entity_types",
+    "entity_type_history",
+    "entity_type",
+    "entity type",
+    EntityTypeDefinition,
 )
 
 
@@ -365,7 +387,11 @@ class MetadataStore:
         The stored spec was valid against its entity type, and entity-type changes that would
         break it are refused, so skipping the checks is safe. None: take the write path."""
         current = await self.get(kind, key)
-        if current is None or current.spec != spec or condition.failure(current.version):
+        if (
+            current is None
+            or not kind.same(current.spec, spec)
+            or condition.failure(current.version)
+        ):
             return None
         return PutResult(current, created=False, changed=False)
 
@@ -395,8 +421,9 @@ class MetadataStore:
         failure = condition.failure(current)
         if failure is not None:
             raise PreconditionFailed(f"{kind.label} {key!r} {failure}", current)
-        if exists and row["spec"] == spec:
-            return PutResult(Stored(key, row["version"], spec, row["updated_at"]), False, False)
+        if exists and kind.same(row["spec"], spec):
+            stored = Stored(key, row["version"], row["spec"], row["updated_at"])
+            return PutResult(stored, False, False)
         # Versions never go backwards while history survives, even if the current row was lost
         # (a partial restore): continue after the highest recorded version.
         recorded = await conn.fetchval(

@@ -25,16 +25,30 @@ CASES = [
 ]
 
 
+WINDOW_CASES = [
+    ("SELECT $1::timestamptz, $2::timestamptz", 0),
+    ("SELECT $1::text, $2::timestamptz, $3::timestamptz", 1),
+    ("SELECT $1::text, $2::timestamptz", 1),
+    ("SELECT $1::text", 1),
+    ("SELECT $1::text, $3::timestamptz", 1),
+    ("SELECT $1::text, $2::text, $3::text, $4::text", 1),
+]
+"""With `bind_window` the engine sends `params` + 2 values (the slot's start and end)."""
+
+
 async def test_accepted_params_are_what_postgres_prepares(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        for sql, params in CASES:
-            accepted = placeholder_errors(sql_placeholders(sql), params) is None
+        cases = [(sql, params, False) for sql, params in CASES]
+        cases += [(sql, params, True) for sql, params in WINDOW_CASES]
+        for sql, params, window in cases:
+            accepted = placeholder_errors(sql_placeholders(sql), params, bind_window=window) is None
+            sent = params + (2 if window else 0)
             try:
                 stmt = await conn.prepare(sql)
-                runs = len(stmt.get_parameters()) == params
+                runs = len(stmt.get_parameters()) == sent
             except asyncpg.PostgresError:
                 runs = False
-            assert accepted == runs, (sql, params)
+            assert accepted == runs, (sql, params, window)
     finally:
         await conn.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from metadata_helpers import MetadataHarness, revenue_kpi
@@ -253,6 +254,61 @@ async def test_valid_query_kpi_is_accepted(metadata: MetadataHarness) -> None:
     status, stored, _ = await metadata.call("PUT", f"{KPIS}/open_orders", body)
     assert status == 201, stored
     assert stored["query"]["schedule"] == "30s"
+    assert stored["query"]["bind_window"] is False
+
+
+async def test_query_kpi_with_bind_window(metadata: MetadataHarness) -> None:
+    """`bind_window` adds the slot's start and end as the last two placeholders: the SQL must use
+    them with the flag, and is refused without it (nothing would bind $2, $3)."""
+    query = {
+        "sql": "SELECT count(*) FROM entity_events"
+        " WHERE entity_type = $1 AND occurred_at >= $2 AND occurred_at < $3",
+        "params": ["order"],
+        "schedule": "1m",
+    }
+    body = {"code": "orders_per_minute", "display_name": "Orders", "entity_type": "order"}
+    status, error, _ = await metadata.call(
+        "PUT", f"{KPIS}/orders_per_minute", {**body, "query": query}
+    )
+    assert status == 422, error
+    details = error["error"]["details"]
+    assert [d["field"] for d in details] == ["query.params"]
+    assert "3 placeholder(s)" in details[0]["message"]
+    status, stored, _ = await metadata.call(
+        "PUT", f"{KPIS}/orders_per_minute", {**body, "query": {**query, "bind_window": True}}
+    )
+    assert status == 201, stored
+    assert stored["query"]["bind_window"] is True
+    status, fetched, _ = await metadata.call("GET", f"{KPIS}/orders_per_minute")
+    assert status == 200 and fetched["query"]["bind_window"] is True
+
+
+async def test_a_spec_stored_before_a_field_was_added_is_unchanged_by_the_same_put(
+    metadata: MetadataHarness,
+) -> None:
+    """A query KPI stored by a release without `bind_window` lacks the field; re-asserting the
+    same definition (as the operator does on every resync) makes no new version."""
+    body = {
+        "code": "open_orders",
+        "display_name": "Open orders",
+        "entity_type": "order",
+        "query": {"sql": "SELECT count(*) FROM entities", "schedule": "30s"},
+    }
+    status, stored, _ = await metadata.call("PUT", f"{KPIS}/open_orders", body)
+    assert status == 201, stored
+    conn = await asyncpg.connect(str(metadata.runtime.settings.database_url))  # type: ignore[attr-defined]
+    try:  # as the earlier release stored it
+        await conn.execute(
+            "UPDATE kpi_definitions SET spec = spec #- '{query,bind_window}' WHERE code = $1",
+            "open_orders",
+        )
+    finally:
+        await conn.close()
+    for _ in range(2):  # the fast path, then the locked path (the version in If-Match)
+        status, again, _ = await metadata.call("PUT", f"{KPIS}/open_orders", body)
+        assert status == 200, again
+        assert again["version"] == stored["version"]
+        body = {**body, "version": stored["version"]}
 
 
 async def test_malformed_and_oversized_bodies(metadata: MetadataHarness) -> None:

@@ -18,7 +18,7 @@ from analytics_engine.calculation.backfill import (
 )
 from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.events import EntityEvent, result_events
-from analytics_engine.calculation.queries import first_value, slot_of
+from analytics_engine.calculation.queries import first_value, slot_of, slot_params
 from analytics_engine.calculation.registry import DefinitionRegistry
 from analytics_engine.core import channels
 from analytics_engine.kpi import KPIDefinition, KPIEngine, KPIResult, VersionedKPIDefinition
@@ -335,6 +335,34 @@ def test_first_value_and_slots() -> None:
         to_micros(T0 + timedelta(seconds=60)),
         to_micros(T0 + timedelta(seconds=120)),
     )
+
+
+def test_slot_params_append_the_window_with_bind_window() -> None:
+    def query_kpi(**query: object) -> VersionedKPIDefinition:
+        return VersionedKPIDefinition.model_validate(
+            {
+                "code": "q",
+                "display_name": "Q",
+                "entity_type": "order",
+                "query": {"schedule": "60s", **query},
+                "version": 1,
+            }
+        )
+
+    start, end = to_micros(T0), to_micros(T0 + timedelta(seconds=60))
+    plain = query_kpi(sql="SELECT $1::text", params=["order"])
+    assert slot_params(plain, start, end) == ["order"]
+    bound = query_kpi(
+        sql="SELECT count(*) FROM t WHERE k = $1 AND at >= $2 AND at < $3",
+        params=["order"],
+        bind_window=True,
+    )
+    assert slot_params(bound, start, end) == [
+        "order",
+        "2024-01-01T00:00:00Z",
+        "2024-01-01T00:01:00Z",
+    ]
+    assert slot_params(bound, start + 1, end)[1] == "2024-01-01T00:00:00.000001Z"
 
 
 def test_result_events_go_to_both_channels_with_stable_ids() -> None:

@@ -235,7 +235,7 @@ def test_spec_covers_every_field_of_the_kpi_model() -> None:
     assert set(spec) == model_fields
     assert set(spec["window"]["properties"]) == {"type", "size", "slide", "allowed_lateness"}
     assert set(spec["thresholds"]["properties"]) == {"warning", "critical", "direction"}
-    assert set(spec["query"]["properties"]) == {"sql", "params", "schedule"}
+    assert set(spec["query"]["properties"]) == {"sql", "params", "schedule", "bind_window"}
     assert spec["aggregation"]["enum"] == ["count", "sum", "avg", "min", "max", "count_distinct"]
 
 
@@ -445,6 +445,19 @@ LARGE_QUERY_SQL = "SELECT " + ", ".join(f"${i}::text" for i in range(1, 41))
             },
         },
         {
+            "aggregation": None,
+            "field": None,
+            "window": None,
+            "group_by": None,
+            "filter": None,
+            "query": {
+                "sql": "SELECT count(*) FROM t WHERE s = $1 AND at >= $2 AND at < $3",
+                "params": ["x"],
+                "schedule": "1m",
+                "bind_window": True,
+            },
+        },
+        {
             # Past the metadata service's 256 KiB body limit (it answers 413, which the
             # operator reports as Invalid): the CRD does not bound a param's size.
             "aggregation": None,
@@ -462,6 +475,7 @@ LARGE_QUERY_SQL = "SELECT " + ", ".join(f"${i}::text" for i in range(1, 41))
         "equal-thresholds",
         "default-direction",
         "query",
+        "query-bind-window",
         "query-past-the-metadata-body-limit",
     ],
 )

@@ -234,6 +234,55 @@ def test_query_params_must_match_the_placeholders(
     assert message in found.get("query.params", ""), found
 
 
+WINDOW_SQL = (
+    "SELECT count(*) FROM entity_events WHERE entity_type = $1"
+    " AND occurred_at >= $2 AND occurred_at < $3"
+)
+
+
+@pytest.mark.parametrize(
+    ("sql", "params", "bind_window", "message"),
+    [
+        (WINDOW_SQL, ["order"], True, None),
+        ("SELECT $2::timestamptz - $1::timestamptz", [], True, None),
+        # without the flag, $2 and $3 have no value
+        (WINDOW_SQL, ["order"], False, "uses 3 placeholder(s) ($1..$3) but 1 params are given"),
+        # with it, the params must leave the last two to the window
+        (WINDOW_SQL, ["order", "x", "y"], True, "but 3 params are given and bind_window adds $4"),
+        ("SELECT $1::text", ["order"], True, "adds $2 (window_start) and $3 (window_end); use"),
+        # both bounds must be used: PostgreSQL would prepare 2 parameters for 3 values
+        ("SELECT $1::text, $2::timestamptz", ["order"], True, "uses 2 placeholder(s) ($1..$2)"),
+        ("SELECT 1", [], True, "uses no placeholder but 0 params are given and bind_window"),
+        ("SELECT $1::text, $4::timestamptz", ["order"], True, "uses $4 but not $2"),
+    ],
+)
+def test_bind_window_appends_two_placeholders(
+    sql: str, params: list[Any], bind_window: bool, message: str | None
+) -> None:
+    """With `bind_window` the engine binds the slot's start and end as `$len(params)+1` and
+    `$len(params)+2`: the statement must use exactly `$1..$len(params)+2`."""
+    body = {**QUERY, "query": {"sql": sql, "params": params, "bind_window": bind_window}}
+    found = errors(body)
+    if message is None:
+        assert found == {}
+        query = KPIDefinition.model_validate(body).query
+        assert query is not None and query.bind_window is True
+    else:
+        assert message in found.get("query.params", ""), found
+
+
+def test_bind_window_defaults_to_false_and_round_trips() -> None:
+    plain = KPIDefinition.model_validate(QUERY)
+    assert plain.query is not None and plain.query.bind_window is False
+    bound = KPIDefinition.model_validate(
+        {**QUERY, "query": {"sql": WINDOW_SQL, "params": ["order"], "bind_window": True}}
+    )
+    assert KPIDefinition.model_validate(bound.model_dump(mode="json")) == bound
+    assert placeholder_errors(frozenset({1, 2}), 0, bind_window=True) is None
+    assert placeholder_errors(frozenset({1, 2, 3}), 1, bind_window=True) is None
+    assert placeholder_errors(frozenset({1, 2, 3}), 3, bind_window=False) is None
+
+
 def test_placeholders_ignore_quoted_text_comments_and_identifiers() -> None:
     sql = "SELECT '$2', \"$3\", $$ $4 $$, a$5 FROM t WHERE x = $1 -- $6\n /* $7 */"
     assert sql_placeholders(sql) == {1}
