@@ -167,7 +167,8 @@ class Settings(BaseServiceSettings):
         gt=0,
         validation_alias="CALCULATION_RESYNC_INTERVAL",
         description="Seconds between full re-reads of the metadata service's KPI definitions, "
-        "which heal a missed `metadata.changed` (changes are otherwise applied as announced).",
+        "which heal a missed `metadata.changed` (changes are otherwise applied as announced). "
+        "While the metadata service does not answer (at start, before it is up), every 2 s.",
     )
     query_timeout_s: float = Field(
         default=10.0,

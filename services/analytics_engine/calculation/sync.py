@@ -2,7 +2,11 @@
 and every `resync_interval` (heals a missed event), `get_kpi_definition {code}` on each
 `metadata.changed` about a KPI. Without a metadata service (`NoResponder`, timeouts) the
 `KPI_DEFINITIONS_DIR` definitions stay in force, and so do the metadata service's definitions
-a restored checkpoint ran with (`registry`)."""
+a restored checkpoint ran with (`registry`), and the full list is asked for again every
+`retry_interval_s` until it comes: the engine usually starts before the metadata service
+answers, and a checkpoint holds no query KPI, so waiting a whole `resync_interval` would leave
+the metadata service's query KPIs (and any change made while the engine was down) out for a
+minute, their slots missed."""
 
 from __future__ import annotations
 
@@ -31,12 +35,18 @@ class DefinitionSync:
         apply: Callable[[], None],
         timeout_s: float = 5.0,
         resync_interval_s: float = 60.0,
+        retry_interval_s: float = 2.0,
     ) -> None:
         self._registry = registry
         self._requests = requests
         self._apply = apply
         self._timeout = timeout_s
         self._resync = resync_interval_s
+        self._retry = min(retry_interval_s, resync_interval_s)
+        self._synced = False
+        """Whether the last full list came (False before the first: `run` asks soon)."""
+        self._failures = 0
+        """Full lists refused in a row (the current outage)."""
         self._wake = asyncio.Event()
         self._listing: list[set[str]] = []
         """Per list request in flight, the codes `on_changed` has touched since it was sent."""
@@ -59,23 +69,30 @@ class DefinitionSync:
         try:
             reply = await self._lookup("list_kpi_definitions", {})
         except RequestError as exc:
-            log.info(
+            # once per outage at INFO: while it lasts, `run` asks again every few seconds
+            log.log(
+                logging.INFO if self._failures == 0 else logging.DEBUG,
                 "metadata service unavailable, keeping current definitions",
                 extra={"reason": type(exc).__name__},
             )
+            self._synced = False
+            self._failures += 1
             return False
         finally:
             self._listing = [t for t in self._listing if t is not touched]  # not by equality
         items = reply.get("items", [])
         self._registry.replace_remote((i for i in items if isinstance(i, dict)), keep=touched)
+        self._synced = True
+        self._failures = 0
         self.syncs += 1
         self._apply()
         return True
 
     async def run(self) -> None:
         while True:
+            interval = self._resync if self._synced else self._retry
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._resync)
+                await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
             await self.full_sync()
 

@@ -4,6 +4,7 @@ handler interleave (the periodic resync runs beside the handler)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from analytics_engine.calculation.registry import DefinitionRegistry
 from analytics_engine.calculation.sync import DefinitionSync
+from analytics_engine.core.errors import NoResponder
 
 pytestmark = pytest.mark.asyncio
 
@@ -103,3 +105,69 @@ async def test_a_list_older_than_a_creation_applied_meanwhile_does_not_undo_it()
     applied = await interleaved(Metadata(None), registry, "upserted", 1)
     assert applied == [1, 1]
     assert registry.effective()["big_orders"].version == 1
+
+
+class LateMetadata:
+    """No metadata service for the first `down` list requests (`NoResponder`, as while it
+    starts beside the engine), then one holding a query KPI."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.lists = 0
+
+    async def request(
+        self, _channel: str, request_type: str, _payload: dict[str, Any], *, timeout: float
+    ) -> dict[str, Any]:
+        assert request_type == "list_kpi_definitions"
+        self.lists += 1
+        if self.lists <= self.down:
+            raise NoResponder("no metadata service yet")
+        query = {"sql": "SELECT count(*) FROM entity_events", "params": [], "schedule": "60s"}
+        return {
+            "items": [
+                {
+                    "code": "events_total",
+                    "display_name": "Events",
+                    "entity_type": "order",
+                    "query": query,
+                    "version": 1,
+                }
+            ]
+        }
+
+
+async def test_a_list_refused_at_start_is_asked_again_soon_not_after_a_resync_interval() -> None:
+    """The engine's first list goes out before the metadata service answers (`up` starts every
+    service at once) and a checkpoint holds no query KPI: before the fix the next list came a
+    whole resync interval (60 s) later, and the metadata service's query KPIs missed their
+    slots until then."""
+    registry = DefinitionRegistry()
+    metadata = LateMetadata(down=2)
+    applied: list[set[str]] = []
+    came = asyncio.Event()
+
+    def apply() -> None:
+        applied.append(set(registry.effective()))
+        came.set()
+
+    sync = DefinitionSync(
+        registry,
+        lambda: metadata,  # type: ignore[arg-type, return-value]
+        apply=apply,
+        resync_interval_s=3600.0,
+        retry_interval_s=0.01,
+    )
+    assert not await sync.full_sync()  # startup's attempt
+    runner = asyncio.create_task(sync.run())
+    try:
+        async with asyncio.timeout(5):
+            await came.wait()
+        assert applied == [{"events_total"}]
+        assert metadata.lists == 3
+        # once the list came, the next one waits for the resync interval again
+        await asyncio.sleep(0.1)
+        assert metadata.lists == 3
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
