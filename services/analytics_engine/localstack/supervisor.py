@@ -19,6 +19,24 @@ from analytics_engine.localstack.process import stop_leftover, write_pid_file
 log = logging.getLogger(__name__)
 
 
+LAST_LINE_MAX: int = 300
+"""Most characters of a log's last line `last_line` returns."""
+
+
+def last_line(path: Path, *, tail_bytes: int = 8192) -> str:
+    """The last non-empty line of a log file (at most `LAST_LINE_MAX` characters), or ""."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            tail = f.read()
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.decode("utf-8", "replace").splitlines()]
+    text = next((line for line in reversed(lines) if line), "")
+    return text if len(text) <= LAST_LINE_MAX else text[: LAST_LINE_MAX - 3] + "..."
+
+
 @dataclass
 class ProcessSpec:
     name: str
@@ -98,12 +116,17 @@ class Supervisor:
             if time.monotonic() - child.started_at > self._stable_after:
                 backoff = 0.5
             child.restarts += 1
+            # A service that exits by itself says why last (a configuration error is one line
+            # naming the variable, exit code 2): show it here, not only in its log. A service
+            # killed by a signal (negative code) wrote nothing about it.
+            why = last_line(child.spec.log_path) if code > 0 else ""
             log.warning(
-                "%s exited with code %s; restarting in %.1fs (restart #%d)",
+                "%s exited with code %s; restarting in %.1fs (restart #%d)%s",
                 child.spec.name,
                 code,
                 backoff,
                 child.restarts,
+                f": {why}" if why else "",
             )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
