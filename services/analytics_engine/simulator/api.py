@@ -48,7 +48,14 @@ def add_routes(app: web.Application, controller: SimulatorController) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             # RecursionError: nested too deep for the parser (`[[[[...`), not a server fault
             return error_response(400, "invalid_json", "the request body is not valid JSON")
-        rate = body.get("rate") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            return error_response(
+                422,
+                "validation_error",
+                'the body must be a JSON object {"rate": <events/s>}',
+                [{"field": "rate", "message": f"expected an object, got {type(body).__name__}"}],
+            )
+        rate = body.get("rate")
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
             return error_response(
                 422,

@@ -103,6 +103,7 @@ class SimulatorController:
         self._commanded = True
         if self.running:
             self._running.clear()
+            self._measured_rate = 0.0  # stopped: no events now (the last tick's rate was then)
             log.info("simulation stopped", extra={"events_emitted": self.events_emitted})
 
     def set_rate(self, rate: float) -> None:

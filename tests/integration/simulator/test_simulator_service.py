@@ -139,20 +139,26 @@ async def test_http_control_api(redis_url: str, running: Start) -> None:
             {"rate": True},
             {},
             [1],
+            50,  # a bare number: the message names the object it must be
         ):
             async with http.put(f"{base}/rate", json=bad) as r:
                 body = await r.json()
             assert r.status == 422, bad
             assert body["error"]["code"] == "validation_error"
             assert body["error"]["message"] and body["error"]["details"]
+            if not isinstance(bad, dict):
+                assert '{"rate"' in body["error"]["message"], body
         async with http.put(f"{base}/rate", data=b"{nope") as r:
             assert r.status == 400
         async with http.put(f"{base}/rate", data=b"[" * 100_000) as r:  # too deep to parse
             assert r.status == 400
             assert (await r.json())["error"]["code"] == "invalid_json"
         assert service.controller.rate == 1500.5
+        await wait_for(lambda: service.controller.status()["measured_rate"] > 0)
         async with http.post(f"{base}/stop") as r:
-            assert r.status == 200 and (await r.json())["running"] is False
+            stopped = await r.json()
+        assert r.status == 200 and stopped["running"] is False
+        assert stopped["measured_rate"] == 0  # not the last tick's rate while it ran
         await asyncio.sleep(0.1)
         frozen = service.controller.events_emitted
         await asyncio.sleep(0.3)
