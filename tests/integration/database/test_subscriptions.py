@@ -29,6 +29,49 @@ from analytics_engine.kpi import VersionedKPIDefinition
 from .conftest import Start, count, entity_event, wait_for
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+ORDERS_COUNT = VersionedKPIDefinition.model_validate(
+    {
+        "code": "orders_count",
+        "display_name": "orders",
+        "entity_type": "order",
+        "aggregation": "count",
+        "window": {"type": "tumbling", "size": "1m"},
+        "version": 1,
+    }
+)
+
+
+async def _no_results(_: list[Any]) -> None:
+    return None
+
+
+async def _store_orders(publisher: EventPublisher, pg: asyncpg.Connection, n: int) -> None:
+    """Orders o-0 .. o-{n-1}, created a second apart from T0, published and stored."""
+    await publisher.publish_events(
+        [
+            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
+            for i in range(n)
+        ]
+    )
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM entity_events") == n
+
+    await wait_for(stored)
+
+
+def _backfills(redis: Redis, **over: Any) -> BackfillManager:
+    """The calculation engine's backfills, as it builds them, publishing nothing."""
+    settings: dict[str, Any] = {
+        "horizon": timedelta(minutes=5),
+        "delay": timedelta(0),
+        "max_events": 1000,
+        "on_results": _no_results,
+        "watermark": lambda: None,
+        **over,
+    }
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000)
+    return BackfillManager(redis, publisher, **settings)
 
 
 async def replayed(redis: Redis, channel: str) -> list[dict[str, Any]]:
@@ -140,17 +183,7 @@ async def test_backpressure_then_heartbeat_timeout_ends_the_subscription(
     await start_service(
         replay_page_rows=2, replay_max_lag=4, subscription_timeout=timedelta(seconds=1.5)
     )
-    await publisher.publish_events(
-        [
-            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
-            for i in range(20)
-        ]
-    )
-
-    async def stored() -> bool:
-        return await count(pg, "SELECT count(*) FROM entity_events") == 20
-
-    await wait_for(stored)
+    await _store_orders(publisher, pg, 20)
     channel = "stream.replay.s2"
     await redis.xgroup_create(channels.stream_key(channel), "slow", id="0", mkstream=True)
     await subscribe(publisher, "s2")
@@ -242,32 +275,8 @@ async def test_a_backfill_replays_more_events_than_the_replay_lag_bound(
         return await count(pg, "SELECT count(*) FROM entity_events") == 20
 
     await wait_for(stored)
-    definition = VersionedKPIDefinition.model_validate(
-        {
-            "code": "orders_count",
-            "display_name": "orders",
-            "entity_type": "order",
-            "aggregation": "count",
-            "window": {"type": "tumbling", "size": "1m"},
-            "version": 1,
-        }
-    )
-    job = plan(definition, T0 + timedelta(minutes=1), timedelta(minutes=5))
-
-    async def no_results(_: list[Any]) -> None:
-        return None
-
-    manager = BackfillManager(
-        redis,
-        EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000),
-        horizon=timedelta(minutes=5),
-        delay=timedelta(0),
-        max_events=1000,
-        idle_timeout_s=3.0,
-        heartbeat_s=0.5,
-        on_results=no_results,
-        watermark=lambda: None,
-    )
+    job = plan(ORDERS_COUNT, T0 + timedelta(minutes=1), timedelta(minutes=5))
+    manager = _backfills(redis, idle_timeout_s=3.0, heartbeat_s=0.5)
     work = computation(job)
     fed: list[Any] = []
     add = work.add
@@ -287,17 +296,7 @@ async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_d
     await start_service(
         replay_page_rows=2, replay_max_lag=4, subscription_timeout=timedelta(seconds=1.5)
     )
-    await publisher.publish_events(
-        [
-            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
-            for i in range(20)
-        ]
-    )
-
-    async def stored() -> bool:
-        return await count(pg, "SELECT count(*) FROM entity_events") == 20
-
-    await wait_for(stored)
+    await _store_orders(publisher, pg, 20)
     # what the killed engine left: its subscription, and its stream with a group on it
     dead_id = f"{owner_tag('calc-a')}-{uuid.uuid4()}"
     dead = f"{REPLAY_CHANNEL_PREFIX}{dead_id}"
@@ -310,19 +309,7 @@ async def test_a_restarted_engine_ends_and_deletes_the_replay_of_a_backfill_it_d
 
     await wait_for(paused)
 
-    async def no_results(_: list[Any]) -> None:
-        return None
-
-    manager = BackfillManager(
-        redis,
-        EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000),
-        horizon=timedelta(minutes=5),
-        delay=timedelta(0),
-        max_events=1000,
-        on_results=no_results,
-        watermark=lambda: None,
-        owner="calc-a",
-    )
+    manager = _backfills(redis, owner="calc-a")
     # the replay of another KPI set's engine, running: not ours to end
     other = channels.stream_key(f"{REPLAY_CHANNEL_PREFIX}{owner_tag('calc-b')}-{uuid.uuid4()}")
     await redis.xgroup_create(other, "calculation_engine", id="0", mkstream=True)
@@ -456,43 +443,10 @@ async def test_a_backfill_whose_subscription_timed_out_fails_rather_than_complet
     await start_service(
         replay_page_rows=2, replay_max_lag=4, subscription_timeout=timedelta(seconds=1)
     )
-    await publisher.publish_events(
-        [
-            entity_event(publisher, "created", f"o-{i}", 1, occurred_at=T0 + timedelta(seconds=i))
-            for i in range(20)
-        ]
-    )
-
-    async def stored() -> bool:
-        return await count(pg, "SELECT count(*) FROM entity_events") == 20
-
-    await wait_for(stored)
-    definition = VersionedKPIDefinition.model_validate(
-        {
-            "code": "orders_count",
-            "display_name": "orders",
-            "entity_type": "order",
-            "aggregation": "count",
-            "window": {"type": "tumbling", "size": "1m"},
-            "version": 1,
-        }
-    )
-    job = plan(definition, T0 + timedelta(minutes=1), timedelta(minutes=5))
-
-    async def no_results(_: list[Any]) -> None:
-        return None
-
-    manager = BackfillManager(
-        redis,
-        EventPublisher(redis, source="calculation_engine", stream_maxlen=1_000_000),
-        horizon=timedelta(minutes=5),
-        delay=timedelta(0),
-        max_events=1000,
-        idle_timeout_s=10.0,
-        heartbeat_s=60.0,  # never in time: the database times the subscription out
-        on_results=no_results,
-        watermark=lambda: None,
-    )
+    await _store_orders(publisher, pg, 20)
+    job = plan(ORDERS_COUNT, T0 + timedelta(minutes=1), timedelta(minutes=5))
+    # heartbeats never in time: the database times the subscription out
+    manager = _backfills(redis, idle_timeout_s=10.0, heartbeat_s=60.0)
     work = computation(job)
     # a subscriber that does not read (its group lags): the replay pauses at the lag bound
     real_xreadgroup = redis.xreadgroup
