@@ -4,7 +4,8 @@
 - `GET /api/v1/kpis/{code}/latest`: the latest result per group (in-memory, else the database's
   `latest_kpi_values`)
 - `GET /api/v1/kpis/{code}/history?start&end&limit&dimension.<name>=<value>`: the database's
-  `kpi_history` (422 for a bad or out-of-range parameter, 404 for a KPI nobody defined)
+  `kpi_history`, oldest first, `truncated` when the range holds more than `limit` (422 for a
+  bad or out-of-range parameter, 404 for a KPI nobody defined)
 
 Errors are `{error: {code, message, details}}`; an upstream timeout is 504, no responder 503.
 """
@@ -117,5 +118,6 @@ class KPIApi:
                 "end": end,
                 "dimensions": query.dimensions,
                 "items": rows,
+                "truncated": reply.get("truncated") is True,  # the range holds more than `limit`
             }
         )

@@ -424,7 +424,8 @@ class GatewayApi:
             _query("end", "Window end, exclusive (ISO 8601)", {"type": "string"}, True),
             _query(
                 "limit",
-                "Most rows",
+                "Most rows (default 1000), the oldest windows first; `truncated` is true when"
+                " the range holds more",
                 {"type": "integer", "minimum": 1, "maximum": HISTORY_LIMIT},
                 False,
             ),

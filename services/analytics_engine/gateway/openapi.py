@@ -93,6 +93,10 @@ def component_schemas() -> dict[str, Any]:
             "end": {"type": "string"},
             "dimensions": {"type": "object"},
             "items": {"type": "array", "items": ref("KPIResult")},
+            "truncated": {
+                "type": "boolean",
+                "description": "The range holds more results than `limit` (the oldest came)",
+            },
         },
         required=("kpi_code", "items"),
     )

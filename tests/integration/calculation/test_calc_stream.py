@@ -368,7 +368,8 @@ async def test_http_api_with_a_stand_in_database(
 
     async def kpi_history(request: Request) -> dict[str, Any]:
         calls.append(request.payload)
-        return {"rows": [{"kpi_code": request.payload["kpi_code"], "value": 1.0}]}
+        rows = [{"kpi_code": request.payload["kpi_code"], "value": 1.0}]
+        return {"rows": rows, "truncated": request.payload.get("limit") == 1}  # as the database
 
     async def latest_kpi_values(request: Request) -> dict[str, Any]:
         return {"rows": [{"kpi_code": request.payload["kpi_code"], "value": 2.0}]}
@@ -400,7 +401,10 @@ async def test_http_api_with_a_stand_in_database(
             async with http.get(url + "&dimension.region=eu-west") as r:
                 body = await r.json()
             assert r.status == 200 and body["items"][0]["value"] == 1.0
+            assert body["truncated"] is False
             assert calls[-1]["dimensions"] == {"region": "eu-west"}
+            async with http.get(url + "&limit=1") as r:  # the range holds more: say so
+                assert r.status == 200 and (await r.json())["truncated"] is True
             assert calls[-1]["kpi_code"] == "orders_count"
             async with http.get(f"{base}/orders_count/history?start=yesterday") as r:
                 body = await r.json()
