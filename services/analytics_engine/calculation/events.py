@@ -14,6 +14,7 @@ from analytics_engine.core.envelopes import Event
 from analytics_engine.core.storable import InvalidPayload, check_entity_fields
 from analytics_engine.core.timestamps import parse_utc
 from analytics_engine.kpi import EntityEventView, EventFields, KPIResult
+from analytics_engine.kpi.engine import iso_utc
 from analytics_engine.kpi.windows import to_micros
 
 EntityEvent = EntityEventView
@@ -163,7 +164,7 @@ def result_events(
     """
     payload = result.to_dict()
     if version_since is not None:
-        payload["version_since"] = version_since.isoformat().replace("+00:00", "Z")
+        payload["version_since"] = iso_utc(version_since)
     key = result_key(result)
     return [
         Event.model_construct(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from analytics_engine.core import channels
@@ -27,6 +27,7 @@ from analytics_engine.core.envelopes import utcnow
 from analytics_engine.core.errors import RequestError
 from analytics_engine.core.request_reply import RequestReplyClient
 from analytics_engine.kpi import KPIResult, VersionedKPIDefinition
+from analytics_engine.kpi.engine import iso_utc
 from analytics_engine.kpi.windows import from_micros, to_micros
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ def slot_params(definition: VersionedKPIDefinition, start: int, end: int) -> lis
     if definition.query.bind_window:
         params += [iso_utc(from_micros(start)), iso_utc(from_micros(end))]
     return params
-
-
-def iso_utc(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def slot_of(now: datetime, schedule_us: int) -> tuple[int, int]:

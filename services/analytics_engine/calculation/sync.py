@@ -43,8 +43,6 @@ class DefinitionSync:
         self._timeout = timeout_s
         self._resync = resync_interval_s
         self._retry = min(retry_interval_s, resync_interval_s)
-        self._synced = False
-        """Whether the last full list came (False before the first: `run` asks soon)."""
         self._failures = 0
         """Full lists refused in a row (the current outage)."""
         self._wake = asyncio.Event()
@@ -75,14 +73,12 @@ class DefinitionSync:
                 "metadata service unavailable, keeping current definitions",
                 extra={"reason": type(exc).__name__},
             )
-            self._synced = False
             self._failures += 1
             return False
         finally:
             self._listing = [t for t in self._listing if t is not touched]  # not by equality
         items = reply.get("items", [])
         self._registry.replace_remote((i for i in items if isinstance(i, dict)), keep=touched)
-        self._synced = True
         self._failures = 0
         self.syncs += 1
         self._apply()
@@ -90,7 +86,8 @@ class DefinitionSync:
 
     async def run(self) -> None:
         while True:
-            interval = self._resync if self._synced else self._retry
+            synced = self.syncs > 0 and self._failures == 0  # the last full list came
+            interval = self._resync if synced else self._retry
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()

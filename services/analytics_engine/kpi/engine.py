@@ -79,7 +79,8 @@ EventFields = tuple[str, str, str, str, int, int, int, Mapping[str, Any]]
 order, ``occurred_at`` and ``published_at`` as epoch microseconds."""
 
 
-def _iso(value: datetime) -> str:
+def iso_utc(value: datetime) -> str:
+    """ISO 8601 in UTC with `Z`, as results carry their timestamps."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -101,12 +102,12 @@ class KPIResult:
         return {
             "kpi_code": self.kpi_code,
             "value": self.value,
-            "window_start": _iso(self.window_start),
-            "window_end": _iso(self.window_end),
+            "window_start": iso_utc(self.window_start),
+            "window_end": iso_utc(self.window_end),
             "dimensions": dict(self.dimensions),
             "sample_count": self.sample_count,
             "definition_version": self.definition_version,
-            "computed_at": _iso(self.computed_at),
+            "computed_at": iso_utc(self.computed_at),
         }
 
     @classmethod

@@ -86,7 +86,6 @@ def _start_time(pid: int) -> str | None:
 
 def write_pid_file(path: Path, pid: int) -> None:
     """Record process `pid` in `path` (with its start time) for `stop_leftover`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, f"{pid} {_start_time(pid) or ''}\n")
 
 
@@ -319,7 +318,8 @@ class PortClashError(ServerStartError):
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path`, readable by the owner only."""
+    """Write `text` to `path` (its directory made if missing), readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)

@@ -28,6 +28,7 @@ from analytics_engine.cli import SERVICES
 from analytics_engine.core.acl import SERVICE_ACCESS, acl_file
 from analytics_engine.localstack.infra import LocalInfra
 from analytics_engine.localstack.ports import free_ports
+from analytics_engine.localstack.process import write_private
 from analytics_engine.localstack.supervisor import (
     ProcessSpec,
     Supervisor,
@@ -137,13 +138,6 @@ def service_env(
     return envs
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-
-
 def private_data_dir(path: Path) -> None:
     """Create `path` owner-only (it holds passwords, keys and the databases' files), or make it
     so when an earlier `up` created it readable by others. A directory that is not an earlier
@@ -184,7 +178,7 @@ def lock_data_dir(data_dir: Path) -> int:
 
 def write_env_file(path: Path, connections: dict[str, str]) -> None:
     """`.run/stack.env` for `analytics-engine verify` and other tools (owner-only: secrets)."""
-    _write_private(path, "".join(f"{key}={value}\n" for key, value in connections.items()))
+    write_private(path, "".join(f"{key}={value}\n" for key, value in connections.items()))
 
 
 def redis_url_for(port: int, user: str, passwords: dict[str, str]) -> str:
@@ -394,7 +388,7 @@ def start_infra(data_dir: Path) -> InfraStack:
     passwords = {user: secrets.token_urlsafe(24) for user in SERVICE_ACCESS}
     admin_password = secrets.token_urlsafe(24)
     acl_path = data_dir / "redis-users.acl"
-    _write_private(acl_path, acl_file(passwords, admin_password=admin_password))
+    write_private(acl_path, acl_file(passwords, admin_password=admin_password))
     # the admin user loads the Redis functions services call (they may not load any)
     infra = LocalInfra(data_dir, redis_acl_file=acl_path, redis_admin_password=admin_password)
     infra.start()
