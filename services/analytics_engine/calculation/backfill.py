@@ -18,7 +18,9 @@ that is still open at it is suppressed live, so the backfill must reach back to 
 them however long the windows are; otherwise a sliding window longer than horizon + slide,
 or a tumbling one whose size + allowed lateness exceeds the horizon, would never be
 published. `since` is also where the
-definition version's results begin: `coverage` records it for `verify`. The backfill runs
+definition version's results begin: `coverage` records it for `verify`, the backfill's
+results carry it (`version_since`) for the database's history, and a backfill with no result
+at all tells the database directly (`database.command record_kpi_version`). The backfill runs
 once every such window has closed (`until` = the last one's close) and the database had
 `delay` to store its events: `stream.subscribe {subscription_id, entity_type,
 since, until, channel}` makes the database replay stored events into `channel`
@@ -66,6 +68,7 @@ from analytics_engine.core import channels
 from analytics_engine.core.bus import FIELD, REDIS_ERRORS
 from analytics_engine.core.channels import StreamId, parse_stream_id
 from analytics_engine.core.envelopes import Event, utcnow
+from analytics_engine.core.errors import RequestError
 from analytics_engine.kpi import KPIResult, VersionedKPIDefinition, referenced_names
 from analytics_engine.kpi.definitions import Window
 from analytics_engine.kpi.windows import from_micros, to_micros
@@ -333,6 +336,7 @@ class BackfillManager:
         on_results: Callable[[list[KPIResult]], Awaitable[None]],
         watermark: Callable[[], datetime | None],
         on_outcome: Callable[[str], None] = lambda _: None,
+        record_version: Callable[[str, int, datetime], Awaitable[None]] | None = None,
         ready_retry_s: float = READY_RETRY_S,
         owner: str = "calculation-engine-0",
     ) -> None:
@@ -349,6 +353,9 @@ class BackfillManager:
         self._on_results = on_results
         self._watermark = watermark
         self._on_outcome = on_outcome
+        self._record_version = record_version
+        """Tells the database where a version begins (`database.command record_kpi_version`),
+        for a backfill with no result to say it (`version_since`); raises `RequestError`."""
         self.ready_retry_s = ready_retry_s
         self.jobs: dict[str, BackfillJob] = {}
         self.coverage: dict[str, Coverage] = {}
@@ -512,6 +519,8 @@ class BackfillManager:
         try:
             await self.replay(job, work)
             results = work.finish()
+            if not results:
+                await self._no_results(job)
         except (BackfillFailed, *REDIS_ERRORS) as exc:
             if job.attempts >= MAX_ATTEMPTS or isinstance(exc, BackfillTooLarge):
                 log.error("backfill abandoned", extra={"kpi": job.code, "error": str(exc)[:300]})
@@ -543,6 +552,20 @@ class BackfillManager:
                 "them late where the live engine did not",
                 extra={"kpi": job.code, "events": work.out_of_order},
             )
+
+    async def _no_results(self, job: BackfillJob) -> None:
+        """A backfill that recomputed no window still ends the older versions' results from
+        its `since` on (a narrower filter may match nothing there): with no result to carry
+        `version_since`, the database is told directly, before the job counts as done (a
+        failure retries the attempt, as a failed replay does)."""
+        if self._record_version is None:
+            return
+        try:
+            await self._record_version(job.code, job.definition.version, job.since)
+        except RequestError as exc:
+            raise BackfillFailed(
+                f"could not record where version {job.definition.version} begins: {exc}"
+            ) from exc
 
     async def sweep(self) -> int:
         """End and delete the replays an earlier life of the engine left (killed in the middle

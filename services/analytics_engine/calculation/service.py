@@ -30,6 +30,7 @@ from analytics_engine.core.retry import until_reachable
 from analytics_engine.core.runtime import ServiceRuntime
 from analytics_engine.core.settings import BaseServiceSettings
 from analytics_engine.kpi import KPIDefinition, KPIResult, parse_duration
+from analytics_engine.kpi.engine import iso_utc
 from analytics_engine.kpi.loader import load_valid_definitions
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,14 @@ def build(settings: Settings) -> CalculationService:
     async def publish_query(results: list[KPIResult]) -> None:
         await publish_now(results, "query")
 
+    async def record_version(code: str, version: int, since: datetime) -> None:
+        await runtime.requests.request(
+            channels.DATABASE_COMMAND,
+            "record_kpi_version",
+            {"kpi_code": code, "definition_version": version, "since": iso_utc(since)},
+            timeout=settings.query_timeout_s,
+        )
+
     backfills = BackfillManager(
         runtime.redis,
         runtime.publisher,
@@ -257,6 +266,7 @@ def build(settings: Settings) -> CalculationService:
         on_results=publish_backfill,
         watermark=lambda: processor.engine.watermark,
         on_outcome=lambda outcome: metrics.backfills.labels(outcome).inc(),
+        record_version=record_version,
         owner=settings.consumer_name,
     )
     processor.suppress = backfills.suppressed

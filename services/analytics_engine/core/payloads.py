@@ -216,6 +216,12 @@ class PurgeKPIResults(_Payload):
     kpi_code: str
 
 
+class RecordKPIVersion(_Payload):
+    kpi_code: str
+    definition_version: int = Field(ge=1, lt=2**31)
+    since: datetime = Field(description="Where this definition version's results begin.")
+
+
 class RequestArchival(_Payload):
     older_than: str | None = Field(
         default=None,
@@ -247,6 +253,7 @@ REQUEST_PAYLOADS: dict[tuple[str, str], type[BaseModel]] = {
     (channels.DATABASE_QUERY, "get_entity"): GetEntity,
     (channels.DATABASE_COMMAND, "purge_kpi_results"): PurgeKPIResults,
     (channels.DATABASE_COMMAND, "request_archival"): RequestArchival,
+    (channels.DATABASE_COMMAND, "record_kpi_version"): RecordKPIVersion,
     (channels.METADATA_LOOKUP, "get_kpi_definition"): GetKPIDefinition,
     (channels.METADATA_LOOKUP, "list_kpi_definitions"): ListKPIDefinitions,
     (channels.METADATA_LOOKUP, "get_entity_definition"): GetEntityDefinition,

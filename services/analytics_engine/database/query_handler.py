@@ -15,6 +15,12 @@
 - `purge_kpi_results {kpi_code}` -> `{deleted}`: when a KPI is deleted or redefined.
 - `request_archival {older_than?}` -> `{batches, rows}`: run retention now for events older
   than `older_than` (a duration, default `DATABASE_RETENTION`).
+- `record_kpi_version {kpi_code, definition_version, since}` -> `{kpi_code, definition_version,
+  since}` (`since`: where the version begins now, the earlier of the stored one and this):
+  results of older versions from `since` on are superseded (`kpi_result_versions`). Results
+  usually say it themselves (their windows, `version_since`); the calculation engine sends this
+  when a backfill recomputed a KPI's history and found no window to publish, so nothing else
+  would tell the database that the old version's results there no longer stand.
 
 Errors are `HandlerError` codes: `invalid_query`, `read_only_violation`, `query_timeout`,
 `invalid_request`, `forbidden` (`execute_query` from a service not in
@@ -39,6 +45,7 @@ from analytics_engine.core.request_reply import REPLY_PREFIX
 from analytics_engine.core.storable import InvalidPayload, parse_timestamp
 from analytics_engine.database.db import transient_errors
 from analytics_engine.database.jsonsafe import coerce_param, row_to_json, to_json_value
+from analytics_engine.database.kpi_result_consumer import RECORD_VERSIONS
 from analytics_engine.database.metrics import DatabaseMetrics
 from analytics_engine.database.model import KPI_CODE
 from analytics_engine.database.sqlguard import RejectedStatement, check_read_statement
@@ -146,6 +153,7 @@ class QueryRequestHandler:
         return {
             "purge_kpi_results": self.purge_kpi_results,
             "request_archival": self.request_archival,
+            "record_kpi_version": self.record_kpi_version,
         }
 
     # -- execute_query -----------------------------------------------------------------------
@@ -335,6 +343,26 @@ class QueryRequestHandler:
                 status = await conn.execute("DELETE FROM kpi_results WHERE kpi_code = $1", code)
                 await conn.execute("DELETE FROM kpi_result_versions WHERE kpi_code = $1", code)
         return {"kpi_code": code, "deleted": int(status.rsplit(" ", 1)[-1])}
+
+    async def record_kpi_version(self, request: Request) -> dict[str, Any]:
+        p = request.payload
+        code = self._kpi_code(p, required=True)
+        version = p.get("definition_version")
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 < version < 2**31:
+            raise HandlerError(
+                "definition_version: a positive integer is required", code="invalid_request"
+            )
+        since = self._timestamp(p, "since")
+        with transient_errors("record_kpi_version"):
+            async with self._writer().acquire(timeout=self._timeout) as conn:
+                await conn.execute(RECORD_VERSIONS, [code], [version], [since])
+                stored = await conn.fetchval(
+                    "SELECT since FROM kpi_result_versions"
+                    " WHERE kpi_code = $1 AND definition_version = $2",
+                    code,
+                    version,
+                )
+        return {"kpi_code": code, "definition_version": version, "since": to_json_value(stored)}
 
     async def request_archival(self, request: Request) -> dict[str, Any]:
         raw = request.payload.get("older_than")

@@ -7,10 +7,12 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
+from analytics_engine.core.errors import RemoteError
 from analytics_engine.core.request_reply import RequestReplyClient
 
 from .conftest import Start, count, wait_for
@@ -214,6 +216,49 @@ async def test_a_version_begins_where_its_publisher_says(
         await publisher.publish(channels.KPI_CALCULATED, _window(8, 1, 2, region="eu"))
         await wait_for(lambda: _n_forwarded(redis, 12))
         assert await _history(client) == [(0, "eu", 1), (1, "eu", 1), (7, "eu", 2), (8, "eu", 2)]
+    finally:
+        await client.close()
+
+
+async def test_record_kpi_version_supersedes_without_a_result(
+    start_service: Start, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    """Version 2's backfill found no window at all from minute 4 on: `record_kpi_version` says
+    where it begins, the history leaves version 1 out from there; an earlier `since` moves the
+    beginning back, a later one does not move it forward; a bad command gets a clear error."""
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    client = RequestReplyClient(redis, service="cli", instance="t1", default_timeout=15)
+    await start_service()
+    try:
+        await publisher.publish_many(
+            [(channels.KPI_CALCULATED, _window(minute, 1, 1, region="eu")) for minute in range(6)]
+        )
+        await wait_for(lambda: _n_forwarded(redis, 6))
+
+        async def record(minute: int, version: int = 2) -> dict[str, Any]:
+            return dict(
+                await client.request(
+                    channels.DATABASE_COMMAND,
+                    "record_kpi_version",
+                    {
+                        "kpi_code": "orders_revenue",
+                        "definition_version": version,
+                        "since": datetime(2024, 1, 1, 0, minute, tzinfo=UTC).isoformat(),
+                    },
+                )
+            )
+
+        reply = await record(4)
+        assert reply["definition_version"] == 2
+        assert datetime.fromisoformat(reply["since"]) == datetime(2024, 1, 1, 0, 4, tzinfo=UTC)
+        assert [m for m, _, _ in await _history(client)] == [0, 1, 2, 3]
+        await record(5)  # later: the version still begins at minute 4
+        assert [m for m, _, _ in await _history(client)] == [0, 1, 2, 3]
+        await record(2)
+        assert [m for m, _, _ in await _history(client)] == [0, 1]
+        with pytest.raises(RemoteError, match="definition_version"):
+            await record(1, version=0)
+        assert [m for m, _, _ in await _history(client)] == [0, 1]
     finally:
         await client.close()
 

@@ -24,6 +24,8 @@ from analytics_engine.calculation.backfill import (
 from analytics_engine.core import channels
 from analytics_engine.core.bus import EventPublisher
 from analytics_engine.core.envelopes import Event
+from analytics_engine.core.errors import RequestTimeout
+from analytics_engine.core.request_reply import RequestReplyClient
 from analytics_engine.kpi import VersionedKPIDefinition
 
 from .conftest import Start, count, entity_event, wait_for
@@ -462,3 +464,88 @@ async def test_a_backfill_whose_subscription_timed_out_fails_rather_than_complet
     finally:
         del redis.xreadgroup
     assert work.events < 20
+
+
+async def test_a_backfill_with_no_result_tells_the_database_where_its_version_begins(
+    start_service: Start, publisher: EventPublisher, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    """Version 2 of `orders_count` counts only orders in a region none of them is in: its
+    backfill recomputes the history and finds no window. No result carries `version_since`,
+    so the engine tells the database itself (`record_kpi_version`): version 1's results from
+    the backfill's `since` on leave the history (they were left there for good before), and
+    the job counts as done only once the database has it. Refused, the attempt fails (and is
+    retried), it does not complete."""
+    await start_service()
+    await _store_orders(publisher, pg, 150)  # T0 .. T0 + 2.5 min
+    old = [
+        {
+            "kpi_code": "orders_count",
+            "value": 60.0,
+            "window_start": (T0 + timedelta(minutes=m)).isoformat(),
+            "window_end": (T0 + timedelta(minutes=m + 1)).isoformat(),
+            "dimensions": {},
+            "sample_count": 60,
+            "definition_version": 1,
+            "computed_at": (T0 + timedelta(minutes=m + 1)).isoformat(),
+        }
+        for m in range(3)
+    ]
+    engine = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    await engine.publish_many([(channels.KPI_CALCULATED, r) for r in old])
+
+    async def stored() -> bool:
+        return await count(pg, "SELECT count(*) FROM kpi_results") == 3
+
+    await wait_for(stored)
+    client = RequestReplyClient(
+        redis, service="calculation_engine", instance="t", default_timeout=15
+    )
+    recorded: list[tuple[str, int, datetime]] = []
+
+    async def record_version(code: str, version: int, since: datetime) -> None:
+        recorded.append((code, version, since))
+        await client.request(
+            channels.DATABASE_COMMAND,
+            "record_kpi_version",
+            {"kpi_code": code, "definition_version": version, "since": since.isoformat()},
+        )
+
+    async def refuse(code: str, version: int, since: datetime) -> None:
+        raise RequestTimeout("database.command: no reply")
+
+    nowhere = VersionedKPIDefinition.model_validate(
+        {**ORDERS_COUNT.model_dump(mode="json"), "version": 2, "filter": "region == 'nowhere'"}
+    )
+
+    async def history() -> list[tuple[int, int]]:
+        reply = await client.request(
+            channels.DATABASE_QUERY,
+            "kpi_history",
+            {"kpi_code": "orders_count", "start": T0.isoformat(), "end": "2024-03-02"},
+        )
+        return [
+            (
+                int((datetime.fromisoformat(r["window_start"]) - T0).total_seconds() // 60),
+                r["definition_version"],
+            )
+            for r in reply["rows"]
+        ]
+
+    try:
+        # a cut 2 minutes in, horizon 1 minute: the backfill reaches back to minute 1
+        cut = T0 + timedelta(minutes=2)
+        refused = _backfills(redis, horizon=timedelta(minutes=1), record_version=refuse)
+        job = refused.schedule(nowhere, cut)
+        await refused._attempt(job)
+        assert (job.done, job.attempts) == (False, 1)
+        assert await history() == [(0, 1), (1, 1), (2, 1)]
+
+        manager = _backfills(redis, horizon=timedelta(minutes=1), record_version=record_version)
+        job = manager.schedule(nowhere, cut)
+        assert job.since == T0 + timedelta(minutes=1)
+        await manager._attempt(job)
+        assert job.done and not job.failed
+        assert recorded == [("orders_count", 2, job.since)]
+        assert await history() == [(0, 1)]
+    finally:
+        await client.close()

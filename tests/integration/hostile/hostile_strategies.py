@@ -189,6 +189,11 @@ def valid_request_payload(channel: str, request_type: str) -> dict[str, Any]:
         "get_entity": {"entity_type": "order", "entity_id": "nobody"},
         "purge_kpi_results": {"kpi_code": "hostile_purged"},
         "request_archival": {},
+        "record_kpi_version": {
+            "kpi_code": "hostile_versioned",
+            "definition_version": 1,
+            "since": _iso(-3600),
+        },
         "get_kpi_definition": {"code": "hostile_missing"},
         "list_kpi_definitions": {},
         "get_entity_definition": {"entity_type": "order"},
