@@ -53,8 +53,8 @@ class Settings(BaseServiceSettings):
         description="YAML KPI definitions, read at every start; the metadata service's definitions "
         "win for a code both define. An edited file is a new version of its KPI at the next start "
         "(windows reset, backfilled); a deleted one stops its KPI unless the metadata service "
-        "holds it (it upserts the same directory at its start under `analytics-engine up`: "
-        "delete the KPI through the API). An invalid file is logged and skipped.",
+        "holds it (it seeds itself from the same directory under `analytics-engine up`: delete "
+        "the KPI through the API). An invalid file is logged and skipped.",
     )
     consumer_name: str = Field(
         default="calculation-engine-0",

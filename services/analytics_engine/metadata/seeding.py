@@ -3,6 +3,11 @@ of `KPI_DEFINITIONS_DIR` (plain YAML or Kubernetes `KPIDefinition` resources).
 
 Both are idempotent: an entity type is only created when no live one has that name (an edited
 built-in is left alone), and a KPI whose stored spec is identical keeps its version.
+
+A directory KPI is applied when its file says something new: at its first start, and after the
+file changed (`seeded_kpis` keeps the spec each file gave when last applied). A file unchanged
+since then is left alone, so a KPI edited or deleted through the API since stays as the user
+left it across restarts (the directory seeds; it does not overrule the API at every start).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import TYPE_CHECKING, Final
 from analytics_engine.kpi.definitions import EntityTypeDefinition, FieldError, KPIDefinition
 from analytics_engine.kpi.loader import DefinitionLoadError, load_valid_definitions
 from analytics_engine.metadata.errors import Conflict, Invalid
+from analytics_engine.metadata.store import KPI
+from analytics_engine.metadata.validation import canonical
 
 if TYPE_CHECKING:
     from analytics_engine.metadata.store import MetadataStore
@@ -55,6 +62,7 @@ class SeedReport:
     kpis_created: list[str] = field(default_factory=list)
     kpis_updated: list[str] = field(default_factory=list)
     kpis_unchanged: list[str] = field(default_factory=list)
+    """Files unchanged since last applied: the stored KPI (maybe edited or deleted) stands."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -77,12 +85,19 @@ async def seed(store: MetadataStore, kpi_dir: Path | None) -> SeedReport:
         if await store.ensure_entity_type(entity):
             report.entity_types_created.append(entity.entity_type)
     if kpi_dir is not None:
+        seeded = await store.seeded_kpis()
         for kpi in load_directory(kpi_dir, report):
+            spec = canonical(kpi)
+            applied = seeded.get(kpi.code)
+            if applied is not None and KPI.same(applied, spec):
+                report.kpis_unchanged.append(kpi.code)
+                continue
             try:
                 result = await store.put_kpi(kpi)
             except (Invalid, Conflict) as exc:
                 report.errors.append(f"{kpi_dir}: KPI {kpi.code!r}: {exc}")
                 continue
+            await store.record_seeded_kpi(kpi.code, spec)
             if result.created:
                 report.kpis_created.append(kpi.code)
             elif result.changed:

@@ -44,7 +44,9 @@ class Settings(BaseServiceSettings, DatabaseSettings):
     kpi_definitions_dir: Path | None = Field(
         default=None,
         validation_alias="KPI_DEFINITIONS_DIR",
-        description="YAML KPI definitions (plain or KPIDefinition resources) upserted at start.",
+        description="YAML KPI definitions (plain or KPIDefinition resources) applied at start: "
+        "each at the first start and again once its file changed. A file unchanged since is left "
+        "alone, so edits and deletions made through the API survive restarts.",
     )
     max_body_bytes: int = Field(
         default=256 * 1024,

@@ -277,7 +277,22 @@ class MetadataStore:
             )
         return [HistoryEntry(r["version"], r["action"], r["spec"], r["changed_at"]) for r in rows]
 
+    async def seeded_kpis(self) -> dict[str, dict[str, Any]]:
+        """code -> the spec `KPI_DEFINITIONS_DIR` gave it when last applied (`seeding`)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT code, spec FROM seeded_kpis")
+        return {row["code"]: row["spec"] for row in rows}
+
     # -- writes ----------------------------------------------------------------------------
+    async def record_seeded_kpi(self, code: str, spec: dict[str, Any]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO seeded_kpis (code, spec) VALUES ($1, $2) ON CONFLICT (code)"
+                " DO UPDATE SET spec = EXCLUDED.spec, seeded_at = now()",
+                code,
+                spec,
+            )
+
     async def put_kpi(self, kpi: KPIDefinition, condition: Precondition = NONE) -> PutResult:
         """Create or replace a KPI after checking it against its (locked) entity type."""
         spec = canonical(kpi)

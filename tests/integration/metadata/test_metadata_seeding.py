@@ -115,3 +115,48 @@ async def test_builtin_entity_type_edits_survive_a_restart(
     _, order, _ = await second.call("GET", "/api/v1/entity-types/order")
     assert order["version"] == 2
     assert "priority" in order["attributes"]
+
+
+async def test_api_edits_and_deletions_of_directory_kpis_survive_restarts(
+    tmp_path: Path,
+    metadata_settings: Callable[..., Settings],
+    start_metadata: Callable[[Settings], Awaitable[MetadataHarness]],
+) -> None:
+    """The directory seeds; it does not overrule the API at every start. A KPI edited through
+    the API keeps the edit, and one deleted stays deleted, across restarts with the same
+    files; a file changed since is applied again (a new version)."""
+    (tmp_path / "plain.yml").write_text(PLAIN)
+    starts = iter(range(1, 10))
+
+    async def restart(previous: MetadataHarness | None = None) -> MetadataHarness:
+        if previous is not None:
+            previous.runtime.stop()
+        n = next(starts)
+        return await start_metadata(
+            metadata_settings(kpi_definitions_dir=tmp_path, instance_id=f"metadata-seed-{n}")
+        )
+
+    harness = await restart()
+    _, kpi, _ = await harness.call("GET", "/api/v1/kpi-definitions/sensor_max_temperature")
+    edited = {k: v for k, v in kpi.items() if k != "version"}
+    edited["display_name"] = "Edited in the API"
+    status, _, _ = await harness.call(
+        "PUT", "/api/v1/kpi-definitions/sensor_max_temperature", edited
+    )
+    assert status == 200
+    status, _, _ = await harness.call("DELETE", "/api/v1/kpi-definitions/sensor_readings")
+    assert status == 204
+
+    harness = await restart(harness)
+    _, kpi, _ = await harness.call("GET", "/api/v1/kpi-definitions/sensor_max_temperature")
+    assert (kpi["display_name"], kpi["version"]) == ("Edited in the API", 2)
+    status, _, _ = await harness.call("GET", "/api/v1/kpi-definitions/sensor_readings")
+    assert status == 404
+
+    # the file changes: what it now says is applied over the API's edit
+    (tmp_path / "plain.yml").write_text(PLAIN.replace("Max temperature", "Hottest reading"))
+    harness = await restart(harness)
+    _, kpi, _ = await harness.call("GET", "/api/v1/kpi-definitions/sensor_max_temperature")
+    assert (kpi["display_name"], kpi["version"]) == ("Hottest reading", 3)
+    status, _, _ = await harness.call("GET", "/api/v1/kpi-definitions/sensor_readings")
+    assert status == 404  # its part of the file did not change

@@ -41,8 +41,8 @@ async def test_concurrent_migrations_apply_once(database_url: str) -> None:
             await s.close()
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch(f"SELECT version, name FROM {MIGRATIONS_TABLE}")
-        assert [(r["version"], r["name"]) for r in rows] == [(1, "initial")]
+        rows = await conn.fetch(f"SELECT version, name FROM {MIGRATIONS_TABLE} ORDER BY version")
+        assert [(r["version"], r["name"]) for r in rows] == [(1, "initial"), (2, "seeded_kpis")]
     finally:
         await conn.close()
 
