@@ -75,6 +75,7 @@ class Supervisor:
         self._max_backoff = max_backoff
         self._children: dict[str, _Supervised] = {}
         self._stopping = False
+        self._stop = asyncio.Event()  # wakes restart backoffs at once
 
     def start(self, spec: ProcessSpec) -> None:
         child = _Supervised(spec)
@@ -110,6 +111,11 @@ class Supervisor:
         while not self._stopping:
             child.process = await self._spawn(child)
             child.started_at = time.monotonic()
+            if self._stopping:
+                # `stop_all` came while this one was being started: it found no process to
+                # stop, so stop it here (cancelled mid-start instead, it would run on, orphaned)
+                await self._terminate(child)
+                return
             code = await child.process.wait()
             if self._stopping:
                 return
@@ -128,12 +134,17 @@ class Supervisor:
                 child.restarts,
                 f": {why}" if why else "",
             )
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
     async def stop_all(self, order: Sequence[str] | None = None) -> None:
-        """SIGTERM each process (in `order`, default reverse start order) and wait for it."""
+        """SIGTERM each process (in `order`, default reverse start order) and wait for it.
+
+        A child's task is left to end by itself (it sees `_stopping`), not cancelled: one in the
+        middle of starting its process would leave that process running."""
         self._stopping = True
+        self._stop.set()
         names = list(order) if order is not None else list(reversed(self._children))
         for name in names:
             child = self._children.get(name)
@@ -141,9 +152,12 @@ class Supervisor:
                 continue
             await self._terminate(child)
             if child.task is not None:
-                child.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await child.task
+                try:
+                    await asyncio.wait_for(asyncio.shield(child.task), self._stop_timeout + 5)
+                except TimeoutError:
+                    child.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await child.task
 
     async def _terminate(self, child: _Supervised) -> None:
         process = child.process
