@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from analytics_engine_operator.app import run_operator
+from analytics_engine_operator import app
 from analytics_engine_operator.settings import KpiOperatorSettings
 
 
 def main() -> None:
     settings = KpiOperatorSettings()
     logging.basicConfig(level=settings.log_level)
-    asyncio.run(run_operator(settings))
+    asyncio.run(app.main(settings))
 
 
 if __name__ == "__main__":

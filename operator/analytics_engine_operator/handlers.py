@@ -32,6 +32,7 @@ from typing import Any
 
 import kopf
 
+from analytics_engine_operator import kube_api
 from analytics_engine_operator import status as status_mod
 from analytics_engine_operator.kpidefinition import (
     ANNOTATIONS_PREFIX,
@@ -62,6 +63,8 @@ SYNC_HANDLER_ID = "sync"
 DELETE_HANDLER_ID = "remove"
 RESYNC_HANDLER_ID = "resync"
 TIMER_EXIT_POLL_S = 1.0
+LOGIN_RETRY_S = 60.0
+"""Delay before kopf asks the login handler again after it found no credentials (kopf's default)."""
 
 
 def _now() -> datetime:
@@ -244,10 +247,17 @@ def build_registry(
     backoff = settings.retry_backoff_s
 
     @kopf.on.login(registry=registry, id="login")
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        """In-cluster service account first, then KUBECONFIG / ~/.kube/config."""
-        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
-        return info if info is not None else kopf.login_with_kubeconfig(**kwargs)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo:
+        """In-cluster service account first, then KUBECONFIG / ~/.kube/config.
+
+        Without either (`run_operator` refuses to start then; this is for credentials lost
+        while running, and for `kopf run`), kopf retries in a minute and logs the reason in
+        one line, no traceback. A permanent error would not stop kopf: it would wait for
+        credentials forever, with no more attempts."""
+        try:
+            return kube_api.login(**kwargs)
+        except kube_api.NoCredentials as exc:
+            raise kopf.TemporaryError(str(exc), delay=LOGIN_RETRY_S) from None
 
     @kopf.on.startup(registry=registry, id="startup")
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:

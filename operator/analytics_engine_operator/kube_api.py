@@ -1,14 +1,17 @@
-"""A minimal Kubernetes API client for KPIDefinitions: list, delete, remove our finalizer.
+"""A minimal Kubernetes API client for KPIDefinitions: list, delete, remove our finalizer; and
+the login both it and the operator use.
 
-Only `python -m analytics_engine_operator.release` uses it; the operator itself talks to the
-API through kopf. Why a client of our own: kopf has no public API client (`kopf._cogs.clients`
-is private and changes between releases), and the `kubernetes` package (a large generated
-client plus its dependencies) would enter the image for three kinds of request. kopf's login
-functions and `kopf.ConnectionInfo` are public, though, so the credentials are found exactly as
-the operator's login handler finds them (the in-cluster service account first, then KUBECONFIG
-or ~/.kube/config), and `ConnectionInfo` supplies the TLS context and Authorization header.
+Only `python -m analytics_engine_operator.release` uses the client; the operator itself talks
+to the API through kopf. Why a client of our own: kopf has no public API client
+(`kopf._cogs.clients` is private and changes between releases), and the `kubernetes` package (a
+large generated client plus its dependencies) would enter the image for three kinds of request.
+kopf's login functions and `kopf.ConnectionInfo` are public, though, so `login` (the operator's
+login handler) and `connection_info` find the credentials the same way (the in-cluster service
+account first, then KUBECONFIG or ~/.kube/config), and `ConnectionInfo` supplies the TLS
+context and Authorization header.
 
-Errors: `KubeApiUnavailable` (connection failure, timeout, 429, 5xx: worth retrying) and
+Errors: `NoCredentials` (neither a service account nor a readable kubeconfig: nothing can log
+in), `KubeApiUnavailable` (connection failure, timeout, 429, 5xx: worth retrying) and
 `KubeApiError` for every other unexpected answer (401, 403, 422, ...).
 """
 
@@ -23,6 +26,7 @@ from typing import Any, Self
 
 import aiohttp
 import kopf
+import yaml
 
 from analytics_engine_operator.kpidefinition import GROUP, PLURAL, VERSION
 
@@ -45,6 +49,18 @@ class KubeApiUnavailable(KubeApiError):
     """The API server could not be reached, timed out, throttled us or failed (5xx)."""
 
 
+class NoCredentials(KubeApiError):
+    """Neither an in-cluster service account nor a readable kubeconfig: nothing can log in, and
+    no retry helps until the environment changes."""
+
+
+def login(**kwargs: Any) -> kopf.ConnectionInfo:
+    """The operator's login (its kopf login handler; `kwargs` as kopf passes them, `settings`
+    at least): the in-cluster service account, then the kubeconfig. Raises `NoCredentials`."""
+    in_cluster: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+    return in_cluster if in_cluster is not None else _login_with_kubeconfig(**kwargs)
+
+
 def connection_info() -> kopf.ConnectionInfo:
     """Credentials by the operator's login order: service account, then kubeconfig.
 
@@ -61,18 +77,26 @@ def connection_info() -> kopf.ConnectionInfo:
             host = f"[{host}]" if ":" in host else host
             return dataclasses.replace(in_cluster, server=f"https://{host}:{port}")
         return in_cluster
+    return _login_with_kubeconfig(settings=kopf_settings)
+
+
+def _login_with_kubeconfig(**kwargs: Any) -> kopf.ConnectionInfo:
+    """kopf's kubeconfig login, with its failures (no kubeconfig, a missing or malformed file)
+    as one-line `NoCredentials`."""
     try:
-        from_kubeconfig: kopf.ConnectionInfo | None = kopf.login_with_kubeconfig(
-            settings=kopf_settings
+        info: kopf.ConnectionInfo | None = kopf.login_with_kubeconfig(**kwargs)
+    except (OSError, LookupError, TypeError, ValueError, yaml.YAMLError, kopf.LoginError) as exc:
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise NoCredentials(
+            f"no Kubernetes credentials: cannot read the kubeconfig ({where}): {reason}"
+        ) from exc
+    if info is None:
+        raise NoCredentials(
+            "no Kubernetes credentials: set KUBECONFIG (or write ~/.kube/config), or run in a "
+            "cluster (the in-cluster service account)"
         )
-    except (OSError, LookupError, TypeError, ValueError, kopf.LoginError) as exc:
-        raise KubeApiError(f"cannot read the kubeconfig: {exc!r}") from exc
-    if from_kubeconfig is None:
-        raise KubeApiError(
-            "no credentials: neither an in-cluster service account token nor a kubeconfig "
-            "(KUBECONFIG or ~/.kube/config)"
-        )
-    return from_kubeconfig
+    return info
 
 
 def kpis_path(namespace: str, name: str | None = None) -> str:

@@ -296,7 +296,31 @@ class GatewayApi:
         return await self._stream(request, None)
 
     async def stream_kpi(self, request: web.Request) -> web.StreamResponse:
-        return await self._stream(request, request.match_info["code"])
+        code = request.match_info["code"]
+        # Before taking a slot: a refused stream holds none, and none waits on metadata.
+        await self._refuse_undefined(request, code)
+        return await self._stream(request, code)
+
+    async def _refuse_undefined(self, request: web.Request, code: str) -> None:
+        """404 for a KPI the metadata service says is not defined: a stream for it would stay
+        silent forever, so a typo in a client's URL would look like a quiet KPI. When metadata
+        cannot say (unreachable, slow, failing), the stream opens anyway: live values must not
+        depend on the metadata service being up."""
+        try:
+            reply = await self._metadata.call(
+                "GET", f"/api/v1/kpi-definitions/{code}", request_id=request_id(request)
+            )
+        except ApiError as exc:  # unreachable, timeout, 5xx, an answer not in metadata's shape
+            status, answered = exc.status, False
+        else:
+            status, answered = reply.status, True
+        if answered and status == 404:  # metadata's own answer: no such definition
+            raise ApiError(404, f"KPI {code!r} is not defined", code="not_found")
+        if status >= 400:  # also a 503/504 relayed in metadata's error shape
+            log.info(
+                "metadata cannot say whether the KPI exists; streaming it unchecked",
+                extra={"kpi_code": code, "status": status},
+            )
 
     async def _stream(self, request: web.Request, kpi_code: str | None) -> web.StreamResponse:
         last_id = parse_last_event_id(
@@ -590,9 +614,12 @@ class GatewayApi:
                 path_patterns=code,
                 query=stream_query,
                 request_headers=last_event_id,
-                responses={**sse_ok, **errors(401, 429, 503)},
+                responses={**sse_ok, **errors(401, 404, 429, 503)},
                 content_type="text/event-stream",
                 stream=True,
+                description="As `/api/v1/stream`, for one KPI. 404 when the metadata service "
+                "says the KPI is not defined; while metadata cannot be asked (down, slow), "
+                "the stream opens unchecked.",
             ),
             RouteSpec(
                 "GET",

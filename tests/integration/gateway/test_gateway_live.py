@@ -150,6 +150,49 @@ async def test_stream_delivers_a_result_within_a_second(
     resp.close()
 
 
+async def test_stream_of_an_undefined_kpi_is_404(
+    make_stack: StackFactory, results: Results
+) -> None:
+    """A typo in a client's URL must not open a stream that stays silent forever: 404 naming
+    the code, without using a stream slot. A defined KPI streams as before."""
+    stack = await make_stack(services=("metadata",), gateway={"sse_max_per_key": 1})
+    reply = await stack.call(
+        "PUT", "/api/v1/kpi-definitions/orders_count", json=kpi_definition("orders_count")
+    )
+    assert reply.status == 201
+    for _ in range(2):  # the key's only slot stays free
+        refused = await open_stream(stack, "/api/v1/kpis/orders_cuont/stream")
+        assert refused.status == 404
+        assert refused.content_type == "application/json"
+        error = (await refused.json())["error"]
+        assert error["code"] == "not_found"
+        assert "orders_cuont" in error["message"]
+        refused.close()
+
+    resp = await open_stream(stack, "/api/v1/kpis/orders_count/stream")
+    assert resp.status == 200
+    stream = sse_messages(resp)
+    await anext(stream)  # connected
+    await results.publish(result("orders_count", 7.0, 0))
+    assert (await next_event(stream)).json()["value"] == 7.0
+    resp.close()
+
+
+async def test_stream_of_a_kpi_opens_while_metadata_is_down(
+    make_stack: StackFactory, results: Results
+) -> None:
+    """Whether a KPI exists is metadata's to say; live values must not depend on it being up:
+    unreachable, the stream opens unchecked and delivers."""
+    stack = await make_stack(services=())  # metadata's URL: nothing listens
+    resp = await open_stream(stack, "/api/v1/kpis/orders_cuont/stream")
+    assert resp.status == 200
+    stream = sse_messages(resp)
+    await anext(stream)
+    await results.publish(result("orders_cuont", 3.0, 0))
+    assert (await next_event(stream)).json()["value"] == 3.0
+    resp.close()
+
+
 async def test_last_event_id_replays_what_was_missed(
     make_stack: StackFactory, results: Results
 ) -> None:

@@ -250,7 +250,7 @@ async def test_no_credentials_is_exit_1(
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config either
     assert await run(release_settings(0.3)) == 1
-    assert "no credentials" in caplog.text
+    assert "no Kubernetes credentials" in caplog.text
 
 
 def test_invalid_settings_are_exit_2(
