@@ -3,7 +3,8 @@ KPIs and the HTTP API on a `ServiceRuntime`.
 
 Deployment: ONE active replica per KPI set. The consumer name is fixed
 (`CALCULATION_CONSUMER_NAME`) so a restarted pod re-reads its own pending entries; the state
-lives in that one process and its checkpoint (`ae:calc:checkpoint`).
+lives in that one process and its checkpoint (`ae:calc:checkpoint`), the query KPIs' last slots
+in `ae:calc:checkpoint.query_slots`.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class Settings(BaseServiceSettings):
         pattern=r"^ae:calc:[A-Za-z0-9_.:\-]+$",
         validation_alias="CALCULATION_CHECKPOINT_KEY",
         description="Redis key of the engine's checkpoint (its parts and recent-id log live "
-        "under `{key}:`). It must lie under `ae:calc:`, the only keys the engine's Redis ACL "
-        "user may write.",
+        "under `{key}:`, the last slot each query KPI ran in the hash `{key}.query_slots`). It "
+        "must lie under `ae:calc:`, the only keys the engine's Redis ACL user may write.",
     )
     checkpoint_interval_s: float = Field(
         default=1.0,
@@ -180,6 +181,17 @@ class Settings(BaseServiceSettings):
         "reads (504).",
     )
 
+    query_catchup_slots: int = Field(
+        default=1440,
+        ge=1,
+        le=100_000,
+        validation_alias="CALCULATION_QUERY_CATCHUP_SLOTS",
+        description="Most slots a `bind_window` query KPI runs at once to catch up on those "
+        "missed while the engine was down or the database service did not answer: the newest "
+        "ones (the older are skipped and logged). 1440 is a day of 1-minute slots; 1 runs "
+        "only the newest slot.",
+    )
+
     @field_validator("idle_close_grace", "backfill_horizon", "backfill_delay", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> timedelta:
@@ -204,6 +216,12 @@ def directory_definitions(directory: str) -> list[KPIDefinition]:
     if problems is not None:
         log.error("KPI definitions not loaded", extra={"error": str(problems)[:2000]})
     return definitions
+
+
+def query_slots_key(checkpoint_key: str) -> str:
+    """The query KPIs' slot marks: beside the checkpoint (one engine's KPI set each), not under
+    `{checkpoint_key}:`, whose keys the checkpoint does not list are deleted at start."""
+    return f"{checkpoint_key}.query_slots"
 
 
 def create(settings: Settings) -> ServiceRuntime:
@@ -277,7 +295,12 @@ def build(settings: Settings) -> CalculationService:
 
     processor.extra_checkpoint = checkpoint_section
     queries = QueryRunner(
-        lambda: runtime.requests, on_results=publish_query, timeout_s=settings.query_timeout_s
+        lambda: runtime.requests,
+        on_results=publish_query,
+        redis=runtime.redis,
+        key=query_slots_key(settings.checkpoint_key),
+        catchup_slots=settings.query_catchup_slots,
+        timeout_s=settings.query_timeout_s,
     )
 
     def apply() -> None:

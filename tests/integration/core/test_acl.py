@@ -28,6 +28,7 @@ from analytics_engine.calculation.backfill import (
 )
 from analytics_engine.calculation.checkpoint_store import CheckpointStore, delete_strays, part_key
 from analytics_engine.calculation.recent_ids_log import chunk_key
+from analytics_engine.calculation.service import query_slots_key
 from analytics_engine.core import channels
 from analytics_engine.core.acl import REPLAY, SERVICE_ACCESS
 from analytics_engine.core.bus import (
@@ -290,6 +291,9 @@ def _commands_the_services_send() -> dict[str, list[tuple[str, ...]]]:
             # the sweep of keys no checkpoint lists
             ("SCAN", "0", "MATCH", f"{checkpoint}:*", "COUNT", "1000"),
             ("DEL", f"{checkpoint}:part:9", f"{checkpoint}:ids:9"),
+            # the query KPIs' last slots, beside the checkpoint
+            ("HGETALL", query_slots_key(checkpoint)),
+            ("HSET", query_slots_key(checkpoint), "orders_per_minute", "{}"),
             # retention hold and rewind
             ("HSET", calc_hold, "calculation_engine", "1-0"),
             ("XGROUP", "SETID", entity, "calculation_engine", "0"),

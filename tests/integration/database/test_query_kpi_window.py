@@ -84,7 +84,13 @@ async def test_each_slot_counts_exactly_its_own_events(
 
     client = RequestReplyClient(redis, service="calculation_engine", instance="c1")
     try:
-        runner = QueryRunner(lambda: client, on_results=collect, timeout_s=15)
+        runner = QueryRunner(
+            lambda: client,
+            on_results=collect,
+            redis=redis,
+            key="ae:calc:test.query_slots",
+            timeout_s=15,
+        )
         for start in (s0, s1, s2):
             await runner.run_slot(ORDERS_PER_SLOT, to_micros(start), to_micros(start + SLOT))
     finally:

@@ -255,6 +255,12 @@ async def test_valid_query_kpi_is_accepted(metadata: MetadataHarness) -> None:
     assert status == 201, stored
     assert stored["query"]["schedule"] == "30s"
     assert stored["query"]["bind_window"] is False
+    assert stored["query"]["delay"] == "0s"
+    status, error, _ = await metadata.call(
+        "PUT", f"{KPIS}/open_orders", {**body, "query": {**body["query"], "delay": "30s"}}
+    )
+    assert status == 422, error
+    assert [d["field"] for d in error["error"]["details"]] == ["query.delay"]
 
 
 async def test_query_kpi_with_bind_window(metadata: MetadataHarness) -> None:

@@ -18,7 +18,7 @@ from analytics_engine.calculation.backfill import (
 )
 from analytics_engine.calculation.cache import LatestResults
 from analytics_engine.calculation.events import EntityEvent, result_events
-from analytics_engine.calculation.queries import first_value, slot_of, slot_params
+from analytics_engine.calculation.queries import first_value, slot_params
 from analytics_engine.calculation.registry import DefinitionRegistry
 from analytics_engine.core import channels
 from analytics_engine.kpi import KPIDefinition, KPIEngine, KPIResult, VersionedKPIDefinition
@@ -324,17 +324,11 @@ def test_backfill_compute_uses_publication_order_and_keeps_windows_before_the_cu
     }
 
 
-def test_first_value_and_slots() -> None:
+def test_first_value() -> None:
     assert first_value({"columns": ["n"], "rows": [[3, 4]]}) == 3.0
     assert first_value({"columns": [{"name": "x"}], "rows": [{"x": "2.5"}]}) == 2.5
     assert first_value({"rows": []}) is None
     assert first_value({"rows": [[None]]}) is None
-    now = T0 + timedelta(seconds=125)
-    start, end = slot_of(now, to_micros(timedelta(seconds=60)))
-    assert (start, end) == (
-        to_micros(T0 + timedelta(seconds=60)),
-        to_micros(T0 + timedelta(seconds=120)),
-    )
 
 
 def test_slot_params_append_the_window_with_bind_window() -> None:

@@ -235,7 +235,9 @@ def test_spec_covers_every_field_of_the_kpi_model() -> None:
     assert set(spec) == model_fields
     assert set(spec["window"]["properties"]) == {"type", "size", "slide", "allowed_lateness"}
     assert set(spec["thresholds"]["properties"]) == {"warning", "critical", "direction"}
-    assert set(spec["query"]["properties"]) == {"sql", "params", "schedule", "bind_window"}
+    assert set(spec["query"]["properties"]) == {
+        "sql", "params", "schedule", "bind_window", "delay",
+    }  # fmt: skip
     assert spec["aggregation"]["enum"] == ["count", "sum", "avg", "min", "max", "count_distinct"]
 
 
@@ -332,6 +334,17 @@ SCHEMA_REJECTS: dict[str, tuple[dict[str, Any], str]] = {
         "'high' is not of type 'number'",
     ),
     "enabled-not-bool": (with_spec(enabled="yes"), "'yes' is not of type 'boolean'"),
+    "negative-query-delay": (
+        with_spec(
+            aggregation=None,
+            field=None,
+            window=None,
+            group_by=None,
+            filter=None,
+            query={"sql": "SELECT 1", "delay": -1},
+        ),
+        "less than the minimum",
+    ),
     "missing-spec": (
         {
             "apiVersion": "analyticsengine.io/v1alpha1",
@@ -455,6 +468,7 @@ LARGE_QUERY_SQL = "SELECT " + ", ".join(f"${i}::text" for i in range(1, 41))
                 "params": ["x"],
                 "schedule": "1m",
                 "bind_window": True,
+                "delay": "2s",
             },
         },
         {

@@ -283,6 +283,35 @@ def test_bind_window_defaults_to_false_and_round_trips() -> None:
     assert placeholder_errors(frozenset({1, 2, 3}), 3, bind_window=False) is None
 
 
+@pytest.mark.parametrize(
+    ("schedule", "delay", "message"),
+    [
+        ("5m", None, None),
+        ("5m", "2s", None),
+        ("1s", "999ms", None),
+        ("1s", "1s", "must be shorter than schedule"),
+        ("1m", "2m", "must be shorter than schedule"),
+        ("1m", -1, "cannot be negative"),
+    ],
+)
+def test_query_delay_is_below_the_schedule(
+    schedule: str, delay: str | int | None, message: str | None
+) -> None:
+    """The run for a slot starts `delay` after its end, before the next slot ends."""
+    query = {**QUERY["query"], "schedule": schedule}
+    if delay is not None:
+        query["delay"] = delay
+    found = errors({**QUERY, "query": query})
+    if message is None:
+        assert found == {}
+        parsed = KPIDefinition.model_validate({**QUERY, "query": query})
+        assert parsed.query is not None
+        assert parsed.query.delay.total_seconds() == {None: 0, "2s": 2, "999ms": 0.999}[delay]
+        assert KPIDefinition.model_validate(parsed.model_dump(mode="json")) == parsed
+    else:
+        assert list(found) == ["query.delay"] and message in found["query.delay"], found
+
+
 def test_placeholders_ignore_quoted_text_comments_and_identifiers() -> None:
     sql = "SELECT '$2', \"$3\", $$ $4 $$, a$5 FROM t WHERE x = $1 -- $6\n /* $7 */"
     assert sql_placeholders(sql) == {1}
