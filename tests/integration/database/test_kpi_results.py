@@ -198,14 +198,8 @@ async def test_a_version_begins_where_its_publisher_says(
     """Version 2's backfill reached back to minute 2 but found results only from minute 7 (a
     filter matching nothing before): its results say where it begins (`version_since`), so
     the history leaves out version 1's results from minute 2 on, not only from minute 7."""
-    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
-    client = RequestReplyClient(redis, service="cli", instance="t1", default_timeout=15)
-    await start_service()
+    publisher, client = await _version_1_stored(start_service, redis, minutes=10)
     try:
-        await publisher.publish_many(
-            [(channels.KPI_CALCULATED, _window(minute, 1, 1, region="eu")) for minute in range(10)]
-        )
-        await wait_for(lambda: _n_forwarded(redis, 10))
         since = datetime(2024, 1, 1, 0, 2, tzinfo=UTC).isoformat()
         await publisher.publish(
             channels.KPI_CALCULATED, {**_window(7, 1, 2, region="eu"), "version_since": since}
@@ -226,14 +220,8 @@ async def test_record_kpi_version_supersedes_without_a_result(
     """Version 2's backfill found no window at all from minute 4 on: `record_kpi_version` says
     where it begins, the history leaves version 1 out from there; an earlier `since` moves the
     beginning back, a later one does not move it forward; a bad command gets a clear error."""
-    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
-    client = RequestReplyClient(redis, service="cli", instance="t1", default_timeout=15)
-    await start_service()
+    _, client = await _version_1_stored(start_service, redis, minutes=6)
     try:
-        await publisher.publish_many(
-            [(channels.KPI_CALCULATED, _window(minute, 1, 1, region="eu")) for minute in range(6)]
-        )
-        await wait_for(lambda: _n_forwarded(redis, 6))
 
         async def record(minute: int, version: int = 2) -> dict[str, Any]:
             return dict(
@@ -261,6 +249,21 @@ async def test_record_kpi_version_supersedes_without_a_result(
         assert [m for m, _, _ in await _history(client)] == [0, 1]
     finally:
         await client.close()
+
+
+async def _version_1_stored(
+    start_service: Start, redis: Redis, *, minutes: int
+) -> tuple[EventPublisher, RequestReplyClient]:
+    """A database service holding version 1 of `orders_revenue` for the first `minutes` minutes
+    of 2024-01-01 (value = the minute), all forwarded; the engine's publisher and a client."""
+    publisher = EventPublisher(redis, source="calculation_engine", stream_maxlen=10_000)
+    client = RequestReplyClient(redis, service="cli", instance="t1", default_timeout=15)
+    await start_service()
+    await publisher.publish_many(
+        [(channels.KPI_CALCULATED, _window(minute, 1, 1, region="eu")) for minute in range(minutes)]
+    )
+    await wait_for(lambda: _n_forwarded(redis, minutes))
+    return publisher, client
 
 
 async def _history(client: RequestReplyClient) -> list[tuple[int, str, int]]:

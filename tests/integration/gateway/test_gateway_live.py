@@ -169,13 +169,7 @@ async def test_stream_of_an_undefined_kpi_is_404(
         assert "orders_cuont" in error["message"]
         refused.close()
 
-    resp = await open_stream(stack, "/api/v1/kpis/orders_count/stream")
-    assert resp.status == 200
-    stream = sse_messages(resp)
-    await anext(stream)  # connected
-    await results.publish(result("orders_count", 7.0, 0))
-    assert (await next_event(stream)).json()["value"] == 7.0
-    resp.close()
+    await streams_a_value(stack, results, "orders_count", 7.0)
 
 
 async def test_stream_of_a_kpi_opens_while_metadata_is_down(
@@ -184,12 +178,17 @@ async def test_stream_of_a_kpi_opens_while_metadata_is_down(
     """Whether a KPI exists is metadata's to say; live values must not depend on it being up:
     unreachable, the stream opens unchecked and delivers."""
     stack = await make_stack(services=())  # metadata's URL: nothing listens
-    resp = await open_stream(stack, "/api/v1/kpis/orders_cuont/stream")
+    await streams_a_value(stack, results, "orders_cuont", 3.0)
+
+
+async def streams_a_value(stack: Stack, results: Results, code: str, value: float) -> None:
+    """`/api/v1/kpis/{code}/stream` opens and delivers a result of `code` published now."""
+    resp = await open_stream(stack, f"/api/v1/kpis/{code}/stream")
     assert resp.status == 200
     stream = sse_messages(resp)
-    await anext(stream)
-    await results.publish(result("orders_cuont", 3.0, 0))
-    assert (await next_event(stream)).json()["value"] == 3.0
+    await anext(stream)  # connected
+    await results.publish(result(code, value, 0))
+    assert (await next_event(stream)).json()["value"] == value
     resp.close()
 
 
