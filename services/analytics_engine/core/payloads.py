@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -212,6 +212,29 @@ class GetEntity(_Payload):
     entity_id: str
 
 
+ENTITY_PAGE_DEFAULT: Final = 100
+ENTITY_PAGE_LIMIT: Final = 1000
+"""Most entities one `list_entities` reply holds: a larger `limit` is cut to it."""
+
+
+class ListEntities(_Payload):
+    entity_type: str
+    active: bool | None = Field(
+        default=None, description="Only active (true) or deactivated (false) ones; else all."
+    )
+    after: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Only ids after this one: the previous page's `next_after`.",
+    )
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"Most rows (default {ENTITY_PAGE_DEFAULT}; more than {ENTITY_PAGE_LIMIT} "
+        f"is taken as {ENTITY_PAGE_LIMIT}).",
+    )
+
+
 class PurgeKPIResults(_Payload):
     kpi_code: str
 
@@ -251,6 +274,7 @@ REQUEST_PAYLOADS: dict[tuple[str, str], type[BaseModel]] = {
     (channels.DATABASE_QUERY, "kpi_history"): KPIHistory,
     (channels.DATABASE_QUERY, "latest_kpi_values"): LatestKPIValues,
     (channels.DATABASE_QUERY, "get_entity"): GetEntity,
+    (channels.DATABASE_QUERY, "list_entities"): ListEntities,
     (channels.DATABASE_COMMAND, "purge_kpi_results"): PurgeKPIResults,
     (channels.DATABASE_COMMAND, "request_archival"): RequestArchival,
     (channels.DATABASE_COMMAND, "record_kpi_version"): RecordKPIVersion,

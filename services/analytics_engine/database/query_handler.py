@@ -10,6 +10,11 @@
   and group, of the KPI's newest definition version that has results. Both stop at about 4 MB
   of JSON (`truncated`), so a reply always fits a message.
 - `get_entity {entity_type, entity_id}` -> `{entity: {...} | null}`.
+- `list_entities {entity_type, active?, after?, limit?}` -> `{rows: [entity...], next_after}`:
+  the entities of one type by `entity_id` (ids greater than `after`), active or inactive ones
+  only when `active` is given; `limit` default 100, at most `ENTITY_PAGE_LIMIT`. `next_after`,
+  the last row's id when the page is full or stopped at about 4 MB (null otherwise), asks for
+  the next page: keyset pagination on the primary key, as fast on the last page as on the first.
 
 `database.command` (writer role):
 - `purge_kpi_results {kpi_code}` -> `{deleted}`: when a KPI is deleted or redefined.
@@ -41,6 +46,7 @@ import orjson
 from analytics_engine.core.durations import parse_duration
 from analytics_engine.core.envelopes import Request
 from analytics_engine.core.errors import HandlerError
+from analytics_engine.core.payloads import ENTITY_PAGE_DEFAULT, ENTITY_PAGE_LIMIT
 from analytics_engine.core.request_reply import REPLY_PREFIX
 from analytics_engine.core.storable import InvalidPayload, parse_timestamp
 from analytics_engine.database.db import transient_errors
@@ -58,6 +64,20 @@ _RESULT_COLUMNS: Final = (
     "kpi_code, window_start, window_end, dimensions, value, sample_count, definition_version,"
     " computed_at, stored_at"
 )
+
+_ENTITY_COLUMNS: Final = (
+    "entity_type, entity_id, version, attributes, active, created_at, updated_at,"
+    " deactivated_at, deactivation_reason, last_event_id"
+)
+
+LIST_ENTITIES: Final = (
+    f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = $1 AND entity_id > $2"
+    " AND ($3::boolean IS NULL OR active = $3) ORDER BY entity_id LIMIT $4"
+)
+"""`list_entities`: a range scan of the primary key (`entity_type, entity_id`) from `$2`, ''
+for the first page (every id sorts after it). Not `($2 IS NULL OR entity_id > $2)`: a generic
+plan cannot make that OR an index condition, and would read every earlier id of the type
+again for each page."""
 
 # A result `r` of an older definition version than one that begins at or before its window
 # (`kpi_result_versions`): the KPI was recomputed from there under the newer definition, whose
@@ -83,6 +103,8 @@ def _payload_str(payload: Mapping[str, Any], name: str, *, required: bool = True
         return None
     if not isinstance(value, str) or not value:
         raise HandlerError(f"{name}: a non-empty string is required", code="invalid_request")
+    if "\x00" in value:  # PostgreSQL text cannot hold it: refused, not an internal error
+        raise HandlerError(f"{name}: contains a NUL character", code="invalid_request")
     return value
 
 
@@ -147,6 +169,7 @@ class QueryRequestHandler:
             "kpi_history": self.kpi_history,
             "latest_kpi_values": self.latest_kpi_values,
             "get_entity": self.get_entity,
+            "list_entities": self.list_entities,
         }
 
     def command_handlers(self) -> dict[str, Callable[[Request], Awaitable[Mapping[str, Any]]]]:
@@ -327,13 +350,35 @@ class QueryRequestHandler:
     async def get_entity(self, request: Request) -> dict[str, Any]:
         entity_type = _payload_str(request.payload, "entity_type")
         entity_id = _payload_str(request.payload, "entity_id")
-        sql = (
-            "SELECT entity_type, entity_id, version, attributes, active, created_at, updated_at,"
-            " deactivated_at, deactivation_reason, last_event_id FROM entities"
-            " WHERE entity_type = $1 AND entity_id = $2"
-        )
+        sql = f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = $1 AND entity_id = $2"
         records = await self._fetch("get_entity", sql, entity_type, entity_id)
         return {"entity": _result_json(records[0]) if records else None}
+
+    async def list_entities(self, request: Request) -> dict[str, Any]:
+        p = request.payload
+        entity_type = _payload_str(p, "entity_type")
+        after = _payload_str(p, "after", required=False)
+        active = p.get("active")
+        if active is not None and not isinstance(active, bool):
+            raise HandlerError("active: true or false is required", code="invalid_request")
+        limit = _payload_int(p, "limit", ENTITY_PAGE_DEFAULT, ENTITY_PAGE_LIMIT)
+        records = await self._fetch(
+            "list_entities", LIST_ENTITIES, entity_type, after or "", active, limit
+        )
+        # Within `max_bytes` of JSON (`ReplyBudget`) too, so the reply fits a message; a page
+        # cut short there goes on after its last row like a full one. One entity is always
+        # sent, however large (as `get_entity` would): the next page must move on.
+        budget = ReplyBudget(self._max_bytes)
+        more = len(records) == limit
+        for record in records:
+            row = _result_json(record)
+            if not budget.add(row):
+                if not budget.rows:
+                    budget.rows.append(row)
+                more = True
+                break
+        rows = budget.rows
+        return {"rows": rows, "next_after": rows[-1]["entity_id"] if more else None}
 
     # -- commands ----------------------------------------------------------------------------
     async def purge_kpi_results(self, request: Request) -> dict[str, Any]:

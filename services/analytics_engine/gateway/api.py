@@ -2,7 +2,7 @@
 
 Business data comes from the business services' HTTP APIs (metadata, calculation, simulator,
 observability); entity state has no business service, so it is the one read made directly on
-the bus (`database.query` / `get_entity`).
+the bus (`database.query`: `get_entity`, `list_entities`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from analytics_engine.core.bus import REDIS_ERRORS
 from analytics_engine.core.envelopes import new_id
 from analytics_engine.core.errors import NoResponder, RemoteError, RequestError, RequestTimeout
 from analytics_engine.core.jsontext import contains_nul
+from analytics_engine.core.payloads import ENTITY_PAGE_DEFAULT, ENTITY_PAGE_LIMIT
 from analytics_engine.core.request_reply import RequestReplyClient
 from analytics_engine.gateway.auth import ANONYMOUS_ID, Principal, StreamTokens
 from analytics_engine.gateway.errors import ApiError, json_response
@@ -50,6 +51,7 @@ from analytics_engine.kpi.history_query import (
     InvalidHistoryQuery,
     dimension_name,
     parse_history_query,
+    parse_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -118,8 +120,8 @@ class _Stalled(Exception):
 
 
 def _refuse_repeated(query: Mapping[str, str]) -> None:
-    """A history parameter (or dimension, in either spelling) given more than once is ambiguous:
-    the checks read the first value, the engine would get the last. Raises
+    """A query parameter (or history dimension, in either spelling) given more than once is
+    ambiguous: the checks read the first value, the engine would get the last. Raises
     `InvalidHistoryQuery`."""
     seen: set[str] = set()
     problems: list[dict[str, str]] = []
@@ -131,6 +133,48 @@ def _refuse_repeated(query: Mapping[str, str]) -> None:
         seen.add(field)
     if problems:
         raise InvalidHistoryQuery(problems)
+
+
+_ENTITY_LIST_PARAMETERS: Final = ("active", "after", "limit")
+_MAX_ENTITY_ID: Final = 200
+"""The longest entity id the database stores (`EntityEvent.entity_id`)."""
+
+
+def _entity_list_payload(entity_type: str, query: Mapping[str, str]) -> dict[str, Any]:
+    """The `list_entities` payload of `GET /api/v1/entities/{entity_type}`'s query, every
+    problem reported at once. Raises `InvalidHistoryQuery` (the same `{field, message}` list
+    as history's): an unknown parameter, a misspelt `active` say, would list everything."""
+    problems: list[dict[str, str]] = []
+    payload: dict[str, Any] = {"entity_type": entity_type}
+    active = query.get("active")
+    if active is not None:
+        if active not in ("true", "false"):
+            problems.append({"field": "active", "message": "must be true or false"})
+        payload["active"] = active == "true"
+    after = query.get("after")
+    if after is not None:
+        if not 1 <= len(after) <= _MAX_ENTITY_ID:  # NUL: refused for every route (400)
+            problems.append(
+                {"field": "after", "message": f"must be 1 to {_MAX_ENTITY_ID} characters long"}
+            )
+        payload["after"] = after
+    if "limit" in query:
+        try:
+            payload["limit"] = parse_limit(query["limit"], ENTITY_PAGE_LIMIT)
+        except InvalidHistoryQuery as exc:
+            problems.extend(exc.problems)
+    problems.extend(
+        {"field": name, "message": "unknown parameter: expected active, after or limit"}
+        for name in query
+        if name not in _ENTITY_LIST_PARAMETERS
+    )
+    if problems:
+        raise InvalidHistoryQuery(problems)
+    return payload
+
+
+def _invalid_query(exc: InvalidHistoryQuery) -> ApiError:
+    return ApiError(422, str(exc), code="validation_error", details=exc.problems)
 
 
 def _passthrough_headers(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
@@ -226,7 +270,7 @@ class GatewayApi:
             _refuse_repeated(request.query)
             parsed = parse_history_query(request.query)
         except InvalidHistoryQuery as exc:
-            raise ApiError(422, str(exc), code="validation_error", details=exc.problems) from None
+            raise _invalid_query(exc) from None
         query = {k: v for k, v in request.query.items() if k in HISTORY_PARAMETERS}
         # Either spelling of a dimension filter goes on as `dimension.<name>`.
         query.update({f"{DIMENSION_PREFIX}{k}": v for k, v in parsed.dimensions.items()})
@@ -262,10 +306,34 @@ class GatewayApi:
             "GET", "/api/v1/status", request_id=request_id(request)
         )
 
-    # -- entities (bus: database.query / get_entity) ----------------------------------------
+    # -- entities (bus: database.query) ------------------------------------------------------
     async def entity(self, request: web.Request) -> web.Response:
         entity_type = request.match_info["entity_type"]
         entity_id = request.match_info["entity_id"]
+        reply = await self._query_database(
+            request, "get_entity", {"entity_type": entity_type, "entity_id": entity_id}
+        )
+        entity = reply.get("entity")
+        if not isinstance(entity, dict):
+            raise ApiError(404, f"entity {entity_type}/{entity_id} not found", code="not_found")
+        return json_response(entity)
+
+    async def list_entities(self, request: web.Request) -> web.Response:
+        try:  # at the edge: nothing out of range travels further
+            _refuse_repeated(request.query)
+            payload = _entity_list_payload(request.match_info["entity_type"], request.query)
+        except InvalidHistoryQuery as exc:
+            raise _invalid_query(exc) from None
+        reply = await self._query_database(request, "list_entities", payload)
+        return json_response(
+            {"items": reply.get("rows", []), "next_after": reply.get("next_after")}
+        )
+
+    async def _query_database(
+        self, request: web.Request, request_type: str, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The reply of a `database.query` request, or the `ApiError` that says whose fault
+        it is that there is none."""
         # The request id prefixes the bus correlation id (logs join up), made unique per call:
         # responders claim requests by correlation id, so a client reusing an X-Request-ID must
         # not collide with its own earlier request.
@@ -275,10 +343,10 @@ class GatewayApi:
             # wait out the request timeout for a 504.
             raise _bus_unreachable()
         try:
-            reply = await self._requests.request(
+            return await self._requests.request(
                 channels.DATABASE_QUERY,
-                "get_entity",
-                {"entity_type": entity_type, "entity_id": entity_id},
+                request_type,
+                payload,
                 timeout=self._bus_timeout,
                 correlation_id=correlation_id,
             )
@@ -286,10 +354,6 @@ class GatewayApi:
             raise _bus_error(exc, "database") from None
         except REDIS_ERRORS:  # lost before the subscription noticed
             raise _bus_unreachable() from None
-        entity = reply.get("entity")
-        if not isinstance(entity, dict):
-            raise ApiError(404, f"entity {entity_type}/{entity_id} not found", code="not_found")
-        return json_response(entity)
 
     # -- live values (SSE) ------------------------------------------------------------------
     async def stream_all(self, request: web.Request) -> web.StreamResponse:
@@ -703,6 +767,44 @@ class GatewayApi:
                     200: ("Status", ref("SimulatorStatus")),
                     **errors(400, 401, 403, 413, 422, 429, 502, 503, 504),
                 },
+            ),
+            RouteSpec(
+                "GET",
+                "/api/v1/entities/{entity_type}",
+                "listEntities",
+                "Entities of one type, by id, a page at a time",
+                "Entities",
+                "read",
+                self.list_entities,
+                path_patterns={"entity_type": KPI_CODE_REGEX},
+                query=[
+                    _query(
+                        "active",
+                        "Only active (true) or only deactivated (false) entities; all when left"
+                        " out",
+                        {"type": "boolean"},
+                        False,
+                    ),
+                    _query(
+                        "after",
+                        "Only ids after this one: the previous page's `next_after`",
+                        {"type": "string", "minLength": 1, "maxLength": _MAX_ENTITY_ID},
+                        False,
+                    ),
+                    _query(
+                        "limit",
+                        f"Most entities (default {ENTITY_PAGE_DEFAULT})",
+                        {"type": "integer", "minimum": 1, "maximum": ENTITY_PAGE_LIMIT},
+                        False,
+                    ),
+                ],
+                responses={
+                    200: ("A page of entities", ref("EntityPage")),
+                    **errors(400, 401, 422, 429, 502, 503, 504),
+                },
+                description="Ordered by `entity_id`. `next_after` is set when the page is "
+                "full: pass it as `after` for the next page (null: there is no more). Any "
+                "other parameter, or one given twice, is a 422.",
             ),
             RouteSpec(
                 "GET",

@@ -125,6 +125,17 @@ def component_schemas() -> dict[str, Any]:
         },
         required=("entity_type", "entity_id"),
     )
+    schemas["EntityPage"] = _object(
+        {
+            "items": {"type": "array", "items": ref("Entity")},
+            "next_after": {
+                "type": ["string", "null"],
+                "description": "The last item's id when the page is full: `after` for the "
+                "next page; null when there is no more",
+            },
+        },
+        required=("items", "next_after"),
+    )
     schemas["PlatformStatus"] = _object(
         {
             "status": {"type": "string", "enum": ["ok", "degraded"]},

@@ -95,8 +95,9 @@ class Settings(BaseServiceSettings):
         gt=0,
         le=300,
         validation_alias="GATEWAY_UPSTREAM_TIMEOUT",
-        description="Seconds a call to a business service (HTTP, or `get_entity` to the "
-        "database service over the bus) may take in all; then the client gets 504.",
+        description="Seconds a call to a business service (HTTP, or `get_entity` and "
+        "`list_entities` to the database service over the bus) may take in all; then the "
+        "client gets 504.",
     )
     upstream_connect_timeout_s: float = Field(
         default=2.0,

@@ -59,15 +59,16 @@ def parse_timestamp(value: str | None, name: str) -> datetime:
         raise InvalidHistoryQuery([{"field": name, "message": exc.reason}]) from None
 
 
-def parse_limit(value: str) -> int:
-    """`limit`: an integer from 1 to `HISTORY_LIMIT`. Raises `InvalidHistoryQuery`."""
+def parse_limit(value: str, maximum: int = HISTORY_LIMIT) -> int:
+    """`limit`: an integer from 1 to `maximum` (the gateway's entity list has its own).
+    Raises `InvalidHistoryQuery`."""
     text = value.strip()
     digits = text.removeprefix("-")
     if not (digits.isascii() and digits.isdigit()):
         raise InvalidHistoryQuery([{"field": "limit", "message": "not an integer"}])
-    if len(digits) > _LIMIT_DIGITS or not 1 <= int(text) <= HISTORY_LIMIT:
+    if len(digits) > _LIMIT_DIGITS or not 1 <= int(text) <= maximum:
         raise InvalidHistoryQuery(
-            [{"field": "limit", "message": f"must be between 1 and {HISTORY_LIMIT}"}]
+            [{"field": "limit", "message": f"must be between 1 and {maximum}"}]
         )
     return int(text)
 

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from analytics_engine.core import channels
 from analytics_engine.core.errors import RemoteError
 from analytics_engine.core.request_reply import RequestReplyClient
+from analytics_engine.database.query_handler import LIST_ENTITIES
 from analytics_engine.database.roles import ensure_reader_role
 
 from .conftest import Start, count
@@ -283,3 +284,135 @@ async def test_purge_kpi_results_command(
     with pytest.raises(RemoteError) as info:
         await client.request(channels.DATABASE_COMMAND, "drop_everything", {})
     assert info.value.code == "unknown_request_type"
+
+
+async def list_entities(client: RequestReplyClient, **payload: Any) -> dict[str, Any]:
+    return await client.request(
+        channels.DATABASE_QUERY, "list_entities", {"entity_type": "order", **payload}
+    )
+
+
+async def insert_entities(pg: asyncpg.Connection, entity_type: str, count: int) -> None:
+    """`count` entities `{entity_type}-0001`...; every third one deactivated."""
+    await pg.execute(
+        "INSERT INTO entities SELECT $1, $1 || '-' || lpad(g::text, 4, '0'), g,"
+        " jsonb_build_object('n', g), g % 3 <> 0, now(), now(),"
+        " CASE WHEN g % 3 = 0 THEN now() END, CASE WHEN g % 3 = 0 THEN 'gone' END,"
+        " gen_random_uuid() FROM generate_series(1, $2) g",
+        entity_type,
+        count,
+    )
+
+
+@pytest.mark.usefixtures("service")
+async def test_list_entities_pages_by_id(
+    client: RequestReplyClient, pg: asyncpg.Connection
+) -> None:
+    await insert_entities(pg, "order", 25)
+    await insert_entities(pg, "customer", 3)  # another type: never listed with orders
+    first = await list_entities(client, limit=10)
+    assert [r["entity_id"] for r in first["rows"]] == [f"order-{n:04d}" for n in range(1, 11)]
+    assert first["next_after"] == "order-0010"
+    single = await client.request(
+        channels.DATABASE_QUERY, "get_entity", {"entity_type": "order", "entity_id": "order-0001"}
+    )
+    assert first["rows"][0] == single["entity"]  # the same shape as get_entity's
+    seen = [r["entity_id"] for r in first["rows"]]
+    after = first["next_after"]
+    while after is not None:
+        page = await list_entities(client, limit=10, after=after)
+        seen += [r["entity_id"] for r in page["rows"]]
+        after = page["next_after"]
+    assert seen == [f"order-{n:04d}" for n in range(1, 26)]  # all, once, in order; last page 5
+    exact = await list_entities(client, limit=5, after="order-0020")
+    assert exact["next_after"] == "order-0025"  # a full page: there may be more
+    assert await list_entities(client, after="order-0025") == {"rows": [], "next_after": None}
+    everything = await list_entities(client)  # default limit 100
+    assert len(everything["rows"]) == 25 and everything["next_after"] is None
+
+
+@pytest.mark.usefixtures("service")
+async def test_list_entities_active_filter_and_limit_cap(
+    client: RequestReplyClient, pg: asyncpg.Connection
+) -> None:
+    await insert_entities(pg, "order", 1500)
+    active = await list_entities(client, active=True, limit=4)
+    assert [r["entity_id"] for r in active["rows"]] == [
+        "order-0001",
+        "order-0002",
+        "order-0004",
+        "order-0005",
+    ]
+    assert all(r["active"] and r["deactivated_at"] is None for r in active["rows"])
+    inactive = await list_entities(client, active=False, after="order-0003", limit=2)
+    assert [r["entity_id"] for r in inactive["rows"]] == ["order-0006", "order-0009"]
+    assert inactive["rows"][0]["deactivation_reason"] == "gone"
+    capped = await list_entities(client, limit=1_000_000)
+    assert len(capped["rows"]) == 1000 and capped["next_after"] == "order-1000"
+
+
+@pytest.mark.usefixtures("service")
+async def test_list_entities_reads_the_primary_key(pg: asyncpg.Connection) -> None:
+    """Keyset pagination: the type and the `after` bound are the primary key's index
+    condition and the order is the index's, on any page, in a custom plan and in the generic
+    plan a prepared statement switches to."""
+    await insert_entities(pg, "order", 5000)
+    await pg.execute("ANALYZE entities")
+    await pg.execute(f"PREPARE page(text, text, boolean, integer) AS {LIST_ENTITIES}")
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        await pg.execute(f"SET plan_cache_mode = {mode}")
+        for args in ("'order', '', NULL, 100", "'order', 'order-4000', true, 100"):
+            plan = "\n".join(r[0] for r in await pg.fetch(f"EXPLAIN EXECUTE page({args})"))
+            assert "Index Scan using entities_pkey" in plan, (mode, plan)
+            condition = plan.split("Index Cond:")[1].split("\n")[0]
+            assert "entity_id >" in condition, (mode, plan)
+            assert "Sort" not in plan, (mode, plan)
+
+
+@pytest.mark.usefixtures("service")
+async def test_list_entities_refuses_bad_payloads(client: RequestReplyClient) -> None:
+    for payload, field in [
+        ({"active": "yes"}, "active"),
+        ({"limit": 0}, "limit"),
+        ({"limit": "10"}, "limit"),
+        ({"limit": True}, "limit"),
+        ({"after": ""}, "after"),
+        ({"entity_type": ""}, "entity_type"),
+        ({"entity_type": None}, "entity_type"),
+        ({"after": "o\x00"}, "after"),
+    ]:
+        with pytest.raises(RemoteError) as info:
+            await list_entities(client, **payload)
+        assert info.value.code == "invalid_request", payload
+        assert field in str(info.value), (payload, str(info.value))
+
+
+async def test_list_entities_stops_at_the_byte_cap_and_goes_on_from_there(
+    start_service: Start, reader_url: str, pg: asyncpg.Connection, client: RequestReplyClient
+) -> None:
+    """A page of large entities stops before its reply outgrows a message, and says where the
+    next one begins; an entity larger than the cap on its own still comes, alone."""
+    await start_service(database_readonly_url=reader_url, query_max_bytes=2048)
+    await insert_entities(pg, "order", 6)
+    await pg.execute(
+        "UPDATE entities SET attributes = jsonb_build_object('note', repeat('x', 600))"
+        " WHERE entity_id <> 'order-0003'"
+    )
+    await pg.execute(
+        "UPDATE entities SET attributes = jsonb_build_object('note', repeat('y', 5000))"
+        " WHERE entity_id = 'order-0003'"
+    )
+    pages: list[list[str]] = []
+    after = None
+    while True:
+        page = await list_entities(client, **({} if after is None else {"after": after}))
+        pages.append([r["entity_id"] for r in page["rows"]])
+        if (after := page["next_after"]) is None:
+            break
+        assert after == pages[-1][-1]
+    assert pages == [
+        ["order-0001", "order-0002"],
+        ["order-0003"],
+        ["order-0004", "order-0005"],
+        ["order-0006"],
+    ]

@@ -10,6 +10,7 @@ import gzip
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
 from gateway_stack import ADMIN_KEY, READ_KEY, Stack, StackFactory, kpi_definition
 
@@ -290,6 +291,57 @@ async def test_entity_state_from_the_database(stack: Stack, redis_url: str) -> N
     assert reply.status == 200, reply.body
     assert reply.body["entity_id"] == "ord-gw-1"
     assert reply.body["attributes"]["amount"] == 12.5
+
+
+async def test_entities_listed_a_page_at_a_time(stack: Stack, database_url: str) -> None:
+    pg = await asyncpg.connect(database_url)
+    try:  # o-1..o-7, o-3 and o-6 deactivated; a customer that an order list never shows
+        await pg.execute(
+            "INSERT INTO entities SELECT t, t || '-' || g, 1, jsonb_build_object('n', g),"
+            " g % 3 <> 0, now(), now(), CASE WHEN g % 3 = 0 THEN now() END, NULL,"
+            " gen_random_uuid() FROM (VALUES ('o', 7), ('customer', 1)) AS v(t, n),"
+            " generate_series(1, n) g"
+        )
+    finally:
+        await pg.close()
+    base = "/api/v1/entities/o"
+    pages: list[list[str]] = []
+    url = f"{base}?limit=3"
+    while True:
+        reply = await stack.call("GET", url, key=READ_KEY)
+        assert reply.status == 200, reply.body
+        pages.append([e["entity_id"] for e in reply.body["items"]])
+        if reply.body["next_after"] is None:
+            break
+        url = f"{base}?limit=3&after={reply.body['next_after']}"
+    assert pages == [["o-1", "o-2", "o-3"], ["o-4", "o-5", "o-6"], ["o-7"]]
+    reply = await stack.call("GET", f"{base}?active=false", key=READ_KEY)
+    assert reply.status == 200, reply.body
+    assert [(e["entity_id"], e["active"]) for e in reply.body["items"]] == [
+        ("o-3", False),
+        ("o-6", False),
+    ]
+    assert reply.body["next_after"] is None
+    reply = await stack.call("GET", f"{base}?active=true&after=o-4", key=READ_KEY)
+    assert [e["entity_id"] for e in reply.body["items"]] == ["o-5", "o-7"]
+    reply = await stack.call("GET", "/api/v1/entities/nothing_here", key=READ_KEY)
+    assert (reply.status, reply.body) == (200, {"items": [], "next_after": None})
+    for query, field in [
+        ("active=yes", "active"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("after=", "after"),
+        (f"after={'o' * 201}", "after"),
+        ("activ=true", "activ"),  # a typo would list everything
+        ("limit=1&limit=2", "limit"),
+    ]:
+        reply = await stack.call("GET", f"{base}?{query}", key=READ_KEY)
+        assert reply.status == 422, (query, reply.body)
+        assert_error(reply.body, "validation_error")
+        assert [d["field"] for d in reply.body["error"]["details"]] == [field], reply.body
+    reply = await stack.call("GET", f"{base}?active=maybe&limit=-1", key=READ_KEY)
+    assert [d["field"] for d in reply.body["error"]["details"]] == ["active", "limit"]
 
 
 async def test_latest_history_and_status_pass_through(stack: Stack) -> None:

@@ -187,6 +187,7 @@ def valid_request_payload(channel: str, request_type: str) -> dict[str, Any]:
         "kpi_history": {"kpi_code": "hostile_kpi", "start": _iso(-3600), "end": _iso()},
         "latest_kpi_values": {"kpi_code": "hostile_kpi"},
         "get_entity": {"entity_type": "order", "entity_id": "nobody"},
+        "list_entities": {"entity_type": "order", "active": True, "after": "a", "limit": 10},
         "purge_kpi_results": {"kpi_code": "hostile_purged"},
         "request_archival": {},
         "record_kpi_version": {
