@@ -342,6 +342,14 @@ async def test_the_service_compacts_and_a_redelivered_result_is_still_dropped(
 
     await eventually(compacted, timeout=30)
     metric = runtime.metrics.registry.get_sample_value
+    # the objects are in place before the merge that put them is counted: wait for a pass to
+    # end after this (the one that merged them, or the next, a second later)
+    passes = metric("analytics_archival_compaction_passes_total") or 0
+
+    async def pass_ended() -> bool:
+        return (metric("analytics_archival_compaction_passes_total") or 0) > passes
+
+    await eventually(pass_ended, timeout=10)
     assert (metric("analytics_archival_compaction_objects_written_total") or 0) >= 1
     assert (metric("analytics_archival_compaction_files_total") or 0) >= 4
     assert (metric("analytics_archival_compaction_rows_total") or 0) >= 200
