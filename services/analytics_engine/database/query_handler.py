@@ -296,7 +296,12 @@ class QueryRequestHandler:
         try:
             with transient_errors(request_type):
                 async with self._reader().acquire(timeout=self._timeout) as conn:
-                    return list(await conn.fetch(sql, *args, timeout=self._timeout))
+                    try:
+                        return list(await conn.fetch(sql, *args, timeout=self._timeout))
+                    except TimeoutError:
+                        # the read itself was slow (a wide history on a busy database): say so,
+                        # not "database unavailable"; a connection not had in time still is one
+                        raise self._timed_out() from None
         finally:
             self._metrics.queries.labels(request_type).observe(time.perf_counter() - started)
 

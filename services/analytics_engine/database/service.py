@@ -57,8 +57,8 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         default=timedelta(seconds=5),
         validation_alias="DATABASE_QUERY_TIMEOUT",
         description="Longest a `database.query` read may take (statement timeout and deadline, "
-        "waiting for a connection included); an `execute_query` past it is cancelled with "
-        "`query_timeout`.",
+        "waiting for a connection included); a read past it is cancelled with "
+        "`query_timeout` (a connection not had in time is `unavailable`).",
     )
     execute_query_callers: Annotated[tuple[str, ...], NoDecode] = Field(
         default=("calculation_engine", "cli"),
@@ -92,8 +92,10 @@ class Settings(BaseServiceSettings, DatabaseSettings):
         ge=1024,
         le=6 * 1024 * 1024,
         validation_alias="DATABASE_QUERY_MAX_BYTES",
-        description="Cap on an `execute_query` reply's JSON size; bigger results are "
-        "truncated. At most 6 MB: a reply must fit Redis's 8 MB message limit.",
+        description="Cap on the JSON size of a `database.query` reply (`execute_query`, "
+        "`kpi_history`, `latest_kpi_values`, `list_entities`); bigger results are truncated "
+        "(`truncated`, or `next_after` for a page). At most 6 MB: a reply must fit Redis's 8 MB "
+        "message limit.",
     )
     retention: Duration = Field(
         default=timedelta(days=7),

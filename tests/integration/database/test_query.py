@@ -221,6 +221,31 @@ async def test_latest_values_of_very_many_groups_still_reply(
     is the default's, not the other tests' 1 s: reading 40,000 groups takes longer than that on
     a slow machine, and this test is about the size of the reply.)"""
     await start_service(database_readonly_url=reader_url)
+    await _store_wide_results(pg)
+    latest = await client.request(
+        channels.DATABASE_QUERY, "latest_kpi_values", {"kpi_code": "wide"}
+    )
+    assert latest["truncated"] is True
+    assert 5000 < len(latest["rows"]) < 40000
+    assert len(orjson.dumps(latest)) < 5 * 1024 * 1024
+
+
+async def test_a_read_slower_than_the_query_timeout_is_a_timeout_not_an_outage(
+    start_service: Start, reader_url: str, client: RequestReplyClient, pg: asyncpg.Connection
+) -> None:
+    """The latest values of 40,000 groups take longer than 50 ms to read: the reply is a
+    `query_timeout` error (the gateway's 504), not "database unavailable" (a 503 telling the
+    client to retry what will time out again)."""
+    await start_service(database_readonly_url=reader_url, query_timeout=timedelta(milliseconds=50))
+    await _store_wide_results(pg)
+    with pytest.raises(RemoteError) as info:
+        await client.request(channels.DATABASE_QUERY, "latest_kpi_values", {"kpi_code": "wide"})
+    assert info.value.code == "query_timeout"
+    assert "longer than 0.05s" in str(info.value)
+
+
+async def _store_wide_results(pg: asyncpg.Connection) -> None:
+    """40,000 groups of ~300 B each of the KPI `wide`, one window."""
     await pg.execute(
         "INSERT INTO kpi_results (kpi_code, window_start, window_end, dimensions, dims_key, value,"
         " sample_count, definition_version, computed_at)"
@@ -228,12 +253,6 @@ async def test_latest_values_of_very_many_groups_still_reply(
         " FROM generate_series(1, 40000) g,"
         " LATERAL (SELECT jsonb_build_object('customer', g, 'note', repeat('x', 200))) AS x(d)"
     )
-    latest = await client.request(
-        channels.DATABASE_QUERY, "latest_kpi_values", {"kpi_code": "wide"}
-    )
-    assert latest["truncated"] is True
-    assert 5000 < len(latest["rows"]) < 40000
-    assert len(orjson.dumps(latest)) < 5 * 1024 * 1024
 
 
 @pytest.mark.usefixtures("service")
